@@ -1,0 +1,170 @@
+"""Directional ablation of weights: which layers, how strongly, and the weight change itself.
+
+A writer matrix W `[d, d_in]` (attention output or MLP down projection) writes into the residual
+stream. Ablating orthonormal directions q_c with strengths a_c removes them from its output:
+
+    W' = W - sum_c a_c q_c q_c^T W          (rank <= number of directions)
+
+`a = 1` removes the component exactly; the optimizer searches strengths per layer through a
+kernel over layers. With `norm_preserve`, every column of W' (the vector one input feature
+writes into the residual stream) is rescaled to its original norm afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from clawly.architecture import decoder_layers, residual_writers
+from clawly.directions import interpolated_direction
+
+COMPONENTS = ("attn_out", "mlp_down")
+
+
+@dataclass(frozen=True)
+class LayerKernel:
+    """Ablation strength over layers: `peak_weight` at `peak_position`, falling linearly to
+    `floor_weight` at distance `reach` (in layers) and zero beyond it."""
+
+    peak_weight: float
+    peak_position: float
+    floor_weight: float
+    reach: float
+
+
+def ablation_kernel(num_layers: int, kernel: LayerKernel) -> torch.Tensor:
+    """Strength per decoder layer, `[num_layers]` float64."""
+    layers = torch.arange(num_layers, dtype=torch.float64)
+    distance = (layers - kernel.peak_position).abs()
+    reach = max(kernel.reach, 1e-6)
+    weight = kernel.peak_weight + (kernel.floor_weight - kernel.peak_weight) * (distance / reach)
+    return torch.where(distance <= reach, weight, torch.zeros_like(weight))
+
+
+@dataclass
+class AblationPlan:
+    """Everything a trial changes. `direction_index` None means per-layer directions (the
+    writers of layer l use the direction probed at the output of layer l, point l + 1);
+    a float picks one direction for all layers, interpolated between probe points."""
+
+    kernels: dict[str, LayerKernel]
+    direction_index: float | None = None
+    norm_preserve: bool = False
+    category_weights: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"kernels": {c: asdict(k) for c, k in self.kernels.items()},
+                "direction_index": self.direction_index, "norm_preserve": self.norm_preserve,
+                "category_weights": dict(self.category_weights)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AblationPlan:
+        return cls(kernels={c: LayerKernel(**k) for c, k in d["kernels"].items()},
+                   direction_index=d.get("direction_index"), norm_preserve=bool(d.get("norm_preserve", False)),
+                   category_weights=dict(d.get("category_weights", {})))
+
+
+@dataclass
+class Writer:
+    layer: int
+    component: str
+    name: str  # full module name, e.g. "model.layers.3.self_attn.o_proj"
+    module: nn.Module
+
+
+def writers(model: nn.Module) -> list[Writer]:
+    """Every module that writes into the residual stream, with its layer and component."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for i, layer in enumerate(decoder_layers(model)):
+        for component, module in residual_writers(layer).items():
+            out.append(Writer(i, component, names[id(module)], module))
+    return out
+
+
+def layer_directions(directions: torch.Tensor, plan: AblationPlan, num_layers: int) -> torch.Tensor:
+    """Directions to ablate per decoder layer: `[num_layers, m, d]` from `[m, P, d]` (P = layers+1)."""
+    if plan.direction_index is None:
+        return directions[:, 1:num_layers + 1].transpose(0, 1).to(torch.float64)
+    picked = torch.stack([interpolated_direction(directions[c], plan.direction_index)
+                          for c in range(directions.shape[0])])  # [m, d]
+    return picked.unsqueeze(0).expand(num_layers, -1, -1)
+
+
+@dataclass
+class WeightDelta:
+    """A writer's weight change. Low rank as B @ A (B `[d, k]`, A `[k, d_in]`), or dense."""
+
+    b: torch.Tensor | None = None
+    a: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+
+    def matrix(self) -> torch.Tensor:
+        return self.dense if self.dense is not None else self.b @ self.a
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """Weight as `[d_out, d_in]` (GPT-2's Conv1D stores the transpose)."""
+    w = module.weight
+    return w.t() if type(module).__name__ == "Conv1D" else w
+
+
+def weight_deltas(model: nn.Module, directions: torch.Tensor, plan: AblationPlan,
+                  strengths: torch.Tensor | None = None) -> dict[str, WeightDelta]:
+    """The weight change of every writer the plan touches, computed in float64.
+
+    directions: `[m, P, d]` unit refusal directions (m = 1 in global mode; orthonormal per point
+    when m > 1). strengths: optional `[m]` multipliers (category weights), default ones.
+    """
+    layers = writers(model)
+    num_layers = len(decoder_layers(model))
+    q = layer_directions(directions, plan, num_layers)  # [L, m, d]
+    m = q.shape[1]
+    s = torch.ones(m, dtype=torch.float64) if strengths is None else strengths.to(torch.float64)
+    kernels = {c: ablation_kernel(num_layers, k) for c, k in plan.kernels.items()}
+    deltas: dict[str, WeightDelta] = {}
+    for wr in layers:
+        if wr.component not in kernels:
+            continue
+        alpha = kernels[wr.component][wr.layer] * s  # [m]
+        if not torch.any(alpha != 0):
+            continue
+        w = _weight(wr.module).detach().to("cpu", torch.float64)
+        qc = q[wr.layer]  # [m, d]
+        keep = alpha != 0
+        qc, alpha = qc[keep], alpha[keep]
+        b = -(qc * alpha[:, None]).t()  # [d, k]
+        a = qc @ w  # [k, d_in]
+        if plan.norm_preserve:
+            new = w + b @ a
+            new = new * (w.norm(dim=0, keepdim=True) / new.norm(dim=0, keepdim=True).clamp_min(1e-12))
+            deltas[wr.name] = WeightDelta(dense=new - w)
+        else:
+            deltas[wr.name] = WeightDelta(b=b, a=a)
+    return deltas
+
+
+@contextlib.contextmanager
+def ablated(model: nn.Module, deltas: dict[str, WeightDelta]) -> Iterator[nn.Module]:
+    """Apply weight changes in place; always restore the exact original weights on exit."""
+    modules = dict(model.named_modules())
+    originals: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                module = modules[name]
+                w = module.weight
+                originals[name] = w.detach().clone()
+                change = delta.matrix()
+                if type(module).__name__ == "Conv1D":
+                    change = change.t()
+                w.add_(change.to(w.device, w.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, original in originals.items():
+                modules[name].weight.copy_(original)

@@ -1,0 +1,122 @@
+"""Reading the residual stream at the probe position of every prompt, for every layer.
+
+Probe points P = layers + 1: point 0 is the embedding output, point l + 1 the output of decoder
+layer l (the `hidden_states` transformers returns).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from clawly.evaluation import length_sorted_batches
+
+
+class ProbeError(ValueError):
+    """The probe position cannot be found (e.g. a marker absent from a templated prompt)."""
+
+
+def generation_marker(tokenizer: PreTrainedTokenizerBase, system_prompt: str | None, strip_newline: bool) -> str:
+    """The text the chat template appends to open the assistant's turn (e.g. '<|im_start|>assistant')."""
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": "PROBE"}]
+    closed = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    opened = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not opened.startswith(closed) or opened == closed:
+        raise ProbeError("cannot extract a probe marker from this chat template; set probe.marker explicitly")
+    marker = opened[len(closed):]
+    if strip_newline:
+        marker = marker.rstrip("\n")
+    if not marker.strip():
+        raise ProbeError("the chat template's generation prompt is blank; set probe.marker explicitly")
+    return marker
+
+
+def _last_occurrence(row: list[int], pattern: list[int]) -> int:
+    """Index of the last token of the last occurrence of `pattern` in `row`, or -1."""
+    n = len(pattern)
+    for end in range(len(row), n - 1, -1):
+        if row[end - n:end] == pattern:
+            return end - 1
+    return -1
+
+
+def probe_positions(tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor, marker: str | None) -> torch.Tensor:
+    """Position per row `[batch]`: the last token (inputs are left-padded) or the marker's last token."""
+    batch, length = input_ids.shape
+    if marker is None:
+        return torch.full((batch,), length - 1, dtype=torch.long)
+    pattern = tokenizer(marker, add_special_tokens=False).input_ids
+    positions = []
+    for row in input_ids.tolist():
+        pos = _last_occurrence(row, pattern)
+        if pos < 0:
+            raise ProbeError(f"probe marker {marker!r} not found in a templated prompt; check probe.marker")
+        positions.append(pos)
+    return torch.tensor(positions, dtype=torch.long)
+
+
+@torch.no_grad()
+def probe_residuals(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                    batch_size: int, marker: str | None = None,
+                    progress: Callable | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield (prompt indices, residuals `[b, P, d]` float32) batch by batch, batches sorted by length."""
+    bar = progress(total=len(prompts), desc="probe", unit="prompt") if progress else None
+    for idx in length_sorted_batches(tokenizer, prompts, batch_size):
+        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(model.device) for k, v in enc.items()}
+        out = model(**enc, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        pos = probe_positions(tokenizer, enc["input_ids"].cpu(), marker).to(model.device)
+        rows = torch.arange(len(idx), device=model.device)
+        residuals = torch.stack([h[rows, pos] for h in out.hidden_states], dim=1)  # [b, P, d]
+        yield idx, residuals.float().cpu()
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+
+
+def activation_schema(hidden: int) -> pa.Schema:
+    return pa.schema([("id", pa.string()), ("category", pa.string()), ("layer", pa.int16()),
+                      ("residual", pa.list_(pa.float32(), hidden))])
+
+
+class ActivationWriter:
+    """Streams rows (one per prompt x probe point) into a Parquet file."""
+
+    def __init__(self, path: str | Path, hidden: int):
+        self.schema = activation_schema(hidden)
+        self.writer = pq.ParquetWriter(str(path), self.schema, compression="zstd")
+
+    def write(self, ids: Sequence[str], categories: Sequence[str], residuals: torch.Tensor) -> None:
+        """residuals: `[b, P, d]`."""
+        b, p, d = residuals.shape
+        flat = pa.array(residuals.reshape(-1).numpy(), type=pa.float32())
+        table = pa.table({
+            "id": pa.array([i for i in ids for _ in range(p)], pa.string()),
+            "category": pa.array([c for c in categories for _ in range(p)], pa.string()),
+            "layer": pa.array(list(range(p)) * b, pa.int16()),
+            "residual": pa.FixedSizeListArray.from_arrays(flat, d),
+        }, schema=self.schema)
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def read_activations(path: str | Path) -> tuple[list[str], list[str], torch.Tensor]:
+    """(ids, categories, residuals `[n, P, d]` float32) from an activations Parquet file."""
+    table = pq.read_table(str(path))
+    layer = table.column("layer").to_numpy()
+    p = int(layer.max()) + 1
+    d = table.schema.field("residual").type.list_size
+    values = table.column("residual").combine_chunks().flatten().to_numpy()
+    residuals = torch.from_numpy(values.reshape(-1, p, d).copy())
+    ids = table.column("id").to_pylist()[::p]
+    cats = table.column("category").to_pylist()[::p]
+    return ids, cats, residuals

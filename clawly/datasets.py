@@ -1,0 +1,439 @@
+"""Prompt sets: expand the category-labelled templates, add user prompts, split train/eval.
+
+`generate_prompts` returns two tables, harmful and harmless, each with the columns
+``id, text, category, split`` (all strings; split is "train" or "eval").
+
+- Harmful: every category in the templates gives exactly ``train_per_category`` train and
+  ``eval_per_category`` eval prompts.
+- Harmless: ``harmless_train + harmless_eval`` prompts. Half of them (rounded down) are
+  topic-matched, spread evenly over the harmful categories (the first categories in file order
+  take the remainder) and labelled with that category; the rest are ``general``. Each of these
+  groups is split train/eval in proportion, so both splits hold the same mix.
+- User prompts (files, Hugging Face datasets) are appended after the generated ones. Rows without
+  a split get one by seed, with the same eval fraction as the generated prompts.
+
+Invariants: no text (compared case- and whitespace-insensitively) appears twice, so none is in
+both train and eval or in both harmful and harmless; everything is deterministic given the seed,
+and each category draws from its own seeded generator, so editing one category's templates
+leaves the other categories' samples unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import re
+import string
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import yaml
+
+from clawly.io import atomic_path
+
+if TYPE_CHECKING:
+    from clawly.settings import DataSettings
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["id", "text", "category", "split"]
+SPLITS = ("train", "eval")
+GENERAL = "general"  # category of harmless prompts unrelated to any harm category
+USER_HARMFUL_CATEGORY = "custom"  # category of user harmful prompts that carry none
+PROMPT_FILE_SUFFIXES = (".txt", ".csv", ".jsonl", ".parquet")
+_CATEGORY_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class DatasetError(ValueError):
+    """Prompt data that cannot be used: the message names the file or dataset and the problem."""
+
+
+def normalize(text: str) -> str:
+    """Key under which two prompts count as the same: whitespace collapsed, case folded."""
+    return " ".join(text.split()).casefold()
+
+
+# --- templates -------------------------------------------------------------------------------
+
+def load_templates(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate a templates YAML file.
+
+    Returns ``{"categories": {name: {"description", "harmful", "harmless"}}, "general": section,
+    "source": path}``; a section is ``{"templates": [str], "slots": {name: [str]}}``.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: templates file not found") from None
+    except yaml.YAMLError as e:
+        raise DatasetError(f"{path}: not valid YAML: {e}") from None
+    return validate_templates(data, source=str(path))
+
+
+def validate_templates(data: Any, source: str = "templates") -> dict[str, Any]:
+    """Check the structure of parsed templates; see `load_templates` for the result."""
+    if not isinstance(data, Mapping):
+        raise DatasetError(f"{source}: expected a mapping with keys 'categories' and 'general'")
+    unknown = sorted(set(data) - {"categories", "general"})
+    if unknown:
+        raise DatasetError(f"{source}: unknown top-level key(s) {unknown}; allowed: categories, general")
+    for key in ("categories", "general"):
+        if key not in data:
+            raise DatasetError(f"{source}: missing top-level key '{key}'")
+    if not isinstance(data["categories"], Mapping) or not data["categories"]:
+        raise DatasetError(f"{source}: 'categories' must be a non-empty mapping of category name -> spec")
+
+    categories: dict[str, Any] = {}
+    for name, spec in data["categories"].items():
+        if not isinstance(name, str) or not _CATEGORY_NAME.match(name) or name == GENERAL:
+            raise DatasetError(
+                f"{source}: invalid category name {name!r}: use lowercase letters, digits and '_' "
+                f"(and not '{GENERAL}', which labels general harmless prompts)"
+            )
+        if not isinstance(spec, Mapping):
+            raise DatasetError(f"{source}: categories.{name} must be a mapping with 'harmful' and 'harmless'")
+        for side in ("harmful", "harmless"):
+            if side not in spec:
+                raise DatasetError(f"{source}: categories.{name} is missing '{side}'")
+        categories[name] = {
+            "description": str(spec.get("description", "")),
+            "harmful": _validate_section(spec["harmful"], f"{source}: categories.{name}.harmful"),
+            "harmless": _validate_section(spec["harmless"], f"{source}: categories.{name}.harmless"),
+        }
+    general = _validate_section(data["general"], f"{source}: general")
+    return {"categories": categories, "general": general, "source": source}
+
+
+def _validate_section(section: Any, where: str) -> dict[str, Any]:
+    if not isinstance(section, Mapping):
+        raise DatasetError(f"{where}: expected a mapping with 'templates' and 'slots'")
+    templates = section.get("templates")
+    if not isinstance(templates, list) or not templates:
+        raise DatasetError(f"{where}: 'templates' must be a non-empty list of strings")
+    slots_in = section.get("slots") or {}
+    if not isinstance(slots_in, Mapping):
+        raise DatasetError(f"{where}: 'slots' must be a mapping of slot name -> list of values")
+    slots: dict[str, list[str]] = {}
+    for name, values in slots_in.items():
+        if not isinstance(values, list) or not values:
+            raise DatasetError(f"{where}: slot '{name}' must be a non-empty list of values")
+        if not all(isinstance(v, (str, int, float)) and str(v).strip() for v in values):
+            raise DatasetError(f"{where}: slot '{name}' has an empty or non-text value")
+        slots[str(name)] = _unique(str(v) for v in values)
+    for template in templates:
+        if not isinstance(template, str) or not template.strip():
+            raise DatasetError(f"{where}: template {template!r} is not a non-empty string")
+        for slot in _slot_names(template, where):
+            if slot not in slots:
+                raise DatasetError(
+                    f"{where}: template {template!r} uses unknown slot '{{{slot}}}'; "
+                    f"known slots: {', '.join(sorted(slots)) or '(none)'}"
+                )
+    return {"templates": _unique(templates), "slots": slots}
+
+
+def _slot_names(template: str, where: str = "template") -> list[str]:
+    """Slot names a template uses, in order of first use."""
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as e:  # unbalanced braces
+        raise DatasetError(f"{where}: template {template!r} is malformed: {e}") from None
+    bad = [f"{{{name}}}" for name, spec, conv in fields if spec or conv or not name.isidentifier()]
+    if bad:
+        raise DatasetError(f"{where}: template {template!r} has invalid placeholder(s) "
+                           f"{', '.join(bad)}; use {{slot_name}}")
+    return list(dict.fromkeys(name for name, _, _ in fields))
+
+
+def _unique(texts: Iterable[str]) -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for text in texts:
+        if normalize(text) not in seen:
+            seen.add(normalize(text))
+            out.append(text)
+    return out
+
+
+def _fill(template: str, names: Sequence[str], slots: Mapping[str, Sequence[str]], index: int) -> str:
+    """The `index`-th combination of slot values (mixed-radix over `names`)."""
+    values = {}
+    for name in reversed(names):
+        index, r = divmod(index, len(slots[name]))
+        values[name] = slots[name][r]
+    return " ".join(template.format(**values).split())
+
+
+def expand(
+    templates: Mapping[str, Any],
+    rng: random.Random | None = None,
+    limit: int | None = None,
+    exclude: Iterable[str] = (),
+) -> list[str]:
+    """Fill a section's templates with slot values; unique texts, `limit` at most.
+
+    `templates` is one section, ``{"templates": [...], "slots": {...}}``. Templates take turns
+    (round robin), so a sample spreads evenly over phrasings. Without `rng` the order is fixed;
+    with it, both the template order and each template's fillings are shuffled (deterministic
+    given the generator's seed). Texts equal to one in `exclude` (after `normalize`) are skipped.
+    With no `limit`, every unique filling is returned.
+    """
+    slots = templates.get("slots") or {}
+    excluded = {normalize(t) for t in exclude}
+    plans = []  # (template, slot names, chosen combination indices)
+    for template in templates["templates"]:
+        names = _slot_names(template)
+        size = math.prod(len(slots[n]) for n in names)
+        take = size if limit is None else min(size, limit + len(excluded))
+        chosen = rng.sample(range(size), take) if rng is not None else range(take)
+        plans.append((template, names, chosen))
+    if rng is not None:
+        rng.shuffle(plans)
+
+    out: list[str] = []
+    seen = set(excluded)
+    for rank in range(max((len(p[2]) for p in plans), default=0)):
+        for template, names, chosen in plans:
+            if rank >= len(chosen):
+                continue
+            text = _fill(template, names, slots, chosen[rank])
+            if normalize(text) in seen:
+                continue
+            seen.add(normalize(text))
+            out.append(text)
+            if limit is not None and len(out) >= limit:
+                return out
+    return out
+
+
+def yield_table(templates: Mapping[str, Any]) -> pd.DataFrame:
+    """Per category and side: number of templates and of unique prompts they can yield."""
+    rows = []
+    sections = [(c, side, spec[side]) for c, spec in templates["categories"].items()
+                for side in ("harmful", "harmless")]
+    for category, side, section in [*sections, (GENERAL, "harmless", templates["general"])]:
+        rows.append({"category": category, "side": side, "templates": len(section["templates"]),
+                     "unique_prompts": len(expand(section))})
+    return pd.DataFrame(rows)
+
+
+# --- generation ------------------------------------------------------------------------------
+
+def generate_prompts(settings: DataSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Build the (harmful, harmless) prompt tables described in the module docstring."""
+    templates = load_templates(settings.templates)
+    harmful = _generate_harmful(templates, settings)
+    harmless = _generate_harmless(templates, settings, exclude=harmful["text"])
+
+    harmful = _append_user_prompts(
+        harmful, _user_prompts(settings.harmful_files, settings.harmful_datasets, USER_HARMFUL_CATEGORY),
+        exclude=harmless["text"],
+        eval_fraction=settings.eval_per_category / (settings.train_per_category + settings.eval_per_category),
+        rng=random.Random(f"{settings.seed}:user:harmful"),
+    )
+    harmless = _append_user_prompts(
+        harmless, _user_prompts(settings.harmless_files, settings.harmless_datasets, GENERAL),
+        exclude=harmful["text"],
+        eval_fraction=settings.harmless_eval / (settings.harmless_train + settings.harmless_eval),
+        rng=random.Random(f"{settings.seed}:user:harmless"),
+    )
+    return _with_ids(harmful, "harmful"), _with_ids(harmless, "harmless")
+
+
+def _generate_harmful(templates: Mapping[str, Any], settings: DataSettings) -> pd.DataFrame:
+    need = settings.train_per_category + settings.eval_per_category
+    frames, taken = [], []
+    for category, spec in templates["categories"].items():
+        rng = random.Random(f"{settings.seed}:harmful:{category}")
+        texts = _sample(spec["harmful"], rng, need, taken, f"category '{category}' (harmful)",
+                        templates["source"],
+                        f"data.train_per_category={settings.train_per_category} + "
+                        f"data.eval_per_category={settings.eval_per_category}")
+        taken += texts
+        frames.append(_split_frame(texts, category, settings.eval_per_category, rng))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _generate_harmless(
+    templates: Mapping[str, Any], settings: DataSettings, exclude: Iterable[str]
+) -> pd.DataFrame:
+    total = settings.harmless_train + settings.harmless_eval
+    categories = list(templates["categories"])
+    counts = _largest_remainder(total // 2, {c: 1 for c in categories})
+    counts[GENERAL] = total - total // 2
+    evals = _largest_remainder(settings.harmless_eval, counts)
+
+    frames, taken = [], list(exclude)
+    for group, n in counts.items():
+        if n == 0:
+            continue
+        section = templates["general"] if group == GENERAL else templates["categories"][group]["harmless"]
+        rng = random.Random(f"{settings.seed}:harmless:{group}")
+        texts = _sample(section, rng, n, taken, f"'{group}' (harmless)", templates["source"],
+                        f"its share of data.harmless_train + data.harmless_eval = {total}")
+        taken += texts
+        frames.append(_split_frame(texts, group, evals[group], rng))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _sample(section: Mapping[str, Any], rng: random.Random, need: int, exclude: Iterable[str],
+            what: str, source: str, why: str) -> list[str]:
+    texts = expand(section, rng, limit=need, exclude=exclude)
+    if len(texts) < need:
+        raise DatasetError(
+            f"{source}: templates for {what} yield only {len(texts)} unique prompts, but {need} are "
+            f"needed ({why}); add templates or slot values, or ask for fewer prompts"
+        )
+    return texts
+
+
+def _split_frame(texts: list[str], category: str, n_eval: int, rng: random.Random) -> pd.DataFrame:
+    """Shuffle, take the first `n_eval` as eval; rows ordered train first."""
+    texts = list(texts)
+    rng.shuffle(texts)
+    splits = ["eval"] * n_eval + ["train"] * (len(texts) - n_eval)
+    frame = pd.DataFrame({"text": texts, "category": category, "split": splits})
+    return frame.sort_values("split", ascending=False, kind="stable", ignore_index=True)
+
+
+def _largest_remainder(total: int, weights: Mapping[str, int]) -> dict[str, int]:
+    """Split `total` in proportion to `weights`; leftover units go to the largest remainders,
+    ties to the earlier key."""
+    weight_sum = sum(weights.values())
+    exact = {k: total * w / weight_sum for k, w in weights.items()}
+    counts = {k: math.floor(v) for k, v in exact.items()}
+    order = sorted(weights, key=lambda k: (-(exact[k] - counts[k]), list(weights).index(k)))
+    for k in order[: total - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
+def _with_ids(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """Add ``{kind}-{category}-{NNNN}`` ids, numbered per category in row order."""
+    number = frame.groupby("category", sort=False).cumcount()
+    ids = [f"{kind}-{c}-{n:04d}" for c, n in zip(frame["category"], number, strict=True)]
+    out = frame.assign(id=ids)[COLUMNS].reset_index(drop=True)
+    if out["id"].duplicated().any():
+        raise DatasetError(f"{kind} prompt ids are not unique; rename categories that end in '-<digits>'")
+    return out.astype(dict.fromkeys(COLUMNS, str))
+
+
+# --- user prompts ----------------------------------------------------------------------------
+
+def load_prompt_file(path: str | os.PathLike[str], default_category: str) -> pd.DataFrame:
+    """Read user prompts: columns ``text, category, split`` (split is None where not given).
+
+    .txt holds one prompt per line (blank lines skipped); .csv, .jsonl and .parquet need a
+    ``text`` or ``prompt`` column and may have ``category`` and ``split`` ("train"/"eval").
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in PROMPT_FILE_SUFFIXES:
+        raise DatasetError(f"{path}: unsupported prompt file type '{suffix or '(none)'}'; "
+                           f"use one of {', '.join(PROMPT_FILE_SUFFIXES)}")
+    if not path.is_file():
+        raise DatasetError(f"{path}: prompt file not found")
+    try:
+        if suffix == ".txt":
+            frame = pd.DataFrame({"text": path.read_text(encoding="utf-8").splitlines()})
+        elif suffix == ".csv":
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        elif suffix == ".jsonl":
+            frame = pd.read_json(path, lines=True, dtype=False)
+        else:
+            frame = pd.read_parquet(path)
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: could not read prompts: {e}") from None
+    return _standardize(frame, str(path), default_category)
+
+
+def load_hf_dataset(spec: str, default_category: str) -> pd.DataFrame:
+    """Read prompts from a Hugging Face dataset: ``id`` or ``id:split:column``.
+
+    The split defaults to "train" and the column to ``text`` or ``prompt``; an optional
+    ``category`` column is kept. Our train/eval split is assigned later, by seed. Needs the
+    optional package ``datasets`` and access to the hub.
+    """
+    parts = spec.split(":")
+    if len(parts) not in (1, 3) or not all(parts):
+        raise DatasetError(f"dataset {spec!r}: expected 'id' or 'id:split:column'")
+    dataset_id, split, column = (parts[0], "train", "") if len(parts) == 1 else parts
+    try:
+        import datasets  # optional; imported here so clawly works without it
+    except ImportError:
+        raise DatasetError(f"dataset {spec!r}: loading Hugging Face datasets needs the optional "
+                           "package 'datasets' (pip install datasets)") from None
+    try:
+        frame = datasets.load_dataset(dataset_id, split=split).to_pandas()
+    except Exception as e:  # network, auth, missing dataset: all mean "cannot use this spec"
+        raise DatasetError(f"dataset {spec!r}: could not load split '{split}' of {dataset_id!r} from "
+                           f"the Hugging Face Hub (is it reachable?): {type(e).__name__}: {e}") from e
+    frame = frame.drop(columns=["split"], errors="ignore")
+    if column:
+        if column not in frame.columns:
+            raise DatasetError(f"dataset {spec!r}: no column '{column}' "
+                               f"(columns: {', '.join(map(str, frame.columns))})")
+        frame = frame.drop(columns=["text", "prompt"], errors="ignore").rename(columns={column: "text"})
+    return _standardize(frame, f"dataset {spec!r}", default_category)
+
+
+def _standardize(frame: pd.DataFrame, source: str, default_category: str) -> pd.DataFrame:
+    """Columns text, category, split; blank texts dropped; split values checked."""
+    text_column = next((c for c in ("text", "prompt") if c in frame.columns), None)
+    if text_column is None:
+        raise DatasetError(f"{source}: no 'text' or 'prompt' column "
+                           f"(columns: {', '.join(map(str, frame.columns)) or 'none'})")
+    out = pd.DataFrame({"text": frame[text_column].map(_clean)})
+    out["category"] = frame["category"].map(_clean) if "category" in frame.columns else ""
+    out.loc[out["category"] == "", "category"] = default_category
+    out["split"] = frame["split"].map(_clean).str.lower() if "split" in frame.columns else ""
+    bad = sorted(set(out["split"]) - {"", *SPLITS})
+    if bad:
+        raise DatasetError(f"{source}: invalid split value(s) {bad}; use 'train' or 'eval' or leave empty")
+    out["split"] = out["split"].where(out["split"] != "", None)
+    return out[out["text"] != ""].reset_index(drop=True)
+
+
+def _clean(value: Any) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else " ".join(str(value).split())
+
+
+def _user_prompts(files: Sequence[str], dataset_specs: Sequence[str], default_category: str) -> pd.DataFrame:
+    frames = [load_prompt_file(f, default_category) for f in files]
+    frames += [load_hf_dataset(s, default_category) for s in dataset_specs]
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame(columns=["text", "category", "split"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def _append_user_prompts(base: pd.DataFrame, extra: pd.DataFrame, exclude: Iterable[str],
+                         eval_fraction: float, rng: random.Random) -> pd.DataFrame:
+    """Append user rows, dropping duplicates of any existing or excluded text; assign missing
+    splits by `rng` so that round(eval_fraction * n) of them are eval."""
+    if extra.empty:
+        return base
+    taken = {normalize(t) for t in [*base["text"], *exclude]}
+    keys = extra["text"].map(normalize)
+    keep = ~keys.isin(taken) & ~keys.duplicated()
+    if (~keep).sum():
+        log.warning("dropped %d user prompt(s) that repeat another prompt", int((~keep).sum()))
+    extra = extra[keep].reset_index(drop=True)
+    missing = list(extra.index[extra["split"].isna()])
+    rng.shuffle(missing)
+    n_eval = round(eval_fraction * len(missing))
+    extra.loc[missing[:n_eval], "split"] = "eval"
+    extra.loc[missing[n_eval:], "split"] = "train"
+    return pd.concat([base, extra], ignore_index=True)
+
+
+def write_parquet_atomic(frame: pd.DataFrame, path: str | os.PathLike[str]) -> None:
+    """Write `frame` (without its index) to `path` via a temp file in the same directory."""
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)

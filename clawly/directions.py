@@ -1,0 +1,130 @@
+"""Refusal directions: difference of means of residuals, and projections between directions.
+
+Shapes: `n` prompts, `P` probe points (embedding output + one per decoder layer = layers + 1),
+`d` hidden size. All statistics accumulate in float64 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-12
+
+
+class RunningMean:
+    """Streaming (Welford) mean of equally-shaped tensors, in float64; memory does not grow with n."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+
+    def update(self, batch: torch.Tensor) -> None:
+        """Add a batch `[n, ...]` of samples."""
+        batch = batch.detach().to("cpu", torch.float64)
+        n = batch.shape[0]
+        if n == 0:
+            return
+        batch_mean = batch.mean(dim=0)
+        if self.mean is None:
+            self.mean, self.count = batch_mean, n
+            return
+        total = self.count + n
+        self.mean += (batch_mean - self.mean) * (n / total)
+        self.count = total
+
+    def merged(self, other: RunningMean) -> RunningMean:
+        """The mean over both sample sets (Chan et al.'s pairwise update)."""
+        out = RunningMean()
+        if self.mean is None or other.mean is None:
+            src = self if other.mean is None else other
+            out.count, out.mean = src.count, None if src.mean is None else src.mean.clone()
+            return out
+        out.count = self.count + other.count
+        out.mean = self.mean + (other.mean - self.mean) * (other.count / out.count)
+        return out
+
+
+def winsorize(residuals: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Clamp each coordinate of `[n, P, d]` residuals to its [q, 1-q] quantiles over the n prompts.
+
+    Tames the few "massive activation" coordinates that otherwise dominate a mean difference.
+    """
+    if not 0.0 < quantile < 0.5:
+        raise ValueError(f"winsorize quantile must be in (0, 0.5), got {quantile}")
+    x = residuals.to(torch.float64)
+    lo = torch.quantile(x, quantile, dim=0, keepdim=True)
+    hi = torch.quantile(x, 1.0 - quantile, dim=0, keepdim=True)
+    return torch.maximum(torch.minimum(x, hi), lo)
+
+
+def normalize(v: torch.Tensor) -> torch.Tensor:
+    """Unit vectors along the last axis (zero vectors stay zero)."""
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(EPS)
+
+
+def project_out(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Remove from each `v[..., :]` its component along `u[..., :]` (same leading shape)."""
+    u_hat = normalize(u.to(torch.float64))
+    v = v.to(torch.float64)
+    return v - (v * u_hat).sum(-1, keepdim=True) * u_hat
+
+
+def refusal_directions(harmful_mean: torch.Tensor, harmless_mean: torch.Tensor,
+                       projected: bool = True) -> torch.Tensor:
+    """Unit refusal direction per probe point, `[P, d]`, from means `[P, d]`.
+
+    r = mean(harmful) - mean(harmless); with `projected`, the component of r along the
+    harmless mean is removed first, so ablating r leaves the "ordinary prompt" direction alone.
+    """
+    diff = harmful_mean.to(torch.float64) - harmless_mean.to(torch.float64)
+    if projected:
+        diff = project_out(diff, harmless_mean)
+    return normalize(diff)
+
+
+def orthogonalize_against(directions: torch.Tensor, protected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Make each direction orthogonal to the span of protected directions, per probe point.
+
+    directions: `[m, P, d]`; protected: `[k, P, d]`. For each point p an orthonormal basis K of
+    the protected vectors (QR) gives u = (I - K K^T) v. Returns (unit u `[m, P, d]`,
+    retained fraction ||u|| / ||v|| `[m, P]`). A retained fraction near 0 means the direction
+    lies (almost) inside the protected span: ablating what is left would do little.
+    """
+    v = directions.to(torch.float64)
+    if protected.numel() == 0:
+        return normalize(v), torch.ones(v.shape[:2], dtype=torch.float64)
+    k = protected.to(torch.float64).permute(1, 2, 0)  # [P, d, k]
+    basis, r = torch.linalg.qr(k, mode="reduced")  # [P, d, k]
+    # drop numerically-zero protected vectors so they do not inject noise into the basis
+    keep = (r.diagonal(dim1=-2, dim2=-1).abs() > 1e-10).to(torch.float64).unsqueeze(1)  # [P, 1, k]
+    basis = basis * keep
+    vp = v.permute(1, 2, 0)  # [P, d, m]
+    u = vp - basis @ (basis.transpose(1, 2) @ vp)
+    u = u.permute(2, 0, 1)  # [m, P, d]
+    retained = u.norm(dim=-1) / v.norm(dim=-1).clamp_min(EPS)
+    return normalize(u), retained
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity along the last axis."""
+    return (normalize(a.to(torch.float64)) * normalize(b.to(torch.float64))).sum(-1)
+
+
+def direction_report(harmful_mean: torch.Tensor, harmless_mean: torch.Tensor,
+                     directions: torch.Tensor) -> dict[str, list[float]]:
+    """Per probe point: raw mean-difference norm, and cosine with the next point's direction."""
+    diff = harmful_mean.to(torch.float64) - harmless_mean.to(torch.float64)
+    adjacent = cosine(directions[:-1], directions[1:])
+    return {
+        "mean_difference_norm": [round(float(x), 6) for x in diff.norm(dim=-1)],
+        "adjacent_cosine": [round(float(x), 6) for x in adjacent],
+    }
+
+
+def interpolated_direction(directions: torch.Tensor, index: float) -> torch.Tensor:
+    """Unit direction at a fractional probe index: linear blend of the two neighbours. `[d]`."""
+    index = min(max(index, 0.0), directions.shape[0] - 1.0)
+    lo = int(index)
+    hi = min(lo + 1, directions.shape[0] - 1)
+    frac = index - lo
+    return normalize((1 - frac) * directions[lo].to(torch.float64) + frac * directions[hi].to(torch.float64))

@@ -1,0 +1,174 @@
+"""Searching ablation parameters with Optuna: fewest keyword refusals, least KL divergence.
+
+Each trial applies a weight change in place (`ablated`), generates answers to the harmful eval
+prompts (stopping each as soon as a refusal marker appears), measures first-token KL on harmless
+prompts against the base distributions computed once, and restores the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from clawly.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
+from clawly.evaluation import RefusalDetector, first_token_logprobs, kl_divergence, refusal_flags
+from clawly.settings import OptimizeSettings
+
+
+@dataclass
+class EvalPrompts:
+    """Templated prompts the optimizer scores trials on."""
+
+    harmful: list[str]
+    harmful_categories: list[str]
+    harmless: list[str]
+
+
+@dataclass
+class TrialResult:
+    refusals: int
+    kl: float
+    refusals_by_category: dict[str, int]
+    prompts_by_category: dict[str, int]
+    responses: list[str] = field(repr=False, default_factory=list)
+
+
+class TrialEvaluator:
+    """Scores a model state against cached base first-token distributions."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: EvalPrompts,
+                 settings: OptimizeSettings, progress: Callable | None = None):
+        self.model, self.tokenizer, self.prompts, self.settings = model, tokenizer, prompts, settings
+        self.detector = RefusalDetector(settings.refusal_markers) if settings.refusal_markers else RefusalDetector()
+        self.progress = progress
+        self.base_logprobs = first_token_logprobs(model, tokenizer, prompts.harmless, settings.batch_size)
+
+    def evaluate(self) -> TrialResult:
+        """Score the model as it is now (call inside `ablated(...)` for a trial)."""
+        flags, responses = refusal_flags(self.model, self.tokenizer, self.prompts.harmful, self.detector,
+                                         self.settings.max_new_tokens, self.settings.batch_size, self.progress)
+        kl = kl_divergence(self.base_logprobs,
+                           first_token_logprobs(self.model, self.tokenizer, self.prompts.harmless,
+                                                self.settings.batch_size))
+        by_cat: dict[str, int] = {}
+        n_cat: dict[str, int] = {}
+        for flag, cat in zip(flags, self.prompts.harmful_categories):
+            by_cat[cat] = by_cat.get(cat, 0) + int(flag)
+            n_cat[cat] = n_cat.get(cat, 0) + 1
+        return TrialResult(sum(flags), kl, by_cat, n_cat, responses)
+
+
+def suggest_plan(trial: optuna.Trial, num_layers: int, s: OptimizeSettings) -> AblationPlan:
+    """Draw one ablation plan from the search space (ranges are fractions of the layer count)."""
+    last = num_layers - 1
+    scope = trial.suggest_categorical("direction_scope", list(s.direction_scopes))
+    index = None
+    if scope == "global":
+        lo, hi = s.direction_index_range
+        index = trial.suggest_float("direction_index", lo * num_layers, hi * num_layers)
+    kernels = {}
+    for c in s.components:
+        peak = trial.suggest_float(f"{c}.peak_weight", *s.peak_weight_range)
+        position = trial.suggest_float(f"{c}.peak_position", s.peak_position_range[0] * last,
+                                       s.peak_position_range[1] * last)
+        floor = trial.suggest_float(f"{c}.floor_fraction", *s.floor_fraction_range) * peak
+        reach = trial.suggest_float(f"{c}.reach", max(s.reach_range[0] * num_layers, 1.0),
+                                    max(s.reach_range[1] * num_layers, 1.0))
+        kernels[c] = LayerKernel(peak, position, floor, reach)
+    return AblationPlan(kernels=kernels, direction_index=index, norm_preserve=s.norm_preserve)
+
+
+def open_study(storage: str, study_name: str, seed: int, n_startup_trials: int) -> optuna.Study:
+    """Create or resume a two-objective study; trials left RUNNING by an interrupted run are failed."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, multivariate=True)
+    study = optuna.create_study(storage=_storage(storage), study_name=study_name, sampler=sampler,
+                                directions=["minimize", "minimize"], load_if_exists=True)
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    return study
+
+
+def _storage(url: str) -> optuna.storages.BaseStorage | str:
+    """A plain path means an Optuna journal file; anything with '://' is passed to Optuna."""
+    if "://" in url:
+        return url
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    Path(url).parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(url))
+
+
+def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def run_study(study: optuna.Study, model: PreTrainedModel, evaluator: TrialEvaluator, directions: torch.Tensor,
+              num_layers: int, settings: OptimizeSettings, on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None) -> None:
+    """Run trials until the study holds `settings.n_trials` complete ones."""
+    remaining = settings.n_trials - len(completed(study))
+    if remaining <= 0:
+        return
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        plan = suggest_plan(trial, num_layers, settings)
+        with ablated(model, weight_deltas(model, directions, plan)):
+            result = evaluator.evaluate()
+        trial.set_user_attr("plan", plan.to_dict())
+        trial.set_user_attr("refusals_by_category", result.refusals_by_category)
+        trial.set_user_attr("prompts_by_category", result.prompts_by_category)
+        return float(result.refusals), result.kl
+
+    callbacks = [lambda s, t: on_trial(t)] if on_trial else None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=remaining, callbacks=callbacks, gc_after_trial=True)
+
+
+def choose_trial(trials: list[optuna.trial.FrozenTrial], kl_cap: float) -> optuna.trial.FrozenTrial:
+    """The rule: fewest refusals among trials with KL <= kl_cap (ties: lower KL); when no trial
+    is under the cap, the one with the lowest KL."""
+    if not trials:
+        raise ValueError("the study has no complete trial to choose from")
+    under = [t for t in trials if t.values[1] <= kl_cap]
+    if under:
+        return min(under, key=lambda t: (t.values[0], t.values[1], t.number))
+    return min(trials, key=lambda t: (t.values[1], t.values[0], t.number))
+
+
+def trials_table(trials: list[optuna.trial.FrozenTrial], pareto_numbers: set[int]) -> pd.DataFrame:
+    """One row per complete trial: number, refusals, kl, pareto flag, parameters."""
+    rows = []
+    for t in trials:
+        row = {"trial": t.number, "refusals": int(t.values[0]), "kl_divergence": float(t.values[1]),
+               "pareto": t.number in pareto_numbers,
+               "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
+               if t.datetime_complete and t.datetime_start else math.nan}
+        row.update({f"param.{k}": v for k, v in t.params.items()})
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("trial").reset_index(drop=True)
+
+
+def pareto_figure(table: pd.DataFrame, chosen: int, baseline_refusals: int, n_harmful: int):
+    """Plotly scatter of all trials, the Pareto front as a line, the chosen trial marked."""
+    import plotly.graph_objects as go
+
+    front = table[table.pareto].sort_values("kl_divergence")
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=table.kl_divergence, y=table.refusals, mode="markers", name="trials",
+                             text=[f"trial {n}" for n in table.trial], marker={"color": "#9aa5b1"}))
+    fig.add_trace(go.Scatter(x=front.kl_divergence, y=front.refusals, mode="lines+markers", name="Pareto front",
+                             line={"shape": "hv"}, marker={"color": "#1f77b4", "size": 9}))
+    pick = table[table.trial == chosen]
+    fig.add_trace(go.Scatter(x=pick.kl_divergence, y=pick.refusals, mode="markers", name=f"chosen (trial {chosen})",
+                             marker={"color": "#d62728", "size": 14, "symbol": "star"}))
+    fig.add_hline(y=baseline_refusals, line_dash="dot", annotation_text=f"base model: {baseline_refusals}")
+    fig.update_layout(title=f"Keyword refusals on {n_harmful} harmful eval prompts vs first-token KL (harmless)",
+                      xaxis_title="KL divergence (nats)", yaxis_title="refusals", template="plotly_white")
+    return fig

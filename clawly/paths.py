@@ -1,0 +1,70 @@
+"""Where each stage reads and writes, relative to the artifacts and prompts directories."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    artifacts: Path
+    prompts: Path
+
+    @classmethod
+    def of(cls, artifacts_dir: str | Path, prompts_dir: str | Path) -> Paths:
+        return cls(Path(artifacts_dir), Path(prompts_dir))
+
+    # generate-datasets
+    @property
+    def harmful_prompts(self) -> Path: return self.prompts / "harmful.parquet"
+    @property
+    def harmless_prompts(self) -> Path: return self.prompts / "harmless.parquet"
+    # probe-activations
+    @property
+    def activations(self) -> Path: return self.artifacts / "activations"
+    @property
+    def harmful_activations(self) -> Path: return self.activations / "harmful.parquet"
+    @property
+    def harmless_activations(self) -> Path: return self.activations / "harmless.parquet"
+    @property
+    def means(self) -> Path: return self.activations / "means.safetensors"
+    # compute-directions, orthogonalize-categories
+    @property
+    def directions(self) -> Path: return self.artifacts / "directions" / "directions.safetensors"
+    @property
+    def orthogonalized(self) -> Path: return self.artifacts / "directions" / "orthogonalized.safetensors"
+    # optimize
+    @property
+    def study(self) -> Path: return self.artifacts / "study"
+    @property
+    def journal(self) -> Path: return self.study / "journal.log"
+    @property
+    def optimize(self) -> Path: return self.artifacts / "optimize"
+    @property
+    def trials_parquet(self) -> Path: return self.optimize / "trials.parquet"
+    @property
+    def trials_csv(self) -> Path: return self.optimize / "trials.csv"
+    @property
+    def pareto_html(self) -> Path: return self.optimize / "pareto.html"
+    @property
+    def chosen_trial(self) -> Path: return self.optimize / "chosen_trial.json"
+    @property
+    def optimizer_prompts(self) -> Path: return self.optimize / "prompts.parquet"
+    # export-lora, merge, evaluate
+    @property
+    def lora(self) -> Path: return self.artifacts / "lora"
+    @property
+    def model(self) -> Path: return self.artifacts / "model"
+    @property
+    def evaluate(self) -> Path: return self.artifacts / "evaluate"
+    @property
+    def responses(self) -> Path: return self.evaluate / "responses.parquet"
+    @property
+    def evaluation_table(self) -> Path: return self.evaluate / "by_category.csv"
+    # metrics and logs
+    @property
+    def metrics(self) -> Path: return self.artifacts / "metrics"
+    def metric(self, stage: str) -> Path: return self.metrics / f"{stage}.json"
+    @property
+    def logs(self) -> Path: return self.artifacts / "logs"

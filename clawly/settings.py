@@ -1,0 +1,230 @@
+"""Typed settings for every stage: one source for defaults, validation and help text.
+
+Each section is a dataclass whose fields carry a ``help`` string in their metadata. The
+Hydra config in ``conf/`` mirrors these sections one to one; ``Settings.from_dict`` validates a
+composed config once, at the door, and everything below trusts it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """An invalid setting: the message names the key, the value and what is allowed."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise SettingsError(f"invalid setting {key}={value!r}: {allowed}")
+
+
+@dataclass
+class ModelSettings:
+    name: str = _f("default", "Model to load: 'default' (the packaged Qwen2.5-Coder-0.5B-Instruct GGUF), a Hugging Face Hub id, a local model directory, or a .gguf file.")
+    gguf_file: str | None = _f(None, "GGUF file name inside `name` (a directory or hub repo) to load from.")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) to load.")
+    dtype: str = _f("auto", "Weights dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.")
+    device: str = _f("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, or cuda:N.")
+    load_in_4bit: bool = _f(False, "Load weights 4-bit with bitsandbytes (CUDA only).")
+    trust_remote_code: bool = _f(False, "Execute code shipped in the model repository. Off unless you trust it.")
+    cache_dir: str | None = _f(None, "Where converted GGUF models are cached as safetensors (default ~/.cache/clawly).")
+    system_prompt: str | None = _f("You are a helpful assistant.", "System prompt put in the chat template; null for none.")
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in {"auto", "float32", "bfloat16", "float16"}, "model.dtype", self.dtype,
+               "one of auto, float32, bfloat16, float16")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               "model.device", self.device, "auto, cpu, cuda or cuda:N")
+        _check(bool(self.name), "model.name", self.name, "a hub id, a directory, a .gguf file or 'default'")
+
+
+@dataclass
+class DataSettings:
+    templates: str = _f("data/templates.yaml", "Category-labelled prompt templates to expand.")
+    out_dir: str = _f("data/prompts", "Where harmful.parquet and harmless.parquet are written.")
+    seed: int = _f(0, "Seed for template expansion, sampling and the train/eval split.")
+    train_per_category: int = _f(100, "Harmful prompts per category in the train split.")
+    eval_per_category: int = _f(50, "Harmful prompts per category in the eval split.")
+    harmless_train: int = _f(400, "Harmless prompts in the train split (general plus topic-matched).")
+    harmless_eval: int = _f(200, "Harmless prompts in the eval split.")
+    harmful_files: list[str] = _f([], "Extra harmful prompt files (txt/csv/jsonl/parquet; optional 'category' column).")
+    harmless_files: list[str] = _f([], "Extra harmless prompt files (same formats).")
+    harmful_datasets: list[str] = _f([], "Hugging Face dataset ids of harmful prompts ('id' or 'id:split:column'); needs the hub.")
+    harmless_datasets: list[str] = _f([], "Hugging Face dataset ids of harmless prompts; needs the hub.")
+
+    def __post_init__(self) -> None:
+        for key in ("train_per_category", "eval_per_category", "harmless_train", "harmless_eval"):
+            _check(getattr(self, key) >= 1, f"data.{key}", getattr(self, key), "an integer >= 1")
+
+
+def section_help(cls: type) -> dict[str, str]:
+    """Field name -> help text, for CLI and docs."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def from_mapping(cls: type, values: dict[str, Any] | None, section: str) -> Any:
+    """Build a settings dataclass from a plain mapping, rejecting unknown keys by name."""
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SettingsError(
+            f"unknown setting(s) {', '.join(section + '.' + k for k in unknown)}; "
+            f"allowed keys in '{section}': {', '.join(sorted(known))}"
+        )
+    return cls(**values)
+
+
+@dataclass
+class ProbeSettings:
+    position: str = _f("last", "Where the residual is read: 'last' prompt token after the chat template, or 'marker'.")
+    marker: str | None = _f(None, "Probe marker text (position=marker); null extracts the generation prompt from the chat template.")
+    strip_newline: bool = _f(True, "With a marker taken from the chat template, drop its trailing newline(s).")
+    batch_size: int = _f(16, "Prompts per forward pass.")
+    max_per_category: int | None = _f(None, "Use at most this many train prompts per category (null: all).")
+
+    def __post_init__(self) -> None:
+        _check(self.position in {"last", "marker"}, "probe.position", self.position, "'last' or 'marker'")
+        _check(self.batch_size >= 1, "probe.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.max_per_category is None or self.max_per_category >= 1, "probe.max_per_category",
+               self.max_per_category, "null or an integer >= 1")
+
+
+@dataclass
+class DirectionSettings:
+    projected: bool = _f(True, "Remove the refusal direction's component along the harmless mean.")
+    winsorize_quantile: float | None = _f(None, "Clamp each residual coordinate to its [q, 1-q] quantiles before the means (null: off).")
+    contrast: str = _f("general", "Harmless prompts contrasted with harmful ones: general, topic_matched, or mixed (all).")
+
+    def __post_init__(self) -> None:
+        _check(self.winsorize_quantile is None or 0.0 < self.winsorize_quantile < 0.5,
+               "directions.winsorize_quantile", self.winsorize_quantile, "null or a number in (0, 0.5)")
+        _check(self.contrast in {"general", "topic_matched", "mixed"}, "directions.contrast", self.contrast,
+               "general, topic_matched or mixed")
+
+
+@dataclass
+class OrthogonalizeSettings:
+    against_harmless: bool = _f(False, "Orthogonalize the refusal direction against the harmless mean "
+                                       "(a no-op when directions.projected already did it).")
+
+
+@dataclass
+class OptimizeSettings:
+    n_trials: int = _f(16, "Optuna trials in total (a resumed study runs only the missing ones).")
+    n_startup_trials: int = _f(6, "Random trials before TPE starts modelling.")
+    seed: int = _f(0, "Sampler seed.")
+    storage: str | None = _f(None, "Optuna storage URL; null: a journal file artifacts/study/journal.log (resumable).")
+    study_name: str = _f("clawly", "Study name inside the storage.")
+    harmful_prompts: int = _f(48, "Harmful eval-split prompts per trial (stratified over categories).")
+    harmless_prompts: int = _f(48, "Harmless eval-split prompts per trial, for the KL divergence.")
+    max_new_tokens: int = _f(16, "Tokens generated per response at most (generation stops once a refusal marker appears).")
+    batch_size: int = _f(48, "Prompts per generation / forward batch.")
+    kl_cap: float = _f(0.5, "The chosen trial has the fewest refusals among trials with KL <= kl_cap.")
+    components: list[str] = _f(["attn_out", "mlp_down"], "Residual writers to ablate: attn_out, mlp_down.")
+    direction_scopes: list[str] = _f(["global", "per_layer"], "Direction choices searched: one interpolated 'global' direction, or 'per_layer'.")
+    direction_index_range: list[float] = _f([0.4, 0.9], "Range of the global direction's probe index, as a fraction of the layer count.")
+    peak_weight_range: list[float] = _f([0.8, 1.5], "Range of the kernel's peak ablation weight.")
+    peak_position_range: list[float] = _f([0.4, 1.0], "Range of the kernel's peak layer, as a fraction of the layer count.")
+    floor_fraction_range: list[float] = _f([0.0, 1.0], "Range of the kernel's floor weight, as a fraction of the peak weight.")
+    reach_range: list[float] = _f([0.1, 0.6], "Range of the kernel's reach, as a fraction of the layer count.")
+    norm_preserve: bool = _f(False, "Rescale each ablated weight column to its original norm.")
+    refusal_markers: list[str] | None = _f(None, "Refusal marker phrases (null: clawly's built-in list).")
+
+    def __post_init__(self) -> None:
+        _check(self.n_trials >= 1, "optimize.n_trials", self.n_trials, "an integer >= 1")
+        _check(self.n_startup_trials >= 0, "optimize.n_startup_trials", self.n_startup_trials, "an integer >= 0")
+        for key in ("harmful_prompts", "harmless_prompts", "max_new_tokens", "batch_size"):
+            _check(getattr(self, key) >= 1, f"optimize.{key}", getattr(self, key), "an integer >= 1")
+        _check(self.kl_cap > 0, "optimize.kl_cap", self.kl_cap, "a number > 0")
+        _check(bool(self.components) and set(self.components) <= {"attn_out", "mlp_down"},
+               "optimize.components", self.components, "a non-empty subset of [attn_out, mlp_down]")
+        _check(bool(self.direction_scopes) and set(self.direction_scopes) <= {"global", "per_layer"},
+               "optimize.direction_scopes", self.direction_scopes, "a non-empty subset of [global, per_layer]")
+        for key in ("direction_index_range", "peak_weight_range", "peak_position_range",
+                    "floor_fraction_range", "reach_range"):
+            r = getattr(self, key)
+            _check(len(r) == 2 and 0 <= r[0] <= r[1], f"optimize.{key}", r, "[low, high] with 0 <= low <= high")
+
+
+@dataclass
+class ExportSettings:
+    energy: float = _f(0.99, "SVD rank for dense (norm-preserving) changes: keep this share of the squared singular values.")
+    max_rank: int = _f(64, "Upper bound on the adapter rank per module.")
+
+    def __post_init__(self) -> None:
+        _check(0 < self.energy <= 1, "export.energy", self.energy, "a number in (0, 1]")
+        _check(self.max_rank >= 1, "export.max_rank", self.max_rank, "an integer >= 1")
+
+
+@dataclass
+class MergeSettings:
+    max_shard_size: str = _f("2GB", "Largest safetensors shard (e.g. 500MB, 2GB); a sharded source keeps its own sharding.")
+
+    def __post_init__(self) -> None:
+        from clawly.checkpoint import parse_size
+
+        try:
+            parse_size(self.max_shard_size)
+        except ValueError:
+            _check(False, "merge.max_shard_size", self.max_shard_size, "a size such as 500MB or 2GB")
+
+
+@dataclass
+class EvaluateSettings:
+    per_category: int = _f(12, "Held-out eval prompts per harmful category (not seen by the optimizer).")
+    harmless_prompts: int = _f(48, "Held-out harmless eval prompts for the KL divergence.")
+    max_new_tokens: int = _f(48, "Tokens generated per response at most.")
+    batch_size: int = _f(48, "Prompts per batch.")
+    save_responses: bool = _f(True, "Write every response to artifacts/evaluate/responses.parquet.")
+
+    def __post_init__(self) -> None:
+        for key in ("per_category", "harmless_prompts", "max_new_tokens", "batch_size"):
+            _check(getattr(self, key) >= 1, f"evaluate.{key}", getattr(self, key), "an integer >= 1")
+
+
+@dataclass
+class Settings:
+    """All settings, one section per stage (the shape of params.yaml)."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
+    directions: DirectionSettings = field(default_factory=DirectionSettings)
+    orthogonalize: OrthogonalizeSettings = field(default_factory=OrthogonalizeSettings)
+    optimize: OptimizeSettings = field(default_factory=OptimizeSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
+    merge: MergeSettings = field(default_factory=MergeSettings)
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+    artifacts_dir: str = "artifacts"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Settings:
+        """Validate a plain mapping (e.g. a composed Hydra config); unknown keys are errors."""
+        values = dict(values)
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(sections))
+        if unknown:
+            raise SettingsError(f"unknown config section(s) {', '.join(unknown)}; allowed: {', '.join(sections)}")
+        kwargs: dict[str, Any] = {}
+        for name, f in sections.items():
+            if name not in values:
+                continue
+            if name == "artifacts_dir":
+                kwargs[name] = str(values[name])
+            else:
+                cls_ = f.default_factory().__class__  # type: ignore[misc]
+                kwargs[name] = from_mapping(cls_, values[name], name)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,97 @@
+import torch
+from transformers import AutoModelForCausalLM
+
+from clawly.ablation import AblationPlan, LayerKernel, ablated, ablation_kernel, weight_deltas, writers
+from clawly.directions import normalize
+
+
+def _load(path):
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def _random_directions(model, m=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p, d = model.config.num_hidden_layers + 1, model.config.hidden_size
+    return normalize(torch.randn(m, p, d, generator=g, dtype=torch.float64))
+
+
+def _flat_plan(weight=1.0, index=None, norm_preserve=False):
+    k = LayerKernel(peak_weight=weight, peak_position=0.0, floor_weight=weight, reach=100.0)
+    return AblationPlan(kernels={"attn_out": k, "mlp_down": k}, direction_index=index, norm_preserve=norm_preserve)
+
+
+def test_kernel_peaks_at_position_falls_linearly_and_is_zero_beyond_reach():
+    k = ablation_kernel(10, LayerKernel(peak_weight=1.5, peak_position=4.0, floor_weight=0.5, reach=2.0))
+    expected = torch.tensor([0, 0, 0.5, 1.0, 1.5, 1.0, 0.5, 0, 0, 0], dtype=torch.float64)
+    torch.testing.assert_close(k, expected)
+    # fractional peak: symmetric around 4.5
+    k2 = ablation_kernel(10, LayerKernel(1.0, 4.5, 0.0, 3.0))
+    torch.testing.assert_close(k2[4], k2[5])
+    assert k2.argmax() in (4, 5) and k2[0] == 0 and k2[9] == 0
+
+
+def test_ablation_removes_direction_component_from_every_writer_output(make_tiny_model):
+    model = _load(make_tiny_model("llama"))
+    directions = _random_directions(model)
+    x = torch.randn(5, 1000, dtype=torch.float64)
+    with ablated(model, weight_deltas(model, directions, _flat_plan())):
+        for wr in writers(model):
+            w = wr.module.weight.double()
+            y = x[:, : w.shape[1]] @ w.t()  # [5, d]
+            r = directions[0, wr.layer + 1]
+            assert y.matmul(r).abs().max() < 1e-5, wr.name
+    assert len(writers(model)) == 2 * model.config.num_hidden_layers
+
+
+def test_ablated_restores_weights_bit_identically_even_on_error(make_tiny_model):
+    model = _load(make_tiny_model("qwen2"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    deltas = weight_deltas(model, _random_directions(model), _flat_plan(1.3, index=1.5))
+    try:
+        with ablated(model, deltas):
+            assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_zero_weight_changes_nothing(make_tiny_model):
+    model = _load(make_tiny_model("llama"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    deltas = weight_deltas(model, _random_directions(model), _flat_plan(0.0))
+    assert deltas == {}
+    with ablated(model, deltas):
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_partial_weight_scales_the_removed_component(make_tiny_model):
+    model = _load(make_tiny_model("llama"))
+    directions = _random_directions(model)
+    wr = writers(model)[0]
+    r = directions[0, wr.layer + 1]
+    x = torch.randn(7, wr.module.weight.shape[1], dtype=torch.float64)
+    before = (x @ wr.module.weight.double().t()) @ r
+    with ablated(model, weight_deltas(model, directions, _flat_plan(0.25))):
+        after = (x @ wr.module.weight.double().t()) @ r
+    torch.testing.assert_close(after, 0.75 * before, rtol=1e-4, atol=1e-5)
+
+
+def test_norm_preserving_ablation_keeps_column_norms(make_tiny_model):
+    model = _load(make_tiny_model("llama"))
+    norms = {wr.name: wr.module.weight.norm(dim=0).clone() for wr in writers(model)}
+    deltas = weight_deltas(model, _random_directions(model), _flat_plan(norm_preserve=True))
+    assert all(d.dense is not None for d in deltas.values())
+    with ablated(model, deltas):
+        for wr in writers(model):
+            torch.testing.assert_close(wr.module.weight.norm(dim=0), norms[wr.name], rtol=1e-5, atol=1e-6)
+
+
+def test_global_direction_index_uses_one_interpolated_direction(make_tiny_model):
+    model = _load(make_tiny_model("llama"))
+    directions = _random_directions(model)
+    deltas = weight_deltas(model, directions, _flat_plan(index=1.0))
+    r = directions[0, 1]
+    for delta in deltas.values():
+        b = delta.b[:, 0]
+        torch.testing.assert_close(b / b.norm(), -r, rtol=1e-6, atol=1e-8)

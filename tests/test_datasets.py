@@ -1,0 +1,359 @@
+"""Prompt generation: counts, uniqueness, splits, determinism, user files, errors, schema."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import sys
+import types
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from clawly.datasets import (
+    COLUMNS,
+    GENERAL,
+    DatasetError,
+    expand,
+    generate_prompts,
+    load_hf_dataset,
+    load_prompt_file,
+    load_templates,
+    normalize,
+    write_parquet_atomic,
+    yield_table,
+)
+from clawly.settings import DataSettings
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "data" / "templates.yaml"
+REQUIRED = {"violence_weapons", "drugs_substances", "adult_content", "self_harm_suicide"}
+
+
+def data_settings(**overrides) -> DataSettings:
+    return DataSettings(**{"templates": str(TEMPLATES), **overrides})
+
+
+@pytest.fixture(scope="module")
+def templates() -> dict:
+    return load_templates(TEMPLATES)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> tuple[pd.DataFrame, pd.DataFrame]:
+    return generate_prompts(data_settings())
+
+
+def write_yaml(path: Path, data: object) -> Path:
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def tiny_templates(harmful_values: int = 3) -> dict:
+    """Templates small enough to reason about: 2 x `harmful_values` harmful prompts."""
+    section = {"templates": ["How do I {verb} a {thing}?", "Tell me how to {verb} a {thing}."],
+               "slots": {"verb": ["build"], "thing": [f"thing{i}" for i in range(harmful_values)]}}
+    return {
+        "categories": {"alpha": {"harmful": section,
+                                 "harmless": {"templates": ["What is a {x}?"],
+                                              "slots": {"x": [f"cake{i}" for i in range(10)]}}}},
+        "general": {"templates": ["Tell me about {y}."], "slots": {"y": [f"city{i}" for i in range(10)]}},
+    }
+
+
+# --- the shipped templates -------------------------------------------------------------------
+
+def test_required_categories_exist_with_harmful_and_topic_matched_harmless(templates):
+    assert REQUIRED <= set(templates["categories"])
+    for spec in templates["categories"].values():
+        assert spec["harmful"]["templates"] and spec["harmless"]["templates"]
+
+
+def test_every_category_yields_enough_unique_prompts_from_many_phrasings(templates):
+    table = yield_table(templates).set_index(["category", "side"])
+    for category in templates["categories"]:
+        assert table.loc[(category, "harmful"), "unique_prompts"] >= 300
+        assert table.loc[(category, "harmful"), "templates"] >= 15
+        assert table.loc[(category, "harmless"), "unique_prompts"] >= 100
+    assert table.loc[(GENERAL, "harmless"), "unique_prompts"] >= 600
+
+
+def test_harmful_templates_vary_sentence_structure(templates):
+    # many different openings, not one sentence with swapped nouns
+    for category, spec in templates["categories"].items():
+        openings = {" ".join(t.split()[:2]).lower() for t in spec["harmful"]["templates"]}
+        assert len(openings) >= 12, category
+
+
+MINOR_WORDS = re.compile(
+    r"\b(child|children|kids?|minors?|underage|teens?|teenagers?|juveniles?|youths?|"
+    r"school ?girls?|school ?boys?|high school|girls?|boys?|students?|pupils?|lolis?|"
+    r"little|young|preteens?|babies|baby)\b",
+    re.IGNORECASE,
+)
+
+
+def test_adult_content_never_mentions_minors(templates):
+    spec = templates["categories"]["adult_content"]
+    for side in ("harmful", "harmless"):
+        texts = [*spec[side]["templates"], *(v for vs in spec[side]["slots"].values() for v in vs)]
+        hits = [t for t in texts if MINOR_WORDS.search(t)]
+        assert not hits, hits
+
+
+# --- generate_prompts ------------------------------------------------------------------------
+
+def test_harmful_counts_per_category_and_split(prompts, templates):
+    harmful, _ = prompts
+    counts = harmful.groupby(["category", "split"]).size()
+    for category in templates["categories"]:
+        assert counts[(category, "train")] == 100
+        assert counts[(category, "eval")] == 50
+
+
+def test_harmless_counts_and_mix_of_general_and_topic_matched(prompts, templates):
+    _, harmless = prompts
+    assert (harmless["split"] == "train").sum() == 400
+    assert (harmless["split"] == "eval").sum() == 200
+    per_category = harmless["category"].value_counts()
+    assert per_category[GENERAL] == 300  # the half that is not topic-matched
+    matched = [per_category[c] for c in templates["categories"]]
+    assert sum(matched) == 300 and max(matched) - min(matched) <= 1
+    # both splits hold every group
+    for split in ("train", "eval"):
+        assert set(harmless.loc[harmless["split"] == split, "category"]) == {*templates["categories"], GENERAL}
+
+
+def test_texts_and_ids_are_unique_and_ids_are_stable_strings(prompts):
+    for frame, kind in zip(prompts, ("harmful", "harmless"), strict=True):
+        assert list(frame.columns) == COLUMNS
+        assert frame["id"].is_unique
+        assert frame["text"].map(normalize).is_unique
+        assert all(re.fullmatch(rf"{kind}-{re.escape(c)}-\d{{4}}", i)
+                   for i, c in zip(frame["id"], frame["category"], strict=True))
+
+
+def test_no_text_in_both_train_and_eval(prompts):
+    for frame in prompts:
+        train = set(frame.loc[frame["split"] == "train", "text"].map(normalize))
+        evals = set(frame.loc[frame["split"] == "eval", "text"].map(normalize))
+        assert not train & evals
+
+
+def test_no_text_in_both_harmful_and_harmless(prompts):
+    harmful, harmless = prompts
+    assert not set(harmful["text"].map(normalize)) & set(harmless["text"].map(normalize))
+
+
+def test_same_seed_gives_identical_prompts(prompts):
+    again = generate_prompts(data_settings())
+    for a, b in zip(prompts, again, strict=True):
+        pd.testing.assert_frame_equal(a, b)
+
+
+def test_different_seed_changes_sample_and_split(prompts):
+    harmful, _ = prompts
+    other, _ = generate_prompts(data_settings(seed=1))
+    assert set(harmful["text"]) != set(other["text"])
+    shared = set(harmful["text"]) & set(other["text"])
+    split_a = harmful.set_index("text")["split"]
+    split_b = other.set_index("text")["split"]
+    assert any(split_a[t] != split_b[t] for t in shared)
+
+
+def test_too_few_prompts_error_says_how_many_templates_yield(tmp_path):
+    path = write_yaml(tmp_path / "t.yaml", tiny_templates(harmful_values=3))
+    with pytest.raises(DatasetError, match=r"'alpha' \(harmful\) yield only 6 unique prompts, but 7"):
+        generate_prompts(DataSettings(templates=str(path), train_per_category=5, eval_per_category=2,
+                                      harmless_train=4, harmless_eval=2))
+
+
+# --- expand ----------------------------------------------------------------------------------
+
+def test_expand_all_fillings_deduplicated_by_case_and_whitespace():
+    section = {"templates": ["Bake a {x}.", "bake  a {x}.", "Hello."],
+               "slots": {"x": ["cake", "Cake", "pie"]}}
+    texts = expand(section)
+    assert sorted(texts) == ["Bake a cake.", "Bake a pie.", "Hello."]
+
+
+def test_expand_sample_is_deterministic_by_seed_and_respects_limit_and_exclude(templates):
+    section = templates["general"]
+    a = expand(section, random.Random(3), limit=50)
+    assert a == expand(section, random.Random(3), limit=50)
+    assert a != expand(section, random.Random(4), limit=50)
+    assert len(a) == 50 == len(set(map(normalize, a)))
+    b = expand(section, random.Random(3), limit=50, exclude=a[:10])
+    assert not set(map(normalize, a[:10])) & set(map(normalize, b))
+
+
+def test_expand_sample_spreads_over_templates(templates):
+    section = templates["categories"]["violence_weapons"]["harmful"]
+    sample = expand(section, random.Random(0), limit=len(section["templates"]))
+    # round robin: the first n texts come from n different templates
+    patterns = [re.compile("^" + re.sub(r"\\\{\w+\\\}", ".+", re.escape(t)) + "$") for t in section["templates"]]
+    used = {next(i for i, p in enumerate(patterns) if p.match(text)) for text in sample}
+    assert len(used) >= len(section["templates"]) - 2  # a filling may match a sibling template
+
+
+# --- template validation ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d.pop("categories"), "missing top-level key 'categories'"),
+        (lambda d: d.pop("general"), "missing top-level key 'general'"),
+        (lambda d: d["categories"]["alpha"].pop("harmless"), "categories.alpha is missing 'harmless'"),
+        (lambda d: d["categories"]["alpha"]["harmful"]["templates"].append("Make a {gadget}."),
+         r"unknown slot '\{gadget\}'; known slots: thing, verb"),
+        (lambda d: d["general"]["templates"].append("Positional {}."), "invalid placeholder"),
+        (lambda d: d["general"]["templates"].append("Unbalanced {y."), "malformed"),
+        (lambda d: d["general"]["slots"].update(y=[]), "slot 'y' must be a non-empty list"),
+        (lambda d: d["general"].update(templates=[]), "'templates' must be a non-empty list"),
+        (lambda d: d["categories"].update({"Bad Name": d["categories"]["alpha"]}), "invalid category name"),
+        (lambda d: d.update(extra=1), r"unknown top-level key\(s\) \['extra'\]"),
+    ],
+)
+def test_malformed_templates_raise_error_naming_file_and_problem(tmp_path, mutate, message):
+    data = tiny_templates()
+    mutate(data)
+    path = write_yaml(tmp_path / "bad.yaml", data)
+    with pytest.raises(DatasetError, match=message) as info:
+        load_templates(path)
+    assert str(path) in str(info.value)
+
+
+def test_invalid_yaml_and_missing_file_raise_dataset_error(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("categories: [unclosed\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"broken\.yaml: not valid YAML"):
+        load_templates(bad)
+    with pytest.raises(DatasetError, match="not found"):
+        load_templates(tmp_path / "absent.yaml")
+    assert issubclass(DatasetError, ValueError)
+
+
+# --- user prompts ----------------------------------------------------------------------------
+
+ROWS = [
+    {"text": "First user prompt", "category": "violence_weapons", "split": "eval"},
+    {"text": "Second user prompt", "category": "", "split": ""},
+]
+
+
+def write_prompt_file(path: Path) -> Path:
+    frame = pd.DataFrame(ROWS)
+    if path.suffix == ".txt":
+        path.write_text("First user prompt\n\n  Second user prompt  \n", encoding="utf-8")
+    elif path.suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif path.suffix == ".jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n", encoding="utf-8")
+    else:
+        frame.rename(columns={"text": "prompt"}).to_parquet(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv", ".jsonl", ".parquet"])
+def test_load_prompt_file_reads_each_format(tmp_path, suffix):
+    frame = load_prompt_file(write_prompt_file(tmp_path / f"user{suffix}"), default_category="custom")
+    assert list(frame.columns) == ["text", "category", "split"]
+    assert list(frame["text"]) == ["First user prompt", "Second user prompt"]
+    if suffix == ".txt":
+        assert list(frame["category"]) == ["custom", "custom"]
+        assert frame["split"].isna().all()
+    else:
+        assert list(frame["category"]) == ["violence_weapons", "custom"]
+        assert frame["split"].iloc[0] == "eval" and pd.isna(frame["split"].iloc[1])
+
+
+def test_load_prompt_file_errors(tmp_path):
+    with pytest.raises(DatasetError, match=r"unsupported prompt file type '\.xlsx'"):
+        load_prompt_file(tmp_path / "prompts.xlsx", "custom")
+    no_column = tmp_path / "q.csv"
+    pd.DataFrame({"question": ["hi"]}).to_csv(no_column, index=False)
+    with pytest.raises(DatasetError, match=r"q.csv: no 'text' or 'prompt' column \(columns: question\)"):
+        load_prompt_file(no_column, "custom")
+    bad_split = tmp_path / "s.csv"
+    pd.DataFrame({"text": ["hi"], "split": ["test"]}).to_csv(bad_split, index=False)
+    with pytest.raises(DatasetError, match=r"invalid split value\(s\) \['test'\]"):
+        load_prompt_file(bad_split, "custom")
+    with pytest.raises(DatasetError, match="not found"):
+        load_prompt_file(tmp_path / "absent.txt", "custom")
+
+
+def test_user_prompts_are_appended_with_seeded_splits_and_without_repeats(tmp_path, prompts):
+    generated_harmful, generated_harmless = prompts
+    user = tmp_path / "extra.txt"
+    lines = [f"My own harmful request number {i}" for i in range(30)]
+    repeat = generated_harmless["text"].iloc[0]  # collides with a harmless prompt: dropped
+    user.write_text("\n".join([*lines, lines[0].upper(), repeat]) + "\n", encoding="utf-8")
+    settings = data_settings(harmful_files=[str(user)])
+    harmful, harmless = generate_prompts(settings)
+
+    pd.testing.assert_frame_equal(harmful.iloc[: len(generated_harmful)], generated_harmful)
+    pd.testing.assert_frame_equal(harmless, generated_harmless)
+    added = harmful.iloc[len(generated_harmful):]
+    assert list(added["text"]) == lines
+    assert set(added["category"]) == {"custom"}
+    assert (added["split"] == "eval").sum() == 10  # 30 * 50 / (100 + 50)
+    assert list(added["id"]) == [f"harmful-custom-{i:04d}" for i in range(30)]
+    assert generate_prompts(settings)[0].equals(harmful)
+
+
+# --- Hugging Face datasets -------------------------------------------------------------------
+
+def test_hf_dataset_without_package_raises_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(DatasetError, match="needs the optional package 'datasets'"):
+        load_hf_dataset("org/prompts", "custom")
+
+
+def test_hf_dataset_unreachable_hub_raises_clear_error(monkeypatch):
+    def load_dataset(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(DatasetError, match=r"could not load split 'train' of 'org/prompts'.*ConnectionError"):
+        load_hf_dataset("org/prompts", "custom")
+
+
+def test_hf_dataset_spec_selects_split_and_column(monkeypatch):
+    calls = []
+
+    class FakeDataset:
+        def to_pandas(self) -> pd.DataFrame:
+            return pd.DataFrame({"goal": ["Request one", "Request two"], "split": ["x", "y"]})
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        return FakeDataset()
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    frame = load_hf_dataset("org/prompts:test:goal", "custom")
+    assert calls == [("org/prompts", "test")]
+    assert list(frame["text"]) == ["Request one", "Request two"]
+    assert frame["split"].isna().all() and set(frame["category"]) == {"custom"}
+    with pytest.raises(DatasetError, match="no column 'missing'"):
+        load_hf_dataset("org/prompts:test:missing", "custom")
+    with pytest.raises(DatasetError, match="expected 'id' or 'id:split:column'"):
+        load_hf_dataset("org/prompts:test", "custom")
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+def test_write_parquet_atomic_keeps_schema_and_leaves_no_temp_files(tmp_path, prompts):
+    harmful, _ = prompts
+    path = tmp_path / "out" / "harmful.parquet"
+    write_parquet_atomic(harmful, path)
+    schema = pq.read_schema(path)
+    assert schema.names == COLUMNS
+    assert all(pa.types.is_string(t) or pa.types.is_large_string(t) for t in schema.types)
+    back = pd.read_parquet(path)
+    assert all(pd.api.types.is_string_dtype(back[c]) for c in COLUMNS)
+    assert back["text"].tolist() == harmful["text"].tolist()
+    assert [p.name for p in path.parent.iterdir()] == ["harmful.parquet"]

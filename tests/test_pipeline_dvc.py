@@ -1,0 +1,134 @@
+"""`dvc repro` of the whole pipeline in a temp copy of the project (tiny model; the real one is slow)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from stages.params import composed_params
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT_FILES = ["dvc.yaml", "conf", "stages", "clawly", "data/templates.yaml", "pyproject.toml"]
+
+
+def _run(cmd, cwd, env):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+def make_project(tmp: Path, overrides: list[str]) -> dict:
+    for name in PROJECT_FILES:
+        src, dst = ROOT / name, tmp / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    (tmp / "params.yaml").write_text(composed_params(overrides))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(tmp)}
+    _run(["git", "init", "-q"], tmp, env)
+    _run([sys.executable, "-m", "dvc", "init", "-q"], tmp, env)
+    return env
+
+
+def tiny_overrides(model_dir: Path) -> list[str]:
+    return [f"model.name={model_dir}", "data.train_per_category=8", "data.eval_per_category=6",
+            "data.harmless_train=24", "data.harmless_eval=24", "probe.max_per_category=4", "probe.batch_size=8",
+            "optimize.n_trials=3", "optimize.n_startup_trials=2", "optimize.harmful_prompts=8",
+            "optimize.harmless_prompts=8", "optimize.max_new_tokens=4", "optimize.batch_size=8",
+            "evaluate.per_category=2", "evaluate.harmless_prompts=8", "evaluate.max_new_tokens=4",
+            "merge.max_shard_size=100KB"]
+
+
+def check_outputs(tmp: Path, n_trials: int) -> None:
+    harmful = pd.read_parquet(tmp / "data/prompts/harmful.parquet")
+    assert list(harmful.columns) == ["id", "text", "category", "split"]
+    acts = pd.read_parquet(tmp / "artifacts/activations/harmful.parquet")
+    assert list(acts.columns) == ["id", "category", "layer", "residual"]
+    with safe_open(str(tmp / "artifacts/directions/directions.safetensors"), "pt") as f:
+        d = f.get_tensor("refusal_direction")
+        assert int(f.metadata()["probe_points"]) == d.shape[0]
+    # point 0 is the embedding of the same last template token for every prompt: no difference there
+    torch.testing.assert_close(d[1:].norm(dim=-1), torch.ones(d.shape[0] - 1), rtol=1e-5, atol=1e-5)
+    trials = pd.read_parquet(tmp / "artifacts/optimize/trials.parquet")
+    assert len(trials) == n_trials and trials.pareto.any()
+    assert (tmp / "artifacts/optimize/pareto.html").read_text().count("Pareto front") >= 1
+    metrics = json.loads((tmp / "artifacts/metrics/optimize.json").read_text())
+    assert metrics["trials"] == n_trials
+    assert (tmp / "artifacts/lora/adapter_config.json").exists()
+    model_dir = tmp / "artifacts/model"
+    assert (model_dir / "model.safetensors.index.json").exists()  # sharded at 100KB
+    for name in ("config.json", "tokenizer_config.json", "generation_config.json", "README.md",
+                 "clawly_reproduction.json"):
+        assert (model_dir / name).exists(), name
+    evaluation = json.loads((tmp / "artifacts/metrics/evaluate.json").read_text())
+    assert evaluation["harmful_prompts"] > 0 and "kl_divergence" in evaluation["merged"]
+    logs = (tmp / "artifacts/logs/optimize.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["stage"] == "optimize" for line in logs)
+
+
+def test_dvc_repro_runs_the_whole_pipeline_and_a_second_repro_is_a_no_op(make_tiny_model, tmp_path):
+    model_dir = make_tiny_model("qwen2", num_layers=3)
+    env = make_project(tmp_path, tiny_overrides(model_dir))
+    _run([sys.executable, "-m", "dvc", "repro"], tmp_path, env)
+    check_outputs(tmp_path, 3)
+    # the merged model equals base + adapter
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts/model").eval()
+    with_adapter = PeftModel.from_pretrained(base, str(tmp_path / "artifacts/lora")).eval()
+    ids = torch.randint(3, base.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, rtol=1e-4, atol=1e-4)
+    status = _run([sys.executable, "-m", "dvc", "repro"], tmp_path, env)
+    assert "Running stage" not in status, status
+    # more trials resume the persisted study instead of starting over
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["optimize"]["n_trials"] = 4
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run([sys.executable, "-m", "dvc", "repro", "optimize"], tmp_path, env)
+    assert "resuming study" in out
+    assert len(pd.read_parquet(tmp_path / "artifacts/optimize/trials.parquet")) == 4
+
+
+def test_stage_reports_missing_input_in_one_line(tmp_path):
+    env = make_project(tmp_path, [])
+    proc = subprocess.run([sys.executable, "-m", "stages.compute_directions"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "run the 'probe-activations' stage first" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_stage_rejects_bad_override_in_one_line(tmp_path):
+    env = make_project(tmp_path, [])
+    proc = subprocess.run([sys.executable, "-m", "stages.optimize", "optimize.n_trials=0"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "optimize.n_trials=0" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "artifacts" / "optimize").exists()
+
+
+@pytest.mark.slow
+def test_dvc_repro_on_the_real_default_model(tmp_path):
+    pytest.importorskip("gguf")
+    overrides = ["data.train_per_category=100", "probe.max_per_category=6", "optimize.n_trials=3",
+                 "optimize.n_startup_trials=3", "optimize.harmful_prompts=16", "optimize.harmless_prompts=16",
+                 "optimize.max_new_tokens=12", "evaluate.per_category=3", "evaluate.harmless_prompts=16",
+                 "evaluate.max_new_tokens=16"]
+    env = make_project(tmp_path, overrides)
+    _run([sys.executable, "-m", "dvc", "repro"], tmp_path, env)
+    check_outputs_real = json.loads((tmp_path / "artifacts/metrics/optimize.json").read_text())
+    assert check_outputs_real["trials"] == 3
+    assert check_outputs_real["base"]["keyword_refusals"] > 0  # the real model does refuse
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts/model")
+    assert merged.config.num_hidden_layers == 24
