@@ -97,7 +97,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
                              top_p=None, top_k=None, stopping_criteria=stopping,
                              pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
-        for i, text in zip(idx, texts):
+        for i, text in zip(idx, texts, strict=True):
             responses[i] = text
         if bar is not None:
             bar.update(len(idx))

@@ -247,7 +247,8 @@ def _from_hub(settings: ModelSettings, cache: Path) -> Path:
         if settings.gguf_file:
             gguf = hf_hub_download(name, settings.gguf_file, revision=settings.revision)
             return _from_gguf_file(Path(gguf), cache)
-        return Path(snapshot_download(name, revision=settings.revision, allow_patterns=_HUB_PATTERNS))
+        snapshot = Path(snapshot_download(name, revision=settings.revision, allow_patterns=_HUB_PATTERNS))
+        return _from_directory(snapshot, settings, cache)  # safetensors only: pickle weights are not fetched
     except ModelLoadError:
         raise
     except Exception as e:  # hub errors are many types (offline, 401, 404, revision); one message for all

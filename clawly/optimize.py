@@ -59,7 +59,7 @@ class TrialEvaluator:
                                                 self.settings.batch_size))
         by_cat: dict[str, int] = {}
         n_cat: dict[str, int] = {}
-        for flag, cat in zip(flags, self.prompts.harmful_categories):
+        for flag, cat in zip(flags, self.prompts.harmful_categories, strict=True):
             by_cat[cat] = by_cat.get(cat, 0) + int(flag)
             n_cat[cat] = n_cat.get(cat, 0) + 1
         return TrialResult(sum(flags), kl, by_cat, n_cat, responses)
@@ -111,7 +111,8 @@ def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def run_study(study: optuna.Study, model: PreTrainedModel, evaluator: TrialEvaluator, directions: torch.Tensor,
-              num_layers: int, settings: OptimizeSettings, on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None) -> None:
+              num_layers: int, settings: OptimizeSettings,
+              on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None) -> None:
     """Run trials until the study holds `settings.n_trials` complete ones."""
     remaining = settings.n_trials - len(completed(study))
     if remaining <= 0:

@@ -19,8 +19,14 @@ from safetensors.torch import load_file, save_file
 from clawly import __version__
 from clawly.ablation import AblationPlan, weight_deltas
 from clawly.activations import ActivationWriter, generation_marker, probe_residuals, read_activations
-from clawly.directions import (RunningMean, cosine, direction_report, orthogonalize_against,
-                               refusal_directions, winsorize)
+from clawly.directions import (
+    RunningMean,
+    cosine,
+    direction_report,
+    orthogonalize_against,
+    refusal_directions,
+    winsorize,
+)
 from clawly.errors import require
 from clawly.evaluation import RefusalDetector, chat_prompts, first_token_logprobs, kl_divergence, refusal_flags
 from clawly.io import atomic_dir, atomic_path, write_json, write_text

@@ -18,7 +18,6 @@ from clawly.errors import ClawlyError
 from clawly.log import StageLogger, get_logger
 from clawly.settings import Settings, SettingsError
 
-
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 

@@ -14,7 +14,8 @@ def test_committed_params_yaml_equals_composition_of_conf():
         "params.yaml is stale: run `python -m stages.params` after editing conf/")
 
 
-@pytest.mark.parametrize("overrides", [[], ["optimize=full"], ["model=hub"], ["optimize.n_trials=5", "probe.position=marker"]])
+@pytest.mark.parametrize("overrides", [[], ["optimize=full"], ["model=hub"],
+                                       ["optimize.n_trials=5", "probe.position=marker"]])
 def test_every_config_composes_into_valid_settings(overrides):
     settings = Settings.from_dict(yaml.safe_load(composed_params(overrides)))
     if "optimize=full" in overrides:

@@ -17,7 +17,8 @@ def _load(path):
 
 
 def _plan(norm_preserve=False):
-    return AblationPlan(kernels={"attn_out": LayerKernel(1.2, 1.0, 0.4, 1.5), "mlp_down": LayerKernel(0.9, 0.5, 0.2, 2.0)},
+    kernels = {"attn_out": LayerKernel(1.2, 1.0, 0.4, 1.5), "mlp_down": LayerKernel(0.9, 0.5, 0.2, 2.0)}
+    return AblationPlan(kernels=kernels,
                         direction_index=None, norm_preserve=norm_preserve)
 
 
