@@ -278,8 +278,8 @@ def optimize(settings: Settings, log: StageLogger, model=None, tokenizer=None) -
     evaluator = opt.TrialEvaluator(model, tokenizer, prompts, s)
     t0 = time.perf_counter()
     base = evaluator.evaluate()
-    log.event("baseline", refusals=base.refusals, prompts=len(prompts.harmful), seconds=round(time.perf_counter() - t0, 1),
-              by_category=base.refusals_by_category)
+    log.event("baseline", refusals=base.refusals, prompts=len(prompts.harmful),
+              seconds=round(time.perf_counter() - t0, 1), by_category=base.refusals_by_category)
     storage = s.storage or str(p.journal)
     study_name = f"{s.study_name}-{study_fingerprint(settings, harmful, harmless)}"
     study = opt.open_study(storage, study_name, s.seed, s.n_startup_trials)
@@ -405,7 +405,8 @@ def model_card(settings: Settings, metrics: dict) -> str:
                   "gibberish as compliance):", "",
                   "| | keyword refusals | KL divergence (first token, harmless) |", "|---|---|---|",
                   f"| base | {metrics['base']['keyword_refusals']}/{n} | 0 |",
-                  f"| this model | {metrics['chosen']['keyword_refusals']}/{n} | {metrics['chosen']['kl_divergence']} |",
+                  f"| this model | {metrics['chosen']['keyword_refusals']}/{n} "
+                  f"| {metrics['chosen']['kl_divergence']} |",
                   "", "| category | prompts | base refusals | refusals after |", "|---|---|---|---|"]
         for cat, row in metrics["by_category"].items():
             lines.append(f"| {cat} | {row['prompts']} | {row['base_refusals']} | {row['chosen_refusals']} |")
@@ -457,8 +458,8 @@ def evaluate(settings: Settings, log: StageLogger) -> dict:
     base, tokenizer = _load(settings, log)
     prompts = chat_prompts(tokenizer, harmful.text.tolist(), settings.model.system_prompt)
     harmless_prompts = chat_prompts(tokenizer, harmless.text.tolist(), settings.model.system_prompt)
-    results = {}
-    base_flags, base_resp = refusal_flags(base, tokenizer, prompts, detector, s.max_new_tokens, s.batch_size, log.progress)
+    base_flags, base_resp = refusal_flags(base, tokenizer, prompts, detector, s.max_new_tokens, s.batch_size,
+                                          log.progress)
     base_lp = first_token_logprobs(base, tokenizer, harmless_prompts, s.batch_size)
     del base
     merged_settings = type(settings.model)(**{**settings.model.__dict__, "name": str(p.model), "gguf_file": None})

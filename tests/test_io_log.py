@@ -1,0 +1,45 @@
+import json
+
+import pytest
+
+from clawly.io import atomic_dir, atomic_path, write_json
+from clawly.log import get_logger
+
+
+def test_atomic_path_leaves_nothing_behind_on_error(tmp_path):
+    target = tmp_path / "out.json"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError
+    assert list(tmp_path.iterdir()) == []
+    write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1} and len(list(tmp_path.iterdir())) == 1
+
+
+def test_atomic_dir_replaces_the_whole_directory_only_on_success(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.bin").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "new.bin").write_text("new")
+            raise RuntimeError
+    assert [p.name for p in target.iterdir()] == ["old.bin"]
+    with atomic_dir(target) as tmp:
+        (tmp / "new.bin").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_logger_writes_one_json_event_per_line_and_masks_secrets(tmp_path, capsys):
+    log = get_logger("optimize", tmp_path)
+    log.event("trial", number=3, kl=0.25, hf_token="hf_secret", obj=object(), nan=float("nan"))
+    log.event("done")
+    lines = (tmp_path / "optimize.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    assert first["stage"] == "optimize" and first["event"] == "trial" and first["number"] == 3
+    assert first["hf_token"] == "***" and first["nan"] == "nan" and isinstance(first["obj"], str)
+    assert json.loads(lines[1])["event"] == "done"
+    err = capsys.readouterr().err
+    assert "[optimize] trial" in err and "hf_secret" not in err

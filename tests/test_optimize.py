@@ -1,0 +1,56 @@
+import json
+
+import optuna
+import pytest
+
+from clawly.ablation import AblationPlan
+from clawly.optimize import choose_trial, completed, open_study, suggest_plan, trials_table
+from clawly.settings import OptimizeSettings
+
+
+def _trial(number, refusals, kl):
+    t = optuna.trial.create_trial(values=[refusals, kl], params={}, distributions={})
+    t.number = number
+    return t
+
+
+def test_choice_rule_fewest_refusals_under_the_kl_cap_else_lowest_kl():
+    trials = [_trial(0, 10, 0.1), _trial(1, 3, 0.9), _trial(2, 5, 0.4), _trial(3, 5, 0.2)]
+    assert choose_trial(trials, kl_cap=0.5).number == 3  # 5 refusals, tie broken by KL
+    assert choose_trial(trials, kl_cap=1.0).number == 1
+    assert choose_trial(trials, kl_cap=0.05).number == 0  # none under the cap: lowest KL
+    with pytest.raises(ValueError):
+        choose_trial([], 1.0)
+
+
+def test_suggested_plan_stays_inside_the_configured_ranges():
+    s = OptimizeSettings(peak_weight_range=[0.9, 1.1], reach_range=[0.2, 0.3], direction_scopes=["global"])
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        plan = suggest_plan(trial, num_layers=10, s=s)
+        assert 4.0 <= plan.direction_index <= 9.0
+        for k in plan.kernels.values():
+            assert 0.9 <= k.peak_weight <= 1.1 and 0 <= k.floor_weight <= k.peak_weight
+            assert 2.0 <= k.reach <= 3.0 and 0.4 * 9 <= k.peak_position <= 9
+        assert AblationPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+        study.tell(trial, [1.0, 1.0])
+
+
+def test_journal_study_resumes_and_fails_trials_left_running(tmp_path):
+    journal = str(tmp_path / "study" / "journal.log")
+    study = open_study(journal, "s", seed=0, n_startup_trials=2)
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), 0.0), n_trials=3)
+    study.ask()  # a trial that an interrupted run left RUNNING
+    again = open_study(journal, "s", seed=0, n_startup_trials=2)
+    states = [t.state for t in again.get_trials()]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert len(completed(again)) == 3
+
+
+def test_trials_table_has_one_row_per_trial_and_marks_the_pareto_front():
+    trials = [_trial(0, 10, 0.1), _trial(1, 3, 0.9)]
+    table = trials_table(trials, {1})
+    assert table.trial.tolist() == [0, 1] and table.pareto.tolist() == [False, True]
+    assert table.refusals.tolist() == [10, 3]
