@@ -128,3 +128,32 @@ def interpolated_direction(directions: torch.Tensor, index: float) -> torch.Tens
     hi = min(lo + 1, directions.shape[0] - 1)
     frac = index - lo
     return normalize((1 - frac) * directions[lo].to(torch.float64) + frac * directions[hi].to(torch.float64))
+
+
+def orthonormalize(directions: torch.Tensor) -> torch.Tensor:
+    """Orthonormal set spanning the same space per probe point (QR in the given order), `[m, P, d]`.
+
+    Each q_c keeps the sign of its input v_c (q_c . v_c >= 0); a vector that lies in the span of
+    the ones before it (or is zero) becomes the zero vector instead of numerical noise.
+    """
+    v = directions.to(torch.float64).permute(1, 2, 0)  # [P, d, m]
+    q, r = torch.linalg.qr(v, mode="reduced")
+    diag = r.diagonal(dim1=-2, dim2=-1)  # [P, m]
+    scale = v.norm(dim=1).clamp_min(EPS)  # [P, m]
+    sign = torch.where(diag < 0, -1.0, 1.0).to(torch.float64)
+    alive = (diag.abs() > 1e-8 * scale).to(torch.float64)
+    q = q * (sign * alive).unsqueeze(1)
+    return q.permute(2, 0, 1)
+
+
+def orthogonalize_categories(removed: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Directions to ablate for uncensored categories, protecting the kept ones, per probe point.
+
+    removed: `[m, P, d]` category directions v_c to remove; kept: `[k, P, d]` directions whose
+    component must survive. With K an orthonormal basis of the kept span (QR),
+    u_c = (I - K K^T) v_c, and the u_c are then orthonormalized (in the given order), so that
+    W' = W - sum_c q_c q_c^T W changes nothing along any kept direction.
+    Returns (q `[m, P, d]` orthonormal per point, retained fraction ||u_c|| / ||v_c|| `[m, P]`).
+    """
+    u, retained = orthogonalize_against(removed, kept)
+    return orthonormalize(u * retained.unsqueeze(-1)), retained

@@ -59,7 +59,7 @@ def save_adapter(model: nn.Module, factors: dict[str, LoraFactors], out_dir: str
                  base_model_name_or_path: str | None = None) -> None:
     """Write adapter_config.json + adapter_model.safetensors for `factors` on `model`.
 
-    Injects LoRA layers into `model` (it is a throw-away copy for export) and saves with peft.
+    LoRA layers are injected into `model` to save with peft, and removed again afterwards.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -83,3 +83,4 @@ def save_adapter(model: nn.Module, factors: dict[str, LoraFactors], out_dir: str
     if base_model_name_or_path is not None:
         peft_model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
     peft_model.save_pretrained(str(out_dir))
+    peft_model.unload()  # the LoRA layers come out again: `model` is as it was

@@ -65,6 +65,48 @@ class TrialEvaluator:
         return TrialResult(sum(flags), kl, by_cat, n_cat, responses)
 
 
+@dataclass
+class Objectives:
+    """Turns a trial's result into Optuna values and constraint values.
+
+    values[0]: keyword refusals on targeted categories (all categories in global mode), minimized;
+    values[1]: KL divergence, minimized; with kept categories and keep_rule 'objective',
+    values[2]: refusals on kept categories, maximized. Kept categories always get one
+    violation value each, min_retention * base - after (<= 0: enough refusals kept), which is
+    the Optuna constraint with keep_rule 'constraint' and part of the choice rule either way.
+    """
+
+    targeted: list[str] | None = None
+    kept: list[str] = field(default_factory=list)
+    keep_rule: str = "constraint"
+    min_retention: float = 0.8
+    base_refusals: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def directions(self) -> list[str]:
+        third = ["maximize"] if self.kept and self.keep_rule == "objective" else []
+        return ["minimize", "minimize", *third]
+
+    @property
+    def constrained(self) -> bool:
+        return bool(self.kept) and self.keep_rule == "constraint"
+
+    def values(self, r: TrialResult) -> tuple[float, ...]:
+        cats = self.targeted if self.targeted is not None else list(r.refusals_by_category)
+        targeted = float(sum(r.refusals_by_category.get(c, 0) for c in cats))
+        if self.kept and self.keep_rule == "objective":
+            return targeted, r.kl, float(sum(r.refusals_by_category.get(c, 0) for c in self.kept))
+        return targeted, r.kl
+
+    def violations(self, r: TrialResult) -> list[float]:
+        return [self.min_retention * self.base_refusals.get(c, 0) - r.refusals_by_category.get(c, 0)
+                for c in self.kept]
+
+
+def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
+    return trial.user_attrs.get("kept_violations", [])
+
+
 def suggest_plan(trial: optuna.Trial, num_layers: int, s: OptimizeSettings) -> AblationPlan:
     """Draw one ablation plan from the search space (ranges are fractions of the layer count)."""
     last = num_layers - 1
@@ -85,12 +127,15 @@ def suggest_plan(trial: optuna.Trial, num_layers: int, s: OptimizeSettings) -> A
     return AblationPlan(kernels=kernels, direction_index=index, norm_preserve=s.norm_preserve)
 
 
-def open_study(storage: str, study_name: str, seed: int, n_startup_trials: int) -> optuna.Study:
-    """Create or resume a two-objective study; trials left RUNNING by an interrupted run are failed."""
+def open_study(storage: str, study_name: str, seed: int, n_startup_trials: int,
+               objectives: Objectives | None = None) -> optuna.Study:
+    """Create or resume a study; trials left RUNNING by an interrupted run are failed."""
+    objectives = objectives or Objectives()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, multivariate=True)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, multivariate=True,
+                                         constraints_func=_constraints if objectives.constrained else None)
     study = optuna.create_study(storage=_storage(storage), study_name=study_name, sampler=sampler,
-                                directions=["minimize", "minimize"], load_if_exists=True)
+                                directions=objectives.directions, load_if_exists=True)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
     return study
@@ -112,31 +157,46 @@ def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def run_study(study: optuna.Study, model: PreTrainedModel, evaluator: TrialEvaluator, directions: torch.Tensor,
               num_layers: int, settings: OptimizeSettings,
-              on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None) -> None:
-    """Run trials until the study holds `settings.n_trials` complete ones."""
+              on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+              objectives: Objectives | None = None, strengths: torch.Tensor | None = None,
+              category_weights: dict[str, float] | None = None) -> None:
+    """Run trials until the study holds `settings.n_trials` complete ones.
+
+    directions `[m, P, d]` with `strengths` `[m]` (category weights; default ones)."""
+    objectives = objectives or Objectives()
     remaining = settings.n_trials - len(completed(study))
     if remaining <= 0:
         return
 
-    def objective(trial: optuna.Trial) -> tuple[float, float]:
+    def objective(trial: optuna.Trial) -> tuple[float, ...]:
         plan = suggest_plan(trial, num_layers, settings)
-        with ablated(model, weight_deltas(model, directions, plan)):
+        plan.category_weights = dict(category_weights or {})
+        with ablated(model, weight_deltas(model, directions, plan, strengths)):
             result = evaluator.evaluate()
         trial.set_user_attr("plan", plan.to_dict())
         trial.set_user_attr("refusals_by_category", result.refusals_by_category)
         trial.set_user_attr("prompts_by_category", result.prompts_by_category)
-        return float(result.refusals), result.kl
+        trial.set_user_attr("kept_violations", objectives.violations(result))
+        return objectives.values(result)
 
     callbacks = [lambda s, t: on_trial(t)] if on_trial else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=remaining, callbacks=callbacks, gc_after_trial=True)
 
 
+def violation(trial: optuna.trial.FrozenTrial) -> float:
+    """How far a trial falls short of keeping kept categories' refusals (0: not at all)."""
+    return max([0.0, *_constraints(trial)])
+
+
 def choose_trial(trials: list[optuna.trial.FrozenTrial], kl_cap: float) -> optuna.trial.FrozenTrial:
-    """The rule: fewest refusals among trials with KL <= kl_cap (ties: lower KL); when no trial
-    is under the cap, the one with the lowest KL."""
+    """The rule: among trials that keep enough refusals in kept categories (if none does: those
+    that fall least short), the fewest targeted refusals with KL <= kl_cap (ties: lower KL);
+    when no such trial is under the cap, the one with the lowest KL."""
     if not trials:
         raise ValueError("the study has no complete trial to choose from")
+    least = min(violation(t) for t in trials)
+    trials = [t for t in trials if violation(t) == least]
     under = [t for t in trials if t.values[1] <= kl_cap]
     if under:
         return min(under, key=lambda t: (t.values[0], t.values[1], t.number))
@@ -148,28 +208,33 @@ def trials_table(trials: list[optuna.trial.FrozenTrial], pareto_numbers: set[int
     rows = []
     for t in trials:
         row = {"trial": t.number, "refusals": int(t.values[0]), "kl_divergence": float(t.values[1]),
-               "pareto": t.number in pareto_numbers,
+               "pareto": t.number in pareto_numbers, "feasible": violation(t) == 0,
                "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
                if t.datetime_complete and t.datetime_start else math.nan}
+        row.update({f"refusals.{c}": n for c, n in sorted(t.user_attrs.get("refusals_by_category", {}).items())})
         row.update({f"param.{k}": v for k, v in t.params.items()})
         rows.append(row)
     return pd.DataFrame(rows).sort_values("trial").reset_index(drop=True)
 
 
-def pareto_figure(table: pd.DataFrame, chosen: int, baseline_refusals: int, n_harmful: int):
-    """Plotly scatter of all trials, the Pareto front as a line, the chosen trial marked."""
+def pareto_figure(table: pd.DataFrame, chosen: int, baseline_refusals: int, n_harmful: int,
+                  what: str = "harmful eval prompts"):
+    """Plotly scatter of all trials (infeasible ones apart), the Pareto front, the chosen trial."""
     import plotly.graph_objects as go
 
-    front = table[table.pareto].sort_values("kl_divergence")
+    front = table[table.pareto & table.feasible].sort_values("kl_divergence")
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=table.kl_divergence, y=table.refusals, mode="markers", name="trials",
-                             text=[f"trial {n}" for n in table.trial], marker={"color": "#9aa5b1"}))
+    for feasible, name, color in ((True, "trials", "#9aa5b1"), (False, "lost kept refusals", "#f0b37e")):
+        part = table[table.feasible == feasible]
+        if len(part):
+            fig.add_trace(go.Scatter(x=part.kl_divergence, y=part.refusals, mode="markers", name=name,
+                                     text=[f"trial {n}" for n in part.trial], marker={"color": color}))
     fig.add_trace(go.Scatter(x=front.kl_divergence, y=front.refusals, mode="lines+markers", name="Pareto front",
                              line={"shape": "hv"}, marker={"color": "#1f77b4", "size": 9}))
     pick = table[table.trial == chosen]
     fig.add_trace(go.Scatter(x=pick.kl_divergence, y=pick.refusals, mode="markers", name=f"chosen (trial {chosen})",
                              marker={"color": "#d62728", "size": 14, "symbol": "star"}))
     fig.add_hline(y=baseline_refusals, line_dash="dot", annotation_text=f"base model: {baseline_refusals}")
-    fig.update_layout(title=f"Keyword refusals on {n_harmful} harmful eval prompts vs first-token KL (harmless)",
-                      xaxis_title="KL divergence (nats)", yaxis_title="refusals", template="plotly_white")
+    fig.update_layout(title=f"Keyword refusals on {n_harmful} {what} vs first-token KL on harmless prompts",
+                      xaxis_title="KL divergence (nats)", yaxis_title="keyword refusals", template="plotly_white")
     return fig

@@ -10,6 +10,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -23,11 +24,10 @@ from clawly.directions import (
     RunningMean,
     cosine,
     direction_report,
-    orthogonalize_against,
     refusal_directions,
     winsorize,
 )
-from clawly.errors import require
+from clawly.errors import ClawlyError, require
 from clawly.evaluation import RefusalDetector, chat_prompts, first_token_logprobs, kl_divergence, refusal_flags
 from clawly.io import atomic_dir, atomic_path, write_json, write_text
 from clawly.log import StageLogger
@@ -200,27 +200,72 @@ def compute_directions(settings: Settings, log: StageLogger) -> dict:
 
 # ---------------------------------------------------------------- orthogonalize-categories
 
-def orthogonalize_categories(settings: Settings, log: StageLogger) -> None:
-    """The directions the optimizer ablates, `[m, P, d]` (global mode: m = 1)."""
+def orthogonalize_categories(settings: Settings, log: StageLogger) -> dict:
+    """The directions the optimizer ablates, `[m, P, d]`: the global one (m = 1), or in category
+    mode one per targeted category, orthogonal to the kept categories' directions."""
+    from clawly import categories as cm
+
     p = paths_of(settings)
     require(p.directions, "compute-directions")
     t = load_file(str(p.directions))
-    directions = t["refusal_direction"].double().unsqueeze(0)
-    retained = torch.ones(directions.shape[:2], dtype=torch.float64)
-    if settings.orthogonalize.against_harmless:
-        directions, retained = orthogonalize_against(directions, t["harmless_mean"].double().unsqueeze(0))
-    meta = {"mode": "global", "names": json.dumps(["global"]), "weights": json.dumps([1.0]),
-            "against_harmless": str(settings.orthogonalize.against_harmless)}
+    o, c = settings.orthogonalize, settings.categories
+    if not c.enabled:
+        directions, retained = cm.global_directions(t, o.against_harmless)
+        names, weights, kept, report = ["global"], [1.0], [], {"mode": "global"}
+    else:
+        cm.check_categories(c, sorted(k.split(".", 1)[1] for k in t if k.startswith("category_direction.")))
+        cd = cm.category_directions(t, c, o.orthogonalize_categories, o.against_harmless)
+        directions, retained, names, weights, kept = cd.directions, cd.retained, cd.names, cd.weights, cd.kept
+        low = cm.low_retention(retained, names, o.warn_retained) if kept and o.orthogonalize_categories else {}
+        for cat, points in low.items():
+            log.event("warning", f"{cat}: less than {o.warn_retained:.0%} of its direction survives orthogonalization "
+                      f"at {len(points)} of {retained.shape[1] - 1} layers (e.g. {points[:6]}): it shares one refusal "
+                      "core with the kept categories there, so ablating what is left may do little",
+                      category=cat, points=points)
+        report = {"mode": "category", "order": names, "weights": dict(zip(names, weights, strict=True)),
+                  "kept": kept, "orthogonalized": o.orthogonalize_categories and bool(kept),
+                  "retained_fraction": {n: [round(float(x), 4) for x in retained[i]] for i, n in enumerate(names)},
+                  "cosine_with_kept": cd.kept_cosine, "low_retention_points": low}
+    meta = {"mode": report["mode"], "names": json.dumps(names), "weights": json.dumps(weights),
+            "kept": json.dumps(kept), "against_harmless": str(o.against_harmless)}
     with atomic_path(p.orthogonalized) as tmp:
-        save_file({"directions": directions.float().contiguous(), "retained": retained.float()}, str(tmp),
-                  metadata=meta)
-    log.event("orthogonalized", mode="global", min_retained=round(float(retained.min()), 4))
+        save_file({"directions": directions.float().contiguous(), "retained": retained.float().contiguous()},
+                  str(tmp), metadata=meta)
+    write_json(p.metric("orthogonalize"), report)
+    log.event("orthogonalized", mode=report["mode"], directions=names,
+              min_retained=round(float(retained[:, 1:].min()), 4) if retained.shape[1] > 1 else 1.0)
+    return report
 
 
-def read_directions(settings: Settings) -> torch.Tensor:
+@dataclass
+class AblationDirections:
+    """What orthogonalize-categories wrote: directions `[m, P, d]`, their names and weights."""
+
+    directions: torch.Tensor
+    names: list[str]
+    weights: list[float]
+    kept: list[str]
+    mode: str
+
+    @property
+    def strengths(self) -> torch.Tensor:
+        return torch.tensor(self.weights, dtype=torch.float64)
+
+    @property
+    def category_weights(self) -> dict[str, float]:
+        return {} if self.mode == "global" else dict(zip(self.names, self.weights, strict=True))
+
+
+def read_directions(settings: Settings) -> AblationDirections:
+    from safetensors import safe_open
+
     p = paths_of(settings)
     require(p.orthogonalized, "orthogonalize-categories")
-    return load_file(str(p.orthogonalized))["directions"].double()
+    with safe_open(str(p.orthogonalized), "pt") as f:
+        meta = f.metadata()
+        directions = f.get_tensor("directions").double()
+    return AblationDirections(directions, json.loads(meta["names"]), json.loads(meta["weights"]),
+                              json.loads(meta.get("kept", "[]")), meta["mode"])
 
 
 # ---------------------------------------------------------------- optimize
@@ -238,10 +283,14 @@ def stratified_sample(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 
 
 def optimizer_prompts(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Eval-split prompts the optimizer scores trials on (deterministic by optimize.seed)."""
+    """Eval-split prompts the optimizer scores trials on (deterministic by optimize.seed). In
+    category mode only the preset's categories (targeted and kept) are scored."""
     harmful, harmless = read_prompts(settings)
     s = settings.optimize
-    h = stratified_sample(harmful[harmful.split == "eval"], s.harmful_prompts, s.seed)
+    pool = harmful[harmful.split == "eval"]
+    if settings.categories.enabled:
+        pool = pool[pool.category.isin(list(settings.categories.weights))]
+    h = stratified_sample(pool, s.harmful_prompts, s.seed)
     g = harmless[harmless.split == "eval"]
     g = g.sample(n=min(len(g), s.harmless_prompts), random_state=s.seed).reset_index(drop=True)
     return h, g
@@ -250,8 +299,9 @@ def optimizer_prompts(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
 def study_fingerprint(settings: Settings, harmful: pd.DataFrame, harmless: pd.DataFrame) -> str:
     """Identifies what trials measure: same fingerprint, same study (resumed); else a new study.
 
-    Everything that changes a trial's outcome goes in (model, prompts, directions, search space);
-    n_trials, storage and batch size do not, so raising n_trials continues the same study."""
+    Everything that changes a trial's outcome goes in (model, prompts, directions, search space,
+    category rules); n_trials, storage and batch size do not, so raising n_trials continues the
+    same study."""
     import dataclasses
     import hashlib
 
@@ -259,16 +309,21 @@ def study_fingerprint(settings: Settings, harmful: pd.DataFrame, harmless: pd.Da
               if k not in ("n_trials", "storage", "study_name", "batch_size")}
     directions = hashlib.sha256(paths_of(settings).orthogonalized.read_bytes()).hexdigest()
     key = {"model": dataclasses.asdict(settings.model), "search": search, "directions": directions,
+           "categories": dataclasses.asdict(settings.categories),
            "harmful": harmful.id.tolist(), "harmless": harmless.id.tolist()}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def optimize(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> dict:
     from clawly import optimize as opt
+    from clawly.categories import category_table
 
     p = paths_of(settings)
-    s = settings.optimize
-    directions = read_directions(settings)
+    s, c = settings.optimize, settings.categories
+    ablation = read_directions(settings)
+    if ablation.mode == "category" and not c.enabled:
+        raise ClawlyError("the directions were computed in category mode but no categories.weights are set: "
+                          "rerun orthogonalize-categories (dvc repro does)")
     harmful, harmless = optimizer_prompts(settings)
     if model is None:
         model, tokenizer = _load(settings, log)
@@ -280,9 +335,11 @@ def optimize(settings: Settings, log: StageLogger, model=None, tokenizer=None) -
     base = evaluator.evaluate()
     log.event("baseline", refusals=base.refusals, prompts=len(prompts.harmful),
               seconds=round(time.perf_counter() - t0, 1), by_category=base.refusals_by_category)
+    objectives = opt.Objectives(targeted=c.targeted if c.enabled else None, kept=c.kept, keep_rule=c.keep_rule,
+                                min_retention=c.min_retention, base_refusals=base.refusals_by_category)
     storage = s.storage or str(p.journal)
     study_name = f"{s.study_name}-{study_fingerprint(settings, harmful, harmless)}"
-    study = opt.open_study(storage, study_name, s.seed, s.n_startup_trials)
+    study = opt.open_study(storage, study_name, s.seed, s.n_startup_trials, objectives)
     done = len(opt.completed(study))
     if done:
         log.event("resume", f"resuming study '{study_name}' with {done} complete trial(s)", complete=done)
@@ -293,10 +350,12 @@ def optimize(settings: Settings, log: StageLogger, model=None, tokenizer=None) -
         bar.update(1)
         if t.values is not None:
             log.event("trial", number=t.number, refusals=int(t.values[0]), kl=round(t.values[1], 5),
+                      by_category=t.user_attrs.get("refusals_by_category"), feasible=opt.violation(t) == 0,
                       seconds=round((t.datetime_complete - t.datetime_start).total_seconds(), 1))
 
     num_layers = model.config.num_hidden_layers
-    opt.run_study(study, model, evaluator, directions, num_layers, s, on_trial)
+    opt.run_study(study, model, evaluator, ablation.directions, num_layers, s, on_trial, objectives,
+                  ablation.strengths, ablation.category_weights)
     bar.close()
     trials = opt.completed(study)
     chosen = opt.choose_trial(trials, s.kl_cap)
@@ -306,24 +365,32 @@ def optimize(settings: Settings, log: StageLogger, model=None, tokenizer=None) -
     with atomic_path(p.trials_parquet) as tmp:
         table.to_parquet(tmp, index=False)
     with atomic_path(p.trials_csv) as tmp:
-        table[["trial", "refusals", "kl_divergence", "pareto"]].to_csv(tmp, index=False)
-    fig = opt.pareto_figure(table, chosen.number, base.refusals, len(prompts.harmful))
+        table[["trial", "refusals", "kl_divergence", "pareto", "feasible"]].to_csv(tmp, index=False)
+    what = "targeted-category prompts" if c.enabled else "harmful eval prompts"
+    n_targeted = sum(n for cat, n in base.prompts_by_category.items() if not c.enabled or cat in c.targeted)
+    base_targeted = int(objectives.values(base)[0])
+    fig = opt.pareto_figure(table, chosen.number, base_targeted, n_targeted, what)
     with atomic_path(p.pareto_html) as tmp:
         fig.write_html(str(tmp), include_plotlyjs="cdn")
     used = pd.concat([harmful.assign(set="harmful"), harmless.assign(set="harmless")])[["id", "set", "category"]]
     with atomic_path(p.optimizer_prompts) as tmp:
         used.to_parquet(tmp, index=False)
-    n = len(prompts.harmful)
     metrics = {
-        "rule": f"fewest keyword refusals among trials with KL <= {s.kl_cap}; else lowest KL",
-        "chosen_trial": chosen.number, "trials": len(trials), "harmful_prompts": n,
-        "harmless_prompts": len(prompts.harmless),
-        "base": {"keyword_refusals": base.refusals, "keyword_refusal_rate": round(base.refusals / n, 4)},
-        "chosen": {"keyword_refusals": int(chosen.values[0]), "keyword_refusal_rate": round(chosen.values[0] / n, 4),
-                   "kl_divergence": round(float(chosen.values[1]), 6)},
-        "by_category": {c: {"prompts": base.prompts_by_category[c], "base_refusals": base.refusals_by_category[c],
-                            "chosen_refusals": chosen.user_attrs["refusals_by_category"].get(c, 0)}
-                        for c in sorted(base.prompts_by_category)},
+        "mode": ablation.mode,
+        "rule": (f"among trials keeping >= {c.min_retention:.0%} of each kept category's base refusals (else those "
+                 "falling least short): " if c.kept else "") +
+                f"fewest keyword refusals{' on targeted categories' if c.enabled else ''} with KL <= {s.kl_cap}; "
+                "else lowest KL",
+        "keep_rule": c.keep_rule if c.kept else None,
+        "chosen_trial": chosen.number, "trials": len(trials), "harmful_prompts": len(prompts.harmful),
+        "targeted_prompts": n_targeted, "harmless_prompts": len(prompts.harmless),
+        "base": {"keyword_refusals": base_targeted, "keyword_refusal_rate": round(base_targeted / n_targeted, 4)},
+        "chosen": {"keyword_refusals": int(chosen.values[0]),
+                   "keyword_refusal_rate": round(chosen.values[0] / n_targeted, 4),
+                   "kl_divergence": round(float(chosen.values[1]), 6),
+                   "keeps_kept_refusals": opt.violation(chosen) == 0},
+        "by_category": category_table(base.prompts_by_category, base.refusals_by_category,
+                                      chosen.user_attrs["refusals_by_category"], c.weights),
         "pareto_front": [{"trial": t.number, "refusals": int(t.values[0]), "kl_divergence": round(t.values[1], 6)}
                          for t in sorted(study.best_trials, key=lambda t: t.values[1])],
     }
@@ -331,7 +398,7 @@ def optimize(settings: Settings, log: StageLogger, model=None, tokenizer=None) -
                                 "plan": chosen.user_attrs["plan"]})
     write_json(p.metric("optimize"), metrics)
     log.event("chosen", trial=chosen.number, refusals=int(chosen.values[0]), kl=round(chosen.values[1], 5),
-              base_refusals=base.refusals)
+              base_refusals=base_targeted, by_category=chosen.user_attrs["refusals_by_category"])
     return metrics
 
 
@@ -349,17 +416,27 @@ def export_lora(settings: Settings, log: StageLogger, model=None, tokenizer=None
 
     p = paths_of(settings)
     plan = read_plan(settings)
-    directions = read_directions(settings)
+    ablation = read_directions(settings)
     if model is None:
         model, tokenizer = _load(settings, log)
-    deltas = weight_deltas(model, directions, plan)
-    factors = lora_factors(deltas, settings.export.energy, settings.export.max_rank)
+    source = str(resolve_model_source(settings.model))
+    e = settings.export
+    deltas = weight_deltas(model, ablation.directions, plan, ablation.strengths)
+    factors = lora_factors(deltas, e.energy, e.max_rank)
+    per_category = settings.categories.per_category_adapters and ablation.mode == "category"
     with atomic_dir(p.lora) as tmp:
-        save_adapter(model, factors, tmp, base_model_name_or_path=str(resolve_model_source(settings.model)))
+        save_adapter(model, factors, tmp, base_model_name_or_path=source)
+        if per_category:
+            for i, name in enumerate(ablation.names):
+                one = weight_deltas(model, ablation.directions[i:i + 1], plan, ablation.strengths[i:i + 1])
+                save_adapter(model, lora_factors(one, e.energy, e.max_rank), tmp / "categories" / name,
+                             base_model_name_or_path=source)
     errors = [f.relative_error for f in factors.values()]
     metrics = {"modules": len(factors), "ranks": sorted({f.rank for f in factors.values()}),
                "max_relative_error": round(max(errors), 8), "mean_relative_error": round(sum(errors) / len(errors), 8),
-               "norm_preserve": plan.norm_preserve}
+               "norm_preserve": plan.norm_preserve,
+               "per_category_adapters": ablation.names if per_category else [],
+               "per_category_sum_is_exact": per_category and not plan.norm_preserve}
     write_json(p.metric("export"), metrics)
     log.event("adapter", **metrics)
     return metrics
@@ -391,26 +468,37 @@ def merge(settings: Settings, log: StageLogger) -> None:
     log.event("merged", files=files, out=str(p.model))
 
 
+def category_markdown(by_category: dict[str, dict], after: str = "after") -> list[str]:
+    """A markdown table of `categories.category_table` rows."""
+    lines = [f"| category | role | prompts | base refusals | {after} | retention |", "|---|---|---|---|---|---|"]
+    for cat, r in by_category.items():
+        lo, hi = r["after_rate_ci95"]
+        retention = "" if r.get("retention") is None else f"{r['retention']:.0%}"
+        lines.append(f"| {cat} | {r['role']} | {r['prompts']} | {r['base_refusals']} ({r['base_rate']:.0%}) "
+                     f"| {r['after_refusals']} ({r['after_rate']:.0%}, 95% CI {lo:.0%}-{hi:.0%}) | {retention} |")
+    return lines
+
+
 def model_card(settings: Settings, metrics: dict) -> str:
     lines = ["---", "library_name: transformers", "tags: [clawly, abliteration]", "---", "",
              f"# {settings.model.name} — abliterated with clawly", "",
              "Refusal directions were ablated from the weights (directional ablation) by "
-             f"[clawly](https://pypi.org/project/clawly/) {__version__}.", "",
+             f"clawly {__version__}.", "",
              "**Dual-use warning:** this model refuses fewer harmful requests than its base model.", ""]
+    if settings.categories.enabled:
+        weights = ", ".join(f"{c} {w:g}" for c, w in settings.categories.weights.items())
+        lines += [f"Category weights (1 uncensors, 0 keeps refusals): {weights}.", ""]
     if metrics:
-        n = metrics["harmful_prompts"]
+        n = metrics["targeted_prompts"]
         lines += ["## Optimizer figures", "",
-                  f"On {n} harmful eval prompts and {metrics['harmless_prompts']} harmless ones "
-                  "(keyword refusal count: a marker list, which misses soft refusals and counts "
-                  "gibberish as compliance):", "",
-                  "| | keyword refusals | KL divergence (first token, harmless) |", "|---|---|---|",
+                  f"Keyword refusals (a marker list, which misses soft refusals and counts gibberish as "
+                  f"compliance) on {n} {'targeted-category' if metrics['mode'] == 'category' else 'harmful'} "
+                  f"eval prompts, and first-token KL divergence on {metrics['harmless_prompts']} harmless ones:", "",
+                  "| | keyword refusals | KL divergence |", "|---|---|---|",
                   f"| base | {metrics['base']['keyword_refusals']}/{n} | 0 |",
                   f"| this model | {metrics['chosen']['keyword_refusals']}/{n} "
-                  f"| {metrics['chosen']['kl_divergence']} |",
-                  "", "| category | prompts | base refusals | refusals after |", "|---|---|---|---|"]
-        for cat, row in metrics["by_category"].items():
-            lines.append(f"| {cat} | {row['prompts']} | {row['base_refusals']} | {row['chosen_refusals']} |")
-        lines += ["", f"Chosen by: {metrics['rule']} (trial {metrics['chosen_trial']} of {metrics['trials']})."]
+                  f"| {metrics['chosen']['kl_divergence']} |", "", *category_markdown(metrics["by_category"]),
+                  "", f"Chosen by: {metrics['rule']} (trial {metrics['chosen_trial']} of {metrics['trials']})."]
     lines += ["", "Everything needed to reproduce this model is in `clawly_reproduction.json`.", ""]
     return "\n".join(lines)
 
@@ -447,6 +535,7 @@ def heldout_prompts(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def evaluate(settings: Settings, log: StageLogger) -> dict:
     """Base vs merged model on held-out prompts: keyword refusals per category and KL."""
+    from clawly.categories import category_table
     from clawly.model import load_model
 
     p = paths_of(settings)
@@ -476,8 +565,10 @@ def evaluate(settings: Settings, log: StageLogger) -> dict:
         "base": {"keyword_refusals": int(sum(base_flags)), "keyword_refusal_rate": round(sum(base_flags) / n, 4)},
         "merged": {"keyword_refusals": int(sum(flags)), "keyword_refusal_rate": round(sum(flags) / n, 4),
                    "kl_divergence": round(kl, 6)},
-        "by_category": {r.category: {"prompts": int(r.prompts), "base_refusals": int(r.base_refusals),
-                                     "merged_refusals": int(r.merged_refusals)} for r in by_cat.itertuples()},
+        "by_category": category_table({r.category: int(r.prompts) for r in by_cat.itertuples()},
+                                      {r.category: int(r.base_refusals) for r in by_cat.itertuples()},
+                                      {r.category: int(r.merged_refusals) for r in by_cat.itertuples()},
+                                      settings.categories.weights),
     }
     p.evaluate.mkdir(parents=True, exist_ok=True)
     with atomic_path(p.evaluation_table) as tmp:

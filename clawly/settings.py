@@ -116,6 +116,44 @@ class DirectionSettings:
 class OrthogonalizeSettings:
     against_harmless: bool = _f(False, "Orthogonalize the refusal direction against the harmless mean "
                                        "(a no-op when directions.projected already did it).")
+    orthogonalize_categories: bool = _f(True, "Category mode: make the removed directions orthogonal to the span of the kept categories' directions.")
+    warn_retained: float = _f(0.3, "Warn when a removed direction keeps less than this fraction of its norm after orthogonalization.")
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.warn_retained <= 1, "orthogonalize.warn_retained", self.warn_retained, "a number in [0, 1]")
+
+
+@dataclass
+class CategorySettings:
+    weights: dict[str, float] = _f({}, "Category -> weight in [0, 1]: 1 uncensors it, 0 keeps its refusals. Empty: global mode (one direction for all).")
+    keep_rule: str = _f("constraint", "How kept categories are protected in optimize: 'constraint' (Optuna constraints_func: trials that lose kept refusals are infeasible) or 'objective' (a third objective: kept refusals, maximized).")
+    min_retention: float = _f(0.8, "Kept categories must keep at least this share of their base refusals (with keep_rule=constraint, and in the choice rule).")
+    per_category_adapters: bool = _f(False, "export-lora also writes one adapter per targeted category (artifacts/lora/categories/NAME), to re-weight at merge time.")
+
+    def __post_init__(self) -> None:
+        for name, w in self.weights.items():
+            _check(isinstance(w, (int, float)) and 0.0 <= float(w) <= 1.0, f"categories.weights.{name}", w,
+                   "a number in [0, 1] (1: uncensor, 0: keep refusals)")
+        self.weights = {str(k): float(v) for k, v in self.weights.items()}
+        _check(not self.weights or any(w > 0 for w in self.weights.values()), "categories.weights", self.weights,
+               "at least one category with weight > 0 (nothing to uncensor otherwise)")
+        _check(self.keep_rule in {"constraint", "objective"}, "categories.keep_rule", self.keep_rule,
+               "'constraint' or 'objective'")
+        _check(0.0 <= self.min_retention <= 1.0, "categories.min_retention", self.min_retention, "a number in [0, 1]")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.weights)
+
+    @property
+    def targeted(self) -> list[str]:
+        """Categories to uncensor (weight > 0), in preset order."""
+        return [c for c, w in self.weights.items() if w > 0]
+
+    @property
+    def kept(self) -> list[str]:
+        """Categories whose refusals are kept (weight 0)."""
+        return [c for c, w in self.weights.items() if w == 0]
 
 
 @dataclass
@@ -201,6 +239,7 @@ class Settings:
     probe: ProbeSettings = field(default_factory=ProbeSettings)
     directions: DirectionSettings = field(default_factory=DirectionSettings)
     orthogonalize: OrthogonalizeSettings = field(default_factory=OrthogonalizeSettings)
+    categories: CategorySettings = field(default_factory=CategorySettings)
     optimize: OptimizeSettings = field(default_factory=OptimizeSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
     merge: MergeSettings = field(default_factory=MergeSettings)

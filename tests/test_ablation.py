@@ -95,3 +95,33 @@ def test_global_direction_index_uses_one_interpolated_direction(make_tiny_model)
     for delta in deltas.values():
         b = delta.b[:, 0]
         torch.testing.assert_close(b / b.norm(), -r, rtol=1e-6, atol=1e-8)
+
+
+def test_kept_direction_component_is_unchanged_after_ablating_orthogonalized_targets(make_tiny_model):
+    from clawly.directions import orthogonalize_categories
+
+    model = _load(make_tiny_model("llama"))
+    targets = _random_directions(model, m=2, seed=1)
+    kept = _random_directions(model, m=1, seed=2)
+    # make the targets share a large component with the kept direction, as real categories do
+    q, _ = orthogonalize_categories(targets + 2.0 * kept, kept)
+    x = torch.randn(9, 1000, dtype=torch.float64)
+    before = {wr.name: x[:, : wr.module.weight.shape[1]] @ wr.module.weight.double().t() for wr in writers(model)}
+    with ablated(model, weight_deltas(model, q, _flat_plan(1.0), torch.tensor([1.0, 0.7]))):
+        for wr in writers(model):
+            after = x[:, : wr.module.weight.shape[1]] @ wr.module.weight.double().t()
+            k = kept[0, wr.layer + 1]
+            torch.testing.assert_close(after @ k, before[wr.name] @ k, rtol=1e-5, atol=1e-5)
+            assert (after @ q[0, wr.layer + 1]).abs().max() < 1e-4  # the weight-1 target is gone
+            assert not torch.allclose(after, before[wr.name])
+
+
+def test_a_zero_category_weight_contributes_nothing(make_tiny_model):
+    model = _load(make_tiny_model("llama"))
+    q = _random_directions(model, m=2, seed=4)
+    both = weight_deltas(model, q, _flat_plan(), torch.tensor([1.0, 0.0]))
+    first = weight_deltas(model, q[:1], _flat_plan(), torch.tensor([1.0]))
+    assert both.keys() == first.keys()
+    for name in both:
+        assert torch.equal(both[name].matrix(), first[name].matrix())
+    assert weight_deltas(model, q, _flat_plan(), torch.zeros(2)) == {}

@@ -45,3 +45,23 @@ def test_invalid_values_name_key_value_and_what_is_allowed():
         Settings.from_dict({"optimise": {}})
     with pytest.raises(SettingsError, match=r"merge\.max_shard_size"):
         Settings.from_dict({"merge": {"max_shard_size": "huge"}})
+
+
+@pytest.mark.parametrize("preset", ["default", "full", "keep_self_harm_and_hate"])
+def test_presets_compose_into_category_settings(preset):
+    settings = Settings.from_dict(yaml.safe_load(composed_params([f"+preset={preset}"])))
+    c = settings.categories
+    assert c.enabled and c.targeted
+    if preset == "default":
+        assert c.targeted == ["violence_weapons", "drugs_substances", "adult_content"]
+        assert c.kept == ["self_harm_suicide"]
+    if preset == "full":
+        assert c.kept == [] and len(c.targeted) == 8
+    assert not Settings.from_dict(yaml.safe_load(composed_params())).categories.enabled  # no preset: global
+
+
+def test_category_weights_are_validated():
+    with pytest.raises(SettingsError, match=r"categories\.weights\.drugs_substances=1\.5"):
+        Settings.from_dict({"categories": {"weights": {"drugs_substances": 1.5}}})
+    with pytest.raises(SettingsError, match="at least one category with weight > 0"):
+        Settings.from_dict({"categories": {"weights": {"self_harm_suicide": 0.0}}})

@@ -6,6 +6,8 @@ from clawly.directions import (
     cosine,
     interpolated_direction,
     orthogonalize_against,
+    orthogonalize_categories,
+    orthonormalize,
     project_out,
     refusal_directions,
     winsorize,
@@ -85,3 +87,36 @@ def test_interpolated_direction_blends_neighbours_and_clamps():
     torch.testing.assert_close(interpolated_direction(d, 0.5), torch.tensor([2**-0.5, 2**-0.5], dtype=torch.float64))
     torch.testing.assert_close(interpolated_direction(d, 7.0), torch.tensor([0.0, 1.0], dtype=torch.float64))
     assert float(cosine(d[0], d[1])) == 0.0
+
+
+def test_orthonormalize_gives_orthonormal_set_with_the_same_span():
+    torch.manual_seed(2)
+    v = torch.randn(3, 4, 10, dtype=torch.float64)
+    q = orthonormalize(v)
+    gram = torch.einsum("mpd,npd->pmn", q, q)
+    torch.testing.assert_close(gram, torch.eye(3, dtype=torch.float64).expand(4, 3, 3), rtol=0, atol=1e-12)
+    # same span: each v is reproduced by its projection onto the q's
+    proj = torch.einsum("mpd,npd,npe->mpe", v, q, q)
+    torch.testing.assert_close(proj, v, rtol=0, atol=1e-10)
+    assert (torch.einsum("mpd,mpd->mp", q, v) >= 0).all()  # signs follow the inputs
+
+
+def test_orthonormalize_zeroes_a_dependent_direction():
+    a = torch.tensor([[[1.0, 0.0, 0.0]]])
+    b = torch.tensor([[[2.0, 0.0, 0.0]]])
+    q = orthonormalize(torch.cat([a, b]))
+    torch.testing.assert_close(q[0, 0], torch.tensor([1.0, 0, 0], dtype=torch.float64))
+    assert float(q[1].abs().max()) == 0.0
+
+
+def test_orthogonalized_category_directions_are_orthogonal_to_every_kept_direction():
+    torch.manual_seed(3)
+    kept = torch.randn(2, 5, 16, dtype=torch.float64)
+    shared = torch.randn(1, 5, 16, dtype=torch.float64)
+    removed = 0.7 * shared + 0.3 * torch.randn(3, 5, 16, dtype=torch.float64) + 0.5 * kept[:1]
+    q, retained = orthogonalize_categories(removed, kept)
+    assert q.shape == removed.shape and retained.shape == (3, 5)
+    assert torch.einsum("mpd,kpd->mkp", q, kept).abs().max() < 1e-10
+    gram = torch.einsum("mpd,npd->pmn", q, q)
+    torch.testing.assert_close(gram, torch.eye(3, dtype=torch.float64).expand(5, 3, 3), rtol=0, atol=1e-10)
+    assert ((retained > 0) & (retained < 1)).all()

@@ -110,3 +110,27 @@ def test_single_shard_has_no_index_and_sizes_parse(tmp_path):
     with pytest.raises(ValueError):
         parse_size("lots")
     assert plan_shards(sd, 16) == {"model-00001-of-00002.safetensors": ["a"], "model-00002-of-00002.safetensors": ["b"]}
+
+
+def test_per_category_adapters_add_up_to_the_combined_adapter(make_tiny_model, tmp_path):
+    from clawly.directions import orthonormalize
+
+    path = make_tiny_model("llama")
+    model = _load(path)
+    q = orthonormalize(_directions(model, m=2))
+    strengths = torch.tensor([1.0, 0.6], dtype=torch.float64)
+    ids = _ids(model)
+    total = weight_deltas(model, q, _plan(), strengths)
+    with ablated(model, total):
+        expected = model(ids).logits
+    for f in lora_factors(total).values():
+        assert f.rank == 2  # rank = number of ablated directions, written exactly
+    for i, name in enumerate(["violence", "drugs"]):
+        one = weight_deltas(model, q[i:i + 1], _plan(), strengths[i:i + 1])
+        save_adapter(model, lora_factors(one), tmp_path / name)
+    assert all(type(m).__name__ != "Linear" or not hasattr(m, "lora_A") for m in model.modules())  # unloaded
+    peft_model = PeftModel.from_pretrained(_load(path), str(tmp_path / "violence"), adapter_name="violence")
+    peft_model.load_adapter(str(tmp_path / "drugs"), adapter_name="drugs")
+    peft_model.add_weighted_adapter(["violence", "drugs"], [1.0, 1.0], "both", combination_type="cat")
+    peft_model.set_adapter("both")
+    torch.testing.assert_close(peft_model(ids).logits, expected, rtol=1e-4, atol=1e-4)

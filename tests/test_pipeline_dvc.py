@@ -132,3 +132,35 @@ def test_dvc_repro_on_the_real_default_model(tmp_path):
     assert check_outputs_real["base"]["keyword_refusals"] > 0  # the real model does refuse
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts/model")
     assert merged.config.num_hidden_layers == 24
+
+
+def test_dvc_exp_run_with_a_preset_runs_category_mode(make_tiny_model, tmp_path):
+    model_dir = make_tiny_model("llama", num_layers=3)
+    overrides = tiny_overrides(model_dir)
+    env = make_project(tmp_path, overrides)
+    (tmp_path / ".dvc" / "config").write_text("[core]\n    analytics = false\n[hydra]\n    enabled = true\n")
+    _run(["git", "add", "-A"], tmp_path, env)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"], tmp_path, env)
+    sets = [a for o in ["+preset=default", "categories.per_category_adapters=true", *overrides] for a in ("-S", o)]
+    _run([sys.executable, "-m", "dvc", "exp", "run", *sets], tmp_path, env)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    assert params["categories"]["weights"]["self_harm_suicide"] == 0.0
+    report = json.loads((tmp_path / "artifacts/metrics/orthogonalize.json").read_text())
+    assert report["mode"] == "category" and report["kept"] == ["self_harm_suicide"]
+    assert report["order"] == ["violence_weapons", "drugs_substances", "adult_content"]
+    with safe_open(str(tmp_path / "artifacts/directions/orthogonalized.safetensors"), "pt") as f:
+        q = f.get_tensor("directions").double()
+    with safe_open(str(tmp_path / "artifacts/directions/directions.safetensors"), "pt") as f:
+        kept = f.get_tensor("category_direction.self_harm_suicide").double()
+    assert q.shape[0] == 3 and torch.einsum("mpd,pd->mp", q, kept).abs().max() < 1e-5
+    metrics = json.loads((tmp_path / "artifacts/metrics/optimize.json").read_text())
+    roles = {c: r["role"] for c, r in metrics["by_category"].items()}
+    assert roles == {"violence_weapons": "targeted", "drugs_substances": "targeted", "adult_content": "targeted",
+                     "self_harm_suicide": "kept"}
+    assert "kept category" in metrics["rule"]
+    for cat in report["order"]:
+        assert (tmp_path / "artifacts/lora/categories" / cat / "adapter_model.safetensors").exists()
+    evaluation = json.loads((tmp_path / "artifacts/metrics/evaluate.json").read_text())
+    assert evaluation["by_category"]["fraud_scams"]["role"] == "untargeted"
+    card = (tmp_path / "artifacts/model/README.md").read_text()
+    assert "self_harm_suicide 0" in card and "| kept |" in card
