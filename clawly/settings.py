@@ -71,16 +71,57 @@ def section_help(cls: type) -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
+_SCALARS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "None": "null"}
+
+
+def _matches(value: Any, annotation: str) -> bool:
+    """Does a plain config value fit a field annotation like 'int | None' or 'list[str]'?"""
+    for part in (p.strip() for p in annotation.split("|")):
+        base, _, inner = part.partition("[")
+        if base == "None" and value is None:
+            return True
+        if base == "bool" and isinstance(value, bool):
+            return True
+        if base == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if base == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if base == "str" and isinstance(value, str):
+            return True
+        if base == "list" and isinstance(value, list):
+            return all(_matches(v, inner.rstrip("]")) for v in value)
+        if base == "dict" and isinstance(value, dict):
+            return all(_matches(v, inner.rstrip("]").split(",", 1)[1]) for v in value.values())
+    return False
+
+
+def _describe(annotation: str) -> str:
+    parts = []
+    for part in (p.strip() for p in annotation.split("|")):
+        base, _, inner = part.partition("[")
+        if base == "list":
+            plural = {"str": "strings", "float": "numbers", "int": "integers"}
+            parts.append(f"a list of {plural.get(inner.rstrip(']'), inner)}")
+        elif base == "dict":
+            parts.append("a mapping")
+        else:
+            parts.append(_SCALARS.get(base, base))
+    return " or ".join(parts)
+
+
 def from_mapping(cls: type, values: dict[str, Any] | None, section: str) -> Any:
-    """Build a settings dataclass from a plain mapping, rejecting unknown keys by name."""
+    """Build a settings dataclass from a plain mapping, rejecting unknown keys and wrong types by name."""
     values = dict(values or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         raise SettingsError(
             f"unknown setting(s) {', '.join(section + '.' + k for k in unknown)}; "
-            f"allowed keys in '{section}': {', '.join(sorted(known))}"
+            f"allowed keys in '{section}': {', '.join(sorted(fields))}"
         )
+    for key, value in values.items():
+        annotation = str(fields[key].type)
+        _check(_matches(value, annotation), f"{section}.{key}", value, _describe(annotation))
     return cls(**values)
 
 

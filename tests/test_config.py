@@ -65,3 +65,19 @@ def test_category_weights_are_validated():
         Settings.from_dict({"categories": {"weights": {"drugs_substances": 1.5}}})
     with pytest.raises(SettingsError, match="at least one category with weight > 0"):
         Settings.from_dict({"categories": {"weights": {"self_harm_suicide": 0.0}}})
+
+
+def test_wrong_types_are_one_clear_error_not_a_crash():
+    with pytest.raises(SettingsError, match=r"optimize\.n_trials='abc'.*an integer"):
+        Settings.from_dict({"optimize": {"n_trials": "abc"}})
+    with pytest.raises(SettingsError, match=r"probe\.max_per_category=2\.5.*an integer or null"):
+        Settings.from_dict({"probe": {"max_per_category": 2.5}})
+    with pytest.raises(SettingsError, match=r"optimize\.components=\[1\].*a list of strings"):
+        Settings.from_dict({"optimize": {"components": [1]}})
+    with pytest.raises(SettingsError, match=r"categories\.weights=.*a mapping"):
+        Settings.from_dict({"categories": {"weights": {"violence_weapons": "lots"}}})
+    with pytest.raises(SettingsError, match=r"model\.trust_remote_code='yes'.*true or false"):
+        Settings.from_dict({"model": {"trust_remote_code": "yes"}})
+    ok = Settings.from_dict({"optimize": {"kl_cap": 1, "peak_weight_range": [1, 1.5]},
+                             "probe": {"max_per_category": None}})
+    assert ok.optimize.kl_cap == 1 and ok.probe.max_per_category is None
