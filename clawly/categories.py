@@ -85,11 +85,15 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def category_table(prompts: dict[str, int], base: dict[str, int], after: dict[str, int],
                    weights: dict[str, float]) -> dict[str, dict]:
     """Per category: role, prompts, base and after refusal rates (with 95% Wilson intervals), and for
-    kept categories the retention ratio after / base."""
+    kept categories the retention ratio after / base. Empty `weights` (global mode): every
+    category is targeted."""
     table = {}
     for c in sorted(prompts):
         n, b, a = prompts[c], base.get(c, 0), after.get(c, 0)
-        role = "untargeted" if c not in weights else ("kept" if weights[c] == 0 else "targeted")
+        if not weights:
+            role = "targeted"
+        else:
+            role = "untargeted" if c not in weights else ("kept" if weights[c] == 0 else "targeted")
         row = {"role": role, "weight": weights.get(c), "prompts": n, "base_refusals": b, "after_refusals": a,
                "base_rate": round(b / n, 4) if n else None, "after_rate": round(a / n, 4) if n else None,
                "base_rate_ci95": wilson_interval(b, n), "after_rate_ci95": wilson_interval(a, n)}

@@ -479,9 +479,15 @@ def category_markdown(by_category: dict[str, dict], after: str = "after") -> lis
     return lines
 
 
+def model_title(settings: Settings) -> str:
+    from clawly.model import DEFAULT_MODEL, DEFAULT_MODEL_DESCRIPTION
+
+    return DEFAULT_MODEL_DESCRIPTION if settings.model.name == DEFAULT_MODEL else settings.model.name
+
+
 def model_card(settings: Settings, metrics: dict) -> str:
     lines = ["---", "library_name: transformers", "tags: [clawly, abliteration]", "---", "",
-             f"# {settings.model.name} — abliterated with clawly", "",
+             f"# {model_title(settings)} — abliterated with clawly", "",
              "Refusal directions were ablated from the weights (directional ablation) by "
              f"clawly {__version__}.", "",
              "**Dual-use warning:** this model refuses fewer harmful requests than its base model.", ""]

@@ -78,3 +78,8 @@ def test_choice_rule_prefers_trials_that_keep_kept_refusals():
     trials = [trial(0, 0, 0.1, 2.0), trial(1, 4, 0.2, -1.0), trial(2, 3, 0.3, 0.0), trial(3, 1, 0.9, 0.0)]
     assert choose_trial(trials, kl_cap=0.5).number == 2  # trial 0 has fewer refusals but loses kept ones
     assert choose_trial([trials[0], trial(4, 5, 0.1, 1.0)], kl_cap=0.5).number == 4  # least short
+
+
+def test_in_global_mode_every_category_is_targeted():
+    t = category_table({"a": 4, "b": 4}, {"a": 2, "b": 1}, {"a": 0, "b": 0}, {})
+    assert {r["role"] for r in t.values()} == {"targeted"}
