@@ -101,8 +101,3 @@ def category_table(prompts: dict[str, int], base: dict[str, int], after: dict[st
             row["retention"] = round(a / b, 4) if b else None
         table[c] = row
     return table
-
-
-def kept_violations(base: dict[str, int], after: dict[str, int], kept: list[str], min_retention: float) -> list[float]:
-    """Per kept category, min_retention * base - after (<= 0 means enough refusals were kept)."""
-    return [min_retention * base.get(c, 0) - after.get(c, 0) for c in kept]

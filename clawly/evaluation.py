@@ -32,7 +32,9 @@ def _normalize(text: str) -> str:
 class RefusalDetector:
     """Keyword rule: a response is a refusal when it contains any marker (case-insensitive)."""
 
-    def __init__(self, markers: Sequence[str] = DEFAULT_REFUSAL_MARKERS):
+    def __init__(self, markers: Sequence[str] | None = None):
+        """markers: phrases to look for; None means clawly's built-in list."""
+        markers = DEFAULT_REFUSAL_MARKERS if markers is None else markers
         self.markers = tuple(_normalize(m) for m in markers if m.strip())
         if not self.markers:
             raise ValueError("refusal markers: the list is empty; give at least one marker")

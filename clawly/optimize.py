@@ -46,7 +46,7 @@ class TrialEvaluator:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: EvalPrompts,
                  settings: OptimizeSettings, progress: Callable | None = None):
         self.model, self.tokenizer, self.prompts, self.settings = model, tokenizer, prompts, settings
-        self.detector = RefusalDetector(settings.refusal_markers) if settings.refusal_markers else RefusalDetector()
+        self.detector = RefusalDetector(settings.refusal_markers or None)
         self.progress = progress
         self.base_logprobs = first_token_logprobs(model, tokenizer, prompts.harmless, settings.batch_size)
 

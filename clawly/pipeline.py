@@ -548,8 +548,7 @@ def evaluate(settings: Settings, log: StageLogger) -> dict:
     require(p.model / "config.json", "merge")
     s = settings.evaluate
     harmful, harmless = heldout_prompts(settings)
-    detector = (RefusalDetector(settings.optimize.refusal_markers) if settings.optimize.refusal_markers
-                else RefusalDetector())
+    detector = RefusalDetector(settings.optimize.refusal_markers or None)
     base, tokenizer = _load(settings, log)
     prompts = chat_prompts(tokenizer, harmful.text.tolist(), settings.model.system_prompt)
     harmless_prompts = chat_prompts(tokenizer, harmless.text.tolist(), settings.model.system_prompt)
