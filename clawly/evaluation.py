@@ -45,13 +45,15 @@ class RefusalDetector:
 
 
 def chat_prompts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
-                 system_prompt: str | None) -> list[str]:
-    """Render user requests through the model's chat template, ready for the answer."""
+                 system_prompt: str | None, response_prefix: str = "") -> list[str]:
+    """Render user requests through the model's chat template, ready for the answer (which
+    starts after `response_prefix`, e.g. an empty chain of thought)."""
     out = []
     for text in texts:
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
             {"role": "user", "content": text}]
-        out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                   + response_prefix)
     return out
 
 
@@ -83,7 +85,8 @@ class _StopWhenDecided(StoppingCriteria):
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
              max_new_tokens: int, batch_size: int, decided: Callable[[str], bool] | None = None,
              progress: Callable | None = None) -> list[str]:
-    """Greedy responses to templated prompts, in input order.
+    """Greedy responses to templated prompts, in input order, by `transformers`' own `generate`
+    (the reference the fast scorer in `clawly.decoding` is tested against).
 
     With `decided`, a sequence stops as soon as its text so far is decided (e.g. a refusal
     marker appeared): identical verdicts to generating in full, fewer tokens.
@@ -111,8 +114,12 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
 def refusal_flags(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                   detector: RefusalDetector, max_new_tokens: int, batch_size: int,
                   progress: Callable | None = None) -> tuple[list[bool], list[str]]:
-    """Keyword refusal verdict and (possibly early-stopped) response for each prompt."""
-    responses = generate(model, tokenizer, prompts, max_new_tokens, batch_size, decided=detector, progress=progress)
+    """Keyword refusal verdict and (possibly early-stopped) response for each prompt, by the fast
+    scorer (`clawly.decoding`; same answers as `generate`, tested)."""
+    from clawly.decoding import PromptSet
+
+    ps = PromptSet(tokenizer, prompts, batch_size)
+    responses, _ = ps.generate(model, max_new_tokens, decided=detector, progress=progress)
     return [detector(r) for r in responses], responses
 
 

@@ -1,8 +1,10 @@
 """Searching ablation parameters with Optuna: fewest keyword refusals, least KL divergence.
 
-Each trial applies a weight change in place (`ablated`), generates answers to the harmful eval
-prompts (stopping each as soon as a refusal marker appears), measures first-token KL on harmless
-prompts against the base distributions computed once, and restores the weights.
+Each trial applies a weight change in place (`ablated`), measures first-token KL on harmless
+prompts against the base distributions computed once (and, with `prune_kl`, stops there when the
+model is already broken), generates answers to the harmful eval prompts (each stopping as soon as
+a refusal marker appears), and restores the weights. Scoring uses `clawly.decoding`'s shared-prefix
+cache and batch compaction.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from clawly.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
-from clawly.evaluation import RefusalDetector, first_token_logprobs, kl_divergence, refusal_flags
+from clawly.decoding import DecodeStats, PromptSet
+from clawly.evaluation import RefusalDetector, kl_divergence
 from clawly.settings import OptimizeSettings
 
 
@@ -38,31 +41,48 @@ class TrialResult:
     refusals_by_category: dict[str, int]
     prompts_by_category: dict[str, int]
     responses: list[str] = field(repr=False, default_factory=list)
+    tokens: int = 0  # token positions pushed through the model (the cost on a CPU)
 
 
 class TrialEvaluator:
-    """Scores a model state against cached base first-token distributions."""
+    """Scores a model state against cached base first-token distributions.
+
+    The prompts are tokenized, split at their shared prefix and batched once; each call only
+    runs the model."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: EvalPrompts,
-                 settings: OptimizeSettings, progress: Callable | None = None):
+                 settings: OptimizeSettings, progress: Callable | None = None, batch_size: int | None = None):
         self.model, self.tokenizer, self.prompts, self.settings = model, tokenizer, prompts, settings
         self.detector = RefusalDetector(settings.refusal_markers or None)
         self.progress = progress
-        self.base_logprobs = first_token_logprobs(model, tokenizer, prompts.harmless, settings.batch_size)
+        bs = batch_size if batch_size is not None else settings.batch_size
+        if not isinstance(bs, int):
+            raise ValueError(f"batch size {bs!r}: resolve 'auto' with clawly.decoding.auto_batch_size first")
+        self.harmful = PromptSet(tokenizer, prompts.harmful, bs, prefix_cache=settings.prefix_cache)
+        self.harmless = PromptSet(tokenizer, prompts.harmless, bs, prefix_cache=settings.prefix_cache)
+        self.base_logprobs = self.harmless.first_token_logprobs(model)
+        self.stats = DecodeStats()
 
-    def evaluate(self) -> TrialResult:
-        """Score the model as it is now (call inside `ablated(...)` for a trial)."""
-        flags, responses = refusal_flags(self.model, self.tokenizer, self.prompts.harmful, self.detector,
-                                         self.settings.max_new_tokens, self.settings.batch_size, self.progress)
-        kl = kl_divergence(self.base_logprobs,
-                           first_token_logprobs(self.model, self.tokenizer, self.prompts.harmless,
-                                                self.settings.batch_size))
+    def kl(self) -> float:
+        """First-token KL divergence from the base model on the harmless prompts (cheap: no generation)."""
+        return kl_divergence(self.base_logprobs, self.harmless.first_token_logprobs(self.model, self.stats))
+
+    def refusals(self, kl: float) -> TrialResult:
+        """Generate answers to the harmful prompts and count keyword refusals."""
+        responses, _ = self.harmful.generate(self.model, self.settings.max_new_tokens, decided=self.detector,
+                                             stats=self.stats, progress=self.progress)
+        flags = [self.detector(r) for r in responses]
         by_cat: dict[str, int] = {}
         n_cat: dict[str, int] = {}
         for flag, cat in zip(flags, self.prompts.harmful_categories, strict=True):
             by_cat[cat] = by_cat.get(cat, 0) + int(flag)
             n_cat[cat] = n_cat.get(cat, 0) + 1
-        return TrialResult(sum(flags), kl, by_cat, n_cat, responses)
+        return TrialResult(sum(flags), kl, by_cat, n_cat, responses, self.stats.total)
+
+    def evaluate(self) -> TrialResult:
+        """Score the model as it is now (call inside `ablated(...)` for a trial)."""
+        self.stats = DecodeStats()
+        return self.refusals(self.kl())
 
 
 @dataclass
@@ -155,25 +175,39 @@ def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials that ran to a verdict: complete, or pruned (KL above prune_kl)."""
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                    optuna.trial.TrialState.PRUNED))
+
+
 def run_study(study: optuna.Study, model: PreTrainedModel, evaluator: TrialEvaluator, directions: torch.Tensor,
               num_layers: int, settings: OptimizeSettings,
               on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None,
               objectives: Objectives | None = None, strengths: torch.Tensor | None = None,
               category_weights: dict[str, float] | None = None) -> None:
-    """Run trials until the study holds `settings.n_trials` complete ones.
+    """Run trials until the study holds `settings.n_trials` finished ones (complete or pruned).
 
-    directions `[m, P, d]` with `strengths` `[m]` (category weights; default ones)."""
+    directions `[m, P, d]` with `strengths` `[m]` (category weights; default ones). With
+    `settings.prune_kl`, a trial whose KL exceeds it is pruned before any generation."""
     objectives = objectives or Objectives()
-    remaining = settings.n_trials - len(completed(study))
+    remaining = settings.n_trials - len(finished(study))
     if remaining <= 0:
         return
 
     def objective(trial: optuna.Trial) -> tuple[float, ...]:
         plan = suggest_plan(trial, num_layers, settings)
         plan.category_weights = dict(category_weights or {})
-        with ablated(model, weight_deltas(model, directions, plan, strengths)):
-            result = evaluator.evaluate()
         trial.set_user_attr("plan", plan.to_dict())
+        evaluator.stats = DecodeStats()
+        with ablated(model, weight_deltas(model, directions, plan, strengths)):
+            kl = evaluator.kl()
+            trial.set_user_attr("kl_divergence", kl)
+            if settings.prune_kl is not None and kl > settings.prune_kl:
+                trial.set_user_attr("tokens", evaluator.stats.total)
+                raise optuna.TrialPruned(f"KL {kl:.3f} > prune_kl {settings.prune_kl}")
+            result = evaluator.refusals(kl)
+        trial.set_user_attr("tokens", result.tokens)
         trial.set_user_attr("refusals_by_category", result.refusals_by_category)
         trial.set_user_attr("prompts_by_category", result.prompts_by_category)
         trial.set_user_attr("kept_violations", objectives.violations(result))

@@ -28,7 +28,8 @@ from clawly.directions import (
     winsorize,
 )
 from clawly.errors import ClawlyError, require
-from clawly.evaluation import RefusalDetector, chat_prompts, first_token_logprobs, kl_divergence, refusal_flags
+from clawly.decoding import PromptSet
+from clawly.evaluation import RefusalDetector, chat_prompts, kl_divergence
 from clawly.io import atomic_dir, atomic_path, write_json, write_text
 from clawly.log import StageLogger
 from clawly.paths import Paths
@@ -306,7 +307,7 @@ def study_fingerprint(settings: Settings, harmful: pd.DataFrame, harmless: pd.Da
     import hashlib
 
     search = {k: v for k, v in dataclasses.asdict(settings.optimize).items()
-              if k not in ("n_trials", "storage", "study_name", "batch_size")}
+              if k not in ("n_trials", "storage", "study_name", "batch_size", "prefix_cache")}
     directions = hashlib.sha256(paths_of(settings).orthogonalized.read_bytes()).hexdigest()
     key = {"model": dataclasses.asdict(settings.model), "search": search, "directions": directions,
            "categories": dataclasses.asdict(settings.categories),
@@ -315,6 +316,8 @@ def study_fingerprint(settings: Settings, harmful: pd.DataFrame, harmless: pd.Da
 
 
 def optimize(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> dict:
+    import optuna
+
     from clawly import optimize as opt
     from clawly.categories import category_table
 
@@ -328,36 +331,45 @@ def optimize(settings: Settings, log: StageLogger, model=None, tokenizer=None) -
     if model is None:
         model, tokenizer = _load(settings, log)
     sys_prompt = settings.model.system_prompt
-    prompts = opt.EvalPrompts(chat_prompts(tokenizer, harmful.text.tolist(), sys_prompt), harmful.category.tolist(),
-                              chat_prompts(tokenizer, harmless.text.tolist(), sys_prompt))
-    evaluator = opt.TrialEvaluator(model, tokenizer, prompts, s)
+    prefix = response_prefix(settings, model, tokenizer, harmful.text.tolist(), harmless.text.tolist(), log)
+    prompts = opt.EvalPrompts(chat_prompts(tokenizer, harmful.text.tolist(), sys_prompt, prefix),
+                              harmful.category.tolist(), chat_prompts(tokenizer, harmless.text.tolist(), sys_prompt))
+    batch_size = scoring_batch_size(settings, model, tokenizer, prompts.harmful, log)
+    evaluator = opt.TrialEvaluator(model, tokenizer, prompts, s, batch_size=batch_size)
     t0 = time.perf_counter()
     base = evaluator.evaluate()
     log.event("baseline", refusals=base.refusals, prompts=len(prompts.harmful),
-              seconds=round(time.perf_counter() - t0, 1), by_category=base.refusals_by_category)
+              seconds=round(time.perf_counter() - t0, 1), tokens=base.tokens, by_category=base.refusals_by_category)
     objectives = opt.Objectives(targeted=c.targeted if c.enabled else None, kept=c.kept, keep_rule=c.keep_rule,
                                 min_retention=c.min_retention, base_refusals=base.refusals_by_category)
     storage = s.storage or str(p.journal)
     study_name = f"{s.study_name}-{study_fingerprint(settings, harmful, harmless)}"
     study = opt.open_study(storage, study_name, s.seed, s.n_startup_trials, objectives)
-    done = len(opt.completed(study))
+    done = len(opt.finished(study))
     if done:
-        log.event("resume", f"resuming study '{study_name}' with {done} complete trial(s)", complete=done)
+        log.event("resume", f"resuming study '{study_name}' with {done} finished trial(s)", finished=done)
     bar = log.progress(total=s.n_trials, desc="trials", unit="trial")
     bar.update(min(done, s.n_trials))
 
     def on_trial(t) -> None:
         bar.update(1)
+        seconds = round((t.datetime_complete - t.datetime_start).total_seconds(), 1)
         if t.values is not None:
             log.event("trial", number=t.number, refusals=int(t.values[0]), kl=round(t.values[1], 5),
                       by_category=t.user_attrs.get("refusals_by_category"), feasible=opt.violation(t) == 0,
-                      seconds=round((t.datetime_complete - t.datetime_start).total_seconds(), 1))
+                      seconds=seconds, tokens=t.user_attrs.get("tokens"))
+        elif t.state == optuna.trial.TrialState.PRUNED:
+            log.event("pruned", number=t.number, kl=round(t.user_attrs.get("kl_divergence", float("nan")), 5),
+                      prune_kl=s.prune_kl, seconds=seconds)
 
     num_layers = model.config.num_hidden_layers
     opt.run_study(study, model, evaluator, ablation.directions, num_layers, s, on_trial, objectives,
                   ablation.strengths, ablation.category_weights)
     bar.close()
     trials = opt.completed(study)
+    if not trials:
+        raise ClawlyError(f"all {len(opt.finished(study))} trials were pruned (KL above optimize.prune_kl="
+                          f"{s.prune_kl}): raise prune_kl, set it to null, or narrow peak_weight_range")
     chosen = opt.choose_trial(trials, s.kl_cap)
     pareto = {t.number for t in study.best_trials}
     table = opt.trials_table(trials, pareto)
@@ -382,7 +394,9 @@ def optimize(settings: Settings, log: StageLogger, model=None, tokenizer=None) -
                 f"fewest keyword refusals{' on targeted categories' if c.enabled else ''} with KL <= {s.kl_cap}; "
                 "else lowest KL",
         "keep_rule": c.keep_rule if c.kept else None,
-        "chosen_trial": chosen.number, "trials": len(trials), "harmful_prompts": len(prompts.harmful),
+        "chosen_trial": chosen.number, "trials": len(trials),
+        "pruned_trials": len(opt.finished(study)) - len(trials), "response_prefix": prefix,
+        "batch_size": batch_size, "harmful_prompts": len(prompts.harmful),
         "targeted_prompts": n_targeted, "harmless_prompts": len(prompts.harmless),
         "base": {"keyword_refusals": base_targeted, "keyword_refusal_rate": round(base_targeted / n_targeted, 4)},
         "chosen": {"keyword_refusals": int(chosen.values[0]),
@@ -395,11 +409,41 @@ def optimize(settings: Settings, log: StageLogger, model=None, tokenizer=None) -
                          for t in sorted(study.best_trials, key=lambda t: t.values[1])],
     }
     write_json(p.chosen_trial, {"trial": chosen.number, "values": list(chosen.values), "params": chosen.params,
-                                "plan": chosen.user_attrs["plan"]})
+                                "plan": chosen.user_attrs["plan"], "response_prefix": prefix})
     write_json(p.metric("optimize"), metrics)
     log.event("chosen", trial=chosen.number, refusals=int(chosen.values[0]), kl=round(chosen.values[1], 5),
               base_refusals=base_targeted, by_category=chosen.user_attrs["refusals_by_category"])
     return metrics
+
+
+def response_prefix(settings: Settings, model, tokenizer, harmful: list[str], harmless: list[str],
+                    log: StageLogger, sample: int = 8, max_new_tokens: int = 24) -> str:
+    """optimize.response_prefix resolved: 'auto' generates a few base-model answers and takes
+    what they all start with (an opening chain of thought is closed empty instead)."""
+    from clawly.decoding import PromptSet, detect_response_prefix
+
+    setting = settings.optimize.response_prefix
+    if setting != "auto":
+        return setting or ""
+    texts = harmful[:sample] + harmless[:sample]
+    ps = PromptSet(tokenizer, chat_prompts(tokenizer, texts, settings.model.system_prompt), len(texts))
+    responses, _ = ps.generate(model, max_new_tokens)
+    prefix = detect_response_prefix(responses)
+    log.event("response_prefix", f"response prefix: {prefix!r}" if prefix else "no shared response prefix",
+              prefix=prefix)
+    return prefix
+
+
+def scoring_batch_size(settings: Settings, model, tokenizer, prompts: list[str], log: StageLogger) -> int:
+    """optimize.batch_size, with 'auto' timed once per model and machine and cached."""
+    from clawly.decoding import auto_batch_size
+    from clawly.model import cache_root
+
+    bs = settings.optimize.batch_size
+    if bs != "auto":
+        return int(bs)
+    return auto_batch_size(model, tokenizer, prompts[:16], cache_file=cache_root(settings.model) / "batch_size.json",
+                           log=lambda m: log.event("batch_size", m))
 
 
 def read_plan(settings: Settings) -> AblationPlan:
@@ -549,17 +593,20 @@ def evaluate(settings: Settings, log: StageLogger) -> dict:
     s = settings.evaluate
     harmful, harmless = heldout_prompts(settings)
     detector = RefusalDetector(settings.optimize.refusal_markers or None)
+    prefix = json.loads(p.chosen_trial.read_text()).get("response_prefix", "")
     base, tokenizer = _load(settings, log)
-    prompts = chat_prompts(tokenizer, harmful.text.tolist(), settings.model.system_prompt)
-    harmless_prompts = chat_prompts(tokenizer, harmless.text.tolist(), settings.model.system_prompt)
-    base_flags, base_resp = refusal_flags(base, tokenizer, prompts, detector, s.max_new_tokens, s.batch_size,
-                                          log.progress)
-    base_lp = first_token_logprobs(base, tokenizer, harmless_prompts, s.batch_size)
+    prompts = PromptSet(tokenizer, chat_prompts(tokenizer, harmful.text.tolist(), settings.model.system_prompt,
+                                                prefix), s.batch_size)
+    harmless_prompts = PromptSet(tokenizer, chat_prompts(tokenizer, harmless.text.tolist(),
+                                                         settings.model.system_prompt), s.batch_size)
+    base_resp, _ = prompts.generate(base, s.max_new_tokens, decided=detector, progress=log.progress)
+    base_lp = harmless_prompts.first_token_logprobs(base)
     del base
     merged_settings = type(settings.model)(**{**settings.model.__dict__, "name": str(p.model), "gguf_file": None})
     merged, _ = load_model(merged_settings)
-    flags, resp = refusal_flags(merged, tokenizer, prompts, detector, s.max_new_tokens, s.batch_size, log.progress)
-    kl = kl_divergence(base_lp, first_token_logprobs(merged, tokenizer, harmless_prompts, s.batch_size))
+    resp, _ = prompts.generate(merged, s.max_new_tokens, decided=detector, progress=log.progress)
+    kl = kl_divergence(base_lp, harmless_prompts.first_token_logprobs(merged))
+    base_flags, flags = [detector(r) for r in base_resp], [detector(r) for r in resp]
     table = harmful.assign(base_refusal=base_flags, merged_refusal=flags)
     by_cat = table.groupby("category").agg(prompts=("id", "size"), base_refusals=("base_refusal", "sum"),
                                            merged_refusals=("merged_refusal", "sum")).reset_index()

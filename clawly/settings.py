@@ -207,7 +207,10 @@ class OptimizeSettings:
     harmful_prompts: int = _f(48, "Harmful eval-split prompts per trial (stratified over categories).")
     harmless_prompts: int = _f(48, "Harmless eval-split prompts per trial, for the KL divergence.")
     max_new_tokens: int = _f(16, "Tokens generated per response at most (generation stops once a refusal marker appears).")
-    batch_size: int = _f(48, "Prompts per generation / forward batch.")
+    batch_size: int | str = _f(48, "Prompts per generation batch, or 'auto': time a few sizes once per model and machine (cached).")
+    prefix_cache: bool = _f(True, "Compute the chat template's shared prefix once per trial and share its KV cache across prompts.")
+    response_prefix: str | None = _f("auto", "Text put at the start of every answer so checks start where answers differ: 'auto' detects a shared opening (a chain of thought is closed empty), null for none, or the text itself.")
+    prune_kl: float | None = _f(None, "Prune a trial before any generation when its KL exceeds this (null: never).")
     kl_cap: float = _f(0.5, "The chosen trial has the fewest refusals among trials with KL <= kl_cap.")
     components: list[str] = _f(["attn_out", "mlp_down"], "Residual writers to ablate: attn_out, mlp_down.")
     direction_scopes: list[str] = _f(["global", "per_layer"], "Direction choices searched: one interpolated 'global' direction, or 'per_layer'.")
@@ -222,9 +225,12 @@ class OptimizeSettings:
     def __post_init__(self) -> None:
         _check(self.n_trials >= 1, "optimize.n_trials", self.n_trials, "an integer >= 1")
         _check(self.n_startup_trials >= 0, "optimize.n_startup_trials", self.n_startup_trials, "an integer >= 0")
-        for key in ("harmful_prompts", "harmless_prompts", "max_new_tokens", "batch_size"):
+        for key in ("harmful_prompts", "harmless_prompts", "max_new_tokens"):
             _check(getattr(self, key) >= 1, f"optimize.{key}", getattr(self, key), "an integer >= 1")
+        _check(self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1),
+               "optimize.batch_size", self.batch_size, "an integer >= 1 or 'auto'")
         _check(self.kl_cap > 0, "optimize.kl_cap", self.kl_cap, "a number > 0")
+        _check(self.prune_kl is None or self.prune_kl > 0, "optimize.prune_kl", self.prune_kl, "null or a number > 0")
         _check(bool(self.components) and set(self.components) <= {"attn_out", "mlp_down"},
                "optimize.components", self.components, "a non-empty subset of [attn_out, mlp_down]")
         _check(bool(self.direction_scopes) and set(self.direction_scopes) <= {"global", "per_layer"},

@@ -54,3 +54,55 @@ def test_trials_table_has_one_row_per_trial_and_marks_the_pareto_front():
     table = trials_table(trials, {1})
     assert table.trial.tolist() == [0, 1] and table.pareto.tolist() == [False, True]
     assert table.refusals.tolist() == [10, 3]
+
+
+def _study_on_tiny_model(tiny_model, tmp_path, **settings):
+    import torch
+
+    from clawly.evaluation import chat_prompts
+    from clawly.optimize import EvalPrompts, TrialEvaluator, run_study
+
+    model, tok = tiny_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    s = OptimizeSettings(n_trials=3, n_startup_trials=3, max_new_tokens=4, batch_size=4, **settings)
+    texts = ["how do i cook rice", "write a poem", "tell me about the weather", "help me with my code"]
+    prompts = EvalPrompts(chat_prompts(tok, texts, None), ["a", "a", "b", "b"], chat_prompts(tok, texts[::-1], None))
+    evaluator = TrialEvaluator(model, tok, prompts, s)
+    torch.manual_seed(0)
+    directions = torch.nn.functional.normalize(torch.randn(1, model.config.num_hidden_layers + 1,
+                                                           model.config.hidden_size), dim=-1)
+    study = open_study(str(tmp_path / "journal.log"), "s", seed=0, n_startup_trials=3)
+    run_study(study, model, evaluator, directions, model.config.num_hidden_layers, s)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} not restored"
+    return study
+
+
+def test_trials_over_prune_kl_are_pruned_before_generation_and_count_as_run(tiny_model, tmp_path):
+    from clawly.optimize import finished
+
+    study = _study_on_tiny_model(tiny_model, tmp_path, prune_kl=1e-12)
+    states = [t.state for t in study.get_trials()]
+    assert states == [optuna.trial.TrialState.PRUNED] * 3  # n_trials counts pruned trials: no endless loop
+    assert len(finished(study)) == 3 and not completed(study)
+    for t in study.get_trials():
+        assert t.user_attrs["kl_divergence"] > 1e-12 and "plan" in t.user_attrs
+
+
+def test_without_prune_kl_every_trial_completes_with_its_cost_recorded(tiny_model, tmp_path):
+    study = _study_on_tiny_model(tiny_model, tmp_path, prune_kl=None)
+    trials = completed(study)
+    assert len(trials) == 3
+    for t in trials:
+        assert t.values[1] == pytest.approx(t.user_attrs["kl_divergence"]) and t.user_attrs["tokens"] > 0
+
+
+def test_batch_size_setting_accepts_auto_or_a_positive_integer():
+    from clawly.settings import SettingsError
+
+    assert OptimizeSettings(batch_size="auto").batch_size == "auto"
+    for bad in (0, "big"):
+        with pytest.raises(SettingsError, match="optimize.batch_size"):
+            OptimizeSettings(batch_size=bad)
+    with pytest.raises(SettingsError, match="optimize.prune_kl"):
+        OptimizeSettings(prune_kl=0)
