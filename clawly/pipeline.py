@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from clawly import __version__
 from clawly.ablation import AblationPlan, weight_deltas
 from clawly.activations import ActivationWriter, generation_marker, probe_residuals, read_activations
+from clawly.decoding import PromptSet
 from clawly.directions import (
     RunningMean,
     cosine,
@@ -28,7 +29,6 @@ from clawly.directions import (
     winsorize,
 )
 from clawly.errors import ClawlyError, require
-from clawly.decoding import PromptSet
 from clawly.evaluation import RefusalDetector, chat_prompts, kl_divergence
 from clawly.io import atomic_dir, atomic_path, write_json, write_text
 from clawly.log import StageLogger
