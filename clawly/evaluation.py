@@ -58,10 +58,11 @@ def chat_prompts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
 
 
 def length_sorted_batches(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                          batch_size: int) -> list[list[int]]:
-    """Indices of `prompts` in batches of similar token length (less padding)."""
+                          batch_size: int, sort: bool = True) -> list[list[int]]:
+    """Indices of `prompts` in batches of similar token length (less padding); input order
+    with sort=False."""
     lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i]) if sort else list(range(len(prompts)))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
@@ -84,7 +85,7 @@ class _StopWhenDecided(StoppingCriteria):
 @torch.no_grad()
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
              max_new_tokens: int, batch_size: int, decided: Callable[[str], bool] | None = None,
-             progress: Callable | None = None) -> list[str]:
+             progress: Callable | None = None, sort_by_length: bool = True) -> list[str]:
     """Greedy responses to templated prompts, in input order, by `transformers`' own `generate`
     (the reference the fast scorer in `clawly.decoding` is tested against).
 
@@ -92,7 +93,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     marker appeared): identical verdicts to generating in full, fewer tokens.
     """
     responses: list[str] = [""] * len(prompts)
-    batches = length_sorted_batches(tokenizer, prompts, batch_size)
+    batches = length_sorted_batches(tokenizer, prompts, batch_size, sort_by_length)
     bar = progress(total=len(prompts), desc="generate", unit="prompt") if progress else None
     for idx in batches:
         enc = _encode(tokenizer, [prompts[i] for i in idx], model.device)

@@ -47,7 +47,8 @@ class StageLogger:
             self.path = Path(log_dir) / f"{stage}.jsonl"
 
     def event(self, name: str, message: str | None = None, **fields: Any) -> None:
-        fields = {k: ("***" if any(s in k.lower() for s in _SECRET_KEYS) else v) for k, v in fields.items()}
+        fields = {k: ("***" if isinstance(v, str) and any(s in k.lower() for s in _SECRET_KEYS) else v)
+                  for k, v in fields.items()}
         record = {"time": round(time.time(), 3), "stage": self.stage, "event": name, **_plain(fields)}
         if self.path is not None:
             with self.path.open("a") as f:

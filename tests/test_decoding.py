@@ -114,7 +114,25 @@ def test_auto_batch_size_is_a_candidate_and_is_cached(tiny_model, tmp_path):
 
     data = json.loads(cache.read_text())
     [(key, entry)] = data.items()
-    assert entry["batch_size"] == b and set(entry["tokens_per_second"]) <= {"1", "2", "4"}
+    assert entry["batch_size"] == b and set(entry["decode_tokens_per_second"]) <= {"1", "2", "4"}
     data[key]["batch_size"] = 3  # a cached answer is used without timing anything again
     cache.write_text(json.dumps(data))
     assert auto_batch_size(model, tok, prompts, cache_file=cache, candidates=(1, 2, 4)) == 3
+
+
+def test_response_prefix_setting_literal_none_or_detected(tiny_model, tmp_path):
+    from clawly.log import get_logger
+    from clawly.pipeline import response_prefix
+    from clawly.settings import OptimizeSettings, Settings
+
+    model, tok = tiny_model
+    log = get_logger("t", quiet=True)
+    texts = ["how do i cook rice", "write a poem", "hello"]
+    for setting, want in ((None, ""), ("Answer: ", "Answer: ")):
+        s = Settings(optimize=OptimizeSettings(response_prefix=setting))
+        assert response_prefix(s, model, tok, texts, texts, log) == want
+    auto = response_prefix(Settings(), model, tok, texts, texts, log)
+    answers, _ = PromptSet(tok, chat_prompts(tok, texts + texts, Settings().model.system_prompt), 8).generate(model, 24)
+    assert auto == detect_response_prefix(answers)
+    [p] = chat_prompts(tok, ["hello"], None, "Answer: ")
+    assert p.endswith("<|im_start|>assistant\nAnswer: ")

@@ -1,0 +1,93 @@
+"""Run clawly's engine on a benchmark workspace (the same library functions `dvc repro` runs):
+probe, directions, optimize, export, merge. Writes results.json with per-trial figures,
+phase timings and peak memory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import dump, machine, peak_rss_mib  # noqa: E402
+
+
+def settings_for(workspace: Path, **optimize) -> Settings:  # noqa: F821
+    from clawly.settings import Settings
+
+    return Settings.from_dict({
+        "artifacts_dir": str(workspace / "artifacts"),
+        "data": {"out_dir": str(workspace / "prompts")},
+        "probe": {"max_per_category": 50, "batch_size": 16},
+        "optimize": {"harmful_prompts": 100, "harmless_prompts": 100, "kl_cap": 0.5, **optimize},
+        "evaluate": {"per_category": 13},
+    })
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workspace", type=Path, required=True)
+    ap.add_argument("--n-trials", type=int, required=True)
+    ap.add_argument("--n-startup-trials", type=int, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--batch-size", default="auto")
+    ap.add_argument("--prune-kl", type=float, default=None)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    t0 = time.time()
+    import optuna
+
+    from clawly import pipeline
+    from clawly.log import get_logger
+
+    bs = int(a.batch_size) if a.batch_size.isdigit() else a.batch_size
+    settings = settings_for(a.workspace, n_trials=a.n_trials, n_startup_trials=a.n_startup_trials, seed=a.seed,
+                            max_new_tokens=a.max_new_tokens, batch_size=bs, prune_kl=a.prune_kl,
+                            storage=str(a.workspace / "artifacts" / "study" / f"journal-{a.out.stem}.log"))
+    log = get_logger("bench", a.workspace / "logs")
+    timing = {}
+    t = time.time()
+    model, tok = pipeline._load(settings, log)
+    timing["load_seconds"] = round(time.time() - t, 1)
+    t = time.time()
+    pipeline.probe_activations(settings, log, model, tok)
+    pipeline.compute_directions(settings, log)
+    pipeline.orthogonalize_categories(settings, log)
+    timing["probe_and_directions_seconds"] = round(time.time() - t, 1)
+    t = time.time()
+    metrics = pipeline.optimize(settings, log, model, tok)
+    timing["optimize_seconds"] = round(time.time() - t, 1)
+    from clawly.optimize import _storage
+
+    fingerprint = pipeline.study_fingerprint(settings, *pipeline.optimizer_prompts(settings))
+    name = f"{settings.optimize.study_name}-{fingerprint}"
+    study = optuna.load_study(study_name=name, storage=_storage(settings.optimize.storage))
+    trials = [{"trial": t.number, "state": t.state.name,
+               "refusals": int(t.values[0]) if t.values else None,
+               "kl_divergence": t.user_attrs.get("kl_divergence", t.values[1] if t.values else None),
+               "tokens": t.user_attrs.get("tokens"),
+               "seconds": (t.datetime_complete - t.datetime_start).total_seconds()}
+              for t in study.get_trials(deepcopy=False) if t.datetime_complete]
+    t = time.time()
+    pipeline.export_lora(settings, log, model, tok)
+    del model
+    pipeline.merge(settings, log)
+    timing["export_and_merge_seconds"] = round(time.time() - t, 1)
+    timing["setup_seconds"] = round(timing["load_seconds"] + timing["probe_and_directions_seconds"], 1)
+    timing["total_seconds"] = round(time.time() - t0, 1)
+    from importlib.metadata import version
+
+    dump(a.out, {"tool": "clawly", "version": version("clawly"), "transformers": version("transformers"),
+                 "optuna": version("optuna"), "settings": settings.to_dict(), "trials": trials,
+                 "baseline_refusals": metrics["base"]["keyword_refusals"], "chosen_trial": metrics["chosen_trial"],
+                 "batch_size": metrics["batch_size"], "response_prefix": metrics["response_prefix"],
+                 "pruned_trials": metrics["pruned_trials"],
+                 "saved_model": str(Path(settings.artifacts_dir) / "model"), "timing": timing,
+                 "peak_rss_mib": peak_rss_mib(), "machine": machine()})
+
+
+if __name__ == "__main__":
+    main()
