@@ -32,6 +32,7 @@ class EvalPrompts:
     harmful: list[str]
     harmful_categories: list[str]
     harmless: list[str]
+    harmful_requests: list[str] = field(default_factory=list)  # the raw requests (for the classifier)
 
 
 @dataclass
@@ -42,6 +43,8 @@ class TrialResult:
     prompts_by_category: dict[str, int]
     responses: list[str] = field(repr=False, default_factory=list)
     tokens: int = 0  # token positions pushed through the model (the cost on a CPU)
+    keyword_refusals: int = 0
+    labels: list[str] = field(repr=False, default_factory=list)  # classifier labels (refusal_measure=classifier)
 
 
 class TrialEvaluator:
@@ -51,9 +54,16 @@ class TrialEvaluator:
     runs the model."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: EvalPrompts,
-                 settings: OptimizeSettings, progress: Callable | None = None, batch_size: int | None = None):
+                 settings: OptimizeSettings, progress: Callable | None = None, batch_size: int | None = None,
+                 classifier=None):
         self.model, self.tokenizer, self.prompts, self.settings = model, tokenizer, prompts, settings
         self.detector = RefusalDetector(settings.refusal_markers or None)
+        self.classifier = classifier
+        if settings.refusal_measure == "classifier":
+            if classifier is None:
+                raise ValueError("optimize.refusal_measure=classifier needs a classifier (clawly.classify)")
+            if len(prompts.harmful_requests) != len(prompts.harmful):
+                raise ValueError("optimize.refusal_measure=classifier needs the raw harmful requests")
         self.progress = progress
         bs = batch_size if batch_size is not None else settings.batch_size
         if not isinstance(bs, int):
@@ -68,16 +78,26 @@ class TrialEvaluator:
         return kl_divergence(self.base_logprobs, self.harmless.first_token_logprobs(self.model, self.stats))
 
     def refusals(self, kl: float) -> TrialResult:
-        """Generate answers to the harmful prompts and count keyword refusals."""
-        responses, _ = self.harmful.generate(self.model, self.settings.max_new_tokens, decided=self.detector,
+        """Generate answers to the harmful prompts and count refusals: keyword ones, or with the
+        classifier every answer it does not call compliance (answers then run to the budget:
+        a marker alone does not decide the classifier's verdict)."""
+        use_classifier = self.settings.refusal_measure == "classifier"
+        responses, _ = self.harmful.generate(self.model, self.settings.max_new_tokens,
+                                             decided=None if use_classifier else self.detector,
                                              stats=self.stats, progress=self.progress)
-        flags = [self.detector(r) for r in responses]
+        keyword = [self.detector(r) for r in responses]
+        labels: list[str] = []
+        if use_classifier:
+            labels = self.classifier(self.prompts.harmful_requests, responses).labels
+            flags = [lab != "compliance" for lab in labels]
+        else:
+            flags = keyword
         by_cat: dict[str, int] = {}
         n_cat: dict[str, int] = {}
         for flag, cat in zip(flags, self.prompts.harmful_categories, strict=True):
             by_cat[cat] = by_cat.get(cat, 0) + int(flag)
             n_cat[cat] = n_cat.get(cat, 0) + 1
-        return TrialResult(sum(flags), kl, by_cat, n_cat, responses, self.stats.total)
+        return TrialResult(sum(flags), kl, by_cat, n_cat, responses, self.stats.total, sum(keyword), labels)
 
     def evaluate(self) -> TrialResult:
         """Score the model as it is now (call inside `ablated(...)` for a trial)."""
@@ -208,6 +228,7 @@ def run_study(study: optuna.Study, model: PreTrainedModel, evaluator: TrialEvalu
                 raise optuna.TrialPruned(f"KL {kl:.3f} > prune_kl {settings.prune_kl}")
             result = evaluator.refusals(kl)
         trial.set_user_attr("tokens", result.tokens)
+        trial.set_user_attr("keyword_refusals", result.keyword_refusals)
         trial.set_user_attr("refusals_by_category", result.refusals_by_category)
         trial.set_user_attr("prompts_by_category", result.prompts_by_category)
         trial.set_user_attr("kept_violations", objectives.violations(result))

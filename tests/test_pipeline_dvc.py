@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from stages.params import composed_params
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT_FILES = ["dvc.yaml", "conf", "stages", "clawly", "data/templates.yaml", "pyproject.toml"]
+PROJECT_FILES = ["dvc.yaml", "conf", "stages", "clawly", "data/templates.yaml", "data/responses", "pyproject.toml"]
 
 
 def _run(cmd, cwd, env):
@@ -75,6 +75,17 @@ def check_outputs(tmp: Path, n_trials: int) -> None:
         assert (model_dir / name).exists(), name
     evaluation = json.loads((tmp / "artifacts/metrics/evaluate.json").read_text())
     assert evaluation["harmful_prompts"] > 0 and "kl_divergence" in evaluation["merged"]
+    assert {"refusal", "not_compliant", "accuracy"} <= set(evaluation["classifier"]["scores"])
+    for cat, m in evaluation["by_category"].items():
+        for model in ("base", "merged"):
+            row = m[model]
+            for key in ("keyword_refusal", "classifier_refusal", "off_topic", "degenerate"):
+                lo, hi = row[f"{key}_rate_ci95"]
+                assert lo <= row[f"{key}_rate"] <= hi, (cat, model, key)
+            assert row["classifier_refusals"] + row["off_topic"] + row["degenerate"] == row["not_compliant"]
+    answers = pd.read_parquet(tmp / "artifacts/evaluate/responses.parquet")
+    assert set(answers.merged_label) | set(answers.base_label) <= {"refusal", "compliance", "off_topic", "degenerate"}
+    assert len(answers) == evaluation["harmful_prompts"]
     logs = (tmp / "artifacts/logs/optimize.jsonl").read_text().splitlines()
     assert all(json.loads(line)["stage"] == "optimize" for line in logs)
 
