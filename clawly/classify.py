@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from clawly.evaluation import RefusalDetector
+from clawly.paths import project_file
 
 LABELS = ("refusal", "compliance", "off_topic", "degenerate")
 NON_COMPLIANT = ("refusal", "off_topic", "degenerate")
@@ -41,7 +42,7 @@ class ClassifierError(ValueError):
 
 def read_labelled(path: str | Path) -> list[dict]:
     """Rows of a labelled response file (JSON lines with prompt, response, label, category)."""
-    path = Path(path)
+    path = project_file(path)
     if not path.is_file():
         raise ClassifierError(f"labelled responses not found: {path} (the repository ships data/responses/)")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -212,7 +213,7 @@ def build_classifier(train_file: str | Path, markers: Sequence[str] | None = Non
     embedder = Embedder(embedder_path)
     detector = RefusalDetector(markers)
     rows = read_labelled(train_file)
-    key = hashlib.sha256(json.dumps([Path(train_file).read_bytes().decode("utf-8"), detector.markers,
+    key = hashlib.sha256(json.dumps([project_file(train_file).read_bytes().decode("utf-8"), detector.markers,
                                      embedder.id]).encode()).hexdigest()[:16]
     path = cache_dir / f"classifier-{key}.safetensors" if cache_dir else None
     if path is not None and path.is_file():

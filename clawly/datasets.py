@@ -34,6 +34,7 @@ import pandas as pd
 import yaml
 
 from clawly.io import atomic_path
+from clawly.paths import project_file
 
 if TYPE_CHECKING:
     from clawly.settings import DataSettings
@@ -65,7 +66,7 @@ def load_templates(path: str | os.PathLike[str]) -> dict[str, Any]:
     Returns ``{"categories": {name: {"description", "harmful", "harmless"}}, "general": section,
     "source": path}``; a section is ``{"templates": [str], "slots": {name: [str]}}``.
     """
-    path = Path(path)
+    path = project_file(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -18,3 +18,19 @@ def require(path, made_by: str) -> None:
     if not Path(path).exists():
         raise MissingInputError(f"{path} does not exist: run the '{made_by}' stage first "
                                 f"(python -m stages.{made_by.replace('-', '_')}, or dvc repro)")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Every error class whose message is meant for the user (printed as one line, no traceback)."""
+    from clawly.settings import SettingsError
+
+    errors: list[type[BaseException]] = [ClawlyError, SettingsError]
+    for module, name in (("clawly.datasets", "DatasetError"), ("clawly.model", "ModelLoadError"),
+                         ("clawly.architecture", "UnsupportedArchitectureError"),
+                         ("clawly.model", "UnsupportedArchitectureError"), ("clawly.activations", "ProbeError"),
+                         ("clawly.classify", "ClassifierError")):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)

@@ -5,6 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout clawly is installed from (pip install -e)
+
+
+def project_file(path: str | Path) -> Path:
+    """A shipped file (templates, labelled responses, presets) by its repository path: relative to the
+    working directory when it exists there, else in clawly's own checkout, so `clawly MODEL` and the
+    Pipeline API work from any directory. Absolute and missing paths come back unchanged."""
+    path = Path(path)
+    if path.is_absolute() or path.exists() or not (PROJECT_ROOT / path).exists():
+        return path
+    return PROJECT_ROOT / path
+
 
 @dataclass(frozen=True)
 class Paths:

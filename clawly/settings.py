@@ -289,41 +289,91 @@ class ClassifierSettings:
     judge_trust_remote_code: bool = _f(False, "Allow the judge model's repository code to run. Off unless you trust it.")
 
 
-@dataclass
-class Settings:
-    """All settings, one section per stage (the shape of params.yaml)."""
+SECTIONS = {"model": ModelSettings, "data": DataSettings, "probe": ProbeSettings, "directions": DirectionSettings,
+            "orthogonalize": OrthogonalizeSettings, "categories": CategorySettings, "optimize": OptimizeSettings,
+            "export": ExportSettings, "merge": MergeSettings, "evaluate": EvaluateSettings,
+            "classifier": ClassifierSettings}
 
-    model: ModelSettings = field(default_factory=ModelSettings)
-    data: DataSettings = field(default_factory=DataSettings)
-    probe: ProbeSettings = field(default_factory=ProbeSettings)
-    directions: DirectionSettings = field(default_factory=DirectionSettings)
-    orthogonalize: OrthogonalizeSettings = field(default_factory=OrthogonalizeSettings)
-    categories: CategorySettings = field(default_factory=CategorySettings)
-    optimize: OptimizeSettings = field(default_factory=OptimizeSettings)
-    export: ExportSettings = field(default_factory=ExportSettings)
-    merge: MergeSettings = field(default_factory=MergeSettings)
-    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
-    classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
-    artifacts_dir: str = "artifacts"
+
+def key_sections() -> dict[str, list[str]]:
+    """Field name -> the sections that have it (a name in several needs its section: optimize.batch_size)."""
+    out: dict[str, list[str]] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            out.setdefault(f.name, []).append(section)
+    return out
+
+
+@dataclass(init=False)
+class Settings:
+    """All settings, one section per stage (the shape of params.yaml).
+
+    Sections are given as objects or mappings, single keys flat or dotted, a model by name:
+
+        Settings(model="Qwen/Qwen2.5-0.5B-Instruct", n_trials=50, optimize={"batch_size": 32})
+        Settings(**{"optimize.kl_cap": 0.3, "categories.weights": {"violence_weapons": 1.0}})
+
+    A key in several sections (batch_size, seed, max_new_tokens, harmless_prompts) needs its section.
+    """
+
+    model: ModelSettings
+    data: DataSettings
+    probe: ProbeSettings
+    directions: DirectionSettings
+    orthogonalize: OrthogonalizeSettings
+    categories: CategorySettings
+    optimize: OptimizeSettings
+    export: ExportSettings
+    merge: MergeSettings
+    evaluate: EvaluateSettings
+    classifier: ClassifierSettings
+    artifacts_dir: str
+
+    def __init__(self, artifacts_dir: str = "artifacts", **values: Any) -> None:
+        sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        owners = key_sections()
+        for key, value in values.items():
+            if key in SECTIONS:
+                if isinstance(value, SECTIONS[key]):
+                    value = dataclasses.asdict(value)
+                elif key == "model" and isinstance(value, str):
+                    value = {"name": value}
+                elif not isinstance(value, dict):
+                    raise SettingsError(f"invalid setting {key}={value!r}: a {SECTIONS[key].__name__} or a mapping "
+                                        "of its keys" + (" (or a model name)" if key == "model" else ""))
+                sections[key].update(value)
+                continue
+            section, dot, name = key.partition(".")
+            if dot and section in SECTIONS:
+                sections[section][name] = value
+            elif not dot and len(owners.get(key, [])) == 1:
+                sections[owners[key][0]][key] = value
+            elif not dot and key in owners:
+                raise SettingsError(f"ambiguous setting {key!r}: it is in {', '.join(owners[key])}; name the section, "
+                                    f"e.g. {owners[key][-1]}.{key} or {owners[key][-1]}={{'{key}': ...}}")
+            else:
+                import difflib
+
+                known = [*SECTIONS, *owners, *(f"{s}.{k}" for k, ss in owners.items() for s in ss)]
+                close = difflib.get_close_matches(key, known, n=1)
+                raise SettingsError(f"unknown setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else
+                                                                   f"; sections: {', '.join(SECTIONS)}"))
+        for name, cls in SECTIONS.items():
+            setattr(self, name, from_mapping(cls, sections[name], name))
+        self.artifacts_dir = str(artifacts_dir)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Settings:
         """Validate a plain mapping (e.g. a composed Hydra config); unknown keys are errors."""
         values = dict(values)
-        sections = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(sections))
+        allowed = [*SECTIONS, "artifacts_dir"]
+        unknown = sorted(set(values) - set(allowed))
         if unknown:
-            raise SettingsError(f"unknown config section(s) {', '.join(unknown)}; allowed: {', '.join(sections)}")
-        kwargs: dict[str, Any] = {}
-        for name, f in sections.items():
-            if name not in values:
-                continue
-            if name == "artifacts_dir":
-                kwargs[name] = str(values[name])
-            else:
-                cls_ = f.default_factory().__class__  # type: ignore[misc]
-                kwargs[name] = from_mapping(cls_, values[name], name)
-        return cls(**kwargs)
+            raise SettingsError(f"unknown config section(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+        for name in SECTIONS:
+            if name in values and not isinstance(values[name], (dict, type(None))):
+                raise SettingsError(f"invalid config section {name}={values[name]!r}: a mapping of its keys")
+        return cls(**{k: (v or {}) if k in SECTIONS else v for k, v in values.items()})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

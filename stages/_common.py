@@ -14,23 +14,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from clawly.errors import ClawlyError
+from clawly.errors import user_errors
 from clawly.log import StageLogger, get_logger
-from clawly.settings import Settings, SettingsError
+from clawly.settings import Settings
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ClawlyError, SettingsError]
-    for module, name in (("clawly.datasets", "DatasetError"), ("clawly.model", "ModelLoadError"),
-                         ("clawly.architecture", "UnsupportedArchitectureError"),
-                         ("clawly.model", "UnsupportedArchitectureError"), ("clawly.activations", "ProbeError")):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
 
 
 def run_stage(name: str, step: Callable[[Settings, StageLogger], object]) -> None:
