@@ -40,7 +40,7 @@ def main() -> None:
     t0 = time.time()
     import optuna
 
-    from clawly import pipeline
+    from clawly import pipeline, search
     from clawly.log import get_logger
 
     bs = int(a.batch_size) if a.batch_size.isdigit() else a.batch_size
@@ -62,7 +62,7 @@ def main() -> None:
     timing["optimize_seconds"] = round(time.time() - t, 1)
     from clawly.optimize import _storage
 
-    fingerprint = pipeline.study_fingerprint(settings, *pipeline.optimizer_prompts(settings))
+    fingerprint = search.study_fingerprint(settings, *search.optimizer_prompts(settings))
     name = f"{settings.optimize.study_name}-{fingerprint}"
     study = optuna.load_study(study_name=name, storage=_storage(settings.optimize.storage))
     trials = [{"trial": t.number, "state": t.state.name,

@@ -30,7 +30,7 @@ STEPS = ("prepare", "heretic", "clawly", "rescore", "report")
 def prepare(a) -> None:
     import pandas as pd
 
-    from clawly import pipeline
+    from clawly import pipeline, search
     from clawly.log import get_logger
     from clawly.model import resolve_model_source
     from clawly.settings import ModelSettings
@@ -42,10 +42,10 @@ def prepare(a) -> None:
     train_h = pipeline._cap_per_category(harmful[harmful.split == "train"], s.probe.max_per_category)
     train_g = pipeline._cap_per_category(harmless[harmless.split == "train"], s.probe.max_per_category)
     train_g = train_g[train_g.category.map(pipeline.contrast_filter(s.directions.contrast))]
-    eval_h, eval_g = pipeline.optimizer_prompts(s)
+    eval_h, eval_g = search.optimizer_prompts(s)
     rest_h = harmful[(harmful.split == "eval") & ~harmful.id.isin(eval_h.id)]
     rest_g = harmless[(harmless.split == "eval") & ~harmless.id.isin(eval_g.id)]
-    held_h = pipeline.stratified_sample(rest_h, 100, a.seed)
+    held_h = search.stratified_sample(rest_h, 100, a.seed)
     held_g = rest_g.sample(n=min(100, len(rest_g)), random_state=a.seed)
     d = a.out / "prompts"
     for name, df in (("harmful_train", train_h), ("harmless_train", train_g), ("harmful_eval", eval_h),

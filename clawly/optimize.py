@@ -10,7 +10,7 @@ cache and batch compaction.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,14 +206,23 @@ def run_study(study: optuna.Study, model: PreTrainedModel, evaluator: TrialEvalu
               on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None,
               objectives: Objectives | None = None, strengths: torch.Tensor | None = None,
               category_weights: dict[str, float] | None = None) -> None:
-    """Run trials until the study holds `settings.n_trials` finished ones (complete or pruned).
+    """Run trials until the study holds `settings.n_trials` finished ones (see `iter_study`)."""
+    for trial in iter_study(study, model, evaluator, directions, num_layers, settings, objectives, strengths,
+                            category_weights):
+        if on_trial:
+            on_trial(trial)
+
+
+def iter_study(study: optuna.Study, model: PreTrainedModel, evaluator: TrialEvaluator, directions: torch.Tensor,
+               num_layers: int, settings: OptimizeSettings, objectives: Objectives | None = None,
+               strengths: torch.Tensor | None = None,
+               category_weights: dict[str, float] | None = None) -> Iterator[optuna.trial.FrozenTrial]:
+    """Run trials one at a time until the study holds `settings.n_trials` finished ones (complete
+    or pruned), yielding each as it finishes; stopping the iteration early leaves a resumable study.
 
     directions `[m, P, d]` with `strengths` `[m]` (category weights; default ones). With
     `settings.prune_kl`, a trial whose KL exceeds it is pruned before any generation."""
     objectives = objectives or Objectives()
-    remaining = settings.n_trials - len(finished(study))
-    if remaining <= 0:
-        return
 
     def objective(trial: optuna.Trial) -> tuple[float, ...]:
         plan = suggest_plan(trial, num_layers, settings)
@@ -234,9 +243,11 @@ def run_study(study: optuna.Study, model: PreTrainedModel, evaluator: TrialEvalu
         trial.set_user_attr("kept_violations", objectives.violations(result))
         return objectives.values(result)
 
-    callbacks = [lambda s, t: on_trial(t)] if on_trial else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(objective, n_trials=remaining, callbacks=callbacks, gc_after_trial=True)
+    for _ in range(settings.n_trials - len(finished(study))):
+        done: list[optuna.trial.FrozenTrial] = []  # this process's trial, even with other workers on the storage
+        study.optimize(objective, n_trials=1, callbacks=[lambda s, t, done=done: done.append(t)], gc_after_trial=True)
+        yield from done
 
 
 def violation(trial: optuna.trial.FrozenTrial) -> float:

@@ -7,7 +7,6 @@ Every output is written atomically (temp file, then rename).
 from __future__ import annotations
 
 import json
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,8 +16,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from clawly import __version__
-from clawly.ablation import AblationPlan, weight_deltas
+from clawly.ablation import AblationPlan
 from clawly.activations import ActivationWriter, generation_marker, probe_residuals, read_activations
 from clawly.decoding import PromptSet
 from clawly.directions import (
@@ -28,7 +26,7 @@ from clawly.directions import (
     refusal_directions,
     winsorize,
 )
-from clawly.errors import ClawlyError, require
+from clawly.errors import require
 from clawly.evaluation import RefusalDetector, chat_prompts, kl_divergence
 from clawly.io import atomic_dir, atomic_path, write_json, write_text
 from clawly.log import StageLogger
@@ -271,195 +269,21 @@ def read_directions(settings: Settings) -> AblationDirections:
 
 # ---------------------------------------------------------------- optimize
 
-def stratified_sample(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
-    """`n` rows spread evenly over categories (earlier categories get the remainder)."""
-    cats = sorted(df.category.unique())
-    base, extra = divmod(n, len(cats))
-    parts = []
-    for i, cat in enumerate(cats):
-        rows = df[df.category == cat]
-        k = min(len(rows), base + (1 if i < extra else 0))
-        parts.append(rows.sample(n=k, random_state=seed) if k else rows.iloc[:0])
-    return pd.concat(parts).reset_index(drop=True)
-
-
-def optimizer_prompts(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Eval-split prompts the optimizer scores trials on (deterministic by optimize.seed). In
-    category mode only the preset's categories (targeted and kept) are scored."""
-    harmful, harmless = read_prompts(settings)
-    s = settings.optimize
-    pool = harmful[harmful.split == "eval"]
-    if settings.categories.enabled:
-        pool = pool[pool.category.isin(list(settings.categories.weights))]
-    h = stratified_sample(pool, s.harmful_prompts, s.seed)
-    g = harmless[harmless.split == "eval"]
-    g = g.sample(n=min(len(g), s.harmless_prompts), random_state=s.seed).reset_index(drop=True)
-    return h, g
-
-
-def study_fingerprint(settings: Settings, harmful: pd.DataFrame, harmless: pd.DataFrame) -> str:
-    """Identifies what trials measure: same fingerprint, same study (resumed); else a new study.
-
-    Everything that changes a trial's outcome goes in (model, prompts, directions, search space,
-    category rules); n_trials, storage and batch size do not, so raising n_trials continues the
-    same study."""
-    import dataclasses
-    import hashlib
-
-    search = {k: v for k, v in dataclasses.asdict(settings.optimize).items()
-              if k not in ("n_trials", "storage", "study_name", "batch_size", "prefix_cache")}
-    directions = hashlib.sha256(paths_of(settings).orthogonalized.read_bytes()).hexdigest()
-    key = {"model": dataclasses.asdict(settings.model), "search": search, "directions": directions,
-           "categories": dataclasses.asdict(settings.categories),
-           "harmful": harmful.id.tolist(), "harmless": harmless.id.tolist()}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def optimize(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> dict:
-    import optuna
+    """Search ablation parameters with Optuna (see clawly.search), then write the trials table,
+    Pareto plot, chosen trial and metrics."""
+    from clawly.optimize import finished
+    from clawly.search import search_trials, start_search, write_search_outputs
 
-    from clawly import optimize as opt
-    from clawly.categories import category_table
-
-    p = paths_of(settings)
-    s, c = settings.optimize, settings.categories
     ablation = read_directions(settings)
-    if ablation.mode == "category" and not c.enabled:
-        raise ClawlyError("the directions were computed in category mode but no categories.weights are set: "
-                          "rerun orthogonalize-categories (dvc repro does)")
-    harmful, harmless = optimizer_prompts(settings)
     if model is None:
         model, tokenizer = _load(settings, log)
-    sys_prompt = settings.model.system_prompt
-    prefix = response_prefix(settings, model, tokenizer, harmful.text.tolist(), harmless.text.tolist(), log)
-    prompts = opt.EvalPrompts(chat_prompts(tokenizer, harmful.text.tolist(), sys_prompt, prefix),
-                              harmful.category.tolist(), chat_prompts(tokenizer, harmless.text.tolist(), sys_prompt),
-                              harmful.text.tolist())
-    batch_size = scoring_batch_size(settings, model, tokenizer, prompts.harmful, log)
-    classifier = response_classifier(settings) if s.refusal_measure == "classifier" else None
-    evaluator = opt.TrialEvaluator(model, tokenizer, prompts, s, batch_size=batch_size, classifier=classifier)
-    t0 = time.perf_counter()
-    base = evaluator.evaluate()
-    log.event("baseline", refusals=base.refusals, prompts=len(prompts.harmful),
-              seconds=round(time.perf_counter() - t0, 1), tokens=base.tokens, by_category=base.refusals_by_category)
-    objectives = opt.Objectives(targeted=c.targeted if c.enabled else None, kept=c.kept, keep_rule=c.keep_rule,
-                                min_retention=c.min_retention, base_refusals=base.refusals_by_category)
-    storage = s.storage or str(p.journal)
-    study_name = f"{s.study_name}-{study_fingerprint(settings, harmful, harmless)}"
-    study = opt.open_study(storage, study_name, s.seed, s.n_startup_trials, objectives)
-    done = len(opt.finished(study))
-    if done:
-        log.event("resume", f"resuming study '{study_name}' with {done} finished trial(s)", finished=done)
-    bar = log.progress(total=s.n_trials, desc="trials", unit="trial")
-    bar.update(min(done, s.n_trials))
-
-    def on_trial(t) -> None:
-        bar.update(1)
-        seconds = round((t.datetime_complete - t.datetime_start).total_seconds(), 1)
-        if t.values is not None:
-            log.event("trial", number=t.number, refusals=int(t.values[0]), kl=round(t.values[1], 5),
-                      by_category=t.user_attrs.get("refusals_by_category"), feasible=opt.violation(t) == 0,
-                      seconds=seconds, tokens=t.user_attrs.get("tokens"))
-        elif t.state == optuna.trial.TrialState.PRUNED:
-            log.event("pruned", number=t.number, kl=round(t.user_attrs.get("kl_divergence", float("nan")), 5),
-                      prune_kl=s.prune_kl, seconds=seconds)
-
-    num_layers = model.config.num_hidden_layers
-    opt.run_study(study, model, evaluator, ablation.directions, num_layers, s, on_trial, objectives,
-                  ablation.strengths, ablation.category_weights)
-    bar.close()
-    trials = opt.completed(study)
-    if not trials:
-        raise ClawlyError(f"all {len(opt.finished(study))} trials were pruned (KL above optimize.prune_kl="
-                          f"{s.prune_kl}): raise prune_kl, set it to null, or narrow peak_weight_range")
-    chosen = opt.choose_trial(trials, s.kl_cap)
-    pareto = {t.number for t in study.best_trials}
-    table = opt.trials_table(trials, pareto)
-    p.optimize.mkdir(parents=True, exist_ok=True)
-    with atomic_path(p.trials_parquet) as tmp:
-        table.to_parquet(tmp, index=False)
-    with atomic_path(p.trials_csv) as tmp:
-        table[["trial", "refusals", "kl_divergence", "pareto", "feasible"]].to_csv(tmp, index=False)
-    what = "targeted-category prompts" if c.enabled else "harmful eval prompts"
-    n_targeted = sum(n for cat, n in base.prompts_by_category.items() if not c.enabled or cat in c.targeted)
-    base_targeted = int(objectives.values(base)[0])
-    fig = opt.pareto_figure(table, chosen.number, base_targeted, n_targeted, what)
-    with atomic_path(p.pareto_html) as tmp:
-        fig.write_html(str(tmp), include_plotlyjs="cdn")
-    used = pd.concat([harmful.assign(set="harmful"), harmless.assign(set="harmless")])[["id", "set", "category"]]
-    with atomic_path(p.optimizer_prompts) as tmp:
-        used.to_parquet(tmp, index=False)
-    metrics = {
-        "mode": ablation.mode,
-        "rule": (f"among trials keeping >= {c.min_retention:.0%} of each kept category's base refusals (else those "
-                 "falling least short): " if c.kept else "") +
-                f"fewest keyword refusals{' on targeted categories' if c.enabled else ''} with KL <= {s.kl_cap}; "
-                "else lowest KL",
-        "keep_rule": c.keep_rule if c.kept else None,
-        "chosen_trial": chosen.number, "trials": len(trials),
-        "pruned_trials": len(opt.finished(study)) - len(trials), "response_prefix": prefix,
-        "batch_size": batch_size, "harmful_prompts": len(prompts.harmful),
-        "targeted_prompts": n_targeted, "harmless_prompts": len(prompts.harmless),
-        "base": {"keyword_refusals": base_targeted, "keyword_refusal_rate": round(base_targeted / n_targeted, 4)},
-        "chosen": {"keyword_refusals": int(chosen.values[0]),
-                   "keyword_refusal_rate": round(chosen.values[0] / n_targeted, 4),
-                   "kl_divergence": round(float(chosen.values[1]), 6),
-                   "keeps_kept_refusals": opt.violation(chosen) == 0},
-        "by_category": category_table(base.prompts_by_category, base.refusals_by_category,
-                                      chosen.user_attrs["refusals_by_category"], c.weights),
-        "pareto_front": [{"trial": t.number, "refusals": int(t.values[0]), "kl_divergence": round(t.values[1], 6)}
-                         for t in sorted(study.best_trials, key=lambda t: t.values[1])],
-    }
-    write_json(p.chosen_trial, {"trial": chosen.number, "values": list(chosen.values), "params": chosen.params,
-                                "plan": chosen.user_attrs["plan"], "response_prefix": prefix})
-    write_json(p.metric("optimize"), metrics)
-    log.event("chosen", trial=chosen.number, refusals=int(chosen.values[0]), kl=round(chosen.values[1], 5),
-              base_refusals=base_targeted, by_category=chosen.user_attrs["refusals_by_category"])
-    return metrics
-
-
-def response_classifier(settings: Settings):
-    """The response classifier of the `classifier` settings (trained once, then cached)."""
-    from clawly.classify import ClassifierError, build_classifier
-    from clawly.model import cache_root
-
-    try:
-        return build_classifier(settings.classifier.train_file, settings.optimize.refusal_markers or None,
-                                settings.classifier.embedder, cache_root(settings.model) / "classifier")
-    except ClassifierError as e:
-        raise ClawlyError(str(e)) from e
-
-
-def response_prefix(settings: Settings, model, tokenizer, harmful: list[str], harmless: list[str],
-                    log: StageLogger, sample: int = 8, max_new_tokens: int = 24) -> str:
-    """optimize.response_prefix resolved: 'auto' generates a few base-model answers and takes
-    what they all start with (an opening chain of thought is closed empty instead)."""
-    from clawly.decoding import PromptSet, detect_response_prefix
-
-    setting = settings.optimize.response_prefix
-    if setting != "auto":
-        return setting or ""
-    texts = harmful[:sample] + harmless[:sample]
-    ps = PromptSet(tokenizer, chat_prompts(tokenizer, texts, settings.model.system_prompt), len(texts))
-    responses, _ = ps.generate(model, max_new_tokens)
-    prefix = detect_response_prefix(responses)
-    log.event("response_prefix", f"response prefix: {prefix!r}" if prefix else "no shared response prefix",
-              prefix=prefix)
-    return prefix
-
-
-def scoring_batch_size(settings: Settings, model, tokenizer, prompts: list[str], log: StageLogger) -> int:
-    """optimize.batch_size, with 'auto' timed once per model and machine and cached."""
-    from clawly.decoding import auto_batch_size
-    from clawly.model import cache_root
-
-    bs = settings.optimize.batch_size
-    if bs != "auto":
-        return int(bs)
-    n = len(prompts)  # no batch wider than the prompt count; the whole set in one batch is a candidate
-    sizes = sorted({b for b in (8, 16, 32, 64, 128) if b < n} | {min(n, 128)})
-    return auto_batch_size(model, tokenizer, prompts[:16], cache_file=cache_root(settings.model) / "batch_size.json",
-                           candidates=sizes, log=lambda m: log.event("batch_size", m))
+    search = start_search(settings, log, model, tokenizer, ablation)
+    with log.progress(total=settings.optimize.n_trials, desc="trials", unit="trial") as bar:
+        bar.update(min(len(finished(search.study)), settings.optimize.n_trials))
+        for _ in search_trials(search, settings, model, log):
+            bar.update(1)
+    return write_search_outputs(settings, search, log)
 
 
 def read_plan(settings: Settings) -> AblationPlan:
@@ -470,31 +294,38 @@ def read_plan(settings: Settings) -> AblationPlan:
 
 # ---------------------------------------------------------------- export-lora
 
+def chosen_trial_record(settings: Settings) -> dict:
+    """The optimizer's chosen trial as the reproduction record stores it."""
+    chosen = json.loads(paths_of(settings).chosen_trial.read_text())
+    return {"index": chosen["trial"], "parameters": chosen["params"], "refusals": int(chosen["values"][0]),
+            "kl_divergence": chosen["values"][1]}
+
+
 def export_lora(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> dict:
-    from clawly.lora import lora_factors, save_adapter
+    from clawly import export as ex
     from clawly.model import resolve_model_source
 
     p = paths_of(settings)
     plan = read_plan(settings)
     ablation = read_directions(settings)
+    harmful, harmless = read_prompts(settings)
     if model is None:
         model, tokenizer = _load(settings, log)
     source = str(resolve_model_source(settings.model))
-    e = settings.export
-    deltas = weight_deltas(model, ablation.directions, plan, ablation.strengths)
-    factors = lora_factors(deltas, e.energy, e.max_rank)
+    factors = ex.adapter_factors(model, ablation.directions, plan, ablation.strengths, settings.export)
     per_category = settings.categories.per_category_adapters and ablation.mode == "category"
+    optimize_metrics = json.loads(p.metric("optimize").read_text()) if p.metric("optimize").exists() else {}
     with atomic_dir(p.lora) as tmp:
-        save_adapter(model, factors, tmp, base_model_name_or_path=source)
+        ex.write_adapter(model, factors, tmp, source)
         if per_category:
             for i, name in enumerate(ablation.names):
-                one = weight_deltas(model, ablation.directions[i:i + 1], plan, ablation.strengths[i:i + 1])
-                save_adapter(model, lora_factors(one, e.energy, e.max_rank), tmp / "categories" / name,
-                             base_model_name_or_path=source)
-    errors = [f.relative_error for f in factors.values()]
-    metrics = {"modules": len(factors), "ranks": sorted({f.rank for f in factors.values()}),
-               "max_relative_error": round(max(errors), 8), "mean_relative_error": round(sum(errors) / len(errors), 8),
-               "norm_preserve": plan.norm_preserve,
+                one = ex.adapter_factors(model, ablation.directions[i:i + 1], plan, ablation.strengths[i:i + 1],
+                                         settings.export)
+                ex.write_adapter(model, one, tmp / "categories" / name, source)
+        write_text(tmp / "README.md", ex.model_card(settings, optimize_metrics, kind="adapter"))
+        ex.write_record(tmp, "adapter", settings, plan, ablation, {"harmful": harmful, "harmless": harmless},
+                        chosen_trial_record(settings))
+    metrics = {**ex.adapter_metrics(factors), "norm_preserve": plan.norm_preserve,
                "per_category_adapters": ablation.names if per_category else [],
                "per_category_sum_is_exact": per_category and not plan.norm_preserve}
     write_json(p.metric("export"), metrics)
@@ -507,79 +338,19 @@ def export_lora(settings: Settings, log: StageLogger, model=None, tokenizer=None
 def merge(settings: Settings, log: StageLogger) -> None:
     from peft import PeftModel
 
-    from clawly.checkpoint import save_sharded, source_weight_map
+    from clawly import export as ex
     from clawly.model import resolve_model_source
 
     p = paths_of(settings)
     require(p.lora / "adapter_config.json", "export-lora")
     model, tokenizer = _load(settings, log)
     merged = PeftModel.from_pretrained(model, str(p.lora)).merge_and_unload()
-    source = Path(resolve_model_source(settings.model))
-    weight_map = source_weight_map(source)
     optimize_metrics = json.loads(p.metric("optimize").read_text()) if p.metric("optimize").exists() else {}
     with atomic_dir(p.model) as tmp:
-        files = save_sharded(merged.state_dict(), tmp, settings.merge.max_shard_size, weight_map)
-        merged.config.save_pretrained(tmp)
-        if merged.generation_config is not None:
-            merged.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_text(tmp / "README.md", model_card(settings, optimize_metrics))
-        write_json(tmp / "clawly_reproduction.json", reproduction_record(settings, read_plan(settings), source))
+        files = ex.write_model(merged, tokenizer, tmp, settings, Path(resolve_model_source(settings.model)))
+        write_text(tmp / "README.md", ex.model_card(settings, optimize_metrics))
+        ex.copy_record(p.lora, tmp, "model")
     log.event("merged", files=files, out=str(p.model))
-
-
-def category_markdown(by_category: dict[str, dict], after: str = "after") -> list[str]:
-    """A markdown table of `categories.category_table` rows."""
-    lines = [f"| category | role | prompts | base refusals | {after} | retention |", "|---|---|---|---|---|---|"]
-    for cat, r in by_category.items():
-        lo, hi = r["after_rate_ci95"]
-        retention = "" if r.get("retention") is None else f"{r['retention']:.0%}"
-        lines.append(f"| {cat} | {r['role']} | {r['prompts']} | {r['base_refusals']} ({r['base_rate']:.0%}) "
-                     f"| {r['after_refusals']} ({r['after_rate']:.0%}, 95% CI {lo:.0%}-{hi:.0%}) | {retention} |")
-    return lines
-
-
-def model_title(settings: Settings) -> str:
-    from clawly.model import DEFAULT_MODEL, DEFAULT_MODEL_DESCRIPTION
-
-    return DEFAULT_MODEL_DESCRIPTION if settings.model.name == DEFAULT_MODEL else settings.model.name
-
-
-def model_card(settings: Settings, metrics: dict) -> str:
-    lines = ["---", "library_name: transformers", "tags: [clawly, abliteration]", "---", "",
-             f"# {model_title(settings)} — abliterated with clawly", "",
-             "Refusal directions were ablated from the weights (directional ablation) by "
-             f"clawly {__version__}.", "",
-             "**Dual-use warning:** this model refuses fewer harmful requests than its base model.", ""]
-    if settings.categories.enabled:
-        weights = ", ".join(f"{c} {w:g}" for c, w in settings.categories.weights.items())
-        lines += [f"Category weights (1 uncensors, 0 keeps refusals): {weights}.", ""]
-    if metrics:
-        n = metrics["targeted_prompts"]
-        lines += ["## Optimizer figures", "",
-                  f"Keyword refusals (a marker list, which misses soft refusals and counts gibberish as "
-                  f"compliance) on {n} {'targeted-category' if metrics['mode'] == 'category' else 'harmful'} "
-                  f"eval prompts, and first-token KL divergence on {metrics['harmless_prompts']} harmless ones:", "",
-                  "| | keyword refusals | KL divergence |", "|---|---|---|",
-                  f"| base | {metrics['base']['keyword_refusals']}/{n} | 0 |",
-                  f"| this model | {metrics['chosen']['keyword_refusals']}/{n} "
-                  f"| {metrics['chosen']['kl_divergence']} |", "", *category_markdown(metrics["by_category"]),
-                  "", f"Chosen by: {metrics['rule']} (trial {metrics['chosen_trial']} of {metrics['trials']})."]
-    lines += ["", "Everything needed to reproduce this model is in `clawly_reproduction.json`.", ""]
-    return "\n".join(lines)
-
-
-def reproduction_record(settings: Settings, plan: AblationPlan, source: Path) -> dict:
-    import importlib.metadata as md
-
-    versions = {}
-    for pkg in ("torch", "transformers", "peft", "optuna", "safetensors"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return {"clawly": __version__, "settings": settings.to_dict(), "plan": plan.to_dict(),
-            "source_model": str(source), "python": platform.python_version(), "packages": versions}
 
 
 # ---------------------------------------------------------------- evaluate
@@ -620,6 +391,7 @@ def _measures(table: pd.DataFrame, model: str) -> dict:
 def evaluate(settings: Settings, log: StageLogger) -> dict:
     """Base vs merged model on held-out prompts, per category: keyword refusals, the response
     classifier's refusal / off-topic / degenerate shares (95% Wilson intervals), and KL."""
+    from clawly import search
     from clawly.categories import category_table
     from clawly.classify import read_labelled, scores
     from clawly.model import load_model
@@ -629,7 +401,7 @@ def evaluate(settings: Settings, log: StageLogger) -> dict:
     s = settings.evaluate
     harmful, harmless = heldout_prompts(settings)
     detector = RefusalDetector(settings.optimize.refusal_markers or None)
-    classifier = response_classifier(settings)
+    classifier = search.response_classifier(settings)
     prefix = json.loads(p.chosen_trial.read_text()).get("response_prefix", "")
     base, tokenizer = _load(settings, log)
     prompts = PromptSet(tokenizer, chat_prompts(tokenizer, harmful.text.tolist(), settings.model.system_prompt,

@@ -1,0 +1,201 @@
+"""Saved results: the PEFT adapter, the merged model, the model card and the reproduction record.
+
+The model that is saved, merged or chatted with is the base weights plus the adapter's B A, added
+in the weights' dtype as `peft`'s `merge_and_unload` adds it, so a merged model, the adapter merged
+by hand and `clawly --reproduce` give the same weights.
+
+Every saved directory carries `clawly_reproduction.json` (settings, model and prompt-set
+fingerprints, the trial and its ablation plan, package versions) and
+`clawly_directions.safetensors` (the directions the plan ablates); from the two, `reproduce`
+rebuilds the same weights without probing or optimizing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+
+from clawly import __version__
+from clawly.ablation import AblationPlan, WeightDelta, weight_deltas
+from clawly.errors import ClawlyError
+from clawly.io import atomic_path, write_json
+from clawly.lora import LoraFactors, lora_factors, save_adapter
+from clawly.settings import ExportSettings, Settings
+
+RECORD = "clawly_reproduction.json"
+DIRECTIONS = "clawly_directions.safetensors"
+
+
+def adapter_factors(model, directions: torch.Tensor, plan: AblationPlan, strengths: torch.Tensor | None,
+                    export: ExportSettings) -> dict[str, LoraFactors]:
+    """The plan's weight change as LoRA factors (exact for low rank, truncated SVD for dense).
+    `model` must hold the base weights."""
+    return lora_factors(weight_deltas(model, directions, plan, strengths), export.energy, export.max_rank)
+
+
+def merged_deltas(model, factors: dict[str, LoraFactors]) -> dict[str, WeightDelta]:
+    """Dense `B A` per module in the weight's dtype: what merging the adapter adds to the base weights."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name, f in factors.items():
+        dtype = modules[name].weight.dtype
+        out[name] = WeightDelta(dense=f.b.to(dtype) @ f.a.to(dtype))
+    return out
+
+
+def adapter_metrics(factors: dict[str, LoraFactors]) -> dict:
+    errors = [f.relative_error for f in factors.values()]
+    return {"modules": len(factors), "ranks": sorted({f.rank for f in factors.values()}),
+            "max_relative_error": round(max(errors), 8), "mean_relative_error": round(sum(errors) / len(errors), 8)}
+
+
+def write_adapter(model, factors: dict[str, LoraFactors], out_dir: Path, source: str) -> None:
+    """adapter_config.json + adapter_model.safetensors (peft); `model` may hold any weights."""
+    save_adapter(model, factors, out_dir, base_model_name_or_path=source)
+
+
+def write_model(model, tokenizer, out_dir: Path, settings: Settings, source: Path) -> list[str]:
+    """Safetensors shards (a sharded source keeps its layout) + config, generation config, tokenizer."""
+    from clawly.checkpoint import save_sharded, source_weight_map
+
+    files = save_sharded(model.state_dict(), out_dir, settings.merge.max_shard_size, source_weight_map(source))
+    model.config.save_pretrained(out_dir)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return files
+
+
+def prompts_fingerprint(df: pd.DataFrame) -> str:
+    """'sha256:<hex>' of a prompt table's rows (id, text, category, split), independent of the file format."""
+    rows = df[[c for c in ("id", "text", "category", "split") if c in df.columns]].to_dict(orient="records")
+    return "sha256:" + hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "optuna", "safetensors"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def write_record(out_dir: Path, kind: str, settings: Settings, plan: AblationPlan, ablation, prompts: dict,
+                 trial: dict | None) -> dict:
+    """Write the reproduction record and the ablated directions into `out_dir`.
+
+    ablation: `clawly.pipeline.AblationDirections`; prompts: name -> prompt table (fingerprinted);
+    trial: {"index", "parameters", "refusals", "kl_divergence"} of the optimizer trial, None for a direct plan."""
+    from clawly.model import model_provenance
+
+    meta = {"mode": ablation.mode, "names": json.dumps(ablation.names), "weights": json.dumps(ablation.weights),
+            "kept": json.dumps(ablation.kept)}
+    with atomic_path(out_dir / DIRECTIONS) as tmp:
+        save_file({"directions": ablation.directions.float().contiguous()}, str(tmp), metadata=meta)
+    record = {
+        "format": 1, "clawly": __version__, "kind": kind,
+        "settings": settings.to_dict(),
+        "model": model_provenance(settings.model),
+        "prompts": {name: {"rows": len(df), "fingerprint": prompts_fingerprint(df)} for name, df in prompts.items()},
+        "directions": {"file": DIRECTIONS, "sha256": file_sha256(out_dir / DIRECTIONS), "mode": ablation.mode,
+                       "names": ablation.names, "weights": ablation.weights, "kept": ablation.kept},
+        "trial": trial, "plan": plan.to_dict(),
+        "python": platform.python_version(), "packages": package_versions(),
+    }
+    write_json(out_dir / RECORD, record)
+    return record
+
+
+def copy_record(src_dir: Path, out_dir: Path, kind: str) -> None:
+    """Carry an adapter's record over to the model merged from it."""
+    shutil.copyfile(src_dir / DIRECTIONS, out_dir / DIRECTIONS)
+    record = json.loads((src_dir / RECORD).read_text())
+    write_json(out_dir / RECORD, {**record, "kind": kind})
+
+
+def read_record(path: str | Path) -> tuple[dict, Path]:
+    """A reproduction record and the directions file beside it, checked against its hash."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RECORD
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ClawlyError(f"reproduction record not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ClawlyError(f"{path} is not JSON ({e}): pass the clawly_reproduction.json of a saved result") from None
+    if not isinstance(record, dict) or not {"settings", "plan", "directions"} <= set(record):
+        raise ClawlyError(f"{path} is not a clawly reproduction record (no settings/plan/directions): pass the "
+                          f"{RECORD} of a saved result")
+    directions = path.parent / record["directions"]["file"]
+    if not directions.is_file():
+        raise ClawlyError(f"{directions} is missing: keep it beside {path.name} (it holds the ablated directions)")
+    if file_sha256(directions) != record["directions"]["sha256"]:
+        raise ClawlyError(f"{directions} does not match the record's sha256: the file was changed or replaced")
+    return record, directions
+
+
+def category_markdown(by_category: dict[str, dict], after: str = "after") -> list[str]:
+    """A markdown table of `categories.category_table` rows."""
+    lines = [f"| category | role | prompts | base refusals | {after} | retention |", "|---|---|---|---|---|---|"]
+    for cat, r in by_category.items():
+        lo, hi = r["after_rate_ci95"]
+        retention = "" if r.get("retention") is None else f"{r['retention']:.0%}"
+        lines.append(f"| {cat} | {r['role']} | {r['prompts']} | {r['base_refusals']} ({r['base_rate']:.0%}) "
+                     f"| {r['after_refusals']} ({r['after_rate']:.0%}, 95% CI {lo:.0%}-{hi:.0%}) | {retention} |")
+    return lines
+
+
+def model_title(settings: Settings) -> str:
+    from clawly.model import DEFAULT_MODEL, DEFAULT_MODEL_DESCRIPTION
+
+    return DEFAULT_MODEL_DESCRIPTION if settings.model.name == DEFAULT_MODEL else settings.model.name
+
+
+def model_card(settings: Settings, metrics: dict, kind: str = "model") -> str:
+    """README.md of a saved model or adapter: what was done, the optimizer's figures, the warning."""
+    lines = ["---", f"library_name: {'peft' if kind == 'adapter' else 'transformers'}",
+             "tags: [clawly, abliteration]", "---", "",
+             f"# {model_title(settings)} — abliterated with clawly" + (" (LoRA adapter)" if kind == "adapter" else ""),
+             "",
+             "Refusal directions were ablated from the weights (directional ablation) by "
+             f"clawly {__version__}.", "",
+             "**Dual-use warning:** this model refuses fewer harmful requests than its base model.", ""]
+    if settings.categories.enabled:
+        weights = ", ".join(f"{c} {w:g}" for c, w in settings.categories.weights.items())
+        lines += [f"Category weights (1 uncensors, 0 keeps refusals): {weights}.", ""]
+    if metrics:
+        n = metrics["targeted_prompts"]
+        lines += ["## Optimizer figures", "",
+                  f"Keyword refusals (a marker list, which misses soft refusals and counts gibberish as "
+                  f"compliance) on {n} {'targeted-category' if metrics['mode'] == 'category' else 'harmful'} "
+                  f"eval prompts, and first-token KL divergence on {metrics['harmless_prompts']} harmless ones:", "",
+                  "| | keyword refusals | KL divergence |", "|---|---|---|",
+                  f"| base | {metrics['base']['keyword_refusals']}/{n} | 0 |",
+                  f"| this model | {metrics['chosen']['keyword_refusals']}/{n} "
+                  f"| {metrics['chosen']['kl_divergence']} |", "", *category_markdown(metrics["by_category"]),
+                  "", f"Chosen by: {metrics['rule']} (trial {metrics['chosen_trial']} of {metrics['trials']})."]
+    if kind == "adapter":
+        lines += ["", "Load it on its base model with `peft.PeftModel.from_pretrained(base_model, this_dir)`."]
+    lines += ["", f"Everything needed to reproduce this {kind} is in `{RECORD}` (with `{DIRECTIONS}`): "
+              f"`clawly --reproduce {RECORD}`.", ""]
+    return "\n".join(lines)

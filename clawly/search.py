@@ -1,0 +1,302 @@
+"""The optimize stage step by step, for the stage, the `Pipeline` API and the CLI alike.
+
+    search = start_search(settings, log, model, tokenizer, ablation)   # prompts, base scores, study
+    for trial in search_trials(search, settings, model, log): ...      # one finished trial at a time
+    metrics = write_search_outputs(settings, search, log)              # trials table, Pareto plot, choice
+
+`start_search` resolves the response prefix and batch size unless given, scores the base model
+once and opens (or resumes) the Optuna study named by `study_fingerprint`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import optuna
+import pandas as pd
+
+from clawly import optimize as opt
+from clawly.ablation import AblationPlan
+from clawly.errors import ClawlyError
+from clawly.evaluation import chat_prompts
+from clawly.io import atomic_path, write_json
+from clawly.log import StageLogger
+from clawly.pipeline import AblationDirections, paths_of, read_prompts
+from clawly.settings import Settings
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """One finished trial as users see it. `refusals` counts the optimizer's refusal measure on
+    the targeted (in global mode: all) harmful prompts; None for a pruned trial."""
+
+    index: int
+    refusals: int | None
+    kl_divergence: float | None
+    refusals_by_category: dict[str, int]
+    prompts_by_category: dict[str, int]
+    parameters: dict
+    plan: AblationPlan
+    pruned: bool = False
+    feasible: bool = True
+    seconds: float | None = None
+
+    @classmethod
+    def of(cls, t: optuna.trial.FrozenTrial) -> TrialOutcome:
+        pruned = t.state == optuna.trial.TrialState.PRUNED
+        seconds = ((t.datetime_complete - t.datetime_start).total_seconds()
+                   if t.datetime_complete and t.datetime_start else None)
+        kl = t.values[1] if t.values else t.user_attrs.get("kl_divergence")
+        return cls(t.number, None if pruned or not t.values else int(t.values[0]),
+                   None if kl is None else float(kl), dict(t.user_attrs.get("refusals_by_category", {})),
+                   dict(t.user_attrs.get("prompts_by_category", {})), dict(t.params),
+                   AblationPlan.from_dict(t.user_attrs["plan"]), pruned, pruned or opt.violation(t) == 0, seconds)
+
+    def __str__(self) -> str:
+        if self.pruned:
+            return f"trial {self.index}: pruned (KL {self.kl_divergence:.4f})"
+        return f"trial {self.index}: {self.refusals} refusals, KL {self.kl_divergence:.4f}"
+
+
+@dataclass
+class Search:
+    """One optimization run: the prompts trials are scored on, the base scores, the study."""
+
+    harmful: pd.DataFrame
+    harmless: pd.DataFrame
+    prefix: str
+    batch_size: int
+    prompts: opt.EvalPrompts
+    evaluator: opt.TrialEvaluator
+    base: opt.TrialResult
+    objectives: opt.Objectives
+    study: optuna.Study
+    ablation: AblationDirections
+    num_layers: int
+
+    @property
+    def scored_prompts(self) -> int:
+        """Harmful prompts the refusal objective counts (targeted categories; all in global mode)."""
+        cats = self.objectives.targeted
+        return sum(n for cat, n in self.base.prompts_by_category.items() if cats is None or cat in cats)
+
+    @property
+    def base_refusals(self) -> int:
+        return int(self.objectives.values(self.base)[0])
+
+    def pareto_front(self) -> list[optuna.trial.FrozenTrial]:
+        """Pareto-optimal complete trials, by KL."""
+        return sorted(self.study.best_trials, key=lambda t: t.values[1])
+
+    def chosen(self, kl_cap: float) -> optuna.trial.FrozenTrial:
+        trials = opt.completed(self.study)
+        if not trials:
+            raise ClawlyError(f"all {len(opt.finished(self.study))} trials were pruned (KL above optimize.prune_kl): "
+                              "raise prune_kl, set it to null, or narrow peak_weight_range")
+        return opt.choose_trial(trials, kl_cap)
+
+
+def stratified_sample(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """`n` rows spread evenly over categories (earlier categories get the remainder)."""
+    cats = sorted(df.category.unique())
+    base, extra = divmod(n, len(cats))
+    parts = []
+    for i, cat in enumerate(cats):
+        rows = df[df.category == cat]
+        k = min(len(rows), base + (1 if i < extra else 0))
+        parts.append(rows.sample(n=k, random_state=seed) if k else rows.iloc[:0])
+    return pd.concat(parts).reset_index(drop=True)
+
+
+def optimizer_prompts(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Eval-split prompts the optimizer scores trials on (deterministic by optimize.seed). In
+    category mode only the preset's categories (targeted and kept) are scored."""
+    harmful, harmless = read_prompts(settings)
+    s = settings.optimize
+    pool = harmful[harmful.split == "eval"]
+    if settings.categories.enabled:
+        pool = pool[pool.category.isin(list(settings.categories.weights))]
+    h = stratified_sample(pool, s.harmful_prompts, s.seed)
+    g = harmless[harmless.split == "eval"]
+    g = g.sample(n=min(len(g), s.harmless_prompts), random_state=s.seed).reset_index(drop=True)
+    return h, g
+
+
+def study_fingerprint(settings: Settings, harmful: pd.DataFrame, harmless: pd.DataFrame) -> str:
+    """Identifies what trials measure: same fingerprint, same study (resumed); else a new study.
+
+    Everything that changes a trial's outcome goes in (model, prompts, directions, search space,
+    category rules); n_trials, storage and batch size do not, so raising n_trials continues the
+    same study."""
+    import dataclasses
+    import hashlib
+
+    search = {k: v for k, v in dataclasses.asdict(settings.optimize).items()
+              if k not in ("n_trials", "storage", "study_name", "batch_size", "prefix_cache")}
+    directions = hashlib.sha256(paths_of(settings).orthogonalized.read_bytes()).hexdigest()
+    key = {"model": dataclasses.asdict(settings.model), "search": search, "directions": directions,
+           "categories": dataclasses.asdict(settings.categories),
+           "harmful": harmful.id.tolist(), "harmless": harmless.id.tolist()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def start_search(settings: Settings, log: StageLogger, model, tokenizer, ablation: AblationDirections,
+                 prefix: str | None = None, batch_size: int | None = None) -> Search:
+    """Prompts, response prefix, batch size, the evaluator with the base model's scores, and the
+    study (resumed when the same fingerprint already has trials)."""
+    p = paths_of(settings)
+    s, c = settings.optimize, settings.categories
+    if ablation.mode == "category" and not c.enabled:
+        raise ClawlyError("the directions were computed in category mode but no categories.weights are set: "
+                          "rerun orthogonalize-categories (dvc repro does)")
+    harmful, harmless = optimizer_prompts(settings)
+    sys_prompt = settings.model.system_prompt
+    if prefix is None:
+        prefix = response_prefix(settings, model, tokenizer, harmful.text.tolist(), harmless.text.tolist(), log)
+    prompts = opt.EvalPrompts(chat_prompts(tokenizer, harmful.text.tolist(), sys_prompt, prefix),
+                              harmful.category.tolist(), chat_prompts(tokenizer, harmless.text.tolist(), sys_prompt),
+                              harmful.text.tolist())
+    if batch_size is None:
+        batch_size = scoring_batch_size(settings, model, tokenizer, prompts.harmful, log)
+    classifier = response_classifier(settings) if s.refusal_measure == "classifier" else None
+    evaluator = opt.TrialEvaluator(model, tokenizer, prompts, s, batch_size=batch_size, classifier=classifier)
+    t0 = time.perf_counter()
+    base = evaluator.evaluate()
+    log.event("baseline", refusals=base.refusals, prompts=len(prompts.harmful),
+              seconds=round(time.perf_counter() - t0, 1), tokens=base.tokens, by_category=base.refusals_by_category)
+    objectives = opt.Objectives(targeted=c.targeted if c.enabled else None, kept=c.kept, keep_rule=c.keep_rule,
+                                min_retention=c.min_retention, base_refusals=base.refusals_by_category)
+    storage = s.storage or str(p.journal)
+    study_name = f"{s.study_name}-{study_fingerprint(settings, harmful, harmless)}"
+    study = opt.open_study(storage, study_name, s.seed, s.n_startup_trials, objectives)
+    done = len(opt.finished(study))
+    if done:
+        log.event("resume", f"resuming study '{study_name}' with {done} finished trial(s)", finished=done)
+    return Search(harmful, harmless, prefix, batch_size, prompts, evaluator, base, objectives, study, ablation,
+                  model.config.num_hidden_layers)
+
+
+def search_trials(search: Search, settings: Settings, model, log: StageLogger) -> Iterator[optuna.trial.FrozenTrial]:
+    """Run the missing trials (up to optimize.n_trials finished ones), logging and yielding each."""
+    s = settings.optimize
+    for t in opt.iter_study(search.study, model, search.evaluator, search.ablation.directions, search.num_layers, s,
+                            search.objectives, search.ablation.strengths, search.ablation.category_weights):
+        seconds = round((t.datetime_complete - t.datetime_start).total_seconds(), 1)
+        if t.values is not None:
+            log.event("trial", number=t.number, refusals=int(t.values[0]), kl=round(t.values[1], 5),
+                      by_category=t.user_attrs.get("refusals_by_category"), feasible=opt.violation(t) == 0,
+                      seconds=seconds, tokens=t.user_attrs.get("tokens"))
+        elif t.state == optuna.trial.TrialState.PRUNED:
+            log.event("pruned", number=t.number, kl=round(t.user_attrs.get("kl_divergence", float("nan")), 5),
+                      prune_kl=s.prune_kl, seconds=seconds)
+        yield t
+
+
+def search_summary(settings: Settings, search: Search, chosen: optuna.trial.FrozenTrial) -> dict:
+    """The figures of a search and one of its trials (the optimize metrics; the model card's table)."""
+    from clawly.categories import category_table
+
+    s, c = settings.optimize, settings.categories
+    base, trials = search.base, opt.completed(search.study)
+    n_targeted, base_targeted = search.scored_prompts, search.base_refusals
+    measure = "keyword" if s.refusal_measure == "keywords" else "classifier"
+    return {
+        "mode": search.ablation.mode,
+        "rule": ((f"among trials keeping >= {c.min_retention:.0%} of each kept category's base refusals "
+                  "(else those falling least short): " if c.kept else "") +
+                 f"fewest {measure} refusals{' on targeted categories' if c.enabled else ''} "
+                 f"with KL <= {s.kl_cap}; else lowest KL"),
+        "refusal_measure": s.refusal_measure,
+        "keep_rule": c.keep_rule if c.kept else None,
+        "chosen_trial": chosen.number, "trials": len(trials),
+        "pruned_trials": len(opt.finished(search.study)) - len(trials), "response_prefix": search.prefix,
+        "batch_size": search.batch_size, "harmful_prompts": len(search.prompts.harmful),
+        "targeted_prompts": n_targeted, "harmless_prompts": len(search.prompts.harmless),
+        "base": {"keyword_refusals": base_targeted, "keyword_refusal_rate": round(base_targeted / n_targeted, 4)},
+        "chosen": {"keyword_refusals": int(chosen.values[0]),
+                   "keyword_refusal_rate": round(chosen.values[0] / n_targeted, 4),
+                   "kl_divergence": round(float(chosen.values[1]), 6),
+                   "keeps_kept_refusals": opt.violation(chosen) == 0},
+        "by_category": category_table(base.prompts_by_category, base.refusals_by_category,
+                                      chosen.user_attrs["refusals_by_category"], c.weights),
+        "pareto_front": [{"trial": t.number, "refusals": int(t.values[0]), "kl_divergence": round(t.values[1], 6)}
+                         for t in search.pareto_front()],
+    }
+
+
+def write_search_outputs(settings: Settings, search: Search, log: StageLogger) -> dict:
+    """Trials table (Parquet, CSV), Pareto plot, the prompts used, the chosen trial and the metrics."""
+    p = paths_of(settings)
+    c = settings.categories
+    chosen = search.chosen(settings.optimize.kl_cap)
+    pareto = {t.number for t in search.study.best_trials}
+    table = opt.trials_table(opt.completed(search.study), pareto)
+    p.optimize.mkdir(parents=True, exist_ok=True)
+    with atomic_path(p.trials_parquet) as tmp:
+        table.to_parquet(tmp, index=False)
+    with atomic_path(p.trials_csv) as tmp:
+        table[["trial", "refusals", "kl_divergence", "pareto", "feasible"]].to_csv(tmp, index=False)
+    metrics = search_summary(settings, search, chosen)
+    what = "targeted-category prompts" if c.enabled else "harmful eval prompts"
+    fig = opt.pareto_figure(table, chosen.number, metrics["base"]["keyword_refusals"], metrics["targeted_prompts"],
+                            what)
+    with atomic_path(p.pareto_html) as tmp:
+        fig.write_html(str(tmp), include_plotlyjs="cdn")
+    used = pd.concat([search.harmful.assign(set="harmful"),
+                      search.harmless.assign(set="harmless")])[["id", "set", "category"]]
+    with atomic_path(p.optimizer_prompts) as tmp:
+        used.to_parquet(tmp, index=False)
+    write_json(p.chosen_trial, {"trial": chosen.number, "values": list(chosen.values), "params": chosen.params,
+                                "plan": chosen.user_attrs["plan"], "response_prefix": search.prefix})
+    write_json(p.metric("optimize"), metrics)
+    log.event("chosen", trial=chosen.number, refusals=int(chosen.values[0]), kl=round(chosen.values[1], 5),
+              base_refusals=metrics["base"]["keyword_refusals"], by_category=chosen.user_attrs["refusals_by_category"])
+    return metrics
+
+
+def response_classifier(settings: Settings):
+    """The response classifier of the `classifier` settings (trained once, then cached)."""
+    from clawly.classify import ClassifierError, build_classifier
+    from clawly.model import cache_root
+
+    try:
+        return build_classifier(settings.classifier.train_file, settings.optimize.refusal_markers or None,
+                                settings.classifier.embedder, cache_root(settings.model) / "classifier")
+    except ClassifierError as e:
+        raise ClawlyError(str(e)) from e
+
+
+def response_prefix(settings: Settings, model, tokenizer, harmful: list[str], harmless: list[str],
+                    log: StageLogger, sample: int = 8, max_new_tokens: int = 24) -> str:
+    """optimize.response_prefix resolved: 'auto' generates a few base-model answers and takes
+    what they all start with (an opening chain of thought is closed empty instead)."""
+    from clawly.decoding import PromptSet, detect_response_prefix
+
+    setting = settings.optimize.response_prefix
+    if setting != "auto":
+        return setting or ""
+    texts = harmful[:sample] + harmless[:sample]
+    ps = PromptSet(tokenizer, chat_prompts(tokenizer, texts, settings.model.system_prompt), len(texts))
+    responses, _ = ps.generate(model, max_new_tokens)
+    prefix = detect_response_prefix(responses)
+    log.event("response_prefix", f"response prefix: {prefix!r}" if prefix else "no shared response prefix",
+              prefix=prefix)
+    return prefix
+
+
+def scoring_batch_size(settings: Settings, model, tokenizer, prompts: list[str], log: StageLogger,
+                       timed: bool = False) -> int:
+    """optimize.batch_size, with 'auto' (or `timed`) timed once per model and machine and cached."""
+    from clawly.decoding import auto_batch_size
+    from clawly.model import cache_root
+
+    bs = settings.optimize.batch_size
+    if bs != "auto" and not timed:
+        return int(bs)
+    n = len(prompts)  # no batch wider than the prompt count; the whole set in one batch is a candidate
+    sizes = sorted({b for b in (8, 16, 32, 64, 128) if b < n} | {min(n, 128)})
+    return auto_batch_size(model, tokenizer, prompts[:16], cache_file=cache_root(settings.model) / "batch_size.json",
+                           candidates=sizes, log=lambda m: log.event("batch_size", m))
