@@ -1,3 +1,21 @@
-"""clawly: per-category abliteration of refusal behaviour in causal language models."""
+"""clawly: per-category abliteration of refusal behaviour in causal language models.
+
+    from clawly import Pipeline, Settings
+"""
 
 __version__ = "0.1.0"
+
+__all__ = ["Pipeline", "Settings", "TrialOutcome", "__version__"]
+
+
+def __getattr__(name: str):
+    # lazy: `import clawly` (and the settings alone) must not pull in torch and transformers
+    if name in ("Pipeline", "TrialOutcome"):
+        from clawly import api
+
+        return getattr(api, name)
+    if name == "Settings":
+        from clawly.settings import Settings
+
+        return Settings
+    raise AttributeError(f"module 'clawly' has no attribute {name!r}")

@@ -1,0 +1,324 @@
+"""The Python API: the pipeline's steps as methods of one object, for notebooks and scripts.
+
+    from clawly import Pipeline, Settings
+
+    pipe = Pipeline(Settings(model="Qwen/Qwen2.5-0.5B-Instruct", n_trials=30))
+    pipe.load_model(); pipe.load_datasets(); pipe.compute_refusal_directions()
+    for trial in pipe.run_optimization_iter():
+        print(trial)                                   # trial 3: 7 refusals, KL 0.1210
+    front = pipe.get_pareto_front()
+    pipe.restore_trial(front[1])                       # the model now holds that trial's weights
+    pipe.save_adapter("out/adapter"); pipe.save_model("out/model")
+
+Each step runs the steps it needs first when they have not run yet, so any one can be called
+alone. The steps call the same functions as the DVC stages (`clawly.pipeline`, `clawly.search`,
+`clawly.export`) and write the same files under `settings.artifacts_dir` and `settings.data.out_dir`;
+an interrupted optimization resumes from its Optuna journal there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from clawly import export as ex
+from clawly import pipeline as pl
+from clawly import search as sr
+from clawly.ablation import AblationPlan, LayerKernel, ablated
+from clawly.errors import ClawlyError
+from clawly.io import atomic_dir, write_json, write_text
+from clawly.log import StageLogger, get_logger
+from clawly.settings import Settings
+
+TrialOutcome = sr.TrialOutcome
+
+
+class Pipeline:
+    """One abliteration job held in memory: model, prompts, directions, study, restored trial."""
+
+    def __init__(self, settings: Settings | None = None, log: StageLogger | None = None, **keys):
+        if settings is not None and keys:
+            settings = Settings(**{**settings.to_dict(), **keys})
+        self.settings = settings if settings is not None else Settings(**keys)
+        self.log = log or get_logger("pipeline", Path(self.settings.artifacts_dir) / "logs")
+        self.model = self.tokenizer = None
+        self.harmful: pd.DataFrame | None = None
+        self.harmless: pd.DataFrame | None = None
+        self.directions: pl.AblationDirections | None = None
+        self.response_prefix: str | None = None
+        self.batch_size: int | None = None
+        self.search: sr.Search | None = None
+        self.trial: TrialOutcome | None = None  # the trial whose weights the model holds (None: base)
+        self._factors: dict | None = None
+        self._applied = contextlib.ExitStack()
+
+    # ------------------------------------------------------------ inputs
+
+    def load_model(self):
+        """Load the model and tokenizer of `settings.model` (packaged default, directory, .gguf, hub id)."""
+        if self.model is None:
+            self.model, self.tokenizer = pl._load(self.settings, self.log)
+        return self.model, self.tokenizer
+
+    def load_datasets(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Generate the harmful and harmless prompt tables (id, text, category, split) and write them."""
+        if self.harmful is None:
+            self.harmful, self.harmless = pl.generate_datasets(self.settings, self.log)
+        return self.harmful, self.harmless
+
+    def compute_refusal_directions(self) -> pl.AblationDirections:
+        """Probe activations, compute the refusal directions and (category mode) orthogonalize them:
+        the directions the trials ablate, `[m, P, d]`. Directions already on disk from the same
+        model, prompts and settings are reused (as `dvc repro` would), so a rerun resumes its study."""
+        if self.directions is None:
+            self.load_datasets()
+            model, tokenizer = self.load_model()
+            p = pl.paths_of(self.settings)
+            stamp = Path(self.settings.artifacts_dir) / "directions" / "inputs.json"
+            inputs = self._direction_inputs()
+            if p.orthogonalized.exists() and stamp.exists() and json.loads(stamp.read_text()) == inputs:
+                self.log.event("directions_reused", f"reusing {p.orthogonalized} (same model, prompts and settings)")
+            else:
+                pl.probe_activations(self.settings, self.log, model, tokenizer)
+                pl.compute_directions(self.settings, self.log)
+                pl.orthogonalize_categories(self.settings, self.log)
+                write_json(stamp, inputs)
+            self.directions = pl.read_directions(self.settings)
+        return self.directions
+
+    def _direction_inputs(self) -> dict:
+        from clawly.model import model_provenance
+
+        s = self.settings.to_dict()
+        return {"model": model_provenance(self.settings.model)["fingerprint"],
+                "harmful": ex.prompts_fingerprint(self.harmful), "harmless": ex.prompts_fingerprint(self.harmless),
+                **{k: s[k] for k in ("probe", "directions", "orthogonalize", "categories")}}
+
+    # ------------------------------------------------------------ scoring setup
+
+    def detect_response_prefix(self) -> str:
+        """The text every answer is scored after (optimize.response_prefix; 'auto' detects it)."""
+        if self.response_prefix is None:
+            self.load_datasets()
+            model, tokenizer = self.load_model()
+            harmful, harmless = sr.optimizer_prompts(self.settings)
+            self.response_prefix = sr.response_prefix(self.settings, model, tokenizer, harmful.text.tolist(),
+                                                      harmless.text.tolist(), self.log)
+        return self.response_prefix
+
+    def auto_batch_size(self) -> int:
+        """Time a few batch sizes once per model and machine (cached) and keep the fastest."""
+        if self.batch_size is None:
+            from clawly.evaluation import chat_prompts
+
+            self.load_datasets()
+            model, tokenizer = self.load_model()
+            harmful, _ = sr.optimizer_prompts(self.settings)
+            prompts = chat_prompts(tokenizer, harmful.text.tolist(), self.settings.model.system_prompt,
+                                   self.detect_response_prefix())
+            self.batch_size = sr.scoring_batch_size(self.settings, model, tokenizer, prompts, self.log, timed=True)
+        return self.batch_size
+
+    def init_evaluator(self) -> sr.Search:
+        """Score the base model once and open (or resume) the study. The batch size is
+        optimize.batch_size unless `auto_batch_size()` ran (or the setting is 'auto')."""
+        if self.search is None:
+            directions = self.compute_refusal_directions()
+            self._restore_base()
+            batch_size = self.batch_size if self.batch_size is not None else (
+                None if self.settings.optimize.batch_size == "auto" else int(self.settings.optimize.batch_size))
+            self.search = sr.start_search(self.settings, self.log, self.model, self.tokenizer, directions,
+                                          self.detect_response_prefix(), batch_size)
+            self.batch_size = self.search.batch_size
+        return self.search
+
+    # ------------------------------------------------------------ optimization
+
+    def run_optimization_iter(self) -> Iterator[TrialOutcome]:
+        """Run the missing trials (up to optimize.n_trials), yielding each as it finishes."""
+        search = self.init_evaluator()
+        self._restore_base()
+        for t in sr.search_trials(search, self.settings, self.model, self.log):
+            yield TrialOutcome.of(t)
+
+    def get_pareto_front(self) -> list[TrialOutcome]:
+        """The Pareto-optimal trials (refusals vs KL), by KL."""
+        return [TrialOutcome.of(t) for t in self.init_evaluator().pareto_front()]
+
+    def trials(self) -> list[TrialOutcome]:
+        """Every finished trial (complete or pruned), by index."""
+        from clawly.optimize import finished
+
+        return [TrialOutcome.of(t) for t in sorted(finished(self.init_evaluator().study), key=lambda t: t.number)]
+
+    def choose_trial(self) -> TrialOutcome:
+        """The trial the stages would choose (fewest refusals with KL <= optimize.kl_cap)."""
+        return TrialOutcome.of(self.init_evaluator().chosen(self.settings.optimize.kl_cap))
+
+    def write_outputs(self) -> dict:
+        """The optimize stage's files: trials table, Pareto plot, chosen trial, metrics."""
+        return sr.write_search_outputs(self.settings, self.init_evaluator(), self.log)
+
+    # ------------------------------------------------------------ a trial's model
+
+    def restore_trial(self, trial: TrialOutcome | int | AblationPlan) -> TrialOutcome:
+        """Put a trial's weights into the model (undoing the previous one). A plan not from the
+        study (direct mode) becomes a trial with index -1 and no figures until `score()`."""
+        directions = self.compute_refusal_directions()
+        if isinstance(trial, int):
+            found = [t for t in self.init_evaluator().study.get_trials(deepcopy=False) if t.number == trial]
+            if not found or "plan" not in found[0].user_attrs:
+                raise ClawlyError(f"no finished trial {trial} in the study: pick one of "
+                                  f"{[t.index for t in self.trials()]}")
+            trial = TrialOutcome.of(found[0])
+        elif isinstance(trial, AblationPlan):
+            trial = TrialOutcome(-1, None, None, {}, {}, {}, trial)
+        self._restore_base()
+        self._factors = ex.adapter_factors(self.model, directions.directions, trial.plan, directions.strengths,
+                                           self.settings.export)
+        self._applied.enter_context(ablated(self.model, ex.merged_deltas(self.model, self._factors)))
+        self.trial = trial
+        return trial
+
+    def score(self) -> TrialOutcome:
+        """Refusals and KL of the model as it is now (the restored trial, or the base model)."""
+        if self.search is None:  # the base scores come first, on the base weights
+            current = self.trial
+            self.init_evaluator()
+            if current is not None:
+                self.restore_trial(current)
+        search = self.search
+        t0 = time.perf_counter()
+        result = search.evaluator.evaluate()
+        refusals = int(search.objectives.values(result)[0])
+        trial = self.trial or TrialOutcome(-1, None, None, {}, {}, {}, AblationPlan(kernels={}))
+        self.trial = TrialOutcome(trial.index, refusals, result.kl, result.refusals_by_category,
+                                  result.prompts_by_category, trial.parameters, trial.plan,
+                                  seconds=time.perf_counter() - t0)
+        return self.trial
+
+    def direct_plan(self, layers: tuple[int, int] | None = None, use_layer: int | None = None,
+                    strength: float = 1.0, components: list[str] | None = None) -> AblationPlan:
+        """A plan without optimization: ablate with `strength` in decoder layers `layers` (inclusive
+        range; default all), using the direction probed at the output of layer `use_layer` (default:
+        per-layer directions, each layer its own)."""
+        num_layers = self.load_model()[0].config.num_hidden_layers
+        lo, hi = layers if layers is not None else (0, num_layers - 1)
+        if not 0 <= lo <= hi < num_layers:
+            raise ClawlyError(f"layers {lo}-{hi} are outside the model's decoder layers 0-{num_layers - 1}")
+        if use_layer is not None and not 0 <= use_layer < num_layers:
+            raise ClawlyError(f"use_layer {use_layer} is outside the model's decoder layers 0-{num_layers - 1}")
+        kernel = LayerKernel(strength, (lo + hi) / 2, strength, (hi - lo) / 2)
+        return AblationPlan(kernels={c: kernel for c in components or self.settings.optimize.components},
+                            direction_index=None if use_layer is None else float(use_layer + 1),
+                            norm_preserve=self.settings.optimize.norm_preserve)
+
+    def _restore_base(self) -> None:
+        self._applied.close()
+        self._applied = contextlib.ExitStack()
+        self.trial, self._factors = None, None
+
+    def _current(self) -> TrialOutcome:
+        if self.trial is None:
+            self.restore_trial(self.choose_trial())
+        return self.trial
+
+    # ------------------------------------------------------------ saving
+
+    def _record(self, out: Path, kind: str) -> None:
+        trial = self._current()
+        harmful, harmless = self.load_datasets()
+        ex.write_record(out, kind, self.settings, trial.plan, self.compute_refusal_directions(),
+                        {"harmful": harmful, "harmless": harmless},
+                        None if trial.index < 0 else {"index": trial.index, "parameters": trial.parameters,
+                                                      "refusals": trial.refusals, "kl_divergence": trial.kl_divergence})
+
+    def _card(self, kind: str) -> str:
+        metrics = {}
+        if self.search is not None and self.trial is not None and self.trial.index >= 0:
+            chosen = [t for t in self.search.study.get_trials(deepcopy=False) if t.number == self.trial.index]
+            if chosen and chosen[0].values:
+                metrics = sr.search_summary(self.settings, self.search, chosen[0])
+                metrics["rule"] = "picked by the user"
+        return ex.model_card(self.settings, metrics, kind=kind)
+
+    def save_adapter(self, path: str | Path) -> Path:
+        """Write the restored trial (default: the chosen one) as a PEFT LoRA adapter, with model card
+        and reproduction record."""
+        from clawly.model import resolve_model_source
+
+        self._current()
+        with atomic_dir(path) as tmp:
+            ex.write_adapter(self.model, self._factors, tmp, str(resolve_model_source(self.settings.model)))
+            write_text(tmp / "README.md", self._card("adapter"))
+            self._record(tmp, "adapter")
+        self.log.event("saved", kind="adapter", path=str(path))
+        return Path(path)
+
+    def save_model(self, path: str | Path) -> Path:
+        """Write the model with the restored trial (default: the chosen one) merged into its weights:
+        safetensors shards, config, tokenizer, model card, reproduction record."""
+        from clawly.model import resolve_model_source
+
+        self._current()
+        with atomic_dir(path) as tmp:
+            ex.write_model(self.model, self.tokenizer, tmp, self.settings,
+                           Path(resolve_model_source(self.settings.model)))
+            write_text(tmp / "README.md", self._card("model"))
+            self._record(tmp, "model")
+        self.log.event("saved", kind="model", path=str(path))
+        return Path(path)
+
+    # ------------------------------------------------------------ reproduction
+
+    @classmethod
+    def reproduce(cls, record_file: str | Path, out_dir: str | Path, log: StageLogger | None = None) -> Path:
+        """Rebuild a saved adapter or model from its reproduction record into `out_dir`: same
+        settings, same model (checked by fingerprint), the recorded directions and plan."""
+        from safetensors import safe_open
+
+        from clawly.model import model_provenance
+
+        record, directions_file = ex.read_record(record_file)
+        settings = Settings.from_dict(record["settings"])
+        pipe = cls(settings, log)
+        recorded = (record.get("model") or {}).get("fingerprint")
+        found = model_provenance(settings.model)["fingerprint"]
+        if recorded and recorded != found:
+            raise ClawlyError(f"the model {settings.model.name!r} is not the one recorded ({found} here, {recorded} "
+                              "in the record): load the same weights (model.name / model.revision)")
+        with safe_open(str(directions_file), "pt") as f:
+            directions = f.get_tensor("directions").double()
+        d = record["directions"]
+        pipe.directions = pl.AblationDirections(directions, d["names"], d["weights"], d["kept"], d["mode"])
+        pipe.load_model()
+        trial = record.get("trial") or {}
+        pipe.restore_trial(AblationPlan.from_dict(record["plan"]))
+        pipe.trial = TrialOutcome(trial.get("index", -1), trial.get("refusals"), trial.get("kl_divergence"), {}, {},
+                                  trial.get("parameters", {}), pipe.trial.plan)
+        kind = record.get("kind", "model")
+        out = Path(out_dir)
+        with atomic_dir(out) as tmp:
+            from clawly.model import resolve_model_source
+
+            if kind == "adapter":
+                ex.write_adapter(pipe.model, pipe._factors, tmp, str(resolve_model_source(settings.model)))
+            else:
+                ex.write_model(pipe.model, pipe.tokenizer, tmp, settings, Path(resolve_model_source(settings.model)))
+            write_text(tmp / "README.md", ex.model_card(settings, {}, kind=kind))
+            ex.copy_record(Path(directions_file).parent, tmp, kind)
+        pipe.log.event("reproduced", kind=kind, path=str(out))
+        return out
+
+    def close(self) -> None:
+        """Restore the base weights and free the model."""
+        self._restore_base()
+        self.model = self.tokenizer = None
+        self.search = None
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None

@@ -1,0 +1,243 @@
+"""The Pipeline API on a tiny model: the notebook flow, agreement with the stages, resume, reproduce."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from clawly import Pipeline, Settings, TrialOutcome
+from clawly import pipeline as pl
+from clawly.errors import ClawlyError
+from clawly.log import get_logger
+
+TINY = {"data.train_per_category": 8, "data.eval_per_category": 6, "data.harmless_train": 24,
+        "data.harmless_eval": 24, "probe.max_per_category": 4, "probe.batch_size": 8, "n_trials": 3,
+        "n_startup_trials": 2, "harmful_prompts": 8, "optimize.harmless_prompts": 8, "optimize.max_new_tokens": 4,
+        "optimize.batch_size": 8, "model.device": "cpu"}
+
+
+def tiny_settings(model_dir: Path, tmp: Path, **keys) -> Settings:
+    return Settings(model=str(model_dir), artifacts_dir=str(tmp / "artifacts"),  # caches inside tmp, not ~/.cache
+                    **{"data.out_dir": str(tmp / "prompts"), "model.cache_dir": str(tmp / "cache"), **TINY, **keys})
+
+
+def quiet(tmp: Path):
+    return get_logger("test", tmp / "logs", quiet=True)
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def dir_tensors(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        if not f.name.startswith("clawly_"):
+            out.update(load_file(str(f)))
+    return out
+
+
+def logits(model, tokenizer, text: str = "how do I bake bread ?") -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def done_pipeline(tmp_path_factory, make_tiny_model):
+    """A pipeline that has run the whole notebook flow once (shared: tests must not change its study)."""
+    tmp = tmp_path_factory.mktemp("api")
+    pipe = Pipeline(tiny_settings(make_tiny_model("llama"), tmp), log=quiet(tmp))
+    pipe.load_model()
+    harmful, harmless = pipe.load_datasets()
+    base = weights(pipe.model)
+    directions = pipe.compute_refusal_directions()
+    prefix = pipe.detect_response_prefix()
+    batch = pipe.auto_batch_size()
+    pipe.init_evaluator()
+    trials = list(pipe.run_optimization_iter())
+    return pipe, tmp, {"harmful": harmful, "harmless": harmless, "base": base, "directions": directions,
+                       "prefix": prefix, "batch": batch, "trials": trials}
+
+
+def test_notebook_flow_yields_one_result_per_trial(done_pipeline):
+    pipe, _, r = done_pipeline
+    assert set(r["harmful"].columns) == {"id", "text", "category", "split"} and len(r["harmless"]) == 48
+    assert r["directions"].directions.shape[:2] == (1, pipe.model.config.num_hidden_layers + 1)
+    assert isinstance(r["prefix"], str) and 1 <= r["batch"] <= 8
+    trials = r["trials"]
+    assert [t.index for t in trials] == [0, 1, 2]
+    for t in trials:
+        assert isinstance(t, TrialOutcome) and not t.pruned
+        assert 0 <= t.refusals <= 8 and t.kl_divergence >= 0
+        assert sum(t.refusals_by_category.values()) == t.refusals
+        assert sum(t.prompts_by_category.values()) == 8
+        assert "direction_scope" in t.parameters and t.plan.kernels
+    # the generator ran every trial while the model held base weights between trials
+    assert all(torch.equal(v, r["base"][k]) for k, v in pipe.model.state_dict().items())
+
+
+def test_pareto_front_is_the_non_dominated_trials(done_pipeline):
+    pipe, _, r = done_pipeline
+    front = pipe.get_pareto_front()
+    points = {(t.refusals, t.kl_divergence) for t in r["trials"]}
+    assert front and [t.kl_divergence for t in front] == sorted(t.kl_divergence for t in front)
+    for t in front:
+        assert not any(a <= t.refusals and b <= t.kl_divergence and (a, b) != (t.refusals, t.kl_divergence)
+                       for a, b in points)
+    dominated = [t for t in r["trials"] if t.index not in {f.index for f in front}]
+    for t in dominated:
+        assert any(f.refusals <= t.refusals and f.kl_divergence <= t.kl_divergence for f in front)
+
+
+def test_restore_trial_swaps_weights_and_back(done_pipeline):
+    pipe, _, r = done_pipeline
+    a, b = r["trials"][0], r["trials"][1]
+    pipe.restore_trial(a)
+    with_a = weights(pipe.model)
+    assert any(not torch.equal(with_a[k], r["base"][k]) for k in with_a)
+    pipe.restore_trial(b.index)  # by number
+    pipe.restore_trial(a)
+    assert all(torch.equal(v, with_a[k]) for k, v in pipe.model.state_dict().items())
+    with pytest.raises(ClawlyError, match="no finished trial 99"):
+        pipe.restore_trial(99)
+    pipe._restore_base()
+    assert all(torch.equal(v, r["base"][k]) for k, v in pipe.model.state_dict().items())
+
+
+def test_saved_adapter_and_model_load_in_peft_and_transformers(done_pipeline, tmp_path):
+    pipe, _, r = done_pipeline
+    trial = r["trials"][2]
+    pipe.restore_trial(trial)
+    expected = logits(pipe.model, pipe.tokenizer)
+    pipe.save_adapter(tmp_path / "adapter")
+    pipe.save_model(tmp_path / "model")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    torch.testing.assert_close(logits(merged, pipe.tokenizer), expected, rtol=0, atol=0)
+    base = AutoModelForCausalLM.from_pretrained(pipe.settings.model.name)
+    with_adapter = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    torch.testing.assert_close(logits(with_adapter, pipe.tokenizer), expected, rtol=1e-5, atol=1e-5)
+    record = json.loads((tmp_path / "model" / "clawly_reproduction.json").read_text())
+    assert record["kind"] == "model" and record["trial"]["index"] == trial.index
+    assert record["plan"] == trial.plan.to_dict()
+    assert record["model"]["fingerprint"].startswith("sha256:")
+    assert set(record["prompts"]) == {"harmful", "harmless"}
+    assert record["prompts"]["harmful"]["fingerprint"].startswith("sha256:")
+    assert record["settings"]["optimize"]["n_trials"] == 3 and "torch" in record["packages"]
+    assert "LoRA adapter" in (tmp_path / "adapter" / "README.md").read_text()
+
+
+def test_api_save_equals_the_stages_export_and_merge(done_pipeline, tmp_path):
+    """No second implementation: the stages' adapter + merge give the API's saved model bit for bit."""
+    pipe, tmp, _ = done_pipeline
+    pipe.write_outputs()
+    pl.export_lora(pipe.settings, quiet(tmp))
+    pl.merge(pipe.settings, quiet(tmp))
+    pipe.restore_trial(pipe.choose_trial())
+    pipe.save_model(tmp_path / "model")
+    stage, api = dir_tensors(Path(pipe.settings.artifacts_dir) / "model"), dir_tensors(tmp_path / "model")
+    assert stage.keys() == api.keys()
+    assert all(torch.equal(stage[k], api[k]) for k in stage)
+    stage_record = json.loads((Path(pipe.settings.artifacts_dir) / "model" / "clawly_reproduction.json").read_text())
+    assert stage_record["plan"] == pipe.trial.plan.to_dict()
+
+
+def test_reproduce_rebuilds_the_same_weights(done_pipeline, tmp_path):
+    pipe, tmp, r = done_pipeline
+    pipe.restore_trial(r["trials"][1])
+    pipe.save_model(tmp_path / "model")
+    pipe.save_adapter(tmp_path / "adapter")
+    out = Pipeline.reproduce(tmp_path / "model" / "clawly_reproduction.json", tmp_path / "again", quiet(tmp))
+    saved, rebuilt = dir_tensors(tmp_path / "model"), dir_tensors(out)
+    assert saved.keys() == rebuilt.keys() and all(torch.equal(saved[k], rebuilt[k]) for k in saved)
+    out = Pipeline.reproduce(tmp_path / "adapter", tmp_path / "again-adapter", quiet(tmp))
+    a, b = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")), \
+        load_file(str(out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reproduce_refuses_a_changed_directions_file_or_another_model(done_pipeline, tmp_path, make_tiny_model):
+    pipe, tmp, r = done_pipeline
+    pipe.restore_trial(r["trials"][0])
+    pipe.save_adapter(tmp_path / "adapter")
+    record_file = tmp_path / "adapter" / "clawly_reproduction.json"
+    record = json.loads(record_file.read_text())
+    record["settings"]["model"]["name"] = str(make_tiny_model("llama", hidden=48))
+    (tmp_path / "other.json").write_text(json.dumps(record))
+    import shutil
+
+    shutil.copy(tmp_path / "adapter" / "clawly_directions.safetensors", tmp_path / "clawly_directions.safetensors")
+    with pytest.raises(ClawlyError, match="not the one recorded"):
+        Pipeline.reproduce(tmp_path / "other.json", tmp_path / "x", quiet(tmp))
+    with open(tmp_path / "adapter" / "clawly_directions.safetensors", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ClawlyError, match="does not match the record's sha256"):
+        Pipeline.reproduce(record_file, tmp_path / "y", quiet(tmp))
+    assert not (tmp_path / "y").exists()
+    (tmp_path / "junk.json").write_text("{}")
+    with pytest.raises(ClawlyError, match="not a clawly reproduction record"):
+        Pipeline.reproduce(tmp_path / "junk.json", tmp_path / "z", quiet(tmp))
+
+
+def test_interrupted_optimization_resumes(make_tiny_model, tmp_path):
+    settings = tiny_settings(make_tiny_model("llama"), tmp_path)
+    first = Pipeline(settings, log=quiet(tmp_path))
+    for trial in first.run_optimization_iter():
+        assert trial.index == 0
+        break  # interrupted after one trial
+    first.close()
+    again = Pipeline(settings, log=quiet(tmp_path))
+    assert [t.index for t in again.run_optimization_iter()] == [1, 2]
+    assert [t.index for t in again.trials()] == [0, 1, 2]
+
+
+def test_direct_plan_ablates_only_the_given_layers(make_tiny_model, tmp_path):
+    pipe = Pipeline(tiny_settings(make_tiny_model("llama", num_layers=4), tmp_path), log=quiet(tmp_path))
+    plan = pipe.direct_plan(layers=(1, 2), use_layer=2, strength=0.5)
+    base = weights(pipe.load_model()[0])
+    pipe.restore_trial(plan)
+    changed = {k.split(".")[2] for k, v in pipe.model.state_dict().items() if not torch.equal(v, base[k])}
+    assert changed == {"1", "2"}
+    assert plan.direction_index == 3.0  # the output of layer 2 is probe point 3
+    scored = pipe.score()
+    assert scored.index == -1 and 0 <= scored.refusals <= 8 and scored.kl_divergence > 0
+    with pytest.raises(ClawlyError, match="outside the model's decoder layers 0-3"):
+        pipe.direct_plan(layers=(2, 4))
+    with pytest.raises(ClawlyError, match="use_layer 7"):
+        pipe.direct_plan(use_layer=7)
+
+
+def test_settings_accept_every_key_flat_dotted_or_by_section():
+    s = Settings(model="some/model", n_trials=7, optimize={"batch_size": 5}, **{"evaluate.batch_size": 3})
+    assert (s.model.name, s.optimize.n_trials, s.optimize.batch_size, s.evaluate.batch_size) == \
+        ("some/model", 7, 5, 3)
+    assert Settings(kl_cap=0.2).optimize.kl_cap == 0.2
+    assert Settings.from_dict(s.to_dict()) == s
+    with pytest.raises(ValueError, match="ambiguous setting 'batch_size': it is in probe, optimize, evaluate"):
+        Settings(batch_size=4)
+    with pytest.raises(ValueError, match="did you mean 'n_trials'"):
+        Settings(n_trial=4)
+    with pytest.raises(ValueError, match=r"invalid setting optimize.n_trials='x'"):
+        Settings(n_trials="x")
+
+
+def test_notebook_example_runs_end_to_end(make_tiny_model, tmp_path):
+    """examples/notebook.py (the README's API walkthrough) on a tiny model, as a script."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "examples" / "notebook.py"), str(make_tiny_model("llama")),
+                           str(tmp_path / "nb")], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = [line for line in proc.stdout.splitlines() if line.startswith("trial ")]
+    assert len(trials) >= 6 + 1  # six results, then the front
+    assert "chosen: trial" in proc.stdout and "base model: " in proc.stdout
+    assert (tmp_path / "nb" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "nb" / "model" / "clawly_reproduction.json").exists()
