@@ -122,7 +122,7 @@ def test_auto_batch_size_is_a_candidate_and_is_cached(tiny_model, tmp_path):
 
 def test_response_prefix_setting_literal_none_or_detected(tiny_model, tmp_path):
     from clawly.log import get_logger
-    from clawly.pipeline import response_prefix
+    from clawly.search import response_prefix
     from clawly.settings import OptimizeSettings, Settings
 
     model, tok = tiny_model
