@@ -283,7 +283,7 @@ class Pipeline:
         settings, same model (checked by fingerprint), the recorded directions and plan."""
         from safetensors import safe_open
 
-        from clawly.model import model_provenance
+        from clawly.model import model_provenance, resolve_model_source
 
         record, directions_file = ex.read_record(record_file)
         settings = Settings.from_dict(record["settings"])
@@ -305,8 +305,6 @@ class Pipeline:
         kind = record.get("kind", "model")
         out = Path(out_dir)
         with atomic_dir(out) as tmp:
-            from clawly.model import resolve_model_source
-
             if kind == "adapter":
                 ex.write_adapter(pipe.model, pipe._factors, tmp, str(resolve_model_source(settings.model)))
             else:
@@ -321,4 +319,5 @@ class Pipeline:
         self._restore_base()
         self.model = self.tokenizer = None
         self.search = None
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

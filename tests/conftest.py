@@ -282,3 +282,14 @@ def tiny_model(tiny_model_dir: Path):
     from clawly.settings import ModelSettings
 
     return load_model(ModelSettings(name=str(tiny_model_dir), device="cpu"))
+
+
+def saved_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every weight of a saved model directory (all its shards), without clawly's own files."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        if not f.name.startswith("clawly_"):
+            out.update(load_file(str(f)))
+    return out

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import saved_tensors
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -31,14 +32,6 @@ def quiet(tmp: Path):
 
 def weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def dir_tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        if not f.name.startswith("clawly_"):
-            out.update(load_file(str(f)))
-    return out
 
 
 def logits(model, tokenizer, text: str = "how do I bake bread ?") -> torch.Tensor:
@@ -139,7 +132,7 @@ def test_api_save_equals_the_stages_export_and_merge(done_pipeline, tmp_path):
     pl.merge(pipe.settings, quiet(tmp))
     pipe.restore_trial(pipe.choose_trial())
     pipe.save_model(tmp_path / "model")
-    stage, api = dir_tensors(Path(pipe.settings.artifacts_dir) / "model"), dir_tensors(tmp_path / "model")
+    stage, api = saved_tensors(Path(pipe.settings.artifacts_dir) / "model"), saved_tensors(tmp_path / "model")
     assert stage.keys() == api.keys()
     assert all(torch.equal(stage[k], api[k]) for k in stage)
     stage_record = json.loads((Path(pipe.settings.artifacts_dir) / "model" / "clawly_reproduction.json").read_text())
@@ -152,7 +145,7 @@ def test_reproduce_rebuilds_the_same_weights(done_pipeline, tmp_path):
     pipe.save_model(tmp_path / "model")
     pipe.save_adapter(tmp_path / "adapter")
     out = Pipeline.reproduce(tmp_path / "model" / "clawly_reproduction.json", tmp_path / "again", quiet(tmp))
-    saved, rebuilt = dir_tensors(tmp_path / "model"), dir_tensors(out)
+    saved, rebuilt = saved_tensors(tmp_path / "model"), saved_tensors(out)
     assert saved.keys() == rebuilt.keys() and all(torch.equal(saved[k], rebuilt[k]) for k in saved)
     out = Pipeline.reproduce(tmp_path / "adapter", tmp_path / "again-adapter", quiet(tmp))
     a, b = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")), \

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import saved_tensors
 from safetensors.torch import load_file
 from test_hub import TOKEN, hub, isolated_hf  # noqa: F401 - fixtures
 
@@ -208,14 +209,6 @@ def tiny_config(tmp_path_factory):
     return str(path)
 
 
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        if not f.name.startswith("clawly_"):
-            out.update(load_file(str(f)))
-    return out
-
-
 @pytest.fixture(scope="module")
 def cli_run(make_tiny_model, tiny_config, tmp_path_factory):
     """One non-interactive optimization run, shared by the tests that read its outputs."""
@@ -247,7 +240,7 @@ def test_reproduce_rebuilds_the_saved_model(cli_run, tmp_path, capsys):
     _, out, _ = cli_run
     assert cli.main(["--reproduce", str(out / "model" / "clawly_reproduction.json"), "--output", str(tmp_path)]) == 0
     assert f"into {tmp_path / 'model'}" in capsys.readouterr().out
-    a, b = tensors(out / "model"), tensors(tmp_path / "model")
+    a, b = saved_tensors(out / "model"), saved_tensors(tmp_path / "model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -272,7 +265,7 @@ def test_direct_mode_ablates_only_the_given_layers(make_tiny_model, tiny_config,
     assert cli.main([str(model_dir), "--config", tiny_config, "--output", str(tmp_path), "--non-interactive",
                      "--layers", "1-2", "--use-layer", "2", "--ablation-strength", "0.7", "--save", "model"]) == 0
     assert "direct mode: " in capsys.readouterr().out
-    base, merged = load_file(str(model_dir / "model.safetensors")), tensors(tmp_path / "model")
+    base, merged = load_file(str(model_dir / "model.safetensors")), saved_tensors(tmp_path / "model")
     changed = {k.split(".")[2] for k in base if not torch.equal(base[k], merged[k])}
     assert changed == {"1", "2"}
     record = json.loads((tmp_path / "model" / "clawly_reproduction.json").read_text())
