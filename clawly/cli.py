@@ -343,8 +343,13 @@ def run(args: argparse.Namespace, ask: Callable[[str], str] = input, say: Callab
         say(f"direct mode: {scored.refusals}/{n} refusals (base {pipe.search.base_refusals}/{n}), "
             f"KL {scored.kl_divergence:.4f}")
     else:
-        for trial in pipe.run_optimization_iter():
-            log.event("result", str(trial))
+        from clawly.optimize import finished
+
+        n_trials = settings.optimize.n_trials
+        with log.progress(total=n_trials, desc="trials", unit="trial") as bar:
+            bar.update(min(len(finished(pipe.init_evaluator().study)), n_trials))  # a resumed study
+            for _ in pipe.run_optimization_iter():  # each trial is logged as it finishes
+                bar.update(1)
         pipe.write_outputs()
         chosen = pipe.choose_trial().index
         say("Pareto front (refusals on the optimizer's harmful prompts, first-token KL on harmless ones):")
