@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from clawly.errors import ClawlyError, user_errors
-from clawly.settings import SECTIONS, Settings, SettingsError, key_sections
+from clawly.settings import SECTIONS, Settings, SettingsError, dotted_keys, key_sections
 
 KEY = "key:"  # argparse dest prefix of config-key options: "key:optimize.n_trials"
 SAVE_KINDS = ("both", "model", "adapter", "none")
@@ -129,24 +129,9 @@ def parse_value(text: str, annotation: str, key: str) -> Any:
 
 # ---------------------------------------------------------------- settings from files and options
 
-def flat_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
-    """Nested sections, dotted or flat keys -> {"section.key": value} (flat keys resolved to their section)."""
-    owners = key_sections()
-    out: dict[str, Any] = {}
-    for key, value in (values or {}).items():
-        if key in SECTIONS and isinstance(value, dict):
-            out.update({f"{key}.{k}": v for k, v in value.items()})
-        elif key == "model" and isinstance(value, str):
-            out["model.name"] = value
-        elif key in owners and len(owners[key]) == 1:
-            out[f"{owners[key][0]}.{key}"] = value
-        elif key in ("artifacts_dir", "defaults", "hydra") or "." in key:
-            if key not in ("defaults", "hydra"):
-                out[key] = value
-        else:
-            Settings(**{key: value})  # raises the ambiguous/unknown-key error
-            raise SettingsError(f"{source}: unknown setting {key!r}")  # pragma: no cover - Settings raised
-    return out
+def config_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """A config file's settings as {"section.key": value}; Hydra's own keys (params.yaml) are skipped."""
+    return dotted_keys({k: v for k, v in (values or {}).items() if k not in ("defaults", "hydra")})
 
 
 def read_config(path: str) -> dict[str, Any]:
@@ -166,17 +151,16 @@ def read_config(path: str) -> dict[str, Any]:
                           f"{' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ClawlyError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
-    return flat_keys(data, path)
+    return config_keys(data)
 
 
 def read_preset(name: str) -> dict[str, Any]:
     """conf/preset/NAME.yaml (from the working directory, else clawly's checkout), or a YAML file path."""
     from clawly.paths import project_file
 
-    candidates = [Path(name)] if name.endswith((".yaml", ".yml")) else [project_file(f"conf/preset/{name}.yaml")]
-    for path in candidates:
-        if path.is_file():
-            return flat_keys(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, str(path))
+    path = Path(name) if name.endswith((".yaml", ".yml")) else project_file(f"conf/preset/{name}.yaml")
+    if path.is_file():
+        return config_keys(yaml.safe_load(path.read_text(encoding="utf-8")))
     shipped = sorted(p.stem for p in project_file("conf/preset").glob("*.yaml")) \
         if project_file("conf/preset").is_dir() else []
     raise ClawlyError(f"--category-preset {name}: no such preset; available: {', '.join(shipped) or 'none found'} "
@@ -343,13 +327,8 @@ def run(args: argparse.Namespace, ask: Callable[[str], str] = input, say: Callab
         say(f"direct mode: {scored.refusals}/{n} refusals (base {pipe.search.base_refusals}/{n}), "
             f"KL {scored.kl_divergence:.4f}")
     else:
-        from clawly.optimize import finished
-
-        n_trials = settings.optimize.n_trials
-        with log.progress(total=n_trials, desc="trials", unit="trial") as bar:
-            bar.update(min(len(finished(pipe.init_evaluator().study)), n_trials))  # a resumed study
-            for _ in pipe.run_optimization_iter():  # each trial is logged as it finishes
-                bar.update(1)
+        for _ in pipe.run_optimization_iter():  # each trial is logged, with a progress bar
+            pass
         pipe.write_outputs()
         chosen = pipe.choose_trial().index
         say("Pareto front (refusals on the optimizer's harmful prompts, first-token KL on harmless ones):")

@@ -304,6 +304,41 @@ def key_sections() -> dict[str, list[str]]:
     return out
 
 
+def dotted_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """Sections (objects or mappings), a model name, flat or dotted keys -> {"section.key": value}, in
+    order, so a later key overrides an earlier one; `artifacts_dir` passes through. A flat key in
+    several sections, or no section, is an error naming them (with a did-you-mean for typos)."""
+    owners = key_sections()
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in SECTIONS:
+            if isinstance(value, SECTIONS[key]):
+                value = dataclasses.asdict(value)
+            elif key == "model" and isinstance(value, str):
+                value = {"name": value}
+            elif not isinstance(value, dict):
+                raise SettingsError(f"invalid setting {key}={value!r}: a {SECTIONS[key].__name__} or a mapping "
+                                    "of its keys" + (" (or a model name)" if key == "model" else ""))
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+            continue
+        section, dot, _ = key.partition(".")
+        if key == "artifacts_dir" or (dot and section in SECTIONS):
+            out[key] = value
+        elif not dot and len(owners.get(key, [])) == 1:
+            out[f"{owners[key][0]}.{key}"] = value
+        elif not dot and key in owners:
+            raise SettingsError(f"ambiguous setting {key!r}: it is in {', '.join(owners[key])}; name the section, "
+                                f"e.g. {owners[key][-1]}.{key} or {owners[key][-1]}={{'{key}': ...}}")
+        else:
+            import difflib
+
+            known = [*SECTIONS, *owners, *(f"{s}.{k}" for k, ss in owners.items() for s in ss)]
+            close = difflib.get_close_matches(key, known, n=1)
+            raise SettingsError(f"unknown setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else
+                                                               f"; sections: {', '.join(SECTIONS)}"))
+    return out
+
+
 @dataclass(init=False)
 class Settings:
     """All settings, one section per stage (the shape of params.yaml).
@@ -331,33 +366,9 @@ class Settings:
 
     def __init__(self, artifacts_dir: str = "artifacts", **values: Any) -> None:
         sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-        owners = key_sections()
-        for key, value in values.items():
-            if key in SECTIONS:
-                if isinstance(value, SECTIONS[key]):
-                    value = dataclasses.asdict(value)
-                elif key == "model" and isinstance(value, str):
-                    value = {"name": value}
-                elif not isinstance(value, dict):
-                    raise SettingsError(f"invalid setting {key}={value!r}: a {SECTIONS[key].__name__} or a mapping "
-                                        "of its keys" + (" (or a model name)" if key == "model" else ""))
-                sections[key].update(value)
-                continue
-            section, dot, name = key.partition(".")
-            if dot and section in SECTIONS:
-                sections[section][name] = value
-            elif not dot and len(owners.get(key, [])) == 1:
-                sections[owners[key][0]][key] = value
-            elif not dot and key in owners:
-                raise SettingsError(f"ambiguous setting {key!r}: it is in {', '.join(owners[key])}; name the section, "
-                                    f"e.g. {owners[key][-1]}.{key} or {owners[key][-1]}={{'{key}': ...}}")
-            else:
-                import difflib
-
-                known = [*SECTIONS, *owners, *(f"{s}.{k}" for k, ss in owners.items() for s in ss)]
-                close = difflib.get_close_matches(key, known, n=1)
-                raise SettingsError(f"unknown setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else
-                                                                   f"; sections: {', '.join(SECTIONS)}"))
+        for key, value in dotted_keys(values).items():
+            section, _, name = key.partition(".")
+            sections[section][name] = value
         for name, cls in SECTIONS.items():
             setattr(self, name, from_mapping(cls, sections[name], name))
         self.artifacts_dir = str(artifacts_dir)
