@@ -172,11 +172,11 @@ class Pipeline:
         study (direct mode) becomes a trial with index -1 and no figures until `score()`."""
         directions = self.compute_refusal_directions()
         if isinstance(trial, int):
-            found = [t for t in self.init_evaluator().study.get_trials(deepcopy=False) if t.number == trial]
-            if not found or "plan" not in found[0].user_attrs:
+            found = self.init_evaluator().trial(trial)
+            if found is None or "plan" not in found.user_attrs:
                 raise ClawlyError(f"no finished trial {trial} in the study: pick one of "
                                   f"{[t.index for t in self.trials()]}")
-            trial = TrialOutcome.of(found[0])
+            trial = TrialOutcome.of(found)
         elif isinstance(trial, AblationPlan):
             trial = TrialOutcome(-1, None, None, {}, {}, {}, trial)
         self._restore_base()
@@ -242,9 +242,9 @@ class Pipeline:
     def _card(self, kind: str) -> str:
         metrics = {}
         if self.search is not None and self.trial is not None and self.trial.index >= 0:
-            chosen = [t for t in self.search.study.get_trials(deepcopy=False) if t.number == self.trial.index]
-            if chosen and chosen[0].values:
-                metrics = sr.search_summary(self.settings, self.search, chosen[0])
+            chosen = self.search.trial(self.trial.index)
+            if chosen is not None and chosen.values:
+                metrics = sr.search_summary(self.settings, self.search, chosen)
                 metrics["rule"] = "picked by the user"
         return ex.model_card(self.settings, metrics, kind=kind)
 

@@ -272,17 +272,14 @@ def read_directions(settings: Settings) -> AblationDirections:
 def optimize(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> dict:
     """Search ablation parameters with Optuna (see clawly.search), then write the trials table,
     Pareto plot, chosen trial and metrics."""
-    from clawly.optimize import finished
     from clawly.search import search_trials, start_search, write_search_outputs
 
     ablation = read_directions(settings)
     if model is None:
         model, tokenizer = _load(settings, log)
     search = start_search(settings, log, model, tokenizer, ablation)
-    with log.progress(total=settings.optimize.n_trials, desc="trials", unit="trial") as bar:
-        bar.update(min(len(finished(search.study)), settings.optimize.n_trials))
-        for _ in search_trials(search, settings, model, log):
-            bar.update(1)
+    for _ in search_trials(search, settings, model, log):
+        pass
     return write_search_outputs(settings, search, log)
 
 

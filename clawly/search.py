@@ -87,6 +87,10 @@ class Search:
     def base_refusals(self) -> int:
         return int(self.objectives.values(self.base)[0])
 
+    def trial(self, number: int) -> optuna.trial.FrozenTrial | None:
+        """The study's trial with this number, if there is one."""
+        return next((t for t in self.study.get_trials(deepcopy=False) if t.number == number), None)
+
     def pareto_front(self) -> list[optuna.trial.FrozenTrial]:
         """Pareto-optimal complete trials, by KL."""
         return sorted(self.study.best_trials, key=lambda t: t.values[1])
@@ -180,19 +184,24 @@ def start_search(settings: Settings, log: StageLogger, model, tokenizer, ablatio
 
 
 def search_trials(search: Search, settings: Settings, model, log: StageLogger) -> Iterator[optuna.trial.FrozenTrial]:
-    """Run the missing trials (up to optimize.n_trials finished ones), logging and yielding each."""
+    """Run the missing trials (up to optimize.n_trials finished ones) under a progress bar, logging
+    and yielding each."""
     s = settings.optimize
-    for t in opt.iter_study(search.study, model, search.evaluator, search.ablation.directions, search.num_layers, s,
-                            search.objectives, search.ablation.strengths, search.ablation.category_weights):
-        seconds = round((t.datetime_complete - t.datetime_start).total_seconds(), 1)
-        if t.values is not None:
-            log.event("trial", number=t.number, refusals=int(t.values[0]), kl=round(t.values[1], 5),
-                      by_category=t.user_attrs.get("refusals_by_category"), feasible=opt.violation(t) == 0,
-                      seconds=seconds, tokens=t.user_attrs.get("tokens"))
-        elif t.state == optuna.trial.TrialState.PRUNED:
-            log.event("pruned", number=t.number, kl=round(t.user_attrs.get("kl_divergence", float("nan")), 5),
-                      prune_kl=s.prune_kl, seconds=seconds)
-        yield t
+    with log.progress(total=s.n_trials, desc="trials", unit="trial") as bar:
+        bar.update(min(len(opt.finished(search.study)), s.n_trials))  # a resumed study
+        for t in opt.iter_study(search.study, model, search.evaluator, search.ablation.directions,
+                                search.num_layers, s, search.objectives, search.ablation.strengths,
+                                search.ablation.category_weights):
+            bar.update(1)
+            seconds = round((t.datetime_complete - t.datetime_start).total_seconds(), 1)
+            if t.values is not None:
+                log.event("trial", number=t.number, refusals=int(t.values[0]), kl=round(t.values[1], 5),
+                          by_category=t.user_attrs.get("refusals_by_category"), feasible=opt.violation(t) == 0,
+                          seconds=seconds, tokens=t.user_attrs.get("tokens"))
+            elif t.state == optuna.trial.TrialState.PRUNED:
+                log.event("pruned", number=t.number, kl=round(t.user_attrs.get("kl_divergence", float("nan")), 5),
+                          prune_kl=s.prune_kl, seconds=seconds)
+            yield t
 
 
 def search_summary(settings: Settings, search: Search, chosen: optuna.trial.FrozenTrial) -> dict:
