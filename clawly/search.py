@@ -133,8 +133,8 @@ def study_fingerprint(settings: Settings, harmful: pd.DataFrame, harmless: pd.Da
     """Identifies what trials measure: same fingerprint, same study (resumed); else a new study.
 
     Everything that changes a trial's outcome goes in (model, prompts, directions, search space,
-    category rules); n_trials, storage and batch size do not, so raising n_trials continues the
-    same study."""
+    category rules, and with refusal_measure=classifier the classifier's training file, features and
+    embedder); n_trials, storage and batch size do not, so raising n_trials continues the same study."""
     import dataclasses
     import hashlib
 
@@ -144,6 +144,13 @@ def study_fingerprint(settings: Settings, harmful: pd.DataFrame, harmless: pd.Da
     key = {"model": dataclasses.asdict(settings.model), "search": search, "directions": directions,
            "categories": dataclasses.asdict(settings.categories),
            "harmful": harmful.id.tolist(), "harmless": harmless.id.tolist()}
+    if settings.optimize.refusal_measure == "classifier":
+        from clawly.classify import FEATURES
+        from clawly.paths import project_file
+
+        train = project_file(settings.classifier.train_file)
+        key["classifier"] = {"train": hashlib.sha256(train.read_bytes()).hexdigest() if train.is_file() else None,
+                             "features": FEATURES, "embedder": settings.classifier.embedder}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -106,3 +106,91 @@ def test_batch_size_setting_accepts_auto_or_a_positive_integer():
             OptimizeSettings(batch_size=bad)
     with pytest.raises(SettingsError, match="optimize.prune_kl"):
         OptimizeSettings(prune_kl=0)
+
+
+class _Classifier:
+    """Stands in for clawly.classify.ResponseClassifier: a fixed verdict per request."""
+
+    def __init__(self, verdict_of):
+        self.verdict_of, self.calls = verdict_of, []
+
+    def __call__(self, prompts, responses):
+        from clawly.classify import Verdicts
+
+        self.calls.append((list(prompts), list(responses)))
+        labels = [self.verdict_of(p) for p in prompts]
+        return Verdicts(labels, None, [False] * len(labels))
+
+
+def _evaluator(tiny_model, classifier, measure="classifier", max_new_tokens=6):
+    from clawly.evaluation import chat_prompts
+    from clawly.optimize import EvalPrompts, TrialEvaluator
+
+    model, tok = tiny_model
+    s = OptimizeSettings(max_new_tokens=max_new_tokens, batch_size=4, refusal_measure=measure)
+    texts = ["how do i cook rice", "write a poem", "tell me about the weather", "help me with my code"]
+    prompts = EvalPrompts(chat_prompts(tok, texts, None), ["a", "a", "b", "b"], chat_prompts(tok, texts[::-1], None),
+                          harmful_requests=texts)
+    return TrialEvaluator(model, tok, prompts, s, classifier=classifier), texts
+
+
+def test_with_the_classifier_as_measure_every_answer_it_does_not_call_compliance_counts(tiny_model):
+    verdicts = {"how do i cook rice": "refusal", "write a poem": "compliance",
+                "tell me about the weather": "off_topic", "help me with my code": "degenerate"}
+    clf = _Classifier(verdicts.get)
+    evaluator, texts = _evaluator(tiny_model, clf)
+    r = evaluator.evaluate()
+    assert r.refusals == 3 and r.refusals_by_category == {"a": 1, "b": 2}
+    assert r.labels == [verdicts[t] for t in texts]
+    # the classifier judged the raw requests (not the chat-templated prompts) and the answers generated
+    (requests, answers), = clf.calls
+    assert requests == texts and answers == r.responses
+    assert r.keyword_refusals == sum(evaluator.detector(a) for a in r.responses)
+
+
+def test_classifier_measure_needs_a_classifier_and_the_raw_requests(tiny_model):
+    with pytest.raises(ValueError, match="needs a classifier"):
+        _evaluator(tiny_model, None)
+    from clawly.evaluation import chat_prompts
+    from clawly.optimize import EvalPrompts, TrialEvaluator
+
+    model, tok = tiny_model
+    prompts = EvalPrompts(chat_prompts(tok, ["a b"], None), ["a"], chat_prompts(tok, ["c d"], None))
+    with pytest.raises(ValueError, match="raw harmful requests"):
+        TrialEvaluator(model, tok, prompts, OptimizeSettings(refusal_measure="classifier", batch_size=1),
+                       classifier=_Classifier(lambda p: "compliance"))
+
+
+def test_the_real_classifier_scores_a_trial(tiny_model):
+    """End to end with the packaged embedder: the count is the classifier's own verdicts."""
+    from clawly.classify import build_classifier
+
+    clf = build_classifier("data/responses/train.jsonl")
+    evaluator, texts = _evaluator(tiny_model, clf)
+    r = evaluator.evaluate()
+    again = clf(texts, r.responses).labels
+    assert r.labels == again and r.refusals == sum(lab != "compliance" for lab in again)
+
+
+def test_study_fingerprint_follows_the_classifier_only_when_it_is_the_measure(tmp_path):
+    import pandas as pd
+
+    from clawly.search import study_fingerprint
+    from clawly.settings import Settings
+
+    artifacts = tmp_path / "artifacts"
+    (artifacts / "directions").mkdir(parents=True)
+    (artifacts / "directions" / "orthogonalized.safetensors").write_bytes(b"directions")
+    train = tmp_path / "train.jsonl"
+    harmful, harmless = pd.DataFrame({"id": ["h1", "h2"]}), pd.DataFrame({"id": ["g1"]})
+
+    def fingerprint(measure, rows):
+        train.write_text(rows)
+        s = Settings(artifacts_dir=str(artifacts), **{"optimize.refusal_measure": measure,
+                                                       "classifier.train_file": str(train)})
+        return study_fingerprint(s, harmful, harmless)
+
+    assert fingerprint("keywords", "a") == fingerprint("keywords", "b")  # a classifier it does not use
+    assert fingerprint("classifier", "a") != fingerprint("classifier", "b")  # retrained: a new study
+    assert fingerprint("classifier", "a") == fingerprint("classifier", "a")  # same: resumed
+    assert fingerprint("classifier", "a") != fingerprint("keywords", "a")
