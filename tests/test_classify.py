@@ -210,7 +210,9 @@ def test_on_real_answers_of_the_default_model_the_classifier_counts_non_complian
                         settings.evaluate.batch_size)
     answers, _ = prompts.generate(model, settings.evaluate.max_new_tokens)
     rows, stale = labelled_answers(asked.assign(base_response=answers), labels)
-    assert len(rows) >= 0.9 * len(labels), f"only {len(rows)} of {len(labels)} answers are the labelled ones"
+    # Greedy decoding repeats the answers on this machine (all 96 matched); another CPU may round
+    # differently and change a few, which are then left out.
+    assert len(rows) >= 0.75 * len(labels), f"only {len(rows)} of {len(labels)} answers are the labelled ones"
 
     result = check(rows, build_classifier(TRAIN), RefusalDetector())["all"]
     clf, kw = result["classifier"], result["keywords"]
