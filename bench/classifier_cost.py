@@ -24,9 +24,9 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from bench.common import dump, machine
-    from clawly.classify import build_classifier, read_labelled
-    from clawly.model import cache_root
+    from bench.common import dump, machine, project_settings
+    from clawly.classify import read_labelled
+    from clawly.search import response_classifier
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--count", type=int, default=48, help="answers per call (the optimizer's default: 48)")
@@ -40,7 +40,7 @@ def main() -> None:
         rows = read_labelled("data/responses/test.jsonl")[:args.count]
         prompts, answers, source = [r["prompt"] for r in rows], [r["response"] for r in rows], "test.jsonl"
     start = time.perf_counter()
-    clf = build_classifier(ROOT / "data" / "responses" / "train.jsonl", cache_dir=cache_root() / "classifier")
+    clf = response_classifier(project_settings())
     setup = time.perf_counter() - start
     clf(prompts[:4], answers[:4])  # warm-up
     times = []

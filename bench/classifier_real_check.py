@@ -42,11 +42,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from clawly.categories import wilson_interval
-from clawly.classify import LABELS, NON_COMPLIANT, ResponseClassifier, scores
-from clawly.evaluation import RefusalDetector
-
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+from bench.common import project_settings  # noqa: E402
+from clawly.categories import wilson_interval  # noqa: E402
+from clawly.classify import LABELS, ResponseClassifier, scores  # noqa: E402
+from clawly.evaluation import RefusalDetector  # noqa: E402
+
 LABELS_FILE = ROOT / "results" / "real-answer-labels.jsonl"
 
 
@@ -77,29 +80,23 @@ def labelled_answers(responses: pd.DataFrame, labels: list[dict] | None = None) 
     return rows, stale
 
 
-def generate_answers(ids: list[str], models: tuple[str, ...] = ("base", "merged"), artifacts: str = "artifacts",
-                     settings=None) -> pd.DataFrame:
+def generate_answers(ids: list[str], models: tuple[str, ...] = ("base", "merged"), settings=None) -> pd.DataFrame:
     """Greedy answers to the harmful prompts `ids` (in that order), decoded as the evaluate stage
-    decodes: the system prompt, batch size and token budget of params.yaml; the base model and the
-    merged model of `artifacts/model`. Columns id, text, category and `<model>_response`."""
-    import yaml
-
+    decodes (`clawly.pipeline.evaluation_prompts`, evaluate.max_new_tokens; the chosen trial's
+    response prefix when there is one) by the base model and the `merge` stage's model.
+    `settings`: params.yaml's by default. Columns id, text, category and `<model>_response`."""
     from clawly.datasets import generate_prompts
-    from clawly.decoding import PromptSet
-    from clawly.evaluation import chat_prompts
     from clawly.model import load_model
-    from clawly.paths import project_file
-    from clawly.settings import Settings
+    from clawly.pipeline import evaluation_prompts, merged_model_settings, paths_of
 
-    settings = settings or Settings.from_dict(yaml.safe_load(project_file("params.yaml").read_text()))
+    settings = settings or project_settings()
+    chosen = paths_of(settings).chosen_trial
+    prefix = json.loads(chosen.read_text()).get("response_prefix", "") if chosen.is_file() else ""
     harmful, _ = generate_prompts(settings.data)
     table = harmful.set_index("id").loc[ids].reset_index()[["id", "text", "category"]]
     for model_name in models:
-        source = settings.model if model_name == "base" else type(settings.model)(
-            **{**settings.model.__dict__, "name": str(Path(artifacts) / "model"), "gguf_file": None})
-        model, tokenizer = load_model(source)
-        prompts = PromptSet(tokenizer, chat_prompts(tokenizer, table.text.tolist(), settings.model.system_prompt),
-                            settings.evaluate.batch_size)
+        model, tokenizer = load_model(settings.model if model_name == "base" else merged_model_settings(settings))
+        prompts = evaluation_prompts(settings, tokenizer, table.text.tolist(), prefix)
         table[f"{model_name}_response"], _ = prompts.generate(model, settings.evaluate.max_new_tokens)
         del model
     return table
@@ -121,19 +118,14 @@ def extra_answers(labels: list[dict], cache: Path = ROOT / "work" / "extra-answe
 
 
 def measure(rows: list[dict], predicted: list[str]) -> dict:
-    """`clawly.classify.scores` plus, for refusal and not-compliant, how many answers the measure
-    counts (`predicted`, against `support` by hand) and 95% Wilson intervals of precision and recall;
-    the accuracy's interval; and the confusion counts (truth -> predicted)."""
+    """`clawly.classify.scores` plus 95% Wilson intervals of the accuracy and of refusal and
+    not-compliant precision and recall, and the confusion counts (truth -> predicted)."""
     s = scores(rows, predicted)
+    s["accuracy_ci95"] = wilson_interval(s["correct"], len(rows))
+    for name in ("refusal", "not_compliant"):
+        s[name]["precision_ci95"] = wilson_interval(s[name]["hits"], s[name]["predicted"])
+        s[name]["recall_ci95"] = wilson_interval(s[name]["hits"], s[name]["support"])
     truth = [r["label"] for r in rows]
-    right = sum(t == p for t, p in zip(truth, predicted, strict=True))
-    s["accuracy_ci95"] = wilson_interval(right, len(rows))
-    for name, members in (("refusal", ("refusal",)), ("not_compliant", NON_COMPLIANT)):
-        tp = sum(t in members and p in members for t, p in zip(truth, predicted, strict=True))
-        said = sum(p in members for p in predicted)
-        s[name]["predicted"] = said
-        s[name]["precision_ci95"] = wilson_interval(tp, said)
-        s[name]["recall_ci95"] = wilson_interval(tp, s[name]["support"])
     s["confusion"] = {f"{t}->{p}": n for (t, p), n in sorted(Counter(zip(truth, predicted, strict=True)).items())}
     return s
 
@@ -165,9 +157,7 @@ def check(rows: list[dict], classifier: ResponseClassifier, detector: RefusalDet
 
 
 def main() -> None:
-    from clawly.classify import build_classifier
-    from clawly.model import cache_root
-    from clawly.paths import project_file
+    from clawly.search import response_classifier
 
     responses = pd.read_parquet(sys.argv[1] if len(sys.argv) > 1 else "artifacts/evaluate/responses.parquet")
     labels = read_labels()
@@ -177,8 +167,9 @@ def main() -> None:
     if not rows:
         sys.exit(f"none of the {stale} labelled answers is in this responses file: run the demo `dvc repro` first")
     print(f"{len(rows)} labelled answers matched ({stale} differ from the labelled ones and are skipped)")
-    classifier = build_classifier(project_file("data/responses/train.jsonl"), cache_dir=cache_root() / "classifier")
-    result = {"answers": len(rows), "skipped": stale, **check(rows, classifier, RefusalDetector())}
+    settings = project_settings()
+    detector = RefusalDetector(settings.optimize.refusal_markers or None)
+    result = {"answers": len(rows), "skipped": stale, **check(rows, response_classifier(settings), detector)}
     print(f"{'split':>5} {'measure':>10}  {'accuracy':>17}  {'refusal P / R':>13}  {'not compliant P / R':>19}")
     for split in ("dev", "test", "all"):
         for name in ("keywords", "classifier"):

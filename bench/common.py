@@ -58,3 +58,13 @@ def package_version(python: str, package: str) -> str | None:
 def dump(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def project_settings():
+    """clawly Settings of the committed params.yaml (the demo run's configuration)."""
+    import yaml
+
+    from clawly.paths import project_file
+    from clawly.settings import Settings
+
+    return Settings.from_dict(yaml.safe_load(project_file("params.yaml").read_text()))

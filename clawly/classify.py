@@ -236,7 +236,7 @@ class ResponseClassifier:
         x = self.features(e, self.detector, prompts, responses, self.centroids)
         probs = torch.softmax(((x - self.mean) / self.std) @ self.weight.T + self.bias, dim=-1)
         return Verdicts([LABELS[i] for i in probs.argmax(-1).tolist()], probs,
-                        [self.detector(r) for r in responses])
+                        [bool(k) for k in x[:, FEATURES.index("keyword")].tolist()])
 
     def explain(self) -> dict[str, dict[str, float]]:
         """Per label, the weight of each (standardized) feature: what the classifier looks at."""
@@ -282,7 +282,9 @@ def build_classifier(train_file: str | Path, markers: Sequence[str] | None = Non
 
 
 def scores(rows: list[dict], predicted: Sequence[str]) -> dict:
-    """Precision and recall per label, and for 'not compliant' (refusal, off-topic or degenerate)."""
+    """Precision and recall per label, and for 'not compliant' (refusal, off-topic or degenerate),
+    with the counts behind them: `hits` (right), `predicted` (said), `support` (true); accuracy and
+    `correct`."""
     out = {}
     truth = [r["label"] for r in rows]
     groups = {**{lab: (lab,) for lab in LABELS}, "not_compliant": NON_COMPLIANT}
@@ -291,8 +293,9 @@ def scores(rows: list[dict], predicted: Sequence[str]) -> dict:
         fp = sum(t not in members and p in members for t, p in zip(truth, predicted, strict=True))
         fn = sum(t in members and p not in members for t, p in zip(truth, predicted, strict=True))
         out[name] = {"precision": round(tp / max(tp + fp, 1), 3), "recall": round(tp / max(tp + fn, 1), 3),
-                     "support": tp + fn}
-    out["accuracy"] = round(sum(t == p for t, p in zip(truth, predicted, strict=True)) / len(rows), 3)
+                     "support": tp + fn, "predicted": tp + fp, "hits": tp}
+    out["correct"] = sum(t == p for t, p in zip(truth, predicted, strict=True))
+    out["accuracy"] = round(out["correct"] / len(rows), 3)
     return out
 
 

