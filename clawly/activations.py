@@ -1,11 +1,14 @@
 """Reading the residual stream at the probe position of every prompt, for every layer.
 
-Probe points P = layers + 1: point 0 is the embedding output, point l + 1 the output of decoder
-layer l (the `hidden_states` transformers returns).
+Probe points P = layers + 1: point 0 is the input of decoder layer 0 (the embedding output, after
+any embedding scale), point l + 1 the raw output of decoder layer l. These are transformers'
+`hidden_states` except the last: transformers puts the final norm's output there, a different
+space from the other points, so the points are read with hooks on the layers instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from clawly.architecture import decoder_layers
 from clawly.evaluation import length_sorted_batches
 
 
@@ -61,6 +65,33 @@ def probe_positions(tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
     return torch.tensor(positions, dtype=torch.long)
 
 
+@contextlib.contextmanager
+def capture_residuals(model: PreTrainedModel, positions: torch.Tensor) -> Iterator[list[torch.Tensor]]:
+    """Record the residual stream of every probe point at `positions` (one per row, `[batch]`)
+    during the forward passes inside the block. Yields the list the points are appended to in
+    order, `[batch, d]` each: the input of decoder layer 0, then each layer's output."""
+    layers = decoder_layers(model)
+    captured: list[torch.Tensor] = []
+
+    def take(hidden: torch.Tensor) -> None:
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        captured.append(hidden[rows, positions.to(hidden.device)].detach())
+
+    def layer_input(module, args, kwargs) -> None:
+        take(args[0] if args else kwargs["hidden_states"])
+
+    def layer_output(module, args, output) -> None:
+        take(output[0] if isinstance(output, tuple) else output)
+
+    handles = [layers[0].register_forward_pre_hook(layer_input, with_kwargs=True),
+               *(layer.register_forward_hook(layer_output) for layer in layers)]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def probe_residuals(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                     batch_size: int, marker: str | None = None,
@@ -69,12 +100,11 @@ def probe_residuals(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     bar = progress(total=len(prompts), desc="probe", unit="prompt") if progress else None
     for idx in length_sorted_batches(tokenizer, prompts, batch_size):
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        pos = probe_positions(tokenizer, enc["input_ids"], marker)
         enc = {k: v.to(model.device) for k, v in enc.items()}
-        out = model(**enc, output_hidden_states=True, use_cache=False, logits_to_keep=1)
-        pos = probe_positions(tokenizer, enc["input_ids"].cpu(), marker).to(model.device)
-        rows = torch.arange(len(idx), device=model.device)
-        residuals = torch.stack([h[rows, pos] for h in out.hidden_states], dim=1)  # [b, P, d]
-        yield idx, residuals.float().cpu()
+        with capture_residuals(model, pos) as points:
+            model(**enc, use_cache=False, logits_to_keep=1)
+        yield idx, torch.stack(points, dim=1).float().cpu()  # [b, P, d]
         if bar is not None:
             bar.update(len(idx))
     if bar is not None:

@@ -35,19 +35,29 @@ def test_probe_positions_last_token_and_marker(tiny_model):
         probe_positions(tok, enc.input_ids, "zebra")
 
 
-def test_probe_residuals_equal_unbatched_hidden_states(tiny_model):
+@pytest.mark.parametrize("tiny_model_dir", ["llama", "gemma2"], indirect=True)
+def test_probe_points_are_the_embedding_output_and_each_raw_layer_output(tiny_model):
+    """Point 0 is the input of layer 0, point l + 1 the output of layer l before any final norm.
+    transformers' last `hidden_states` entry is the final norm's output instead; the reference
+    for the last point is the same model with that norm replaced by the identity."""
+    import copy
+
     model, tok = tiny_model
     prompts = chat_prompts(tok, ["hello", "how do i cook rice today", "write a poem"], None)
     got = {}
     for idx, res in probe_residuals(model, tok, prompts, batch_size=3):
         for j, i in enumerate(idx):
             got[i] = res[j]
+    unnormed = copy.deepcopy(model)
+    unnormed.model.norm = torch.nn.Identity()
     for i, p in enumerate(prompts):
         enc = tok(p, return_tensors="pt", add_special_tokens=False)
         hs = model(**enc, output_hidden_states=True).hidden_states
-        expected = torch.stack([h[0, -1] for h in hs])
+        raw_last = unnormed(**enc, output_hidden_states=True).hidden_states[-1]
+        expected = torch.stack([h[0, -1] for h in hs[:-1]] + [raw_last[0, -1]])
         assert got[i].shape == (model.config.num_hidden_layers + 1, model.config.hidden_size)
         torch.testing.assert_close(got[i], expected, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(got[i][-1], hs[-1][0, -1], rtol=1e-2, atol=1e-2)  # not the normed output
 
 
 def test_activation_parquet_round_trip_and_schema(tmp_path):
