@@ -10,10 +10,14 @@ cache and batch compaction.
 from __future__ import annotations
 
 import math
+import os
+import socket
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import torch
@@ -167,17 +171,82 @@ def suggest_plan(trial: optuna.Trial, num_layers: int, s: OptimizeSettings) -> A
     return AblationPlan(kernels=kernels, direction_index=index, norm_preserve=s.norm_preserve)
 
 
+WORKER = "worker"  # user attr of every trial: {"host", "pid"} of the process that runs it
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Optuna's TPE sampler, with its randomness a function of (seed, trial number).
+
+    A `TPESampler(seed)` built again on resume starts its random stream over and re-draws the
+    first trials; here each trial gets a TPE sampler seeded by its own number, so a resumed study
+    draws what an uninterrupted one draws (same history, same seed, same trial), and workers
+    sharing one study draw different trials."""
+
+    def __init__(self, seed: int, **tpe_options) -> None:
+        self.seed, self.tpe_options = seed, tpe_options
+        self._by_trial: dict[int, optuna.samplers.TPESampler] = {}
+
+    def _sampler(self, trial: optuna.trial.FrozenTrial) -> optuna.samplers.TPESampler:
+        if trial.number not in self._by_trial:
+            seed = int(np.random.SeedSequence([self.seed, trial.number]).generate_state(1)[0])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # multivariate
+                self._by_trial[trial.number] = optuna.samplers.TPESampler(seed=seed, **self.tpe_options)
+        return self._by_trial[trial.number]
+
+    def infer_relative_search_space(self, study, trial):
+        return self._sampler(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._sampler(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._sampler(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self._sampler(trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._sampler(trial).after_trial(study, trial, state, values)
+        self._by_trial.pop(trial.number, None)
+
+    def reseed_rng(self) -> None:  # the seed is the point: nothing to reseed
+        pass
+
+
+def this_worker() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _gone(worker: dict | None) -> bool:
+    """Is the process that ran a trial known to have ended? Only a process on this machine can be
+    checked; a trial of another machine stays RUNNING (it never counts as finished)."""
+    if not isinstance(worker, dict):
+        return True  # interrupted before the trial recorded its worker
+    if worker.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(worker["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
 def open_study(storage: str, study_name: str, seed: int, n_startup_trials: int,
                objectives: Objectives | None = None) -> optuna.Study:
-    """Create or resume a study; trials left RUNNING by an interrupted run are failed."""
+    """Create or resume a study. Trials left RUNNING by a process that has ended (on this
+    machine) are failed and redone; trials of live workers sharing the storage are left alone."""
     objectives = objectives or Objectives()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, multivariate=True,
-                                         constraints_func=_constraints if objectives.constrained else None)
+    sampler = TrialSeededSampler(seed, n_startup_trials=n_startup_trials, multivariate=True,
+                                 constraints_func=_constraints if objectives.constrained else None)
     study = optuna.create_study(storage=_storage(storage), study_name=study_name, sampler=sampler,
                                 directions=objectives.directions, load_if_exists=True)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        if _gone(t.user_attrs.get(WORKER)):
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
     return study
 
 
@@ -225,6 +294,7 @@ def iter_study(study: optuna.Study, model: PreTrainedModel, evaluator: TrialEval
     objectives = objectives or Objectives()
 
     def objective(trial: optuna.Trial) -> tuple[float, ...]:
+        trial.set_user_attr(WORKER, this_worker())
         plan = suggest_plan(trial, num_layers, settings)
         plan.category_weights = dict(category_weights or {})
         trial.set_user_attr("plan", plan.to_dict())

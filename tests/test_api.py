@@ -176,16 +176,22 @@ def test_reproduce_refuses_a_changed_directions_file_or_another_model(done_pipel
         Pipeline.reproduce(tmp_path / "junk.json", tmp_path / "z", quiet(tmp))
 
 
-def test_interrupted_optimization_resumes(make_tiny_model, tmp_path):
-    settings = tiny_settings(make_tiny_model("llama"), tmp_path)
+def test_interrupted_optimization_resumes_with_the_trials_an_uninterrupted_run_draws(make_tiny_model, tmp_path):
+    model_dir = make_tiny_model("llama")
+    settings = tiny_settings(model_dir, tmp_path / "resumed", n_trials=4)
     first = Pipeline(settings, log=quiet(tmp_path))
     for trial in first.run_optimization_iter():
         assert trial.index == 0
-        break  # interrupted after one trial
+        break  # interrupted after one trial (a startup trial: n_startup_trials=2)
     first.close()
     again = Pipeline(settings, log=quiet(tmp_path))
-    assert [t.index for t in again.run_optimization_iter()] == [1, 2]
-    assert [t.index for t in again.trials()] == [0, 1, 2]
+    assert [t.index for t in again.run_optimization_iter()] == [1, 2, 3]
+    resumed = again.trials()
+    whole = Pipeline(tiny_settings(model_dir, tmp_path / "whole", n_trials=4), log=quiet(tmp_path))
+    uninterrupted = list(whole.run_optimization_iter())
+    assert [t.index for t in resumed] == [0, 1, 2, 3]
+    assert [t.parameters for t in resumed] == [t.parameters for t in uninterrupted]
+    assert [(t.refusals, t.kl_divergence) for t in resumed] == [(t.refusals, t.kl_divergence) for t in uninterrupted]
 
 
 def test_direct_plan_ablates_only_the_given_layers(make_tiny_model, tmp_path):

@@ -37,15 +37,61 @@ def test_suggested_plan_stays_inside_the_configured_ranges():
         study.tell(trial, [1.0, 1.0])
 
 
-def test_journal_study_resumes_and_fails_trials_left_running(tmp_path):
+def _two_floats(trial):
+    return trial.suggest_float("x", 0, 1), trial.suggest_float("y", 0, 1)
+
+
+@pytest.mark.parametrize("stops", [[2, 4, 6], [1, 5, 6], [3, 6]])
+def test_a_resumed_study_draws_the_trials_an_uninterrupted_one_draws(tmp_path, stops):
+    """Startup (random) trials and TPE trials alike: each reopen is a new process resuming."""
+    def run(journal, stops):
+        for n in stops:
+            study = open_study(str(journal), "s", seed=0, n_startup_trials=3)
+            study.optimize(_two_floats, n_trials=n - len(study.trials))
+        return [t.params for t in study.trials]
+
+    uninterrupted = run(tmp_path / "one.log", [6])
+    assert len({p["x"] for p in uninterrupted}) == 6
+    assert run(tmp_path / "resumed.log", stops) == uninterrupted
+
+
+def test_another_seed_draws_other_trials(tmp_path):
+    a = open_study(str(tmp_path / "a.log"), "s", seed=0, n_startup_trials=3)
+    b = open_study(str(tmp_path / "b.log"), "s", seed=1, n_startup_trials=3)
+    a.optimize(_two_floats, n_trials=2)
+    b.optimize(_two_floats, n_trials=2)
+    assert [t.params for t in a.trials] != [t.params for t in b.trials]
+
+
+def test_reopening_fails_only_trials_whose_worker_is_gone(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from clawly.optimize import WORKER
+
     journal = str(tmp_path / "study" / "journal.log")
     study = open_study(journal, "s", seed=0, n_startup_trials=2)
-    study.optimize(lambda t: (t.suggest_float("x", 0, 1), 0.0), n_trials=3)
-    study.ask()  # a trial that an interrupted run left RUNNING
-    again = open_study(journal, "s", seed=0, n_startup_trials=2)
-    states = [t.state for t in again.get_trials()]
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 3
-    assert optuna.trial.TrialState.RUNNING not in states
+    study.optimize(_two_floats, n_trials=3)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        workers = {"no worker recorded": None,  # interrupted before it said whose it was
+                   "dead process here": {"host": socket.gethostname(), "pid": int(gone.stdout)},
+                   "live process here": {"host": socket.gethostname(), "pid": alive.pid},
+                   "another machine": {"host": "some-other-node", "pid": 1}}
+        for name, worker in workers.items():
+            t = study.ask()
+            t.set_user_attr("name", name)
+            if worker is not None:
+                t.set_user_attr(WORKER, worker)
+        again = open_study(journal, "s", seed=0, n_startup_trials=2)
+        states = {t.user_attrs.get("name"): t.state for t in again.get_trials()}
+    finally:
+        alive.kill()
+    running, failed = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL
+    assert states == {None: optuna.trial.TrialState.COMPLETE, "no worker recorded": failed,
+                      "dead process here": failed, "live process here": running, "another machine": running}
     assert len(completed(again)) == 3
 
 
