@@ -42,6 +42,7 @@ def main() -> None:
 
     from clawly.ablation import AblationPlan, ablated, weight_deltas
     from clawly.decoding import DecodeStats, PromptSet
+    from clawly.directions import AblationBasis
     from clawly.evaluation import RefusalDetector, chat_prompts, first_token_logprobs, generate, kl_divergence
     from clawly.model import load_model
     from clawly.settings import ModelSettings
@@ -53,7 +54,7 @@ def main() -> None:
     bs = a.batch_size
     base_hf = first_token_logprobs(model, tok, harmless, bs)
     plan = AblationPlan.from_dict(json.loads(a.plan.read_text())["plan"])
-    directions = load_file(str(a.directions))["directions"]
+    basis = AblationBasis(load_file(str(a.directions))["directions"])  # the ablated directions, [1, P, d]
     rows = []
 
     def row(name: str, fn) -> None:
@@ -105,7 +106,7 @@ def main() -> None:
             return sum(map(rule, r)), kl, st.total
         return run
 
-    with ablated(model, weight_deltas(model, directions, plan)), torch.no_grad():
+    with ablated(model, weight_deltas(model, basis, plan)), torch.no_grad():
         row("A. transformers.generate, 100 tokens, file order", hf(100, None, False))
         row("B. + stop each answer at its first refusal marker", hf(100, rule, False))
         row(f"C. + token budget {a.budget}", hf(a.budget, rule, False))

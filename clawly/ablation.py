@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from clawly.architecture import decoder_layers, residual_writers
-from clawly.directions import interpolated_direction
+from clawly.directions import AblationBasis
 
 COMPONENTS = ("attn_out", "mlp_down")
 
@@ -86,13 +86,12 @@ def writers(model: nn.Module) -> list[Writer]:
     return out
 
 
-def layer_directions(directions: torch.Tensor, plan: AblationPlan, num_layers: int) -> torch.Tensor:
-    """Directions to ablate per decoder layer: `[num_layers, m, d]` from `[m, P, d]` (P = layers+1)."""
+def layer_directions(basis: AblationBasis, plan: AblationPlan, num_layers: int) -> torch.Tensor:
+    """Orthonormal directions to ablate per decoder layer, `[num_layers, m, d]`: each layer's own
+    probe point (its output, point l + 1), or one fractional probe index for all layers."""
     if plan.direction_index is None:
-        return directions[:, 1:num_layers + 1].transpose(0, 1).to(torch.float64)
-    picked = torch.stack([interpolated_direction(directions[c], plan.direction_index)
-                          for c in range(directions.shape[0])])  # [m, d]
-    return picked.unsqueeze(0).expand(num_layers, -1, -1)
+        return basis.directions[:, 1:num_layers + 1].transpose(0, 1)
+    return basis.at_index(plan.direction_index).unsqueeze(0).expand(num_layers, -1, -1)
 
 
 @dataclass
@@ -113,16 +112,16 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return w.t() if type(module).__name__ == "Conv1D" else w
 
 
-def weight_deltas(model: nn.Module, directions: torch.Tensor, plan: AblationPlan,
+def weight_deltas(model: nn.Module, basis: AblationBasis, plan: AblationPlan,
                   strengths: torch.Tensor | None = None) -> dict[str, WeightDelta]:
     """The weight change of every writer the plan touches, computed in float64.
 
-    directions: `[m, P, d]` unit refusal directions (m = 1 in global mode; orthonormal per point
-    when m > 1). strengths: optional `[m]` multipliers (category weights), default ones.
+    basis: the directions to ablate (m = 1 in global mode). strengths: optional `[m]` multipliers
+    (category weights), default ones.
     """
     layers = writers(model)
     num_layers = len(decoder_layers(model))
-    q = layer_directions(directions, plan, num_layers)  # [L, m, d]
+    q = layer_directions(basis, plan, num_layers)  # [L, m, d]
     m = q.shape[1]
     s = torch.ones(m, dtype=torch.float64) if strengths is None else strengths.to(torch.float64)
     kernels = {c: ablation_kernel(num_layers, k) for c, k in plan.kernels.items()}

@@ -31,6 +31,7 @@ from clawly import export as ex
 from clawly import pipeline as pl
 from clawly import search as sr
 from clawly.ablation import AblationPlan, LayerKernel, ablated
+from clawly.artifacts import AblationDirections, load_ablation_directions
 from clawly.errors import ClawlyError
 from clawly.io import atomic_dir, write_json, write_text
 from clawly.log import StageLogger, get_logger
@@ -50,7 +51,7 @@ class Pipeline:
         self.model = self.tokenizer = None
         self.harmful: pd.DataFrame | None = None
         self.harmless: pd.DataFrame | None = None
-        self.directions: pl.AblationDirections | None = None
+        self.directions: AblationDirections | None = None
         self.response_prefix: str | None = None
         self.batch_size: int | None = None
         self.search: sr.Search | None = None
@@ -72,7 +73,7 @@ class Pipeline:
             self.harmful, self.harmless = pl.generate_datasets(self.settings, self.log)
         return self.harmful, self.harmless
 
-    def compute_refusal_directions(self) -> pl.AblationDirections:
+    def compute_refusal_directions(self) -> AblationDirections:
         """Probe activations, compute the refusal directions and (category mode) orthogonalize them:
         the directions the trials ablate, `[m, P, d]`. Directions already on disk from the same
         model, prompts and settings are reused (as `dvc repro` would), so a rerun resumes its study."""
@@ -180,7 +181,7 @@ class Pipeline:
         elif isinstance(trial, AblationPlan):
             trial = TrialOutcome(-1, None, None, {}, {}, {}, trial)
         self._restore_base()
-        self._factors = ex.adapter_factors(self.model, directions.directions, trial.plan, directions.strengths,
+        self._factors = ex.adapter_factors(self.model, directions.basis, trial.plan, directions.strengths,
                                            self.settings.export)
         self._applied.enter_context(ablated(self.model, ex.merged_deltas(self.model, self._factors)))
         self.trial = trial
@@ -281,8 +282,6 @@ class Pipeline:
     def reproduce(cls, record_file: str | Path, out_dir: str | Path, log: StageLogger | None = None) -> Path:
         """Rebuild a saved adapter or model from its reproduction record into `out_dir`: same
         settings, same model (checked by fingerprint), the recorded directions and plan."""
-        from safetensors import safe_open
-
         from clawly.model import model_provenance, resolve_model_source
 
         record, directions_file = ex.read_record(record_file)
@@ -293,10 +292,7 @@ class Pipeline:
         if recorded and recorded != found:
             raise ClawlyError(f"the model {settings.model.name!r} is not the one recorded ({found} here, {recorded} "
                               "in the record): load the same weights (model.name / model.revision)")
-        with safe_open(str(directions_file), "pt") as f:
-            directions = f.get_tensor("directions").double()
-        d = record["directions"]
-        pipe.directions = pl.AblationDirections(directions, d["names"], d["weights"], d["kept"], d["mode"])
+        pipe.directions = load_ablation_directions(directions_file)
         pipe.load_model()
         trial = record.get("trial") or {}
         pipe.restore_trial(AblationPlan.from_dict(record["plan"]))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clawly.directions import cosine, orthogonalize_against, orthogonalize_categories, orthonormalize
+from clawly.directions import AblationBasis, cosine
 from clawly.errors import ClawlyError
 from clawly.settings import CategorySettings
 
@@ -22,11 +22,10 @@ from clawly.settings import CategorySettings
 class CategoryDirections:
     """What the optimizer ablates in category mode."""
 
-    directions: torch.Tensor  # [m, P, d] orthonormal per probe point (targeted categories, preset order)
-    names: list[str]  # targeted categories, in the order of `directions`
+    basis: AblationBasis  # removed: targeted categories' directions (preset order); protected: kept ones
+    names: list[str]  # targeted categories, in the order of the basis
     weights: list[float]  # their weights
     kept: list[str]
-    retained: torch.Tensor  # [m, P] ||u_c|| / ||v_c||
     kept_cosine: dict[str, dict[str, list[float]]]  # targeted -> kept -> cos(v_c, v_k) per point
 
 
@@ -39,27 +38,22 @@ def check_categories(settings: CategorySettings, available: list[str]) -> None:
 
 def category_directions(tensors: dict[str, torch.Tensor], settings: CategorySettings,
                         orthogonalize: bool, protect_harmless: bool) -> CategoryDirections:
-    """Targeted directions, orthogonalized against kept ones (and the harmless mean if asked)."""
+    """Targeted directions, to be made orthogonal to kept ones (and the harmless mean if asked)."""
     names, kept = settings.targeted, settings.kept
     v = torch.stack([tensors[f"category_direction.{c}"].double() for c in names])  # [m, P, d]
     protected = [tensors[f"category_direction.{c}"].double() for c in kept] if orthogonalize else []
     if protect_harmless:
         protected.append(tensors["harmless_mean"].double())
-    if protected:
-        q, retained = orthogonalize_categories(v, torch.stack(protected))
-    else:
-        q, retained = orthonormalize(v), torch.ones(v.shape[:2], dtype=torch.float64)
+    basis = AblationBasis(v, torch.stack(protected) if protected else None)
     cos = {c: {k: [round(float(x), 4) for x in cosine(v[i], tensors[f"category_direction.{k}"])] for k in kept}
            for i, c in enumerate(names)}
-    return CategoryDirections(q, names, [settings.weights[c] for c in names], kept, retained, cos)
+    return CategoryDirections(basis, names, [settings.weights[c] for c in names], kept, cos)
 
 
-def global_directions(tensors: dict[str, torch.Tensor], protect_harmless: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def global_directions(tensors: dict[str, torch.Tensor], protect_harmless: bool) -> AblationBasis:
     """The single global refusal direction, `[1, P, d]`, optionally orthogonal to the harmless mean."""
     d = tensors["refusal_direction"].double().unsqueeze(0)
-    if protect_harmless:
-        return orthogonalize_against(d, tensors["harmless_mean"].double().unsqueeze(0))
-    return d, torch.ones(d.shape[:2], dtype=torch.float64)
+    return AblationBasis(d, tensors["harmless_mean"].double().unsqueeze(0) if protect_harmless else None)
 
 
 def low_retention(retained: torch.Tensor, names: list[str], threshold: float) -> dict[str, list[int]]:

@@ -6,6 +6,8 @@ Shapes: `n` prompts, `P` probe points (embedding output + one per decoder layer 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 EPS = 1e-12
@@ -122,12 +124,15 @@ def direction_report(harmful_mean: torch.Tensor, harmless_mean: torch.Tensor,
 
 
 def interpolated_direction(directions: torch.Tensor, index: float) -> torch.Tensor:
-    """Unit direction at a fractional probe index: linear blend of the two neighbours. `[d]`."""
-    index = min(max(index, 0.0), directions.shape[0] - 1.0)
+    """Unit vector at a fractional probe index: the normalized blend of the two neighbouring points'
+    unit vectors (clamped to the points there are). `[..., P, d]` -> `[..., d]`."""
+    points = directions.shape[-2]
+    index = min(max(index, 0.0), points - 1.0)
     lo = int(index)
-    hi = min(lo + 1, directions.shape[0] - 1)
+    hi = min(lo + 1, points - 1)
     frac = index - lo
-    return normalize((1 - frac) * directions[lo].to(torch.float64) + frac * directions[hi].to(torch.float64))
+    unit = normalize(directions.to(torch.float64))
+    return normalize((1 - frac) * unit[..., lo, :] + frac * unit[..., hi, :])
 
 
 def orthonormalize(directions: torch.Tensor) -> torch.Tensor:
@@ -157,3 +162,43 @@ def orthogonalize_categories(removed: torch.Tensor, kept: torch.Tensor) -> tuple
     """
     u, retained = orthogonalize_against(removed, kept)
     return orthonormalize(u * retained.unsqueeze(-1)), retained
+
+
+def ablated_directions(removed: torch.Tensor, protected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What is ablated per probe point: the removed directions made orthogonal to the protected span
+    (when there is one) and orthonormalized in order. `[m, P, d]`, `[k, P, d]` (k may be 0) ->
+    (q `[m, P, d]`, retained fraction `[m, P]`)."""
+    if protected.shape[0] == 0:
+        return orthonormalize(removed), torch.ones(removed.shape[:2], dtype=torch.float64)
+    return orthogonalize_categories(removed, protected)
+
+
+@dataclass
+class AblationBasis:
+    """The directions a trial ablates, kept with what they were made from.
+
+    removed: `[m, P, d]` directions to remove (one per targeted category, or the global refusal
+    direction); protected: `[k, P, d]` directions whose component must survive (kept categories'
+    directions, the harmless mean), k >= 0. `directions` `[m, P, d]` is `ablated_directions` at every
+    probe point; `at_index` does the same at a fractional probe index, interpolating the inputs
+    first, so the ablated directions stay orthonormal and orthogonal to the protected span there too
+    (blending the orthogonalized directions of two points would be neither)."""
+
+    removed: torch.Tensor
+    protected: torch.Tensor | None = None
+    directions: torch.Tensor = field(init=False, repr=False)
+    retained: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.removed = self.removed.to(torch.float64)
+        if self.protected is None:
+            self.protected = self.removed.new_zeros((0, *self.removed.shape[1:]))
+        self.protected = self.protected.to(torch.float64)
+        self.directions, self.retained = ablated_directions(self.removed, self.protected)
+
+    def at_index(self, index: float) -> torch.Tensor:
+        """Orthonormal directions `[m, d]` at a fractional probe index, orthogonal to the protected
+        vectors interpolated at the same index."""
+        removed = interpolated_direction(self.removed, index).unsqueeze(1)  # [m, 1, d]
+        protected = interpolated_direction(self.protected, index).unsqueeze(1)  # [k, 1, d]
+        return ablated_directions(removed, protected)[0][:, 0]

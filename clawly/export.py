@@ -20,24 +20,26 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import save_file
 
 from clawly import __version__
 from clawly.ablation import AblationPlan, WeightDelta, weight_deltas
+from clawly.artifacts import AblationDirections, write_ablation_directions
+from clawly.directions import AblationBasis
 from clawly.errors import ClawlyError
 from clawly.io import atomic_path, write_json
 from clawly.lora import LoraFactors, lora_factors, save_adapter
 from clawly.settings import ExportSettings, Settings
 
 RECORD = "clawly_reproduction.json"
+RECORD_FORMAT = 2  # 2: the directions file holds removed and protected directions too
 DIRECTIONS = "clawly_directions.safetensors"
 
 
-def adapter_factors(model, directions: torch.Tensor, plan: AblationPlan, strengths: torch.Tensor | None,
+def adapter_factors(model, basis: AblationBasis, plan: AblationPlan, strengths: torch.Tensor | None,
                     export: ExportSettings) -> dict[str, LoraFactors]:
     """The plan's weight change as LoRA factors (exact for low rank, truncated SVD for dense).
     `model` must hold the base weights."""
-    return lora_factors(weight_deltas(model, directions, plan, strengths), export.energy, export.max_rank)
+    return lora_factors(weight_deltas(model, basis, plan, strengths), export.energy, export.max_rank)
 
 
 def merged_deltas(model, factors: dict[str, LoraFactors]) -> dict[str, WeightDelta]:
@@ -99,20 +101,18 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def write_record(out_dir: Path, kind: str, settings: Settings, plan: AblationPlan, ablation, prompts: dict,
-                 trial: dict | None) -> dict:
+def write_record(out_dir: Path, kind: str, settings: Settings, plan: AblationPlan, ablation: AblationDirections,
+                 prompts: dict, trial: dict | None) -> dict:
     """Write the reproduction record and the ablated directions into `out_dir`.
 
-    ablation: `clawly.pipeline.AblationDirections`; prompts: name -> prompt table (fingerprinted);
-    trial: {"index", "parameters", "refusals", "kl_divergence"} of the optimizer trial, None for a direct plan."""
+    prompts: name -> prompt table (fingerprinted); trial: {"index", "parameters", "refusals",
+    "kl_divergence"} of the optimizer trial, None for a direct plan."""
     from clawly.model import model_provenance
 
-    meta = {"mode": ablation.mode, "names": json.dumps(ablation.names), "weights": json.dumps(ablation.weights),
-            "kept": json.dumps(ablation.kept)}
     with atomic_path(out_dir / DIRECTIONS) as tmp:
-        save_file({"directions": ablation.directions.float().contiguous()}, str(tmp), metadata=meta)
+        write_ablation_directions(tmp, ablation)
     record = {
-        "format": 1, "clawly": __version__, "kind": kind,
+        "format": RECORD_FORMAT, "clawly": __version__, "kind": kind,
         "settings": settings.to_dict(),
         "model": model_provenance(settings.model),
         "prompts": {name: {"rows": len(df), "fingerprint": prompts_fingerprint(df)} for name, df in prompts.items()},
@@ -146,6 +146,9 @@ def read_record(path: str | Path) -> tuple[dict, Path]:
     if not isinstance(record, dict) or not {"settings", "plan", "directions"} <= set(record):
         raise ClawlyError(f"{path} is not a clawly reproduction record (no settings/plan/directions): pass the "
                           f"{RECORD} of a saved result")
+    if record.get("format") != RECORD_FORMAT:
+        raise ClawlyError(f"{path} is a format {record.get('format')} record; this clawly {__version__} reads format "
+                          f"{RECORD_FORMAT}: reproduce it with the clawly version named in it ({record.get('clawly')})")
     directions = path.parent / record["directions"]["file"]
     if not directions.is_file():
         raise ClawlyError(f"{directions} is missing: keep it beside {path.name} (it holds the ablated directions)")

@@ -25,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from clawly.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
 from clawly.decoding import DecodeStats, PromptSet
+from clawly.directions import AblationBasis
 from clawly.evaluation import RefusalDetector, kl_divergence
 from clawly.settings import OptimizeSettings
 
@@ -270,26 +271,26 @@ def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
                                                     optuna.trial.TrialState.PRUNED))
 
 
-def run_study(study: optuna.Study, model: PreTrainedModel, evaluator: TrialEvaluator, directions: torch.Tensor,
+def run_study(study: optuna.Study, model: PreTrainedModel, evaluator: TrialEvaluator, basis: AblationBasis,
               num_layers: int, settings: OptimizeSettings,
               on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None,
               objectives: Objectives | None = None, strengths: torch.Tensor | None = None,
               category_weights: dict[str, float] | None = None) -> None:
     """Run trials until the study holds `settings.n_trials` finished ones (see `iter_study`)."""
-    for trial in iter_study(study, model, evaluator, directions, num_layers, settings, objectives, strengths,
+    for trial in iter_study(study, model, evaluator, basis, num_layers, settings, objectives, strengths,
                             category_weights):
         if on_trial:
             on_trial(trial)
 
 
-def iter_study(study: optuna.Study, model: PreTrainedModel, evaluator: TrialEvaluator, directions: torch.Tensor,
+def iter_study(study: optuna.Study, model: PreTrainedModel, evaluator: TrialEvaluator, basis: AblationBasis,
                num_layers: int, settings: OptimizeSettings, objectives: Objectives | None = None,
                strengths: torch.Tensor | None = None,
                category_weights: dict[str, float] | None = None) -> Iterator[optuna.trial.FrozenTrial]:
     """Run trials one at a time until the study holds `settings.n_trials` finished ones (complete
     or pruned), yielding each as it finishes; stopping the iteration early leaves a resumable study.
 
-    directions `[m, P, d]` with `strengths` `[m]` (category weights; default ones). With
+    basis: what is ablated, with `strengths` `[m]` (category weights; default ones). With
     `settings.prune_kl`, a trial whose KL exceeds it is pruned before any generation."""
     objectives = objectives or Objectives()
 
@@ -299,7 +300,7 @@ def iter_study(study: optuna.Study, model: PreTrainedModel, evaluator: TrialEval
         plan.category_weights = dict(category_weights or {})
         trial.set_user_attr("plan", plan.to_dict())
         evaluator.stats = DecodeStats()
-        with ablated(model, weight_deltas(model, directions, plan, strengths)):
+        with ablated(model, weight_deltas(model, basis, plan, strengths)):
             kl = evaluator.kl()
             trial.set_user_attr("kl_divergence", kl)
             if settings.prune_kl is not None and kl > settings.prune_kl:

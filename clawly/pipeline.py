@@ -10,7 +10,6 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from clawly.ablation import AblationPlan
 from clawly.activations import ActivationWriter, generation_marker, probe_residuals, read_activations
+from clawly.artifacts import AblationDirections, load_ablation_directions, write_ablation_directions
 from clawly.decoding import PromptSet
 from clawly.directions import (
     RunningMean,
@@ -210,12 +210,13 @@ def orthogonalize_categories(settings: Settings, log: StageLogger) -> dict:
     t = load_file(str(p.directions))
     o, c = settings.orthogonalize, settings.categories
     if not c.enabled:
-        directions, retained = cm.global_directions(t, o.against_harmless)
+        basis = cm.global_directions(t, o.against_harmless)
         names, weights, kept, report = ["global"], [1.0], [], {"mode": "global"}
     else:
         cm.check_categories(c, sorted(k.split(".", 1)[1] for k in t if k.startswith("category_direction.")))
         cd = cm.category_directions(t, c, o.orthogonalize_categories, o.against_harmless)
-        directions, retained, names, weights, kept = cd.directions, cd.retained, cd.names, cd.weights, cd.kept
+        basis, names, weights, kept = cd.basis, cd.names, cd.weights, cd.kept
+        retained = basis.retained
         low = cm.low_retention(retained, names, o.warn_retained) if kept and o.orthogonalize_categories else {}
         for cat, points in low.items():
             log.event("warning", f"{cat}: less than {o.warn_retained:.0%} of its direction survives orthogonalization "
@@ -226,46 +227,20 @@ def orthogonalize_categories(settings: Settings, log: StageLogger) -> dict:
                   "kept": kept, "orthogonalized": o.orthogonalize_categories and bool(kept),
                   "retained_fraction": {n: [round(float(x), 4) for x in retained[i]] for i, n in enumerate(names)},
                   "cosine_with_kept": cd.kept_cosine, "low_retention_points": low}
-    meta = {"mode": report["mode"], "names": json.dumps(names), "weights": json.dumps(weights),
-            "kept": json.dumps(kept), "against_harmless": str(o.against_harmless)}
+    ablation = AblationDirections(basis, names, weights, kept, report["mode"])
     with atomic_path(p.orthogonalized) as tmp:
-        save_file({"directions": directions.float().contiguous(), "retained": retained.float().contiguous()},
-                  str(tmp), metadata=meta)
+        write_ablation_directions(tmp, ablation, {"against_harmless": str(o.against_harmless)})
     write_json(p.metric("orthogonalize"), report)
+    retained = basis.retained
     log.event("orthogonalized", mode=report["mode"], directions=names,
               min_retained=round(float(retained[:, 1:].min()), 4) if retained.shape[1] > 1 else 1.0)
     return report
 
 
-@dataclass
-class AblationDirections:
-    """What orthogonalize-categories wrote: directions `[m, P, d]`, their names and weights."""
-
-    directions: torch.Tensor
-    names: list[str]
-    weights: list[float]
-    kept: list[str]
-    mode: str
-
-    @property
-    def strengths(self) -> torch.Tensor:
-        return torch.tensor(self.weights, dtype=torch.float64)
-
-    @property
-    def category_weights(self) -> dict[str, float]:
-        return {} if self.mode == "global" else dict(zip(self.names, self.weights, strict=True))
-
-
 def read_directions(settings: Settings) -> AblationDirections:
-    from safetensors import safe_open
-
     p = paths_of(settings)
     require(p.orthogonalized, "orthogonalize-categories")
-    with safe_open(str(p.orthogonalized), "pt") as f:
-        meta = f.metadata()
-        directions = f.get_tensor("directions").double()
-    return AblationDirections(directions, json.loads(meta["names"]), json.loads(meta["weights"]),
-                              json.loads(meta.get("kept", "[]")), meta["mode"])
+    return load_ablation_directions(p.orthogonalized)
 
 
 # ---------------------------------------------------------------- optimize
@@ -310,15 +285,16 @@ def export_lora(settings: Settings, log: StageLogger, model=None, tokenizer=None
     if model is None:
         model, tokenizer = _load(settings, log)
     source = str(resolve_model_source(settings.model))
-    factors = ex.adapter_factors(model, ablation.directions, plan, ablation.strengths, settings.export)
+    factors = ex.adapter_factors(model, ablation.basis, plan, ablation.strengths, settings.export)
     per_category = settings.categories.per_category_adapters and ablation.mode == "category"
     optimize_metrics = json.loads(p.metric("optimize").read_text()) if p.metric("optimize").exists() else {}
     with atomic_dir(p.lora) as tmp:
         ex.write_adapter(model, factors, tmp, source)
         if per_category:
             for i, name in enumerate(ablation.names):
-                one = ex.adapter_factors(model, ablation.directions[i:i + 1], plan, ablation.strengths[i:i + 1],
-                                         settings.export)
+                alone = torch.zeros_like(ablation.strengths)
+                alone[i] = ablation.strengths[i]  # this category's share of the combined change
+                one = ex.adapter_factors(model, ablation.basis, plan, alone, settings.export)
                 ex.write_adapter(model, one, tmp / "categories" / name, source)
         write_text(tmp / "README.md", ex.model_card(settings, optimize_metrics, kind="adapter"))
         ex.write_record(tmp, "adapter", settings, plan, ablation, {"harmful": harmful, "harmless": harmless},

@@ -20,11 +20,12 @@ import pandas as pd
 
 from clawly import optimize as opt
 from clawly.ablation import AblationPlan
+from clawly.artifacts import AblationDirections
 from clawly.errors import ClawlyError
 from clawly.evaluation import chat_prompts
 from clawly.io import atomic_path, write_json
 from clawly.log import StageLogger
-from clawly.pipeline import AblationDirections, paths_of, read_prompts
+from clawly.pipeline import paths_of, read_prompts
 from clawly.settings import Settings
 
 
@@ -196,7 +197,7 @@ def search_trials(search: Search, settings: Settings, model, log: StageLogger) -
     s = settings.optimize
     with log.progress(total=s.n_trials, desc="trials", unit="trial") as bar:
         bar.update(min(len(opt.finished(search.study)), s.n_trials))  # a resumed study
-        for t in opt.iter_study(search.study, model, search.evaluator, search.ablation.directions,
+        for t in opt.iter_study(search.study, model, search.evaluator, search.ablation.basis,
                                 search.num_layers, s, search.objectives, search.ablation.strengths,
                                 search.ablation.category_weights):
             bar.update(1)

@@ -1,8 +1,9 @@
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from clawly.ablation import AblationPlan, LayerKernel, ablated, ablation_kernel, weight_deltas, writers
-from clawly.directions import normalize
+from clawly.directions import AblationBasis, normalize
 
 
 def _load(path):
@@ -13,6 +14,10 @@ def _random_directions(model, m=1, seed=0):
     g = torch.Generator().manual_seed(seed)
     p, d = model.config.num_hidden_layers + 1, model.config.hidden_size
     return normalize(torch.randn(m, p, d, generator=g, dtype=torch.float64))
+
+
+def _basis(model, m=1, seed=0):
+    return AblationBasis(_random_directions(model, m, seed))
 
 
 def _flat_plan(weight=1.0, index=None, norm_preserve=False):
@@ -34,7 +39,7 @@ def test_ablation_removes_direction_component_from_every_writer_output(make_tiny
     model = _load(make_tiny_model("llama"))
     directions = _random_directions(model)
     x = torch.randn(5, 1000, dtype=torch.float64)
-    with ablated(model, weight_deltas(model, directions, _flat_plan())):
+    with ablated(model, weight_deltas(model, AblationBasis(directions), _flat_plan())):
         for wr in writers(model):
             w = wr.module.weight.double()
             y = x[:, : w.shape[1]] @ w.t()  # [5, d]
@@ -46,7 +51,7 @@ def test_ablation_removes_direction_component_from_every_writer_output(make_tiny
 def test_ablated_restores_weights_bit_identically_even_on_error(make_tiny_model):
     model = _load(make_tiny_model("qwen2"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    deltas = weight_deltas(model, _random_directions(model), _flat_plan(1.3, index=1.5))
+    deltas = weight_deltas(model, _basis(model), _flat_plan(1.3, index=1.5))
     try:
         with ablated(model, deltas):
             assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -59,7 +64,7 @@ def test_ablated_restores_weights_bit_identically_even_on_error(make_tiny_model)
 def test_zero_weight_changes_nothing(make_tiny_model):
     model = _load(make_tiny_model("llama"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    deltas = weight_deltas(model, _random_directions(model), _flat_plan(0.0))
+    deltas = weight_deltas(model, _basis(model), _flat_plan(0.0))
     assert deltas == {}
     with ablated(model, deltas):
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -72,7 +77,7 @@ def test_partial_weight_scales_the_removed_component(make_tiny_model):
     r = directions[0, wr.layer + 1]
     x = torch.randn(7, wr.module.weight.shape[1], dtype=torch.float64)
     before = (x @ wr.module.weight.double().t()) @ r
-    with ablated(model, weight_deltas(model, directions, _flat_plan(0.25))):
+    with ablated(model, weight_deltas(model, AblationBasis(directions), _flat_plan(0.25))):
         after = (x @ wr.module.weight.double().t()) @ r
     torch.testing.assert_close(after, 0.75 * before, rtol=1e-4, atol=1e-5)
 
@@ -80,48 +85,77 @@ def test_partial_weight_scales_the_removed_component(make_tiny_model):
 def test_norm_preserving_ablation_keeps_column_norms(make_tiny_model):
     model = _load(make_tiny_model("llama"))
     norms = {wr.name: wr.module.weight.norm(dim=0).clone() for wr in writers(model)}
-    deltas = weight_deltas(model, _random_directions(model), _flat_plan(norm_preserve=True))
+    deltas = weight_deltas(model, _basis(model), _flat_plan(norm_preserve=True))
     assert all(d.dense is not None for d in deltas.values())
     with ablated(model, deltas):
         for wr in writers(model):
             torch.testing.assert_close(wr.module.weight.norm(dim=0), norms[wr.name], rtol=1e-5, atol=1e-6)
 
 
-def test_global_direction_index_uses_one_interpolated_direction(make_tiny_model):
-    model = _load(make_tiny_model("llama"))
+def test_a_fractional_global_index_ablates_the_blend_of_the_two_neighbouring_directions(make_tiny_model):
+    model = _load(make_tiny_model("llama", num_layers=4))
     directions = _random_directions(model)
-    deltas = weight_deltas(model, directions, _flat_plan(index=1.0))
-    r = directions[0, 1]
+    deltas = weight_deltas(model, AblationBasis(directions), _flat_plan(index=1.25))
+    blend = 0.75 * directions[0, 1] + 0.25 * directions[0, 2]
+    r = blend / blend.norm()
+    assert len(deltas) == 2 * 4
     for delta in deltas.values():
         b = delta.b[:, 0]
         torch.testing.assert_close(b / b.norm(), -r, rtol=1e-6, atol=1e-8)
 
 
-def test_kept_direction_component_is_unchanged_after_ablating_orthogonalized_targets(make_tiny_model):
-    from clawly.directions import orthogonalize_categories
+def _unit(v):
+    return v / v.norm()
 
-    model = _load(make_tiny_model("llama"))
-    targets = _random_directions(model, m=2, seed=1)
+
+@pytest.mark.parametrize("index", [None, 2.0, 2.5, 3.75])
+def test_kept_direction_component_is_unchanged_after_ablating_orthogonalized_targets(make_tiny_model, index):
+    """At a fractional index too: the kept direction there is the blend of its two neighbours, and the
+    first (weight 1) target there is its own blend made orthogonal to it (Gram-Schmidt by hand)."""
+    model = _load(make_tiny_model("llama", num_layers=4))
     kept = _random_directions(model, m=1, seed=2)
-    # make the targets share a large component with the kept direction, as real categories do
-    q, _ = orthogonalize_categories(targets + 2.0 * kept, kept)
+    # the targets share a large component with the kept direction, as real categories do
+    targets = normalize(_random_directions(model, m=2, seed=1) + 2.0 * kept)
+    basis = AblationBasis(targets, kept)
+
+    def at(v, layer):  # a probe point's vector, or the blend at the fractional index
+        if index is None:
+            return v[layer + 1]
+        lo, frac = int(index), index - int(index)
+        return _unit((1 - frac) * _unit(v[lo]) + frac * _unit(v[min(lo + 1, v.shape[0] - 1)]))
+
     x = torch.randn(9, 1000, dtype=torch.float64)
     before = {wr.name: x[:, : wr.module.weight.shape[1]] @ wr.module.weight.double().t() for wr in writers(model)}
-    with ablated(model, weight_deltas(model, q, _flat_plan(1.0), torch.tensor([1.0, 0.7]))):
+    with ablated(model, weight_deltas(model, basis, _flat_plan(1.0, index=index), torch.tensor([1.0, 0.7]))):
         for wr in writers(model):
             after = x[:, : wr.module.weight.shape[1]] @ wr.module.weight.double().t()
-            k = kept[0, wr.layer + 1]
+            k = at(kept[0], wr.layer)
+            t = at(targets[0], wr.layer)
+            removed = _unit(t - (t @ k) * k)
             torch.testing.assert_close(after @ k, before[wr.name] @ k, rtol=1e-5, atol=1e-5)
-            assert (after @ q[0, wr.layer + 1]).abs().max() < 1e-4  # the weight-1 target is gone
+            assert (after @ removed).abs().max() < 1e-4  # the weight-1 target is gone
             assert not torch.allclose(after, before[wr.name])
+
+
+def test_the_basis_at_a_fractional_index_is_orthonormal_and_orthogonal_to_the_protected_blend():
+    g = torch.Generator().manual_seed(5)
+    protected = torch.randn(2, 4, 12, generator=g, dtype=torch.float64)
+    removed = torch.randn(3, 4, 12, generator=g, dtype=torch.float64) + protected[:1]
+    basis = AblationBasis(removed, protected)
+    q = basis.at_index(1.6)
+    torch.testing.assert_close(q @ q.t(), torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-12)
+    blend = 0.4 * protected[:, 1] / protected[:, 1].norm(dim=-1, keepdim=True) + \
+        0.6 * protected[:, 2] / protected[:, 2].norm(dim=-1, keepdim=True)
+    assert (q @ blend.t()).abs().max() < 1e-12
+    torch.testing.assert_close(basis.at_index(2.0), basis.directions[:, 2], rtol=0, atol=1e-12)
 
 
 def test_a_zero_category_weight_contributes_nothing(make_tiny_model):
     model = _load(make_tiny_model("llama"))
     q = _random_directions(model, m=2, seed=4)
-    both = weight_deltas(model, q, _flat_plan(), torch.tensor([1.0, 0.0]))
-    first = weight_deltas(model, q[:1], _flat_plan(), torch.tensor([1.0]))
+    both = weight_deltas(model, AblationBasis(q), _flat_plan(), torch.tensor([1.0, 0.0]))
+    first = weight_deltas(model, AblationBasis(q[:1]), _flat_plan(), torch.tensor([1.0]))
     assert both.keys() == first.keys()
     for name in both:
         assert torch.equal(both[name].matrix(), first[name].matrix())
-    assert weight_deltas(model, q, _flat_plan(), torch.zeros(2)) == {}
+    assert weight_deltas(model, AblationBasis(q), _flat_plan(), torch.zeros(2)) == {}

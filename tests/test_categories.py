@@ -21,10 +21,10 @@ def test_category_directions_follow_preset_order_and_protect_kept():
     cd = category_directions(_tensors(), s, orthogonalize=True, protect_harmless=False)
     assert cd.names == ["b", "a"] and cd.weights == [1.0, 0.5] and cd.kept == ["k"]
     k = _tensors()["category_direction.k"].double()
-    assert torch.einsum("mpd,pd->mp", cd.directions, k).abs().max() < 1e-10
-    assert (cd.retained < 1).all() and set(cd.kept_cosine["a"]) == {"k"}
+    assert torch.einsum("mpd,pd->mp", cd.basis.directions, k).abs().max() < 1e-10
+    assert (cd.basis.retained < 1).all() and set(cd.kept_cosine["a"]) == {"k"}
     off = category_directions(_tensors(), s, orthogonalize=False, protect_harmless=False)
-    assert torch.einsum("mpd,pd->mp", off.directions, k).abs().max() > 1e-3  # not protected when off
+    assert torch.einsum("mpd,pd->mp", off.basis.directions, k).abs().max() > 1e-3  # not protected when off
 
 
 def test_unknown_category_is_one_clear_error():

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from clawly.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
 from clawly.checkpoint import INDEX_NAME, parse_size, plan_shards, save_sharded, source_weight_map
-from clawly.directions import normalize
+from clawly.directions import AblationBasis, normalize
 from clawly.lora import lora_factors, save_adapter, svd_compress
 
 
@@ -24,8 +24,8 @@ def _plan(norm_preserve=False):
 
 def _directions(model, m=1):
     g = torch.Generator().manual_seed(3)
-    return normalize(torch.randn(m, model.config.num_hidden_layers + 1, model.config.hidden_size, generator=g,
-                                 dtype=torch.float64))
+    return AblationBasis(normalize(torch.randn(m, model.config.num_hidden_layers + 1, model.config.hidden_size,
+                                               generator=g, dtype=torch.float64)))
 
 
 def _ids(model):
@@ -113,11 +113,9 @@ def test_single_shard_has_no_index_and_sizes_parse(tmp_path):
 
 
 def test_per_category_adapters_add_up_to_the_combined_adapter(make_tiny_model, tmp_path):
-    from clawly.directions import orthonormalize
-
     path = make_tiny_model("llama")
     model = _load(path)
-    q = orthonormalize(_directions(model, m=2))
+    q = _directions(model, m=2)
     strengths = torch.tensor([1.0, 0.6], dtype=torch.float64)
     ids = _ids(model)
     total = weight_deltas(model, q, _plan(), strengths)
@@ -126,7 +124,9 @@ def test_per_category_adapters_add_up_to_the_combined_adapter(make_tiny_model, t
     for f in lora_factors(total).values():
         assert f.rank == 2  # rank = number of ablated directions, written exactly
     for i, name in enumerate(["violence", "drugs"]):
-        one = weight_deltas(model, q[i:i + 1], _plan(), strengths[i:i + 1])
+        alone = torch.zeros(2, dtype=torch.float64)
+        alone[i] = strengths[i]
+        one = weight_deltas(model, q, _plan(), alone)
         save_adapter(model, lora_factors(one), tmp_path / name)
     assert all(type(m).__name__ != "Linear" or not hasattr(m, "lora_A") for m in model.modules())  # unloaded
     peft_model = PeftModel.from_pretrained(_load(path), str(tmp_path / "violence"), adapter_name="violence")

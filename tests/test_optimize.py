@@ -115,8 +115,10 @@ def _study_on_tiny_model(tiny_model, tmp_path, **settings):
     prompts = EvalPrompts(chat_prompts(tok, texts, None), ["a", "a", "b", "b"], chat_prompts(tok, texts[::-1], None))
     evaluator = TrialEvaluator(model, tok, prompts, s)
     torch.manual_seed(0)
-    directions = torch.nn.functional.normalize(torch.randn(1, model.config.num_hidden_layers + 1,
-                                                           model.config.hidden_size), dim=-1)
+    from clawly.directions import AblationBasis
+
+    directions = AblationBasis(torch.nn.functional.normalize(torch.randn(1, model.config.num_hidden_layers + 1,
+                                                                         model.config.hidden_size), dim=-1))
     study = open_study(str(tmp_path / "journal.log"), "s", seed=0, n_startup_trials=3)
     run_study(study, model, evaluator, directions, model.config.num_hidden_layers, s)
     for k, v in model.state_dict().items():
