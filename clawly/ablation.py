@@ -106,12 +106,6 @@ class WeightDelta:
         return self.dense if self.dense is not None else self.b @ self.a
 
 
-def _weight(module: nn.Module) -> torch.Tensor:
-    """Weight as `[d_out, d_in]` (GPT-2's Conv1D stores the transpose)."""
-    w = module.weight
-    return w.t() if type(module).__name__ == "Conv1D" else w
-
-
 def weight_deltas(model: nn.Module, basis: AblationBasis, plan: AblationPlan,
                   strengths: torch.Tensor | None = None) -> dict[str, WeightDelta]:
     """The weight change of every writer the plan touches, computed in float64.
@@ -132,7 +126,7 @@ def weight_deltas(model: nn.Module, basis: AblationBasis, plan: AblationPlan,
         alpha = kernels[wr.component][wr.layer] * s  # [m]
         if not torch.any(alpha != 0):
             continue
-        w = _weight(wr.module).detach().to("cpu", torch.float64)
+        w = wr.module.weight.detach().to("cpu", torch.float64)
         qc = q[wr.layer]  # [m, d]
         keep = alpha != 0
         qc, alpha = qc[keep], alpha[keep]
@@ -149,19 +143,18 @@ def weight_deltas(model: nn.Module, basis: AblationBasis, plan: AblationPlan,
 
 @contextlib.contextmanager
 def ablated(model: nn.Module, deltas: dict[str, WeightDelta]) -> Iterator[nn.Module]:
-    """Apply weight changes in place; always restore the exact original weights on exit."""
+    """Apply weight changes in place; always restore the exact original weights on exit.
+
+    Each change is added in its own precision and rounded once to the weight's dtype: a trial's
+    float64 change, or an adapter's float32 B A exactly as `peft`'s merge adds it."""
     modules = dict(model.named_modules())
     originals: dict[str, torch.Tensor] = {}
     try:
         with torch.no_grad():
             for name, delta in deltas.items():
-                module = modules[name]
-                w = module.weight
+                w = modules[name].weight
                 originals[name] = w.detach().clone()
-                change = delta.matrix()
-                if type(module).__name__ == "Conv1D":
-                    change = change.t()
-                w.add_(change.to(w.device, w.dtype))
+                w.add_(delta.matrix().to(w.device))
         yield model
     finally:
         with torch.no_grad():

@@ -183,7 +183,7 @@ class Pipeline:
         self._restore_base()
         self._factors = ex.adapter_factors(self.model, directions.basis, trial.plan, directions.strengths,
                                            self.settings.export)
-        self._applied.enter_context(ablated(self.model, ex.merged_deltas(self.model, self._factors)))
+        self._applied.enter_context(ablated(self.model, ex.merged_deltas(self._factors)))
         self.trial = trial
         return trial
 

@@ -42,14 +42,12 @@ def adapter_factors(model, basis: AblationBasis, plan: AblationPlan, strengths: 
     return lora_factors(weight_deltas(model, basis, plan, strengths), export.energy, export.max_rank)
 
 
-def merged_deltas(model, factors: dict[str, LoraFactors]) -> dict[str, WeightDelta]:
-    """Dense `B A` per module in the weight's dtype: what merging the adapter adds to the base weights."""
-    modules = dict(model.named_modules())
-    out = {}
-    for name, f in factors.items():
-        dtype = modules[name].weight.dtype
-        out[name] = WeightDelta(dense=f.b.to(dtype) @ f.a.to(dtype))
-    return out
+def merged_deltas(factors: dict[str, LoraFactors]) -> dict[str, WeightDelta]:
+    """What merging the adapter adds to the base weights, computed as `peft` computes it: the adapter
+    holds float32 factors (peft upcasts half-precision adapters), `merge_and_unload` forms B A in
+    float32 and adds it to the weight in place (`ablated` applies it the same way)."""
+    return {name: WeightDelta(dense=f.b.float().contiguous() @ f.a.float().contiguous())
+            for name, f in factors.items()}
 
 
 def adapter_metrics(factors: dict[str, LoraFactors]) -> dict:

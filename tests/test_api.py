@@ -124,17 +124,32 @@ def test_saved_adapter_and_model_load_in_peft_and_transformers(done_pipeline, tm
     assert "LoRA adapter" in (tmp_path / "adapter" / "README.md").read_text()
 
 
-def test_api_save_equals_the_stages_export_and_merge(done_pipeline, tmp_path):
-    """No second implementation: the stages' adapter + merge give the API's saved model bit for bit."""
-    pipe, tmp, _ = done_pipeline
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("mode", ["global", "category"])
+def test_api_save_reproduce_and_the_stages_merge_agree_bit_for_bit(make_tiny_model, tmp_path, dtype, mode):
+    """No second implementation: the stages' adapter + peft merge, the API's saved model and
+    `reproduce` give the same weights, in every dtype (peft adds B A formed in float32)."""
+    keys = {"model.dtype": dtype, "n_trials": 2, "direction_scopes": ["per_layer"]}
+    if mode == "category":  # and the fractional global index, where the basis is orthogonalized
+        keys.update({"categories.weights": {"violence_weapons": 1.0, "drugs_substances": 0.6,
+                                            "self_harm_suicide": 0.0}, "direction_scopes": ["global"]})
+    pipe = Pipeline(tiny_settings(make_tiny_model("llama", num_layers=3), tmp_path, **keys), log=quiet(tmp_path))
+    list(pipe.run_optimization_iter())
     pipe.write_outputs()
-    pl.export_lora(pipe.settings, quiet(tmp))
-    pl.merge(pipe.settings, quiet(tmp))
+    pl.export_lora(pipe.settings, quiet(tmp_path))
+    pl.merge(pipe.settings, quiet(tmp_path))
     pipe.restore_trial(pipe.choose_trial())
+    if mode == "category":
+        assert pipe.trial.plan.direction_index % 1 != 0
     pipe.save_model(tmp_path / "model")
     stage, api = saved_tensors(Path(pipe.settings.artifacts_dir) / "model"), saved_tensors(tmp_path / "model")
-    assert stage.keys() == api.keys()
-    assert all(torch.equal(stage[k], api[k]) for k in stage)
+    assert stage.keys() == api.keys() and {t.dtype for t in stage.values()} == {getattr(torch, dtype)}
+    differ = [k for k in stage if not torch.equal(stage[k], api[k])]
+    assert not differ, f"{len(differ)} of {len(stage)} tensors differ: {differ[:4]}"
+    base = saved_tensors(make_tiny_model("llama", num_layers=3))
+    assert sum(not torch.equal(api[k], base[k].to(api[k].dtype)) for k in api) >= 2  # the trial changed weights
+    rebuilt = saved_tensors(Pipeline.reproduce(tmp_path / "model", tmp_path / "again", quiet(tmp_path)))
+    assert [k for k in stage if not torch.equal(stage[k], rebuilt[k])] == []
     stage_record = json.loads((Path(pipe.settings.artifacts_dir) / "model" / "clawly_reproduction.json").read_text())
     assert stage_record["plan"] == pipe.trial.plan.to_dict()
 
