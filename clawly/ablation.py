@@ -8,6 +8,14 @@ stream. Ablating orthonormal directions q_c with strengths a_c removes them from
 `a = 1` removes the component exactly; the optimizer searches strengths per layer through a
 kernel over layers. With `norm_preserve`, every column of W' (the vector one input feature
 writes into the residual stream) is rescaled to its original norm afterwards.
+
+Where an RMS norm with gain G = diag(g) sits between the writer and the residual stream (Gemma 2/3,
+OLMo 2), what enters the stream is G W x / rms(W x). There the change is
+
+    W' = W - sum_c a_c (G^-1 q_c) (G q_c)^T W,   so that   G W' = (I - sum_c a_c q_c q_c^T) G W
+
+and the residual-stream write loses the q_c components exactly as without a norm (the rms rescales
+each token's write as a whole). Still rank <= number of directions.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from clawly.architecture import decoder_layers, residual_writers
+from clawly.architecture import decoder_layers, residual_writers, writer_gains
 from clawly.directions import AblationBasis
 
 COMPONENTS = ("attn_out", "mlp_down")
@@ -74,6 +82,7 @@ class Writer:
     component: str
     name: str  # full module name, e.g. "model.layers.3.self_attn.o_proj"
     module: nn.Module
+    gain: torch.Tensor | None = None  # [d] gain of an RMS norm between its output and the residual stream
 
 
 def writers(model: nn.Module) -> list[Writer]:
@@ -81,8 +90,9 @@ def writers(model: nn.Module) -> list[Writer]:
     names = {id(m): n for n, m in model.named_modules()}
     out = []
     for i, layer in enumerate(decoder_layers(model)):
+        gains = writer_gains(layer)
         for component, module in residual_writers(layer).items():
-            out.append(Writer(i, component, names[id(module)], module))
+            out.append(Writer(i, component, names[id(module)], module, gains[component]))
     return out
 
 
@@ -130,8 +140,14 @@ def weight_deltas(model: nn.Module, basis: AblationBasis, plan: AblationPlan,
         qc = q[wr.layer]  # [m, d]
         keep = alpha != 0
         qc, alpha = qc[keep], alpha[keep]
-        b = -(qc * alpha[:, None]).t()  # [d, k]
-        a = qc @ w  # [k, d_in]
+        if wr.gain is None:
+            b = -(qc * alpha[:, None]).t()  # [d, k]
+            a = qc @ w  # [k, d_in]
+        else:  # G^-1 q and G q (a zero gain coordinate never reaches the residual stream)
+            g = wr.gain.to(torch.float64)
+            inverse = torch.where(g != 0, 1.0 / g, torch.zeros_like(g))
+            b = -(qc * inverse * alpha[:, None]).t()
+            a = (qc * g) @ w
         if plan.norm_preserve:
             new = w + b @ a
             new = new * (w.norm(dim=0, keepdim=True) / new.norm(dim=0, keepdim=True).clamp_min(1e-12))

@@ -12,10 +12,16 @@ every decoder layer:
 
 Both are ``nn.Linear`` with ``weight`` of shape ``[hidden, in_features]``: the residual-stream
 direction lives in the weight's *rows* (output side).
+
+Some architectures (Gemma 2 and 3, OLMo 2) normalize each writer's output before adding it to the
+residual stream (``post_attention_layernorm``, ``post_feedforward_layernorm``). An RMS norm there
+scales every coordinate by its gain g, so what enters the residual stream is g * W x / rms(W x);
+`writer_gains` measures g so the ablation can act on that (see `clawly.ablation`).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 ATTN_OUT = "attn_out"
@@ -169,6 +175,44 @@ def layer_writers(model: nn.Module) -> list[dict[str, nn.Linear]]:
         {component: module for component, (_, module) in _writers_of(model, i, layer).items()}
         for i, layer in enumerate(decoder_layers(model))
     ]
+
+
+# A layer with this norm normalizes both writers' outputs before the residual add (Gemma 2/3, OLMo 2);
+# in pre-norm models `post_attention_layernorm` is the MLP's input norm instead.
+_POST_NORM_MARK = "post_feedforward_layernorm"
+_POST_NORMS = {ATTN_OUT: "post_attention_layernorm", MLP_DOWN: "post_feedforward_layernorm"}
+
+
+@torch.no_grad()
+def rms_norm_gain(norm: nn.Module, size: int) -> torch.Tensor:
+    """The per-coordinate gain g `[size]` float64 of an RMS norm, y = g * x / rms(x), read off the
+    module itself (so `weight` or `1 + weight` conventions need no special case). Anything that is
+    not such a norm (a LayerNorm subtracts the mean) is an `UnsupportedArchitectureError`."""
+    param = next(norm.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    gain = norm(torch.full((1, size), 1e4, dtype=torch.float64, device=device)).double()[0]  # rms 1e4 >> eps
+    x = torch.randn(4, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(device)
+    expected = gain * x / x.pow(2).mean(-1, keepdim=True).sqrt()
+    if not torch.allclose(norm(x).double(), expected, rtol=1e-3, atol=1e-4):
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture: the norm after a residual writer ({type(norm).__name__}) is not an RMS "
+            "norm (gain * x / rms(x)), so the ablated direction cannot be kept out of the residual stream")
+    return gain.cpu()
+
+
+def writer_gains(layer: nn.Module) -> dict[str, torch.Tensor | None]:
+    """Per component, the gain `[hidden]` of the RMS norm applied to the writer's output before the
+    residual add, or None where the output is added as it is."""
+    if _get(layer, _POST_NORM_MARK) is None:
+        return {c: None for c in COMPONENTS}
+    out: dict[str, torch.Tensor | None] = {}
+    for component, path in _POST_NORMS.items():
+        norm = _get(layer, path)
+        if norm is None:
+            raise UnsupportedArchitectureError(
+                f"unsupported architecture {type(layer).__name__}: it has {_POST_NORM_MARK} but no {path}")
+        out[component] = rms_norm_gain(norm, residual_writers(layer)[component].weight.shape[0])
+    return out
 
 
 def residual_writer_names(model: nn.Module) -> dict[str, str]:

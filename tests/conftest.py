@@ -124,6 +124,7 @@ def tiny_config(arch: str = "llama", num_layers: int = 2, hidden: int = 32, tie:
         "gemma2": {"head_dim": hidden // 4, "query_pre_attn_scalar": hidden // 4},
         "gemma3_text": {"head_dim": hidden // 4, "query_pre_attn_scalar": hidden // 4},
         "phi3": {"pad_token_id": VOCAB.index(PAD)},
+        "olmo2": {},
         "mixtral": {"num_local_experts": 2, "num_experts_per_tok": 1},
         "qwen2_moe": {"num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": hidden,
                       "shared_expert_intermediate_size": hidden},

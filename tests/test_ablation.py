@@ -159,3 +159,37 @@ def test_a_zero_category_weight_contributes_nothing(make_tiny_model):
     for name in both:
         assert torch.equal(both[name].matrix(), first[name].matrix())
     assert weight_deltas(model, AblationBasis(q), _flat_plan(), torch.zeros(2)) == {}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3_text", "olmo2"])
+def test_what_enters_the_residual_stream_loses_the_direction(build_tiny_model, arch):
+    """Gemma 2/3 and OLMo 2 normalize each writer's output before adding it to the residual stream; the norm's
+    gain would bring the removed component back unless the ablation accounts for it. Non-trivial
+    gains (random norm weights) make the difference visible."""
+    model, _ = build_tiny_model(arch, num_layers=2)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(p + 0.5 * torch.randn(p.shape, generator=g))
+    directions = _random_directions(model)
+    deltas = weight_deltas(model, AblationBasis(directions), _flat_plan())
+    writes = []  # (layer, what the writer adds to the residual stream)
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        post = {"attn_out": getattr(layer, "post_attention_layernorm", None),
+                "mlp_down": getattr(layer, "post_feedforward_layernorm", None)}
+        if post["mlp_down"] is None:  # pre-norm: the writers' outputs are added as they are
+            post = {"attn_out": layer.self_attn.o_proj, "mlp_down": layer.mlp.down_proj}
+        for module in post.values():
+            hooks.append(module.register_forward_hook(lambda m, a, out, i=i: writes.append((i, out.detach()))))
+    ids = torch.randint(5, model.config.vocab_size, (3, 7), generator=g)
+    with ablated(model, deltas), torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    assert len(writes) == 4
+    for layer, out in writes:
+        r = directions[0, layer + 1].float()
+        along = (out @ r).abs().max() / out.norm(dim=-1).max()
+        assert along < 1e-5, f"layer {layer}: {along:.2e} of the write still lies along the direction"

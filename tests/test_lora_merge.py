@@ -32,7 +32,7 @@ def _ids(model):
     return torch.randint(3, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
 def test_lora_adapter_equals_dense_change_and_loads_in_peft(make_tiny_model, tmp_path, arch):
     path = make_tiny_model(arch)
     model = _load(path)
