@@ -106,11 +106,13 @@ def layer_directions(basis: AblationBasis, plan: AblationPlan, num_layers: int) 
 
 @dataclass
 class WeightDelta:
-    """A writer's weight change. Low rank as B @ A (B `[d, k]`, A `[k, d_in]`), or dense."""
+    """A writer's weight change. Low rank as B @ A (B `[d, k]`, A `[k, d_in]`), or dense; and the
+    change of its bias `[d]` when it has one (the bias is written into the residual stream too)."""
 
     b: torch.Tensor | None = None
     a: torch.Tensor | None = None
     dense: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
     def matrix(self) -> torch.Tensor:
         return self.dense if self.dense is not None else self.b @ self.a
@@ -142,18 +144,21 @@ def weight_deltas(model: nn.Module, basis: AblationBasis, plan: AblationPlan,
         qc, alpha = qc[keep], alpha[keep]
         if wr.gain is None:
             b = -(qc * alpha[:, None]).t()  # [d, k]
-            a = qc @ w  # [k, d_in]
+            read = qc  # [k, d]
         else:  # G^-1 q and G q (a zero gain coordinate never reaches the residual stream)
             g = wr.gain.to(torch.float64)
             inverse = torch.where(g != 0, 1.0 / g, torch.zeros_like(g))
             b = -(qc * inverse * alpha[:, None]).t()
-            a = (qc * g) @ w
+            read = qc * g
+        a = read @ w  # [k, d_in]
+        bias = wr.module.bias
+        bias_change = None if bias is None else b @ (read @ bias.detach().to("cpu", torch.float64))
         if plan.norm_preserve:
             new = w + b @ a
             new = new * (w.norm(dim=0, keepdim=True) / new.norm(dim=0, keepdim=True).clamp_min(1e-12))
-            deltas[wr.name] = WeightDelta(dense=new - w)
+            deltas[wr.name] = WeightDelta(dense=new - w, bias=bias_change)
         else:
-            deltas[wr.name] = WeightDelta(b=b, a=a)
+            deltas[wr.name] = WeightDelta(b=b, a=a, bias=bias_change)
     return deltas
 
 
@@ -164,15 +169,17 @@ def ablated(model: nn.Module, deltas: dict[str, WeightDelta]) -> Iterator[nn.Mod
     Each change is added in its own precision and rounded once to the weight's dtype: a trial's
     float64 change, or an adapter's float32 B A exactly as `peft`'s merge adds it."""
     modules = dict(model.named_modules())
-    originals: dict[str, torch.Tensor] = {}
+    originals: dict[tuple[str, str], torch.Tensor] = {}
     try:
         with torch.no_grad():
             for name, delta in deltas.items():
-                w = modules[name].weight
-                originals[name] = w.detach().clone()
-                w.add_(delta.matrix().to(w.device))
+                changes = [("weight", delta.matrix())] + ([("bias", delta.bias)] if delta.bias is not None else [])
+                for kind, change in changes:
+                    param = getattr(modules[name], kind)
+                    originals[name, kind] = param.detach().clone()
+                    param.add_(change.to(param.device))
         yield model
     finally:
         with torch.no_grad():
-            for name, original in originals.items():
-                modules[name].weight.copy_(original)
+            for (name, kind), original in originals.items():
+                getattr(modules[name], kind).copy_(original)

@@ -84,6 +84,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's decoder layers, in order (also through a PEFT wrapper)."""
     inner = _unwrap(model)
+    if getattr(getattr(inner, "config", None), "do_layer_norm_before", True) is False:
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture {type(inner).__name__}: do_layer_norm_before=false normalizes the residual "
+            "stream after every residual add (post-LN, as in OPT-350m), so no direction can be ablated from it")
     for path in _LAYER_PATHS:
         layers = _get(inner, path)
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:

@@ -46,7 +46,8 @@ def merged_deltas(factors: dict[str, LoraFactors]) -> dict[str, WeightDelta]:
     """What merging the adapter adds to the base weights, computed as `peft` computes it: the adapter
     holds float32 factors (peft upcasts half-precision adapters), `merge_and_unload` forms B A in
     float32 and adds it to the weight in place (`ablated` applies it the same way)."""
-    return {name: WeightDelta(dense=f.b.float().contiguous() @ f.a.float().contiguous())
+    return {name: WeightDelta(dense=f.b.float().contiguous() @ f.a.float().contiguous(),
+                              bias=None if f.bias is None else f.bias.float())
             for name, f in factors.items()}
 
 

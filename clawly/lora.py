@@ -3,6 +3,8 @@
 Low-rank changes (plain ablation, rank = number of ablated directions) are written exactly.
 Dense changes (norm-preserving ablation) are compressed by truncated SVD: the rank keeps the
 given share of squared singular values (energy), and the relative Frobenius error is reported.
+A bias change (writers with a bias: OPT, GPT-NeoX) is lora_B's bias (peft's `lora_bias`), which
+peft adds to the output and, on merge, to the base bias.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class LoraFactors:
     b: torch.Tensor  # [d_out, r]
     a: torch.Tensor  # [r, d_in]
     relative_error: float  # ||B A - delta||_F / ||delta||_F (0 for exact low-rank changes)
+    bias: torch.Tensor | None = None  # [d_out] the bias change, exact
 
     @property
     def rank(self) -> int:
@@ -52,6 +55,7 @@ def lora_factors(deltas: dict[str, WeightDelta], energy: float = 0.99, max_rank:
             out[name] = LoraFactors(delta.b.to(torch.float64), delta.a.to(torch.float64), 0.0)
         else:
             out[name] = svd_compress(delta.dense, energy, max_rank)
+        out[name].bias = delta.bias
     return out
 
 
@@ -68,8 +72,12 @@ def save_adapter(model: nn.Module, factors: dict[str, LoraFactors], out_dir: str
     ranks = {name: f.rank for name, f in factors.items()}
     r = max(set(ranks.values()), key=list(ranks.values()).count)
     pattern = {re.escape(n): k for n, k in ranks.items() if k != r}
+    biased = {f.bias is not None for f in factors.values()}
+    if len(biased) > 1:
+        raise ValueError("some residual writers have a bias and some do not: peft's lora_bias is all or none, "
+                         "so this adapter cannot be written")
     config = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(factors), rank_pattern=pattern,
-                        alpha_pattern=dict(pattern), lora_dropout=0.0, bias="none")
+                        alpha_pattern=dict(pattern), lora_dropout=0.0, bias="none", lora_bias=biased == {True})
     peft_model = get_peft_model(model, config)
     base = peft_model.base_model.model
     with torch.no_grad():
@@ -80,6 +88,8 @@ def save_adapter(model: nn.Module, factors: dict[str, LoraFactors], out_dir: str
                 raise RuntimeError(f"LoRA shape mismatch at {name}: {tuple(a.shape)} vs {tuple(f.a.shape)}")
             a.copy_(f.a.to(a.dtype))
             b.copy_(f.b.to(b.dtype))
+            if f.bias is not None:
+                module.lora_B["default"].bias.copy_(f.bias.to(b.dtype))
     if base_model_name_or_path is not None:
         peft_model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
     peft_model.save_pretrained(str(out_dir))

@@ -125,6 +125,8 @@ def tiny_config(arch: str = "llama", num_layers: int = 2, hidden: int = 32, tie:
         "gemma3_text": {"head_dim": hidden // 4, "query_pre_attn_scalar": hidden // 4},
         "phi3": {"pad_token_id": VOCAB.index(PAD)},
         "olmo2": {},
+        "opt": {"ffn_dim": 2 * hidden, "word_embed_proj_dim": hidden},  # biased writers
+        "gpt_neox": {},  # biased writers, parallel residual
         "mixtral": {"num_local_experts": 2, "num_experts_per_tok": 1},
         "qwen2_moe": {"num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": hidden,
                       "shared_expert_intermediate_size": hidden},
@@ -147,6 +149,10 @@ def build_tiny_model(arch: str = "llama", num_layers: int = 2, hidden: int = 32,
     config = tiny_config(arch, num_layers, hidden, tie)
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # biases start at zero; real models' do not, and a zero bias hides bugs
+        for name, param in model.named_parameters():
+            if name.endswith(".bias") and param.dim() == 1 and "norm" not in name:
+                param.normal_(0.0, 0.1)
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = VOCAB.index(PAD)
     model.generation_config.bos_token_id = VOCAB.index(BOS)

@@ -193,3 +193,35 @@ def test_what_enters_the_residual_stream_loses_the_direction(build_tiny_model, a
         r = directions[0, layer + 1].float()
         along = (out @ r).abs().max() / out.norm(dim=-1).max()
         assert along < 1e-5, f"layer {layer}: {along:.2e} of the write still lies along the direction"
+
+
+@pytest.mark.parametrize("arch", ["opt", "gpt_neox"])
+def test_a_biased_writer_loses_the_direction_from_its_bias_too(build_tiny_model, arch):
+    model, _ = build_tiny_model(arch, num_layers=2)
+    g = torch.Generator().manual_seed(8)
+    assert all(wr.module.bias.abs().max() > 0.01 for wr in writers(model))
+    directions = _random_directions(model)
+    deltas = weight_deltas(model, AblationBasis(directions), _flat_plan())
+    assert all(d.bias is not None for d in deltas.values())
+    outputs = {}
+    hooks = [wr.module.register_forward_hook(lambda m, a, out, wr=wr: outputs.setdefault(wr.name, out.detach()))
+             for wr in writers(model)]
+    ids = torch.randint(5, model.config.vocab_size, (3, 7), generator=g)
+    with ablated(model, deltas), torch.no_grad():
+        model(ids)
+        for wr in writers(model):
+            r = directions[0, wr.layer + 1].float()
+            assert abs(float(wr.module.bias @ r)) < 1e-5 * float(wr.module.bias.norm())
+            out = outputs[wr.name]
+            assert (out @ r).abs().max() < 1e-5 * out.norm(dim=-1).max(), wr.name
+    for h in hooks:
+        h.remove()
+
+
+def test_a_post_layer_norm_model_is_refused_by_name(build_tiny_model):
+    from clawly.architecture import UnsupportedArchitectureError
+
+    model, _ = build_tiny_model("opt", num_layers=2)
+    model.config.do_layer_norm_before = False  # OPT-350m: the norm comes after the residual add
+    with pytest.raises(UnsupportedArchitectureError, match="OPTForCausalLM.*normalizes the residual stream"):
+        writers(model)

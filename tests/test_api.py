@@ -125,15 +125,16 @@ def test_saved_adapter_and_model_load_in_peft_and_transformers(done_pipeline, tm
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("mode", ["global", "category"])
-def test_api_save_reproduce_and_the_stages_merge_agree_bit_for_bit(make_tiny_model, tmp_path, dtype, mode):
+@pytest.mark.parametrize("mode,arch", [("global", "llama"), ("category", "llama"), ("global", "opt")])
+def test_api_save_reproduce_and_the_stages_merge_agree_bit_for_bit(make_tiny_model, tmp_path, dtype, mode, arch):
     """No second implementation: the stages' adapter + peft merge, the API's saved model and
-    `reproduce` give the same weights, in every dtype (peft adds B A formed in float32)."""
+    `reproduce` give the same weights, in every dtype (peft adds B A formed in float32), biases
+    included (OPT's writers have one)."""
     keys = {"model.dtype": dtype, "n_trials": 2, "direction_scopes": ["per_layer"]}
     if mode == "category":  # and the fractional global index, where the basis is orthogonalized
         keys.update({"categories.weights": {"violence_weapons": 1.0, "drugs_substances": 0.6,
                                             "self_harm_suicide": 0.0}, "direction_scopes": ["global"]})
-    pipe = Pipeline(tiny_settings(make_tiny_model("llama", num_layers=3), tmp_path, **keys), log=quiet(tmp_path))
+    pipe = Pipeline(tiny_settings(make_tiny_model(arch, num_layers=3), tmp_path, **keys), log=quiet(tmp_path))
     list(pipe.run_optimization_iter())
     pipe.write_outputs()
     pl.export_lora(pipe.settings, quiet(tmp_path))
@@ -146,7 +147,7 @@ def test_api_save_reproduce_and_the_stages_merge_agree_bit_for_bit(make_tiny_mod
     assert stage.keys() == api.keys() and {t.dtype for t in stage.values()} == {getattr(torch, dtype)}
     differ = [k for k in stage if not torch.equal(stage[k], api[k])]
     assert not differ, f"{len(differ)} of {len(stage)} tensors differ: {differ[:4]}"
-    base = saved_tensors(make_tiny_model("llama", num_layers=3))
+    base = saved_tensors(make_tiny_model(arch, num_layers=3))
     assert sum(not torch.equal(api[k], base[k].to(api[k].dtype)) for k in api) >= 2  # the trial changed weights
     rebuilt = saved_tensors(Pipeline.reproduce(tmp_path / "model", tmp_path / "again", quiet(tmp_path)))
     assert [k for k in stage if not torch.equal(stage[k], rebuilt[k])] == []

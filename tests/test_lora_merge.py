@@ -32,7 +32,7 @@ def _ids(model):
     return torch.randint(3, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "opt", "gpt_neox"])
 def test_lora_adapter_equals_dense_change_and_loads_in_peft(make_tiny_model, tmp_path, arch):
     path = make_tiny_model(arch)
     model = _load(path)
@@ -49,7 +49,9 @@ def test_lora_adapter_equals_dense_change_and_loads_in_peft(make_tiny_model, tmp
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and sorted(config["target_modules"]) == sorted(deltas)
     tensors = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
-    assert len(tensors) == 2 * len(deltas)
+    biased = arch in ("opt", "gpt_neox")  # the bias change rides in lora_B's bias (peft lora_bias)
+    assert all((d.bias is not None) == biased for d in deltas.values())
+    assert len(tensors) == (3 if biased else 2) * len(deltas) and config["lora_bias"] == biased
     peft_model = PeftModel.from_pretrained(_load(path), str(tmp_path / "lora")).eval()
     torch.testing.assert_close(peft_model(ids).logits, expected, rtol=1e-4, atol=1e-4)
     merged = peft_model.merge_and_unload()
