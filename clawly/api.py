@@ -181,9 +181,9 @@ class Pipeline:
         elif isinstance(trial, AblationPlan):
             trial = TrialOutcome(-1, None, None, {}, {}, {}, trial)
         self._restore_base()
-        self._factors = ex.adapter_factors(self.model, directions.basis, trial.plan, directions.strengths,
-                                           self.settings.export)
-        self._applied.enter_context(ablated(self.model, ex.merged_deltas(self._factors)))
+        change = ex.saved_change(self.model, directions.basis, trial.plan, directions.strengths, self.settings.export)
+        self._factors = change.factors
+        self._applied.enter_context(ablated(self.model, change.model_deltas))
         self.trial = trial
         return trial
 
@@ -254,7 +254,9 @@ class Pipeline:
         and reproduction record."""
         from clawly.model import resolve_model_source
 
-        self._current()
+        trial = self._current()
+        if trial.plan.norm_preserve and (warning := ex.adapter_warning(self._factors, self.settings.export)):
+            self.log.event("warning", warning)
         with atomic_dir(path) as tmp:
             ex.write_adapter(self.model, self._factors, tmp, str(resolve_model_source(self.settings.model)))
             write_text(tmp / "README.md", self._card("adapter"))

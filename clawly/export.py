@@ -16,6 +16,7 @@ import hashlib
 import json
 import platform
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -35,11 +36,24 @@ RECORD_FORMAT = 2  # 2: the directions file holds removed and protected directio
 DIRECTIONS = "clawly_directions.safetensors"
 
 
-def adapter_factors(model, basis: AblationBasis, plan: AblationPlan, strengths: torch.Tensor | None,
-                    export: ExportSettings) -> dict[str, LoraFactors]:
-    """The plan's weight change as LoRA factors (exact for low rank, truncated SVD for dense).
-    `model` must hold the base weights."""
-    return lora_factors(weight_deltas(model, basis, plan, strengths), export.energy, export.max_rank)
+@dataclass
+class SavedChange:
+    """A trial's weight change as it is saved: the adapter's factors, and what the saved (merged)
+    model adds to the base weights."""
+
+    factors: dict[str, LoraFactors]
+    model_deltas: dict[str, WeightDelta]
+
+
+def saved_change(model, basis: AblationBasis, plan: AblationPlan, strengths: torch.Tensor | None,
+                 export: ExportSettings) -> SavedChange:
+    """The plan's change as LoRA factors (exact for low rank, truncated SVD for dense) and as the
+    merged model's deltas: the adapter as peft merges it, or for a norm-preserving plan, whose
+    full-rank change no adapter holds exactly, the dense change the trials scored. `model` must
+    hold the base weights."""
+    deltas = weight_deltas(model, basis, plan, strengths)
+    factors = lora_factors(deltas, export.energy, export.max_rank)
+    return SavedChange(factors, deltas if plan.norm_preserve else merged_deltas(factors))
 
 
 def merged_deltas(factors: dict[str, LoraFactors]) -> dict[str, WeightDelta]:
@@ -49,6 +63,16 @@ def merged_deltas(factors: dict[str, LoraFactors]) -> dict[str, WeightDelta]:
     return {name: WeightDelta(dense=f.b.float().contiguous() @ f.a.float().contiguous(),
                               bias=None if f.bias is None else f.bias.float())
             for name, f in factors.items()}
+
+
+def adapter_warning(factors: dict[str, LoraFactors], export: ExportSettings) -> str | None:
+    """A warning when the adapter is further from the change than export.warn_relative_error."""
+    name, worst = max(((n, f) for n, f in factors.items()), key=lambda item: item[1].relative_error)
+    if worst.relative_error <= export.warn_relative_error:
+        return None
+    return (f"the adapter approximates the norm-preserving change with up to {worst.relative_error:.1%} relative "
+            f"error ({name}, rank {worst.rank}); the merged model holds the exact change. For a closer adapter, "
+            f"raise export.max_rank (now {export.max_rank}) or export.energy (now {export.energy})")
 
 
 def adapter_metrics(factors: dict[str, LoraFactors]) -> dict:
@@ -198,6 +222,9 @@ def model_card(settings: Settings, metrics: dict, kind: str = "model") -> str:
                   "", f"Chosen by: {metrics['rule']} (trial {metrics['chosen_trial']} of {metrics['trials']})."]
     if kind == "adapter":
         lines += ["", "Load it on its base model with `peft.PeftModel.from_pretrained(base_model, this_dir)`."]
+        if settings.optimize.norm_preserve:
+            lines += ["", "The norm-preserving change is full rank: this adapter is its truncated SVD (the relative "
+                      "error per module is in clawly's export metrics); the merged model holds the exact change."]
     lines += ["", f"Everything needed to reproduce this {kind} is in `{RECORD}` (with `{DIRECTIONS}`): "
               f"`clawly --reproduce {RECORD}`.", ""]
     return "\n".join(lines)

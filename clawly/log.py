@@ -49,7 +49,8 @@ class StageLogger:
     def event(self, name: str, message: str | None = None, **fields: Any) -> None:
         fields = {k: ("***" if isinstance(v, str) and any(s in k.lower() for s in _SECRET_KEYS) else v)
                   for k, v in fields.items()}
-        record = {"time": round(time.time(), 3), "stage": self.stage, "event": name, **_plain(fields)}
+        record = {"time": round(time.time(), 3), "stage": self.stage, "event": name,
+                  **({"message": message} if message else {}), **_plain(fields)}
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")

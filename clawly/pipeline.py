@@ -6,6 +6,7 @@ Every output is written atomically (temp file, then rename).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -285,7 +286,9 @@ def export_lora(settings: Settings, log: StageLogger, model=None, tokenizer=None
     if model is None:
         model, tokenizer = _load(settings, log)
     source = str(resolve_model_source(settings.model))
-    factors = ex.adapter_factors(model, ablation.basis, plan, ablation.strengths, settings.export)
+    factors = ex.saved_change(model, ablation.basis, plan, ablation.strengths, settings.export).factors
+    if plan.norm_preserve and (warning := ex.adapter_warning(factors, settings.export)):
+        log.event("warning", warning)
     per_category = settings.categories.per_category_adapters and ablation.mode == "category"
     optimize_metrics = json.loads(p.metric("optimize").read_text()) if p.metric("optimize").exists() else {}
     with atomic_dir(p.lora) as tmp:
@@ -294,7 +297,7 @@ def export_lora(settings: Settings, log: StageLogger, model=None, tokenizer=None
             for i, name in enumerate(ablation.names):
                 alone = torch.zeros_like(ablation.strengths)
                 alone[i] = ablation.strengths[i]  # this category's share of the combined change
-                one = ex.adapter_factors(model, ablation.basis, plan, alone, settings.export)
+                one = ex.saved_change(model, ablation.basis, plan, alone, settings.export).factors
                 ex.write_adapter(model, one, tmp / "categories" / name, source)
         write_text(tmp / "README.md", ex.model_card(settings, optimize_metrics, kind="adapter"))
         ex.write_record(tmp, "adapter", settings, plan, ablation, {"harmful": harmful, "harmless": harmless},
@@ -310,21 +313,30 @@ def export_lora(settings: Settings, log: StageLogger, model=None, tokenizer=None
 # ---------------------------------------------------------------- merge
 
 def merge(settings: Settings, log: StageLogger) -> None:
+    """The base model with the adapter merged (as peft merges it), or, for a norm-preserving plan,
+    with the exact dense change the trials scored (rebuilt from the adapter's record)."""
     from peft import PeftModel
 
     from clawly import export as ex
+    from clawly.ablation import ablated, weight_deltas
     from clawly.model import resolve_model_source
 
     p = paths_of(settings)
     require(p.lora / "adapter_config.json", "export-lora")
     model, tokenizer = _load(settings, log)
-    merged = PeftModel.from_pretrained(model, str(p.lora)).merge_and_unload()
+    record, directions = ex.read_record(p.lora)
+    plan = AblationPlan.from_dict(record["plan"])
     optimize_metrics = json.loads(p.metric("optimize").read_text()) if p.metric("optimize").exists() else {}
-    with atomic_dir(p.model) as tmp:
-        files = ex.write_model(merged, tokenizer, tmp, settings, Path(resolve_model_source(settings.model)))
+    with contextlib.ExitStack() as applied, atomic_dir(p.model) as tmp:
+        if plan.norm_preserve:
+            ablation = load_ablation_directions(directions)
+            applied.enter_context(ablated(model, weight_deltas(model, ablation.basis, plan, ablation.strengths)))
+        else:
+            model = PeftModel.from_pretrained(model, str(p.lora)).merge_and_unload()
+        files = ex.write_model(model, tokenizer, tmp, settings, Path(resolve_model_source(settings.model)))
         write_text(tmp / "README.md", ex.model_card(settings, optimize_metrics))
         ex.copy_record(p.lora, tmp, "model")
-    log.event("merged", files=files, out=str(p.model))
+    log.event("merged", files=files, out=str(p.model), exact_dense_change=plan.norm_preserve)
 
 
 # ---------------------------------------------------------------- evaluate

@@ -248,10 +248,12 @@ class OptimizeSettings:
 class ExportSettings:
     energy: float = _f(0.99, "SVD rank for dense (norm-preserving) changes: keep this share of the squared singular values.")
     max_rank: int = _f(64, "Upper bound on the adapter rank per module.")
+    warn_relative_error: float = _f(0.01, "Warn when the adapter of a norm-preserving change is further than this (relative Frobenius error) from it; the merged model is exact either way.")
 
     def __post_init__(self) -> None:
         _check(0 < self.energy <= 1, "export.energy", self.energy, "a number in (0, 1]")
         _check(self.max_rank >= 1, "export.max_rank", self.max_rank, "an integer >= 1")
+        _check(self.warn_relative_error >= 0, "export.warn_relative_error", self.warn_relative_error, "a number >= 0")
 
 
 @dataclass
@@ -372,6 +374,10 @@ class Settings:
         for name, cls in SECTIONS.items():
             setattr(self, name, from_mapping(cls, sections[name], name))
         self.artifacts_dir = str(artifacts_dir)
+        # rescaling columns changes every direction's component, the kept categories' too
+        _check(not (self.optimize.norm_preserve and self.categories.kept), "optimize.norm_preserve",
+               self.optimize.norm_preserve, "false while categories.weights keeps a category (weight 0): its column "
+               f"rescale would change the kept categories' components ({', '.join(self.categories.kept)})")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Settings:

@@ -256,3 +256,49 @@ def test_notebook_example_runs_end_to_end(make_tiny_model, tmp_path):
     assert "chosen: trial" in proc.stdout and "base model: " in proc.stdout
     assert (tmp_path / "nb" / "adapter" / "adapter_config.json").exists()
     assert (tmp_path / "nb" / "model" / "clawly_reproduction.json").exists()
+
+
+def test_a_norm_preserving_trial_is_saved_as_scored_and_a_lossy_adapter_is_flagged(make_tiny_model, tmp_path):
+    """The trials score the dense (full-rank) norm-preserving change; the merged model, the API's
+    saved model and the reproduction hold exactly that, while the adapter approximates it by SVD
+    and says how far off it is."""
+    from clawly.ablation import ablated, weight_deltas
+
+    model_dir = make_tiny_model("llama", num_layers=3)
+    settings = tiny_settings(model_dir, tmp_path, n_trials=2, **{"optimize.norm_preserve": True,
+                                                                 "export.max_rank": 2})
+    pipe = Pipeline(settings, log=quiet(tmp_path))
+    list(pipe.run_optimization_iter())
+    pipe.write_outputs()
+    log = quiet(tmp_path)
+    metrics = pl.export_lora(settings, log)
+    pl.merge(settings, log)
+    chosen = pipe.choose_trial()
+    assert chosen.plan.norm_preserve
+    model = pipe.load_model()[0]
+    pipe._restore_base()
+    deltas = weight_deltas(model, pipe.directions.basis, chosen.plan, pipe.directions.strengths)
+    with ablated(model, deltas):
+        scored = weights(model)
+    merged = saved_tensors(Path(settings.artifacts_dir) / "model")
+    assert [k for k in scored if not torch.equal(scored[k], merged[k])] == []
+    pipe.restore_trial(chosen)
+    pipe.save_model(tmp_path / "api-model")
+    api = saved_tensors(tmp_path / "api-model")
+    assert [k for k in scored if not torch.equal(scored[k], api[k])] == []
+    assert metrics["max_relative_error"] > 0.05  # rank 2 cannot hold a full-rank change
+    warnings = [json.loads(line) for line in log.path.read_text().splitlines()
+                if json.loads(line)["event"] == "warning"]
+    assert any("relative error" in w.get("message", "") for w in warnings)
+    lora = str(Path(settings.artifacts_dir) / "lora")
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), lora)
+    exact = AutoModelForCausalLM.from_pretrained(tmp_path / "api-model")
+    assert not torch.allclose(logits(adapter, pipe.tokenizer), logits(exact, pipe.tokenizer), atol=1e-5)
+
+
+def test_norm_preservation_with_kept_categories_is_refused():
+    """Rescaling columns changes every kept direction's component: it would void the guarantee."""
+    with pytest.raises(ValueError, match="optimize.norm_preserve.*kept categor"):
+        Settings(**{"optimize.norm_preserve": True,
+                    "categories.weights": {"violence_weapons": 1.0, "self_harm_suicide": 0.0}})
+    Settings(**{"optimize.norm_preserve": True, "categories.weights": {"violence_weapons": 1.0}})  # no kept one

@@ -62,7 +62,7 @@ SAMPLES = {
     "merge.max_shard_size": ("500MB", "500MB"),
     "directions.winsorize_quantile": ("0.01", 0.01), "orthogonalize.warn_retained": ("0.5", 0.5),
     "categories.min_retention": ("0.5", 0.5), "export.energy": ("0.9", 0.9), "optimize.kl_cap": ("0.3", 0.3),
-    "optimize.prune_kl": ("0.7", 0.7),
+    "optimize.prune_kl": ("0.7", 0.7), "export.warn_relative_error": ("0.05", 0.05),
 }
 
 

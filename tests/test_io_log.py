@@ -36,10 +36,13 @@ def test_logger_writes_one_json_event_per_line_and_masks_secrets(tmp_path, capsy
     log = get_logger("optimize", tmp_path)
     log.event("trial", number=3, kl=0.25, hf_token="hf_secret", obj=object(), nan=float("nan"))
     log.event("done")
+    log.event("warning", "little of the direction survives", category="drugs")
     lines = (tmp_path / "optimize.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
     assert first["stage"] == "optimize" and first["event"] == "trial" and first["number"] == 3
     assert first["hf_token"] == "***" and first["nan"] == "nan" and isinstance(first["obj"], str)
-    assert json.loads(lines[1])["event"] == "done"
+    assert json.loads(lines[1])["event"] == "done" and "message" not in json.loads(lines[1])
+    assert json.loads(lines[2]) | {"time": 0} == {"time": 0, "stage": "optimize", "event": "warning",
+                                                  "message": "little of the direction survives", "category": "drugs"}
     err = capsys.readouterr().err
     assert "[optimize] trial" in err and "hf_secret" not in err
