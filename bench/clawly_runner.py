@@ -82,7 +82,7 @@ def main() -> None:
 
     dump(a.out, {"tool": "clawly", "version": version("clawly"), "transformers": version("transformers"),
                  "optuna": version("optuna"), "settings": settings.to_dict(), "trials": trials,
-                 "baseline_refusals": metrics["base"]["keyword_refusals"], "chosen_trial": metrics["chosen_trial"],
+                 "baseline_refusals": metrics["base"]["refusals"], "chosen_trial": metrics["chosen_trial"],
                  "batch_size": metrics["batch_size"], "response_prefix": metrics["response_prefix"],
                  "pruned_trials": metrics["pruned_trials"],
                  "saved_model": str(Path(settings.artifacts_dir) / "model"), "timing": timing,

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from clawly.errors import ClawlyError, user_errors
-from clawly.settings import SECTIONS, Settings, SettingsError, dotted_keys, key_sections
+from clawly.settings import REFUSAL_MEASURES, SECTIONS, Settings, SettingsError, dotted_keys, key_sections
 
 KEY = "key:"  # argparse dest prefix of config-key options: "key:optimize.n_trials"
 SAVE_KINDS = ("both", "model", "adapter", "none")
@@ -324,14 +324,16 @@ def run(args: argparse.Namespace, ask: Callable[[str], str] = input, say: Callab
         pipe.restore_trial(pipe.direct_plan(layers, args.use_layer, strength))
         scored = pipe.score()
         n = pipe.search.scored_prompts
-        say(f"direct mode: {scored.refusals}/{n} refusals (base {pipe.search.base_refusals}/{n}), "
+        label = REFUSAL_MEASURES[pipe.settings.optimize.refusal_measure][0]
+        say(f"direct mode: {scored.refusals}/{n} {label} (base {pipe.search.base_refusals}/{n}), "
             f"KL {scored.kl_divergence:.4f}")
     else:
         for _ in pipe.run_optimization_iter():  # each trial is logged, with a progress bar
             pass
         pipe.write_outputs()
         chosen = pipe.choose_trial().index
-        say("Pareto front (refusals on the optimizer's harmful prompts, first-token KL on harmless ones):")
+        label = REFUSAL_MEASURES[pipe.settings.optimize.refusal_measure][0]
+        say(f"Pareto front ({label} on the optimizer's harmful prompts, first-token KL on harmless ones):")
         say(front_table(pipe, chosen))
     interactive = not args.non_interactive and sys.stdin.isatty()
     if interactive:

@@ -180,9 +180,9 @@ def read_record(path: str | Path) -> tuple[dict, Path]:
     return record, directions
 
 
-def category_markdown(by_category: dict[str, dict], after: str = "after") -> list[str]:
-    """A markdown table of `categories.category_table` rows."""
-    lines = [f"| category | role | prompts | base refusals | {after} | retention |", "|---|---|---|---|---|---|"]
+def category_markdown(by_category: dict[str, dict], after: str = "after", label: str = "refusals") -> list[str]:
+    """A markdown table of `categories.category_table` rows (counts of `label`)."""
+    lines = [f"| category | role | prompts | base: {label} | {after} | retention |", "|---|---|---|---|---|---|"]
     for cat, r in by_category.items():
         lo, hi = r["after_rate_ci95"]
         retention = "" if r.get("retention") is None else f"{r['retention']:.0%}"
@@ -210,15 +210,15 @@ def model_card(settings: Settings, metrics: dict, kind: str = "model") -> str:
         weights = ", ".join(f"{c} {w:g}" for c, w in settings.categories.weights.items())
         lines += [f"Category weights (1 uncensors, 0 keeps refusals): {weights}.", ""]
     if metrics:
-        n = metrics["targeted_prompts"]
+        n, label = metrics["targeted_prompts"], metrics["refusal_label"]
         lines += ["## Optimizer figures", "",
-                  f"Keyword refusals (a marker list, which misses soft refusals and counts gibberish as "
-                  f"compliance) on {n} {'targeted-category' if metrics['mode'] == 'category' else 'harmful'} "
-                  f"eval prompts, and first-token KL divergence on {metrics['harmless_prompts']} harmless ones:", "",
-                  "| | keyword refusals | KL divergence |", "|---|---|---|",
-                  f"| base | {metrics['base']['keyword_refusals']}/{n} | 0 |",
-                  f"| this model | {metrics['chosen']['keyword_refusals']}/{n} "
-                  f"| {metrics['chosen']['kl_divergence']} |", "", *category_markdown(metrics["by_category"]),
+                  f"{label.capitalize()} ({metrics['refusal_meaning']}) on {n} "
+                  f"{'targeted-category' if metrics['mode'] == 'category' else 'harmful'} eval prompts, and "
+                  f"first-token KL divergence on {metrics['harmless_prompts']} harmless ones:", "",
+                  f"| | {label} | KL divergence |", "|---|---|---|",
+                  f"| base | {metrics['base']['refusals']}/{n} | 0 |",
+                  f"| this model | {metrics['chosen']['refusals']}/{n} | {metrics['chosen']['kl_divergence']} |",
+                  "", *category_markdown(metrics["by_category"], label=label),
                   "", f"Chosen by: {metrics['rule']} (trial {metrics['chosen_trial']} of {metrics['trials']})."]
     if kind == "adapter":
         lines += ["", "Load it on its base model with `peft.PeftModel.from_pretrained(base_model, this_dir)`."]

@@ -1,4 +1,4 @@
-"""Searching ablation parameters with Optuna: fewest keyword refusals, least KL divergence.
+"""Searching ablation parameters with Optuna: fewest refusals, least KL divergence.
 
 Each trial applies a weight change in place (`ablated`), measures first-token KL on harmless
 prompts against the base distributions computed once (and, with `prune_kl`, stops there when the
@@ -27,7 +27,7 @@ from clawly.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
 from clawly.decoding import DecodeStats, PromptSet
 from clawly.directions import AblationBasis
 from clawly.evaluation import RefusalDetector, kl_divergence
-from clawly.settings import OptimizeSettings
+from clawly.settings import REFUSAL_MEASURES, OptimizeSettings
 
 
 @dataclass
@@ -114,7 +114,7 @@ class TrialEvaluator:
 class Objectives:
     """Turns a trial's result into Optuna values and constraint values.
 
-    values[0]: keyword refusals on targeted categories (all categories in global mode), minimized;
+    values[0]: refusals (optimize.refusal_measure) on targeted categories (all in global mode), minimized;
     values[1]: KL divergence, minimized; with kept categories and keep_rule 'objective',
     values[2]: refusals on kept categories, maximized. Kept categories always get one
     violation value each, min_retention * base - after (<= 0: enough refusals kept), which is
@@ -355,7 +355,7 @@ def trials_table(trials: list[optuna.trial.FrozenTrial], pareto_numbers: set[int
 
 
 def pareto_figure(table: pd.DataFrame, chosen: int, baseline_refusals: int, n_harmful: int,
-                  what: str = "harmful eval prompts"):
+                  what: str = "harmful eval prompts", measure: str = "keywords"):
     """Plotly scatter of all trials (infeasible ones apart), the Pareto front, the chosen trial."""
     import plotly.graph_objects as go
 
@@ -372,6 +372,7 @@ def pareto_figure(table: pd.DataFrame, chosen: int, baseline_refusals: int, n_ha
     fig.add_trace(go.Scatter(x=pick.kl_divergence, y=pick.refusals, mode="markers", name=f"chosen (trial {chosen})",
                              marker={"color": "#d62728", "size": 14, "symbol": "star"}))
     fig.add_hline(y=baseline_refusals, line_dash="dot", annotation_text=f"base model: {baseline_refusals}")
-    fig.update_layout(title=f"Keyword refusals on {n_harmful} {what} vs first-token KL on harmless prompts",
-                      xaxis_title="KL divergence (nats)", yaxis_title="keyword refusals", template="plotly_white")
+    label = REFUSAL_MEASURES[measure][0]
+    fig.update_layout(title=f"{label.capitalize()} on {n_harmful} {what} vs first-token KL on harmless prompts",
+                      xaxis_title="KL divergence (nats)", yaxis_title=label, template="plotly_white")
     return fig

@@ -26,7 +26,7 @@ from clawly.evaluation import chat_prompts
 from clawly.io import atomic_path, write_json
 from clawly.log import StageLogger
 from clawly.pipeline import paths_of, read_prompts
-from clawly.settings import Settings
+from clawly.settings import REFUSAL_MEASURES, Settings
 
 
 @dataclass(frozen=True)
@@ -219,22 +219,22 @@ def search_summary(settings: Settings, search: Search, chosen: optuna.trial.Froz
     s, c = settings.optimize, settings.categories
     base, trials = search.base, opt.completed(search.study)
     n_targeted, base_targeted = search.scored_prompts, search.base_refusals
-    measure = "keyword" if s.refusal_measure == "keywords" else "classifier"
+    label, meaning = REFUSAL_MEASURES[s.refusal_measure]
     return {
         "mode": search.ablation.mode,
         "rule": ((f"among trials keeping >= {c.min_retention:.0%} of each kept category's base refusals "
                   "(else those falling least short): " if c.kept else "") +
-                 f"fewest {measure} refusals{' on targeted categories' if c.enabled else ''} "
+                 f"fewest {label}{' on targeted categories' if c.enabled else ''} "
                  f"with KL <= {s.kl_cap}; else lowest KL"),
-        "refusal_measure": s.refusal_measure,
+        "refusal_measure": s.refusal_measure, "refusal_label": label, "refusal_meaning": meaning,
         "keep_rule": c.keep_rule if c.kept else None,
         "chosen_trial": chosen.number, "trials": len(trials),
         "pruned_trials": len(opt.finished(search.study)) - len(trials), "response_prefix": search.prefix,
         "batch_size": search.batch_size, "harmful_prompts": len(search.prompts.harmful),
         "targeted_prompts": n_targeted, "harmless_prompts": len(search.prompts.harmless),
-        "base": {"keyword_refusals": base_targeted, "keyword_refusal_rate": round(base_targeted / n_targeted, 4)},
-        "chosen": {"keyword_refusals": int(chosen.values[0]),
-                   "keyword_refusal_rate": round(chosen.values[0] / n_targeted, 4),
+        "base": {"refusals": base_targeted, "refusal_rate": round(base_targeted / n_targeted, 4)},
+        "chosen": {"refusals": int(chosen.values[0]),
+                   "refusal_rate": round(chosen.values[0] / n_targeted, 4),
                    "kl_divergence": round(float(chosen.values[1]), 6),
                    "keeps_kept_refusals": opt.violation(chosen) == 0},
         "by_category": category_table(base.prompts_by_category, base.refusals_by_category,
@@ -258,8 +258,8 @@ def write_search_outputs(settings: Settings, search: Search, log: StageLogger) -
         table[["trial", "refusals", "kl_divergence", "pareto", "feasible"]].to_csv(tmp, index=False)
     metrics = search_summary(settings, search, chosen)
     what = "targeted-category prompts" if c.enabled else "harmful eval prompts"
-    fig = opt.pareto_figure(table, chosen.number, metrics["base"]["keyword_refusals"], metrics["targeted_prompts"],
-                            what)
+    fig = opt.pareto_figure(table, chosen.number, metrics["base"]["refusals"], metrics["targeted_prompts"],
+                            what, settings.optimize.refusal_measure)
     with atomic_path(p.pareto_html) as tmp:
         fig.write_html(str(tmp), include_plotlyjs="cdn")
     used = pd.concat([search.harmful.assign(set="harmful"),
@@ -270,7 +270,7 @@ def write_search_outputs(settings: Settings, search: Search, log: StageLogger) -
                                 "plan": chosen.user_attrs["plan"], "response_prefix": search.prefix})
     write_json(p.metric("optimize"), metrics)
     log.event("chosen", trial=chosen.number, refusals=int(chosen.values[0]), kl=round(chosen.values[1], 5),
-              base_refusals=metrics["base"]["keyword_refusals"], by_category=chosen.user_attrs["refusals_by_category"])
+              base_refusals=metrics["base"]["refusals"], by_category=chosen.user_attrs["refusals_by_category"])
     return metrics
 
 

@@ -169,7 +169,7 @@ class CategorySettings:
     weights: dict[str, float] = _f({}, "Category -> weight in [0, 1]: 1 uncensors it, 0 keeps its refusals. Empty: global mode (one direction for all).")
     keep_rule: str = _f("constraint", "How kept categories are protected in optimize: 'constraint' (Optuna constraints_func: trials that lose kept refusals are infeasible) or 'objective' (a third objective: kept refusals, maximized).")
     min_retention: float = _f(0.8, "Kept categories must keep at least this share of their base refusals (with keep_rule=constraint, and in the choice rule).")
-    per_category_adapters: bool = _f(False, "export-lora also writes one adapter per targeted category (artifacts/lora/categories/NAME), to re-weight at merge time.")
+    per_category_adapters: bool = _f(False, "export-lora also writes each targeted category's share of the change as its own adapter (artifacts/lora/categories/NAME); together they equal the combined adapter. Each ablates the part of its category's direction orthogonal to the categories before it in preset order, so scaling one is not a per-category re-weighting: rerun with new weights for that.")
 
     def __post_init__(self) -> None:
         for name, w in self.weights.items():
@@ -195,6 +195,15 @@ class CategorySettings:
     def kept(self) -> list[str]:
         """Categories whose refusals are kept (weight 0)."""
         return [c for c, w in self.weights.items() if w == 0]
+
+
+# What the first objective counts, by optimize.refusal_measure: a label and what it means.
+REFUSAL_MEASURES = {
+    "keywords": ("keyword refusals", "answers with a refusal marker (a marker list: it misses soft refusals and "
+                                     "counts gibberish as compliance)"),
+    "classifier": ("not compliant (classifier)", "answers the response classifier does not call compliance: "
+                                                 "refusals, off-topic and degenerate ones"),
+}
 
 
 @dataclass
@@ -224,7 +233,7 @@ class OptimizeSettings:
     refusal_measure: str = _f("keywords", "What the optimizer minimizes: 'keywords' (answers with a refusal marker; answers stop at the first marker) or 'classifier' (answers the response classifier does not call compliance: refusals, off-topic and degenerate ones; answers run to max_new_tokens).")
 
     def __post_init__(self) -> None:
-        _check(self.refusal_measure in {"keywords", "classifier"}, "optimize.refusal_measure", self.refusal_measure,
+        _check(self.refusal_measure in REFUSAL_MEASURES, "optimize.refusal_measure", self.refusal_measure,
                "'keywords' or 'classifier'")
         _check(self.n_trials >= 1, "optimize.n_trials", self.n_trials, "an integer >= 1")
         _check(self.n_startup_trials >= 0, "optimize.n_startup_trials", self.n_startup_trials, "an integer >= 0")

@@ -302,3 +302,22 @@ def test_norm_preservation_with_kept_categories_is_refused():
         Settings(**{"optimize.norm_preserve": True,
                     "categories.weights": {"violence_weapons": 1.0, "self_harm_suicide": 0.0}})
     Settings(**{"optimize.norm_preserve": True, "categories.weights": {"violence_weapons": 1.0}})  # no kept one
+
+
+@pytest.mark.parametrize("measure,says,never", [("keywords", "keyword refusals", "classifier"),
+                                                ("classifier", "not compliant (classifier)", "keyword refusals")])
+def test_metrics_card_and_pareto_plot_name_the_measure_the_optimizer_used(make_tiny_model, tmp_path, measure, says,
+                                                                          never):
+    settings = tiny_settings(make_tiny_model("llama"), tmp_path, n_trials=2,
+                             **{"optimize.refusal_measure": measure})
+    pipe = Pipeline(settings, log=quiet(tmp_path))
+    list(pipe.run_optimization_iter())
+    metrics = pipe.write_outputs()
+    assert metrics["refusal_measure"] == measure and metrics["refusal_label"] == says
+    assert {"refusals", "refusal_rate"} <= set(metrics["base"]) and "keyword_refusals" not in metrics["base"]
+    assert says in metrics["rule"] and never not in metrics["rule"]
+    pipe.save_adapter(tmp_path / "adapter")
+    card = (tmp_path / "adapter" / "README.md").read_text().lower()
+    plot = (Path(settings.artifacts_dir) / "optimize" / "pareto.html").read_text().lower()
+    for text in (card, plot):
+        assert says in text and never not in text

@@ -140,7 +140,7 @@ def test_dvc_repro_on_the_real_default_model(tmp_path):
     _run([sys.executable, "-m", "dvc", "repro"], tmp_path, env)
     check_outputs_real = json.loads((tmp_path / "artifacts/metrics/optimize.json").read_text())
     assert check_outputs_real["trials"] == 3
-    assert check_outputs_real["base"]["keyword_refusals"] > 0  # the real model does refuse
+    assert check_outputs_real["base"]["refusals"] > 0  # the real model does refuse
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts/model")
     assert merged.config.num_hidden_layers == 24
 
