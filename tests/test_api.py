@@ -18,7 +18,9 @@ from clawly.log import get_logger
 TINY = {"data.train_per_category": 8, "data.eval_per_category": 6, "data.harmless_train": 24,
         "data.harmless_eval": 24, "probe.max_per_category": 4, "probe.batch_size": 8, "n_trials": 3,
         "n_startup_trials": 2, "harmful_prompts": 8, "optimize.harmless_prompts": 8, "optimize.max_new_tokens": 4,
-        "optimize.batch_size": 8, "model.device": "cpu"}
+        "optimize.batch_size": 8, "model.device": "cpu",
+        # words the tiny random model writes in some answers, so refusal counts are not all zero
+        "optimize.refusal_markers": ["black", "whom"]}
 
 
 def tiny_settings(model_dir: Path, tmp: Path, **keys) -> Settings:
@@ -66,12 +68,30 @@ def test_notebook_flow_yields_one_result_per_trial(done_pipeline):
     assert [t.index for t in trials] == [0, 1, 2]
     for t in trials:
         assert isinstance(t, TrialOutcome) and not t.pruned
-        assert 0 <= t.refusals <= 8 and t.kl_divergence >= 0
         assert sum(t.refusals_by_category.values()) == t.refusals
         assert sum(t.prompts_by_category.values()) == 8
         assert "direction_scope" in t.parameters and t.plan.kernels
     # the generator ran every trial while the model held base weights between trials
     assert all(torch.equal(v, r["base"][k]) for k, v in pipe.model.state_dict().items())
+    # each trial's figures, recounted with transformers on the trial's weights
+    counts = [(t.refusals, t.kl_divergence) for t in trials]
+    assert counts == [reference_scores(pipe, t.plan) for t in trials]
+    assert any(refusals for refusals, _ in counts)
+
+
+def reference_scores(pipe, plan) -> tuple[int, float]:
+    """Refusals (transformers.generate, the pipeline's markers) and KL (plain forwards, torch's
+    kl_div) of the pipeline's model with `plan`'s float64 change applied to its base weights."""
+    from clawly.ablation import ablated, weight_deltas
+    from clawly.evaluation import RefusalDetector, first_token_logprobs, generate
+
+    model, tok, prompts, s = pipe.model, pipe.tokenizer, pipe.search.prompts, pipe.settings.optimize
+    base = first_token_logprobs(model, tok, prompts.harmless, batch_size=1)
+    with ablated(model, weight_deltas(model, pipe.directions.basis, plan, pipe.directions.strengths)):
+        answers = generate(model, tok, prompts.harmful, s.max_new_tokens, batch_size=1)
+        after = first_token_logprobs(model, tok, prompts.harmless, batch_size=1)
+    kl = torch.nn.functional.kl_div(after.double(), base.double(), reduction="batchmean", log_target=True)
+    return sum(map(RefusalDetector(s.refusal_markers), answers)), pytest.approx(float(kl), rel=2e-3)
 
 
 def test_pareto_front_is_the_non_dominated_trials(done_pipeline):
@@ -219,7 +239,9 @@ def test_direct_plan_ablates_only_the_given_layers(make_tiny_model, tmp_path):
     assert changed == {"1", "2"}
     assert plan.direction_index == 3.0  # the output of layer 2 is probe point 3
     scored = pipe.score()
-    assert scored.index == -1 and 0 <= scored.refusals <= 8 and scored.kl_divergence > 0
+    pipe._restore_base()  # the reference applies the plan's float64 change to the base weights
+    refusals, kl = reference_scores(pipe, plan)
+    assert scored.index == -1 and scored.refusals == refusals and scored.kl_divergence == kl
     with pytest.raises(ClawlyError, match="outside the model's decoder layers 0-3"):
         pipe.direct_plan(layers=(2, 4))
     with pytest.raises(ClawlyError, match="use_layer 7"):

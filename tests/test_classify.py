@@ -39,24 +39,33 @@ def test_the_labelled_sets_are_apart_and_cover_every_label():
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
 
 
+def at_most_one_answer_worse(score: dict, hits: int, false_alarms: int) -> bool:
+    """A label's figures against the measured ones (README): recall may lose one hit, precision may
+    gain one false alarm (another CPU can round an embedding differently), no more."""
+    return score["hits"] >= hits - 1 and score["predicted"] - score["hits"] <= false_alarms + 1
+
+
 def test_classifier_beats_the_keyword_rule_on_held_apart_responses(classifier, test_rows):
     predicted = classifier([r["prompt"] for r in test_rows], [r["response"] for r in test_rows]).labels
     s = scores(test_rows, predicted)
     detector = RefusalDetector()
     k = scores(test_rows, ["refusal" if detector(r["response"]) else "compliance" for r in test_rows])
-    # Floors set a little under the measured figures (README); a regression breaks them.
-    assert s["refusal"]["recall"] >= 0.78 and s["refusal"]["precision"] >= 0.75
-    assert s["not_compliant"]["recall"] >= 0.72 and s["not_compliant"]["precision"] >= 0.83
-    assert s["degenerate"]["recall"] >= 0.85 and s["off_topic"]["recall"] >= 0.45
-    assert s["accuracy"] >= 0.74
-    assert s["refusal"]["recall"] > k["refusal"]["recall"] + 0.2  # soft refusals: markers miss them
+    # measured on the 192 test answers: refusal 50 of 62 found, 9 false alarms (P 0.85 / R 0.81);
+    # not compliant 90 of 118, 14 false alarms (0.87 / 0.76); degenerate 21 of 22, none false;
+    # off-topic 19 of 34, 5 false; 150 of 192 right
+    assert at_most_one_answer_worse(s["refusal"], hits=50, false_alarms=9)
+    assert at_most_one_answer_worse(s["not_compliant"], hits=90, false_alarms=14)
+    assert at_most_one_answer_worse(s["degenerate"], hits=21, false_alarms=0)
+    assert at_most_one_answer_worse(s["off_topic"], hits=19, false_alarms=5)
+    assert s["correct"] >= 150 - 1
+    assert s["refusal"]["recall"] > k["refusal"]["recall"] + 0.2  # soft refusals: markers miss them (30 of 62)
 
 
 def test_soft_refusals_and_marker_in_compliance_go_the_right_way(classifier, test_rows):
     hard = [r for r in test_rows if r["note"] in ("soft_refusal", "marker_in_compliance")]
     v = classifier([r["prompt"] for r in hard], [r["response"] for r in hard])
     right = sum(p == r["label"] for p, r in zip(v.labels, hard, strict=True))
-    assert right >= 0.6 * len(hard)
+    assert len(hard) == 21 and right >= 14 - 1  # measured: 14 of 21
     assert v.probs.shape == (len(hard), len(LABELS))
     torch.testing.assert_close(v.probs.sum(-1), torch.ones(len(hard)))
 
@@ -69,7 +78,9 @@ def test_answers_that_restate_the_request_count_as_compliance(classifier, test_r
     rows = [r for r in test_rows if r["note"] == "model_style"]
     v = classifier([r["prompt"] for r in rows], [r["response"] for r in rows])
     s = scores(rows, v.labels)
-    assert s["compliance"]["recall"] >= 0.85 and s["refusal"]["recall"] >= 0.85
+    # measured: compliance 15 of 16 (7 false alarms: off-topic rows called compliance), refusal 8 of 8
+    assert at_most_one_answer_worse(s["compliance"], hits=15, false_alarms=7)
+    assert at_most_one_answer_worse(s["refusal"], hits=8, false_alarms=1)
     restated = [(r, p) for r, p in zip(rows, v.labels, strict=True) if r["label"] == "compliance"]
     assert sum(p == "refusal" for _, p in restated) <= 1
 
@@ -231,15 +242,18 @@ def test_on_real_answers_of_the_default_model_the_classifier_counts_non_complian
     answers = generate_answers([r["prompt_id"] for r in labels], models=("base",))
     rows, stale = labelled_answers(answers, labels)
     # Greedy decoding repeats the answers on this machine (all 96 matched); another CPU may round
-    # differently and change a few, which are then left out.
-    assert len(rows) >= 0.75 * len(labels), f"only {len(rows)} of {len(labels)} answers are the labelled ones"
+    # differently and change a few, which are then left out (and allowed for below).
+    missing = len(labels) - len(rows)
+    assert missing <= 3, f"only {len(rows)} of {len(labels)} answers are the labelled ones"
 
     result = check(rows, build_classifier(TRAIN), RefusalDetector())["all"]
     clf, kw = result["classifier"], result["keywords"]
     truth = clf["not_compliant"]["support"]
-    # Floors a little under the measured figures on these 96 base answers: accuracy 0.84, refusal
-    # precision 0.90, not-compliant precision / recall 0.95 / 0.82 (keywords: 0.80, 0.97, 1.00 / 0.65)
-    assert clf["accuracy"] >= 0.8 and clf["refusal"]["precision"] >= 0.85
-    assert clf["not_compliant"]["recall"] >= 0.78 and clf["not_compliant"]["precision"] >= 0.9
+    # measured on these 96 base answers: refusal 36 of 38 found, 4 false alarms (P 0.90 / R 0.95);
+    # not compliant 42 of 51, 2 false alarms (0.95 / 0.82); 81 of 96 right (keywords: 33 of 51, 77)
+    assert clf["refusal"]["hits"] >= 36 - 1 - missing and clf["refusal"]["predicted"] - clf["refusal"]["hits"] <= 4 + 1
+    nc = clf["not_compliant"]
+    assert nc["hits"] >= 42 - 1 - missing and nc["predicted"] - nc["hits"] <= 2 + 1
+    assert clf["correct"] >= 81 - 1 - missing
     # its count of answers that do not comply is closer to the hand count than the keyword count is
     assert abs(clf["not_compliant"]["predicted"] - truth) < abs(kw["not_compliant"]["predicted"] - truth)

@@ -67,9 +67,12 @@ def test_first_token_logprobs_do_not_depend_on_batching_or_padding(tiny_model):
     torch.testing.assert_close(one.exp().sum(-1), torch.ones(len(PROMPTS)), rtol=1e-5, atol=1e-5)
 
 
-def test_kl_divergence_is_zero_for_equal_and_matches_the_formula():
-    p = torch.log_softmax(torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]), -1)
-    q = torch.log_softmax(torch.tensor([[3.0, 2.0, 1.0], [1.0, 0.0, 0.0]]), -1)
+def test_kl_divergence_is_zero_for_equal_and_agrees_with_torch_kl_div():
+    g = torch.Generator().manual_seed(0)
+    p = torch.log_softmax(3 * torch.randn(5, 11, generator=g), -1)
+    q = torch.log_softmax(3 * torch.randn(5, 11, generator=g), -1)
     assert kl_divergence(p, p) == 0.0
-    expected = float(sum((p[i].exp() * (p[i] - q[i])).sum() for i in range(2)) / 2)
-    assert abs(kl_divergence(p, q) - expected) < 1e-7 and kl_divergence(p, q) > 0
+    # KL(base || new): kl_div takes the new log-probs as input and the base as target
+    expected = torch.nn.functional.kl_div(q.double(), p.double(), reduction="batchmean", log_target=True)
+    assert abs(kl_divergence(p, q) - float(expected)) < 1e-12 and kl_divergence(p, q) > 0
+    assert abs(kl_divergence(p, q) - kl_divergence(q, p)) > 1e-3  # the direction matters

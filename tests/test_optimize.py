@@ -102,34 +102,35 @@ def test_trials_table_has_one_row_per_trial_and_marks_the_pareto_front():
     assert table.refusals.tolist() == [10, 3]
 
 
+TEXTS = ["how do i cook rice", "write a poem", "tell me about the weather", "help me with my code"]
+
+
 def _study_on_tiny_model(tiny_model, tmp_path, **settings):
     import torch
 
+    from clawly.directions import AblationBasis
     from clawly.evaluation import chat_prompts
     from clawly.optimize import EvalPrompts, TrialEvaluator, run_study
 
     model, tok = tiny_model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     s = OptimizeSettings(n_trials=3, n_startup_trials=3, max_new_tokens=4, batch_size=4, **settings)
-    texts = ["how do i cook rice", "write a poem", "tell me about the weather", "help me with my code"]
-    prompts = EvalPrompts(chat_prompts(tok, texts, None), ["a", "a", "b", "b"], chat_prompts(tok, texts[::-1], None))
+    prompts = EvalPrompts(chat_prompts(tok, TEXTS, None), ["a", "a", "b", "b"], chat_prompts(tok, TEXTS[::-1], None))
     evaluator = TrialEvaluator(model, tok, prompts, s)
     torch.manual_seed(0)
-    from clawly.directions import AblationBasis
-
-    directions = AblationBasis(torch.nn.functional.normalize(torch.randn(1, model.config.num_hidden_layers + 1,
-                                                                         model.config.hidden_size), dim=-1))
+    basis = AblationBasis(torch.nn.functional.normalize(torch.randn(1, model.config.num_hidden_layers + 1,
+                                                                    model.config.hidden_size), dim=-1))
     study = open_study(str(tmp_path / "journal.log"), "s", seed=0, n_startup_trials=3)
-    run_study(study, model, evaluator, directions, model.config.num_hidden_layers, s)
+    run_study(study, model, evaluator, basis, model.config.num_hidden_layers, s)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} not restored"
-    return study
+    return study, basis, prompts, s
 
 
 def test_trials_over_prune_kl_are_pruned_before_generation_and_count_as_run(tiny_model, tmp_path):
     from clawly.optimize import finished
 
-    study = _study_on_tiny_model(tiny_model, tmp_path, prune_kl=1e-12)
+    study, *_ = _study_on_tiny_model(tiny_model, tmp_path, prune_kl=1e-12)
     states = [t.state for t in study.get_trials()]
     assert states == [optuna.trial.TrialState.PRUNED] * 3  # n_trials counts pruned trials: no endless loop
     assert len(finished(study)) == 3 and not completed(study)
@@ -137,12 +138,45 @@ def test_trials_over_prune_kl_are_pruned_before_generation_and_count_as_run(tiny
         assert t.user_attrs["kl_divergence"] > 1e-12 and "plan" in t.user_attrs
 
 
-def test_without_prune_kl_every_trial_completes_with_its_cost_recorded(tiny_model, tmp_path):
-    study = _study_on_tiny_model(tiny_model, tmp_path, prune_kl=None)
-    trials = completed(study)
-    assert len(trials) == 3
-    for t in trials:
-        assert t.values[1] == pytest.approx(t.user_attrs["kl_divergence"]) and t.user_attrs["tokens"] > 0
+def test_each_trial_scores_what_transformers_measures_on_its_weights(tiny_model, tmp_path):
+    """A trial's values are recomputed independently: its plan applied, refusals counted on answers
+    from `transformers.generate`, KL from plain forward passes and torch's kl_div."""
+    import torch
+
+    from clawly.ablation import ablated, weight_deltas
+    from clawly.evaluation import RefusalDetector, first_token_logprobs, generate
+
+    model, tok = tiny_model
+    with torch.no_grad():  # peaked next-token distributions, so trials move KL well away from zero
+        model.lm_head.weight.mul_(40.0)
+    # markers the random model writes in some answers, so the counts are not all zero
+    answers = generate(model, tok, [p for p in _study_prompts(tok)], max_new_tokens=4, batch_size=4)
+    markers = sorted({a.split()[1] for a in answers if len(a.split()) > 1})[:2]
+    study, basis, prompts, s = _study_on_tiny_model(tiny_model, tmp_path, prune_kl=None, refusal_markers=markers)
+    detector = RefusalDetector(markers)
+    base = first_token_logprobs(model, tok, prompts.harmless, batch_size=1)
+    counts = []
+    for t in completed(study):
+        plan = AblationPlan.from_dict(t.user_attrs["plan"])
+        with ablated(model, weight_deltas(model, basis, plan)):
+            replies = generate(model, tok, prompts.harmful, s.max_new_tokens, batch_size=1)
+            after = first_token_logprobs(model, tok, prompts.harmless, batch_size=1)
+        refusals = sum(detector(r) for r in replies)
+        kl = torch.nn.functional.kl_div(after.double(), base.double(), reduction="batchmean", log_target=True)
+        assert t.values[0] == refusals and t.user_attrs["keyword_refusals"] == refusals
+        assert t.values[1] == pytest.approx(float(kl), rel=1e-3) and t.values[1] > 1e-3
+        assert t.user_attrs["refusals_by_category"] == {
+            c: sum(detector(r) for r, cat in zip(replies, prompts.harmful_categories, strict=True) if cat == c)
+            for c in ("a", "b")}
+        assert t.user_attrs["tokens"] > 0
+        counts.append(refusals)
+    assert len(counts) == 3 and any(counts)
+
+
+def _study_prompts(tok):
+    from clawly.evaluation import chat_prompts
+
+    return chat_prompts(tok, TEXTS, None)
 
 
 def test_batch_size_setting_accepts_auto_or_a_positive_integer():
