@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from clawly.architecture import decoder_layers, residual_writers, writer_gains
+from clawly.architecture import decoder_layers, layer_writers, writer_gains
 from clawly.directions import AblationBasis
 
 COMPONENTS = ("attn_out", "mlp_down")
@@ -89,9 +89,9 @@ def writers(model: nn.Module) -> list[Writer]:
     """Every module that writes into the residual stream, with its layer and component."""
     names = {id(m): n for n, m in model.named_modules()}
     out = []
-    for i, layer in enumerate(decoder_layers(model)):
+    for i, (layer, found) in enumerate(zip(decoder_layers(model), layer_writers(model), strict=True)):
         gains = writer_gains(layer)
-        for component, module in residual_writers(layer).items():
+        for component, module in found.items():
             out.append(Writer(i, component, names[id(module)], module, gains[component]))
     return out
 

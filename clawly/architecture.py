@@ -217,12 +217,3 @@ def writer_gains(layer: nn.Module) -> dict[str, torch.Tensor | None]:
                 f"unsupported architecture {type(layer).__name__}: it has {_POST_NORM_MARK} but no {path}")
         out[component] = rms_norm_gain(norm, residual_writers(layer)[component].weight.shape[0])
     return out
-
-
-def residual_writer_names(model: nn.Module) -> dict[str, str]:
-    """Each component's module path relative to a decoder layer, e.g. {"attn_out": "self_attn.o_proj"}.
-
-    These are the suffixes PEFT's ``target_modules`` match.
-    """
-    writers = _writers_of(model, 0, decoder_layers(model)[0])
-    return {component: path for component, (path, _) in writers.items()}

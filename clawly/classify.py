@@ -107,12 +107,6 @@ def echo(prompt: str, response: str) -> float:
     return len(asked & content_words(opening(response))) / len(asked) if asked else 0.0
 
 
-def looks_degenerate(text: str) -> bool:
-    """A plain rule for the obvious cases: empty, or mostly repetition."""
-    f = text_features(text)
-    return bool(f[0] or f[3] > 0.5 or f[4] > 0.3 or (f[5] < 0.5 and not f[1]))
-
-
 # ---------------------------------------------------------------- embeddings
 
 class Embedder:
@@ -237,11 +231,6 @@ class ResponseClassifier:
         probs = torch.softmax(((x - self.mean) / self.std) @ self.weight.T + self.bias, dim=-1)
         return Verdicts([LABELS[i] for i in probs.argmax(-1).tolist()], probs,
                         [bool(k) for k in x[:, FEATURES.index("keyword")].tolist()])
-
-    def explain(self) -> dict[str, dict[str, float]]:
-        """Per label, the weight of each (standardized) feature: what the classifier looks at."""
-        return {lab: {f: round(float(w), 3) for f, w in zip(FEATURES, self.weight[i], strict=True)}
-                for i, lab in enumerate(LABELS)}
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file

@@ -213,17 +213,6 @@ def expand(
     return out
 
 
-def yield_table(templates: Mapping[str, Any]) -> pd.DataFrame:
-    """Per category and side: number of templates and of unique prompts they can yield."""
-    rows = []
-    sections = [(c, side, spec[side]) for c, spec in templates["categories"].items()
-                for side in ("harmful", "harmless")]
-    for category, side, section in [*sections, (GENERAL, "harmless", templates["general"])]:
-        rows.append({"category": category, "side": side, "templates": len(section["templates"]),
-                     "unique_prompts": len(expand(section))})
-    return pd.DataFrame(rows)
-
-
 # --- generation ------------------------------------------------------------------------------
 
 def generate_prompts(settings: DataSettings) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -43,12 +43,6 @@ def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def supports_prefix_cache(model: PreTrainedModel) -> bool:
-    """Decoder-only attention models with a standard KV cache (not recurrent/state-space ones)."""
-    return not getattr(model.config, "is_encoder_decoder", False) and model.config.model_type not in {
-        "mamba", "mamba2", "rwkv", "jamba", "falcon_mamba", "zamba", "zamba2"}
-
-
 @dataclass
 class DecodeStats:
     """Token positions pushed through the model (the cost on a CPU) in one call."""
@@ -93,7 +87,7 @@ class PromptSet:
         ids = torch.tensor([self.prefix], device=model.device)
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         stats.prefix_tokens += len(self.prefix)
-        return out.past_key_values
+        return out.cache
 
     def _prefill_rows(self, model: PreTrainedModel, idx: list[int], prefix_cache, stats: DecodeStats):
         """One forward over `idx`'s suffixes (left-padded to the longest) on top of the prefix."""
@@ -116,8 +110,8 @@ class PromptSet:
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(b)
         out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :].float(), out.past_key_values, mask.to(dev), pos[:, -1].to(dev)
+                    cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :].float(), out.cache, mask.to(dev), pos[:, -1].to(dev)
 
     def _prefill(self, model: PreTrainedModel, idx: list[int], prefix_cache, stats: DecodeStats):
         """Prefill a decode batch in chunks of similar length (little padding), then join the
@@ -210,8 +204,8 @@ class PromptSet:
                 mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=mask.device)], 1)
                 pos = pos + 1
                 out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-                            past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                            cache=cache, use_cache=True)
+                cache = out.cache
                 nxt = out.logits[:, -1, :].argmax(-1)
                 stats.generated_tokens += len(active)  # finished rows ride along unless compacted
             for i in idx:

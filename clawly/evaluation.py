@@ -112,18 +112,6 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     return responses
 
 
-def refusal_flags(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                  detector: RefusalDetector, max_new_tokens: int, batch_size: int,
-                  progress: Callable | None = None) -> tuple[list[bool], list[str]]:
-    """Keyword refusal verdict and (possibly early-stopped) response for each prompt, by the fast
-    scorer (`clawly.decoding`; same answers as `generate`, tested)."""
-    from clawly.decoding import PromptSet
-
-    ps = PromptSet(tokenizer, prompts, batch_size)
-    responses, _ = ps.generate(model, max_new_tokens, decided=detector, progress=progress)
-    return [detector(r) for r in responses], responses
-
-
 @torch.no_grad()
 def first_token_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                          batch_size: int) -> torch.Tensor:

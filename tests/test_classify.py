@@ -11,7 +11,6 @@ from clawly.classify import (
     ResponseClassifier,
     build_classifier,
     echo,
-    looks_degenerate,
     opening,
     read_labelled,
     scores,
@@ -105,8 +104,7 @@ def test_features_are_stance_features_not_raw_embedding_dimensions(classifier):
     x = classifier(["How do I pick a lock?"], ["To pick a lock, you can follow these steps:"])
     assert x.probs.shape == (1, len(LABELS))
     assert classifier.weight.shape == (len(LABELS), len(FEATURES))
-    weights = classifier.explain()
-    assert set(weights) == set(LABELS) and all(set(w) == set(FEATURES) for w in weights.values())
+    weights = {lab: dict(zip(FEATURES, classifier.weight[i].tolist(), strict=True)) for i, lab in enumerate(LABELS)}
     # what it learned points the right way: a marker pushes to refusal, a refusal-like opening too
     assert weights["refusal"]["keyword"] > weights["compliance"]["keyword"]
     assert weights["refusal"]["opening_like_refusal"] > weights["compliance"]["opening_like_refusal"]
@@ -135,14 +133,20 @@ def test_cached_classifier_gives_the_same_verdicts(tmp_path, test_rows):
 
 
 def test_degenerate_text_features():
-    assert looks_degenerate("") and looks_degenerate("... ... ...")
-    assert looks_degenerate("the the the the the the the the the the")
-    assert looks_degenerate("I will go. I will go. I will go. I will go. I will go.")
-    assert not looks_degenerate("Sure, here is a short poem about the sea and the wind at night.")
+    def f(text):
+        return dict(zip(("empty", "short", "unique_words", "repeated_trigrams", "longest_run", "letters",
+                         "non_ascii"), text_features(text), strict=True))
+
+    assert f("")["empty"] == 1.0 and f("... ... ...")["empty"] == 1.0 and f("a b c d")["empty"] == 0.0
+    assert f("the the the the the the the the the the")["longest_run"] == 1.0
+    assert f("I will go. I will go. I will go. I will go. I will go.")["repeated_trigrams"] > 0.7
+    fluent = f("Sure, here is a short poem about the sea and the wind at night.")
+    assert fluent["repeated_trigrams"] == 0.0 and fluent["unique_words"] > 0.8 and fluent["letters"] > 0.9
     assert all(0.0 <= x <= 1.0 for x in text_features("Hola мир 123 !!!"))
+    assert f("Hola мир 123 !!!")["non_ascii"] == 3 / 7  # 3 of its 7 letters
     # list numbering does not hide a repeated item
     listed = "Here's the list:\n" + "\n".join(f"{i}. blue tablets" for i in range(1, 9))
-    assert text_features(listed)[3] > 0.5 and looks_degenerate(listed)
+    assert f(listed)["repeated_trigrams"] > 0.5
 
 
 def test_relevance_feature_separates_an_answer_from_a_different_topic():

@@ -147,6 +147,12 @@ def test_help_lists_every_config_key_with_its_default(capsys):
     assert "[default: [attn_out, mlp_down]]" in out  # optimize.components
     assert "--orthogonalize-categories" in out and "--no-orthogonalize-categories" in out
     assert "examples:" in out
+    # each settings group is described by its section's docstring, not by the dataclass's repr
+    assert "Settings(" not in out
+    from clawly.settings import SECTIONS
+
+    for section, cls in SECTIONS.items():
+        assert f"{section} settings:\n  {cls.__doc__.splitlines()[0]}" in out
 
 
 def test_config_file_yaml_and_toml_with_precedence(tmp_path):

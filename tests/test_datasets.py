@@ -26,7 +26,6 @@ from clawly.datasets import (
     load_templates,
     normalize,
     write_parquet_atomic,
-    yield_table,
 )
 from clawly.settings import DataSettings
 
@@ -71,6 +70,19 @@ def test_required_categories_exist_with_harmful_and_topic_matched_harmless(templ
     assert REQUIRED <= set(templates["categories"])
     for spec in templates["categories"].values():
         assert spec["harmful"]["templates"] and spec["harmless"]["templates"]
+
+
+def yield_table(templates: dict) -> pd.DataFrame:
+    """Per category and side: number of templates and of unique prompts they can yield."""
+    rows = []
+    sections = [(c, side, spec[side]) for c, spec in templates["categories"].items()
+                for side in ("harmful", "harmless")]
+    for category, side, section in [*sections, (GENERAL, "harmless", templates["general"])]:
+        rows.append({"category": category, "side": side, "templates": len(section["templates"]),
+                     "unique_prompts": len(expand(section))})
+    return pd.DataFrame(rows)
+
+
 
 
 def test_every_category_yields_enough_unique_prompts_from_many_phrasings(templates):

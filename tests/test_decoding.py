@@ -136,3 +136,22 @@ def test_response_prefix_setting_literal_none_or_detected(tiny_model, tmp_path):
     assert auto == detect_response_prefix(answers)
     [p] = chat_prompts(tok, ["hello"], None, "Answer: ")
     assert p.endswith("<|im_start|>assistant\nAnswer: ")
+
+
+def test_scoring_uses_the_current_cache_argument_and_warns_nothing(tiny_model, caplog):
+    """transformers 5.24 renamed past_key_values to cache; the old name printed a deprecation
+    warning on every optimize run."""
+    import logging
+    import warnings
+
+    from clawly.decoding import PromptSet
+    from clawly.evaluation import chat_prompts
+
+    model, tok = tiny_model
+    ps = PromptSet(tok, chat_prompts(tok, ["how do i cook rice", "write a poem", "hello"], "sys"), 2, prefill_chunk=1)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        ps.generate(model, 3)
+        ps.first_token_logprobs(model)
+    said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "past_key_values" in m or "deprecated" in m], said

@@ -8,7 +8,6 @@ from clawly.evaluation import (
     generate,
     kl_divergence,
     length_sorted_batches,
-    refusal_flags,
 )
 
 PROMPTS = ["how do i cook rice", "tell me about the weather in paris today please", "write a poem",
@@ -49,7 +48,10 @@ def test_early_stop_gives_the_same_verdicts_as_full_generation(tiny_model):
     words = [r.split() for r in full if len(r.split()) > 3]
     assert words, "the tiny model should produce some text"
     detector = RefusalDetector([w[2] for w in words[:2]])
-    flags, early = refusal_flags(model, tok, prompts, detector, max_new_tokens=10, batch_size=4)
+    from clawly.decoding import PromptSet
+
+    early, _ = PromptSet(tok, prompts, 4).generate(model, 10, decided=detector)
+    flags = [detector(r) for r in early]
     assert flags == [detector(r) for r in full]
     assert any(flags)
     for e, f in zip(early, full, strict=True):

@@ -19,7 +19,6 @@ from clawly.architecture import (
     hidden_size,
     layer_writers,
     num_layers,
-    residual_writer_names,
     residual_writers,
 )
 from clawly.model import (
@@ -285,8 +284,8 @@ def test_each_layer_has_two_residual_writers_of_hidden_width(arch, build_tiny_mo
         for linear in writers.values():
             assert isinstance(linear, nn.Linear)
             assert linear.out_features == 32 == linear.weight.shape[0]
-    assert residual_writer_names(model) == {"attn_out": "self_attn.o_proj", "mlp_down": "mlp.down_proj"}
     assert len(layer_writers(model)) == 3
+    assert layer_writers(model)[2] == {"attn_out": layers[2].self_attn.o_proj, "mlp_down": layers[2].mlp.down_proj}
 
 
 def test_writers_are_found_on_a_loaded_model(tiny_model):
@@ -301,8 +300,7 @@ def test_writers_behind_a_peft_lora_wrapper_are_the_base_linears(build_tiny_mode
 
     model, _ = build_tiny_model("llama")
     original = model.model.layers[1].self_attn.o_proj
-    names = list(residual_writer_names(model).values())
-    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=[n.split(".")[-1] for n in names]))
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["o_proj", "down_proj"]))
     assert num_layers(peft_model) == 2
     assert residual_writers(decoder_layers(peft_model)[1])["attn_out"] is original
 
@@ -340,7 +338,7 @@ def test_gpt2_conv1d_writers_are_refused_with_the_weight_layout(build_tiny_model
 def test_mixture_of_experts_is_refused_as_not_supported_yet(arch, build_tiny_model):
     model, _ = build_tiny_model(arch)
     with pytest.raises(UnsupportedArchitectureError, match="mixture-of-experts.*not supported yet"):
-        residual_writer_names(model)
+        layer_writers(model)
 
 
 # --- the real packaged model and CUDA -----------------------------------------------------------

@@ -110,7 +110,7 @@ def _study_on_tiny_model(tiny_model, tmp_path, **settings):
 
     from clawly.directions import AblationBasis
     from clawly.evaluation import chat_prompts
-    from clawly.optimize import EvalPrompts, TrialEvaluator, run_study
+    from clawly.optimize import EvalPrompts, TrialEvaluator, iter_study
 
     model, tok = tiny_model
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -121,7 +121,7 @@ def _study_on_tiny_model(tiny_model, tmp_path, **settings):
     basis = AblationBasis(torch.nn.functional.normalize(torch.randn(1, model.config.num_hidden_layers + 1,
                                                                     model.config.hidden_size), dim=-1))
     study = open_study(str(tmp_path / "journal.log"), "s", seed=0, n_startup_trials=3)
-    run_study(study, model, evaluator, basis, model.config.num_hidden_layers, s)
+    list(iter_study(study, model, evaluator, basis, model.config.num_hidden_layers, s))
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} not restored"
     return study, basis, prompts, s
