@@ -27,10 +27,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from clawly.architecture import decoder_layers, layer_writers, writer_gains
+from clawly.architecture import ATTN_OUT, decoder_layers, layer_writers, writer_gains
 from clawly.directions import AblationBasis
-
-COMPONENTS = ("attn_out", "mlp_down")
 
 
 @dataclass(frozen=True)
@@ -90,7 +88,7 @@ def writers(model: nn.Module) -> list[Writer]:
     names = {id(m): n for n, m in model.named_modules()}
     out = []
     for i, (layer, found) in enumerate(zip(decoder_layers(model), layer_writers(model), strict=True)):
-        gains = writer_gains(layer)
+        gains = writer_gains(layer, found[ATTN_OUT].weight.shape[0])
         for component, module in found.items():
             out.append(Writer(i, component, names[id(module)], module, gains[component]))
     return out

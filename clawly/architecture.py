@@ -204,7 +204,7 @@ def rms_norm_gain(norm: nn.Module, size: int) -> torch.Tensor:
     return gain.cpu()
 
 
-def writer_gains(layer: nn.Module) -> dict[str, torch.Tensor | None]:
+def writer_gains(layer: nn.Module, hidden: int) -> dict[str, torch.Tensor | None]:
     """Per component, the gain `[hidden]` of the RMS norm applied to the writer's output before the
     residual add, or None where the output is added as it is."""
     if _get(layer, _POST_NORM_MARK) is None:
@@ -215,5 +215,5 @@ def writer_gains(layer: nn.Module) -> dict[str, torch.Tensor | None]:
         if norm is None:
             raise UnsupportedArchitectureError(
                 f"unsupported architecture {type(layer).__name__}: it has {_POST_NORM_MARK} but no {path}")
-        out[component] = rms_norm_gain(norm, residual_writers(layer)[component].weight.shape[0])
+        out[component] = rms_norm_gain(norm, hidden)
     return out
