@@ -241,8 +241,7 @@ def open_study(storage: str, study_name: str, seed: int, n_startup_trials: int,
     machine) are failed and redone; trials of live workers sharing the storage are left alone."""
     objectives = objectives or Objectives()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = TrialSeededSampler(seed, n_startup_trials=n_startup_trials, multivariate=True,
-                                 constraints_func=_constraints if objectives.constrained else None)
+    sampler = TrialSeededSampler(seed, n_startup_trials=n_startup_trials, multivariate=True)
     study = optuna.create_study(storage=_storage(storage), study_name=study_name, sampler=sampler,
                                 directions=objectives.directions, load_if_exists=True)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -299,7 +298,11 @@ def iter_study(study: optuna.Study, model: PreTrainedModel, evaluator: TrialEval
         trial.set_user_attr("keyword_refusals", result.keyword_refusals)
         trial.set_user_attr("refusals_by_category", result.refusals_by_category)
         trial.set_user_attr("prompts_by_category", result.prompts_by_category)
-        trial.set_user_attr("kept_violations", objectives.violations(result))
+        violations = objectives.violations(result)
+        trial.set_user_attr("kept_violations", violations)
+        if objectives.constrained:  # feasible when <= 0; TPE and the Pareto front read these
+            for category, shortfall in zip(objectives.kept, violations, strict=True):
+                trial.set_constraint(category, shortfall)
         return objectives.values(result)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -276,3 +276,35 @@ def test_study_fingerprint_follows_the_classifier_only_when_it_is_the_measure(tm
     assert fingerprint("classifier", "a") != fingerprint("classifier", "b")  # retrained: a new study
     assert fingerprint("classifier", "a") == fingerprint("classifier", "a")  # same: resumed
     assert fingerprint("classifier", "a") != fingerprint("keywords", "a")
+
+
+@pytest.mark.parametrize("base_kept,feasible", [(0, True), (1000, False)])
+def test_kept_category_constraints_reach_optuna_without_a_deprecation_warning(tiny_model, tmp_path, base_kept,
+                                                                              feasible):
+    """Each kept category's shortfall is an Optuna constraint of the trial, which TPE and the
+    Pareto front read (no feasible trial: an empty front); optuna 5 deprecated constraints_func,
+    which warned on every trial."""
+    import warnings
+
+    import torch
+
+    from clawly.directions import AblationBasis
+    from clawly.evaluation import chat_prompts
+    from clawly.optimize import EvalPrompts, Objectives, TrialEvaluator, iter_study
+
+    model, tok = tiny_model
+    s = OptimizeSettings(n_trials=2, n_startup_trials=2, max_new_tokens=3, batch_size=4, refusal_markers=["the"])
+    prompts = EvalPrompts(chat_prompts(tok, TEXTS, None), ["a", "a", "k", "k"], chat_prompts(tok, TEXTS, None))
+    evaluator = TrialEvaluator(model, tok, prompts, s)
+    objectives = Objectives(targeted=["a"], kept=["k"], min_retention=1.0, base_refusals={"k": base_kept})
+    basis = AblationBasis(torch.nn.functional.normalize(torch.randn(1, model.config.num_hidden_layers + 1,
+                                                                    model.config.hidden_size), dim=-1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        study = open_study(str(tmp_path / "journal.log"), "s", seed=0, n_startup_trials=2, objectives=objectives)
+        trials = list(iter_study(study, model, evaluator, basis, model.config.num_hidden_layers, s, objectives))
+    assert len(trials) == 2
+    for t in completed(study):
+        shortfall = base_kept - t.user_attrs["refusals_by_category"]["k"]
+        assert t.constraints == {"k": shortfall} and t.user_attrs["kept_violations"] == [shortfall]
+    assert bool(study.best_trials) == feasible
