@@ -10,6 +10,7 @@ peft adds to the output and, on merge, to the base bias.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,9 @@ def save_adapter(model: nn.Module, factors: dict[str, LoraFactors], out_dir: str
                          "so this adapter cannot be written")
     config = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(factors), rank_pattern=pattern,
                         alpha_pattern=dict(pattern), lora_dropout=0.0, bias="none", lora_bias=biased == {True})
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft 0.21 reads transformers 5's deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
     base = peft_model.base_model.model
     with torch.no_grad():
         for name, f in factors.items():
