@@ -38,22 +38,25 @@ DIRECTIONS = "clawly_directions.safetensors"
 
 @dataclass
 class SavedChange:
-    """A trial's weight change as it is saved: the adapter's factors, and what the saved (merged)
-    model adds to the base weights."""
+    """A trial's weight change as it is saved: the change itself (float64), the adapter's factors
+    (exact for low rank, truncated SVD for dense), and what the saved (merged) model adds to the
+    base weights: the adapter as peft merges it, or for a norm-preserving plan, whose full-rank
+    change no adapter holds exactly, the dense change the trials scored."""
 
+    deltas: dict[str, WeightDelta]
     factors: dict[str, LoraFactors]
-    model_deltas: dict[str, WeightDelta]
+    norm_preserve: bool
+
+    @property
+    def model_deltas(self) -> dict[str, WeightDelta]:
+        return self.deltas if self.norm_preserve else merged_deltas(self.factors)
 
 
 def saved_change(model, basis: AblationBasis, plan: AblationPlan, strengths: torch.Tensor | None,
                  export: ExportSettings) -> SavedChange:
-    """The plan's change as LoRA factors (exact for low rank, truncated SVD for dense) and as the
-    merged model's deltas: the adapter as peft merges it, or for a norm-preserving plan, whose
-    full-rank change no adapter holds exactly, the dense change the trials scored. `model` must
-    hold the base weights."""
+    """The plan's change as it is saved (see `SavedChange`). `model` must hold the base weights."""
     deltas = weight_deltas(model, basis, plan, strengths)
-    factors = lora_factors(deltas, export.energy, export.max_rank)
-    return SavedChange(factors, deltas if plan.norm_preserve else merged_deltas(factors))
+    return SavedChange(deltas, lora_factors(deltas, export.energy, export.max_rank), plan.norm_preserve)
 
 
 def merged_deltas(factors: dict[str, LoraFactors]) -> dict[str, WeightDelta]:
