@@ -95,5 +95,7 @@ def save_adapter(model: nn.Module, factors: dict[str, LoraFactors], out_dir: str
                 module.lora_B["default"].bias.copy_(f.bias.to(b.dtype))
     if base_model_name_or_path is not None:
         peft_model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
-    peft_model.save_pretrained(str(out_dir))
+    with warnings.catch_warnings():  # peft takes a 1-D lora_B.bias for an unsharded tensor; shapes are checked above
+        warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape.*")
+        peft_model.save_pretrained(str(out_dir))
     peft_model.unload()  # the LoRA layers come out again: `model` is as it was
