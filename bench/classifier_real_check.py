@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT.parent))
 from bench.common import project_settings  # noqa: E402
 from clawly.categories import wilson_interval  # noqa: E402
 from clawly.classify import LABELS, ResponseClassifier, scores  # noqa: E402
-from clawly.evaluation import RefusalDetector  # noqa: E402
+from clawly.measures import RefusalDetector  # noqa: E402
 
 LABELS_FILE = ROOT / "results" / "real-answer-labels.jsonl"
 
@@ -82,15 +82,16 @@ def labelled_answers(responses: pd.DataFrame, labels: list[dict] | None = None) 
 
 def generate_answers(ids: list[str], models: tuple[str, ...] = ("base", "merged"), settings=None) -> pd.DataFrame:
     """Greedy answers to the harmful prompts `ids` (in that order), decoded as the evaluate stage
-    decodes (`clawly.pipeline.evaluation_prompts`, evaluate.max_new_tokens; the chosen trial's
+    decodes (`clawly.steps.evaluate.evaluation_prompts`, evaluate.max_new_tokens; the chosen trial's
     response prefix when there is one) by the base model and the `merge` stage's model.
     `settings`: params.yaml's by default. Columns id, text, category and `<model>_response`."""
     from clawly.datasets import generate_prompts
     from clawly.model import load_model
-    from clawly.pipeline import evaluation_prompts, merged_model_settings, paths_of
+    from clawly.paths import Paths
+    from clawly.steps.evaluate import evaluation_prompts, merged_model_settings
 
     settings = settings or project_settings()
-    chosen = paths_of(settings).chosen_trial
+    chosen = Paths.of(settings).chosen_trial
     prefix = json.loads(chosen.read_text()).get("response_prefix", "") if chosen.is_file() else ""
     harmful, _ = generate_prompts(settings.data)
     table = harmful.set_index("id").loc[ids].reset_index()[["id", "text", "category"]]
@@ -157,7 +158,7 @@ def check(rows: list[dict], classifier: ResponseClassifier, detector: RefusalDet
 
 
 def main() -> None:
-    from clawly.search import response_classifier
+    from clawly.classify import response_classifier
 
     responses = pd.read_parquet(sys.argv[1] if len(sys.argv) > 1 else "artifacts/evaluate/responses.parquet")
     labels = read_labels()

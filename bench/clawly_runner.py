@@ -40,8 +40,16 @@ def main() -> None:
     t0 = time.time()
     import optuna
 
-    from clawly import pipeline, search
     from clawly.log import get_logger
+    from clawly.model import load_model
+    from clawly.steps import (
+        compute_directions,
+        export_lora,
+        merge,
+        optimize,
+        orthogonalize_categories,
+        probe_activations,
+    )
 
     bs = int(a.batch_size) if a.batch_size.isdigit() else a.batch_size
     settings = settings_for(a.workspace, n_trials=a.n_trials, n_startup_trials=a.n_startup_trials, seed=a.seed,
@@ -50,19 +58,19 @@ def main() -> None:
     log = get_logger("bench", a.workspace / "logs")
     timing = {}
     t = time.time()
-    model, tok = pipeline._load(settings, log)
+    model, tok = load_model(settings.model, log)
     timing["load_seconds"] = round(time.time() - t, 1)
     t = time.time()
-    pipeline.probe_activations(settings, log, model, tok)
-    pipeline.compute_directions(settings, log)
-    pipeline.orthogonalize_categories(settings, log)
+    probe_activations.run(settings, log, model, tok)
+    compute_directions.run(settings, log)
+    orthogonalize_categories.run(settings, log)
     timing["probe_and_directions_seconds"] = round(time.time() - t, 1)
     t = time.time()
-    metrics = pipeline.optimize(settings, log, model, tok)
+    metrics = optimize.run(settings, log, model, tok)
     timing["optimize_seconds"] = round(time.time() - t, 1)
-    from clawly.optimize import _storage
+    from clawly.study import _storage
 
-    fingerprint = search.study_fingerprint(settings, *search.optimizer_prompts(settings))
+    fingerprint = optimize.study_fingerprint(settings, *optimize.optimizer_prompts(settings))
     name = f"{settings.optimize.study_name}-{fingerprint}"
     study = optuna.load_study(study_name=name, storage=_storage(settings.optimize.storage))
     trials = [{"trial": t.number, "state": t.state.name,
@@ -72,9 +80,9 @@ def main() -> None:
                "seconds": (t.datetime_complete - t.datetime_start).total_seconds()}
               for t in study.get_trials(deepcopy=False) if t.datetime_complete]
     t = time.time()
-    pipeline.export_lora(settings, log, model, tok)
+    export_lora.run(settings, log, model, tok)
     del model
-    pipeline.merge(settings, log)
+    merge.run(settings, log)
     timing["export_and_merge_seconds"] = round(time.time() - t, 1)
     timing["setup_seconds"] = round(timing["load_seconds"] + timing["probe_and_directions_seconds"], 1)
     timing["total_seconds"] = round(time.time() - t0, 1)

@@ -30,22 +30,26 @@ STEPS = ("prepare", "heretic", "clawly", "rescore", "report")
 def prepare(a) -> None:
     import pandas as pd
 
-    from clawly import pipeline, search
+    from clawly.artifacts.prompts import read_prompts
     from clawly.log import get_logger
     from clawly.model import resolve_model_source
+    from clawly.paths import Paths
     from clawly.settings import ModelSettings
+    from clawly.steps import generate_datasets, optimize
+    from clawly.steps.compute_directions import contrast_filter
+    from clawly.steps.probe_activations import capped
 
     ws = a.work / "clawly"
     s = settings_for(ws, seed=a.seed)
-    pipeline.generate_datasets(s, get_logger("bench-prepare", quiet=True))
-    harmful, harmless = pipeline.read_prompts(s)
-    train_h = pipeline._cap_per_category(harmful[harmful.split == "train"], s.probe.max_per_category)
-    train_g = pipeline._cap_per_category(harmless[harmless.split == "train"], s.probe.max_per_category)
-    train_g = train_g[train_g.category.map(pipeline.contrast_filter(s.directions.contrast))]
-    eval_h, eval_g = search.optimizer_prompts(s)
+    generate_datasets.run(s, get_logger("bench-prepare", quiet=True))
+    harmful, harmless = read_prompts(Paths.of(s))
+    train_h = capped(harmful[harmful.split == "train"], s.probe.max_per_category)
+    train_g = capped(harmless[harmless.split == "train"], s.probe.max_per_category)
+    train_g = train_g[train_g.category.map(contrast_filter(s.directions.contrast))]
+    eval_h, eval_g = optimize.optimizer_prompts(s)
     rest_h = harmful[(harmful.split == "eval") & ~harmful.id.isin(eval_h.id)]
     rest_g = harmless[(harmless.split == "eval") & ~harmless.id.isin(eval_g.id)]
-    held_h = search.stratified_sample(rest_h, 100, a.seed)
+    held_h = optimize.stratified_sample(rest_h, 100, a.seed)
     held_g = rest_g.sample(n=min(100, len(rest_g)), random_state=a.seed)
     d = a.out / "prompts"
     for name, df in (("harmful_train", train_h), ("harmless_train", train_g), ("harmful_eval", eval_h),

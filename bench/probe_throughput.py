@@ -30,8 +30,9 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
-    from clawly.activations import ActivationWriter, probe_residuals
-    from clawly.evaluation import _encode, chat_prompts, length_sorted_batches
+    from clawly.activations import probe_residuals
+    from clawly.artifacts.activations import ActivationWriter
+    from clawly.measures import _encode, chat_prompts, length_sorted_batches
     from clawly.model import load_model
     from clawly.settings import ModelSettings
 

@@ -31,7 +31,7 @@ def main() -> None:
     import pandas as pd
 
     from clawly.decoding import PromptSet
-    from clawly.evaluation import RefusalDetector, chat_prompts, kl_divergence
+    from clawly.measures import RefusalDetector, chat_prompts, kl_divergence
     from clawly.model import load_model
     from clawly.settings import ModelSettings
 

@@ -43,7 +43,7 @@ def main() -> None:
     from clawly.ablation import AblationPlan, ablated, weight_deltas
     from clawly.decoding import DecodeStats, PromptSet
     from clawly.directions import AblationBasis
-    from clawly.evaluation import RefusalDetector, chat_prompts, first_token_logprobs, generate, kl_divergence
+    from clawly.measures import RefusalDetector, chat_prompts, first_token_logprobs, generate, kl_divergence
     from clawly.model import load_model
     from clawly.settings import ModelSettings
 

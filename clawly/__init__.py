@@ -15,7 +15,7 @@ def __getattr__(name: str):
 
         return getattr(api, name)
     if name == "Settings":
-        from clawly.settings import Settings
+        from clawly.settings import Settings  # lazy, as above
 
         return Settings
     raise AttributeError(f"module 'clawly' has no attribute {name!r}")

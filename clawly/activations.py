@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from clawly.architecture import decoder_layers
-from clawly.evaluation import length_sorted_batches
+from clawly.errors import ClawlyError
+from clawly.measures import length_sorted_batches
 
 
-class ProbeError(ValueError):
+class ProbeError(ClawlyError, ValueError):
     """The probe position cannot be found (e.g. a marker absent from a templated prompt)."""
 
 
@@ -111,42 +109,34 @@ def probe_residuals(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         bar.close()
 
 
-def activation_schema(hidden: int) -> pa.Schema:
-    return pa.schema([("id", pa.string()), ("category", pa.string()), ("layer", pa.int16()),
-                      ("residual", pa.list_(pa.float32(), hidden))])
+class RunningMean:
+    """Streaming (Welford) mean of equally-shaped tensors, in float64; memory does not grow with n."""
 
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: torch.Tensor | None = None
 
-class ActivationWriter:
-    """Streams rows (one per prompt x probe point) into a Parquet file."""
+    def update(self, batch: torch.Tensor) -> None:
+        """Add a batch `[n, ...]` of samples."""
+        batch = batch.detach().to("cpu", torch.float64)
+        n = batch.shape[0]
+        if n == 0:
+            return
+        batch_mean = batch.mean(dim=0)
+        if self.mean is None:
+            self.mean, self.count = batch_mean, n
+            return
+        total = self.count + n
+        self.mean += (batch_mean - self.mean) * (n / total)
+        self.count = total
 
-    def __init__(self, path: str | Path, hidden: int):
-        self.schema = activation_schema(hidden)
-        self.writer = pq.ParquetWriter(str(path), self.schema, compression="zstd")
-
-    def write(self, ids: Sequence[str], categories: Sequence[str], residuals: torch.Tensor) -> None:
-        """residuals: `[b, P, d]`."""
-        b, p, d = residuals.shape
-        flat = pa.array(residuals.reshape(-1).numpy(), type=pa.float32())
-        table = pa.table({
-            "id": pa.array([i for i in ids for _ in range(p)], pa.string()),
-            "category": pa.array([c for c in categories for _ in range(p)], pa.string()),
-            "layer": pa.array(list(range(p)) * b, pa.int16()),
-            "residual": pa.FixedSizeListArray.from_arrays(flat, d),
-        }, schema=self.schema)
-        self.writer.write_table(table)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def read_activations(path: str | Path) -> tuple[list[str], list[str], torch.Tensor]:
-    """(ids, categories, residuals `[n, P, d]` float32) from an activations Parquet file."""
-    table = pq.read_table(str(path))
-    layer = table.column("layer").to_numpy()
-    p = int(layer.max()) + 1
-    d = table.schema.field("residual").type.list_size
-    values = table.column("residual").combine_chunks().flatten().to_numpy()
-    residuals = torch.from_numpy(values.reshape(-1, p, d).copy())
-    ids = table.column("id").to_pylist()[::p]
-    cats = table.column("category").to_pylist()[::p]
-    return ids, cats, residuals
+    def merged(self, other: RunningMean) -> RunningMean:
+        """The mean over both sample sets (Chan et al.'s pairwise update)."""
+        out = RunningMean()
+        if self.mean is None or other.mean is None:
+            src = self if other.mean is None else other
+            out.count, out.mean = src.count, None if src.mean is None else src.mean.clone()
+            return out
+        out.count = self.count + other.count
+        out.mean = self.mean + (other.mean - self.mean) * (other.count / out.count)
+        return out

@@ -11,15 +11,14 @@
     pipe.save_adapter("out/adapter"); pipe.save_model("out/model")
 
 Each step runs the steps it needs first when they have not run yet, so any one can be called
-alone. The steps call the same functions as the DVC stages (`clawly.pipeline`, `clawly.search`,
-`clawly.export`) and write the same files under `settings.artifacts_dir` and `settings.data.out_dir`;
-an interrupted optimization resumes from its Optuna journal there.
+alone. The steps call the same functions as the DVC stages (`clawly.steps.*`, `clawly.export`) and
+write the same files under `settings.artifacts_dir` and `settings.data.out_dir`; an interrupted
+optimization resumes from its Optuna journal there.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,16 +27,19 @@ import pandas as pd
 import torch
 
 from clawly import export as ex
-from clawly import pipeline as pl
-from clawly import search as sr
 from clawly.ablation import AblationPlan, LayerKernel, ablated
-from clawly.artifacts import AblationDirections, load_ablation_directions
+from clawly.artifacts.directions import AblationDirections, read_ablation_directions
 from clawly.errors import ClawlyError
-from clawly.io import atomic_dir, write_json, write_text
+from clawly.io import atomic_dir, read_json, write_json, write_text
 from clawly.log import StageLogger, get_logger
+from clawly.measures import chat_prompts
+from clawly.model import load_model, model_provenance, resolve_model_source
+from clawly.paths import Paths
 from clawly.settings import Settings
+from clawly.steps import compute_directions, generate_datasets, optimize, orthogonalize_categories, probe_activations
+from clawly.study import finished
 
-TrialOutcome = sr.TrialOutcome
+TrialOutcome = optimize.TrialOutcome
 
 
 class Pipeline:
@@ -47,14 +49,14 @@ class Pipeline:
         if settings is not None and keys:
             settings = Settings(**{**settings.to_dict(), **keys})
         self.settings = settings if settings is not None else Settings(**keys)
-        self.log = log or get_logger("pipeline", Path(self.settings.artifacts_dir) / "logs")
+        self.log = log or get_logger("pipeline", Paths.of(self.settings).logs)
         self.model = self.tokenizer = None
         self.harmful: pd.DataFrame | None = None
         self.harmless: pd.DataFrame | None = None
         self.directions: AblationDirections | None = None
         self.response_prefix: str | None = None
         self.batch_size: int | None = None
-        self.search: sr.Search | None = None
+        self.search: optimize.Search | None = None
         self.trial: TrialOutcome | None = None  # the trial whose weights the model holds (None: base)
         self._factors: dict | None = None
         self._applied = contextlib.ExitStack()
@@ -64,13 +66,13 @@ class Pipeline:
     def load_model(self):
         """Load the model and tokenizer of `settings.model` (packaged default, directory, .gguf, hub id)."""
         if self.model is None:
-            self.model, self.tokenizer = pl._load(self.settings, self.log)
+            self.model, self.tokenizer = load_model(self.settings.model, self.log)
         return self.model, self.tokenizer
 
     def load_datasets(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Generate the harmful and harmless prompt tables (id, text, category, split) and write them."""
         if self.harmful is None:
-            self.harmful, self.harmless = pl.generate_datasets(self.settings, self.log)
+            self.harmful, self.harmless = generate_datasets.run(self.settings, self.log)
         return self.harmful, self.harmless
 
     def compute_refusal_directions(self) -> AblationDirections:
@@ -80,22 +82,19 @@ class Pipeline:
         if self.directions is None:
             self.load_datasets()
             model, tokenizer = self.load_model()
-            p = pl.paths_of(self.settings)
-            stamp = Path(self.settings.artifacts_dir) / "directions" / "inputs.json"
+            p = Paths.of(self.settings)
             inputs = self._direction_inputs()
-            if p.orthogonalized.exists() and stamp.exists() and json.loads(stamp.read_text()) == inputs:
+            if p.orthogonalized.exists() and p.direction_inputs.exists() and read_json(p.direction_inputs) == inputs:
                 self.log.event("directions_reused", f"reusing {p.orthogonalized} (same model, prompts and settings)")
             else:
-                pl.probe_activations(self.settings, self.log, model, tokenizer)
-                pl.compute_directions(self.settings, self.log)
-                pl.orthogonalize_categories(self.settings, self.log)
-                write_json(stamp, inputs)
-            self.directions = pl.read_directions(self.settings)
+                probe_activations.run(self.settings, self.log, model, tokenizer)
+                compute_directions.run(self.settings, self.log)
+                orthogonalize_categories.run(self.settings, self.log)
+                write_json(p.direction_inputs, inputs)
+            self.directions = read_ablation_directions(p.orthogonalized)
         return self.directions
 
     def _direction_inputs(self) -> dict:
-        from clawly.model import model_provenance
-
         s = self.settings.to_dict()
         return {"model": model_provenance(self.settings.model)["fingerprint"],
                 "harmful": ex.prompts_fingerprint(self.harmful), "harmless": ex.prompts_fingerprint(self.harmless),
@@ -108,25 +107,24 @@ class Pipeline:
         if self.response_prefix is None:
             self.load_datasets()
             model, tokenizer = self.load_model()
-            harmful, harmless = sr.optimizer_prompts(self.settings)
-            self.response_prefix = sr.response_prefix(self.settings, model, tokenizer, harmful.text.tolist(),
+            harmful, harmless = optimize.optimizer_prompts(self.settings)
+            self.response_prefix = optimize.response_prefix(self.settings, model, tokenizer, harmful.text.tolist(),
                                                       harmless.text.tolist(), self.log)
         return self.response_prefix
 
     def auto_batch_size(self) -> int:
         """Time a few batch sizes once per model and machine (cached) and keep the fastest."""
         if self.batch_size is None:
-            from clawly.evaluation import chat_prompts
-
             self.load_datasets()
             model, tokenizer = self.load_model()
-            harmful, _ = sr.optimizer_prompts(self.settings)
+            harmful, _ = optimize.optimizer_prompts(self.settings)
             prompts = chat_prompts(tokenizer, harmful.text.tolist(), self.settings.model.system_prompt,
                                    self.detect_response_prefix())
-            self.batch_size = sr.scoring_batch_size(self.settings, model, tokenizer, prompts, self.log, timed=True)
+            self.batch_size = optimize.scoring_batch_size(self.settings, model, tokenizer, prompts, self.log,
+                                                          timed=True)
         return self.batch_size
 
-    def init_evaluator(self) -> sr.Search:
+    def start_search(self) -> optimize.Search:
         """Score the base model once and open (or resume) the study. The batch size is
         optimize.batch_size unless `auto_batch_size()` ran (or the setting is 'auto')."""
         if self.search is None:
@@ -134,7 +132,7 @@ class Pipeline:
             self._restore_base()
             batch_size = self.batch_size if self.batch_size is not None else (
                 None if self.settings.optimize.batch_size == "auto" else int(self.settings.optimize.batch_size))
-            self.search = sr.start_search(self.settings, self.log, self.model, self.tokenizer, directions,
+            self.search = optimize.start_search(self.settings, self.log, self.model, self.tokenizer, directions,
                                           self.detect_response_prefix(), batch_size)
             self.batch_size = self.search.batch_size
         return self.search
@@ -143,28 +141,26 @@ class Pipeline:
 
     def run_optimization_iter(self) -> Iterator[TrialOutcome]:
         """Run the missing trials (up to optimize.n_trials), yielding each as it finishes."""
-        search = self.init_evaluator()
+        search = self.start_search()
         self._restore_base()
-        for t in sr.search_trials(search, self.settings, self.model, self.log):
+        for t in optimize.search_trials(search, self.settings, self.model, self.log):
             yield TrialOutcome.of(t)
 
     def get_pareto_front(self) -> list[TrialOutcome]:
         """The Pareto-optimal trials (refusals vs KL), by KL."""
-        return [TrialOutcome.of(t) for t in self.init_evaluator().pareto_front()]
+        return [TrialOutcome.of(t) for t in self.start_search().pareto_front()]
 
     def trials(self) -> list[TrialOutcome]:
         """Every finished trial (complete or pruned), by index."""
-        from clawly.optimize import finished
-
-        return [TrialOutcome.of(t) for t in sorted(finished(self.init_evaluator().study), key=lambda t: t.number)]
+        return [TrialOutcome.of(t) for t in sorted(finished(self.start_search().study), key=lambda t: t.number)]
 
     def choose_trial(self) -> TrialOutcome:
         """The trial the stages would choose (fewest refusals with KL <= optimize.kl_cap)."""
-        return TrialOutcome.of(self.init_evaluator().chosen(self.settings.optimize.kl_cap))
+        return TrialOutcome.of(self.start_search().chosen(self.settings.optimize.kl_cap))
 
     def write_outputs(self) -> dict:
         """The optimize stage's files: trials table, Pareto plot, chosen trial, metrics."""
-        return sr.write_search_outputs(self.settings, self.init_evaluator(), self.log)
+        return optimize.write_search_outputs(self.settings, self.start_search(), self.log)
 
     # ------------------------------------------------------------ a trial's model
 
@@ -173,7 +169,7 @@ class Pipeline:
         study (direct mode) becomes a trial with index -1 and no figures until `score()`."""
         directions = self.compute_refusal_directions()
         if isinstance(trial, int):
-            found = self.init_evaluator().trial(trial)
+            found = self.start_search().trial(trial)
             if found is None or "plan" not in found.user_attrs:
                 raise ClawlyError(f"no finished trial {trial} in the study: pick one of "
                                   f"{[t.index for t in self.trials()]}")
@@ -191,12 +187,12 @@ class Pipeline:
         """Refusals and KL of the model as it is now (the restored trial, or the base model)."""
         if self.search is None:  # the base scores come first, on the base weights
             current = self.trial
-            self.init_evaluator()
+            self.start_search()
             if current is not None:
                 self.restore_trial(current)
         search = self.search
         t0 = time.perf_counter()
-        result = search.evaluator.evaluate()
+        result = search.scorer.score()
         refusals = int(search.objectives.values(result)[0])
         trial = self.trial or TrialOutcome(-1, None, None, {}, {}, {}, AblationPlan(kernels={}))
         self.trial = TrialOutcome(trial.index, refusals, result.kl, result.refusals_by_category,
@@ -241,19 +237,17 @@ class Pipeline:
                                                       "refusals": trial.refusals, "kl_divergence": trial.kl_divergence})
 
     def _card(self, kind: str) -> str:
-        metrics = {}
+        summary = {}
         if self.search is not None and self.trial is not None and self.trial.index >= 0:
             chosen = self.search.trial(self.trial.index)
             if chosen is not None and chosen.values:
-                metrics = sr.search_summary(self.settings, self.search, chosen)
-                metrics["rule"] = "picked by the user"
-        return ex.model_card(self.settings, metrics, kind=kind)
+                summary = optimize.search_summary(self.settings, self.search, chosen)
+                summary["rule"] = "picked by the user"
+        return ex.model_card(self.settings, summary, kind=kind)
 
     def save_adapter(self, path: str | Path) -> Path:
         """Write the restored trial (default: the chosen one) as a PEFT LoRA adapter, with model card
         and reproduction record."""
-        from clawly.model import resolve_model_source
-
         trial = self._current()
         if trial.plan.norm_preserve and (warning := ex.adapter_warning(self._factors, self.settings.export)):
             self.log.event("warning", warning)
@@ -267,8 +261,6 @@ class Pipeline:
     def save_model(self, path: str | Path) -> Path:
         """Write the model with the restored trial (default: the chosen one) merged into its weights:
         safetensors shards, config, tokenizer, model card, reproduction record."""
-        from clawly.model import resolve_model_source
-
         self._current()
         with atomic_dir(path) as tmp:
             ex.write_model(self.model, self.tokenizer, tmp, self.settings,
@@ -284,8 +276,6 @@ class Pipeline:
     def reproduce(cls, record_file: str | Path, out_dir: str | Path, log: StageLogger | None = None) -> Path:
         """Rebuild a saved adapter or model from its reproduction record into `out_dir`: same
         settings, same model (checked by fingerprint), the recorded directions and plan."""
-        from clawly.model import model_provenance, resolve_model_source
-
         record, directions_file = ex.read_record(record_file)
         settings = Settings.from_dict(record["settings"])
         pipe = cls(settings, log)
@@ -294,7 +284,7 @@ class Pipeline:
         if recorded and recorded != found:
             raise ClawlyError(f"the model {settings.model.name!r} is not the one recorded ({found} here, {recorded} "
                               "in the record): load the same weights (model.name / model.revision)")
-        pipe.directions = load_ablation_directions(directions_file)
+        pipe.directions = read_ablation_directions(directions_file)
         pipe.load_model()
         trial = record.get("trial") or {}
         pipe.restore_trial(AblationPlan.from_dict(record["plan"]))

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clawly.errors import ClawlyError
+
 ATTN_OUT = "attn_out"
 MLP_DOWN = "mlp_down"
 COMPONENTS = (ATTN_OUT, MLP_DOWN)
@@ -62,7 +64,7 @@ _WRITER_PATHS = {
 _MOE_PATHS = ("mlp.experts", "block_sparse_moe", "feed_forward.experts", "mlp.router", "mlp.gate.experts")
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(ClawlyError, ValueError):
     """The model's layers or residual writers cannot be found; the message names the class."""
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from clawly.artifacts.directions import RefusalDirections
 from clawly.directions import AblationBasis, cosine
 from clawly.errors import ClawlyError
 from clawly.settings import CategorySettings
@@ -36,24 +37,25 @@ def check_categories(settings: CategorySettings, available: list[str]) -> None:
                           f"{', '.join(unknown)}; the prompts have: {', '.join(available)}")
 
 
-def category_directions(tensors: dict[str, torch.Tensor], settings: CategorySettings,
+def category_directions(directions: RefusalDirections, settings: CategorySettings,
                         orthogonalize: bool, protect_harmless: bool) -> CategoryDirections:
     """Targeted directions, to be made orthogonal to kept ones (and the harmless mean if asked)."""
     names, kept = settings.targeted, settings.kept
-    v = torch.stack([tensors[f"category_direction.{c}"].double() for c in names])  # [m, P, d]
-    protected = [tensors[f"category_direction.{c}"].double() for c in kept] if orthogonalize else []
+    by_category = {c: v.double() for c, v in directions.category_directions.items()}
+    v = torch.stack([by_category[c] for c in names])  # [m, P, d]
+    protected = [by_category[c] for c in kept] if orthogonalize else []
     if protect_harmless:
-        protected.append(tensors["harmless_mean"].double())
+        protected.append(directions.harmless_mean.double())
     basis = AblationBasis(v, torch.stack(protected) if protected else None)
-    cos = {c: {k: [round(float(x), 4) for x in cosine(v[i], tensors[f"category_direction.{k}"])] for k in kept}
+    cos = {c: {k: [round(float(x), 4) for x in cosine(v[i], by_category[k])] for k in kept}
            for i, c in enumerate(names)}
     return CategoryDirections(basis, names, [settings.weights[c] for c in names], kept, cos)
 
 
-def global_directions(tensors: dict[str, torch.Tensor], protect_harmless: bool) -> AblationBasis:
+def global_directions(directions: RefusalDirections, protect_harmless: bool) -> AblationBasis:
     """The single global refusal direction, `[1, P, d]`, optionally orthogonal to the harmless mean."""
-    d = tensors["refusal_direction"].double().unsqueeze(0)
-    return AblationBasis(d, tensors["harmless_mean"].double().unsqueeze(0) if protect_harmless else None)
+    d = directions.refusal_direction.double().unsqueeze(0)
+    return AblationBasis(d, directions.harmless_mean.double().unsqueeze(0) if protect_harmless else None)
 
 
 def low_retention(retained: torch.Tensor, names: list[str], threshold: float) -> dict[str, list[int]]:

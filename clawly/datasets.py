@@ -28,28 +28,25 @@ import re
 import string
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 import yaml
 
-from clawly.io import atomic_path
+from clawly.artifacts.prompts import COLUMNS, GENERAL
+from clawly.errors import ClawlyError
 from clawly.paths import project_file
-
-if TYPE_CHECKING:
-    from clawly.settings import DataSettings
+from clawly.settings import DataSettings
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["id", "text", "category", "split"]
 SPLITS = ("train", "eval")
-GENERAL = "general"  # category of harmless prompts unrelated to any harm category
 USER_HARMFUL_CATEGORY = "custom"  # category of user harmful prompts that carry none
 PROMPT_FILE_SUFFIXES = (".txt", ".csv", ".jsonl", ".parquet")
 _CATEGORY_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-class DatasetError(ValueError):
+class DatasetError(ClawlyError, ValueError):
     """Prompt data that cannot be used: the message names the file or dataset and the problem."""
 
 
@@ -421,9 +418,3 @@ def _append_user_prompts(base: pd.DataFrame, extra: pd.DataFrame, exclude: Itera
     extra.loc[missing[:n_eval], "split"] = "eval"
     extra.loc[missing[n_eval:], "split"] = "train"
     return pd.concat([base, extra], ignore_index=True)
-
-
-def write_parquet_atomic(frame: pd.DataFrame, path: str | os.PathLike[str]) -> None:
-    """Write `frame` (without its index) to `path` via a temp file in the same directory."""
-    with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False)

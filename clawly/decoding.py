@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
+
+from clawly.io import write_json
 
 THINK_TAGS = {"<think>": "</think>", "<thinking>": "</thinking>"}
 
@@ -218,8 +221,6 @@ class PromptSet:
 
 
 def _joinable(cache) -> bool:
-    from transformers.cache_utils import DynamicLayer
-
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
 
@@ -320,8 +321,6 @@ def auto_batch_size(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     if cache_file:
         data = _read_json(cache_file)
         data[key] = {"batch_size": best, "decode_tokens_per_second": tried}
-        from clawly.io import write_json
-
         write_json(cache_file, data)
     return best
 

@@ -13,39 +13,6 @@ import torch
 EPS = 1e-12
 
 
-class RunningMean:
-    """Streaming (Welford) mean of equally-shaped tensors, in float64; memory does not grow with n."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.mean: torch.Tensor | None = None
-
-    def update(self, batch: torch.Tensor) -> None:
-        """Add a batch `[n, ...]` of samples."""
-        batch = batch.detach().to("cpu", torch.float64)
-        n = batch.shape[0]
-        if n == 0:
-            return
-        batch_mean = batch.mean(dim=0)
-        if self.mean is None:
-            self.mean, self.count = batch_mean, n
-            return
-        total = self.count + n
-        self.mean += (batch_mean - self.mean) * (n / total)
-        self.count = total
-
-    def merged(self, other: RunningMean) -> RunningMean:
-        """The mean over both sample sets (Chan et al.'s pairwise update)."""
-        out = RunningMean()
-        if self.mean is None or other.mean is None:
-            src = self if other.mean is None else other
-            out.count, out.mean = src.count, None if src.mean is None else src.mean.clone()
-            return out
-        out.count = self.count + other.count
-        out.mean = self.mean + (other.mean - self.mean) * (other.count / out.count)
-        return out
-
-
 def winsorize(residuals: torch.Tensor, quantile: float) -> torch.Tensor:
     """Clamp each coordinate of `[n, P, d]` residuals to its [q, 1-q] quantiles over the n prompts.
 

@@ -1,6 +1,12 @@
-"""Errors a user can fix: printed as one line naming the problem and the fix, no traceback."""
+"""Errors a user can fix: printed as one line naming the problem and the fix, no traceback.
+
+Every user-facing error class derives from `ClawlyError` (the doors catch that one class); most are
+also `ValueError`s, as the bad input they report.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 class ClawlyError(Exception):
@@ -11,26 +17,8 @@ class MissingInputError(ClawlyError, FileNotFoundError):
     """A stage's input does not exist: the message names the stage that makes it."""
 
 
-def require(path, made_by: str) -> None:
+def require(path: str | Path, made_by: str) -> None:
     """Raise MissingInputError unless `path` exists."""
-    from pathlib import Path
-
     if not Path(path).exists():
         raise MissingInputError(f"{path} does not exist: run the '{made_by}' stage first "
                                 f"(python -m stages.{made_by.replace('-', '_')}, or dvc repro)")
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Every error class whose message is meant for the user (printed as one line, no traceback)."""
-    from clawly.settings import SettingsError
-
-    errors: list[type[BaseException]] = [ClawlyError, SettingsError]
-    for module, name in (("clawly.datasets", "DatasetError"), ("clawly.model", "ModelLoadError"),
-                         ("clawly.architecture", "UnsupportedArchitectureError"),
-                         ("clawly.model", "UnsupportedArchitectureError"), ("clawly.activations", "ProbeError"),
-                         ("clawly.classify", "ClassifierError")):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)

@@ -13,6 +13,7 @@ rebuilds the same weights without probing or optimizing again.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import platform
 import shutil
@@ -24,11 +25,13 @@ import torch
 
 from clawly import __version__
 from clawly.ablation import AblationPlan, WeightDelta, weight_deltas
-from clawly.artifacts import AblationDirections, write_ablation_directions
+from clawly.artifacts.directions import AblationDirections, write_ablation_directions
+from clawly.checkpoint import save_sharded, source_weight_map
 from clawly.directions import AblationBasis
 from clawly.errors import ClawlyError
 from clawly.io import atomic_path, write_json
 from clawly.lora import LoraFactors, lora_factors, save_adapter
+from clawly.model import DEFAULT_MODEL, DEFAULT_MODEL_DESCRIPTION, model_provenance
 from clawly.settings import ExportSettings, Settings
 
 RECORD = "clawly_reproduction.json"
@@ -89,10 +92,8 @@ def write_adapter(model, factors: dict[str, LoraFactors], out_dir: Path, source:
     save_adapter(model, factors, out_dir, base_model_name_or_path=source)
 
 
-def write_model(model, tokenizer, out_dir: Path, settings: Settings, source: Path) -> list[str]:
+def write_model(model, tokenizer, out_dir: Path, settings: Settings, source: str | Path) -> list[str]:
     """Safetensors shards (a sharded source keeps its layout) + config, generation config, tokenizer."""
-    from clawly.checkpoint import save_sharded, source_weight_map
-
     files = save_sharded(model.state_dict(), out_dir, settings.merge.max_shard_size, source_weight_map(source))
     model.config.save_pretrained(out_dir)
     if model.generation_config is not None:
@@ -116,15 +117,21 @@ def file_sha256(path: Path) -> str:
 
 
 def package_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
     versions = {}
     for pkg in ("torch", "transformers", "peft", "optuna", "safetensors"):
         try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
             pass
     return versions
+
+
+def portable_settings(settings: Settings) -> dict:
+    """The settings as a record keeps them: without this machine's model cache directory, which
+    changes nothing that was done (and would not exist where the record is reproduced)."""
+    values = settings.to_dict()
+    values["model"]["cache_dir"] = None
+    return values
 
 
 def write_record(out_dir: Path, kind: str, settings: Settings, plan: AblationPlan, ablation: AblationDirections,
@@ -133,13 +140,11 @@ def write_record(out_dir: Path, kind: str, settings: Settings, plan: AblationPla
 
     prompts: name -> prompt table (fingerprinted); trial: {"index", "parameters", "refusals",
     "kl_divergence"} of the optimizer trial, None for a direct plan."""
-    from clawly.model import model_provenance
-
     with atomic_path(out_dir / DIRECTIONS) as tmp:
         write_ablation_directions(tmp, ablation)
     record = {
         "format": RECORD_FORMAT, "clawly": __version__, "kind": kind,
-        "settings": settings.to_dict(),
+        "settings": portable_settings(settings),
         "model": model_provenance(settings.model),
         "prompts": {name: {"rows": len(df), "fingerprint": prompts_fingerprint(df)} for name, df in prompts.items()},
         "directions": {"file": DIRECTIONS, "sha256": file_sha256(out_dir / DIRECTIONS), "mode": ablation.mode,
@@ -195,8 +200,6 @@ def category_markdown(by_category: dict[str, dict], after: str = "after", label:
 
 
 def model_title(settings: Settings) -> str:
-    from clawly.model import DEFAULT_MODEL, DEFAULT_MODEL_DESCRIPTION
-
     return DEFAULT_MODEL_DESCRIPTION if settings.model.name == DEFAULT_MODEL else settings.model.name
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+import huggingface_hub
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
 from clawly.errors import ClawlyError
 
 
@@ -30,9 +33,6 @@ def _redacted(text: str, token: str) -> str:
 def push_to_hub(folder: str | Path, repo_id: str, *, token: str | None = None, private: bool = False,
                 endpoint: str | None = None, commit_message: str | None = None) -> str:
     """Create the model repo `repo_id` if needed, upload every file of `folder`; return the repo URL."""
-    import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
     folder = Path(folder)
     if not folder.is_dir() or not any(p.is_file() for p in folder.rglob("*")):
         raise ClawlyError(f"{folder} is missing or empty: nothing to upload to {repo_id}")

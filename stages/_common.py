@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from clawly.errors import user_errors
+from clawly.errors import ClawlyError
 from clawly.log import StageLogger, get_logger
 from clawly.settings import Settings
 
@@ -34,7 +34,7 @@ def run_stage(name: str, step: Callable[[Settings, StageLogger], object]) -> Non
             log.event("start", "", config={k: v for k, v in values.items() if k != "hydra"})  # type: ignore[union-attr]
             step(settings, log)
             log.event("done")
-        except user_errors() as e:
+        except ClawlyError as e:
             if os.environ.get("CLAWLY_DEBUG"):
                 raise
             print(f"clawly {name}: error: {e}", file=sys.stderr)

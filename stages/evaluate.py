@@ -1,7 +1,7 @@
-"""DVC stage 'evaluate': see clawly.pipeline.evaluate."""
+"""DVC stage 'evaluate': clawly/steps/evaluate.py."""
 
-from clawly.pipeline import evaluate
+from clawly.steps import evaluate
 from stages._common import run_stage
 
 if __name__ == "__main__":
-    run_stage("evaluate", evaluate)
+    run_stage("evaluate", evaluate.run)

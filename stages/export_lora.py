@@ -1,7 +1,7 @@
-"""DVC stage 'export-lora': see clawly.pipeline.export_lora."""
+"""DVC stage 'export-lora': clawly/steps/export_lora.py."""
 
-from clawly.pipeline import export_lora
+from clawly.steps import export_lora
 from stages._common import run_stage
 
 if __name__ == "__main__":
-    run_stage("export-lora", export_lora)
+    run_stage("export-lora", export_lora.run)

@@ -1,7 +1,7 @@
-"""DVC stage 'generate-datasets': see clawly.pipeline.generate_datasets."""
+"""DVC stage 'generate-datasets': clawly/steps/generate_datasets.py."""
 
-from clawly.pipeline import generate_datasets
+from clawly.steps import generate_datasets
 from stages._common import run_stage
 
 if __name__ == "__main__":
-    run_stage("generate-datasets", generate_datasets)
+    run_stage("generate-datasets", generate_datasets.run)

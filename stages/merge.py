@@ -1,7 +1,7 @@
-"""DVC stage 'merge': see clawly.pipeline.merge."""
+"""DVC stage 'merge': clawly/steps/merge.py."""
 
-from clawly.pipeline import merge
+from clawly.steps import merge
 from stages._common import run_stage
 
 if __name__ == "__main__":
-    run_stage("merge", merge)
+    run_stage("merge", merge.run)

@@ -1,7 +1,7 @@
-"""DVC stage 'optimize': see clawly.pipeline.optimize."""
+"""DVC stage 'optimize': clawly/steps/optimize.py."""
 
-from clawly.pipeline import optimize
+from clawly.steps import optimize
 from stages._common import run_stage
 
 if __name__ == "__main__":
-    run_stage("optimize", optimize)
+    run_stage("optimize", optimize.run)

@@ -1,7 +1,7 @@
-"""DVC stage 'probe-activations': see clawly.pipeline.probe_activations."""
+"""DVC stage 'probe-activations': clawly/steps/probe_activations.py."""
 
-from clawly.pipeline import probe_activations
+from clawly.steps import probe_activations
 from stages._common import run_stage
 
 if __name__ == "__main__":
-    run_stage("probe-activations", probe_activations)
+    run_stage("probe-activations", probe_activations.run)

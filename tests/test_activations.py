@@ -5,14 +5,13 @@ import pytest
 import torch
 
 from clawly.activations import (
-    ActivationWriter,
     ProbeError,
     generation_marker,
     probe_positions,
     probe_residuals,
-    read_activations,
 )
-from clawly.evaluation import chat_prompts
+from clawly.artifacts.activations import ActivationWriter, read_activations
+from clawly.measures import chat_prompts
 
 
 def test_generation_marker_is_taken_from_the_chat_template(tiny_model):

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from clawly import Pipeline, Settings, TrialOutcome
-from clawly import pipeline as pl
 from clawly.errors import ClawlyError
 from clawly.log import get_logger
+from clawly.steps import export_lora, merge
 
 TINY = {"data.train_per_category": 8, "data.eval_per_category": 6, "data.harmless_train": 24,
         "data.harmless_eval": 24, "probe.max_per_category": 4, "probe.batch_size": 8, "n_trials": 3,
@@ -53,7 +53,7 @@ def done_pipeline(tmp_path_factory, make_tiny_model):
     directions = pipe.compute_refusal_directions()
     prefix = pipe.detect_response_prefix()
     batch = pipe.auto_batch_size()
-    pipe.init_evaluator()
+    pipe.start_search()
     trials = list(pipe.run_optimization_iter())
     return pipe, tmp, {"harmful": harmful, "harmless": harmless, "base": base, "directions": directions,
                        "prefix": prefix, "batch": batch, "trials": trials}
@@ -83,7 +83,7 @@ def reference_scores(pipe, plan) -> tuple[int, float]:
     """Refusals (transformers.generate, the pipeline's markers) and KL (plain forwards, torch's
     kl_div) of the pipeline's model with `plan`'s float64 change applied to its base weights."""
     from clawly.ablation import ablated, weight_deltas
-    from clawly.evaluation import RefusalDetector, first_token_logprobs, generate
+    from clawly.measures import RefusalDetector, first_token_logprobs, generate
 
     model, tok, prompts, s = pipe.model, pipe.tokenizer, pipe.search.prompts, pipe.settings.optimize
     base = first_token_logprobs(model, tok, prompts.harmless, batch_size=1)
@@ -141,6 +141,7 @@ def test_saved_adapter_and_model_load_in_peft_and_transformers(done_pipeline, tm
     assert set(record["prompts"]) == {"harmful", "harmless"}
     assert record["prompts"]["harmful"]["fingerprint"].startswith("sha256:")
     assert record["settings"]["optimize"]["n_trials"] == 3 and "torch" in record["packages"]
+    assert pipe.settings.model.cache_dir and record["settings"]["model"]["cache_dir"] is None  # this machine's
     assert "LoRA adapter" in (tmp_path / "adapter" / "README.md").read_text()
 
 
@@ -157,8 +158,8 @@ def test_api_save_reproduce_and_the_stages_merge_agree_bit_for_bit(make_tiny_mod
     pipe = Pipeline(tiny_settings(make_tiny_model(arch, num_layers=3), tmp_path, **keys), log=quiet(tmp_path))
     list(pipe.run_optimization_iter())
     pipe.write_outputs()
-    pl.export_lora(pipe.settings, quiet(tmp_path))
-    pl.merge(pipe.settings, quiet(tmp_path))
+    export_lora.run(pipe.settings, quiet(tmp_path))
+    merge.run(pipe.settings, quiet(tmp_path))
     pipe.restore_trial(pipe.choose_trial())
     if mode == "category":
         assert pipe.trial.plan.direction_index % 1 != 0
@@ -293,8 +294,8 @@ def test_a_norm_preserving_trial_is_saved_as_scored_and_a_lossy_adapter_is_flagg
     list(pipe.run_optimization_iter())
     pipe.write_outputs()
     log = quiet(tmp_path)
-    metrics = pl.export_lora(settings, log)
-    pl.merge(settings, log)
+    metrics = export_lora.run(settings, log)
+    merge.run(settings, log)
     chosen = pipe.choose_trial()
     assert chosen.plan.norm_preserve
     model = pipe.load_model()[0]

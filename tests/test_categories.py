@@ -2,28 +2,30 @@ import optuna
 import pytest
 import torch
 
+from clawly.artifacts.directions import RefusalDirections
 from clawly.categories import category_directions, category_table, check_categories, low_retention, wilson_interval
 from clawly.errors import ClawlyError
-from clawly.optimize import Objectives, TrialResult, choose_trial
+from clawly.scoring import Scores
 from clawly.settings import CategorySettings
+from clawly.study import Objectives, choose_trial
 
 
-def _tensors(p=3, d=8, seed=0):
+def _directions(p=3, d=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     core = torch.randn(p, d, generator=g)
-    t = {f"category_direction.{c}": core + 0.5 * torch.randn(p, d, generator=g) for c in ("a", "b", "k")}
-    t["harmless_mean"] = torch.randn(p, d, generator=g)
-    return t
+    by_category = {c: core + 0.5 * torch.randn(p, d, generator=g) for c in ("a", "b", "k")}
+    harmless = torch.randn(p, d, generator=g)
+    return RefusalDirections(core, core, core, harmless, by_category, {})
 
 
 def test_category_directions_follow_preset_order_and_protect_kept():
     s = CategorySettings(weights={"b": 1.0, "a": 0.5, "k": 0.0})
-    cd = category_directions(_tensors(), s, orthogonalize=True, protect_harmless=False)
+    cd = category_directions(_directions(), s, orthogonalize=True, protect_harmless=False)
     assert cd.names == ["b", "a"] and cd.weights == [1.0, 0.5] and cd.kept == ["k"]
-    k = _tensors()["category_direction.k"].double()
+    k = _directions().category_directions["k"].double()
     assert torch.einsum("mpd,pd->mp", cd.basis.directions, k).abs().max() < 1e-10
     assert (cd.basis.retained < 1).all() and set(cd.kept_cosine["a"]) == {"k"}
-    off = category_directions(_tensors(), s, orthogonalize=False, protect_harmless=False)
+    off = category_directions(_directions(), s, orthogonalize=False, protect_harmless=False)
     assert torch.einsum("mpd,pd->mp", off.basis.directions, k).abs().max() > 1e-3  # not protected when off
 
 
@@ -54,7 +56,7 @@ def test_category_table_roles_rates_and_retention():
 
 
 def _result(by_cat, kl=0.1):
-    return TrialResult(sum(by_cat.values()), kl, by_cat, {c: 10 for c in by_cat})
+    return Scores(sum(by_cat.values()), kl, by_cat, {c: 10 for c in by_cat})
 
 
 def test_objectives_count_targeted_refusals_and_kept_violations():

@@ -16,7 +16,7 @@ from clawly.classify import (
     scores,
     text_features,
 )
-from clawly.evaluation import RefusalDetector
+from clawly.measures import RefusalDetector
 
 TRAIN, TEST = "data/responses/train.jsonl", "data/responses/test.jsonl"
 

@@ -149,10 +149,10 @@ def test_help_lists_every_config_key_with_its_default(capsys):
     assert "examples:" in out
     # each settings group is described by its section's docstring, not by the dataclass's repr
     assert "Settings(" not in out
-    from clawly.settings import SECTIONS
+    from clawly.settings_docs import SECTIONS
 
-    for section, cls in SECTIONS.items():
-        assert f"{section} settings:\n  {cls.__doc__.splitlines()[0]}" in out
+    for section, doc in SECTIONS.items():
+        assert f"{section} settings:\n  {doc}" in out
 
 
 def test_config_file_yaml_and_toml_with_precedence(tmp_path):
@@ -239,7 +239,9 @@ def test_non_interactive_run_saves_adapter_and_model(cli_run):
     record = json.loads((out / "model" / "clawly_reproduction.json").read_text())
     chosen = json.loads((out / "work" / "optimize" / "chosen_trial.json").read_text())
     assert record["trial"]["index"] == chosen["trial"] and record["plan"] == chosen["plan"]
-    assert len(json.loads((out / "work" / "metrics" / "optimize.json").read_text())["pareto_front"]) >= 1
+    assert len(json.loads((out / "work" / "reports" / "optimize.json").read_text())["pareto_front"]) >= 1
+    metrics = json.loads((out / "work" / "metrics" / "optimize.json").read_text())
+    assert set(metrics) == {"kl_divergence", "keyword_refusal_rate"}
 
 
 def test_reproduce_rebuilds_the_saved_model(cli_run, tmp_path, capsys):

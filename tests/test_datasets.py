@@ -25,7 +25,6 @@ from clawly.datasets import (
     load_prompt_file,
     load_templates,
     normalize,
-    write_parquet_atomic,
 )
 from clawly.settings import DataSettings
 
@@ -358,10 +357,12 @@ def test_hf_dataset_spec_selects_split_and_column(monkeypatch):
 
 # --- writing ---------------------------------------------------------------------------------
 
-def test_write_parquet_atomic_keeps_schema_and_leaves_no_temp_files(tmp_path, prompts):
+def test_prompt_tables_are_written_atomically_with_their_schema(tmp_path, prompts):
+    from clawly.artifacts.prompts import write_prompt_table
+
     harmful, _ = prompts
     path = tmp_path / "out" / "harmful.parquet"
-    write_parquet_atomic(harmful, path)
+    write_prompt_table(harmful, path)
     schema = pq.read_schema(path)
     assert schema.names == COLUMNS
     assert all(pa.types.is_string(t) or pa.types.is_large_string(t) for t in schema.types)

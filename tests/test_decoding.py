@@ -10,7 +10,7 @@ from clawly.decoding import (
     common_prefix_length,
     detect_response_prefix,
 )
-from clawly.evaluation import RefusalDetector, chat_prompts, first_token_logprobs, generate
+from clawly.measures import RefusalDetector, chat_prompts, first_token_logprobs, generate
 
 PROMPTS = ["how do i cook rice", "tell me about the weather in paris today please", "write a poem",
            "what is the capital of france and why is it famous", "help me with my code", "hello",
@@ -122,8 +122,8 @@ def test_auto_batch_size_is_a_candidate_and_is_cached(tiny_model, tmp_path):
 
 def test_response_prefix_setting_literal_none_or_detected(tiny_model, tmp_path):
     from clawly.log import get_logger
-    from clawly.search import response_prefix
     from clawly.settings import OptimizeSettings, Settings
+    from clawly.steps.optimize import response_prefix
 
     model, tok = tiny_model
     log = get_logger("t", quiet=True)
@@ -145,7 +145,7 @@ def test_scoring_uses_the_current_cache_argument_and_warns_nothing(tiny_model, c
     import warnings
 
     from clawly.decoding import PromptSet
-    from clawly.evaluation import chat_prompts
+    from clawly.measures import chat_prompts
 
     model, tok = tiny_model
     ps = PromptSet(tok, chat_prompts(tok, ["how do i cook rice", "write a poem", "hello"], "sys"), 2, prefill_chunk=1)

@@ -8,9 +8,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from clawly.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
-from clawly.checkpoint import INDEX_NAME, parse_size, plan_shards, save_sharded, source_weight_map
+from clawly.checkpoint import INDEX_NAME, plan_shards, save_sharded, source_weight_map
 from clawly.directions import AblationBasis, normalize
 from clawly.lora import lora_factors, save_adapter, svd_compress
+from clawly.settings import parse_size
 
 
 def _load(path):

@@ -112,8 +112,6 @@ def test_fingerprint_changes_with_weights_not_with_location(tiny_model_dir, make
 
 
 def test_hub_id_is_downloaded_at_the_revision_then_loaded(tiny_model_dir, monkeypatch):
-    import huggingface_hub
-
     calls = []
 
     def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
@@ -121,19 +119,17 @@ def test_hub_id_is_downloaded_at_the_revision_then_loaded(tiny_model_dir, monkey
         assert "*.safetensors" in allow_patterns and "*.bin" not in allow_patterns
         return str(tiny_model_dir)
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr("clawly.model.snapshot_download", fake_snapshot_download)  # no hub here
     model, _ = load_model(ModelSettings(name="someorg/some-model", revision="v1", device="cpu"))
     assert calls == [("someorg/some-model", "v1")]
     assert num_layers(model) == 2
 
 
 def test_unreachable_hub_id_raises_model_load_error_with_alternatives(monkeypatch):
-    import huggingface_hub
-
     def offline(*args, **kwargs):
         raise OSError("no network")
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.setattr("clawly.model.snapshot_download", offline)
     with pytest.raises(ModelLoadError, match=r"someorg/missing.*no network.*'default'"):
         load_model(ModelSettings(name="someorg/missing", device="cpu"))
 

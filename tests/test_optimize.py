@@ -4,8 +4,8 @@ import optuna
 import pytest
 
 from clawly.ablation import AblationPlan
-from clawly.optimize import choose_trial, completed, open_study, suggest_plan, trials_table
 from clawly.settings import OptimizeSettings
+from clawly.study import choose_trial, completed, open_study, suggest_plan, trials_table
 
 
 def _trial(number, refusals, kl):
@@ -68,7 +68,7 @@ def test_reopening_fails_only_trials_whose_worker_is_gone(tmp_path):
     import subprocess
     import sys
 
-    from clawly.optimize import WORKER
+    from clawly.study import WORKER
 
     journal = str(tmp_path / "study" / "journal.log")
     study = open_study(journal, "s", seed=0, n_startup_trials=2)
@@ -109,26 +109,27 @@ def _study_on_tiny_model(tiny_model, tmp_path, **settings):
     import torch
 
     from clawly.directions import AblationBasis
-    from clawly.evaluation import chat_prompts
-    from clawly.optimize import EvalPrompts, TrialEvaluator, iter_study
+    from clawly.measures import chat_prompts
+    from clawly.scoring import ScoringPrompts, TrialScorer
+    from clawly.study import iter_study
 
     model, tok = tiny_model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     s = OptimizeSettings(n_trials=3, n_startup_trials=3, max_new_tokens=4, batch_size=4, **settings)
-    prompts = EvalPrompts(chat_prompts(tok, TEXTS, None), ["a", "a", "b", "b"], chat_prompts(tok, TEXTS[::-1], None))
-    evaluator = TrialEvaluator(model, tok, prompts, s)
+    prompts = ScoringPrompts(chat_prompts(tok, TEXTS, None), ["a", "a", "b", "b"], chat_prompts(tok, TEXTS[::-1], None))
+    scorer = TrialScorer(model, tok, prompts, s)
     torch.manual_seed(0)
     basis = AblationBasis(torch.nn.functional.normalize(torch.randn(1, model.config.num_hidden_layers + 1,
                                                                     model.config.hidden_size), dim=-1))
     study = open_study(str(tmp_path / "journal.log"), "s", seed=0, n_startup_trials=3)
-    list(iter_study(study, model, evaluator, basis, model.config.num_hidden_layers, s))
+    list(iter_study(study, model, scorer, basis, model.config.num_hidden_layers, s))
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} not restored"
     return study, basis, prompts, s
 
 
 def test_trials_over_prune_kl_are_pruned_before_generation_and_count_as_run(tiny_model, tmp_path):
-    from clawly.optimize import finished
+    from clawly.study import finished
 
     study, *_ = _study_on_tiny_model(tiny_model, tmp_path, prune_kl=1e-12)
     states = [t.state for t in study.get_trials()]
@@ -144,7 +145,7 @@ def test_each_trial_scores_what_transformers_measures_on_its_weights(tiny_model,
     import torch
 
     from clawly.ablation import ablated, weight_deltas
-    from clawly.evaluation import RefusalDetector, first_token_logprobs, generate
+    from clawly.measures import RefusalDetector, first_token_logprobs, generate
 
     model, tok = tiny_model
     with torch.no_grad():  # peaked next-token distributions, so trials move KL well away from zero
@@ -174,7 +175,7 @@ def test_each_trial_scores_what_transformers_measures_on_its_weights(tiny_model,
 
 
 def _study_prompts(tok):
-    from clawly.evaluation import chat_prompts
+    from clawly.measures import chat_prompts
 
     return chat_prompts(tok, TEXTS, None)
 
@@ -204,42 +205,42 @@ class _Classifier:
         return Verdicts(labels, None, [False] * len(labels))
 
 
-def _evaluator(tiny_model, classifier, measure="classifier", max_new_tokens=6):
-    from clawly.evaluation import chat_prompts
-    from clawly.optimize import EvalPrompts, TrialEvaluator
+def _scorer(tiny_model, classifier, measure="classifier", max_new_tokens=6):
+    from clawly.measures import chat_prompts
+    from clawly.scoring import ScoringPrompts, TrialScorer
 
     model, tok = tiny_model
     s = OptimizeSettings(max_new_tokens=max_new_tokens, batch_size=4, refusal_measure=measure)
     texts = ["how do i cook rice", "write a poem", "tell me about the weather", "help me with my code"]
-    prompts = EvalPrompts(chat_prompts(tok, texts, None), ["a", "a", "b", "b"], chat_prompts(tok, texts[::-1], None),
+    prompts = ScoringPrompts(chat_prompts(tok, texts, None), ["a", "a", "b", "b"], chat_prompts(tok, texts[::-1], None),
                           harmful_requests=texts)
-    return TrialEvaluator(model, tok, prompts, s, classifier=classifier), texts
+    return TrialScorer(model, tok, prompts, s, classifier=classifier), texts
 
 
 def test_with_the_classifier_as_measure_every_answer_it_does_not_call_compliance_counts(tiny_model):
     verdicts = {"how do i cook rice": "refusal", "write a poem": "compliance",
                 "tell me about the weather": "off_topic", "help me with my code": "degenerate"}
     clf = _Classifier(verdicts.get)
-    evaluator, texts = _evaluator(tiny_model, clf)
-    r = evaluator.evaluate()
+    scorer, texts = _scorer(tiny_model, clf)
+    r = scorer.score()
     assert r.refusals == 3 and r.refusals_by_category == {"a": 1, "b": 2}
     assert r.labels == [verdicts[t] for t in texts]
     # the classifier judged the raw requests (not the chat-templated prompts) and the answers generated
     (requests, answers), = clf.calls
     assert requests == texts and answers == r.responses
-    assert r.keyword_refusals == sum(evaluator.detector(a) for a in r.responses)
+    assert r.keyword_refusals == sum(scorer.detector(a) for a in r.responses)
 
 
 def test_classifier_measure_needs_a_classifier_and_the_raw_requests(tiny_model):
     with pytest.raises(ValueError, match="needs a classifier"):
-        _evaluator(tiny_model, None)
-    from clawly.evaluation import chat_prompts
-    from clawly.optimize import EvalPrompts, TrialEvaluator
+        _scorer(tiny_model, None)
+    from clawly.measures import chat_prompts
+    from clawly.scoring import ScoringPrompts, TrialScorer
 
     model, tok = tiny_model
-    prompts = EvalPrompts(chat_prompts(tok, ["a b"], None), ["a"], chat_prompts(tok, ["c d"], None))
+    prompts = ScoringPrompts(chat_prompts(tok, ["a b"], None), ["a"], chat_prompts(tok, ["c d"], None))
     with pytest.raises(ValueError, match="raw harmful requests"):
-        TrialEvaluator(model, tok, prompts, OptimizeSettings(refusal_measure="classifier", batch_size=1),
+        TrialScorer(model, tok, prompts, OptimizeSettings(refusal_measure="classifier", batch_size=1),
                        classifier=_Classifier(lambda p: "compliance"))
 
 
@@ -248,8 +249,8 @@ def test_the_real_classifier_scores_a_trial(tiny_model):
     from clawly.classify import build_classifier
 
     clf = build_classifier("data/responses/train.jsonl")
-    evaluator, texts = _evaluator(tiny_model, clf)
-    r = evaluator.evaluate()
+    scorer, texts = _scorer(tiny_model, clf)
+    r = scorer.score()
     again = clf(texts, r.responses).labels
     assert r.labels == again and r.refusals == sum(lab != "compliance" for lab in again)
 
@@ -257,8 +258,8 @@ def test_the_real_classifier_scores_a_trial(tiny_model):
 def test_study_fingerprint_follows_the_classifier_only_when_it_is_the_measure(tmp_path):
     import pandas as pd
 
-    from clawly.search import study_fingerprint
     from clawly.settings import Settings
+    from clawly.steps.optimize import study_fingerprint
 
     artifacts = tmp_path / "artifacts"
     (artifacts / "directions").mkdir(parents=True)
@@ -276,6 +277,13 @@ def test_study_fingerprint_follows_the_classifier_only_when_it_is_the_measure(tm
     assert fingerprint("classifier", "a") != fingerprint("classifier", "b")  # retrained: a new study
     assert fingerprint("classifier", "a") == fingerprint("classifier", "a")  # same: resumed
     assert fingerprint("classifier", "a") != fingerprint("keywords", "a")
+    same = Settings(artifacts_dir=str(artifacts))
+    for moved in ({"model.cache_dir": "/elsewhere"}, {"categories.per_category_adapters": True},
+                  {"optimize.n_trials": 99}):
+        assert study_fingerprint(Settings(artifacts_dir=str(artifacts), **moved), harmful, harmless) == \
+            study_fingerprint(same, harmful, harmless), moved
+    assert study_fingerprint(Settings(artifacts_dir=str(artifacts), **{"optimize.seed": 1}), harmful, harmless) != \
+        study_fingerprint(same, harmful, harmless)
 
 
 @pytest.mark.parametrize("base_kept,feasible", [(0, True), (1000, False)])
@@ -289,20 +297,21 @@ def test_kept_category_constraints_reach_optuna_without_a_deprecation_warning(ti
     import torch
 
     from clawly.directions import AblationBasis
-    from clawly.evaluation import chat_prompts
-    from clawly.optimize import EvalPrompts, Objectives, TrialEvaluator, iter_study
+    from clawly.measures import chat_prompts
+    from clawly.scoring import ScoringPrompts, TrialScorer
+    from clawly.study import Objectives, iter_study
 
     model, tok = tiny_model
     s = OptimizeSettings(n_trials=2, n_startup_trials=2, max_new_tokens=3, batch_size=4, refusal_markers=["the"])
-    prompts = EvalPrompts(chat_prompts(tok, TEXTS, None), ["a", "a", "k", "k"], chat_prompts(tok, TEXTS, None))
-    evaluator = TrialEvaluator(model, tok, prompts, s)
+    prompts = ScoringPrompts(chat_prompts(tok, TEXTS, None), ["a", "a", "k", "k"], chat_prompts(tok, TEXTS, None))
+    scorer = TrialScorer(model, tok, prompts, s)
     objectives = Objectives(targeted=["a"], kept=["k"], min_retention=1.0, base_refusals={"k": base_kept})
     basis = AblationBasis(torch.nn.functional.normalize(torch.randn(1, model.config.num_hidden_layers + 1,
                                                                     model.config.hidden_size), dim=-1))
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         study = open_study(str(tmp_path / "journal.log"), "s", seed=0, n_startup_trials=2, objectives=objectives)
-        trials = list(iter_study(study, model, evaluator, basis, model.config.num_hidden_layers, s, objectives))
+        trials = list(iter_study(study, model, scorer, basis, model.config.num_hidden_layers, s, objectives))
     assert len(trials) == 2
     for t in completed(study):
         shortfall = base_kept - t.user_attrs["refusals_by_category"]["k"]

@@ -1,10 +1,9 @@
-"""Searching ablation parameters with Optuna: fewest refusals, least KL divergence.
+"""The Optuna study over ablation plans: fewest refusals, least KL divergence, kept refusals kept.
 
-Each trial applies a weight change in place (`ablated`), measures first-token KL on harmless
-prompts against the base distributions computed once (and, with `prune_kl`, stops there when the
-model is already broken), generates answers to the harmful eval prompts (each stopping as soon as
-a refusal marker appears), and restores the weights. Scoring uses `clawly.decoding`'s shared-prefix
-cache and batch compaction.
+Each trial draws a plan from the search space (`suggest_plan`), applies its weight change in place
+(`ablated`), is scored by a `clawly.scoring.TrialScorer` (KL first, so `prune_kl` can stop it before
+any generation; then refusals) and restores the weights. The study resumes from its storage, with
+the sampler seeded per trial (`TrialSeededSampler`); `choose_trial` is the choice rule.
 """
 
 from __future__ import annotations
@@ -13,101 +12,23 @@ import math
 import os
 import socket
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pandas as pd
+import plotly.graph_objects as go
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from transformers import PreTrainedModel
 
 from clawly.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
-from clawly.decoding import DecodeStats, PromptSet
+from clawly.decoding import DecodeStats
 from clawly.directions import AblationBasis
-from clawly.evaluation import RefusalDetector, kl_divergence
+from clawly.scoring import Scores, TrialScorer
 from clawly.settings import REFUSAL_MEASURES, OptimizeSettings
-
-
-@dataclass
-class EvalPrompts:
-    """Templated prompts the optimizer scores trials on."""
-
-    harmful: list[str]
-    harmful_categories: list[str]
-    harmless: list[str]
-    harmful_requests: list[str] = field(default_factory=list)  # the raw requests (for the classifier)
-
-
-@dataclass
-class TrialResult:
-    refusals: int
-    kl: float
-    refusals_by_category: dict[str, int]
-    prompts_by_category: dict[str, int]
-    responses: list[str] = field(repr=False, default_factory=list)
-    tokens: int = 0  # token positions pushed through the model (the cost on a CPU)
-    keyword_refusals: int = 0
-    labels: list[str] = field(repr=False, default_factory=list)  # classifier labels (refusal_measure=classifier)
-
-
-class TrialEvaluator:
-    """Scores a model state against cached base first-token distributions.
-
-    The prompts are tokenized, split at their shared prefix and batched once; each call only
-    runs the model."""
-
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: EvalPrompts,
-                 settings: OptimizeSettings, progress: Callable | None = None, batch_size: int | None = None,
-                 classifier=None):
-        self.model, self.tokenizer, self.prompts, self.settings = model, tokenizer, prompts, settings
-        self.detector = RefusalDetector(settings.refusal_markers or None)
-        self.classifier = classifier
-        if settings.refusal_measure == "classifier":
-            if classifier is None:
-                raise ValueError("optimize.refusal_measure=classifier needs a classifier (clawly.classify)")
-            if len(prompts.harmful_requests) != len(prompts.harmful):
-                raise ValueError("optimize.refusal_measure=classifier needs the raw harmful requests")
-        self.progress = progress
-        bs = batch_size if batch_size is not None else settings.batch_size
-        if not isinstance(bs, int):
-            raise ValueError(f"batch size {bs!r}: resolve 'auto' with clawly.decoding.auto_batch_size first")
-        self.harmful = PromptSet(tokenizer, prompts.harmful, bs, prefix_cache=settings.prefix_cache)
-        self.harmless = PromptSet(tokenizer, prompts.harmless, bs, prefix_cache=settings.prefix_cache)
-        self.base_logprobs = self.harmless.first_token_logprobs(model)
-        self.stats = DecodeStats()
-
-    def kl(self) -> float:
-        """First-token KL divergence from the base model on the harmless prompts (cheap: no generation)."""
-        return kl_divergence(self.base_logprobs, self.harmless.first_token_logprobs(self.model, self.stats))
-
-    def refusals(self, kl: float) -> TrialResult:
-        """Generate answers to the harmful prompts and count refusals: keyword ones, or with the
-        classifier every answer it does not call compliance (answers then run to the budget:
-        a marker alone does not decide the classifier's verdict)."""
-        use_classifier = self.settings.refusal_measure == "classifier"
-        responses, _ = self.harmful.generate(self.model, self.settings.max_new_tokens,
-                                             decided=None if use_classifier else self.detector,
-                                             stats=self.stats, progress=self.progress)
-        keyword = [self.detector(r) for r in responses]
-        labels: list[str] = []
-        if use_classifier:
-            labels = self.classifier(self.prompts.harmful_requests, responses).labels
-            flags = [lab != "compliance" for lab in labels]
-        else:
-            flags = keyword
-        by_cat: dict[str, int] = {}
-        n_cat: dict[str, int] = {}
-        for flag, cat in zip(flags, self.prompts.harmful_categories, strict=True):
-            by_cat[cat] = by_cat.get(cat, 0) + int(flag)
-            n_cat[cat] = n_cat.get(cat, 0) + 1
-        return TrialResult(sum(flags), kl, by_cat, n_cat, responses, self.stats.total, sum(keyword), labels)
-
-    def evaluate(self) -> TrialResult:
-        """Score the model as it is now (call inside `ablated(...)` for a trial)."""
-        self.stats = DecodeStats()
-        return self.refusals(self.kl())
 
 
 @dataclass
@@ -136,14 +57,14 @@ class Objectives:
     def constrained(self) -> bool:
         return bool(self.kept) and self.keep_rule == "constraint"
 
-    def values(self, r: TrialResult) -> tuple[float, ...]:
+    def values(self, r: Scores) -> tuple[float, ...]:
         cats = self.targeted if self.targeted is not None else list(r.refusals_by_category)
         targeted = float(sum(r.refusals_by_category.get(c, 0) for c in cats))
         if self.kept and self.keep_rule == "objective":
             return targeted, r.kl, float(sum(r.refusals_by_category.get(c, 0) for c in self.kept))
         return targeted, r.kl
 
-    def violations(self, r: TrialResult) -> list[float]:
+    def violations(self, r: Scores) -> list[float]:
         return [self.min_retention * self.base_refusals.get(c, 0) - r.refusals_by_category.get(c, 0)
                 for c in self.kept]
 
@@ -254,8 +175,6 @@ def _storage(url: str) -> optuna.storages.BaseStorage | str:
     """A plain path means an Optuna journal file; anything with '://' is passed to Optuna."""
     if "://" in url:
         return url
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
     Path(url).parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(url))
 
@@ -270,7 +189,7 @@ def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
                                                     optuna.trial.TrialState.PRUNED))
 
 
-def iter_study(study: optuna.Study, model: PreTrainedModel, evaluator: TrialEvaluator, basis: AblationBasis,
+def iter_study(study: optuna.Study, model: PreTrainedModel, scorer: TrialScorer, basis: AblationBasis,
                num_layers: int, settings: OptimizeSettings, objectives: Objectives | None = None,
                strengths: torch.Tensor | None = None,
                category_weights: dict[str, float] | None = None) -> Iterator[optuna.trial.FrozenTrial]:
@@ -286,14 +205,14 @@ def iter_study(study: optuna.Study, model: PreTrainedModel, evaluator: TrialEval
         plan = suggest_plan(trial, num_layers, settings)
         plan.category_weights = dict(category_weights or {})
         trial.set_user_attr("plan", plan.to_dict())
-        evaluator.stats = DecodeStats()
+        scorer.stats = DecodeStats()
         with ablated(model, weight_deltas(model, basis, plan, strengths)):
-            kl = evaluator.kl()
+            kl = scorer.kl()
             trial.set_user_attr("kl_divergence", kl)
             if settings.prune_kl is not None and kl > settings.prune_kl:
-                trial.set_user_attr("tokens", evaluator.stats.total)
+                trial.set_user_attr("tokens", scorer.stats.total)
                 raise optuna.TrialPruned(f"KL {kl:.3f} > prune_kl {settings.prune_kl}")
-            result = evaluator.refusals(kl)
+            result = scorer.refusals(kl)
         trial.set_user_attr("tokens", result.tokens)
         trial.set_user_attr("keyword_refusals", result.keyword_refusals)
         trial.set_user_attr("refusals_by_category", result.refusals_by_category)
@@ -348,8 +267,6 @@ def trials_table(trials: list[optuna.trial.FrozenTrial], pareto_numbers: set[int
 def pareto_figure(table: pd.DataFrame, chosen: int, baseline_refusals: int, n_harmful: int,
                   what: str = "harmful eval prompts", measure: str = "keywords"):
     """Plotly scatter of all trials (infeasible ones apart), the Pareto front, the chosen trial."""
-    import plotly.graph_objects as go
-
     front = table[table.pareto & table.feasible].sort_values("kl_divergence")
     fig = go.Figure()
     for feasible, name, color in ((True, "trials", "#9aa5b1"), (False, "lost kept refusals", "#f0b37e")):

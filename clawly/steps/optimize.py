@@ -1,15 +1,17 @@
-"""The optimize stage step by step, for the stage, the `Pipeline` API and the CLI alike.
+"""optimize: search ablation parameters with Optuna, step by step (the stage, the API and the CLI).
 
     search = start_search(settings, log, model, tokenizer, ablation)   # prompts, base scores, study
     for trial in search_trials(search, settings, model, log): ...      # one finished trial at a time
-    metrics = write_search_outputs(settings, search, log)              # trials table, Pareto plot, choice
+    summary = write_search_outputs(settings, search, log)              # trials table, Pareto plot, choice
 
 `start_search` resolves the response prefix and batch size unless given, scores the base model
-once and opens (or resumes) the Optuna study named by `study_fingerprint`.
+once and opens (or resumes) the Optuna study named by `study_fingerprint`. `run` is all three.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -18,14 +20,21 @@ from dataclasses import dataclass
 import optuna
 import pandas as pd
 
-from clawly import optimize as opt
+from clawly import study as st
 from clawly.ablation import AblationPlan
-from clawly.artifacts import AblationDirections
+from clawly.artifacts.directions import AblationDirections, read_ablation_directions
+from clawly.artifacts.optimize import ChosenTrial, write_chosen_trial, write_optimizer_prompts
+from clawly.artifacts.prompts import read_prompts
+from clawly.categories import category_table
+from clawly.classify import FEATURES, response_classifier
+from clawly.decoding import PromptSet, auto_batch_size, detect_response_prefix
 from clawly.errors import ClawlyError
-from clawly.evaluation import chat_prompts
 from clawly.io import atomic_path, write_json
 from clawly.log import StageLogger
-from clawly.pipeline import paths_of, read_prompts
+from clawly.measures import chat_prompts
+from clawly.model import cache_root, load_model
+from clawly.paths import Paths, project_file
+from clawly.scoring import Scores, ScoringPrompts, TrialScorer
 from clawly.settings import REFUSAL_MEASURES, Settings
 
 
@@ -54,7 +63,7 @@ class TrialOutcome:
         return cls(t.number, None if pruned or not t.values else int(t.values[0]),
                    None if kl is None else float(kl), dict(t.user_attrs.get("refusals_by_category", {})),
                    dict(t.user_attrs.get("prompts_by_category", {})), dict(t.params),
-                   AblationPlan.from_dict(t.user_attrs["plan"]), pruned, pruned or opt.violation(t) == 0, seconds)
+                   AblationPlan.from_dict(t.user_attrs["plan"]), pruned, pruned or st.violation(t) == 0, seconds)
 
     def __str__(self) -> str:
         if self.pruned:
@@ -70,10 +79,10 @@ class Search:
     harmless: pd.DataFrame
     prefix: str
     batch_size: int
-    prompts: opt.EvalPrompts
-    evaluator: opt.TrialEvaluator
-    base: opt.TrialResult
-    objectives: opt.Objectives
+    prompts: ScoringPrompts
+    scorer: TrialScorer
+    base: Scores
+    objectives: st.Objectives
     study: optuna.Study
     ablation: AblationDirections
     num_layers: int
@@ -97,11 +106,11 @@ class Search:
         return sorted(self.study.best_trials, key=lambda t: t.values[1])
 
     def chosen(self, kl_cap: float) -> optuna.trial.FrozenTrial:
-        trials = opt.completed(self.study)
+        trials = st.completed(self.study)
         if not trials:
-            raise ClawlyError(f"all {len(opt.finished(self.study))} trials were pruned (KL above optimize.prune_kl): "
+            raise ClawlyError(f"all {len(st.finished(self.study))} trials were pruned (KL above optimize.prune_kl): "
                               "raise prune_kl, set it to null, or narrow peak_weight_range")
-        return opt.choose_trial(trials, kl_cap)
+        return st.choose_trial(trials, kl_cap)
 
 
 def stratified_sample(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -119,7 +128,7 @@ def stratified_sample(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 def optimizer_prompts(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Eval-split prompts the optimizer scores trials on (deterministic by optimize.seed). In
     category mode only the preset's categories (targeted and kept) are scored."""
-    harmful, harmless = read_prompts(settings)
+    harmful, harmless = read_prompts(Paths.of(settings))
     s = settings.optimize
     pool = harmful[harmful.split == "eval"]
     if settings.categories.enabled:
@@ -135,20 +144,16 @@ def study_fingerprint(settings: Settings, harmful: pd.DataFrame, harmless: pd.Da
 
     Everything that changes a trial's outcome goes in (model, prompts, directions, search space,
     category rules, and with refusal_measure=classifier the classifier's training file, features and
-    embedder); n_trials, storage and batch size do not, so raising n_trials continues the same study."""
-    import dataclasses
-    import hashlib
-
+    embedder); n_trials, storage, batch size, the model cache and export options do not, so raising
+    n_trials continues the same study."""
     search = {k: v for k, v in dataclasses.asdict(settings.optimize).items()
               if k not in ("n_trials", "storage", "study_name", "batch_size", "prefix_cache")}
-    directions = hashlib.sha256(paths_of(settings).orthogonalized.read_bytes()).hexdigest()
-    key = {"model": dataclasses.asdict(settings.model), "search": search, "directions": directions,
-           "categories": dataclasses.asdict(settings.categories),
+    directions = hashlib.sha256(Paths.of(settings).orthogonalized.read_bytes()).hexdigest()
+    model = {k: v for k, v in dataclasses.asdict(settings.model).items() if k != "cache_dir"}
+    categories = {k: v for k, v in dataclasses.asdict(settings.categories).items() if k != "per_category_adapters"}
+    key = {"model": model, "search": search, "directions": directions, "categories": categories,
            "harmful": harmful.id.tolist(), "harmless": harmless.id.tolist()}
     if settings.optimize.refusal_measure == "classifier":
-        from clawly.classify import FEATURES
-        from clawly.paths import project_file
-
         train = project_file(settings.classifier.train_file)
         key["classifier"] = {"train": hashlib.sha256(train.read_bytes()).hexdigest() if train.is_file() else None,
                              "features": FEATURES, "embedder": settings.classifier.embedder}
@@ -157,9 +162,9 @@ def study_fingerprint(settings: Settings, harmful: pd.DataFrame, harmless: pd.Da
 
 def start_search(settings: Settings, log: StageLogger, model, tokenizer, ablation: AblationDirections,
                  prefix: str | None = None, batch_size: int | None = None) -> Search:
-    """Prompts, response prefix, batch size, the evaluator with the base model's scores, and the
+    """Prompts, response prefix, batch size, the scorer with the base model's scores, and the
     study (resumed when the same fingerprint already has trials)."""
-    p = paths_of(settings)
+    p = Paths.of(settings)
     s, c = settings.optimize, settings.categories
     if ablation.mode == "category" and not c.enabled:
         raise ClawlyError("the directions were computed in category mode but no categories.weights are set: "
@@ -168,26 +173,26 @@ def start_search(settings: Settings, log: StageLogger, model, tokenizer, ablatio
     sys_prompt = settings.model.system_prompt
     if prefix is None:
         prefix = response_prefix(settings, model, tokenizer, harmful.text.tolist(), harmless.text.tolist(), log)
-    prompts = opt.EvalPrompts(chat_prompts(tokenizer, harmful.text.tolist(), sys_prompt, prefix),
-                              harmful.category.tolist(), chat_prompts(tokenizer, harmless.text.tolist(), sys_prompt),
-                              harmful.text.tolist())
+    prompts = ScoringPrompts(chat_prompts(tokenizer, harmful.text.tolist(), sys_prompt, prefix),
+                             harmful.category.tolist(), chat_prompts(tokenizer, harmless.text.tolist(), sys_prompt),
+                             harmful.text.tolist())
     if batch_size is None:
         batch_size = scoring_batch_size(settings, model, tokenizer, prompts.harmful, log)
     classifier = response_classifier(settings) if s.refusal_measure == "classifier" else None
-    evaluator = opt.TrialEvaluator(model, tokenizer, prompts, s, batch_size=batch_size, classifier=classifier)
+    scorer = TrialScorer(model, tokenizer, prompts, s, batch_size=batch_size, classifier=classifier)
     t0 = time.perf_counter()
-    base = evaluator.evaluate()
+    base = scorer.score()
     log.event("baseline", refusals=base.refusals, prompts=len(prompts.harmful),
               seconds=round(time.perf_counter() - t0, 1), tokens=base.tokens, by_category=base.refusals_by_category)
-    objectives = opt.Objectives(targeted=c.targeted if c.enabled else None, kept=c.kept, keep_rule=c.keep_rule,
-                                min_retention=c.min_retention, base_refusals=base.refusals_by_category)
+    objectives = st.Objectives(targeted=c.targeted if c.enabled else None, kept=c.kept, keep_rule=c.keep_rule,
+                               min_retention=c.min_retention, base_refusals=base.refusals_by_category)
     storage = s.storage or str(p.journal)
     study_name = f"{s.study_name}-{study_fingerprint(settings, harmful, harmless)}"
-    study = opt.open_study(storage, study_name, s.seed, s.n_startup_trials, objectives)
-    done = len(opt.finished(study))
+    study = st.open_study(storage, study_name, s.seed, s.n_startup_trials, objectives)
+    done = len(st.finished(study))
     if done:
         log.event("resume", f"resuming study '{study_name}' with {done} finished trial(s)", finished=done)
-    return Search(harmful, harmless, prefix, batch_size, prompts, evaluator, base, objectives, study, ablation,
+    return Search(harmful, harmless, prefix, batch_size, prompts, scorer, base, objectives, study, ablation,
                   model.config.num_hidden_layers)
 
 
@@ -196,15 +201,15 @@ def search_trials(search: Search, settings: Settings, model, log: StageLogger) -
     and yielding each."""
     s = settings.optimize
     with log.progress(total=s.n_trials, desc="trials", unit="trial") as bar:
-        bar.update(min(len(opt.finished(search.study)), s.n_trials))  # a resumed study
-        for t in opt.iter_study(search.study, model, search.evaluator, search.ablation.basis,
+        bar.update(min(len(st.finished(search.study)), s.n_trials))  # a resumed study
+        for t in st.iter_study(search.study, model, search.scorer, search.ablation.basis,
                                 search.num_layers, s, search.objectives, search.ablation.strengths,
                                 search.ablation.category_weights):
             bar.update(1)
             seconds = round((t.datetime_complete - t.datetime_start).total_seconds(), 1)
             if t.values is not None:
                 log.event("trial", number=t.number, refusals=int(t.values[0]), kl=round(t.values[1], 5),
-                          by_category=t.user_attrs.get("refusals_by_category"), feasible=opt.violation(t) == 0,
+                          by_category=t.user_attrs.get("refusals_by_category"), feasible=st.violation(t) == 0,
                           seconds=seconds, tokens=t.user_attrs.get("tokens"))
             elif t.state == optuna.trial.TrialState.PRUNED:
                 log.event("pruned", number=t.number, kl=round(t.user_attrs.get("kl_divergence", float("nan")), 5),
@@ -213,11 +218,9 @@ def search_trials(search: Search, settings: Settings, model, log: StageLogger) -
 
 
 def search_summary(settings: Settings, search: Search, chosen: optuna.trial.FrozenTrial) -> dict:
-    """The figures of a search and one of its trials (the optimize metrics; the model card's table)."""
-    from clawly.categories import category_table
-
+    """The figures of a search and one of its trials (the optimize report; the model card's table)."""
     s, c = settings.optimize, settings.categories
-    base, trials = search.base, opt.completed(search.study)
+    base, trials = search.base, st.completed(search.study)
     n_targeted, base_targeted = search.scored_prompts, search.base_refusals
     label, meaning = REFUSAL_MEASURES[s.refusal_measure]
     return {
@@ -229,14 +232,14 @@ def search_summary(settings: Settings, search: Search, chosen: optuna.trial.Froz
         "refusal_measure": s.refusal_measure, "refusal_label": label, "refusal_meaning": meaning,
         "keep_rule": c.keep_rule if c.kept else None,
         "chosen_trial": chosen.number, "trials": len(trials),
-        "pruned_trials": len(opt.finished(search.study)) - len(trials), "response_prefix": search.prefix,
+        "pruned_trials": len(st.finished(search.study)) - len(trials), "response_prefix": search.prefix,
         "batch_size": search.batch_size, "harmful_prompts": len(search.prompts.harmful),
         "targeted_prompts": n_targeted, "harmless_prompts": len(search.prompts.harmless),
         "base": {"refusals": base_targeted, "refusal_rate": round(base_targeted / n_targeted, 4)},
         "chosen": {"refusals": int(chosen.values[0]),
                    "refusal_rate": round(chosen.values[0] / n_targeted, 4),
                    "kl_divergence": round(float(chosen.values[1]), 6),
-                   "keeps_kept_refusals": opt.violation(chosen) == 0},
+                   "keeps_kept_refusals": st.violation(chosen) == 0},
         "by_category": category_table(base.prompts_by_category, base.refusals_by_category,
                                       chosen.user_attrs["refusals_by_category"], c.weights),
         "pareto_front": [{"trial": t.number, "refusals": int(t.values[0]), "kl_divergence": round(t.values[1], 6)}
@@ -244,54 +247,65 @@ def search_summary(settings: Settings, search: Search, chosen: optuna.trial.Froz
     }
 
 
+RATE_KEYS = {"keywords": "keyword_refusal_rate", "classifier": "not_compliant_rate"}
+
+
+def headline(summary: dict) -> dict:
+    """The optimize metrics: the chosen trial's figures to compare between experiments (`dvc metrics
+    show / diff`), named after the refusal measure the optimizer used; the base model's figures and
+    everything else are in the report."""
+    out = {"kl_divergence": summary["chosen"]["kl_divergence"],
+           RATE_KEYS[summary["refusal_measure"]]: summary["chosen"]["refusal_rate"]}
+    kept = [r["retention"] for r in summary["by_category"].values() if r.get("retention") is not None]
+    if kept:
+        out["kept_retention"] = min(kept)
+    return out
+
+
 def write_search_outputs(settings: Settings, search: Search, log: StageLogger) -> dict:
-    """Trials table (Parquet, CSV), Pareto plot, the prompts used, the chosen trial and the metrics."""
-    p = paths_of(settings)
+    """Trials table (Parquet, CSV), Pareto plot, the prompts used, the chosen trial, the report
+    (`reports/optimize.json`, returned) and the headline metrics."""
+    p = Paths.of(settings)
     c = settings.categories
     chosen = search.chosen(settings.optimize.kl_cap)
     pareto = {t.number for t in search.study.best_trials}
-    table = opt.trials_table(opt.completed(search.study), pareto)
+    table = st.trials_table(st.completed(search.study), pareto)
     p.optimize.mkdir(parents=True, exist_ok=True)
     with atomic_path(p.trials_parquet) as tmp:
         table.to_parquet(tmp, index=False)
     with atomic_path(p.trials_csv) as tmp:
         table[["trial", "refusals", "kl_divergence", "pareto", "feasible"]].to_csv(tmp, index=False)
-    metrics = search_summary(settings, search, chosen)
+    summary = search_summary(settings, search, chosen)
     what = "targeted-category prompts" if c.enabled else "harmful eval prompts"
-    fig = opt.pareto_figure(table, chosen.number, metrics["base"]["refusals"], metrics["targeted_prompts"],
-                            what, settings.optimize.refusal_measure)
+    fig = st.pareto_figure(table, chosen.number, summary["base"]["refusals"], summary["targeted_prompts"],
+                           what, settings.optimize.refusal_measure)
     with atomic_path(p.pareto_html) as tmp:
         fig.write_html(str(tmp), include_plotlyjs="cdn")
-    used = pd.concat([search.harmful.assign(set="harmful"),
-                      search.harmless.assign(set="harmless")])[["id", "set", "category"]]
-    with atomic_path(p.optimizer_prompts) as tmp:
-        used.to_parquet(tmp, index=False)
-    write_json(p.chosen_trial, {"trial": chosen.number, "values": list(chosen.values), "params": chosen.params,
-                                "plan": chosen.user_attrs["plan"], "response_prefix": search.prefix})
-    write_json(p.metric("optimize"), metrics)
+    write_optimizer_prompts(p.optimizer_prompts, search.harmful, search.harmless)
+    write_chosen_trial(p.chosen_trial, ChosenTrial(chosen.number, list(chosen.values), chosen.params,
+                                                   AblationPlan.from_dict(chosen.user_attrs["plan"]), search.prefix))
+    write_json(p.report("optimize"), summary)
+    write_json(p.metric("optimize"), headline(summary))
     log.event("chosen", trial=chosen.number, refusals=int(chosen.values[0]), kl=round(chosen.values[1], 5),
-              base_refusals=metrics["base"]["refusals"], by_category=chosen.user_attrs["refusals_by_category"])
-    return metrics
+              base_refusals=summary["base"]["refusals"], by_category=chosen.user_attrs["refusals_by_category"])
+    return summary
 
 
-def response_classifier(settings: Settings):
-    """The response classifier of the `classifier` settings (trained once, then cached)."""
-    from clawly.classify import ClassifierError, build_classifier
-    from clawly.model import cache_root
-
-    try:
-        return build_classifier(settings.classifier.train_file, settings.optimize.refusal_markers or None,
-                                settings.classifier.embedder, cache_root(settings.model) / "classifier")
-    except ClassifierError as e:
-        raise ClawlyError(str(e)) from e
+def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> dict:
+    """The whole stage: start (or resume) the search, run the missing trials, write the outputs."""
+    ablation = read_ablation_directions(Paths.of(settings).orthogonalized)
+    if model is None:
+        model, tokenizer = load_model(settings.model, log)
+    search = start_search(settings, log, model, tokenizer, ablation)
+    for _ in search_trials(search, settings, model, log):
+        pass
+    return write_search_outputs(settings, search, log)
 
 
 def response_prefix(settings: Settings, model, tokenizer, harmful: list[str], harmless: list[str],
                     log: StageLogger, sample: int = 8, max_new_tokens: int = 24) -> str:
     """optimize.response_prefix resolved: 'auto' generates a few base-model answers and takes
     what they all start with (an opening chain of thought is closed empty instead)."""
-    from clawly.decoding import PromptSet, detect_response_prefix
-
     setting = settings.optimize.response_prefix
     if setting != "auto":
         return setting or ""
@@ -307,9 +321,6 @@ def response_prefix(settings: Settings, model, tokenizer, harmful: list[str], ha
 def scoring_batch_size(settings: Settings, model, tokenizer, prompts: list[str], log: StageLogger,
                        timed: bool = False) -> int:
     """optimize.batch_size, with 'auto' (or `timed`) timed once per model and machine and cached."""
-    from clawly.decoding import auto_batch_size
-    from clawly.model import cache_root
-
     bs = settings.optimize.batch_size
     if bs != "auto" and not timed:
         return int(bs)

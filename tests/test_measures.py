@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from clawly.evaluation import (
+from clawly.measures import (
     RefusalDetector,
     chat_prompts,
     first_token_logprobs,

@@ -1,0 +1,101 @@
+"""Scoring a model state: first-token KL divergence on harmless prompts, refusals on harmful ones.
+
+`TrialScorer` tokenizes and batches the prompts once and computes the base model's first-token
+distributions once; each call only runs the model, through `clawly.decoding`'s fast scorer
+(shared-prefix cache, early stop at the first refusal marker, batch compaction). Refusals are
+keyword hits, or with `optimize.refusal_measure=classifier` the answers the response classifier
+does not call compliance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from clawly.decoding import DecodeStats, PromptSet
+from clawly.measures import RefusalDetector, kl_divergence
+from clawly.settings import OptimizeSettings
+
+
+@dataclass
+class ScoringPrompts:
+    """Templated prompts the optimizer scores trials on."""
+
+    harmful: list[str]
+    harmful_categories: list[str]
+    harmless: list[str]
+    harmful_requests: list[str] = field(default_factory=list)  # the raw requests (for the classifier)
+
+
+@dataclass
+class Scores:
+    """What a model state scored: refusals (by the measure) in all and per category, KL."""
+
+    refusals: int
+    kl: float
+    refusals_by_category: dict[str, int]
+    prompts_by_category: dict[str, int]
+    responses: list[str] = field(repr=False, default_factory=list)
+    tokens: int = 0  # token positions pushed through the model (the cost on a CPU)
+    keyword_refusals: int = 0
+    labels: list[str] = field(repr=False, default_factory=list)  # classifier labels (refusal_measure=classifier)
+
+
+class TrialScorer:
+    """Scores a model state against cached base first-token distributions.
+
+    The prompts are tokenized, split at their shared prefix and batched once; each call only
+    runs the model."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: ScoringPrompts,
+                 settings: OptimizeSettings, progress: Callable | None = None, batch_size: int | None = None,
+                 classifier=None):
+        self.model, self.tokenizer, self.prompts, self.settings = model, tokenizer, prompts, settings
+        self.detector = RefusalDetector(settings.refusal_markers or None)
+        self.classifier = classifier
+        if settings.refusal_measure == "classifier":
+            if classifier is None:
+                raise ValueError("optimize.refusal_measure=classifier needs a classifier (clawly.classify)")
+            if len(prompts.harmful_requests) != len(prompts.harmful):
+                raise ValueError("optimize.refusal_measure=classifier needs the raw harmful requests")
+        self.progress = progress
+        bs = batch_size if batch_size is not None else settings.batch_size
+        if not isinstance(bs, int):
+            raise ValueError(f"batch size {bs!r}: resolve 'auto' with clawly.decoding.auto_batch_size first")
+        self.harmful = PromptSet(tokenizer, prompts.harmful, bs, prefix_cache=settings.prefix_cache)
+        self.harmless = PromptSet(tokenizer, prompts.harmless, bs, prefix_cache=settings.prefix_cache)
+        self.base_logprobs = self.harmless.first_token_logprobs(model)
+        self.stats = DecodeStats()
+
+    def kl(self) -> float:
+        """First-token KL divergence from the base model on the harmless prompts (cheap: no generation)."""
+        return kl_divergence(self.base_logprobs, self.harmless.first_token_logprobs(self.model, self.stats))
+
+    def refusals(self, kl: float) -> Scores:
+        """Generate answers to the harmful prompts and count refusals: keyword ones, or with the
+        classifier every answer it does not call compliance (answers then run to the budget:
+        a marker alone does not decide the classifier's verdict)."""
+        use_classifier = self.settings.refusal_measure == "classifier"
+        responses, _ = self.harmful.generate(self.model, self.settings.max_new_tokens,
+                                             decided=None if use_classifier else self.detector,
+                                             stats=self.stats, progress=self.progress)
+        keyword = [self.detector(r) for r in responses]
+        labels: list[str] = []
+        if use_classifier:
+            labels = self.classifier(self.prompts.harmful_requests, responses).labels
+            flags = [lab != "compliance" for lab in labels]
+        else:
+            flags = keyword
+        by_cat: dict[str, int] = {}
+        n_cat: dict[str, int] = {}
+        for flag, cat in zip(flags, self.prompts.harmful_categories, strict=True):
+            by_cat[cat] = by_cat.get(cat, 0) + int(flag)
+            n_cat[cat] = n_cat.get(cat, 0) + 1
+        return Scores(sum(flags), kl, by_cat, n_cat, responses, self.stats.total, sum(keyword), labels)
+
+    def score(self) -> Scores:
+        """Score the model as it is now (call inside `ablated(...)` for a trial)."""
+        self.stats = DecodeStats()
+        return self.refusals(self.kl())

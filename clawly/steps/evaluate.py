@@ -1,0 +1,162 @@
+"""evaluate: base vs merged model (loaded from disk) on held-out prompts the optimizer never saw."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+
+from clawly.artifacts.optimize import read_chosen_trial, read_optimizer_prompt_ids
+from clawly.artifacts.prompts import read_prompts
+from clawly.categories import category_table, wilson_interval
+from clawly.classify import LocalJudge, read_labelled, response_classifier, scores
+from clawly.decoding import PromptSet
+from clawly.errors import require
+from clawly.io import atomic_path, write_json
+from clawly.log import StageLogger
+from clawly.measures import RefusalDetector, chat_prompts, kl_divergence
+from clawly.model import load_model
+from clawly.paths import Paths
+from clawly.settings import Settings
+
+
+def heldout_prompts(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Eval-split prompts the optimizer did not see."""
+    p = Paths.of(settings)
+    harmful, harmless = read_prompts(p)
+    seen = read_optimizer_prompt_ids(p.optimizer_prompts)
+    s = settings.evaluate
+    h = harmful[(harmful.split == "eval") & ~harmful.id.isin(seen)]
+    h = pd.concat([d.sample(n=min(len(d), s.per_category), random_state=settings.optimize.seed)
+                   for _, d in h.groupby("category", sort=True)]).reset_index(drop=True)
+    g = harmless[(harmless.split == "eval") & ~harmless.id.isin(seen)]
+    g = g.sample(n=min(len(g), s.harmless_prompts), random_state=settings.optimize.seed).reset_index(drop=True)
+    return h, g
+
+
+def merged_model_settings(settings: Settings):
+    """Model settings that load the `merge` stage's output (its directory; no GGUF file)."""
+    return dataclasses.replace(settings.model, name=str(Paths.of(settings).model), gguf_file=None)
+
+
+def evaluation_prompts(settings: Settings, tokenizer, requests: list[str], prefix: str = "") -> PromptSet:
+    """Harmful requests as `evaluate` asks them: the chat template with the system prompt (and a
+    response prefix, if the optimizer found one), in batches of evaluate.batch_size."""
+    return PromptSet(tokenizer, chat_prompts(tokenizer, requests, settings.model.system_prompt, prefix),
+                     settings.evaluate.batch_size)
+
+
+def _measures(table: pd.DataFrame, model: str) -> dict:
+    """Counts and rates with 95% Wilson intervals of one model's answers (rows of `table`)."""
+    n = len(table)
+    out = {"prompts": n}
+    for key, hits in (("keyword_refusals", table[f"{model}_keyword_refusal"]),
+                      ("classifier_refusals", table[f"{model}_label"] == "refusal"),
+                      ("off_topic", table[f"{model}_label"] == "off_topic"),
+                      ("degenerate", table[f"{model}_label"] == "degenerate"),
+                      ("not_compliant", table[f"{model}_label"] != "compliance")):
+        k = int(hits.sum())
+        out[key] = k
+        out[key.replace("refusals", "refusal") + "_rate"] = round(k / n, 4) if n else None
+        out[key.replace("refusals", "refusal") + "_rate_ci95"] = wilson_interval(k, n)
+    return out
+
+
+def headline(results: dict) -> dict:
+    """The evaluate metrics: the merged model's held-out figures to compare between experiments
+    (`dvc metrics show / diff`); the base model's and the per-category ones are in the report."""
+    merged = results["merged"]
+    out = {"kl_divergence": merged["kl_divergence"], "keyword_refusal_rate": merged["keyword_refusal_rate"],
+           "not_compliant_rate": merged["not_compliant_rate"]}
+    kept = [r["keyword_retention"] for r in results["by_category"].values() if r.get("keyword_retention") is not None]
+    if kept:
+        out["kept_keyword_retention"] = min(kept)
+    return out
+
+
+def run(settings: Settings, log: StageLogger) -> dict:
+    """Base vs merged model on held-out prompts, per category: keyword refusals, the response
+    classifier's refusal / off-topic / degenerate shares (95% Wilson intervals), and KL. The details
+    go to reports/evaluate.json and evaluate/by_category.csv, the headline figures to the metrics."""
+    p = Paths.of(settings)
+    require(p.model / "config.json", "merge")
+    s = settings.evaluate
+    harmful, harmless = heldout_prompts(settings)
+    detector = RefusalDetector(settings.optimize.refusal_markers or None)
+    classifier = response_classifier(settings)
+    prefix = read_chosen_trial(p.chosen_trial).response_prefix
+    base, tokenizer = load_model(settings.model, log)
+    prompts = evaluation_prompts(settings, tokenizer, harmful.text.tolist(), prefix)
+    harmless_prompts = PromptSet(tokenizer, chat_prompts(tokenizer, harmless.text.tolist(),
+                                                         settings.model.system_prompt), s.batch_size)
+    # Whole answers (no stop at the first marker): the classifier judges the answer, not its opening.
+    base_resp, _ = prompts.generate(base, s.max_new_tokens, progress=log.progress)
+    base_lp = harmless_prompts.first_token_logprobs(base)
+    del base
+    merged, _ = load_model(merged_model_settings(settings))
+    resp, _ = prompts.generate(merged, s.max_new_tokens, progress=log.progress)
+    kl = kl_divergence(base_lp, harmless_prompts.first_token_logprobs(merged))
+    del merged
+    requests = harmful.text.tolist()
+    table = harmful.assign(base_response=base_resp, merged_response=resp)
+    for name, answers in (("base", base_resp), ("merged", resp)):
+        v = classifier(requests, answers)
+        table[f"{name}_keyword_refusal"] = [detector(r) for r in answers]
+        table[f"{name}_label"] = v.labels
+        table[f"{name}_p_refusal"] = v.probs[:, 0].tolist()
+    judge = None
+    if settings.classifier.judge_model:
+        judge = LocalJudge(settings.classifier.judge_model, settings.classifier.judge_trust_remote_code)
+        for name, answers in (("base", base_resp), ("merged", resp)):
+            table[f"{name}_judge_label"] = judge(requests, answers).labels
+        del judge
+    test_rows = read_labelled(settings.classifier.test_file)
+    quality = scores(test_rows, classifier([r["prompt"] for r in test_rows], [r["response"] for r in test_rows]).labels)
+    keyword_quality = scores(test_rows, ["refusal" if detector(r["response"]) else "compliance" for r in test_rows])
+    n = len(table)
+    by_category = {}
+    for cat, part in table.groupby("category", sort=True):
+        by_category[cat] = {"base": _measures(part, "base"), "merged": _measures(part, "merged")}
+    counts = {c: len(part) for c, part in table.groupby("category")}
+    roles = category_table(counts, {c: int(part.base_keyword_refusal.sum()) for c, part in table.groupby("category")},
+                           {c: int(part.merged_keyword_refusal.sum()) for c, part in table.groupby("category")},
+                           settings.categories.weights)
+    for c in by_category:
+        by_category[c]["role"] = roles[c]["role"]
+        if "retention" in roles[c]:
+            by_category[c]["keyword_retention"] = roles[c]["retention"]
+    results = {
+        "harmful_prompts": n, "harmless_prompts": len(harmless), "max_new_tokens": s.max_new_tokens,
+        "measures": {"keyword_refusals": "answers containing a refusal marker (misses soft refusals)",
+                     "classifier_refusals": "answers the response classifier labels refusal",
+                     "off_topic": "answers the classifier labels off-topic (a different question)",
+                     "degenerate": "answers the classifier labels degenerate (repetition, gibberish)",
+                     "not_compliant": "refusal, off-topic or degenerate by the classifier"},
+        "base": _measures(table, "base"),
+        "merged": {**_measures(table, "merged"), "kl_divergence": round(kl, 6)},
+        "by_category": by_category,
+        "classifier": {"test_file": settings.classifier.test_file, "test_responses": len(test_rows),
+                       "scores": quality, "keyword_rule_scores": keyword_quality},
+    }
+    if settings.classifier.judge_model:
+        results["judge"] = {m: {lab: int((table[f"{m}_judge_label"] == lab).sum()) for lab in
+                                ("refusal", "compliance", "off_topic", "degenerate")} for m in ("base", "merged")}
+    p.evaluate.mkdir(parents=True, exist_ok=True)
+    with atomic_path(p.evaluation_table) as tmp:
+        rows = [{"category": c, "prompts": m[model]["prompts"], "model": model,
+                 "refusals": m[model]["keyword_refusals"], "classifier_refusals": m[model]["classifier_refusals"],
+                 "off_topic": m[model]["off_topic"], "degenerate": m[model]["degenerate"]}
+                for c, m in by_category.items() for model in ("base", "merged")]
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    if s.save_responses:
+        with atomic_path(p.responses) as tmp:
+            table.drop(columns=[c for c in ("split",) if c in table.columns]).to_parquet(tmp, index=False)
+    write_json(p.report("evaluate"), results)
+    write_json(p.metric("evaluate"), headline(results))
+    log.event("evaluated", prompts=n, kl=round(kl, 5),
+              base=f"keyword {results['base']['keyword_refusals']}, classifier {results['base']['classifier_refusals']}"
+                   f", off-topic {results['base']['off_topic']}, degenerate {results['base']['degenerate']}",
+              merged=f"keyword {results['merged']['keyword_refusals']}, classifier "
+                     f"{results['merged']['classifier_refusals']}, off-topic {results['merged']['off_topic']}, "
+                     f"degenerate {results['merged']['degenerate']}")
+    return results

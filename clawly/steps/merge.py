@@ -1,0 +1,39 @@
+"""merge: the base model with the adapter merged in, as a Hugging Face model directory."""
+
+from __future__ import annotations
+
+import contextlib
+
+from peft import PeftModel
+
+from clawly import export as ex
+from clawly.ablation import AblationPlan, ablated, weight_deltas
+from clawly.artifacts.directions import read_ablation_directions
+from clawly.errors import require
+from clawly.io import atomic_dir, read_json, write_text
+from clawly.log import StageLogger
+from clawly.model import load_model, resolve_model_source
+from clawly.paths import Paths
+from clawly.settings import Settings
+
+
+def run(settings: Settings, log: StageLogger) -> None:
+    """The adapter merged as peft merges it, or, for a norm-preserving plan, the exact dense change
+    the trials scored (rebuilt from the adapter's record); safetensors shards, config, tokenizer,
+    model card and the reproduction record."""
+    p = Paths.of(settings)
+    require(p.lora / "adapter_config.json", "export-lora")
+    model, tokenizer = load_model(settings.model, log)
+    record, directions = ex.read_record(p.lora)
+    plan = AblationPlan.from_dict(record["plan"])
+    summary = read_json(p.report("optimize")) if p.report("optimize").exists() else {}
+    with contextlib.ExitStack() as applied, atomic_dir(p.model) as tmp:
+        if plan.norm_preserve:
+            ablation = read_ablation_directions(directions)
+            applied.enter_context(ablated(model, weight_deltas(model, ablation.basis, plan, ablation.strengths)))
+        else:
+            model = PeftModel.from_pretrained(model, str(p.lora)).merge_and_unload()
+        files = ex.write_model(model, tokenizer, tmp, settings, resolve_model_source(settings.model))
+        write_text(tmp / "README.md", ex.model_card(settings, summary))
+        ex.copy_record(p.lora, tmp, "model")
+    log.event("merged", files=files, out=str(p.model), exact_dense_change=plan.norm_preserve)
