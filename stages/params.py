@@ -1,18 +1,53 @@
-"""Write params.yaml from conf/ exactly as DVC's Hydra composition does (for plain `dvc repro`).
+"""Write conf/settings.yaml from clawly/settings.py, then params.yaml from conf/ exactly as DVC's
+Hydra composition does (for plain `dvc repro`).
 
     python -m stages.params                      # compose conf/config.yaml
     python -m stages.params optimize=full        # with overrides
+
+`conf/settings.yaml` holds every setting's default and help text, generated from the typed
+settings (the one source of defaults); the other files in conf/ hold only what the DVC demo
+changes on purpose, each with a comment saying why. Tests fail when either file is stale.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import textwrap
 from pathlib import Path
 
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from clawly.settings import SECTIONS, Settings
+from clawly.settings_docs import HELP
+from clawly.settings_docs import SECTIONS as SECTION_DOCS
+
 ROOT = Path(__file__).resolve().parent.parent
+SETTINGS_YAML = ROOT / "conf" / "settings.yaml"
+
+
+def _value(value) -> str:
+    return "null" if value is None else yaml.safe_dump(value, default_flow_style=True, width=10_000).strip() \
+        .removesuffix("...").strip()
+
+
+def settings_yaml() -> str:
+    """conf/settings.yaml: every section and key of `Settings()` with its help text as a comment."""
+    defaults = Settings()
+    lines = ["# @package _global_",
+             "# Every setting's default and help, generated from clawly/settings.py by `python -m stages.params`.",
+             "# Do not edit: change a default in clawly/settings.py, or override it for the DVC demo in",
+             "# config.yaml or a group file, with a comment saying why.", "",
+             f"artifacts_dir: {_value(defaults.artifacts_dir)}"]
+    for section, cls in SECTIONS.items():
+        lines += ["", f"{section}:  # {SECTION_DOCS[section]}"]
+        for f in dataclasses.fields(cls):
+            help_text = textwrap.wrap(HELP[f"{section}.{f.name}"], 100)
+            lines += [f"  # {line}" for line in help_text]
+            lines.append(f"  {f.name}: {_value(getattr(getattr(defaults, section), f.name))}")
+    return "\n".join(lines) + "\n"
 
 
 def composed_params(overrides: list[str] | None = None, config_dir: Path = ROOT / "conf") -> str:
@@ -24,5 +59,6 @@ def composed_params(overrides: list[str] | None = None, config_dir: Path = ROOT 
 
 
 if __name__ == "__main__":
+    SETTINGS_YAML.write_text(settings_yaml(), encoding="utf-8")
     (ROOT / "params.yaml").write_text(composed_params(sys.argv[1:]), encoding="utf-8")
-    print(f"wrote {ROOT / 'params.yaml'}")
+    print(f"wrote {SETTINGS_YAML} and {ROOT / 'params.yaml'}")

@@ -26,12 +26,58 @@ def test_every_config_composes_into_valid_settings(overrides):
         assert "/" in settings.model.name and settings.model.trust_remote_code is False
 
 
-def test_config_defaults_match_settings_defaults_where_not_overridden():
-    composed = yaml.safe_load(composed_params())
-    assert set(composed) == set(Settings().to_dict())
-    for section, values in composed.items():
-        if isinstance(values, dict):
-            assert set(values) == set(Settings().to_dict()[section]), section
+def test_conf_settings_yaml_is_generated_from_the_typed_settings():
+    from stages.params import SETTINGS_YAML, settings_yaml
+
+    assert SETTINGS_YAML.read_text() == settings_yaml(), (
+        "conf/settings.yaml is stale: run `python -m stages.params` after changing clawly/settings.py")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "weights":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# the group files the default composition selects (conf/config.yaml's defaults list), by section
+DEFAULT_GROUPS = {"model": "conf/model/default.yaml", "data": "conf/data/default.yaml",
+                  "optimize": "conf/optimize/demo.yaml"}
+
+
+def _demo_overrides() -> dict[str, str]:
+    """Every key the default composition sets on top of conf/settings.yaml -> its line in conf/."""
+    out = {}
+    files = [("", ROOT / "conf" / "config.yaml")] + [(f"{sec}.", ROOT / f) for sec, f in DEFAULT_GROUPS.items()]
+    for prefix, path in files:
+        data = yaml.safe_load(path.read_text()) or {}
+        data = {k: v for k, v in data.items() if k not in ("defaults", "hydra")}
+        lines = path.read_text().splitlines()
+        for key in _flat(data, prefix):
+            name = key.rsplit(".", 1)[-1]
+            out[key] = next(line for line in lines if line.strip().startswith(f"{name}:"))
+    return out
+
+
+def test_a_default_dvc_run_differs_from_a_default_cli_or_api_run_only_by_commented_demo_overrides():
+    """The typed settings are the one source of defaults; conf/ changes only what the demo needs,
+    each change commented with why. A difference that is not such an override fails, by name."""
+    typed = _flat(Settings().to_dict())
+    composed = _flat(yaml.safe_load(composed_params()))
+    assert set(composed) == set(typed)
+    differences = {k: (typed[k], composed[k]) for k in typed if typed[k] != composed[k]}
+    overrides = _demo_overrides()
+    undeclared = {k: v for k, v in differences.items() if k not in overrides}
+    redundant = sorted(set(overrides) - set(differences))
+    assert not undeclared, "default DVC run differs from the CLI/API default (settings, params.yaml): " + ", ".join(
+        f"{k}: {a!r} vs {b!r}" for k, (a, b) in undeclared.items())
+    assert not redundant, f"conf/ repeats defaults of clawly/settings.py: {redundant}"
+    uncommented = [line for line in overrides.values() if "#" not in line]
+    assert not uncommented, f"say why in a comment: {uncommented}"
+    assert sorted(differences) == ["evaluate.max_new_tokens", "optimize.n_trials", "probe.max_per_category"]
 
 
 def test_invalid_values_name_key_value_and_what_is_allowed():
@@ -81,3 +127,15 @@ def test_wrong_types_are_one_clear_error_not_a_crash():
     ok = Settings.from_dict({"optimize": {"kl_cap": 1, "peak_weight_range": [1, 1.5]},
                              "probe": {"max_per_category": None}})
     assert ok.optimize.kl_cap == 1 and ok.probe.max_per_category is None
+
+
+def test_every_setting_and_section_has_its_help_text_and_no_other():
+    import dataclasses
+
+    from clawly.settings import SECTIONS
+    from clawly.settings_docs import HELP
+    from clawly.settings_docs import SECTIONS as SECTION_DOCS
+
+    keys = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    assert set(HELP) == keys and set(SECTION_DOCS) == set(SECTIONS)
+    assert all(len(text) > 10 for text in [*HELP.values(), *SECTION_DOCS.values()])

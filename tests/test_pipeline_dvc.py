@@ -66,15 +66,23 @@ def check_outputs(tmp: Path, n_trials: int) -> None:
     assert len(trials) == n_trials and trials.pareto.any()
     assert (tmp / "artifacts/optimize/pareto.html").read_text().count("Pareto front") >= 1
     metrics = json.loads((tmp / "artifacts/metrics/optimize.json").read_text())
-    assert metrics["trials"] == n_trials
+    summary = json.loads((tmp / "artifacts/reports/optimize.json").read_text())
+    assert summary["trials"] == n_trials and summary["pareto_front"]
+    assert metrics == {"kl_divergence": summary["chosen"]["kl_divergence"],
+                       "keyword_refusal_rate": summary["chosen"]["refusal_rate"]}
+    by_layer = pd.read_csv(tmp / "artifacts/directions/by_layer.csv")
+    assert len(by_layer) == d.shape[0] and by_layer.mean_difference_norm.iloc[1:].gt(0).all()
     assert (tmp / "artifacts/lora/adapter_config.json").exists()
     model_dir = tmp / "artifacts/model"
     assert (model_dir / "model.safetensors.index.json").exists()  # sharded at 100KB
     for name in ("config.json", "tokenizer_config.json", "generation_config.json", "README.md",
                  "clawly_reproduction.json"):
         assert (model_dir / name).exists(), name
-    evaluation = json.loads((tmp / "artifacts/metrics/evaluate.json").read_text())
-    assert evaluation["harmful_prompts"] > 0 and "kl_divergence" in evaluation["merged"]
+    headline = json.loads((tmp / "artifacts/metrics/evaluate.json").read_text())
+    evaluation = json.loads((tmp / "artifacts/reports/evaluate.json").read_text())
+    assert headline == {k: evaluation["merged"][k] for k in ("kl_divergence", "keyword_refusal_rate",
+                                                            "not_compliant_rate")}
+    assert evaluation["harmful_prompts"] > 0
     assert {"refusal", "not_compliant", "accuracy"} <= set(evaluation["classifier"]["scores"])
     for cat, m in evaluation["by_category"].items():
         for model in ("base", "merged"):
@@ -103,6 +111,16 @@ def test_dvc_repro_runs_the_whole_pipeline_and_a_second_repro_is_a_no_op(make_ti
     torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, rtol=1e-4, atol=1e-4)
     status = _run([sys.executable, "-m", "dvc", "repro"], tmp_path, env)
     assert "Running stage" not in status, status
+    # the headline figures fit a terminal
+    shown = _run([sys.executable, "-m", "dvc", "metrics", "show"], tmp_path, env)
+    assert max(map(len, shown.splitlines())) <= 160, shown
+    # editing one stage's step reruns that stage alone (and what its new outputs feed); a help text none
+    with open(tmp_path / "clawly/steps/merge.py", "a") as f:
+        f.write("# an edit\n")
+    with open(tmp_path / "clawly/settings_docs.py", "a") as f:
+        f.write("# an edit\n")
+    changed = _run([sys.executable, "-m", "dvc", "status"], tmp_path, env)
+    assert [line[:-1] for line in changed.splitlines() if line and not line[0].isspace()] == ["merge"], changed
     # more trials resume the persisted study instead of starting over
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["optimize"]["n_trials"] = 4
@@ -138,7 +156,7 @@ def test_dvc_repro_on_the_real_default_model(tmp_path):
                  "evaluate.max_new_tokens=16"]
     env = make_project(tmp_path, overrides)
     _run([sys.executable, "-m", "dvc", "repro"], tmp_path, env)
-    check_outputs_real = json.loads((tmp_path / "artifacts/metrics/optimize.json").read_text())
+    check_outputs_real = json.loads((tmp_path / "artifacts/reports/optimize.json").read_text())
     assert check_outputs_real["trials"] == 3
     assert check_outputs_real["base"]["refusals"] > 0  # the real model does refuse
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts/model")
@@ -156,7 +174,7 @@ def test_dvc_exp_run_with_a_preset_runs_category_mode(make_tiny_model, tmp_path)
     _run([sys.executable, "-m", "dvc", "exp", "run", *sets], tmp_path, env)
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     assert params["categories"]["weights"]["self_harm_suicide"] == 0.0
-    report = json.loads((tmp_path / "artifacts/metrics/orthogonalize.json").read_text())
+    report = json.loads((tmp_path / "artifacts/reports/orthogonalize.json").read_text())
     assert report["mode"] == "category" and report["kept"] == ["self_harm_suicide"]
     assert report["order"] == ["violence_weapons", "drugs_substances", "adult_content"]
     with safe_open(str(tmp_path / "artifacts/directions/orthogonalized.safetensors"), "pt") as f:
@@ -164,14 +182,18 @@ def test_dvc_exp_run_with_a_preset_runs_category_mode(make_tiny_model, tmp_path)
     with safe_open(str(tmp_path / "artifacts/directions/directions.safetensors"), "pt") as f:
         kept = f.get_tensor("category_direction.self_harm_suicide").double()
     assert q.shape[0] == 3 and torch.einsum("mpd,pd->mp", q, kept).abs().max() < 1e-5
-    metrics = json.loads((tmp_path / "artifacts/metrics/optimize.json").read_text())
+    metrics = json.loads((tmp_path / "artifacts/reports/optimize.json").read_text())
     roles = {c: r["role"] for c, r in metrics["by_category"].items()}
     assert roles == {"violence_weapons": "targeted", "drugs_substances": "targeted", "adult_content": "targeted",
                      "self_harm_suicide": "kept"}
     assert "kept category" in metrics["rule"]
     for cat in report["order"]:
         assert (tmp_path / "artifacts/lora/categories" / cat / "adapter_model.safetensors").exists()
-    evaluation = json.loads((tmp_path / "artifacts/metrics/evaluate.json").read_text())
+    evaluation = json.loads((tmp_path / "artifacts/reports/evaluate.json").read_text())
     assert evaluation["by_category"]["fraud_scams"]["role"] == "untargeted"
+    headline = json.loads((tmp_path / "artifacts/metrics/optimize.json").read_text())
+    kept = metrics["by_category"]["self_harm_suicide"]["retention"]
+    assert headline.get("kept_retention") == kept and set(headline) <= {"kl_divergence", "keyword_refusal_rate",
+                                                                        "kept_retention"}
     card = (tmp_path / "artifacts/model/README.md").read_text()
     assert "self_harm_suicide 0" in card and "| kept |" in card

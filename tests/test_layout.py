@@ -1,0 +1,109 @@
+"""The house rules that keep the pipeline honest: dvc.yaml's code deps come from the imports, each
+stage runs its own step module, no import cycles, imports at the top unless deferred on purpose."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.deps import ROOT, code_closure, imported_modules, module_file, rewrite, stage_code
+
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+STAGES = list(DVC["stages"])
+
+
+def test_dvc_yaml_lists_exactly_the_code_each_stage_imports():
+    assert (ROOT / "dvc.yaml").read_text() == rewrite(), (
+        "dvc.yaml's code deps differ from what the stages import: run `python -m stages.deps` to see how, "
+        "`python -m stages.deps --write` to fix")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_is_one_hop_from_its_step_and_only_it_runs_that_step(stage):
+    module = stage.replace("-", "_")
+    spec = DVC["stages"][stage]
+    assert spec["cmd"] == f"python -m stages.{module} ${{hydra}}"
+    step = f"clawly/steps/{module}.py"
+    assert step in spec["deps"] and step in stage_code(stage)
+    assert "def run(" in (ROOT / step).read_text()
+    others = [s for s in STAGES if s != stage and step in DVC["stages"][s]["deps"]]
+    assert not others, f"{step} would rerun {others} too"
+
+
+def test_params_name_keys_that_exist_and_never_the_machines_model_cache():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for stage, spec in DVC["stages"].items():
+        for key in spec.get("params", []):
+            node = params
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"{stage}: no param {key} in params.yaml"
+                node = node[part]
+            assert key not in ("model", "model.cache_dir"), f"{stage}: {key} reruns it when only the cache moves"
+
+
+def test_the_closure_follows_function_level_imports_and_package_inits(tmp_path, monkeypatch):
+    import stages.deps as deps
+
+    pkg = tmp_path / "clawly"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("def __getattr__(name):\n    from clawly import heavy\n")
+    (pkg / "heavy.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from clawly import shared\n")
+    (pkg / "shared.py").write_text("")
+    (pkg / "sub" / "step.py").write_text("def run():\n    from clawly.late import thing\n")
+    (pkg / "late.py").write_text("import clawly.leaf\n")
+    (pkg / "leaf.py").write_text("import os\n")
+    monkeypatch.setattr(deps, "ROOT", tmp_path)
+    assert deps.code_closure(pkg / "sub" / "step.py") == [
+        "clawly/__init__.py", "clawly/late.py", "clawly/leaf.py", "clawly/shared.py", "clawly/sub/__init__.py",
+        "clawly/sub/step.py"]  # not heavy.py: a package __init__'s function bodies do not run on import
+
+
+def _project_modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted((ROOT / "clawly").rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def test_clawly_has_no_import_cycles():
+    modules = _project_modules()
+    graph = {name: {m for m in imported_modules(path) if m in modules and m != name} for name, path in modules.items()}
+    # a package imports its submodules only lazily (clawly/__init__.py's Pipeline), never in cycles
+    state: dict[str, int] = {}
+
+    def visit(name, trail):
+        if state.get(name) == 1:
+            raise AssertionError("import cycle: " + " -> ".join([*trail, name]))
+        if state.get(name) == 2:
+            return
+        state[name] = 1
+        for dep in sorted(graph[name]):
+            visit(dep, [*trail, name])
+        state[name] = 2
+
+    for name in modules:
+        visit(name, [])
+
+
+def test_imports_are_at_the_top_unless_deferred_with_a_reason():
+    """A deferred import says why in a comment (on its line or the three before): a heavy engine
+    kept out of `clawly --help`, an optional package, a lazy attribute."""
+    for path in _project_modules().values():
+        lines = path.read_text().splitlines()
+        tree = ast.parse("\n".join(lines))
+        top = set(map(id, tree.body))
+        guarded = {id(n) for node in tree.body if isinstance(node, ast.If) for n in node.body}  # TYPE_CHECKING
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top | guarded:
+                context = " ".join(lines[max(0, node.lineno - 4):node.lineno]).lower()
+                assert any(w in context for w in ("deferred", "optional", "lazy")), (
+                    f"{path.relative_to(ROOT)}:{node.lineno}: move the import to the top, or say why it waits")
+
+
+def test_every_stage_module_resolves():
+    for stage in STAGES:
+        assert module_file(f"stages.{stage.replace('-', '_')}") is not None
+        assert code_closure(ROOT / "stages" / f"{stage.replace('-', '_')}.py")
