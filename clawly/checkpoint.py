@@ -67,6 +67,7 @@ def save_sharded(state_dict: dict[str, torch.Tensor], out_dir: str | Path, max_s
     shards = plan_shards(state_dict, parse_size(max_shard_size), weight_map)
     meta = {"format": "pt", **(metadata or {})}
     for file, names in shards.items():
+        # save_file streams to disk (a shard can be gigabytes); one metadata key keeps its bytes stable
         save_file({n: state_dict[n] for n in names}, str(out_dir / file), metadata=meta)
     if len(shards) > 1 or weight_map:
         total = sum(t.numel() * t.element_size() for t in state_dict.values())

@@ -33,12 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 
 from clawly.decoding import PromptSet
 from clawly.errors import ClawlyError
-from clawly.io import atomic_path
+from clawly.io import write_safetensors
 from clawly.measures import RefusalDetector
 from clawly.model import cache_root, load_model
 from clawly.paths import project_file
@@ -239,11 +239,10 @@ class ResponseClassifier:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            save_file({"weight": self.weight, "bias": self.bias, "mean": self.mean, "std": self.std,
-                       "centroids": self.centroids.contiguous()}, str(tmp),
-                      metadata={"labels": json.dumps(LABELS), "features": json.dumps(FEATURES),
-                                "embedder": self.embedder.id, "markers": json.dumps(self.detector.markers)})
+        write_safetensors(path, {"weight": self.weight, "bias": self.bias, "mean": self.mean, "std": self.std,
+                                 "centroids": self.centroids},
+                          {"labels": json.dumps(LABELS), "features": json.dumps(FEATURES),
+                           "embedder": self.embedder.id, "markers": json.dumps(self.detector.markers)})
 
     @classmethod
     def load(cls, path: Path, embedder: Embedder, detector: RefusalDetector) -> ResponseClassifier:

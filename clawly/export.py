@@ -29,7 +29,7 @@ from clawly.artifacts.directions import AblationDirections, write_ablation_direc
 from clawly.checkpoint import save_sharded, source_weight_map
 from clawly.directions import AblationBasis
 from clawly.errors import ClawlyError
-from clawly.io import atomic_path, write_json
+from clawly.io import write_json
 from clawly.lora import LoraFactors, lora_factors, save_adapter
 from clawly.model import DEFAULT_MODEL, DEFAULT_MODEL_DESCRIPTION, model_provenance
 from clawly.settings import ExportSettings, Settings
@@ -140,8 +140,7 @@ def write_record(out_dir: Path, kind: str, settings: Settings, plan: AblationPla
 
     prompts: name -> prompt table (fingerprinted); trial: {"index", "parameters", "refusals",
     "kl_divergence"} of the optimizer trial, None for a direct plan."""
-    with atomic_path(out_dir / DIRECTIONS) as tmp:
-        write_ablation_directions(tmp, ablation)
+    write_ablation_directions(out_dir / DIRECTIONS, ablation)
     record = {
         "format": RECORD_FORMAT, "clawly": __version__, "kind": kind,
         "settings": portable_settings(settings),

@@ -6,10 +6,14 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors.torch import save
 
 
 @contextlib.contextmanager
@@ -69,3 +73,16 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file, atomically, with the same bytes for the same tensors and metadata in every
+    process. (safetensors writes its metadata in a hash map's order, which changes per process: the
+    same content would look changed to DVC and to the study fingerprint.)"""
+    raw = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data keeps its 8-byte alignment
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + n:])

@@ -46,3 +46,25 @@ def test_logger_writes_one_json_event_per_line_and_masks_secrets(tmp_path, capsy
                                                   "message": "little of the direction survives", "category": "drugs"}
     err = capsys.readouterr().err
     assert "[optimize] trial" in err and "hf_secret" not in err
+
+
+def test_safetensors_are_written_byte_for_byte_the_same_in_every_process(tmp_path):
+    """safetensors writes its metadata in a hash map's order, which changes from one process to the
+    next: the same directions gave other bytes on every run, so DVC saw a changed output and the
+    study fingerprint a new study. write_safetensors sorts the header."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from clawly.io import write_safetensors; "
+            "write_safetensors(sys.argv[1], {'b': torch.arange(6.).view(2, 3), "
+            "'a': torch.ones(4, dtype=torch.float64)}, "
+            "{'mode': 'global', 'names': '[1]', 'kept': '[]', 'weights': '[1.0]'})")
+    files = [tmp_path / f"{i}.safetensors" for i in range(4)]
+    for f in files:
+        subprocess.run([sys.executable, "-c", code, str(f)], check=True)
+    assert len({f.read_bytes() for f in files}) == 1
+    from safetensors import safe_open
+
+    with safe_open(str(files[0]), "pt") as f:
+        assert f.metadata() == {"mode": "global", "names": "[1]", "kept": "[]", "weights": "[1.0]"}
+        assert f.get_tensor("b").tolist() == [[0, 1, 2], [3, 4, 5]] and f.get_tensor("a").dtype.is_floating_point

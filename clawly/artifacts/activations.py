@@ -18,9 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from clawly.errors import require
+from clawly.io import write_safetensors
 
 
 def activation_schema(hidden: int) -> pa.Schema:
@@ -75,8 +76,7 @@ class ResidualMeans:
 
 def write_means(path: Path, means: ResidualMeans) -> None:
     meta = {**means.meta, "counts": json.dumps(dict(sorted(means.counts.items())))}
-    save_file({k: v.to(torch.float32).contiguous() for k, v in sorted(means.means.items())}, str(path),
-              metadata=meta)
+    write_safetensors(path, {k: v.to(torch.float32) for k, v in sorted(means.means.items())}, meta)
 
 
 def read_means(path: Path) -> ResidualMeans:

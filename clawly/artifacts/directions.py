@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from clawly.directions import AblationBasis
 from clawly.errors import ClawlyError, require
+from clawly.io import write_safetensors
 
 
 @dataclass
@@ -45,7 +45,7 @@ def write_refusal_directions(path: Path, d: RefusalDirections) -> None:
     tensors = {"refusal_direction": d.refusal_direction, "refusal_direction_raw": d.raw_difference,
                "harmful_mean": d.harmful_mean, "harmless_mean": d.harmless_mean,
                **{f"category_direction.{c}": v for c, v in sorted(d.category_directions.items())}}
-    save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(path), metadata=d.meta)
+    write_safetensors(path, {k: v.float() for k, v in tensors.items()}, d.meta)
 
 
 def read_refusal_directions(path: Path) -> RefusalDirections:
@@ -90,9 +90,8 @@ def write_ablation_directions(path: Path, ablation: AblationDirections, extra: d
     b = ablation.basis
     meta = {"mode": ablation.mode, "names": json.dumps(ablation.names), "weights": json.dumps(ablation.weights),
             "kept": json.dumps(ablation.kept), **(extra or {})}
-    save_file({"directions": b.directions.contiguous(), "retained": b.retained.contiguous(),
-               "removed": b.removed.contiguous(), "protected": b.protected.contiguous()},
-              str(path), metadata=meta)
+    write_safetensors(path, {"directions": b.directions, "retained": b.retained, "removed": b.removed,
+                             "protected": b.protected}, meta)
 
 
 def read_ablation_directions(path: Path) -> AblationDirections:

@@ -73,8 +73,7 @@ def run(settings: Settings, log: StageLogger) -> dict:
          "hidden_size": str(direction.shape[1]), "categories": json.dumps(categories),
          "counts": json.dumps({"harmful": n_harmful, "harmless": n_harmless}),
          "contrast": s.contrast, "projected": str(s.projected)})
-    with atomic_path(p.directions) as tmp:
-        write_refusal_directions(tmp, result)
+    write_refusal_directions(p.directions, result)
     by_layer = direction_report(harmful_mean, harmless_mean, direction)
     table = pd.DataFrame({"probe_point": range(direction.shape[0]),
                           "mean_difference_norm": by_layer["mean_difference_norm"],

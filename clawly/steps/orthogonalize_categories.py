@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from clawly import categories as cm
 from clawly.artifacts.directions import AblationDirections, read_refusal_directions, write_ablation_directions
-from clawly.io import atomic_path, write_json
+from clawly.io import write_json
 from clawly.log import StageLogger
 from clawly.paths import Paths
 from clawly.settings import Settings
@@ -34,9 +34,8 @@ def run(settings: Settings, log: StageLogger) -> dict:
                   "kept": kept, "orthogonalized": o.orthogonalize_categories and bool(kept),
                   "retained_fraction": {n: [round(float(x), 4) for x in retained[i]] for i, n in enumerate(names)},
                   "cosine_with_kept": cd.kept_cosine, "low_retention_points": low}
-    with atomic_path(p.orthogonalized) as tmp:
-        write_ablation_directions(tmp, AblationDirections(basis, names, weights, kept, report["mode"]),
-                                  {"against_harmless": str(o.against_harmless)})
+    write_ablation_directions(p.orthogonalized, AblationDirections(basis, names, weights, kept, report["mode"]),
+                              {"against_harmless": str(o.against_harmless)})
     write_json(p.report("orthogonalize"), report)
     retained = basis.retained
     log.event("orthogonalized", mode=report["mode"], directions=names,

@@ -57,6 +57,5 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> Non
                   prompts_per_second=round(len(rows) / max(seconds, 1e-9), 2))
     meta = {"model": settings.model.name, "probe_points": str(model.config.num_hidden_layers + 1),
             "hidden_size": str(hidden), "position": settings.probe.position, "marker": marker or ""}
-    with atomic_path(p.means) as tmp:
-        write_means(tmp, ResidualMeans({k: m.mean for k, m in means.items()}, {k: m.count for k, m in means.items()},
+    write_means(p.means, ResidualMeans({k: m.mean for k, m in means.items()}, {k: m.count for k, m in means.items()},
                                        meta))
