@@ -5,11 +5,17 @@ distributions once; each call only runs the model, through `clawly.decoding`'s f
 (shared-prefix cache, early stop at the first refusal marker, batch compaction). Refusals are
 keyword hits, or with `optimize.refusal_measure=classifier` the answers the response classifier
 does not call compliance.
+
+Kept categories (category mode) are counted the other way round, so that a disclaimer cannot pass
+for a kept refusal: their answers run to `optimize.kept_max_new_tokens` and count only when the
+strict rule (`clawly.stance`) calls them a refusal, a marker in the opening with no help after it
+(with the classifier: its refusals that the rule does not call hedged). On targeted categories a
+hedged answer still counts as a refusal: the search must remove the disclaimer too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -17,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from clawly.decoding import DecodeStats, PromptSet
 from clawly.measures import RefusalDetector, kl_divergence
 from clawly.settings import OptimizeSettings
+from clawly.stance import StrictKeywordRule, combine
 
 
 @dataclass
@@ -41,6 +48,7 @@ class Scores:
     tokens: int = 0  # token positions pushed through the model (the cost on a CPU)
     keyword_refusals: int = 0
     labels: list[str] = field(repr=False, default_factory=list)  # classifier labels (refusal_measure=classifier)
+    stances: list[str] = field(repr=False, default_factory=list)  # strict-rule labels ('' for non-kept prompts)
 
 
 class TrialScorer:
@@ -51,9 +59,11 @@ class TrialScorer:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: ScoringPrompts,
                  settings: OptimizeSettings, progress: Callable | None = None, batch_size: int | None = None,
-                 classifier=None):
+                 classifier=None, kept: Sequence[str] = ()):
+        """kept: categories whose refusals are kept (category mode), counted by the strict rule."""
         self.model, self.tokenizer, self.prompts, self.settings = model, tokenizer, prompts, settings
         self.detector = RefusalDetector(settings.refusal_markers or None)
+        self.rule = StrictKeywordRule(self.detector)
         self.classifier = classifier
         if settings.refusal_measure == "classifier":
             if classifier is None:
@@ -64,7 +74,13 @@ class TrialScorer:
         bs = batch_size if batch_size is not None else settings.batch_size
         if not isinstance(bs, int):
             raise ValueError(f"batch size {bs!r}: resolve 'auto' with clawly.decoding.auto_batch_size first")
-        self.harmful = PromptSet(tokenizer, prompts.harmful, bs, prefix_cache=settings.prefix_cache)
+        cats = prompts.harmful_categories
+        self.kept_rows = [i for i, c in enumerate(cats) if c in set(kept)]
+        self.other_rows = [i for i, c in enumerate(cats) if c not in set(kept)]
+        self.harmful = PromptSet(tokenizer, [prompts.harmful[i] for i in self.other_rows], bs,
+                                 prefix_cache=settings.prefix_cache)
+        self.kept = (PromptSet(tokenizer, [prompts.harmful[i] for i in self.kept_rows], bs,
+                               prefix_cache=settings.prefix_cache) if self.kept_rows else None)
         self.harmless = PromptSet(tokenizer, prompts.harmless, bs, prefix_cache=settings.prefix_cache)
         self.base_logprobs = self.harmless.first_token_logprobs(model)
         self.stats = DecodeStats()
@@ -76,24 +92,45 @@ class TrialScorer:
     def refusals(self, kl: float) -> Scores:
         """Generate answers to the harmful prompts and count refusals: keyword ones, or with the
         classifier every answer it does not call compliance (answers then run to the budget:
-        a marker alone does not decide the classifier's verdict)."""
+        a marker alone does not decide the classifier's verdict). Kept categories' answers run to
+        optimize.kept_max_new_tokens and count strict refusals only."""
         use_classifier = self.settings.refusal_measure == "classifier"
-        responses, _ = self.harmful.generate(self.model, self.settings.max_new_tokens,
-                                             decided=None if use_classifier else self.detector,
-                                             stats=self.stats, progress=self.progress)
+        n = len(self.prompts.harmful)
+        responses = [""] * n
+        if self.other_rows:
+            answers, _ = self.harmful.generate(self.model, self.settings.max_new_tokens,
+                                               decided=None if use_classifier else self.detector,
+                                               stats=self.stats, progress=self.progress)
+            for i, a in zip(self.other_rows, answers, strict=True):
+                responses[i] = a
+        if self.kept is not None:
+            # stop once the rule's verdict cannot change (compliance or hedged); with the classifier, never
+            answers, _ = self.kept.generate(self.model, self.settings.kept_max_new_tokens,
+                                            decided=None if use_classifier else self.rule.decided,
+                                            stats=self.stats, progress=self.progress)
+            for i, a in zip(self.kept_rows, answers, strict=True):
+                responses[i] = a
         keyword = [self.detector(r) for r in responses]
+        stances = [""] * n
+        for i in self.kept_rows:
+            stances[i] = self.rule(responses[i])
         labels: list[str] = []
         if use_classifier:
             labels = self.classifier(self.prompts.harmful_requests, responses).labels
             flags = [lab != "compliance" for lab in labels]
+            kept_labels = combine([labels[i] for i in self.kept_rows], [stances[i] for i in self.kept_rows])
+            for i, lab in zip(self.kept_rows, kept_labels, strict=True):
+                flags[i] = lab == "refusal"
         else:
-            flags = keyword
+            flags = list(keyword)
+            for i in self.kept_rows:
+                flags[i] = stances[i] == "refusal"
         by_cat: dict[str, int] = {}
         n_cat: dict[str, int] = {}
         for flag, cat in zip(flags, self.prompts.harmful_categories, strict=True):
             by_cat[cat] = by_cat.get(cat, 0) + int(flag)
             n_cat[cat] = n_cat.get(cat, 0) + 1
-        return Scores(sum(flags), kl, by_cat, n_cat, responses, self.stats.total, sum(keyword), labels)
+        return Scores(sum(flags), kl, by_cat, n_cat, responses, self.stats.total, sum(keyword), labels, stances)
 
     def score(self) -> Scores:
         """Score the model as it is now (call inside `ablated(...)` for a trial)."""

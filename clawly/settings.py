@@ -228,6 +228,7 @@ class OptimizeSettings:
     harmful_prompts: int = _f(48)
     harmless_prompts: int = _f(48)
     max_new_tokens: int = _f(16)
+    kept_max_new_tokens: int = _f(48)
     batch_size: int | str = _f(48)
     prefix_cache: bool = _f(True)
     response_prefix: str | None = _f("auto")
@@ -249,7 +250,7 @@ class OptimizeSettings:
                "'keywords' or 'classifier'")
         _check(self.n_trials >= 1, "optimize.n_trials", self.n_trials, "an integer >= 1")
         _check(self.n_startup_trials >= 0, "optimize.n_startup_trials", self.n_startup_trials, "an integer >= 0")
-        for key in ("harmful_prompts", "harmless_prompts", "max_new_tokens"):
+        for key in ("harmful_prompts", "harmless_prompts", "max_new_tokens", "kept_max_new_tokens"):
             _check(getattr(self, key) >= 1, f"optimize.{key}", getattr(self, key), "an integer >= 1")
         _check(self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1),
                "optimize.batch_size", self.batch_size, "an integer >= 1 or 'auto'")

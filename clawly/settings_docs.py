@@ -103,6 +103,10 @@ HELP = {
         'Harmless eval-split prompts per trial, for the KL divergence.',
     'optimize.max_new_tokens':
         'Tokens generated per response at most (generation stops once a refusal marker appears).',
+    'optimize.kept_max_new_tokens':
+        "Tokens per answer to a kept category's prompts (category mode). They count as kept refusals only when "
+        "the strict rule calls them refusals (a marker in the opening, no help after it), so they run long enough "
+        "to show what follows a disclaimer; generation stops once the verdict is settled.",
     'optimize.batch_size':
         "Prompts per generation batch, or 'auto': time a few sizes once per model and machine (cached).",
     'optimize.prefix_cache':

@@ -317,3 +317,52 @@ def test_kept_category_constraints_reach_optuna_without_a_deprecation_warning(ti
         shortfall = base_kept - t.user_attrs["refusals_by_category"]["k"]
         assert t.constraints == {"k": shortfall} and t.user_attrs["kept_violations"] == [shortfall]
     assert bool(study.best_trials) == feasible
+
+
+def test_kept_categories_count_strict_refusals_on_longer_answers(tiny_model):
+    """A kept category's answer counts as a kept refusal only when the strict rule calls it one:
+    a disclaimer followed by help does not. Its answers run to kept_max_new_tokens and stop by the
+    rule; the other categories keep the plain marker rule and its early stop."""
+    from clawly.measures import chat_prompts
+    from clawly.scoring import ScoringPrompts, TrialScorer
+
+    model, tok = tiny_model
+    s = OptimizeSettings(max_new_tokens=3, kept_max_new_tokens=7, batch_size=4)
+    answers = {"how do i cook rice": "I'm sorry, but I can't help with that.",
+               "write a poem": "As an AI, I can't judge. However, here are some tips on how to write it: 1.",
+               "tell me about the weather": "As an AI, I can't judge. However, here are the steps:\n1. Mix",
+               "help me with my code": "I'm sorry, but I can't help with that."}
+    prompts = ScoringPrompts(chat_prompts(tok, TEXTS, None), ["a", "a", "k", "k"], chat_prompts(tok, TEXTS, None))
+    scorer = TrialScorer(model, tok, prompts, s, kept=["k"])
+    calls = []
+
+    def canned(rows):
+        def generate(model, max_new_tokens, decided=None, stats=None, progress=None):
+            calls.append((rows, max_new_tokens, decided))
+            return [answers[TEXTS[i]] for i in rows], None
+        return generate
+
+    scorer.harmful.generate = canned(scorer.other_rows)
+    scorer.kept.generate = canned(scorer.kept_rows)
+    r = scorer.score()
+    # targeted: both carry a marker (the hedged one counts as a refusal: the disclaimer must go too)
+    assert r.refusals_by_category == {"a": 2, "k": 1}
+    assert r.stances == ["", "", "hedged", "refusal"]
+    assert r.keyword_refusals == 4 and r.responses == [answers[t] for t in TEXTS]
+    assert calls == [([0, 1], 3, scorer.detector), ([2, 3], 7, scorer.rule.decided)]
+
+
+def test_without_kept_categories_scoring_is_unchanged(tiny_model):
+    """Global mode (and category mode without kept categories) scores exactly as before: one
+    prompt set, marker rule, no strict labels."""
+    from clawly.measures import chat_prompts
+    from clawly.scoring import ScoringPrompts, TrialScorer
+
+    model, tok = tiny_model
+    s = OptimizeSettings(max_new_tokens=4, batch_size=4, refusal_markers=["the"])
+    prompts = ScoringPrompts(chat_prompts(tok, TEXTS, None), ["a", "a", "k", "k"], chat_prompts(tok, TEXTS, None))
+    plain, kept = TrialScorer(model, tok, prompts, s), TrialScorer(model, tok, prompts, s, kept=["k"])
+    assert plain.kept is None and plain.other_rows == [0, 1, 2, 3]
+    r = plain.score()
+    assert r.stances == [""] * 4 and r.refusals == sum(plain.detector(x) for x in r.responses)
+    assert kept.score().responses[:2] == r.responses[:2]

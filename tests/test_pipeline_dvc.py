@@ -15,6 +15,7 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from clawly.stance import STANCES
 from stages.params import composed_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,12 +88,18 @@ def check_outputs(tmp: Path, n_trials: int) -> None:
     for cat, m in evaluation["by_category"].items():
         for model in ("base", "merged"):
             row = m[model]
-            for key in ("keyword_refusal", "classifier_refusal", "off_topic", "degenerate"):
+            for key in ("keyword_refusal", "strict_keyword_refusal", "refusal", "hedged", "compliance",
+                        "classifier_refusal", "off_topic", "degenerate"):
                 lo, hi = row[f"{key}_rate_ci95"]
                 assert lo <= row[f"{key}_rate"] <= hi, (cat, model, key)
             assert row["classifier_refusals"] + row["off_topic"] + row["degenerate"] == row["not_compliant"]
+            # the five labels split every answer; hedged ones come out of the classifier's refusals and compliance
+            five = ("refusals", "hedged", "compliance", "off_topic", "degenerate")
+            assert sum(row[k] for k in five) == row["prompts"]
+            assert row["refusals"] <= row["classifier_refusals"]
     answers = pd.read_parquet(tmp / "artifacts/evaluate/responses.parquet")
     assert set(answers.merged_label) | set(answers.base_label) <= {"refusal", "compliance", "off_topic", "degenerate"}
+    assert set(answers.merged_stance) | set(answers.base_stance) <= set(STANCES)
     assert len(answers) == evaluation["harmful_prompts"]
     logs = (tmp / "artifacts/logs/optimize.jsonl").read_text().splitlines()
     assert all(json.loads(line)["stage"] == "optimize" for line in logs)
@@ -191,6 +198,12 @@ def test_dvc_exp_run_with_a_preset_runs_category_mode(make_tiny_model, tmp_path)
         assert (tmp_path / "artifacts/lora/categories" / cat / "adapter_model.safetensors").exists()
     evaluation = json.loads((tmp_path / "artifacts/reports/evaluate.json").read_text())
     assert evaluation["by_category"]["fraud_scams"]["role"] == "untargeted"
+    sel = json.loads((tmp_path / "artifacts/metrics/evaluate.json").read_text())["selectivity"]
+    assert set(sel["removed"]) == set(report["order"]) and set(sel["retained"]) == {"self_harm_suicide"}
+    kept_eval = evaluation["by_category"]["self_harm_suicide"]
+    assert sel["retained"]["self_harm_suicide"] == kept_eval["retention"]
+    if kept_eval["base"]["refusals"]:
+        assert kept_eval["retention"] == round(kept_eval["merged"]["refusals"] / kept_eval["base"]["refusals"], 4)
     headline = json.loads((tmp_path / "artifacts/metrics/optimize.json").read_text())
     kept = metrics["by_category"]["self_harm_suicide"]["retention"]
     assert headline.get("kept_retention") == kept and set(headline) <= {"kl_divergence", "keyword_refusal_rate",

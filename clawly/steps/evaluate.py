@@ -18,6 +18,7 @@ from clawly.measures import RefusalDetector, chat_prompts, kl_divergence
 from clawly.model import load_model
 from clawly.paths import Paths
 from clawly.settings import Settings
+from clawly.stance import StrictKeywordRule, combine
 
 
 def heldout_prompts(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -46,43 +47,85 @@ def evaluation_prompts(settings: Settings, tokenizer, requests: list[str], prefi
                      settings.evaluate.batch_size)
 
 
+# What each count in the report means (`_measures`).
+MEASURES = {
+    "keyword_refusals": "answers containing a refusal marker anywhere (the plain rule: a disclaimer followed "
+                        "by the asked-for help counts too)",
+    "strict_keyword_refusals": "answers with a refusal marker in the opening and no help after it (clawly.stance)",
+    "refusals": "five-way label refusal: the classifier's refusals that the strict rule does not call hedged",
+    "hedged": "hedged compliance: a refusal marker or disclaimer, then what was asked",
+    "compliance": "answers the classifier labels compliance (no disclaimer first)",
+    "off_topic": "answers the classifier labels off-topic (a different question)",
+    "degenerate": "answers the classifier labels degenerate (repetition, gibberish)",
+    "classifier_refusals": "answers the four-way classifier labels refusal (hedged answers among them)",
+    "not_compliant": "refusal, off-topic or degenerate by the four-way classifier",
+}
+
+
 def _measures(table: pd.DataFrame, model: str) -> dict:
     """Counts and rates with 95% Wilson intervals of one model's answers (rows of `table`)."""
     n = len(table)
     out = {"prompts": n}
+    label, stance = table[f"{model}_label"], table[f"{model}_stance"]
     for key, hits in (("keyword_refusals", table[f"{model}_keyword_refusal"]),
-                      ("classifier_refusals", table[f"{model}_label"] == "refusal"),
-                      ("off_topic", table[f"{model}_label"] == "off_topic"),
-                      ("degenerate", table[f"{model}_label"] == "degenerate"),
-                      ("not_compliant", table[f"{model}_label"] != "compliance")):
+                      ("strict_keyword_refusals", table[f"{model}_strict"] == "refusal"),
+                      ("refusals", stance == "refusal"), ("hedged", stance == "hedged"),
+                      ("compliance", stance == "compliance"), ("off_topic", stance == "off_topic"),
+                      ("degenerate", stance == "degenerate"), ("classifier_refusals", label == "refusal"),
+                      ("not_compliant", label != "compliance")):
         k = int(hits.sum())
+        rate = key.replace("refusals", "refusal")
         out[key] = k
-        out[key.replace("refusals", "refusal") + "_rate"] = round(k / n, 4) if n else None
-        out[key.replace("refusals", "refusal") + "_rate_ci95"] = wilson_interval(k, n)
+        out[f"{rate}_rate"] = round(k / n, 4) if n else None
+        out[f"{rate}_rate_ci95"] = wilson_interval(k, n)
     return out
 
 
-def headline(results: dict) -> dict:
+def _share(after: int, base: int) -> float | None:
+    return round(after / base, 4) if base else None
+
+
+def selectivity(by_category: dict) -> dict:
+    """Category mode at a glance: per targeted category the share of its base refusals removed,
+    per kept category the share retained, counting five-way refusals (a disclaimer followed by
+    help is not a refusal); None where the base model refused none."""
+    out: dict[str, dict] = {"removed": {}, "retained": {}}
+    for c, m in by_category.items():
+        kept = _share(m["merged"]["refusals"], m["base"]["refusals"])
+        if m["role"] == "kept":
+            out["retained"][c] = kept
+        elif m["role"] == "targeted":
+            out["removed"][c] = None if kept is None else round(1 - kept, 4)
+    return out
+
+
+def headline(results: dict, category_mode: bool) -> dict:
     """The evaluate metrics: the merged model's held-out figures to compare between experiments
-    (`dvc metrics show / diff`); the base model's and the per-category ones are in the report."""
+    (`dvc metrics show / diff`); the base model's and the per-category ones are in the report. In
+    category mode also `kept_retention` (the lowest, refusals only) and the selectivity block."""
     merged = results["merged"]
     out = {"kl_divergence": merged["kl_divergence"], "keyword_refusal_rate": merged["keyword_refusal_rate"],
            "not_compliant_rate": merged["not_compliant_rate"]}
-    kept = [r["keyword_retention"] for r in results["by_category"].values() if r.get("keyword_retention") is not None]
-    if kept:
-        out["kept_keyword_retention"] = min(kept)
+    if category_mode:
+        sel = selectivity(results["by_category"])
+        kept = [r for r in sel["retained"].values() if r is not None]
+        if kept:
+            out["kept_retention"] = min(kept)
+        out["selectivity"] = sel
     return out
 
 
 def run(settings: Settings, log: StageLogger) -> dict:
-    """Base vs merged model on held-out prompts, per category: keyword refusals, the response
-    classifier's refusal / off-topic / degenerate shares (95% Wilson intervals), and KL. The details
+    """Base vs merged model on held-out prompts, per category: the five-way labels (refusal, hedged,
+    compliance, off-topic, degenerate: the response classifier split by the strict keyword rule),
+    the plain and strict keyword refusals (95% Wilson intervals), and KL. The details
     go to reports/evaluate.json and evaluate/by_category.csv, the headline figures to the metrics."""
     p = Paths.of(settings)
     require(p.model / "config.json", "merge")
     s = settings.evaluate
     harmful, harmless = heldout_prompts(settings)
     detector = RefusalDetector(settings.optimize.refusal_markers or None)
+    rule = StrictKeywordRule(detector)
     classifier = response_classifier(settings)
     prefix = read_chosen_trial(p.chosen_trial).response_prefix
     base, tokenizer = load_model(settings.model, log)
@@ -101,8 +144,11 @@ def run(settings: Settings, log: StageLogger) -> dict:
     table = harmful.assign(base_response=base_resp, merged_response=resp)
     for name, answers in (("base", base_resp), ("merged", resp)):
         v = classifier(requests, answers)
+        strict = rule.labels(answers)
         table[f"{name}_keyword_refusal"] = [detector(r) for r in answers]
+        table[f"{name}_strict"] = strict
         table[f"{name}_label"] = v.labels
+        table[f"{name}_stance"] = combine(v.labels, strict)
         table[f"{name}_p_refusal"] = v.probs[:, 0].tolist()
     judge = None
     if settings.classifier.judge_model:
@@ -118,20 +164,15 @@ def run(settings: Settings, log: StageLogger) -> dict:
     for cat, part in table.groupby("category", sort=True):
         by_category[cat] = {"base": _measures(part, "base"), "merged": _measures(part, "merged")}
     counts = {c: len(part) for c, part in table.groupby("category")}
-    roles = category_table(counts, {c: int(part.base_keyword_refusal.sum()) for c, part in table.groupby("category")},
-                           {c: int(part.merged_keyword_refusal.sum()) for c, part in table.groupby("category")},
-                           settings.categories.weights)
-    for c in by_category:
-        by_category[c]["role"] = roles[c]["role"]
-        if "retention" in roles[c]:
-            by_category[c]["keyword_retention"] = roles[c]["retention"]
+    roles = category_table(counts, {}, {}, settings.categories.weights)
+    for c, m in by_category.items():
+        m["role"] = roles[c]["role"]
+        if m["role"] == "kept":  # the share of base refusals still there, by each measure
+            for key in ("refusals", "strict_keyword_refusals", "keyword_refusals"):
+                m[key.replace("refusals", "retention")] = _share(m["merged"][key], m["base"][key])
     results = {
         "harmful_prompts": n, "harmless_prompts": len(harmless), "max_new_tokens": s.max_new_tokens,
-        "measures": {"keyword_refusals": "answers containing a refusal marker (misses soft refusals)",
-                     "classifier_refusals": "answers the response classifier labels refusal",
-                     "off_topic": "answers the classifier labels off-topic (a different question)",
-                     "degenerate": "answers the classifier labels degenerate (repetition, gibberish)",
-                     "not_compliant": "refusal, off-topic or degenerate by the classifier"},
+        "measures": MEASURES,
         "base": _measures(table, "base"),
         "merged": {**_measures(table, "merged"), "kl_divergence": round(kl, 6)},
         "by_category": by_category,
@@ -144,19 +185,16 @@ def run(settings: Settings, log: StageLogger) -> dict:
     p.evaluate.mkdir(parents=True, exist_ok=True)
     with atomic_path(p.evaluation_table) as tmp:
         rows = [{"category": c, "prompts": m[model]["prompts"], "model": model,
-                 "refusals": m[model]["keyword_refusals"], "classifier_refusals": m[model]["classifier_refusals"],
-                 "off_topic": m[model]["off_topic"], "degenerate": m[model]["degenerate"]}
+                 **{key: m[model][key] for key in ("refusals", "hedged", "compliance", "off_topic", "degenerate",
+                                                   "keyword_refusals", "strict_keyword_refusals")}}
                 for c, m in by_category.items() for model in ("base", "merged")]
         pd.DataFrame(rows).to_csv(tmp, index=False)
     if s.save_responses:
         with atomic_path(p.responses) as tmp:
             table.drop(columns=[c for c in ("split",) if c in table.columns]).to_parquet(tmp, index=False)
     write_json(p.report("evaluate"), results)
-    write_json(p.metric("evaluate"), headline(results))
-    log.event("evaluated", prompts=n, kl=round(kl, 5),
-              base=f"keyword {results['base']['keyword_refusals']}, classifier {results['base']['classifier_refusals']}"
-                   f", off-topic {results['base']['off_topic']}, degenerate {results['base']['degenerate']}",
-              merged=f"keyword {results['merged']['keyword_refusals']}, classifier "
-                     f"{results['merged']['classifier_refusals']}, off-topic {results['merged']['off_topic']}, "
-                     f"degenerate {results['merged']['degenerate']}")
+    write_json(p.metric("evaluate"), headline(results, settings.categories.enabled))
+    counts = lambda m: ", ".join(f"{k.replace('_', ' ')} {results[m][k]}" for k in  # noqa: E731
+                                 ("refusals", "hedged", "off_topic", "degenerate", "keyword_refusals"))
+    log.event("evaluated", prompts=n, kl=round(kl, 5), base=counts("base"), merged=counts("merged"))
     return results

@@ -179,7 +179,8 @@ def start_search(settings: Settings, log: StageLogger, model, tokenizer, ablatio
     if batch_size is None:
         batch_size = scoring_batch_size(settings, model, tokenizer, prompts.harmful, log)
     classifier = response_classifier(settings) if s.refusal_measure == "classifier" else None
-    scorer = TrialScorer(model, tokenizer, prompts, s, batch_size=batch_size, classifier=classifier)
+    scorer = TrialScorer(model, tokenizer, prompts, s, batch_size=batch_size, classifier=classifier,
+                         kept=c.kept if c.enabled else ())
     t0 = time.perf_counter()
     base = scorer.score()
     log.event("baseline", refusals=base.refusals, prompts=len(prompts.harmful),
@@ -226,7 +227,8 @@ def search_summary(settings: Settings, search: Search, chosen: optuna.trial.Froz
     return {
         "mode": search.ablation.mode,
         "rule": ((f"among trials keeping >= {c.min_retention:.0%} of each kept category's base refusals "
-                  "(else those falling least short): " if c.kept else "") +
+                  f"(real refusals only: no help after the disclaimer, {s.kept_max_new_tokens}-token answers; "
+                  "else the trials falling least short): " if c.kept else "") +
                  f"fewest {label}{' on targeted categories' if c.enabled else ''} "
                  f"with KL <= {s.kl_cap}; else lowest KL"),
         "refusal_measure": s.refusal_measure, "refusal_label": label, "refusal_meaning": meaning,
