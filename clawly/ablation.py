@@ -61,17 +61,43 @@ class AblationPlan:
     direction_index: float | None = None
     norm_preserve: bool = False
     category_weights: dict[str, float] = field(default_factory=dict)
+    # categories.kernels=per_category: each targeted category's own kernels (category -> component
+    # -> kernel), in the order of the basis (that of category_weights); `kernels` is then unused
+    category_kernels: dict[str, dict[str, LayerKernel]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"kernels": {c: asdict(k) for c, k in self.kernels.items()},
-                "direction_index": self.direction_index, "norm_preserve": self.norm_preserve,
-                "category_weights": dict(self.category_weights)}
+        out = {"kernels": {c: asdict(k) for c, k in self.kernels.items()},
+               "direction_index": self.direction_index, "norm_preserve": self.norm_preserve,
+               "category_weights": dict(self.category_weights)}
+        if self.category_kernels:
+            out["category_kernels"] = {cat: {c: asdict(k) for c, k in ks.items()}
+                                       for cat, ks in self.category_kernels.items()}
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> AblationPlan:
         return cls(kernels={c: LayerKernel(**k) for c, k in d["kernels"].items()},
                    direction_index=d.get("direction_index"), norm_preserve=bool(d.get("norm_preserve", False)),
-                   category_weights=dict(d.get("category_weights", {})))
+                   category_weights=dict(d.get("category_weights", {})),
+                   category_kernels={cat: {c: LayerKernel(**k) for c, k in ks.items()}
+                                     for cat, ks in d.get("category_kernels", {}).items()})
+
+    def strengths_by_layer(self, num_layers: int, m: int) -> dict[str, torch.Tensor]:
+        """Component -> ablation strength of each of the m directions per layer, `[num_layers, m]`:
+        the shared kernel for every direction, or each category's own (directions in the order
+        of category_weights)."""
+        if not self.category_kernels:
+            return {c: ablation_kernel(num_layers, k)[:, None].expand(num_layers, m)
+                    for c, k in self.kernels.items()}
+        names = list(self.category_weights)
+        if len(names) != m or set(names) != set(self.category_kernels):
+            raise ValueError(f"per-category kernels for {sorted(self.category_kernels)} but the basis has "
+                             f"{m} direction(s) for {names}")
+        components = sorted({c for ks in self.category_kernels.values() for c in ks})
+        zero = torch.zeros(num_layers, dtype=torch.float64)
+        return {c: torch.stack([ablation_kernel(num_layers, self.category_kernels[n][c])
+                                if c in self.category_kernels[n] else zero for n in names], dim=1)
+                for c in components}
 
 
 @dataclass
@@ -128,7 +154,7 @@ def weight_deltas(model: nn.Module, basis: AblationBasis, plan: AblationPlan,
     q = layer_directions(basis, plan, num_layers)  # [L, m, d]
     m = q.shape[1]
     s = torch.ones(m, dtype=torch.float64) if strengths is None else strengths.to(torch.float64)
-    kernels = {c: ablation_kernel(num_layers, k) for c, k in plan.kernels.items()}
+    kernels = plan.strengths_by_layer(num_layers, m)
     deltas: dict[str, WeightDelta] = {}
     for wr in layers:
         if wr.component not in kernels:

@@ -1,11 +1,12 @@
 """Prompt sets: expand the category-labelled templates, add user prompts, split train/eval.
 
 `generate_prompts` returns two tables, harmful and harmless, each with the columns
-``id, text, category, split`` (all strings; split is "train" or "eval").
+``id, text, category, split`` (all strings; split is "train", "eval" or "tune").
 
-- Harmful: every category in the templates gives exactly ``train_per_category`` train and
-  ``eval_per_category`` eval prompts.
-- Harmless: ``harmless_train + harmless_eval`` prompts. Half of them (rounded down) are
+- Harmful: every category in the templates gives exactly ``train_per_category`` train,
+  ``eval_per_category`` eval and ``tune_per_category`` tune prompts (the optimizer's; none by
+  default, and then the optimizer draws from eval).
+- Harmless: ``harmless_train + harmless_eval + harmless_tune`` prompts. Half of them (rounded down) are
   topic-matched, spread evenly over the harmful categories (the first categories in file order
   take the remainder) and labelled with that category; the rest are ``general``. Each of these
   groups is split train/eval in proportion, so both splits hold the same mix.
@@ -40,7 +41,7 @@ from clawly.settings import DataSettings
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", "tune")
 USER_HARMFUL_CATEGORY = "custom"  # category of user harmful prompts that carry none
 PROMPT_FILE_SUFFIXES = (".txt", ".csv", ".jsonl", ".parquet")
 _CATEGORY_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -234,27 +235,29 @@ def generate_prompts(settings: DataSettings) -> tuple[pd.DataFrame, pd.DataFrame
 
 
 def _generate_harmful(templates: Mapping[str, Any], settings: DataSettings) -> pd.DataFrame:
-    need = settings.train_per_category + settings.eval_per_category
+    need = settings.train_per_category + settings.eval_per_category + settings.tune_per_category
     frames, taken = [], []
     for category, spec in templates["categories"].items():
         rng = random.Random(f"{settings.seed}:harmful:{category}")
         texts = _sample(spec["harmful"], rng, need, taken, f"category '{category}' (harmful)",
                         templates["source"],
                         f"data.train_per_category={settings.train_per_category} + "
-                        f"data.eval_per_category={settings.eval_per_category}")
+                        f"data.eval_per_category={settings.eval_per_category} + "
+                        f"data.tune_per_category={settings.tune_per_category}")
         taken += texts
-        frames.append(_split_frame(texts, category, settings.eval_per_category, rng))
+        frames.append(_split_frame(texts, category, settings.eval_per_category, rng, settings.tune_per_category))
     return pd.concat(frames, ignore_index=True)
 
 
 def _generate_harmless(
     templates: Mapping[str, Any], settings: DataSettings, exclude: Iterable[str]
 ) -> pd.DataFrame:
-    total = settings.harmless_train + settings.harmless_eval
+    total = settings.harmless_train + settings.harmless_eval + settings.harmless_tune
     categories = list(templates["categories"])
     counts = _largest_remainder(total // 2, {c: 1 for c in categories})
     counts[GENERAL] = total - total // 2
     evals = _largest_remainder(settings.harmless_eval, counts)
+    tunes = _largest_remainder(settings.harmless_tune, counts)
 
     frames, taken = [], list(exclude)
     for group, n in counts.items():
@@ -263,9 +266,9 @@ def _generate_harmless(
         section = templates["general"] if group == GENERAL else templates["categories"][group]["harmless"]
         rng = random.Random(f"{settings.seed}:harmless:{group}")
         texts = _sample(section, rng, n, taken, f"'{group}' (harmless)", templates["source"],
-                        f"its share of data.harmless_train + data.harmless_eval = {total}")
+                        f"its share of data.harmless_train + data.harmless_eval + data.harmless_tune = {total}")
         taken += texts
-        frames.append(_split_frame(texts, group, evals[group], rng))
+        frames.append(_split_frame(texts, group, evals[group], rng, tunes[group]))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -280,13 +283,15 @@ def _sample(section: Mapping[str, Any], rng: random.Random, need: int, exclude: 
     return texts
 
 
-def _split_frame(texts: list[str], category: str, n_eval: int, rng: random.Random) -> pd.DataFrame:
-    """Shuffle, take the first `n_eval` as eval; rows ordered train first."""
+def _split_frame(texts: list[str], category: str, n_eval: int, rng: random.Random, n_tune: int = 0) -> pd.DataFrame:
+    """Shuffle, take the first `n_eval` as eval and the next `n_tune` as tune; rows ordered train,
+    then eval, then tune."""
     texts = list(texts)
     rng.shuffle(texts)
-    splits = ["eval"] * n_eval + ["train"] * (len(texts) - n_eval)
+    splits = ["eval"] * n_eval + ["tune"] * n_tune + ["train"] * (len(texts) - n_eval - n_tune)
     frame = pd.DataFrame({"text": texts, "category": category, "split": splits})
-    return frame.sort_values("split", ascending=False, kind="stable", ignore_index=True)
+    order = {"train": 0, "eval": 1, "tune": 2}
+    return frame.sort_values("split", key=lambda col: col.map(order), kind="stable", ignore_index=True)
 
 
 def _largest_remainder(total: int, weights: Mapping[str, int]) -> dict[str, int]:
@@ -382,7 +387,7 @@ def _standardize(frame: pd.DataFrame, source: str, default_category: str) -> pd.
     out["split"] = frame["split"].map(_clean).str.lower() if "split" in frame.columns else ""
     bad = sorted(set(out["split"]) - {"", *SPLITS})
     if bad:
-        raise DatasetError(f"{source}: invalid split value(s) {bad}; use 'train' or 'eval' or leave empty")
+        raise DatasetError(f"{source}: invalid split value(s) {bad}; use 'train', 'eval' or 'tune', or leave empty")
     out["split"] = out["split"].where(out["split"] != "", None)
     return out[out["text"] != ""].reset_index(drop=True)
 

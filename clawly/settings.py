@@ -72,8 +72,10 @@ class DataSettings:
     seed: int = _f(0)
     train_per_category: int = _f(100)
     eval_per_category: int = _f(50)
+    tune_per_category: int = _f(0)
     harmless_train: int = _f(400)
     harmless_eval: int = _f(200)
+    harmless_tune: int = _f(0)
     harmful_files: list[str] = _f([])
     harmless_files: list[str] = _f([])
     harmful_datasets: list[str] = _f([])
@@ -82,6 +84,8 @@ class DataSettings:
     def __post_init__(self) -> None:
         for key in ("train_per_category", "eval_per_category", "harmless_train", "harmless_eval"):
             _check(getattr(self, key) >= 1, f"data.{key}", getattr(self, key), "an integer >= 1")
+        for key in ("tune_per_category", "harmless_tune"):
+            _check(getattr(self, key) >= 0, f"data.{key}", getattr(self, key), "an integer >= 0")
 
 
 _SCALARS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "None": "null"}
@@ -241,6 +245,7 @@ class OptimizeSettings:
     peak_position_range: list[float] = _f([0.4, 1.0])
     floor_fraction_range: list[float] = _f([0.0, 1.0])
     reach_range: list[float] = _f([0.1, 0.6])
+    kernels: str = _f("shared")
     norm_preserve: bool = _f(False)
     refusal_markers: list[str] | None = _f(None)
     refusal_measure: str = _f("keywords")
@@ -254,6 +259,8 @@ class OptimizeSettings:
             _check(getattr(self, key) >= 1, f"optimize.{key}", getattr(self, key), "an integer >= 1")
         _check(self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1),
                "optimize.batch_size", self.batch_size, "an integer >= 1 or 'auto'")
+        _check(self.kernels in {"shared", "per_category"}, "optimize.kernels", self.kernels,
+               "'shared' or 'per_category'")
         _check(self.kl_cap > 0, "optimize.kl_cap", self.kl_cap, "a number > 0")
         _check(self.prune_kl is None or self.prune_kl > 0, "optimize.prune_kl", self.prune_kl, "null or a number > 0")
         _check(bool(self.components) and set(self.components) <= {"attn_out", "mlp_down"},

@@ -45,10 +45,16 @@ HELP = {
         'Harmful prompts per category in the train split.',
     'data.eval_per_category':
         'Harmful prompts per category in the eval split.',
+    'data.tune_per_category':
+        "Harmful prompts per category in the tune split: the optimizer scores trials on these instead of the "
+        "eval split, so evaluate can use every eval prompt (0: the optimizer draws from eval and evaluate "
+        "skips what it saw).",
     'data.harmless_train':
         'Harmless prompts in the train split (general plus topic-matched).',
     'data.harmless_eval':
         'Harmless prompts in the eval split.',
+    'data.harmless_tune':
+        'Harmless prompts in the tune split (for the KL divergence of trials; 0: from the eval split).',
     'data.harmful_files':
         "Extra harmful prompt files (txt/csv/jsonl/parquet; optional 'category' column).",
     'data.harmless_files':
@@ -131,6 +137,9 @@ HELP = {
         "Range of the kernel's floor weight, as a fraction of the peak weight.",
     'optimize.reach_range':
         "Range of the kernel's reach, as a fraction of the layer count.",
+    'optimize.kernels':
+        "Category mode: 'shared' (one layer kernel per component for all targeted categories, scaled by their "
+        "weights) or 'per_category' (each targeted category its own kernels, searched by Optuna: more parameters).",
     'optimize.norm_preserve':
         'Rescale each ablated weight column to its original norm.',
     'optimize.refusal_markers':

@@ -73,23 +73,33 @@ def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
     return trial.user_attrs.get("kept_violations", [])
 
 
-def suggest_plan(trial: optuna.Trial, num_layers: int, s: OptimizeSettings) -> AblationPlan:
-    """Draw one ablation plan from the search space (ranges are fractions of the layer count)."""
+def _suggest_kernel(trial: optuna.Trial, num_layers: int, s: OptimizeSettings, name: str) -> LayerKernel:
     last = num_layers - 1
+    peak = trial.suggest_float(f"{name}.peak_weight", *s.peak_weight_range)
+    position = trial.suggest_float(f"{name}.peak_position", s.peak_position_range[0] * last,
+                                   s.peak_position_range[1] * last)
+    floor = trial.suggest_float(f"{name}.floor_fraction", *s.floor_fraction_range) * peak
+    reach = trial.suggest_float(f"{name}.reach", max(s.reach_range[0] * num_layers, 1.0),
+                                max(s.reach_range[1] * num_layers, 1.0))
+    return LayerKernel(peak, position, floor, reach)
+
+
+def suggest_plan(trial: optuna.Trial, num_layers: int, s: OptimizeSettings,
+                 categories: list[str] | None = None) -> AblationPlan:
+    """Draw one ablation plan from the search space (ranges are fractions of the layer count).
+    With optimize.kernels=per_category and the targeted `categories`, each category gets its own
+    kernel per component (parameters named `<category>.<component>.*`)."""
     scope = trial.suggest_categorical("direction_scope", list(s.direction_scopes))
     index = None
     if scope == "global":
         lo, hi = s.direction_index_range
         index = trial.suggest_float("direction_index", lo * num_layers, hi * num_layers)
-    kernels = {}
-    for c in s.components:
-        peak = trial.suggest_float(f"{c}.peak_weight", *s.peak_weight_range)
-        position = trial.suggest_float(f"{c}.peak_position", s.peak_position_range[0] * last,
-                                       s.peak_position_range[1] * last)
-        floor = trial.suggest_float(f"{c}.floor_fraction", *s.floor_fraction_range) * peak
-        reach = trial.suggest_float(f"{c}.reach", max(s.reach_range[0] * num_layers, 1.0),
-                                    max(s.reach_range[1] * num_layers, 1.0))
-        kernels[c] = LayerKernel(peak, position, floor, reach)
+    if s.kernels == "per_category" and categories:
+        by_category = {cat: {c: _suggest_kernel(trial, num_layers, s, f"{cat}.{c}") for c in s.components}
+                       for cat in categories}
+        return AblationPlan(kernels={}, direction_index=index, norm_preserve=s.norm_preserve,
+                            category_kernels=by_category)
+    kernels = {c: _suggest_kernel(trial, num_layers, s, c) for c in s.components}
     return AblationPlan(kernels=kernels, direction_index=index, norm_preserve=s.norm_preserve)
 
 
@@ -202,7 +212,7 @@ def iter_study(study: optuna.Study, model: PreTrainedModel, scorer: TrialScorer,
 
     def objective(trial: optuna.Trial) -> tuple[float, ...]:
         trial.set_user_attr(WORKER, this_worker())
-        plan = suggest_plan(trial, num_layers, settings)
+        plan = suggest_plan(trial, num_layers, settings, list(category_weights or {}))
         plan.category_weights = dict(category_weights or {})
         trial.set_user_attr("plan", plan.to_dict())
         scorer.stats = DecodeStats()

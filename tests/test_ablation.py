@@ -225,3 +225,51 @@ def test_a_post_layer_norm_model_is_refused_by_name(build_tiny_model):
     model.config.do_layer_norm_before = False  # OPT-350m: the norm comes after the residual add
     with pytest.raises(UnsupportedArchitectureError, match="OPTForCausalLM.*normalizes the residual stream"):
         writers(model)
+
+
+def _kernel(weight, position=1.0, reach=2.0):
+    return LayerKernel(weight, position, 0.5 * weight, reach)
+
+
+def _deltas_close(a, b):
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(a[name].matrix(), b[name].matrix(), rtol=0, atol=1e-12)
+
+
+def test_per_category_kernels_equal_the_shared_kernel_when_they_agree(make_tiny_model):
+    model = _load(make_tiny_model("llama", num_layers=4))
+    basis = _basis(model, m=2)
+    shared = AblationPlan({"attn_out": _kernel(1.2), "mlp_down": _kernel(0.8, 2.0)}, direction_index=1.5,
+                          category_weights={"a": 1.0, "b": 0.6})
+    own = AblationPlan({}, direction_index=1.5, category_weights={"a": 1.0, "b": 0.6},
+                       category_kernels={c: dict(shared.kernels) for c in ("a", "b")})
+    strengths = torch.tensor([1.0, 0.6])
+    _deltas_close(weight_deltas(model, basis, own, strengths), weight_deltas(model, basis, shared, strengths))
+
+
+def test_each_category_is_ablated_by_its_own_kernel(make_tiny_model):
+    """Category b with a zero kernel ablates nothing of b: the change is a's alone; and a's change
+    where only b's kernel reaches is zero."""
+    model = _load(make_tiny_model("llama", num_layers=4))
+    basis = _basis(model, m=2)
+    a_kernel, b_kernel = _kernel(1.0, position=0.0, reach=1.0), _kernel(1.0, position=3.0, reach=1.0)
+    both = AblationPlan({}, category_weights={"a": 1.0, "b": 1.0},
+                        category_kernels={"a": {"attn_out": a_kernel}, "b": {"attn_out": b_kernel}})
+    only_a = AblationPlan({"attn_out": a_kernel})
+    deltas = weight_deltas(model, basis, both)
+    alone = weight_deltas(model, basis, only_a, torch.tensor([1.0, 0.0]))
+    layers = {wr.name: wr.layer for wr in writers(model)}
+    touched = {layers[n] for n in deltas}
+    assert touched == {0, 1, 2, 3}  # a reaches layers 0-1, b layers 2-3
+    for name, d in deltas.items():
+        if layers[name] <= 1:
+            torch.testing.assert_close(d.matrix(), alone[name].matrix(), rtol=0, atol=1e-12)
+        else:
+            q = basis.directions[:, layers[name] + 1]  # per-layer directions: the layer's output
+            assert (q[0] @ d.matrix()).abs().max() < 1e-10  # nothing of a is removed there
+            assert (q[1] @ d.matrix()).abs().max() > 1e-3
+    # the plan survives its record
+    assert AblationPlan.from_dict(both.to_dict()) == both
+    with pytest.raises(ValueError, match="per-category kernels"):
+        weight_deltas(model, basis, AblationPlan({}, category_weights={"a": 1.0}, category_kernels={"a": {}}))

@@ -139,6 +139,22 @@ def test_harmless_counts_and_mix_of_general_and_topic_matched(prompts, templates
         assert set(harmless.loc[harmless["split"] == split, "category"]) == {*templates["categories"], GENERAL}
 
 
+def test_a_tune_split_holds_the_optimizers_prompts_apart_from_train_and_eval(prompts):
+    """data.tune_per_category / data.harmless_tune add a third split; none by default (the tables
+    are then exactly those without the option)."""
+    assert set(prompts[0].split) == set(prompts[1].split) == {"train", "eval"}
+    harmful, harmless = generate_prompts(data_settings(tune_per_category=7, harmless_tune=20))
+    counts = harmful.groupby(["category", "split"]).size()
+    for category in harmful.category.unique():
+        assert (counts[(category, "train")], counts[(category, "eval")], counts[(category, "tune")]) == (100, 50, 7)
+    assert (harmless.split == "tune").sum() == 20 and (harmless.split == "eval").sum() == 200
+    for frame in (harmful, harmless):
+        by_split = {s: set(frame.loc[frame.split == s, "text"].map(normalize)) for s in ("train", "eval", "tune")}
+        assert not (by_split["tune"] & by_split["train"]) and not (by_split["tune"] & by_split["eval"])
+    with pytest.raises(ValueError, match="data.tune_per_category"):
+        data_settings(tune_per_category=-1)
+
+
 def test_texts_and_ids_are_unique_and_ids_are_stable_strings(prompts):
     for frame, kind in zip(prompts, ("harmful", "harmless"), strict=True):
         assert list(frame.columns) == COLUMNS

@@ -366,3 +366,55 @@ def test_without_kept_categories_scoring_is_unchanged(tiny_model):
     r = plain.score()
     assert r.stances == [""] * 4 and r.refusals == sum(plain.detector(x) for x in r.responses)
     assert kept.score().responses[:2] == r.responses[:2]
+
+
+@pytest.mark.parametrize("tune", [0, 8])
+def test_the_optimizer_draws_from_the_tune_split_so_evaluate_keeps_every_eval_prompt(tmp_path, tune):
+    """With a tune split the optimizer's prompts come from it and evaluate uses the whole eval
+    split; without one the optimizer takes eval prompts and evaluate skips them."""
+    from clawly.artifacts.optimize import write_optimizer_prompts
+    from clawly.artifacts.prompts import write_prompts
+    from clawly.datasets import generate_prompts
+    from clawly.paths import Paths
+    from clawly.settings import Settings
+    from clawly.steps.evaluate import heldout_prompts
+    from clawly.steps.optimize import optimizer_prompts
+
+    s = Settings(artifacts_dir=str(tmp_path / "artifacts"), **{
+        "data.out_dir": str(tmp_path / "prompts"), "data.tune_per_category": tune, "data.harmless_tune": 8 * tune,
+        "optimize.harmful_prompts": 16, "optimize.harmless_prompts": 8, "evaluate.per_category": 50,
+        "evaluate.harmless_prompts": 200, "categories.weights": {"violence_weapons": 1.0, "self_harm_suicide": 0.0}})
+    p = Paths.of(s)
+    write_prompts(p, *generate_prompts(s.data))
+    harmful, harmless = optimizer_prompts(s)
+    assert len(harmful) == 16 and set(harmful.category) == {"violence_weapons", "self_harm_suicide"}
+    assert set(harmful.split) == set(harmless.split) == {"tune" if tune else "eval"}
+    p.optimize.mkdir(parents=True)
+    write_optimizer_prompts(p.optimizer_prompts, harmful, harmless)
+    h, g = heldout_prompts(s)
+    assert set(h.split) == {"eval"} and not set(h.id) & set(harmful.id) and not set(g.id) & set(harmless.id)
+    per_category = h.groupby("category").size()
+    assert per_category["violence_weapons"] == (50 if tune else 42) and per_category["fraud_scams"] == 50
+    assert len(g) == (200 if tune else 192)
+
+
+def test_per_category_kernels_are_searched_one_set_per_targeted_category():
+    import optuna
+
+    from clawly.study import suggest_plan
+
+    s = OptimizeSettings(kernels="per_category", components=["attn_out", "mlp_down"])
+    trial = optuna.create_study().ask()
+    plan = suggest_plan(trial, 8, s, ["violence_weapons", "drugs_substances"])
+    assert plan.kernels == {} and list(plan.category_kernels) == ["violence_weapons", "drugs_substances"]
+    for cat, kernels in plan.category_kernels.items():
+        assert set(kernels) == {"attn_out", "mlp_down"}
+        for comp, k in kernels.items():
+            assert trial.params[f"{cat}.{comp}.peak_weight"] == k.peak_weight
+    # global mode (no categories) and the shared choice draw the one kernel set, named as before
+    for settings, cats in ((s, None), (OptimizeSettings(), ["violence_weapons"])):
+        t = optuna.create_study().ask()
+        shared = suggest_plan(t, 8, settings, cats)
+        assert not shared.category_kernels and "attn_out.peak_weight" in t.params
+    with pytest.raises(ValueError, match="optimize.kernels"):
+        OptimizeSettings(kernels="each")

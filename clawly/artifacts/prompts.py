@@ -1,7 +1,7 @@
 """Prompt tables (generate-datasets -> probe-activations, optimize, export-lora, evaluate).
 
 `data/prompts/harmful.parquet` and `harmless.parquet`: one row per prompt, columns id, text,
-category, split (all strings; split is "train" or "eval").
+category, split (all strings; split is "train", "eval" or "tune": the optimizer's, when there is one).
 """
 
 from __future__ import annotations

@@ -125,16 +125,23 @@ def stratified_sample(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return pd.concat(parts).reset_index(drop=True)
 
 
+def tuning_split(prompts: pd.DataFrame) -> str:
+    """The split the optimizer draws from: 'tune' when the table has one, else 'eval'."""
+    return "tune" if (prompts.split == "tune").any() else "eval"
+
+
 def optimizer_prompts(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Eval-split prompts the optimizer scores trials on (deterministic by optimize.seed). In
-    category mode only the preset's categories (targeted and kept) are scored."""
+    """Prompts the optimizer scores trials on (deterministic by optimize.seed): from the tune split
+    where the prompt tables have one (data.tune_per_category, data.harmless_tune), else from the
+    eval split (evaluate then skips them). In category mode only the preset's categories
+    (targeted and kept) are scored."""
     harmful, harmless = read_prompts(Paths.of(settings))
     s = settings.optimize
-    pool = harmful[harmful.split == "eval"]
+    pool = harmful[harmful.split == tuning_split(harmful)]
     if settings.categories.enabled:
         pool = pool[pool.category.isin(list(settings.categories.weights))]
     h = stratified_sample(pool, s.harmful_prompts, s.seed)
-    g = harmless[harmless.split == "eval"]
+    g = harmless[harmless.split == tuning_split(harmless)]
     g = g.sample(n=min(len(g), s.harmless_prompts), random_state=s.seed).reset_index(drop=True)
     return h, g
 
