@@ -162,8 +162,23 @@ class DirectionSettings:
     projected: bool = _f(True)
     winsorize_quantile: float | None = _f(None)
     contrast: str = _f("general")
+    method: str = _f("dim")
+    rdo_steps: int = _f(30)
+    rdo_lr: float = _f(0.01)
+    rdo_prompts: int = _f(16)
+    rdo_init_point: float = _f(0.6)
+    rdo_kept_weight: float = _f(1.0)
+    rdo_harmless_weight: float = _f(1.0)
 
     def __post_init__(self) -> None:
+        _check(self.method in {"dim", "rdo"}, "directions.method", self.method, "'dim' or 'rdo'")
+        for key in ("rdo_steps", "rdo_prompts"):
+            _check(getattr(self, key) >= 1, f"directions.{key}", getattr(self, key), "an integer >= 1")
+        _check(self.rdo_lr > 0, "directions.rdo_lr", self.rdo_lr, "a number > 0")
+        _check(0.0 <= self.rdo_init_point <= 1.0, "directions.rdo_init_point", self.rdo_init_point,
+               "a number in [0, 1]")
+        for key in ("rdo_kept_weight", "rdo_harmless_weight"):
+            _check(getattr(self, key) >= 0, f"directions.{key}", getattr(self, key), "a number >= 0")
         _check(self.winsorize_quantile is None or 0.0 < self.winsorize_quantile < 0.5,
                "directions.winsorize_quantile", self.winsorize_quantile, "null or a number in (0, 0.5)")
         _check(self.contrast in {"general", "topic_matched", "mixed"}, "directions.contrast", self.contrast,

@@ -79,6 +79,23 @@ HELP = {
         'Clamp each residual coordinate to its [q, 1-q] quantiles before the means (null: off).',
     'directions.contrast':
         'Harmless prompts contrasted with harmful ones: general, topic_matched, or mixed (all).',
+    'directions.method':
+        "'dim': difference-of-means directions; 'rdo': each targeted category's direction (in global mode the "
+        "refusal direction) learned by gradient descent from the DiM one, so that targeted prompts stop opening "
+        "with refusal tokens while kept prompts keep the base model's refusals and harmless prompts their "
+        "first-token distribution (clawly.rdo; loads the model).",
+    'directions.rdo_steps':
+        'Adam steps of the direction optimization (method=rdo).',
+    'directions.rdo_lr':
+        'Learning rate of the direction optimization (method=rdo).',
+    'directions.rdo_prompts':
+        'Train-split prompts per targeted category, per kept category and of harmless ones in each step (method=rdo).',
+    'directions.rdo_init_point':
+        "Probe point whose DiM direction starts the optimization, as a fraction of the probe points (method=rdo).",
+    'directions.rdo_kept_weight':
+        "Weight of the kept prompts' cross-entropy on the base model's refusal tokens (method=rdo).",
+    'directions.rdo_harmless_weight':
+        'Weight of the harmless first-token KL divergence (method=rdo).',
     'orthogonalize.against_harmless':
         'Orthogonalize the refusal direction against the harmless mean (a no-op when directions.projected already did it).',
     'orthogonalize.orthogonalize_categories':

@@ -1,4 +1,5 @@
-"""compute-directions: difference-of-means refusal directions per probe point, global and per category."""
+"""compute-directions: difference-of-means refusal directions per probe point, global and per category;
+with directions.method=rdo the targeted ones then learned by refusal direction optimization."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ import torch
 
 from clawly.artifacts.activations import read_activations, read_means
 from clawly.artifacts.directions import RefusalDirections, write_refusal_directions
-from clawly.artifacts.prompts import GENERAL
+from clawly.artifacts.prompts import GENERAL, read_prompts
 from clawly.directions import cosine, direction_report, refusal_directions, winsorize
 from clawly.errors import ClawlyError, require
 from clawly.io import atomic_path, write_json
 from clawly.log import StageLogger
+from clawly.measures import RefusalDetector, chat_prompts
+from clawly.model import load_model
 from clawly.paths import Paths
+from clawly.rdo import base_targets, optimize_direction
 from clawly.settings import Settings
+from clawly.stance import StrictKeywordRule
 
 
 def contrast_filter(contrast: str) -> Callable[[str], bool]:
@@ -72,7 +77,8 @@ def run(settings: Settings, log: StageLogger) -> dict:
         {"model": stored.meta.get("model", ""), "probe_points": str(direction.shape[0]),
          "hidden_size": str(direction.shape[1]), "categories": json.dumps(categories),
          "counts": json.dumps({"harmful": n_harmful, "harmless": n_harmless}),
-         "contrast": s.contrast, "projected": str(s.projected)})
+         "contrast": s.contrast, "projected": str(s.projected), "method": s.method})
+    rdo = optimized_directions(settings, result, log) if s.method == "rdo" else None
     write_refusal_directions(p.directions, result)
     by_layer = direction_report(harmful_mean, harmless_mean, direction)
     table = pd.DataFrame({"probe_point": range(direction.shape[0]),
@@ -86,8 +92,57 @@ def run(settings: Settings, log: StageLogger) -> dict:
     report = {"probe_points": direction.shape[0], "hidden_size": direction.shape[1], "harmful_prompts": n_harmful,
               "harmless_prompts": n_harmless, "contrast": s.contrast, "projected": s.projected,
               "winsorize_quantile": s.winsorize_quantile,
-              "largest_difference_at": max(range(len(table)), key=lambda i: table.mean_difference_norm[i])}
+              "largest_difference_at": max(range(len(table)), key=lambda i: table.mean_difference_norm[i]),
+              "method": s.method}
+    if rdo is not None:
+        report["rdo"] = rdo
     write_json(p.report("directions"), report)
     log.event("directions", probe_points=direction.shape[0], harmful=n_harmful, harmless=n_harmless,
               largest_difference_at=report["largest_difference_at"])
     return report
+
+
+def optimized_directions(settings: Settings, result: RefusalDirections, log: StageLogger, model=None,
+                         tokenizer=None) -> dict:
+    """Replace each targeted category's direction (in global mode the refusal direction) in
+    `result` by the one refusal direction optimization learns from it (the same vector at every
+    probe point); return what each optimization did (loss history, cosine with its start)."""
+    s, c = settings.directions, settings.categories
+    harmful, harmless = read_prompts(Paths.of(settings))
+    train, general = harmful[harmful.split == "train"], harmless[harmless.split == "train"]
+    if model is None:
+        model, tokenizer = load_model(settings.model, log)
+    system = settings.model.system_prompt
+
+    def sample(df, n):
+        rows = df.sample(n=min(n, len(df)), random_state=settings.optimize.seed)
+        return chat_prompts(tokenizer, rows.text.tolist(), system)
+
+    kept = [x for k in (c.kept if c.enabled else []) for x in sample(train[train.category == k], s.rdo_prompts)]
+    harmless_prompts = sample(general[general.category == GENERAL], s.rdo_prompts)
+    point = round(s.rdo_init_point * (result.refusal_direction.shape[0] - 1))
+    rule = StrictKeywordRule(RefusalDetector(settings.optimize.refusal_markers or None))
+    out = {"init_point": point, "steps": s.rdo_steps, "lr": s.rdo_lr, "by_direction": {}}
+    jobs = ([(name, train[train.category == name]) for name in c.targeted] if c.enabled
+            else [("global", train)])
+    for name, rows in jobs:
+        targeted = sample(rows, s.rdo_prompts * (1 if c.enabled else 4))
+        targets = base_targets(model, tokenizer, targeted, kept, harmless_prompts, rule)
+        init = (result.category_directions[name] if c.enabled else result.refusal_direction)[point]
+        learned = optimize_direction(model, tokenizer, init, targeted, targets, harmless_prompts, s.rdo_steps,
+                                     s.rdo_lr, s.rdo_kept_weight, s.rdo_harmless_weight, log.progress)
+        spread = learned.direction.unsqueeze(0).expand_as(result.refusal_direction).clone()
+        if c.enabled:
+            result.category_directions[name] = spread
+        else:
+            result.refusal_direction = spread
+        first, last = learned.history[0], learned.history[-1]
+        out["by_direction"][name] = {
+            "cosine_with_start": round(float(cosine(learned.direction.double(), init.double())), 4),
+            "refusal_tokens": len(targets.refusal_tokens), "kept_refusals": len(targets.kept_prompts),
+            "first": first, "last": last}
+        log.event("rdo", direction=name, loss=f"{first['loss']:.3f} -> {last['loss']:.3f}",
+                  refusal_probability=f"{first['refusal_probability']:.3f} -> {last['refusal_probability']:.3f}",
+                  kept=f"{first['kept']:.3f} -> {last['kept']:.3f}",
+                  harmless_kl=f"{first['harmless_kl']:.4f} -> {last['harmless_kl']:.4f}")
+    return out
