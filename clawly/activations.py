@@ -39,6 +39,20 @@ def generation_marker(tokenizer: PreTrainedTokenizerBase, system_prompt: str | N
     return marker
 
 
+def instruction_suffix(tokenizer: PreTrainedTokenizerBase, system_prompt: str | None) -> list[int]:
+    """Token ids the chat template puts after the user's instruction, up to the answer (e.g.
+    '<|im_end|>\\n<|im_start|>assistant\\n'): probe.position=instruction reads the token before them,
+    the instruction's last token (where Zhao et al. 2025 find harmfulness, distinct from refusal)."""
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": "PROBE"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    suffix = text[text.rindex("PROBE") + len("PROBE"):]
+    ids = tokenizer(suffix, add_special_tokens=False).input_ids
+    if not ids:
+        raise ProbeError("the chat template puts nothing after the instruction; use probe.position=last")
+    return ids
+
+
 def _last_occurrence(row: list[int], pattern: list[int]) -> int:
     """Index of the last token of the last occurrence of `pattern` in `row`, or -1."""
     n = len(pattern)
@@ -48,9 +62,18 @@ def _last_occurrence(row: list[int], pattern: list[int]) -> int:
     return -1
 
 
-def probe_positions(tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor, marker: str | None) -> torch.Tensor:
-    """Position per row `[batch]`: the last token (inputs are left-padded) or the marker's last token."""
+def probe_positions(tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor, marker: str | None,
+                    suffix: list[int] | None = None) -> torch.Tensor:
+    """Position per row `[batch]`: the last token (inputs are left-padded), the marker's last
+    token, or with `suffix` (`instruction_suffix`) the token before it: the instruction's last."""
     batch, length = input_ids.shape
+    if suffix is not None:
+        n = len(suffix)
+        for row in input_ids.tolist():
+            if row[length - n:] != suffix:
+                raise ProbeError("a templated prompt does not end with the chat template's post-instruction tokens "
+                                 "(the tokenizer merges them with the text); use probe.position=last or marker")
+        return torch.full((batch,), length - 1 - n, dtype=torch.long)
     if marker is None:
         return torch.full((batch,), length - 1, dtype=torch.long)
     pattern = tokenizer(marker, add_special_tokens=False).input_ids
@@ -92,13 +115,13 @@ def capture_residuals(model: PreTrainedModel, positions: torch.Tensor) -> Iterat
 
 @torch.no_grad()
 def probe_residuals(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                    batch_size: int, marker: str | None = None,
-                    progress: Callable | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+                    batch_size: int, marker: str | None = None, progress: Callable | None = None,
+                    suffix: list[int] | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (prompt indices, residuals `[b, P, d]` float32) batch by batch, batches sorted by length."""
     bar = progress(total=len(prompts), desc="probe", unit="prompt") if progress else None
     for idx in length_sorted_batches(tokenizer, prompts, batch_size):
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-        pos = probe_positions(tokenizer, enc["input_ids"], marker)
+        pos = probe_positions(tokenizer, enc["input_ids"], marker, suffix)
         enc = {k: v.to(model.device) for k, v in enc.items()}
         with capture_residuals(model, pos) as points:
             model(**enc, use_cache=False, logits_to_keep=1)

@@ -151,7 +151,8 @@ class ProbeSettings:
     max_per_category: int | None = _f(None)
 
     def __post_init__(self) -> None:
-        _check(self.position in {"last", "marker"}, "probe.position", self.position, "'last' or 'marker'")
+        _check(self.position in {"last", "marker", "instruction"}, "probe.position", self.position,
+               "'last', 'marker' or 'instruction'")
         _check(self.batch_size >= 1, "probe.batch_size", self.batch_size, "an integer >= 1")
         _check(self.max_per_category is None or self.max_per_category >= 1, "probe.max_per_category",
                self.max_per_category, "null or an integer >= 1")

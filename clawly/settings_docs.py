@@ -64,7 +64,8 @@ HELP = {
     'data.harmless_datasets':
         'Hugging Face dataset ids of harmless prompts; needs the hub.',
     'probe.position':
-        "Where the residual is read: 'last' prompt token after the chat template, or 'marker'.",
+        "Where the residual is read: 'last' prompt token after the chat template, 'marker', or 'instruction' "
+        "(the last token of the user's instruction, before the template's post-instruction tokens).",
     'probe.marker':
         'Probe marker text (position=marker); null extracts the generation prompt from the chat template.',
     'probe.strip_newline':

@@ -34,6 +34,26 @@ def test_probe_positions_last_token_and_marker(tiny_model):
         probe_positions(tok, enc.input_ids, "zebra")
 
 
+@pytest.mark.parametrize("system", [None, "You are a support bot."])
+def test_the_instruction_position_is_the_last_token_of_the_users_request(tiny_model, system):
+    """probe.position=instruction: the token before the template's post-instruction tokens, which
+    is the last token of what the user wrote (here a word no template contains)."""
+    from clawly.activations import instruction_suffix
+
+    _, tok = tiny_model
+    requests = ["hello zebra", "how do i cook rice with a zebra"]
+    prompts = chat_prompts(tok, requests, system)
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    suffix = instruction_suffix(tok, system)
+    assert tok.decode(suffix).startswith("<|im_end|>") and "assistant" in tok.decode(suffix)
+    pos = probe_positions(tok, enc.input_ids, None, suffix)
+    for row, p, text in zip(enc.input_ids.tolist(), pos.tolist(), requests, strict=True):
+        assert tok.decode(row[p]).strip() == tok.decode(tok(text, add_special_tokens=False).input_ids[-1]).strip()
+        assert tok.decode(row[p + 1:]) == tok.decode(suffix)
+    with pytest.raises(ProbeError, match="post-instruction"):
+        probe_positions(tok, enc.input_ids[:, :-1], None, suffix)
+
+
 @pytest.mark.parametrize("tiny_model_dir", ["llama", "gemma2"], indirect=True)
 def test_probe_points_are_the_embedding_output_and_each_raw_layer_output(tiny_model):
     """Point 0 is the input of layer 0, point l + 1 the output of layer l before any final norm.

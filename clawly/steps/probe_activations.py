@@ -6,7 +6,7 @@ import time
 
 import pandas as pd
 
-from clawly.activations import RunningMean, generation_marker, probe_residuals
+from clawly.activations import RunningMean, generation_marker, instruction_suffix, probe_residuals
 from clawly.artifacts.activations import ActivationWriter, ResidualMeans, write_means
 from clawly.artifacts.prompts import read_prompts
 from clawly.io import atomic_path
@@ -36,6 +36,8 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> Non
         marker = settings.probe.marker or generation_marker(tokenizer, settings.model.system_prompt,
                                                             settings.probe.strip_newline)
         log.event("probe_marker", marker=marker)
+    suffix = instruction_suffix(tokenizer, settings.model.system_prompt) if settings.probe.position == "instruction" \
+        else None
     hidden = model.config.hidden_size
     means: dict[str, RunningMean] = {}
     p.activations.mkdir(parents=True, exist_ok=True)
@@ -46,7 +48,7 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> Non
         with atomic_path(out) as tmp:
             writer = ActivationWriter(tmp, hidden)
             for idx, residuals in probe_residuals(model, tokenizer, prompts, settings.probe.batch_size, marker,
-                                                  log.progress):
+                                                  suffix=suffix, progress=log.progress):
                 cats = rows.category.iloc[idx].tolist()
                 writer.write(rows.id.iloc[idx].tolist(), cats, residuals)
                 for j, cat in enumerate(cats):
