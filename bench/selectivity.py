@@ -1,0 +1,153 @@
+"""Selectivity of finished runs, measured the same way for every row: the comparison table.
+
+Each RUN is a project directory after `dvc repro` / `dvc exp run` (its `data/prompts/` and
+`artifacts/`). For each, every eval-split request of the preset's categories that its optimizer
+did not score (all 50 per category when the run had a tune split) is answered by the base model
+and by the run's merged model, decoded as `evaluate` decodes, ANSWER_TOKENS tokens. Each answer is
+labelled by the plain keyword rule, the strict rule and the five-way measure (`clawly.stance`:
+classifier + strict rule); per category the table gives base and after refusals with 95% Wilson
+intervals, the share of base refusals removed (targeted) or retained (kept), and first-token KL on
+held-out harmless prompts. Base answers are cached by prompt text in bench/work/.
+
+    python bench/selectivity.py NAME=RUN_DIR [NAME=RUN_DIR ...]
+
+Writes docs/results/selectivity/results.json and table.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+from clawly.artifacts.optimize import read_chosen_trial, read_optimizer_prompt_ids  # noqa: E402
+from clawly.categories import wilson_interval  # noqa: E402
+from clawly.classify import response_classifier  # noqa: E402
+from clawly.decoding import PromptSet  # noqa: E402
+from clawly.measures import RefusalDetector, chat_prompts, kl_divergence  # noqa: E402
+from clawly.model import load_model  # noqa: E402
+from clawly.settings import Settings  # noqa: E402
+from clawly.stance import StrictKeywordRule, combine  # noqa: E402
+from clawly.steps.evaluate import evaluation_prompts  # noqa: E402
+
+PRESET = {"violence_weapons": "targeted", "drugs_substances": "targeted", "adult_content": "targeted",
+          "self_harm_suicide": "kept"}
+ANSWER_TOKENS = 64
+HARMLESS = 100
+OUT = ROOT.parent / "docs" / "results" / "selectivity"
+CACHE = ROOT / "work" / "selectivity-base.parquet"
+
+
+def key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_prompts(run: Path, settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
+    harmful = pd.read_parquet(run / "data/prompts/harmful.parquet")
+    harmless = pd.read_parquet(run / "data/prompts/harmless.parquet")
+    seen = read_optimizer_prompt_ids(run / "artifacts/optimize/prompts.parquet")
+    h = harmful[(harmful.split == "eval") & harmful.category.isin(PRESET) & ~harmful.id.isin(seen)]
+    g = harmless[(harmless.split == "eval") & ~harmless.id.isin(seen)]
+    g = g.sample(n=min(len(g), HARMLESS), random_state=0)
+    return h.sort_values("id").reset_index(drop=True), g.reset_index(drop=True)
+
+
+def base_answers(settings: Settings, texts: list[str], harmless: list[str]) -> tuple[list[str], torch.Tensor]:  # noqa: F821
+    """The base model's answers (cached by text) and harmless first-token log-probs (not cached)."""
+    cache = pd.read_parquet(CACHE) if CACHE.is_file() else pd.DataFrame({"key": [], "response": []})
+    known = dict(zip(cache.key, cache.response, strict=True))
+    model, tok = load_model(settings.model)
+    todo = [t for t in texts if key(t) not in known]
+    if todo:
+        answers, _ = evaluation_prompts(settings, tok, todo, "").generate(model, ANSWER_TOKENS)
+        known.update({key(t): a for t, a in zip(todo, answers, strict=True)})
+        CACHE.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"key": list(known), "response": list(known.values())}).to_parquet(CACHE, index=False)
+    lp = PromptSet(tok, chat_prompts(tok, harmless, settings.model.system_prompt), 48).first_token_logprobs(model)
+    return [known[key(t)] for t in texts], lp
+
+
+def labels(settings: Settings, classifier, requests: list[str], answers: list[str]) -> dict[str, list]:
+    detector = RefusalDetector(settings.optimize.refusal_markers or None)
+    strict = StrictKeywordRule(detector).labels(answers)
+    five = combine(classifier(requests, answers).labels, strict)
+    return {"keyword": [detector(a) for a in answers], "strict": [s == "refusal" for s in strict],
+            "refusal": [x == "refusal" for x in five], "hedged": [x == "hedged" for x in five],
+            "off_topic": [x == "off_topic" for x in five], "degenerate": [x == "degenerate" for x in five]}
+
+
+def measure(run: Path, name: str) -> dict:
+    settings = Settings.from_dict(yaml.safe_load((run / "params.yaml").read_text()))
+    settings = dataclasses.replace(settings, artifacts_dir=str(run / "artifacts"))
+    h, g = run_prompts(run, settings)
+    texts = h.text.tolist()
+    t0 = time.perf_counter()
+    base, base_lp = base_answers(settings, texts, g.text.tolist())
+    chosen = read_chosen_trial(run / "artifacts/optimize/chosen_trial.json")
+    model, tok = load_model(dataclasses.replace(settings.model, name=str(run / "artifacts/model"), gguf_file=None))
+    after, _ = evaluation_prompts(settings, tok, texts, chosen.response_prefix).generate(model, ANSWER_TOKENS)
+    kl = kl_divergence(base_lp, PromptSet(tok, chat_prompts(tok, g.text.tolist(), settings.model.system_prompt),
+                                          48).first_token_logprobs(model))
+    del model
+    classifier = response_classifier(settings)
+    lb, la = labels(settings, classifier, texts, base), labels(settings, classifier, texts, after)
+    rows = {}
+    for cat, role in PRESET.items():
+        idx = [i for i, c in enumerate(h.category) if c == cat]
+        row = {"role": role, "prompts": len(idx)}
+        for m in ("refusal", "keyword", "strict", "hedged", "off_topic", "degenerate"):
+            b, a = sum(lb[m][i] for i in idx), sum(la[m][i] for i in idx)
+            row[m] = {"base": b, "after": a, "after_ci95": wilson_interval(a, len(idx)),
+                      "kept_share": round(a / b, 4) if b else None}
+        rows[cat] = row
+    answers = h.assign(base_response=base, after_response=after)
+    answers.to_parquet(ROOT / "work" / f"selectivity-{name}.parquet", index=False)
+    return {"run": str(run), "chosen_trial": chosen.trial, "plan": chosen.plan.to_dict(), "kl_divergence": round(kl, 4),
+            "harmless_prompts": len(g), "answer_tokens": ANSWER_TOKENS, "seconds": round(time.perf_counter() - t0, 1),
+            "by_category": rows}
+
+
+def table(results: dict) -> str:
+    lines = ["| run | KL | " + " | ".join(f"{c} ({r})" for c, r in PRESET.items()) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in PRESET) + " |"]
+    for name, r in results.items():
+        cells = []
+        for cat in PRESET:
+            x = r["by_category"][cat]
+            ref, kw = x["refusal"], x["keyword"]
+            lo, hi = ref["after_ci95"]
+            share = "—" if ref["kept_share"] is None else f"{ref['kept_share']:.0%}"
+            cells.append(f"{ref['base']}→{ref['after']}/{x['prompts']} ({share} kept; {lo:.0%}–{hi:.0%}); "
+                         f"keyword {kw['base']}→{kw['after']}, hedged {x['hedged']['after']}")
+        lines.append(f"| {name} | {r['kl_divergence']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    pairs = [a.split("=", 1) for a in sys.argv[1:]]
+    if not pairs or any(len(p) != 2 for p in pairs):
+        sys.exit(__doc__)
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    for name, run in pairs:
+        results[name] = measure(Path(run).resolve(), name)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"{name}: KL {results[name]['kl_divergence']}, " + ", ".join(
+            f"{c} {x['refusal']['base']}->{x['refusal']['after']}/{x['prompts']}"
+            for c, x in results[name]["by_category"].items()))
+    (OUT / "table.md").write_text(table(results))
+    print(f"wrote {path} and {OUT / 'table.md'}")
+
+
+if __name__ == "__main__":
+    main()
