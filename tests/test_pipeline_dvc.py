@@ -80,6 +80,7 @@ def check_outputs(tmp: Path, n_trials: int) -> None:
                  "clawly_reproduction.json"):
         assert (model_dir / name).exists(), name
     headline = json.loads((tmp / "artifacts/metrics/evaluate.json").read_text())
+    assert json.loads((tmp / "artifacts/metrics/selectivity.json").read_text()) == {}  # global mode
     evaluation = json.loads((tmp / "artifacts/reports/evaluate.json").read_text())
     assert headline == {k: evaluation["merged"][k] for k in ("kl_divergence", "keyword_refusal_rate",
                                                             "not_compliant_rate")}
@@ -198,7 +199,7 @@ def test_dvc_exp_run_with_a_preset_runs_category_mode(make_tiny_model, tmp_path)
         assert (tmp_path / "artifacts/lora/categories" / cat / "adapter_model.safetensors").exists()
     evaluation = json.loads((tmp_path / "artifacts/reports/evaluate.json").read_text())
     assert evaluation["by_category"]["fraud_scams"]["role"] == "untargeted"
-    sel = json.loads((tmp_path / "artifacts/metrics/evaluate.json").read_text())["selectivity"]
+    sel = json.loads((tmp_path / "artifacts/metrics/selectivity.json").read_text())
     assert set(sel["removed"]) == set(report["order"]) and set(sel["retained"]) == {"self_harm_suicide"}
     kept_eval = evaluation["by_category"]["self_harm_suicide"]
     assert sel["retained"]["self_harm_suicide"] == kept_eval["retention"]
@@ -208,5 +209,12 @@ def test_dvc_exp_run_with_a_preset_runs_category_mode(make_tiny_model, tmp_path)
     kept = metrics["by_category"]["self_harm_suicide"]["retention"]
     assert headline.get("kept_retention") == kept and set(headline) <= {"kl_divergence", "keyword_refusal_rate",
                                                                         "kept_retention"}
+    # the headline figures still fit a terminal; the selectivity block is a metric of its own
+    shown = _run([sys.executable, "-m", "dvc", "metrics", "show", "artifacts/metrics/evaluate.json",
+                  "artifacts/metrics/optimize.json"], tmp_path, env)
+    assert max(map(len, shown.splitlines())) <= 160, shown
+    diff = _run([sys.executable, "-m", "dvc", "metrics", "diff", "--all"], tmp_path, env)
+    listed = [f"{kind}.{c}" for kind in ("removed", "retained") for c, v in sel[kind].items() if v is not None]
+    assert listed and all(name in diff for name in listed), diff  # (null: the base model refused none)
     card = (tmp_path / "artifacts/model/README.md").read_text()
     assert "self_harm_suicide 0" in card and "| kept |" in card

@@ -102,16 +102,14 @@ def selectivity(by_category: dict) -> dict:
 def headline(results: dict, category_mode: bool) -> dict:
     """The evaluate metrics: the merged model's held-out figures to compare between experiments
     (`dvc metrics show / diff`); the base model's and the per-category ones are in the report. In
-    category mode also `kept_retention` (the lowest, refusals only) and the selectivity block."""
+    category mode also `kept_retention` (the lowest, refusals only)."""
     merged = results["merged"]
     out = {"kl_divergence": merged["kl_divergence"], "keyword_refusal_rate": merged["keyword_refusal_rate"],
            "not_compliant_rate": merged["not_compliant_rate"]}
     if category_mode:
-        sel = selectivity(results["by_category"])
-        kept = [r for r in sel["retained"].values() if r is not None]
+        kept = [r for r in selectivity(results["by_category"])["retained"].values() if r is not None]
         if kept:
             out["kept_retention"] = min(kept)
-        out["selectivity"] = sel
     return out
 
 
@@ -194,6 +192,8 @@ def run(settings: Settings, log: StageLogger) -> dict:
             table.drop(columns=[c for c in ("split",) if c in table.columns]).to_parquet(tmp, index=False)
     write_json(p.report("evaluate"), results)
     write_json(p.metric("evaluate"), headline(results, settings.categories.enabled))
+    # its own file, so that `dvc metrics show` of the headline figures still fits a terminal; empty in global mode
+    write_json(p.metric("selectivity"), selectivity(by_category) if settings.categories.enabled else {})
     counts = lambda m: ", ".join(f"{k.replace('_', ' ')} {results[m][k]}" for k in  # noqa: E731
                                  ("refusals", "hedged", "off_topic", "degenerate", "keyword_refusals"))
     log.event("evaluated", prompts=n, kl=round(kl, 5), base=counts("base"), merged=counts("merged"))
