@@ -101,12 +101,18 @@ def sheets(n_sheets: int, per_model_category: dict[str, int] | None = None) -> N
     table = all_answers()
     parts = [d.sample(n=min(len(d), per[c]), random_state=0) for (m, c), d in table.groupby(["model", "category"])]
     sample = pd.concat(parts).sample(frac=1.0, random_state=1).reset_index(drop=True)
+    keys = {}
     for k in range(n_sheets):
         path = WORK / f"stance-sheet-{k}.jsonl"
         rows = sample.iloc[k::n_sheets]
-        path.write_text("".join(json.dumps({"key": f"{r.model}|{r.id}|{answer_hash(r.response)}", "request": r.text,
-                                            "answer": r.response}) + "\n" for r in rows.itertuples()))
+        lines = []
+        for j, r in enumerate(rows.itertuples()):
+            key = f"s{k}-{j:03d}"  # opaque: the labeller does not see which model answered
+            keys[key] = {"model": r.model, "prompt_id": r.id, "response_sha256": answer_hash(r.response)}
+            lines.append(json.dumps({"key": key, "request": r.text, "answer": r.response}) + "\n")
+        path.write_text("".join(lines))
         print(f"{len(rows)} answers -> {path}")
+    (WORK / "stance-sheet-keys.json").write_text(json.dumps(keys, indent=1) + "\n")
 
 
 def read_labels(path: Path = LABELS_FILE) -> list[dict]:
