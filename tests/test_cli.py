@@ -63,6 +63,9 @@ SAMPLES = {
     "directions.winsorize_quantile": ("0.01", 0.01), "orthogonalize.warn_retained": ("0.5", 0.5),
     "categories.min_retention": ("0.5", 0.5), "export.energy": ("0.9", 0.9), "optimize.kl_cap": ("0.3", 0.3),
     "optimize.prune_kl": ("0.7", 0.7), "export.warn_relative_error": ("0.05", 0.05),
+    "directions.method": ("rdo", "rdo"), "directions.rdo_lr": ("0.05", 0.05),
+    "directions.rdo_init_point": ("0.3", 0.3), "directions.rdo_kept_weight": ("2.5", 2.5),
+    "directions.rdo_harmless_weight": ("0.5", 0.5), "optimize.kernels": ("per_category", "per_category"),
 }
 
 
