@@ -138,9 +138,10 @@ def main() -> None:
         sys.exit(__doc__)
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "results.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
     for name, run in pairs:
-        results[name] = measure(Path(run).resolve(), name)
+        measured = measure(Path(run).resolve(), name)
+        results = json.loads(path.read_text()) if path.is_file() else {}  # re-read: runs may be measured in parallel
+        results[name] = measured
         path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"{name}: KL {results[name]['kl_divergence']}, " + ", ".join(
             f"{c} {x['refusal']['base']}->{x['refusal']['after']}/{x['prompts']}"
