@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
 from clawly.artifacts.optimize import read_chosen_trial, read_optimizer_prompt_ids  # noqa: E402
+from clawly.artifacts.prompts import row_systems  # noqa: E402
 from clawly.categories import wilson_interval  # noqa: E402
 from clawly.classify import response_classifier  # noqa: E402
 from clawly.decoding import PromptSet  # noqa: E402
@@ -40,7 +41,7 @@ from clawly.stance import StrictKeywordRule, combine  # noqa: E402
 from clawly.steps.evaluate import evaluation_prompts  # noqa: E402
 
 PRESET = {"violence_weapons": "targeted", "drugs_substances": "targeted", "adult_content": "targeted",
-          "self_harm_suicide": "kept"}
+          "self_harm_suicide": "kept", "instructed_refusal": "kept"}  # instructed: where the run's tables have it
 ANSWER_TOKENS = 64
 HARMLESS = 100
 OUT = ROOT.parent / "docs" / "results" / "selectivity"
@@ -61,19 +62,24 @@ def run_prompts(run: Path, settings: Settings) -> tuple[pd.DataFrame, pd.DataFra
     return h.sort_values("id").reset_index(drop=True), g.reset_index(drop=True)
 
 
-def base_answers(settings: Settings, texts: list[str], harmless: list[str]) -> tuple[list[str], torch.Tensor]:  # noqa: F821
-    """The base model's answers (cached by text) and harmless first-token log-probs (not cached)."""
+def base_answers(settings: Settings, texts: list[str], systems: list[str | None],
+                 harmless: list[str]) -> tuple[list[str], torch.Tensor]:  # noqa: F821
+    """The base model's answers (cached by system prompt and text) and harmless first-token log-probs
+    (not cached)."""
     cache = pd.read_parquet(CACHE) if CACHE.is_file() else pd.DataFrame({"key": [], "response": []})
     known = dict(zip(cache.key, cache.response, strict=True))
     model, tok = load_model(settings.model)
-    todo = [t for t in texts if key(t) not in known]
+    keys = [key(t) if not s or s == settings.model.system_prompt else key(f"{s}\n{t}")
+            for t, s in zip(texts, systems, strict=True)]
+    todo = [i for i, k in enumerate(keys) if k not in known]
     if todo:
-        answers, _ = evaluation_prompts(settings, tok, todo, "").generate(model, ANSWER_TOKENS)
-        known.update({key(t): a for t, a in zip(todo, answers, strict=True)})
+        answers, _ = evaluation_prompts(settings, tok, [texts[i] for i in todo], "",
+                                        [systems[i] for i in todo]).generate(model, ANSWER_TOKENS)
+        known.update({keys[i]: a for i, a in zip(todo, answers, strict=True)})
         CACHE.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"key": list(known), "response": list(known.values())}).to_parquet(CACHE, index=False)
     lp = PromptSet(tok, chat_prompts(tok, harmless, settings.model.system_prompt), 48).first_token_logprobs(model)
-    return [known[key(t)] for t in texts], lp
+    return [known[k] for k in keys], lp
 
 
 def labels(settings: Settings, classifier, requests: list[str], answers: list[str]) -> dict[str, list]:
@@ -89,12 +95,12 @@ def measure(run: Path, name: str) -> dict:
     settings = Settings.from_dict(yaml.safe_load((run / "params.yaml").read_text()))
     settings = dataclasses.replace(settings, artifacts_dir=str(run / "artifacts"))
     h, g = run_prompts(run, settings)
-    texts = h.text.tolist()
+    texts, systems = h.text.tolist(), row_systems(h, settings.model.system_prompt)
     t0 = time.perf_counter()
-    base, base_lp = base_answers(settings, texts, g.text.tolist())
+    base, base_lp = base_answers(settings, texts, systems, g.text.tolist())
     chosen = read_chosen_trial(run / "artifacts/optimize/chosen_trial.json")
     model, tok = load_model(dataclasses.replace(settings.model, name=str(run / "artifacts/model"), gguf_file=None))
-    after, _ = evaluation_prompts(settings, tok, texts, chosen.response_prefix).generate(model, ANSWER_TOKENS)
+    after, _ = evaluation_prompts(settings, tok, texts, chosen.response_prefix, systems).generate(model, ANSWER_TOKENS)
     kl = kl_divergence(base_lp, PromptSet(tok, chat_prompts(tok, g.text.tolist(), settings.model.system_prompt),
                                           48).first_token_logprobs(model))
     del model
@@ -103,6 +109,8 @@ def measure(run: Path, name: str) -> dict:
     rows = {}
     for cat, role in PRESET.items():
         idx = [i for i, c in enumerate(h.category) if c == cat]
+        if not idx:
+            continue
         row = {"role": role, "prompts": len(idx)}
         for m in ("refusal", "keyword", "strict", "hedged", "off_topic", "degenerate"):
             b, a = sum(lb[m][i] for i in idx), sum(la[m][i] for i in idx)
@@ -122,6 +130,9 @@ def table(results: dict) -> str:
     for name, r in results.items():
         cells = []
         for cat in PRESET:
+            if cat not in r["by_category"]:
+                cells.append("—")
+                continue
             x = r["by_category"][cat]
             ref, kw = x["refusal"], x["keyword"]
             lo, hi = ref["after_ci95"]

@@ -29,6 +29,7 @@ import torch
 from clawly import export as ex
 from clawly.ablation import AblationPlan, LayerKernel, ablated
 from clawly.artifacts.directions import AblationDirections, read_ablation_directions
+from clawly.artifacts.prompts import row_systems
 from clawly.errors import ClawlyError
 from clawly.io import atomic_dir, read_json, write_json, write_text
 from clawly.log import StageLogger, get_logger
@@ -70,7 +71,7 @@ class Pipeline:
         return self.model, self.tokenizer
 
     def load_datasets(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """Generate the harmful and harmless prompt tables (id, text, category, split) and write them."""
+        """Generate the harmful and harmless prompt tables (id, text, category, split, system) and write them."""
         if self.harmful is None:
             self.harmful, self.harmless = generate_datasets.run(self.settings, self.log)
         return self.harmful, self.harmless
@@ -118,8 +119,8 @@ class Pipeline:
             self.load_datasets()
             model, tokenizer = self.load_model()
             harmful, _ = optimize.optimizer_prompts(self.settings)
-            prompts = chat_prompts(tokenizer, harmful.text.tolist(), self.settings.model.system_prompt,
-                                   self.detect_response_prefix())
+            systems = row_systems(harmful, self.settings.model.system_prompt)
+            prompts = chat_prompts(tokenizer, harmful.text.tolist(), systems, self.detect_response_prefix())
             self.batch_size = optimize.scoring_batch_size(self.settings, model, tokenizer, prompts, self.log,
                                                           timed=True)
         return self.batch_size

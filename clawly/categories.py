@@ -79,15 +79,16 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def category_table(prompts: dict[str, int], base: dict[str, int], after: dict[str, int],
-                   weights: dict[str, float]) -> dict[str, dict]:
+                   weights: dict[str, float], instructed: set[str] = frozenset()) -> dict[str, dict]:
     """Per category: role, prompts, base and after refusal rates (with 95% Wilson intervals), and for
     kept categories the retention ratio after / base. Empty `weights` (global mode): every
-    category is targeted."""
+    category is targeted but the `instructed` ones (refusals a system prompt asks for), which are
+    untargeted."""
     table = {}
     for c in sorted(prompts):
         n, b, a = prompts[c], base.get(c, 0), after.get(c, 0)
         if not weights:
-            role = "targeted"
+            role = "untargeted" if c in instructed else "targeted"
         else:
             role = "untargeted" if c not in weights else ("kept" if weights[c] == 0 else "targeted")
         row = {"role": role, "weight": weights.get(c), "prompts": n, "base_refusals": b, "after_refusals": a,

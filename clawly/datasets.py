@@ -1,15 +1,19 @@
 """Prompt sets: expand the category-labelled templates, add user prompts, split train/eval.
 
 `generate_prompts` returns two tables, harmful and harmless, each with the columns
-``id, text, category, split`` (all strings; split is "train", "eval" or "tune").
+``id, text, category, split, system`` (all strings; split is "train", "eval" or "tune"; system is
+empty except in instructed categories, see `clawly.artifacts.prompts`).
 
 - Harmful: every category in the templates gives exactly ``train_per_category`` train,
   ``eval_per_category`` eval and ``tune_per_category`` tune prompts (the optimizer's; none by
   default, and then the optimizer draws from eval).
-- Harmless: ``harmless_train + harmless_eval + harmless_tune`` prompts. Half of them (rounded down) are
-  topic-matched, spread evenly over the harmful categories (the first categories in file order
-  take the remainder) and labelled with that category; the rest are ``general``. Each of these
-  groups is split train/eval in proportion, so both splits hold the same mix.
+- Instructed categories (a ``system`` prompt, or a list of them, in the category's spec) hold
+  harmless requests that the system prompt forbids; each row draws its system prompt by seed.
+  They have no harmless section.
+- Harmless: ``harmless_train + harmless_eval + harmless_tune`` prompts. Half of them (rounded
+  down) are topic-matched, spread evenly over the other harmful categories (the first categories
+  in file order take the remainder) and labelled with that category; the rest are ``general``.
+  Each of these groups is split train/eval in proportion, so both splits hold the same mix.
 - User prompts (files, Hugging Face datasets) are appended after the generated ones. Rows without
   a split get one by seed, with the same eval fraction as the generated prompts.
 
@@ -61,8 +65,10 @@ def normalize(text: str) -> str:
 def load_templates(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate a templates YAML file.
 
-    Returns ``{"categories": {name: {"description", "harmful", "harmless"}}, "general": section,
-    "source": path}``; a section is ``{"templates": [str], "slots": {name: [str]}}``.
+    Returns ``{"categories": {name: {"description", "system", "harmful", "harmless"}}, "general":
+    section, "source": path}``; a section is ``{"templates": [str], "slots": {name: [str]}}``;
+    "system" is a list of system prompts (empty but for instructed categories, which have no
+    "harmless").
     """
     path = project_file(path)
     try:
@@ -96,16 +102,34 @@ def validate_templates(data: Any, source: str = "templates") -> dict[str, Any]:
             )
         if not isinstance(spec, Mapping):
             raise DatasetError(f"{source}: categories.{name} must be a mapping with 'harmful' and 'harmless'")
-        for side in ("harmful", "harmless"):
+        systems = _validate_systems(spec.get("system"), f"{source}: categories.{name}.system")
+        sides = ("harmful",) if systems else ("harmful", "harmless")
+        for side in sides:
             if side not in spec:
                 raise DatasetError(f"{source}: categories.{name} is missing '{side}'")
+        if systems and "harmless" in spec:
+            raise DatasetError(f"{source}: categories.{name} has a system prompt, so its requests are harmless "
+                               f"ones the system prompt forbids; remove its 'harmless' section (the general "
+                               f"prompts are its contrast)")
         categories[name] = {
             "description": str(spec.get("description", "")),
+            "system": systems,
             "harmful": _validate_section(spec["harmful"], f"{source}: categories.{name}.harmful"),
-            "harmless": _validate_section(spec["harmless"], f"{source}: categories.{name}.harmless"),
         }
+        if not systems:
+            categories[name]["harmless"] = _validate_section(spec["harmless"], f"{source}: categories.{name}.harmless")
     general = _validate_section(data["general"], f"{source}: general")
     return {"categories": categories, "general": general, "source": source}
+
+
+def _validate_systems(value: Any, where: str) -> list[str]:
+    """A category's own system prompt(s): none, one string, or a list (each row draws one)."""
+    if value is None:
+        return []
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) and v.strip() for v in values):
+        raise DatasetError(f"{where}: expected a non-empty string or a non-empty list of non-empty strings")
+    return [" ".join(v.split()) for v in values]
 
 
 def _validate_section(section: Any, where: str) -> dict[str, Any]:
@@ -245,7 +269,11 @@ def _generate_harmful(templates: Mapping[str, Any], settings: DataSettings) -> p
                         f"data.eval_per_category={settings.eval_per_category} + "
                         f"data.tune_per_category={settings.tune_per_category}")
         taken += texts
-        frames.append(_split_frame(texts, category, settings.eval_per_category, rng, settings.tune_per_category))
+        frame = _split_frame(texts, category, settings.eval_per_category, rng, settings.tune_per_category)
+        if spec["system"]:  # its own generator: the texts drawn do not depend on the system prompts
+            pick = random.Random(f"{settings.seed}:system:{category}")
+            frame["system"] = [pick.choice(spec["system"]) for _ in range(len(frame))]
+        frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 
 
@@ -253,7 +281,7 @@ def _generate_harmless(
     templates: Mapping[str, Any], settings: DataSettings, exclude: Iterable[str]
 ) -> pd.DataFrame:
     total = settings.harmless_train + settings.harmless_eval + settings.harmless_tune
-    categories = list(templates["categories"])
+    categories = [c for c, spec in templates["categories"].items() if not spec["system"]]
     counts = _largest_remainder(total // 2, {c: 1 for c in categories})
     counts[GENERAL] = total - total // 2
     evals = _largest_remainder(settings.harmless_eval, counts)
@@ -310,7 +338,9 @@ def _with_ids(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
     """Add ``{kind}-{category}-{NNNN}`` ids, numbered per category in row order."""
     number = frame.groupby("category", sort=False).cumcount()
     ids = [f"{kind}-{c}-{n:04d}" for c, n in zip(frame["category"], number, strict=True)]
-    out = frame.assign(id=ids)[COLUMNS].reset_index(drop=True)
+    if "system" not in frame.columns:
+        frame = frame.assign(system="")
+    out = frame.assign(id=ids, system=frame["system"].fillna(""))[COLUMNS].reset_index(drop=True)
     if out["id"].duplicated().any():
         raise DatasetError(f"{kind} prompt ids are not unique; rename categories that end in '-<digits>'")
     return out.astype(dict.fromkeys(COLUMNS, str))
@@ -319,10 +349,11 @@ def _with_ids(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
 # --- user prompts ----------------------------------------------------------------------------
 
 def load_prompt_file(path: str | os.PathLike[str], default_category: str) -> pd.DataFrame:
-    """Read user prompts: columns ``text, category, split`` (split is None where not given).
+    """Read user prompts: columns ``text, category, split, system`` (split is None where not given).
 
     .txt holds one prompt per line (blank lines skipped); .csv, .jsonl and .parquet need a
-    ``text`` or ``prompt`` column and may have ``category`` and ``split`` ("train"/"eval").
+    ``text`` or ``prompt`` column and may have ``category``, ``split`` ("train"/"eval"/"tune") and
+    ``system`` (the row's own system prompt: its category becomes an instructed one).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -376,7 +407,7 @@ def load_hf_dataset(spec: str, default_category: str) -> pd.DataFrame:
 
 
 def _standardize(frame: pd.DataFrame, source: str, default_category: str) -> pd.DataFrame:
-    """Columns text, category, split; blank texts dropped; split values checked."""
+    """Columns text, category, split, system; blank texts dropped; split values checked."""
     text_column = next((c for c in ("text", "prompt") if c in frame.columns), None)
     if text_column is None:
         raise DatasetError(f"{source}: no 'text' or 'prompt' column "
@@ -389,6 +420,7 @@ def _standardize(frame: pd.DataFrame, source: str, default_category: str) -> pd.
     if bad:
         raise DatasetError(f"{source}: invalid split value(s) {bad}; use 'train', 'eval' or 'tune', or leave empty")
     out["split"] = out["split"].where(out["split"] != "", None)
+    out["system"] = frame["system"].map(_clean) if "system" in frame.columns else ""
     return out[out["text"] != ""].reset_index(drop=True)
 
 
@@ -401,7 +433,7 @@ def _user_prompts(files: Sequence[str], dataset_specs: Sequence[str], default_ca
     frames += [load_hf_dataset(s, default_category) for s in dataset_specs]
     frames = [f for f in frames if len(f)]
     if not frames:
-        return pd.DataFrame(columns=["text", "category", "split"])
+        return pd.DataFrame(columns=["text", "category", "split", "system"])
     return pd.concat(frames, ignore_index=True)
 
 

@@ -103,8 +103,11 @@ def write_model(model, tokenizer, out_dir: Path, settings: Settings, source: str
 
 
 def prompts_fingerprint(df: pd.DataFrame) -> str:
-    """'sha256:<hex>' of a prompt table's rows (id, text, category, split), independent of the file format."""
-    rows = df[[c for c in ("id", "text", "category", "split") if c in df.columns]].to_dict(orient="records")
+    """'sha256:<hex>' of a prompt table's rows (id, text, category, split, and system where any row has
+    its own), independent of the file format."""
+    own = "system" in df.columns and df.system.astype(bool).any()
+    columns = ["id", "text", "category", "split"] + (["system"] if own else [])
+    rows = df[[c for c in columns if c in df.columns]].to_dict(orient="records")
     return "sha256:" + hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 

@@ -45,11 +45,16 @@ class RefusalDetector:
 
 
 def chat_prompts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
-                 system_prompt: str | None, response_prefix: str = "") -> list[str]:
+                 system_prompt: str | None | Sequence[str | None], response_prefix: str = "") -> list[str]:
     """Render user requests through the model's chat template, ready for the answer (which
-    starts after `response_prefix`, e.g. an empty chain of thought)."""
+    starts after `response_prefix`, e.g. an empty chain of thought). `system_prompt` is one for
+    all requests, or one per request (`clawly.artifacts.prompts.row_systems`)."""
+    systems = [system_prompt] * len(texts) if system_prompt is None or isinstance(system_prompt, str) \
+        else list(system_prompt)
+    if len(systems) != len(texts):
+        raise ValueError(f"chat_prompts: {len(systems)} system prompts for {len(texts)} requests")
     out = []
-    for text in texts:
+    for text, system_prompt in zip(texts, systems, strict=True):
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
             {"role": "user", "content": text}]
         out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -61,7 +61,7 @@ def done_pipeline(tmp_path_factory, make_tiny_model):
 
 def test_notebook_flow_yields_one_result_per_trial(done_pipeline):
     pipe, _, r = done_pipeline
-    assert set(r["harmful"].columns) == {"id", "text", "category", "split"} and len(r["harmless"]) == 48
+    assert set(r["harmful"].columns) == {"id", "text", "category", "split", "system"} and len(r["harmless"]) == 48
     assert r["directions"].directions.shape[:2] == (1, pipe.model.config.num_hidden_layers + 1)
     assert isinstance(r["prefix"], str) and 1 <= r["batch"] <= 8
     trials = r["trials"]

@@ -93,7 +93,7 @@ def test_invalid_values_name_key_value_and_what_is_allowed():
         Settings.from_dict({"merge": {"max_shard_size": "huge"}})
 
 
-@pytest.mark.parametrize("preset", ["default", "full", "keep_self_harm_and_hate"])
+@pytest.mark.parametrize("preset", ["default", "full", "keep_self_harm_and_hate", "keep_instructed"])
 def test_presets_compose_into_category_settings(preset):
     settings = Settings.from_dict(yaml.safe_load(composed_params([f"+preset={preset}"])))
     c = settings.categories
@@ -103,6 +103,8 @@ def test_presets_compose_into_category_settings(preset):
         assert c.kept == ["self_harm_suicide"]
     if preset == "full":
         assert c.kept == [] and len(c.targeted) == 8
+    if preset == "keep_instructed":
+        assert c.kept == ["self_harm_suicide", "instructed_refusal"]
     assert not Settings.from_dict(yaml.safe_load(composed_params())).categories.enabled  # no preset: global
 
 

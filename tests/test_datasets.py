@@ -65,9 +65,15 @@ def tiny_templates(harmful_values: int = 3) -> dict:
 
 # --- the shipped templates -------------------------------------------------------------------
 
+def safety_categories(templates: dict) -> list[str]:
+    """Categories with topic-matched harmless prompts (all but the instructed ones)."""
+    return [c for c, spec in templates["categories"].items() if not spec["system"]]
+
+
 def test_required_categories_exist_with_harmful_and_topic_matched_harmless(templates):
-    assert REQUIRED <= set(templates["categories"])
-    for spec in templates["categories"].values():
+    assert REQUIRED <= set(safety_categories(templates))
+    for c in safety_categories(templates):
+        spec = templates["categories"][c]
         assert spec["harmful"]["templates"] and spec["harmless"]["templates"]
 
 
@@ -75,7 +81,7 @@ def yield_table(templates: dict) -> pd.DataFrame:
     """Per category and side: number of templates and of unique prompts they can yield."""
     rows = []
     sections = [(c, side, spec[side]) for c, spec in templates["categories"].items()
-                for side in ("harmful", "harmless")]
+                for side in ("harmful", "harmless") if side in spec]
     for category, side, section in [*sections, (GENERAL, "harmless", templates["general"])]:
         rows.append({"category": category, "side": side, "templates": len(section["templates"]),
                      "unique_prompts": len(expand(section))})
@@ -89,6 +95,7 @@ def test_every_category_yields_enough_unique_prompts_from_many_phrasings(templat
     for category in templates["categories"]:
         assert table.loc[(category, "harmful"), "unique_prompts"] >= 300
         assert table.loc[(category, "harmful"), "templates"] >= 15
+    for category in safety_categories(templates):
         assert table.loc[(category, "harmless"), "unique_prompts"] >= 100
     assert table.loc[(GENERAL, "harmless"), "unique_prompts"] >= 600
 
@@ -132,11 +139,11 @@ def test_harmless_counts_and_mix_of_general_and_topic_matched(prompts, templates
     assert (harmless["split"] == "eval").sum() == 200
     per_category = harmless["category"].value_counts()
     assert per_category[GENERAL] == 300  # the half that is not topic-matched
-    matched = [per_category[c] for c in templates["categories"]]
+    matched = [per_category[c] for c in safety_categories(templates)]
     assert sum(matched) == 300 and max(matched) - min(matched) <= 1
-    # both splits hold every group
+    # both splits hold every group; instructed categories have no harmless side
     for split in ("train", "eval"):
-        assert set(harmless.loc[harmless["split"] == split, "category"]) == {*templates["categories"], GENERAL}
+        assert set(harmless.loc[harmless["split"] == split, "category"]) == {*safety_categories(templates), GENERAL}
 
 
 def test_a_tune_split_holds_the_optimizers_prompts_apart_from_train_and_eval(prompts):
@@ -288,7 +295,7 @@ def write_prompt_file(path: Path) -> Path:
 @pytest.mark.parametrize("suffix", [".txt", ".csv", ".jsonl", ".parquet"])
 def test_load_prompt_file_reads_each_format(tmp_path, suffix):
     frame = load_prompt_file(write_prompt_file(tmp_path / f"user{suffix}"), default_category="custom")
-    assert list(frame.columns) == ["text", "category", "split"]
+    assert list(frame.columns) == ["text", "category", "split", "system"]
     assert list(frame["text"]) == ["First user prompt", "Second user prompt"]
     if suffix == ".txt":
         assert list(frame["category"]) == ["custom", "custom"]
@@ -386,3 +393,62 @@ def test_prompt_tables_are_written_atomically_with_their_schema(tmp_path, prompt
     assert all(pd.api.types.is_string_dtype(back[c]) for c in COLUMNS)
     assert back["text"].tolist() == harmful["text"].tolist()
     assert [p.name for p in path.parent.iterdir()] == ["harmful.parquet"]
+
+
+# --- instructed categories (refusals a system prompt asks for) ------------------------------
+
+def test_the_shipped_instructed_category_loads_with_its_system_prompts(prompts, templates):
+    spec = templates["categories"]["instructed_refusal"]
+    assert len(spec["system"]) == 3 and "harmless" not in spec
+    harmful, harmless = prompts
+    rows = harmful[harmful.category == "instructed_refusal"]
+    assert rows.split.value_counts().to_dict() == {"train": 100, "eval": 50}
+    # every row carries one of the category's system prompts, and each of them is used
+    assert set(rows.system) == set(spec["system"])
+    assert (harmful.loc[harmful.category != "instructed_refusal", "system"] == "").all()
+    assert "instructed_refusal" not in set(harmless.category)
+    # each system prompt forbids the requests' topics and scripts the refusal
+    for system in spec["system"]:
+        assert "medical" in system and "I'm sorry, but I can't help with that." in system
+
+
+def test_an_instructed_category_leaves_the_other_categories_prompts_unchanged(tmp_path):
+    data = tiny_templates(harmful_values=12)
+    before = generate_prompts(data_settings(templates=str(write_yaml(tmp_path / "a.yaml", data)),
+                                            train_per_category=6, eval_per_category=4, harmless_train=6,
+                                            harmless_eval=4))
+    data["categories"]["told"] = {"system": ["Only talk about trains.", "Only talk about boats."],
+                                  "harmful": {"templates": ["What is the best {q}?"],
+                                              "slots": {"q": [f"stock{i}" for i in range(20)]}}}
+    after = generate_prompts(data_settings(templates=str(write_yaml(tmp_path / "b.yaml", data)),
+                                           train_per_category=6, eval_per_category=4, harmless_train=6,
+                                           harmless_eval=4))
+    pd.testing.assert_frame_equal(after[0][after[0].category != "told"].reset_index(drop=True), before[0])
+    pd.testing.assert_frame_equal(after[1], before[1])
+    told = after[0][after[0].category == "told"]
+    assert len(told) == 10 and set(told.system) <= {"Only talk about trains.", "Only talk about boats."}
+    assert len(set(told.system)) == 2
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"system": "", "harmful": {"templates": ["x?"]}}, "system: expected a non-empty string"),
+    ({"system": ["ok", 3], "harmful": {"templates": ["x?"]}}, "system: expected a non-empty string"),
+    ({"system": "Only trains.", "harmful": {"templates": ["x?"]}, "harmless": {"templates": ["y?"]}},
+     "remove its 'harmless' section"),
+    ({"harmful": {"templates": ["x?"]}}, "categories.told is missing 'harmless'"),
+])
+def test_instructed_category_errors_name_the_problem(tmp_path, spec, message):
+    data = tiny_templates()
+    data["categories"]["told"] = spec
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        load_templates(write_yaml(tmp_path / "t.yaml", data))
+
+
+def test_a_user_prompt_file_may_give_each_row_its_own_system_prompt(tmp_path):
+    path = tmp_path / "told.csv"
+    pd.DataFrame({"text": ["Which stock should I buy?", "Is gold safe?"], "category": ["told", "told"],
+                  "system": ["Only talk about trains.", ""]}).to_csv(path, index=False)
+    harmful, _ = generate_prompts(data_settings(harmful_files=[str(path)]))
+    rows = harmful[harmful.category == "told"].set_index("text")
+    assert rows.loc["Which stock should I buy?", "system"] == "Only talk about trains."
+    assert rows.loc["Is gold safe?", "system"] == ""

@@ -55,7 +55,7 @@ def tiny_overrides(model_dir: Path) -> list[str]:
 
 def check_outputs(tmp: Path, n_trials: int) -> None:
     harmful = pd.read_parquet(tmp / "data/prompts/harmful.parquet")
-    assert list(harmful.columns) == ["id", "text", "category", "split"]
+    assert list(harmful.columns) == ["id", "text", "category", "split", "system"]
     acts = pd.read_parquet(tmp / "artifacts/activations/harmful.parquet")
     assert list(acts.columns) == ["id", "category", "layer", "residual"]
     with safe_open(str(tmp / "artifacts/directions/directions.safetensors"), "pt") as f:
@@ -82,9 +82,20 @@ def check_outputs(tmp: Path, n_trials: int) -> None:
     headline = json.loads((tmp / "artifacts/metrics/evaluate.json").read_text())
     assert json.loads((tmp / "artifacts/metrics/selectivity.json").read_text()) == {}  # global mode
     evaluation = json.loads((tmp / "artifacts/reports/evaluate.json").read_text())
-    assert headline == {k: evaluation["merged"][k] for k in ("kl_divergence", "keyword_refusal_rate",
-                                                            "not_compliant_rate")}
-    assert evaluation["harmful_prompts"] > 0
+    told = evaluation["by_category"]["instructed_refusal"]  # refusals a system prompt asks for: reported, not targeted
+    assert told["role"] == "untargeted" and told["instructed"]
+    expected = {k: evaluation["merged"][k] for k in ("kl_divergence", "keyword_refusal_rate", "not_compliant_rate")}
+    if told["retention"] is not None:
+        expected["instructed_retention"] = told["retention"]
+    assert headline == expected
+    # the overall figures count the safety categories only
+    assert evaluation["harmful_prompts"] == sum(m["base"]["prompts"] for c, m in evaluation["by_category"].items()
+                                                if c != "instructed_refusal") > 0
+    assert evaluation["instructed_prompts"] == told["base"]["prompts"] > 0
+    safety = [m for c, m in evaluation["by_category"].items() if c != "instructed_refusal"]
+    assert evaluation["merged"]["keyword_refusals"] == sum(m["merged"]["keyword_refusals"] for m in safety)
+    scored = pd.read_parquet(tmp / "artifacts/optimize/prompts.parquet")
+    assert not scored.id.str.contains("instructed_refusal").any()  # global mode never targets them
     assert {"refusal", "not_compliant", "accuracy"} <= set(evaluation["classifier"]["scores"])
     for cat, m in evaluation["by_category"].items():
         for model in ("base", "merged"):
@@ -101,7 +112,7 @@ def check_outputs(tmp: Path, n_trials: int) -> None:
     answers = pd.read_parquet(tmp / "artifacts/evaluate/responses.parquet")
     assert set(answers.merged_label) | set(answers.base_label) <= {"refusal", "compliance", "off_topic", "degenerate"}
     assert set(answers.merged_stance) | set(answers.base_stance) <= set(STANCES)
-    assert len(answers) == evaluation["harmful_prompts"]
+    assert len(answers) == evaluation["harmful_prompts"] + evaluation["instructed_prompts"]
     logs = (tmp / "artifacts/logs/optimize.jsonl").read_text().splitlines()
     assert all(json.loads(line)["stage"] == "optimize" for line in logs)
 

@@ -11,7 +11,7 @@ import torch
 
 from clawly.artifacts.activations import read_activations, read_means
 from clawly.artifacts.directions import RefusalDirections, write_refusal_directions
-from clawly.artifacts.prompts import GENERAL, read_prompts
+from clawly.artifacts.prompts import GENERAL, instructed_categories, read_prompts, row_systems
 from clawly.directions import cosine, direction_report, refusal_directions, winsorize
 from clawly.errors import ClawlyError, require
 from clawly.io import atomic_path, write_json
@@ -51,13 +51,17 @@ def pooled_mean(means: dict[str, torch.Tensor], counts: dict[str, int], prefix: 
 
 def run(settings: Settings, log: StageLogger) -> dict:
     """Refusal directions (global and per category) and their report: per probe point the norm of the
-    mean difference and the cosine with the next point's direction (`by_layer.csv`, a dvc plot)."""
+    mean difference and the cosine with the next point's direction (`by_layer.csv`, a dvc plot).
+    The global refusal direction leaves out the instructed categories (refusals a system prompt asks
+    for); each of them still gets its own category direction."""
     p = Paths.of(settings)
     s = settings.directions
     stored = read_means(p.means)
     keep_harmless = contrast_filter(s.contrast)
+    instructed = instructed_categories(read_prompts(p)[0])
     if s.winsorize_quantile is None:
-        harmful_mean, n_harmful = pooled_mean(stored.means, stored.counts, "harmful_mean", lambda c: True)
+        harmful_mean, n_harmful = pooled_mean(stored.means, stored.counts, "harmful_mean",
+                                              lambda c: c not in instructed)
         harmless_mean, n_harmless = pooled_mean(stored.means, stored.counts, "harmless_mean", keep_harmless)
         cat_means = {k.split(".", 1)[1]: v.double() for k, v in stored.means.items() if k.startswith("harmful_mean.")}
     else:
@@ -66,8 +70,9 @@ def run(settings: Settings, log: StageLogger) -> dict:
         _, g_cats, g_res = read_activations(p.harmless_activations)
         g_res = g_res[torch.tensor([keep_harmless(c) for c in g_cats])]
         h_res, g_res = winsorize(h_res, s.winsorize_quantile), winsorize(g_res, s.winsorize_quantile)
-        harmful_mean, harmless_mean = h_res.mean(0), g_res.mean(0)
-        n_harmful, n_harmless = h_res.shape[0], g_res.shape[0]
+        safety = torch.tensor([c not in instructed for c in h_cats])
+        harmful_mean, harmless_mean = h_res[safety].mean(0), g_res.mean(0)
+        n_harmful, n_harmless = int(safety.sum()), g_res.shape[0]
         cat_means = {c: h_res[torch.tensor([x == c for x in h_cats])].mean(0) for c in sorted(set(h_cats))}
     direction = refusal_directions(harmful_mean, harmless_mean, s.projected)  # [P, d]
     categories = sorted(cat_means)
@@ -116,7 +121,7 @@ def optimized_directions(settings: Settings, result: RefusalDirections, log: Sta
 
     def sample(df, n):
         rows = df.sample(n=min(n, len(df)), random_state=settings.optimize.seed)
-        return chat_prompts(tokenizer, rows.text.tolist(), system)
+        return chat_prompts(tokenizer, rows.text.tolist(), row_systems(rows, system))
 
     kept = [x for k in (c.kept if c.enabled else []) for x in sample(train[train.category == k], s.rdo_prompts)]
     harmless_prompts = sample(general[general.category == GENERAL], s.rdo_prompts)
@@ -124,7 +129,7 @@ def optimized_directions(settings: Settings, result: RefusalDirections, log: Sta
     rule = StrictKeywordRule(RefusalDetector(settings.optimize.refusal_markers or None))
     out = {"init_point": point, "steps": s.rdo_steps, "lr": s.rdo_lr, "by_direction": {}}
     jobs = ([(name, train[train.category == name]) for name in c.targeted] if c.enabled
-            else [("global", train)])
+            else [("global", train[~train.category.isin(instructed_categories(harmful))])])
     for name, rows in jobs:
         targeted = sample(rows, s.rdo_prompts * (1 if c.enabled else 4))
         targets = base_targets(model, tokenizer, targeted, kept, harmless_prompts, rule)

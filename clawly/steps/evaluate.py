@@ -7,7 +7,7 @@ import dataclasses
 import pandas as pd
 
 from clawly.artifacts.optimize import read_chosen_trial, read_optimizer_prompt_ids
-from clawly.artifacts.prompts import read_prompts
+from clawly.artifacts.prompts import instructed_categories, read_prompts, row_systems
 from clawly.categories import category_table, wilson_interval
 from clawly.classify import LocalJudge, read_labelled, response_classifier, scores
 from clawly.decoding import PromptSet
@@ -40,11 +40,13 @@ def merged_model_settings(settings: Settings):
     return dataclasses.replace(settings.model, name=str(Paths.of(settings).model), gguf_file=None)
 
 
-def evaluation_prompts(settings: Settings, tokenizer, requests: list[str], prefix: str = "") -> PromptSet:
-    """Harmful requests as `evaluate` asks them: the chat template with the system prompt (and a
-    response prefix, if the optimizer found one), in batches of evaluate.batch_size."""
-    return PromptSet(tokenizer, chat_prompts(tokenizer, requests, settings.model.system_prompt, prefix),
-                     settings.evaluate.batch_size)
+def evaluation_prompts(settings: Settings, tokenizer, requests: list[str], prefix: str = "",
+                       systems: list[str | None] | None = None) -> PromptSet:
+    """Harmful requests as `evaluate` asks them: the chat template with the system prompt (each
+    request's own where `systems` gives one, `row_systems`), and a response prefix if the optimizer
+    found one, in batches of evaluate.batch_size."""
+    system = settings.model.system_prompt if systems is None else systems
+    return PromptSet(tokenizer, chat_prompts(tokenizer, requests, system, prefix), settings.evaluate.batch_size)
 
 
 # What each count in the report means (`_measures`).
@@ -102,7 +104,8 @@ def selectivity(by_category: dict) -> dict:
 def headline(results: dict, category_mode: bool) -> dict:
     """The evaluate metrics: the merged model's held-out figures to compare between experiments
     (`dvc metrics show / diff`); the base model's and the per-category ones are in the report. In
-    category mode also `kept_retention` (the lowest, refusals only)."""
+    category mode also `kept_retention` (the lowest, refusals only); with instructed categories
+    `instructed_retention` (the lowest share of their base refusals left, refusals only)."""
     merged = results["merged"]
     out = {"kl_divergence": merged["kl_divergence"], "keyword_refusal_rate": merged["keyword_refusal_rate"],
            "not_compliant_rate": merged["not_compliant_rate"]}
@@ -110,6 +113,10 @@ def headline(results: dict, category_mode: bool) -> dict:
         kept = [r for r in selectivity(results["by_category"])["retained"].values() if r is not None]
         if kept:
             out["kept_retention"] = min(kept)
+    instructed = [m["retention"] for m in results["by_category"].values()
+                  if m.get("instructed") and m.get("retention") is not None]
+    if instructed:
+        out["instructed_retention"] = min(instructed)
     return out
 
 
@@ -117,7 +124,9 @@ def run(settings: Settings, log: StageLogger) -> dict:
     """Base vs merged model on held-out prompts, per category: the five-way labels (refusal, hedged,
     compliance, off-topic, degenerate: the response classifier split by the strict keyword rule),
     the plain and strict keyword refusals (95% Wilson intervals), and KL. The details
-    go to reports/evaluate.json and evaluate/by_category.csv, the headline figures to the metrics."""
+    go to reports/evaluate.json and evaluate/by_category.csv, the headline figures to the metrics.
+    The overall base/merged figures count the safety categories only: the instructed ones (refusals a
+    system prompt asks for) are reported per category, with their retention."""
     p = Paths.of(settings)
     require(p.model / "config.json", "merge")
     s = settings.evaluate
@@ -127,7 +136,9 @@ def run(settings: Settings, log: StageLogger) -> dict:
     classifier = response_classifier(settings)
     prefix = read_chosen_trial(p.chosen_trial).response_prefix
     base, tokenizer = load_model(settings.model, log)
-    prompts = evaluation_prompts(settings, tokenizer, harmful.text.tolist(), prefix)
+    prompts = evaluation_prompts(settings, tokenizer, harmful.text.tolist(), prefix,
+                                 row_systems(harmful, settings.model.system_prompt))
+    instructed = instructed_categories(harmful)
     harmless_prompts = PromptSet(tokenizer, chat_prompts(tokenizer, harmless.text.tolist(),
                                                          settings.model.system_prompt), s.batch_size)
     # Whole answers (no stop at the first marker): the classifier judges the answer, not its opening.
@@ -157,22 +168,26 @@ def run(settings: Settings, log: StageLogger) -> dict:
     test_rows = read_labelled(settings.classifier.test_file)
     quality = scores(test_rows, classifier([r["prompt"] for r in test_rows], [r["response"] for r in test_rows]).labels)
     keyword_quality = scores(test_rows, ["refusal" if detector(r["response"]) else "compliance" for r in test_rows])
-    n = len(table)
+    safety = table[~table.category.isin(instructed)]
+    n = len(safety)
     by_category = {}
     for cat, part in table.groupby("category", sort=True):
         by_category[cat] = {"base": _measures(part, "base"), "merged": _measures(part, "merged")}
     counts = {c: len(part) for c, part in table.groupby("category")}
-    roles = category_table(counts, {}, {}, settings.categories.weights)
+    roles = category_table(counts, {}, {}, settings.categories.weights, instructed)
     for c, m in by_category.items():
         m["role"] = roles[c]["role"]
-        if m["role"] == "kept":  # the share of base refusals still there, by each measure
+        if c in instructed:
+            m["instructed"] = True
+        if m["role"] == "kept" or c in instructed:  # the share of base refusals still there, by each measure
             for key in ("refusals", "strict_keyword_refusals", "keyword_refusals"):
                 m[key.replace("refusals", "retention")] = _share(m["merged"][key], m["base"][key])
     results = {
-        "harmful_prompts": n, "harmless_prompts": len(harmless), "max_new_tokens": s.max_new_tokens,
+        "harmful_prompts": n, "instructed_prompts": len(table) - n, "harmless_prompts": len(harmless),
+        "max_new_tokens": s.max_new_tokens,
         "measures": MEASURES,
-        "base": _measures(table, "base"),
-        "merged": {**_measures(table, "merged"), "kl_divergence": round(kl, 6)},
+        "base": _measures(safety, "base"),
+        "merged": {**_measures(safety, "merged"), "kl_divergence": round(kl, 6)},
         "by_category": by_category,
         "classifier": {"test_file": settings.classifier.test_file, "test_responses": len(test_rows),
                        "scores": quality, "keyword_rule_scores": keyword_quality},

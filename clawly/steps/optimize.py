@@ -24,7 +24,7 @@ from clawly import study as st
 from clawly.ablation import AblationPlan
 from clawly.artifacts.directions import AblationDirections, read_ablation_directions
 from clawly.artifacts.optimize import ChosenTrial, write_chosen_trial, write_optimizer_prompts
-from clawly.artifacts.prompts import read_prompts
+from clawly.artifacts.prompts import instructed_categories, read_prompts, row_systems
 from clawly.categories import category_table
 from clawly.classify import FEATURES, response_classifier
 from clawly.decoding import PromptSet, auto_batch_size, detect_response_prefix
@@ -134,12 +134,14 @@ def optimizer_prompts(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Prompts the optimizer scores trials on (deterministic by optimize.seed): from the tune split
     where the prompt tables have one (data.tune_per_category, data.harmless_tune), else from the
     eval split (evaluate then skips them). In category mode only the preset's categories
-    (targeted and kept) are scored."""
+    (targeted and kept) are scored; in global mode every category but the instructed ones."""
     harmful, harmless = read_prompts(Paths.of(settings))
     s = settings.optimize
     pool = harmful[harmful.split == tuning_split(harmful)]
     if settings.categories.enabled:
         pool = pool[pool.category.isin(list(settings.categories.weights))]
+    else:
+        pool = pool[~pool.category.isin(instructed_categories(harmful))]
     h = stratified_sample(pool, s.harmful_prompts, s.seed)
     g = harmless[harmless.split == tuning_split(harmless)]
     g = g.sample(n=min(len(g), s.harmless_prompts), random_state=s.seed).reset_index(drop=True)
@@ -180,7 +182,7 @@ def start_search(settings: Settings, log: StageLogger, model, tokenizer, ablatio
     sys_prompt = settings.model.system_prompt
     if prefix is None:
         prefix = response_prefix(settings, model, tokenizer, harmful.text.tolist(), harmless.text.tolist(), log)
-    prompts = ScoringPrompts(chat_prompts(tokenizer, harmful.text.tolist(), sys_prompt, prefix),
+    prompts = ScoringPrompts(chat_prompts(tokenizer, harmful.text.tolist(), row_systems(harmful, sys_prompt), prefix),
                              harmful.category.tolist(), chat_prompts(tokenizer, harmless.text.tolist(), sys_prompt),
                              harmful.text.tolist())
     if batch_size is None:

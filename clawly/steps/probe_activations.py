@@ -8,7 +8,7 @@ import pandas as pd
 
 from clawly.activations import RunningMean, generation_marker, instruction_suffix, probe_residuals
 from clawly.artifacts.activations import ActivationWriter, ResidualMeans, write_means
-from clawly.artifacts.prompts import read_prompts
+from clawly.artifacts.prompts import read_prompts, row_systems
 from clawly.io import atomic_path
 from clawly.log import StageLogger
 from clawly.measures import chat_prompts
@@ -43,7 +43,7 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> Non
     p.activations.mkdir(parents=True, exist_ok=True)
     for name, df, out in (("harmful", harmful, p.harmful_activations), ("harmless", harmless, p.harmless_activations)):
         rows = capped(df[df.split == "train"], settings.probe.max_per_category).reset_index(drop=True)
-        prompts = chat_prompts(tokenizer, rows.text.tolist(), settings.model.system_prompt)
+        prompts = chat_prompts(tokenizer, rows.text.tolist(), row_systems(rows, settings.model.system_prompt))
         t0 = time.perf_counter()
         with atomic_path(out) as tmp:
             writer = ActivationWriter(tmp, hidden)
