@@ -105,6 +105,8 @@ def test_presets_compose_into_category_settings(preset):
         assert c.kept == [] and len(c.targeted) == 8
     if preset == "keep_instructed":
         assert c.kept == ["self_harm_suicide", "instructed_refusal"]
+    if preset in ("default", "keep_instructed"):  # the method measured closest to the selectivity target
+        assert settings.directions.method == "rdo" and settings.data.tune_per_category == 16
     assert not Settings.from_dict(yaml.safe_load(composed_params())).categories.enabled  # no preset: global
 
 
