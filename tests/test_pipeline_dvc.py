@@ -189,10 +189,15 @@ def test_dvc_exp_run_with_a_preset_runs_category_mode(make_tiny_model, tmp_path)
     (tmp_path / ".dvc" / "config").write_text("[core]\n    analytics = false\n[hydra]\n    enabled = true\n")
     _run(["git", "add", "-A"], tmp_path, env)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"], tmp_path, env)
-    sets = [a for o in ["+preset=default", "categories.per_category_adapters=true", *overrides] for a in ("-S", o)]
+    # the preset learns its directions (RDO) from the base model's refusals: markers the tiny model writes
+    sets = [a for o in ["+preset=default", "categories.per_category_adapters=true", *overrides,
+                        "optimize.refusal_markers=[black,whom,the]"] for a in ("-S", o)]
     _run([sys.executable, "-m", "dvc", "exp", "run", *sets], tmp_path, env)
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     assert params["categories"]["weights"]["self_harm_suicide"] == 0.0
+    learned = json.loads((tmp_path / "artifacts/reports/directions.json").read_text())
+    assert learned["method"] == "rdo" and set(learned["rdo"]["by_direction"]) == {
+        "violence_weapons", "drugs_substances", "adult_content"}
     report = json.loads((tmp_path / "artifacts/reports/orthogonalize.json").read_text())
     assert report["mode"] == "category" and report["kept"] == ["self_harm_suicide"]
     assert report["order"] == ["violence_weapons", "drugs_substances", "adult_content"]
