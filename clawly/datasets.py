@@ -317,7 +317,7 @@ def _split_frame(texts: list[str], category: str, n_eval: int, rng: random.Rando
     texts = list(texts)
     rng.shuffle(texts)
     splits = ["eval"] * n_eval + ["tune"] * n_tune + ["train"] * (len(texts) - n_eval - n_tune)
-    frame = pd.DataFrame({"text": texts, "category": category, "split": splits})
+    frame = pd.DataFrame({"text": texts, "category": category, "split": splits, "system": ""})
     order = {"train": 0, "eval": 1, "tune": 2}
     return frame.sort_values("split", key=lambda col: col.map(order), kind="stable", ignore_index=True)
 
@@ -338,9 +338,7 @@ def _with_ids(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
     """Add ``{kind}-{category}-{NNNN}`` ids, numbered per category in row order."""
     number = frame.groupby("category", sort=False).cumcount()
     ids = [f"{kind}-{c}-{n:04d}" for c, n in zip(frame["category"], number, strict=True)]
-    if "system" not in frame.columns:
-        frame = frame.assign(system="")
-    out = frame.assign(id=ids, system=frame["system"].fillna(""))[COLUMNS].reset_index(drop=True)
+    out = frame.assign(id=ids)[COLUMNS].reset_index(drop=True)
     if out["id"].duplicated().any():
         raise DatasetError(f"{kind} prompt ids are not unique; rename categories that end in '-<digits>'")
     return out.astype(dict.fromkeys(COLUMNS, str))

@@ -54,8 +54,8 @@ def chat_prompts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
     if len(systems) != len(texts):
         raise ValueError(f"chat_prompts: {len(systems)} system prompts for {len(texts)} requests")
     out = []
-    for text, system_prompt in zip(texts, systems, strict=True):
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+    for text, system in zip(texts, systems, strict=True):
+        messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": text}]
         out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
                    + response_prefix)
