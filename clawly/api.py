@@ -37,7 +37,14 @@ from clawly.measures import chat_prompts
 from clawly.model import load_model, model_provenance, resolve_model_source
 from clawly.paths import Paths
 from clawly.settings import Settings
-from clawly.steps import compute_directions, generate_datasets, optimize, orthogonalize_categories, probe_activations
+from clawly.steps import (
+    analyze,
+    compute_directions,
+    generate_datasets,
+    optimize,
+    orthogonalize_categories,
+    probe_activations,
+)
 from clawly.study import finished
 
 TrialOutcome = optimize.TrialOutcome
@@ -60,6 +67,7 @@ class Pipeline:
         self.search: optimize.Search | None = None
         self.trial: TrialOutcome | None = None  # the trial whose weights the model holds (None: base)
         self._factors: dict | None = None
+        self._geometry: analyze.Geometry | None = None
         self._applied = contextlib.ExitStack()
 
     # ------------------------------------------------------------ inputs
@@ -162,6 +170,34 @@ class Pipeline:
     def write_outputs(self) -> dict:
         """The optimize stage's files: trials table, Pareto plot, chosen trial, metrics."""
         return optimize.write_search_outputs(self.settings, self.start_search(), self.log)
+
+    # ------------------------------------------------------------ research views
+
+    def residual_geometry(self) -> pd.DataFrame:
+        """Per probe point: norms of the harmful and harmless means and of their difference, their
+        cosines with each other and with the refusal direction, the direction's cosine with the
+        previous point's, the silhouettes (harmful vs harmless; the harmful residuals by category;
+        each category's) and the mean and largest cosine between category directions. Probes and
+        computes the directions first if needed; writes artifacts/research/geometry.{parquet,csv}."""
+        return self._research().table
+
+    def category_cosines(self) -> pd.DataFrame:
+        """The category x category cosine of the category directions per probe point (long form)."""
+        return self._research().cosines
+
+    def plot_residuals(self, out_dir: str | Path | None = None) -> list[Path]:
+        """PaCMAP projections of the residuals (research extra): `residuals.html` with a slider over
+        the probe points, coloured by harmful/harmless and by category, `embedding.parquet` and PNGs
+        of a few probe points, in `out_dir` (default artifacts/research/projections). Returns the files."""
+        out = Path(out_dir) if out_dir is not None else Paths.of(self.settings).projections
+        return analyze.write_projections(self.settings, self._research(), out, self.log)
+
+    def _research(self) -> analyze.Geometry:
+        if self._geometry is None:
+            self.compute_refusal_directions()
+            self._geometry = analyze.geometry(self.settings)
+            analyze.write_tables(self.settings, self._geometry)
+        return self._geometry
 
     # ------------------------------------------------------------ a trial's model
 

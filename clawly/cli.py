@@ -37,6 +37,7 @@ EXAMPLES = """examples:
   clawly MODEL --layers 8-16 --use-layer 12 --ablation-strength 1.0    direct mode, no optimization
   clawly MODEL --config my.yaml --non-interactive --push-to-hub me/model-abliterated
   clawly --reproduce out/model/clawly_reproduction.json --output rebuilt
+  clawly MODEL --category-preset default --print-residual-geometry --plot-residuals views
 """
 
 
@@ -94,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     direct.add_argument("--probe-marker", metavar="TEXT", help="probe the residual at this marker instead of the last "
                                                                "prompt token ('auto': the chat template's generation "
                                                                "prompt); sets probe.position=marker")
+    research = parser.add_argument_group("research views (probe and compute the directions, show, exit; no "
+                                         "optimization)")
+    research.add_argument("--print-residual-geometry", action="store_true",
+                          help="print per probe point the norms and cosines of the means and the refusal direction, "
+                               "the silhouettes (harmful vs harmless, between categories) and the category-direction "
+                               "cosines")
+    research.add_argument("--plot-residuals", metavar="DIR", help="write PaCMAP projections of the residuals into DIR: "
+                                                                  "residuals.html (a slider over the probe points) "
+                                                                  "and PNGs (needs the research extra)")
     owners = key_sections()
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} settings", SECTION_DOCS[section])
@@ -313,11 +323,17 @@ def run(args: argparse.Namespace, ask: Callable[[str], str] = input, say: Callab
         say(f"rebuilt the {kind} from {record} into {path}")
         return 0
     settings = settings_from_args(args)
+    if args.plot_residuals:  # before the model loads: a missing extra is said at once
+        from clawly.research import require_research_extra  # deferred: see above (torch)
+
+        require_research_extra()
     log = get_logger("clawly", Path(settings.artifacts_dir) / "logs")
     pipe = Pipeline(settings, log=log)
     pipe.load_model()
     direct = args.layers is not None or args.use_layer is not None or args.ablation_strength is not None
     pipe.compute_refusal_directions()
+    if args.print_residual_geometry or args.plot_residuals:
+        return research_views(pipe, args, say)
     chosen = None
     if direct:
         num_layers = pipe.model.config.num_hidden_layers
@@ -350,6 +366,45 @@ def run(args: argparse.Namespace, ask: Callable[[str], str] = input, say: Callab
             raise ClawlyError("--push-to-hub needs something saved: drop --save none")
         upload(saved[-1], args.push_to_hub, args.hub_private, say)
     say(f"work files (prompts, directions, study, trials table, Pareto plot) are in {settings.artifacts_dir}")
+    return 0
+
+
+GEOMETRY_COLUMNS = [  # (column, heading): the terminal table; geometry.csv has every column
+    ("probe_point", "point"), ("harmful_mean_norm", "|harmful|"), ("harmless_mean_norm", "|harmless|"),
+    ("difference_norm", "|difference|"), ("cos_harmful_harmless", "cos(harmful, harmless)"),
+    ("cos_harmful_direction", "cos(harmful, r)"), ("cos_harmless_direction", "cos(harmless, r)"),
+    ("cos_direction_previous", "cos(r, previous r)"), ("silhouette", "silhouette"),
+    ("category_silhouette", "silhouette by category"), ("category_cosine_mean", "mean cos between categories")]
+
+
+def geometry_table(table) -> Any:
+    """The residual geometry as a rich table (NaN shown as a dash)."""
+    from rich.table import Table  # deferred: only this view draws a table
+
+    shown = [(c, h) for c, h in GEOMETRY_COLUMNS if c in table]
+    out = Table(title="Residual geometry per probe point (0 = embeddings, l + 1 = output of decoder layer l; "
+                      "r = refusal direction)", title_justify="left")
+    for _, heading in shown:
+        out.add_column(heading, justify="right")
+    for _, row in table.iterrows():
+        out.add_row(*[str(int(row[c])) if c == "probe_point" else "-" if row[c] != row[c] else f"{row[c]:.3f}"
+                      for c, _ in shown])
+    return out
+
+
+def research_views(pipe, args: argparse.Namespace, say: Callable[[str], None]) -> int:
+    """--print-residual-geometry and --plot-residuals: show, write, exit."""
+    from clawly.paths import Paths  # deferred: see run()
+
+    table = pipe.residual_geometry()
+    if args.print_residual_geometry:
+        from rich.console import Console  # deferred: only this view draws
+
+        Console(width=max(160, len(table.columns) * 12), soft_wrap=False).print(geometry_table(table))
+        say(f"every column, per category too: {Paths.of(pipe.settings).geometry_csv}")
+    if args.plot_residuals:
+        files = pipe.plot_residuals(args.plot_residuals)
+        say(f"wrote {len(files)} files into {args.plot_residuals}: " + ", ".join(f.name for f in files))
     return 0
 
 

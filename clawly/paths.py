@@ -85,6 +85,20 @@ class Paths:
     @property
     def evaluation_table(self) -> Path: return self.evaluate / "by_category.csv"
 
+    # analyze (research views)
+    @property
+    def research(self) -> Path: return self.artifacts / "research"
+    @property
+    def geometry(self) -> Path: return self.research / "geometry.parquet"
+    @property
+    def geometry_csv(self) -> Path: return self.research / "geometry.csv"
+    @property
+    def category_cosines(self) -> Path: return self.research / "category_cosines.parquet"
+    @property
+    def category_cosines_csv(self) -> Path: return self.research / "category_cosines.csv"
+    @property
+    def projections(self) -> Path: return self.research / "projections"
+
     # metrics (the headline figures: optimize, evaluate), reports (every stage's details) and logs
     @property
     def metrics(self) -> Path: return self.artifacts / "metrics"

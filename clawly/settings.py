@@ -334,10 +334,27 @@ class ClassifierSettings:
     judge_trust_remote_code: bool = _f(False)
 
 
+@dataclass
+class ResearchSettings:
+    sample_per_category: int = _f(100)
+    projection_points: list[int] | None = _f(None)
+    png_points: list[int] | None = _f(None)
+    seed: int = _f(0)
+
+    def __post_init__(self) -> None:
+        _check(self.sample_per_category >= 2, "research.sample_per_category", self.sample_per_category,
+               "an integer >= 2")
+        for key in ("projection_points", "png_points"):
+            value = getattr(self, key)
+            _check(value is None or (isinstance(value, list) and value and all(isinstance(i, int) and i >= 0
+                                                                               for i in value)),
+                   f"research.{key}", value, "null or a non-empty list of probe points (integers >= 0)")
+
+
 SECTIONS = {"model": ModelSettings, "data": DataSettings, "probe": ProbeSettings, "directions": DirectionSettings,
             "orthogonalize": OrthogonalizeSettings, "categories": CategorySettings, "optimize": OptimizeSettings,
             "export": ExportSettings, "merge": MergeSettings, "evaluate": EvaluateSettings,
-            "classifier": ClassifierSettings}
+            "classifier": ClassifierSettings, "research": ResearchSettings}
 
 
 def key_sections() -> dict[str, list[str]]:
@@ -405,6 +422,7 @@ class Settings:
     merge: MergeSettings
     evaluate: EvaluateSettings
     classifier: ClassifierSettings
+    research: ResearchSettings
     artifacts_dir: str
 
     def __init__(self, artifacts_dir: str = "artifacts", **values: Any) -> None:

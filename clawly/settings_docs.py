@@ -14,6 +14,7 @@ SECTIONS = {
     'merge': 'merge: how the merged model is written.',
     'evaluate': 'evaluate: the held-out re-scoring of the merged model against the base model.',
     'classifier': 'The response classifier (refusal / compliance / off-topic / degenerate) and an optional judge model.',
+    'research': 'analyze: residual geometry per probe point and PaCMAP projections per harm category (research extra).',
 }
 
 HELP = {
@@ -192,4 +193,12 @@ HELP = {
         "Optional local judge model (a causal LM directory or .gguf, e.g. a guard model) whose one-word verdicts are reported beside the classifier's.",
     'classifier.judge_trust_remote_code':
         "Allow the judge model's repository code to run. Off unless you trust it.",
+    'research.sample_per_category':
+        'Residuals sampled per category (harmful and harmless alike, seeded) for the silhouettes and projections: memory and PaCMAP time grow with it, not with the prompt count.',
+    'research.projection_points':
+        'Probe points projected with PaCMAP for the interactive HTML (null: every probe point).',
+    'research.png_points':
+        'Probe points drawn as PNGs (null: where harmful and harmless separate most, where the categories separate most, and the last).',
+    'research.seed':
+        'Seed of the residual sample and of PaCMAP.',
 }

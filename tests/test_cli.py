@@ -10,6 +10,7 @@ import yaml
 from conftest import saved_tensors
 from safetensors.torch import load_file
 from test_hub import TOKEN, hub, isolated_hf  # noqa: F401 - fixtures
+from test_research import without_research_extra
 
 from clawly import cli
 from clawly.settings import key_sections
@@ -36,6 +37,9 @@ SPECIAL_OPTIONS = {
     "--ablation-strength": "test_direct_mode_ablates_only_the_given_layers",
     "--probe-marker": "test_probe_marker_sets_the_probe_position",
     "--artifacts-dir": "test_artifacts_dir_and_default_work_dir",
+    "--print-residual-geometry": "test_cli_prints_the_geometry_and_plots_without_optimizing",
+    "--plot-residuals": "test_cli_prints_the_geometry_and_plots_without_optimizing, "
+                        "test_cli_plot_residuals_without_the_extra_is_one_line",
 }
 
 
@@ -66,6 +70,7 @@ SAMPLES = {
     "directions.method": ("rdo", "rdo"), "directions.rdo_lr": ("0.05", 0.05),
     "directions.rdo_init_point": ("0.3", 0.3), "directions.rdo_kept_weight": ("2.5", 2.5),
     "directions.rdo_harmless_weight": ("0.5", 0.5), "optimize.kernels": ("per_category", "per_category"),
+    "research.projection_points": ("[1, 3]", [1, 3]), "research.png_points": ("[2]", [2]),
 }
 
 
@@ -326,3 +331,31 @@ def test_interactive_session_picks_saves_and_chats(cli_run, make_tiny_model, tin
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     record = json.loads((tmp_path / "model" / "clawly_reproduction.json").read_text())
     assert record["trial"]["index"] == 1  # the model saved after picking trial 1
+
+
+def test_cli_prints_the_geometry_and_plots_without_optimizing(make_tiny_model, tmp_path, capsys):
+    model_dir = make_tiny_model("llama", num_layers=3)
+    argv = [str(model_dir), "--output", str(tmp_path / "out"), "--non-interactive", "--device", "cpu",
+            "--data.train-per-category", "8", "--data.harmless-train", "24", "--probe.max-per-category", "8",
+            "--sample-per-category", "8", "--print-residual-geometry", "--plot-residuals", str(tmp_path / "views")]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Residual geometry per probe point" in out and "silhouette by category" in out
+    lines = [line for line in out.splitlines() if line.strip()[:1].isdigit() or line.strip().startswith("│ ")]
+    assert sum(1 for line in out.splitlines() if line.startswith("│") and line.split("│")[1].strip() in
+               {"0", "1", "2", "3"}) == 4, lines
+    assert (tmp_path / "views/residuals.html").exists()
+    assert not (tmp_path / "out/work/optimize").exists() and not (tmp_path / "out/model").exists()
+
+
+def test_cli_plot_residuals_without_the_extra_is_one_line(make_tiny_model, tmp_path, capsys, monkeypatch):
+    without_research_extra(monkeypatch)
+    argv = [str(make_tiny_model("llama")), "--output", str(tmp_path / "out"), "--device", "cpu",
+            "--data.train-per-category", "4", "--data.harmless-train", "8", "--plot-residuals", str(tmp_path / "v")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if "error" in line] == [
+        "clawly: error: the residual projections need pacmap and matplotlib, from the research extra: "
+        "pip install 'clawly[research]' (the geometry table needs neither)"]
+    assert not (tmp_path / "v").exists() and not (tmp_path / "out/work/activations").exists()  # said before probing
