@@ -73,6 +73,17 @@ def check_outputs(tmp: Path, n_trials: int) -> None:
                        "keyword_refusal_rate": summary["chosen"]["refusal_rate"]}
     by_layer = pd.read_csv(tmp / "artifacts/directions/by_layer.csv")
     assert len(by_layer) == d.shape[0] and by_layer.mean_difference_norm.iloc[1:].gt(0).all()
+    # analyze: the research views of the same probe points, from the probe and directions outputs
+    geometry = pd.read_csv(tmp / "artifacts/research/geometry.csv")
+    assert list(geometry.probe_point) == list(range(d.shape[0]))
+    expected_norms = by_layer.mean_difference_norm.tolist()
+    assert geometry.difference_norm.tolist() == pytest.approx(expected_norms, rel=1e-4, abs=1e-5)
+    assert geometry.silhouette.between(-1, 1).all() and "category_silhouette" in geometry
+    research = json.loads((tmp / "artifacts/metrics/analyze.json").read_text())
+    assert research["silhouette"] == pytest.approx(geometry.silhouette.max(), abs=1e-4)
+    views = tmp / "artifacts/research/projections"
+    assert (views / "residuals.html").read_text().rstrip().endswith("</html>")
+    assert sorted(f.name for f in views.glob("pacmap_point_*.png"))
     assert (tmp / "artifacts/lora/adapter_config.json").exists()
     model_dir = tmp / "artifacts/model"
     assert (model_dir / "model.safetensors.index.json").exists()  # sharded at 100KB

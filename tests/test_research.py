@@ -185,8 +185,10 @@ def test_analyze_writes_tables_metrics_and_well_formed_html_and_pngs(tmp_path):
     assert len(table) == POINTS and {"silhouette", "category_silhouette", "category_cosine_mean"} <= set(table)
     cos = pd.read_csv(p.category_cosines_csv)
     assert len(cos) == POINTS * 9
-    metrics = json.loads(p.metric("analyze").read_text())
+    metrics = json.loads(p.report("analyze").read_text())
     assert metrics == summary and metrics["category_silhouette_max_at"] == SEPARATES_AT
+    assert json.loads(p.metric("analyze").read_text()) == {"silhouette": metrics["silhouette_max"],
+                                                           "category_silhouette": metrics["category_silhouette_max"]}
     assert metrics["sampled_residuals"] == 20
     assert metrics["category_cosine_mean_min"] == pytest.approx(table.category_cosine_mean[1:].min(), abs=1e-4)
 

@@ -5,7 +5,8 @@ Writes under `artifacts/research/`: `geometry.{parquet,csv}` (one row per probe 
 of the directions per probe point), and `projections/`: `residuals.html` (PaCMAP per probe point,
 coloured by set and by category, one plotly page with a slider), `embedding.parquet` (the 2-D
 points behind it), `pacmap_point_NN.png` for a few probe points and `category_cosines_point_NN.png`
-where the categories' directions differ most. The headline figures go to `metrics/analyze.json`.
+where the categories' directions differ most. The summary (where harmful and harmless separate most, where
+the categories do) goes to `reports/analyze.json`, its two peaks to `metrics/analyze.json`.
 """
 
 from __future__ import annotations
@@ -113,6 +114,9 @@ def run(settings: Settings, log: StageLogger) -> dict:
     write_tables(settings, g)
     files = write_projections(settings, g, p.projections, log)
     summary = {**rs.summary(g.table), "sampled_residuals": int(g.sample.residuals.shape[0])}
-    write_json(p.metric("analyze"), summary)
+    write_json(p.report("analyze"), summary)
+    # `dvc metrics show` stays one terminal wide: the two figures, where they peak is in the report
+    write_json(p.metric("analyze"), {k: summary[f"{k}_max"] for k in ("silhouette", "category_silhouette")
+                                     if f"{k}_max" in summary})
     log.event("analyzed", **summary, files=[f.name for f in files])
     return summary
