@@ -22,7 +22,7 @@ import yaml
 
 from clawly.errors import ClawlyError
 from clawly.log import get_logger
-from clawly.paths import project_file
+from clawly.paths import Paths, project_file
 from clawly.settings import REFUSAL_MEASURES, SECTIONS, Settings, SettingsError, dotted_keys, key_sections
 from clawly.settings_docs import HELP
 from clawly.settings_docs import SECTIONS as SECTION_DOCS
@@ -394,8 +394,6 @@ def geometry_table(table) -> Any:
 
 def research_views(pipe, args: argparse.Namespace, say: Callable[[str], None]) -> int:
     """--print-residual-geometry and --plot-residuals: show, write, exit."""
-    from clawly.paths import Paths  # deferred: see run()
-
     table = pipe.residual_geometry()
     if args.print_residual_geometry:
         from rich.console import Console  # deferred: only this view draws

@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from clawly.directions import cosine, direction_report
 from clawly.errors import ClawlyError
 from clawly.io import atomic_path
 
@@ -80,13 +81,6 @@ def silhouette(x: torch.Tensor, labels: Sequence[str]) -> float:
     """The silhouette coefficient: the mean silhouette value over all points (1: tight, far-apart
     clusters; 0: overlapping; negative: points nearer another cluster than their own)."""
     return float(silhouette_values(x, labels).mean())
-
-
-def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise cosine of `[P, d]` tensors (0 where either row is zero)."""
-    a, b = a.double(), b.double()
-    den = a.norm(dim=-1) * b.norm(dim=-1)
-    return torch.where(den > 0, (a * b).sum(-1) / den.clamp(min=1e-30), torch.zeros_like(den))
 
 
 # ------------------------------------------------------------------ the sample
@@ -163,18 +157,17 @@ def geometry_table(harmful_mean: torch.Tensor, harmless_mean: torch.Tensor, dire
                    category_directions: dict[str, torch.Tensor], sample: ResidualSample | None) -> pd.DataFrame:
     """One row per probe point (see the module docstring). Means and directions `[P, d]`; the
     silhouettes come from `sample` (None: left out)."""
-    diff = harmful_mean.double() - harmless_mean.double()
     p = harmful_mean.shape[0]
-    previous = torch.cat([torch.full((1,), float("nan"), dtype=torch.float64), _cos(direction[1:], direction[:-1])])
+    report = direction_report(harmful_mean, harmless_mean, direction)  # what compute-directions reports
     table = pd.DataFrame({
         "probe_point": range(p),
         "harmful_mean_norm": harmful_mean.double().norm(dim=-1).numpy(),
         "harmless_mean_norm": harmless_mean.double().norm(dim=-1).numpy(),
-        "difference_norm": diff.norm(dim=-1).numpy(),
-        "cos_harmful_harmless": _cos(harmful_mean, harmless_mean).numpy(),
-        "cos_harmful_direction": _cos(harmful_mean, direction).numpy(),
-        "cos_harmless_direction": _cos(harmless_mean, direction).numpy(),
-        "cos_direction_previous": previous.numpy(),
+        "difference_norm": report["mean_difference_norm"],
+        "cos_harmful_harmless": cosine(harmful_mean, harmless_mean).numpy(),
+        "cos_harmful_direction": cosine(harmful_mean, direction).numpy(),
+        "cos_harmless_direction": cosine(harmless_mean, direction).numpy(),
+        "cos_direction_previous": [float("nan"), *report["adjacent_cosine"]],
     })
     cats = sorted(category_directions)
     if sample is not None:
@@ -191,7 +184,7 @@ def geometry_table(harmful_mean: torch.Tensor, harmless_mean: torch.Tensor, dire
                 mask = torch.tensor([c == cat for c in sample_cats])
                 table[f"silhouette.{cat}"] = [float(v[mask].mean()) for v in values]
     if len(cats) >= 2:
-        pairs = torch.stack([_cos(category_directions[a], category_directions[b])
+        pairs = torch.stack([cosine(category_directions[a], category_directions[b])
                              for a, b in itertools.combinations(cats, 2)])  # [pairs, P]
         table["category_cosine_mean"] = pairs.mean(0).numpy()
         table["category_cosine_max"] = pairs.max(0).values.numpy()
@@ -204,7 +197,7 @@ def category_cosines(category_directions: dict[str, torch.Tensor]) -> pd.DataFra
     rows = []
     for a in cats:
         for b in cats:
-            cos = _cos(category_directions[a], category_directions[b])
+            cos = cosine(category_directions[a], category_directions[b])
             rows += [(i, a, b, round(float(c), 6)) for i, c in enumerate(cos)]
     return pd.DataFrame(rows, columns=["probe_point", "category_a", "category_b", "cosine"])
 
@@ -306,7 +299,8 @@ def projection_figure(sample: ResidualSample, embedded: dict[int, np.ndarray], t
                     marker={"size": 5, "color": palette[name], "opacity": 0.75},
                     text=[hover[k] for k in idx], hoverinfo="text", visible=False), row=1, col=col)
         trace_ranges.append((start, len(fig.data)))
-    first = points.index(telling_points(table)[0]) if table is not None and telling_points(table)[0] in points else 0
+    start_at = telling_points(table)[0] if table is not None else None
+    first = points.index(start_at) if start_at in points else 0
     for k in range(*trace_ranges[first]):
         fig.data[k].visible = True
     steps = []
@@ -314,12 +308,11 @@ def projection_figure(sample: ResidualSample, embedded: dict[int, np.ndarray], t
         visible = [False] * len(fig.data)
         for k in range(*trace_ranges[j]):
             visible[k] = True
-        label = f"{point}"
         note = ""
         if table is not None and "silhouette" in table:
             note = f" (silhouette {table.silhouette[point]:.2f}"
             note += f", categories {table.category_silhouette[point]:.2f})" if "category_silhouette" in table else ")"
-        steps.append({"method": "update", "label": label,
+        steps.append({"method": "update", "label": str(point),
                       "args": [{"visible": visible}, {"title.text": f"{title}: probe point {point}{note}"}]})
     fig.update_layout(sliders=[{"active": first, "currentvalue": {"prefix": "probe point "}, "steps": steps,
                                 "pad": {"t": 30}}],
@@ -330,16 +323,22 @@ def projection_figure(sample: ResidualSample, embedded: dict[int, np.ndarray], t
     return fig
 
 
-def write_projection_pngs(sample: ResidualSample, embedded: dict[int, np.ndarray], points: Sequence[int],
-                          out_dir: Path, table: pd.DataFrame | None = None) -> list[Path]:
-    """`pacmap_point_NN.png` per probe point in `points` (two panels: by set, by category), written by
-    matplotlib's Agg backend (offline, no browser)."""
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (offline, no display)."""
     require_research_extra()
     import matplotlib  # optional: the research extra, checked above
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # optional, as above
 
+    return plt
+
+
+def write_projection_pngs(sample: ResidualSample, embedded: dict[int, np.ndarray], points: Sequence[int],
+                          out_dir: Path, table: pd.DataFrame | None = None) -> list[Path]:
+    """`pacmap_point_NN.png` per probe point in `points` (two panels: by set, by category), written by
+    matplotlib's Agg backend (offline, no browser)."""
+    plt = _pyplot()
     written = []
     for point in points:
         fig, axes = plt.subplots(1, 2, figsize=(12, 5.4))
@@ -369,12 +368,7 @@ def write_projection_pngs(sample: ResidualSample, embedded: dict[int, np.ndarray
 
 def write_cosine_heatmap(cosines: pd.DataFrame, point: int, path: Path) -> Path:
     """The category x category cosine matrix at one probe point, as a PNG heatmap."""
-    require_research_extra()
-    import matplotlib  # optional: the research extra, checked above
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # optional, as above
-
+    plt = _pyplot()
     at = cosines[cosines.probe_point == point].pivot(index="category_a", columns="category_b", values="cosine")
     fig, ax = plt.subplots(figsize=(1.1 * len(at) + 3, 0.9 * len(at) + 2))
     im = ax.imshow(at.to_numpy(), vmin=-1, vmax=1, cmap="RdBu_r")

@@ -73,7 +73,6 @@ def _points(requested: list[int] | None, default: list[int], available: int, key
 def write_projections(settings: Settings, g: Geometry, out_dir: Path, log: StageLogger | None = None) -> list[Path]:
     """PaCMAP the sample at the chosen probe points; write the HTML, the 2-D points and the PNGs into
     `out_dir` (replaced whole, atomically). Returns the files written."""
-    rs.require_research_extra()
     r = settings.research
     available = g.sample.probe_points
     html_points = _points(r.projection_points, list(range(available)), available, "projection_points")
