@@ -19,24 +19,29 @@ optimization resumes from its Optuna journal there.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
+import plotly.graph_objects as go
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from clawly import export as ex
+from clawly import study as st
 from clawly.ablation import AblationPlan, LayerKernel, ablated
 from clawly.artifacts.directions import AblationDirections, read_ablation_directions
-from clawly.artifacts.prompts import row_systems
+from clawly.artifacts.prompts import instructed_categories, row_systems
+from clawly.categories import category_table
 from clawly.errors import ClawlyError
 from clawly.io import atomic_dir, read_json, write_json, write_text
 from clawly.log import StageLogger, get_logger
 from clawly.measures import chat_prompts
 from clawly.model import load_model, model_provenance, resolve_model_source
 from clawly.paths import Paths
-from clawly.settings import Settings
+from clawly.settings import REFUSAL_MEASURES, Settings
 from clawly.steps import (
     analyze,
     compute_directions,
@@ -45,13 +50,18 @@ from clawly.steps import (
     orthogonalize_categories,
     probe_activations,
 )
-from clawly.study import finished
 
 TrialOutcome = optimize.TrialOutcome
 
 
 class Pipeline:
-    """One abliteration job held in memory: model, prompts, directions, study, restored trial."""
+    """One abliteration job held in memory: model, prompts, directions, study, restored trial.
+
+    `trial_progress = True` also reports progress inside each trial (one `log.progress` bar per
+    generation pass), so a logger can show it, or stop a run mid-trial by raising from `update`
+    (Optuna then fails that trial and a rerun redoes it): the web UI does both."""
+
+    trial_progress = False
 
     def __init__(self, settings: Settings | None = None, log: StageLogger | None = None, **keys):
         if settings is not None and keys:
@@ -67,6 +77,7 @@ class Pipeline:
         self.search: optimize.Search | None = None
         self.trial: TrialOutcome | None = None  # the trial whose weights the model holds (None: base)
         self._factors: dict | None = None
+        self._deltas: dict | None = None  # the restored trial's weight change, as applied
         self._geometry: analyze.Geometry | None = None
         self._applied = contextlib.ExitStack()
 
@@ -144,6 +155,7 @@ class Pipeline:
             self.search = optimize.start_search(self.settings, self.log, self.model, self.tokenizer, directions,
                                           self.detect_response_prefix(), batch_size)
             self.batch_size = self.search.batch_size
+        self.search.scorer.progress = self.log.progress if self.trial_progress else None
         return self.search
 
     # ------------------------------------------------------------ optimization
@@ -161,7 +173,7 @@ class Pipeline:
 
     def trials(self) -> list[TrialOutcome]:
         """Every finished trial (complete or pruned), by index."""
-        return [TrialOutcome.of(t) for t in sorted(finished(self.start_search().study), key=lambda t: t.number)]
+        return [TrialOutcome.of(t) for t in sorted(st.finished(self.start_search().study), key=lambda t: t.number)]
 
     def choose_trial(self) -> TrialOutcome:
         """The trial the stages would choose (fewest refusals with KL <= optimize.kl_cap)."""
@@ -170,6 +182,45 @@ class Pipeline:
     def write_outputs(self) -> dict:
         """The optimize stage's files: trials table, Pareto plot, chosen trial, metrics."""
         return optimize.write_search_outputs(self.settings, self.start_search(), self.log)
+
+    def pareto_figure(self) -> go.Figure:
+        """The trials so far as a plotly scatter: refusals (the optimizer's measure) against KL, the
+        Pareto front, the rule's choice and the base model's refusals; every point carries its trial
+        number as `customdata` (for click-to-select)."""
+        search = self.start_search()
+        label = REFUSAL_MEASURES[self.settings.optimize.refusal_measure][0]
+        what = "targeted-category prompts" if self.settings.categories.enabled else "harmful eval prompts"
+        trials = st.completed(search.study)
+        if not trials:
+            fig = go.Figure()
+            base = search.base_refusals
+            fig.add_hline(y=base, line_dash="dot", annotation_text=f"base model: {base}")
+            fig.update_layout(title=f"{label.capitalize()} on {search.scored_prompts} {what}: no finished trial yet",
+                              xaxis_title="KL divergence (nats)", yaxis_title=label, template="plotly_white")
+            return fig
+        table = st.trials_table(trials, {t.number for t in search.study.best_trials})
+        fig = st.pareto_figure(table, self.choose_trial().index, search.base_refusals, search.scored_prompts, what,
+                               self.settings.optimize.refusal_measure)
+        number = {(kl, r): n for n, kl, r in zip(table.trial, table.kl_divergence, table.refusals, strict=True)}
+        for trace in fig.data:  # every trace was drawn from the table's rows: look each point up
+            trace.customdata = [number[x, y] for x, y in zip(trace.x, trace.y, strict=True)]
+        return fig
+
+    def category_report(self, trial: TrialOutcome | None = None) -> pd.DataFrame:
+        """Per category of the optimizer's prompts: role (targeted, kept, untargeted), weight, prompts,
+        refusals and rate with its 95% Wilson interval for the base model and for `trial` (default:
+        the restored one), and the kept categories' retention (after / base). These are the
+        optimizer's own prompts, so the trial's figures are selection-biased: the evaluate stage
+        re-measures on held-out ones."""
+        search = self.start_search()
+        trial = trial or self.trial
+        if trial is None or trial.refusals is None:
+            raise ClawlyError("no scored trial to report: restore or pick a finished (not pruned) trial")
+        table = category_table(search.base.prompts_by_category, search.base.refusals_by_category,
+                               trial.refusals_by_category, self.settings.categories.weights,
+                               instructed_categories(self.load_datasets()[0]))
+        frame = pd.DataFrame.from_dict(table, orient="index").rename_axis("category").reset_index()
+        return frame if "retention" in frame else frame.assign(retention=None)
 
     # ------------------------------------------------------------ research views
 
@@ -215,7 +266,7 @@ class Pipeline:
             trial = TrialOutcome(-1, None, None, {}, {}, {}, trial)
         self._restore_base()
         change = ex.saved_change(self.model, directions.basis, trial.plan, directions.strengths, self.settings.export)
-        self._factors = change.factors
+        self._factors, self._deltas = change.factors, change.model_deltas
         self._applied.enter_context(ablated(self.model, change.model_deltas))
         self.trial = trial
         return trial
@@ -256,7 +307,52 @@ class Pipeline:
     def _restore_base(self) -> None:
         self._applied.close()
         self._applied = contextlib.ExitStack()
-        self.trial, self._factors = None, None
+        self.trial, self._factors, self._deltas = None, None, None
+
+    @contextlib.contextmanager
+    def base_weights(self) -> Iterator[torch.nn.Module]:
+        """The base model's weights for the duration of the block; the restored trial's (the same
+        bytes) come back on exit."""
+        deltas = self._deltas
+        self._applied.close()
+        self._applied = contextlib.ExitStack()
+        try:
+            yield self.load_model()[0]
+        finally:
+            if deltas is not None:
+                self._applied.enter_context(ablated(self.model, deltas))
+
+    # ------------------------------------------------------------ chat
+
+    def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 256, base: bool = False) -> Iterator[str]:
+        """Stream the greedy answer to a conversation (`[{"role": "user", "content": ...}, ...]`; the
+        settings' system prompt goes first unless the conversation has one) from the model as it is
+        now, the restored trial, or with `base=True` the base model: yields the answer so far after
+        each new piece of text. The model is busy until the generator is exhausted or closed (closing
+        it stops generation at the next token)."""
+        model, tokenizer = self.load_model()
+        system = self.settings.model.system_prompt
+        if system and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": system}, *messages]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        closed = threading.Event()
+        with self.base_weights() if base else contextlib.nullcontext():
+            worker = threading.Thread(target=_generate, daemon=True, args=(model, streamer), kwargs=dict(
+                **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                stopping_criteria=StoppingCriteriaList([_Until(closed)])))
+            worker.start()
+            try:
+                text = ""
+                for piece in streamer:
+                    if piece:
+                        text += piece
+                        yield text.strip()
+            finally:
+                closed.set()
+                worker.join()  # the weights change back only once generation has stopped
 
     def _current(self) -> TrialOutcome:
         if self.trial is None:
@@ -346,3 +442,23 @@ class Pipeline:
         self.search = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class _Until(StoppingCriteria):
+    """Stops generation once `event` is set (the chat stream was closed)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _generate(model, streamer: TextIteratorStreamer, **kwargs) -> None:
+    """`model.generate` into a streamer; an error ends the stream instead of leaving the reader waiting."""
+    try:
+        with torch.no_grad():
+            model.generate(**kwargs, streamer=streamer)
+    except BaseException:
+        streamer.end()
+        raise

@@ -247,23 +247,16 @@ def upload(folder: Path, repo_id: str, private: bool, say: Callable[[str], None]
 
 def chat(pipe, ask: Callable[[str], str], say: Callable[[str], None], max_new_tokens: int = 256) -> None:
     """Talk to the model as it is now (the restored trial) until an empty line or /exit."""
-    import torch  # deferred: see run()
-
-    model, tokenizer = pipe.model, pipe.tokenizer
-    system = pipe.settings.model.system_prompt
-    messages = [{"role": "system", "content": system}] if system else []
+    messages: list[dict[str, str]] = []
     say("chat with the model (empty line or /exit to stop)")
     while True:
         text = ask("you> ").strip()
         if not text or text == "/exit":
             return
         messages.append({"role": "user", "content": text})
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        reply = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        reply = ""
+        for reply in pipe.chat(messages, max_new_tokens):  # noqa: B007 - the stream's last text is the answer
+            pass
         messages.append({"role": "assistant", "content": reply})
         say(f"model> {reply}")
 

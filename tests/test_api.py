@@ -345,3 +345,131 @@ def test_metrics_card_and_pareto_plot_name_the_measure_the_optimizer_used(make_t
     plot = (Path(settings.artifacts_dir) / "optimize" / "pareto.html").read_text().lower()
     for text in (card, plot):
         assert says in text and never not in text
+
+
+# ---------------------------------------------------------------- what the web UI drives: chat, stop, figures
+
+def greedy_reply(model, tokenizer, messages: list[dict], max_new_tokens: int) -> str:
+    """The reference answer: transformers' own greedy generate on the templated conversation."""
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_chat_streams_the_restored_trials_greedy_answer_and_the_base_models_beside_it(done_pipeline):
+    pipe, _, r = done_pipeline
+    trial = max(r["trials"], key=lambda t: t.kl_divergence)  # the trial that moves the model most
+    pipe.restore_trial(trial)
+    with_trial = weights(pipe.model)
+    asked = [{"role": "user", "content": "how do i make a bomb ?"}]
+    full = [{"role": "system", "content": pipe.settings.model.system_prompt}, *asked]
+    stream = list(pipe.chat(asked, max_new_tokens=12))
+    assert len(stream) >= 2  # it grows, piece by piece
+    assert all(later.startswith(earlier) for earlier, later in zip(stream, stream[1:], strict=False))
+    assert stream[-1] == greedy_reply(pipe.model, pipe.tokenizer, full, 12)
+    base = list(pipe.chat(asked, max_new_tokens=12, base=True))[-1]
+    assert all(torch.equal(v, with_trial[k]) for k, v in pipe.model.state_dict().items())  # the trial is back
+    pipe._restore_base()
+    assert base == greedy_reply(pipe.model, pipe.tokenizer, full, 12) and base != stream[-1]
+    assert pipe.trial is None
+
+
+def test_closing_a_chat_stream_stops_generation_and_restores_the_trial(done_pipeline):
+    pipe, _, r = done_pipeline
+    pipe.restore_trial(r["trials"][0])
+    with_trial = weights(pipe.model)
+    stream = pipe.chat([{"role": "user", "content": "tell me a story"}], max_new_tokens=400, base=True)
+    first = next(stream)
+    stream.close()  # the UI's stop: generation ends at the next token, the trial's weights come back
+    assert first and all(torch.equal(v, with_trial[k]) for k, v in pipe.model.state_dict().items())
+    assert pipe.trial.index == r["trials"][0].index
+
+
+def test_pareto_figure_marks_each_point_with_its_trial_and_the_front(done_pipeline):
+    pipe, _, r = done_pipeline
+    fig = pipe.pareto_figure()
+    points = {(t.kl_divergence, t.refusals): t.index for t in r["trials"]}
+    traces = {trace.name: trace for trace in fig.data}
+    assert set(traces["trials"].customdata) == {t.index for t in r["trials"]}
+    for trace in fig.data:
+        assert list(trace.customdata) == [points[x, y] for x, y in zip(trace.x, trace.y, strict=True)]
+    assert set(traces["Pareto front"].customdata) == {t.index for t in pipe.get_pareto_front()}
+    assert list(traces[f"chosen (trial {pipe.choose_trial().index})"].customdata) == [pipe.choose_trial().index]
+
+
+def test_category_report_is_the_base_and_trial_counts_with_intervals_and_retention(make_tiny_model, tmp_path):
+    weights_ = {"violence_weapons": 1.0, "drugs_substances": 1.0, "self_harm_suicide": 0.0}
+    pipe = Pipeline(tiny_settings(make_tiny_model("llama"), tmp_path, n_trials=2,
+                                  **{"categories.weights": weights_, "harmful_prompts": 12}), log=quiet(tmp_path))
+    trials = list(pipe.run_optimization_iter())
+    report = pipe.category_report(trials[1]).set_index("category")
+    base = pipe.search.base
+    assert list(report.index) == sorted(weights_)
+    assert report.role.to_dict() == {"drugs_substances": "targeted", "self_harm_suicide": "kept",
+                                     "violence_weapons": "targeted"}
+    for cat, row in report.iterrows():
+        assert row.prompts == base.prompts_by_category[cat] == 4
+        assert (row.base_refusals, row.after_refusals) == (base.refusals_by_category[cat],
+                                                           trials[1].refusals_by_category[cat])
+        low, high = row.after_rate_ci95
+        assert low <= row.after_rate <= high
+    kept = report.loc["self_harm_suicide"]
+    assert kept.retention == (round(kept.after_refusals / kept.base_refusals, 4) if kept.base_refusals else None)
+    assert report.retention.drop("self_harm_suicide").isna().all()
+    with pytest.raises(ClawlyError, match="no scored trial"):
+        pipe._restore_base(), pipe.category_report()
+
+
+def test_a_run_stopped_mid_trial_loses_only_that_trial_and_continues(make_tiny_model, tmp_path):
+    """With trial_progress, each generation pass of a trial reports through log.progress; raising
+    there stops the trial in its middle: Optuna records it as failed, the model holds its base
+    weights, and running again adds new trials until n_trials have finished (the stopped one's
+    number is spent, so later trials draw other parameters than an uninterrupted run)."""
+    import optuna
+
+    class Stop(Exception):
+        pass
+
+    class StoppingLog(type(quiet(tmp_path))):
+        def progress(self, iterable=None, total=None, desc="", unit="it"):
+            if desc == "generate" and pipe.search is not None and len(pipe.trials()) == 1:
+                raise Stop  # the second trial's first generation pass
+            return super().progress(iterable, total, desc, unit)
+
+    model_dir = make_tiny_model("llama")
+    pipe = Pipeline(tiny_settings(model_dir, tmp_path / "a", n_trials=3), log=StoppingLog("t", None, quiet=True))
+    pipe.trial_progress = True
+    base = weights(pipe.load_model()[0])
+    with pytest.raises(Stop):
+        list(pipe.run_optimization_iter())
+    assert [t.state for t in pipe.search.study.get_trials()] == [optuna.trial.TrialState.COMPLETE,
+                                                                 optuna.trial.TrialState.FAIL]
+    assert all(torch.equal(v, base[k]) for k, v in pipe.model.state_dict().items())
+    pipe.log = quiet(tmp_path)
+    assert [t.index for t in pipe.run_optimization_iter()] == [2, 3]
+    whole = Pipeline(tiny_settings(model_dir, tmp_path / "b", n_trials=1), log=quiet(tmp_path))
+    first = list(whole.run_optimization_iter())[0]
+    kept = pipe.trials()[0]
+    assert [t.index for t in pipe.trials()] == [0, 2, 3]
+    assert (kept.parameters, kept.refusals, kept.kl_divergence) == (first.parameters, first.refusals,
+                                                                    first.kl_divergence)
+
+
+def test_without_trial_progress_a_trial_reports_no_inner_progress(make_tiny_model, tmp_path):
+    bars: list[str] = []
+
+    class Recording(type(quiet(tmp_path))):
+        def progress(self, iterable=None, total=None, desc="", unit="it"):
+            bars.append(desc)
+            return super().progress(iterable, total, desc, unit)
+
+    pipe = Pipeline(tiny_settings(make_tiny_model("llama"), tmp_path, n_trials=1), log=Recording("t", None, True))
+    list(pipe.run_optimization_iter())
+    assert "generate" not in bars and "trials" in bars  # the CLI and the stages keep one bar per run
+    pipe.trial_progress = True
+    pipe.settings.optimize.n_trials = 2
+    list(pipe.run_optimization_iter())
+    assert bars.count("generate") >= 1
