@@ -1,0 +1,255 @@
+"""The web UI's server side without a browser: the settings form, the server-held run, the command.
+
+The browser drives the real app in tests/test_web_browser.py; here each piece is checked on its own:
+every setting has its field and comes back unchanged, a field's message is the settings' own, a
+preset leaves nothing of the previous one behind, and the run is one per server (a second start is
+refused, stop ends the running trial, a new start continues the study, the model is refused while
+the run holds it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from test_api import TINY
+
+from clawly.settings import SECTIONS, Settings
+from clawly.web import form
+from clawly.web.run import FINISHED, RUNNING, STOPPED, ModelBusy, RunStopped, WebRun
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------- the form
+
+def test_every_setting_has_one_field_with_its_help_and_default():
+    keys = [f.key for f in form.form_fields()]
+    expected = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    assert sorted(keys + [form.WEIGHTS]) == sorted(expected) and len(set(keys)) == len(keys)
+    assert keys[:len(form.TOP)] == list(form.TOP)
+    for f in form.form_fields():
+        assert f.help and f.kind in ("bool", "int", "float", "choice", "text")
+    kinds = {f.key: f.kind for f in form.form_fields()}
+    assert (kinds["optimize.n_trials"], kinds["optimize.kl_cap"], kinds["model.trust_remote_code"],
+            kinds["probe.max_per_category"], kinds["optimize.components"]) == ("int", "float", "bool", "text", "text")
+
+
+@pytest.mark.parametrize("key", sorted(form.CHOICES))
+def test_each_dropdown_offers_exactly_the_values_the_settings_accept(key):
+    field = next(f for f in form.form_fields() if f.key == key)
+    for choice in field.choices:
+        assert form.field_error(field, choice) is None
+    assert form.field_error(field, "not-" + field.choices[0]) is not None
+
+
+def test_the_form_holds_any_settings_and_gives_them_back_unchanged(tmp_path):
+    settings = Settings(artifacts_dir=str(tmp_path), **{
+        "model.name": "some/model", "model.system_prompt": None, "probe.max_per_category": 7,
+        "optimize.components": ["mlp_down"], "optimize.refusal_markers": ["I can't", "no: never"],
+        "optimize.batch_size": "auto", "optimize.kl_cap": 0.25, "optimize.prune_kl": None,
+        "model.load_in_4bit": True, "data.harmful_files": ["a b.csv"], "research.png_points": [1, 3]})
+    weights = {"violence_weapons": 1.0, "self_harm_suicide": 0.0}
+    again, errors, across = form.settings_from_form(form.form_values(settings), weights, settings)
+    assert (errors, across) == ({}, None)
+    expected = settings.to_dict()
+    expected["categories"]["weights"] = weights
+    assert again == Settings.from_dict(expected)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("optimize.n_trials", 0, "invalid setting optimize.n_trials=0: an integer >= 1"),
+    ("optimize.n_trials", None, "invalid setting optimize.n_trials=None: an integer"),
+    ("optimize.kl_cap", -1.0, "invalid setting optimize.kl_cap=-1.0: a number > 0"),
+    ("optimize.components", "[attn_out, nope]", "a non-empty subset of [attn_out, mlp_down]"),
+    ("probe.max_per_category", "many", "invalid setting probe.max_per_category='many': an integer or null"),
+    ("optimize.direction_index_range", "[0.9, 0.4]", "[low, high] with 0 <= low <= high"),
+    ("merge.max_shard_size", "2 parsecs", "a size such as 500MB or 2GB"),
+])
+def test_an_invalid_field_gets_the_settings_own_message(key, value, message):
+    field = next(f for f in form.form_fields() if f.key == key)
+    assert message in form.field_error(field, value)
+    raw = form.form_values(Settings())
+    raw[key] = value
+    settings, errors, _ = form.settings_from_form(raw, {}, Settings())
+    assert settings is None and list(errors) == [key] and message in errors[key]
+
+
+def test_errors_across_fields_name_the_field_or_the_category_weights():
+    raw = form.form_values(Settings())
+    raw["optimize.norm_preserve"] = True
+    settings, errors, across = form.settings_from_form(raw, {"violence_weapons": 1.0, "self_harm_suicide": 0.0},
+                                                       Settings())
+    assert settings is None and errors == {} and form.error_key(across) == "optimize.norm_preserve"
+    _, _, across = form.settings_from_form(form.form_values(Settings()), {"violence_weapons": 0.0}, Settings())
+    assert "at least one category with weight > 0" in across and form.error_key(across) == form.WEIGHTS
+
+
+def test_a_preset_fills_the_rows_and_its_settings_and_switching_leaves_nothing_behind():
+    base = Settings(**{"optimize.n_trials": 9, "directions.rdo_steps": 5})
+    weights, fields = form.apply_preset("default", base)
+    assert weights == {"violence_weapons": 1.0, "drugs_substances": 1.0, "adult_content": 1.0,
+                       "self_harm_suicide": 0.0}
+    assert (fields["directions.method"], fields["directions.rdo_steps"], fields["data.tune_per_category"]) == \
+        ("rdo", 12, 16)
+    assert "optimize.n_trials" not in fields  # only what presets set
+    weights, fields = form.apply_preset("full", base)
+    assert len(weights) == 8 and set(weights.values()) == {1.0}
+    assert (fields["directions.method"], fields["directions.rdo_steps"], fields["data.tune_per_category"]) == \
+        ("dim", 5, 0)  # back to where the UI started, not the previous preset's
+    assert form.apply_preset(form.NO_PRESET, base)[0] == {}
+    with pytest.raises(ValueError, match="no preset 'nope'"):
+        form.apply_preset("nope", base)
+
+
+def test_category_rows_are_the_templates_categories_and_map_to_weights():
+    names = [n for n, _ in form.categories(Settings())]
+    assert {"violence_weapons", "self_harm_suicide", "instructed_refusal"} <= set(names)
+    assert all(description for _, description in form.categories(Settings()))
+    on, weights = form.rows_from_weights(names, {"violence_weapons": 0.5, "self_harm_suicide": 0.0})
+    assert form.weights_from_rows(names, on, weights) == {"violence_weapons": 0.5, "self_harm_suicide": 0.0}
+    assert sum(on) == 2 and weights[names.index("drugs_substances")] == 1.0
+
+
+# ---------------------------------------------------------------- the server's run
+
+def web_settings(model_dir: Path, tmp: Path, **keys) -> Settings:
+    return Settings(model=str(model_dir), artifacts_dir=str(tmp / "work"),
+                    **{"data.out_dir": str(tmp / "work" / "prompts"), "model.cache_dir": str(tmp / "cache"),
+                       **TINY, **keys})
+
+
+def wait_for(condition, timeout: float = 120.0, every: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
+def test_a_run_publishes_its_trials_figure_and_reports_and_keeps_its_pipeline(make_tiny_model, tmp_path):
+    run = WebRun(tmp_path)
+    weights = {"violence_weapons": 1.0, "self_harm_suicide": 0.0}
+    ok, said = run.start(web_settings(make_tiny_model("llama"), tmp_path, n_trials=2,
+                                      **{"categories.weights": weights}))
+    assert ok and said.startswith("started run 1")
+    s = run.wait(120)
+    assert s.status == FINISHED and s.run_id == 1 and s.error is None
+    assert [t.index for t in s.trials] == [0, 1] and s.chosen in (0, 1)
+    assert set(s.reports) == {0, 1} and set(s.reports[0].category) == set(weights)
+    assert set(s.figure.data[0].customdata) <= {0, 1} and s.bars == [] and s.fraction() == 1.0
+    assert any("trial: number=1" in line for line in s.events)
+    assert (tmp_path / "work" / "optimize" / "chosen_trial.json").exists()  # the optimize stage's outputs
+    pipe = run.pipe
+    assert [t.index for t in pipe.trials()] == [0, 1]
+    with run.model() as same:
+        assert same is pipe
+
+
+def test_a_second_start_is_refused_stop_ends_the_running_trial_and_start_continues(make_tiny_model, tmp_path):
+    run = WebRun(tmp_path)
+    settings = web_settings(make_tiny_model("llama"), tmp_path, n_trials=50)
+    assert run.start(settings)[0]
+    wait_for(lambda: run.snapshot().trials)  # a trial has finished: the next one runs
+    ok, said = run.start(settings)
+    assert not ok and said.startswith("run 1 is still running") and "stop it or wait" in said
+    with pytest.raises(ModelBusy, match="the run is using the model"):
+        with run.model():
+            pass
+    assert "stopping" in run.stop()
+    s = run.wait(120)
+    assert s.status == STOPPED and "continue the study" in s.message
+    finished = len(s.trials)
+    study = run.pipe.search.study
+    assert finished < 50 and optuna.trial.TrialState.FAIL in [t.state for t in study.get_trials()]
+    assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.get_trials())
+    base = {k: v.clone() for k, v in run.pipe.model.state_dict().items()}
+    pipe = run.pipe
+    assert run.start(web_settings(make_tiny_model("llama"), tmp_path, n_trials=finished + 2))[0]
+    s = run.wait(120)
+    assert s.status == FINISHED and run.pipe is pipe  # same settings but n_trials: same model, same study
+    assert len([t for t in s.trials if not t.pruned]) == finished + 2 and s.run_id == 2
+    assert all(torch.equal(v, base[k]) for k, v in pipe.model.state_dict().items())  # base weights between trials
+
+
+def test_a_stop_check_fires_only_in_the_runs_own_thread(tmp_path):
+    run = WebRun(tmp_path)
+    run._stop.set()
+    run._check_stop()  # an export or chat after a stop is not stopped
+    run._thread = threading.current_thread()
+    with pytest.raises(RunStopped):
+        run._check_stop()
+
+
+def test_changed_settings_load_a_new_pipeline_and_a_failed_run_says_why_in_one_line(make_tiny_model, tmp_path):
+    run = WebRun(tmp_path)
+    assert run.start(web_settings(make_tiny_model("llama"), tmp_path, n_trials=1))[0]
+    first = run.wait(120)
+    old = run.pipe
+    assert run.start(web_settings(tmp_path / "no-such-model", tmp_path, n_trials=1))[0]
+    s = run.wait(120)
+    assert s.status == "failed" and "no-such-model" in s.error and "\n" not in s.error
+    assert old.model is None and first.status == FINISHED  # the old model was freed
+
+
+def test_directions_only_prepares_the_research_views_without_trials(make_tiny_model, tmp_path):
+    run = WebRun(tmp_path)
+    assert run.start(web_settings(make_tiny_model("llama", num_layers=3), tmp_path), job="directions")[0]
+    s = run.wait(120)
+    assert s.status == FINISHED and s.trials == [] and run.pipe.search is None
+    with run.model() as pipe:
+        table = pipe.residual_geometry()
+    assert list(table.probe_point) == [0, 1, 2, 3]
+
+
+def test_model_is_refused_before_any_run(tmp_path):
+    with pytest.raises(ModelBusy, match="no run yet"):
+        with WebRun(tmp_path).model():
+            pass
+
+
+def test_fraction_combines_finished_trials_and_the_running_trials_generation():
+    from clawly.web.run import Bar, RunState
+
+    s = RunState(status=RUNNING, bars=[Bar("trials", 4, 1), Bar("generate", 100, 50)])
+    assert s.fraction() == pytest.approx(1.5 / 4)
+    assert RunState(status=RUNNING, bars=[Bar("probe", 10, 5)]).fraction() == 0.5
+    assert RunState(status=FINISHED).fraction() == 1.0
+
+
+# ---------------------------------------------------------------- the command
+
+def test_clawly_web_help_lists_its_options():
+    proc = subprocess.run([sys.executable, "-m", "clawly.web.main", "--help"], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 0
+    for option in ("--host", "--port", "--share", "--config", "--category-preset", "--output", "127.0.0.1", "7860"):
+        assert option in proc.stdout
+
+
+def test_clawly_web_without_gradio_says_which_extra_in_one_line(tmp_path):
+    code = "import sys; sys.modules['gradio'] = None; from clawly.web.main import main; sys.exit(main([]))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("clawly-web: error: the web UI needs gradio, from the web extra: "
+                                   "pip install 'clawly[web]'")
+
+
+def test_clawly_web_bad_start_settings_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optimize:\n  n_trials: 0\n")
+    proc = subprocess.run([sys.executable, "-m", "clawly.web.main", "--config", str(bad), "--output",
+                           str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "clawly-web: error: invalid setting optimize.n_trials=0: an integer >= 1"
