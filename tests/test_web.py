@@ -253,3 +253,16 @@ def test_clawly_web_bad_start_settings_are_one_line(tmp_path):
                            str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "clawly-web: error: invalid setting optimize.n_trials=0: an integer >= 1"
+
+
+def test_a_reloaded_page_changes_only_what_the_servers_run_set_differently():
+    """The page is drawn with the start settings; its load event may land after the user typed, so it
+    must not write back anything unless a run on the server used other values."""
+    from clawly.web.app import reloaded_form
+
+    base = Settings(**{"optimize.n_trials": 5})
+    assert reloaded_form(None, base) == ({}, None)
+    ran = Settings(**{"optimize.n_trials": 9, "model.name": "x/y", "categories.weights": {"violence_weapons": 1.0}})
+    values, weights = reloaded_form(ran, base)
+    assert values == {"optimize.n_trials": 9, "model.name": "x/y"} and weights == {"violence_weapons": 1.0}
+    assert reloaded_form(base, base) == ({}, None)

@@ -399,11 +399,10 @@ def build_app(run: WebRun, base: Settings) -> gr.Blocks:
 
         def on_load():
             s = run.snapshot()
-            settings = run.settings or base
-            values = form.form_values(settings)
-            in_run, ws = form.rows_from_weights(names, settings.categories.weights)
-            return [*(gr.update(value=_shown(f, values[f.key])) for f in fields), *in_run, *ws,
-                    (-1, -1), gr.Tabs(selected="run" if s.run_id else "config")]
+            values, weights = reloaded_form(run.settings, base)
+            rows = form.rows_from_weights(names, weights) if weights is not None else ([gr.skip()] * len(names),) * 2
+            return [*(gr.update(value=_shown(f, values[f.key])) if f.key in values else gr.skip() for f in fields),
+                    *rows[0], *rows[1], (-1, -1), gr.Tabs(selected="run" if s.run_id else "config")]
 
         app.load(on_load, None, [*order, *included, *sliders, seen, tabs])
 
@@ -517,6 +516,19 @@ def build_app(run: WebRun, base: Settings) -> gr.Blocks:
 
 
 # ---------------------------------------------------------------- small helpers
+
+def reloaded_form(run_settings: Settings | None, base: Settings) -> tuple[dict[str, Any], dict[str, float] | None]:
+    """What a page that (re)loads changes in its form: the fields (and the category weights, else
+    None) where the server's last run differs from the start settings the page was drawn with. Only
+    those, so typing into a page whose load event is still on its way is never overwritten (with no
+    run yet, nothing is)."""
+    if run_settings is None:
+        return {}, None
+    drawn, now = form.form_values(base), form.form_values(run_settings)
+    weights = run_settings.categories.weights
+    return ({k: v for k, v in now.items() if v != drawn[k]},
+            dict(weights) if weights != base.categories.weights else None)
+
 
 def export_dir(run: WebRun, trial: int, kind: str) -> Path:
     """Where the UI saves a trial: OUTPUT/exports/trial-N-adapter or -model."""
