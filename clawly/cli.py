@@ -178,12 +178,29 @@ def read_preset(name: str) -> dict[str, Any]:
                       "(or pass a YAML file)")
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
+def file_values(config: str | None, preset: str | None) -> dict[str, Any]:
+    """The settings of `--config FILE`, then `--category-preset NAME` over them (dotted keys)."""
     values: dict[str, Any] = {}
-    if args.config:
-        values.update(read_config(args.config))
-    if args.category_preset:
-        values.update(read_preset(args.category_preset))
+    if config:
+        values.update(read_config(config))
+    if preset:
+        values.update(read_preset(preset))
+    return values
+
+
+def output_settings(values: dict[str, Any], model: str | None, output: str | Path) -> Settings:
+    """Settings of a run writing under `output`: MODEL over everything, work files in OUTPUT/work
+    (prompts in OUTPUT/work/prompts) unless the values place them."""
+    values = dict(values)
+    if model is not None:
+        values["model.name"] = model
+    values.setdefault("artifacts_dir", str(Path(output) / "work"))
+    values.setdefault("data.out_dir", str(Path(values["artifacts_dir"]) / "prompts"))
+    return Settings(**values)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    values = file_values(args.config, args.category_preset)
     fields = dict(config_options())
     for dest, text in vars(args).items():
         if not dest.startswith(KEY):
@@ -196,12 +213,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.probe_marker is not None:
         values["probe.position"] = "marker"
         values["probe.marker"] = None if args.probe_marker == "auto" else args.probe_marker
-    if args.model is not None:
-        values["model.name"] = args.model
-    work = Path(args.output) / "work"
-    values.setdefault("artifacts_dir", str(work))
-    values.setdefault("data.out_dir", str(Path(values["artifacts_dir"]) / "prompts"))
-    return Settings(**values)
+    return output_settings(values, args.model, args.output)
 
 
 def parse_layers(text: str, num_layers: int) -> tuple[int, int]:

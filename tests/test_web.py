@@ -266,3 +266,24 @@ def test_a_reloaded_page_changes_only_what_the_servers_run_set_differently():
     values, weights = reloaded_form(ran, base)
     assert values == {"optimize.n_trials": 9, "model.name": "x/y"} and weights == {"violence_weapons": 1.0}
     assert reloaded_form(base, base) == ({}, None)
+
+
+def test_research_views_without_the_extra_show_the_table_and_name_the_extra(make_tiny_model, tmp_path, monkeypatch):
+    import clawly.web.app as app
+    from clawly.errors import ClawlyError
+    from clawly.research import RESEARCH_EXTRA
+
+    run = WebRun(tmp_path)
+    note, table, frame, images = app.research_views(run)
+    assert note.startswith("⚠ no run yet") and table is None
+    assert run.start(web_settings(make_tiny_model("llama", num_layers=3), tmp_path), job="directions")[0]
+    assert run.wait(120).status == FINISHED
+
+    def missing():
+        raise ClawlyError(f"the residual projections need pacmap, from the research extra: {RESEARCH_EXTRA}")
+
+    monkeypatch.setattr(app, "require_research_extra", missing)
+    note, table, frame, images = app.research_views(run)
+    assert RESEARCH_EXTRA in note and "The geometry table is below" in note
+    assert list(table.probe_point) == [0, 1, 2, 3] and (frame, images) == ("", [])
+    assert not (tmp_path / "work" / "research" / "projections").exists()

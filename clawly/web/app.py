@@ -490,29 +490,31 @@ def build_app(run: WebRun, base: Settings) -> gr.Blocks:
         clear.click(lambda: ([], [], [], [], ""), None, chat_outputs[:5])
 
         # ---------------------------------------------------- research handlers
-        def on_research():
-            try:
-                with run.model() as pipe:
-                    if pipe.directions is None:
-                        return ("⚠ the research views need a run's directions: press Start or *Directions only* "
-                                "on the Run tab first", None, "", [])
-                    table = pipe.residual_geometry().round(4)
-                    try:
-                        require_research_extra()
-                    except ClawlyError as e:
-                        return f"⚠ {e}. The geometry table is below.", table, "", []
-                    files = pipe.plot_residuals()
-            except ClawlyError as e:
-                return f"⚠ {e}", None, "", []
-            page = next((f for f in files if f.name == "residuals.html"), None)
-            frame = (f'<iframe src="/gradio_api/file={page}" title="PaCMAP projections per probe point" '
-                     'style="width: 100%; height: 760px; border: 0"></iframe>') if page else ""
-            images = [(str(f), f.stem.replace("_", " ")) for f in files if f.suffix == ".png"]
-            where = Paths.of(pipe.settings).research
-            return (f"Research views of run {run.snapshot().run_id}, written to `{where}`", table, frame, images)
-
-        research.click(on_research, None, [research_note, geometry, projections, pictures])
+        research.click(lambda: research_views(run), None, [research_note, geometry, projections, pictures])
     return app
+
+
+def research_views(run: WebRun) -> tuple[str, pd.DataFrame | None, str, list[tuple[str, str]]]:
+    """The Research tab: (note, geometry table, the projections page in a frame, the PNGs with captions)."""
+    try:
+        with run.model() as pipe:
+            if pipe.directions is None:
+                return ("⚠ the research views need a run's directions: press Start or *Directions only* on the Run "
+                        "tab first", None, "", [])
+            table = pipe.residual_geometry().round(4)
+            try:
+                require_research_extra()
+            except ClawlyError as e:
+                return f"⚠ {e}. The geometry table is below.", table, "", []
+            files = pipe.plot_residuals()
+            where = Paths.of(pipe.settings).research
+    except ClawlyError as e:
+        return f"⚠ {e}", None, "", []
+    page = next((f for f in files if f.name == "residuals.html"), None)
+    frame = (f'<iframe src="/gradio_api/file={page}" title="PaCMAP projections per probe point" '
+             'style="width: 100%; height: 760px; border: 0"></iframe>') if page else ""
+    images = [(str(f), f.stem.replace("_", " ")) for f in files if f.suffix == ".png"]
+    return f"Research views of run {run.snapshot().run_id}, written to `{where}`", table, frame, images
 
 
 # ---------------------------------------------------------------- small helpers

@@ -11,9 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from clawly.cli import read_config, read_preset
+from clawly.cli import file_values, output_settings
 from clawly.errors import ClawlyError
-from clawly.settings import Settings
 
 WEB_EXTRA = "pip install 'clawly[web]'"
 
@@ -43,20 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def start_settings(args: argparse.Namespace) -> Settings:
-    values: dict = {}
-    if args.config:
-        values.update(read_config(args.config))
-    if args.category_preset:
-        values.update(read_preset(args.category_preset))
-    if args.model is not None:
-        values["model.name"] = args.model
-    work = Path(args.output) / "work"
-    values.setdefault("artifacts_dir", str(work))
-    values.setdefault("data.out_dir", str(Path(values["artifacts_dir"]) / "prompts"))
-    return Settings(**values)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -66,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
-        settings = start_settings(args)
+        settings = output_settings(file_values(args.config, args.category_preset), args.model, args.output)
         # deferred with gradio above (optional), and the engine (torch) behind it
         from clawly.web.app import CSS, JS, build_app
         from clawly.web.run import WebRun
