@@ -16,6 +16,16 @@ OLMo 2), what enters the stream is G W x / rms(W x). There the change is
 
 and the residual-stream write loses the q_c components exactly as without a norm (the rms rescales
 each token's write as a whole). Still rank <= number of directions.
+
+A writer's bias b is written into the residual stream too and changes the same way,
+b' = b - sum_c a_c (G^-1 q_c) (G q_c)^T b. In a mixture-of-experts layer every expert's down
+projection W_e (and a shared expert's) is a writer of the layer's MLP: W_e' = W_e - sum_c a_c q_c q_c^T W_e
+for every e, biases alike, so the routed sum sum_e r_e(x) W_e' h_e loses the q_c components whatever
+the routing weights r_e. A fused stack [E, ., .] changes per expert by the same B and its own A_e.
+
+Writers are stored output-first ([d, d_in], nn.Linear) or input-first ([d_in, d]: GPT-2's Conv1D,
+gpt-oss's experts); every change here is in the residual stream's orientation and transposed only
+where it is added (`WeightDelta.transposed`).
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from clawly.architecture import ATTN_OUT, decoder_layers, layer_writers, writer_gains
+from clawly.architecture import Writer, decoder_layers, writer_parameters, writers
 from clawly.directions import AblationBasis
 
 
@@ -100,26 +110,6 @@ class AblationPlan:
                 for c in components}
 
 
-@dataclass
-class Writer:
-    layer: int
-    component: str
-    name: str  # full module name, e.g. "model.layers.3.self_attn.o_proj"
-    module: nn.Module
-    gain: torch.Tensor | None = None  # [d] gain of an RMS norm between its output and the residual stream
-
-
-def writers(model: nn.Module) -> list[Writer]:
-    """Every module that writes into the residual stream, with its layer and component."""
-    names = {id(m): n for n, m in model.named_modules()}
-    out = []
-    for i, (layer, found) in enumerate(zip(decoder_layers(model), layer_writers(model), strict=True)):
-        gains = writer_gains(layer, found[ATTN_OUT].weight.shape[0])
-        for component, module in found.items():
-            out.append(Writer(i, component, names[id(module)], module, gains[component]))
-    return out
-
-
 def layer_directions(basis: AblationBasis, plan: AblationPlan, num_layers: int) -> torch.Tensor:
     """Orthonormal directions to ablate per decoder layer, `[num_layers, m, d]`: each layer's own
     probe point (its output, point l + 1), or one fractional probe index for all layers."""
@@ -130,39 +120,88 @@ def layer_directions(basis: AblationBasis, plan: AblationPlan, num_layers: int) 
 
 @dataclass
 class WeightDelta:
-    """A writer's weight change. Low rank as B @ A (B `[d, k]`, A `[k, d_in]`), or dense; and the
-    change of its bias `[d]` when it has one (the bias is written into the residual stream too)."""
+    """A writer's change, in the residual stream's orientation: ``[d, d_in]``, or ``[E, d, d_in]``
+    for a fused expert stack (one change per expert). Low rank as B @ A (B ``[d, k]``, shared by all
+    experts, or ``[E, d, k]``; A ``[k, d_in]`` or ``[E, k, d_in]``), or dense; and the change of
+    its bias ``[d]`` or ``[E, d]`` where it has one (the bias is written into the residual stream too).
+
+    `transposed`: the parameter stores the matrix input-first (Conv1D, gpt-oss experts), so the
+    change is added transposed. `rounded`: the change is rounded to the weight's dtype before it is
+    added, as peft merges a LoRA on a parameter (``target_parameters``); otherwise it is added in
+    its own precision and rounded once.
+    """
 
     b: torch.Tensor | None = None
     a: torch.Tensor | None = None
     dense: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    transposed: bool = False
+    rounded: bool = False
 
-    def matrix(self) -> torch.Tensor:
-        return self.dense if self.dense is not None else self.b @ self.a
+    def matrix(self, experts: slice | None = None) -> torch.Tensor:
+        """The change `[d, d_in]`, or `[e, d, d_in]` for the fused stack's `experts` (default all)."""
+        if self.dense is not None:
+            return self.dense if experts is None else self.dense[experts]
+        if experts is None:
+            return self.b @ self.a
+        return (self.b if self.b.dim() == 2 else self.b[experts]) @ self.a[experts]
+
+    def stored(self, experts: slice | None = None) -> torch.Tensor:
+        """`matrix` in the parameter's own layout."""
+        m = self.matrix(experts)
+        return m.transpose(-1, -2) if self.transposed else m
+
+
+# Elements of a fused expert stack changed per step: bounds the float64 temporaries (a 128-expert
+# stack of 2880 x 2880 matrices would otherwise need 8.5 GB at once).
+_CHUNK = 1 << 24
+
+
+def _experts_per_chunk(shape: torch.Size) -> int:
+    return max(1, _CHUNK // max(1, shape[-1] * shape[-2]))
+
+
+def _read(read: torch.Tensor, wr: Writer) -> torch.Tensor:
+    """read @ W in float64 on CPU: `[k, d_in]`, or `[E, k, d_in]` for a fused stack (in chunks of experts)."""
+    weight = wr.weight.detach()
+    if weight.dim() == 2:
+        w = weight.to("cpu", torch.float64)
+        return read @ (w.t() if wr.transposed else w)
+    step = _experts_per_chunk(weight.shape)
+    parts = []
+    for start in range(0, weight.shape[0], step):
+        w = weight[start:start + step].to("cpu", torch.float64)
+        parts.append(read @ (w.transpose(-1, -2) if wr.transposed else w))
+    return torch.cat(parts)
+
+
+def _math_weight(wr: Writer) -> torch.Tensor:
+    """W in float64 on CPU in the residual stream's orientation, `[d, d_in]` or `[E, d, d_in]`."""
+    w = wr.weight.detach().to("cpu", torch.float64)
+    return w.transpose(-1, -2) if wr.transposed else w
 
 
 def weight_deltas(model: nn.Module, basis: AblationBasis, plan: AblationPlan,
                   strengths: torch.Tensor | None = None) -> dict[str, WeightDelta]:
-    """The weight change of every writer the plan touches, computed in float64.
+    """The weight change of every writer the plan touches, computed in float64, keyed by writer name.
 
     basis: the directions to ablate (m = 1 in global mode). strengths: optional `[m]` multipliers
-    (category weights), default ones.
+    (category weights), default ones. Every expert of a fused stack changes by the same B and its own
+    A = (G q)^T W_e, so the layer's MLP write loses the directions whatever the routing.
     """
-    layers = writers(model)
+    found = writers(model)
     num_layers = len(decoder_layers(model))
     q = layer_directions(basis, plan, num_layers)  # [L, m, d]
     m = q.shape[1]
     s = torch.ones(m, dtype=torch.float64) if strengths is None else strengths.to(torch.float64)
     kernels = plan.strengths_by_layer(num_layers, m)
     deltas: dict[str, WeightDelta] = {}
-    for wr in layers:
+    for wr in found:
         if wr.component not in kernels:
             continue
         alpha = kernels[wr.component][wr.layer] * s  # [m]
         if not torch.any(alpha != 0):
             continue
-        w = wr.module.weight.detach().to("cpu", torch.float64)
         qc = q[wr.layer]  # [m, d]
         keep = alpha != 0
         qc, alpha = qc[keep], alpha[keep]
@@ -174,16 +213,31 @@ def weight_deltas(model: nn.Module, basis: AblationBasis, plan: AblationPlan,
             inverse = torch.where(g != 0, 1.0 / g, torch.zeros_like(g))
             b = -(qc * inverse * alpha[:, None]).t()
             read = qc * g
-        a = read @ w  # [k, d_in]
-        bias = wr.module.bias
-        bias_change = None if bias is None else b @ (read @ bias.detach().to("cpu", torch.float64))
+        a = _read(read, wr)  # [k, d_in] or [E, k, d_in]
+        bias_change = None
+        if wr.bias is not None:  # [d] or [E, d]
+            bias_change = (wr.bias.detach().to("cpu", torch.float64) @ read.t()) @ b.t()
         if plan.norm_preserve:
+            w = _math_weight(wr)
             new = w + b @ a
-            new = new * (w.norm(dim=0, keepdim=True) / new.norm(dim=0, keepdim=True).clamp_min(1e-12))
-            deltas[wr.name] = WeightDelta(dense=new - w, bias=bias_change)
+            new = new * (w.norm(dim=-2, keepdim=True) / new.norm(dim=-2, keepdim=True).clamp_min(1e-12))
+            deltas[wr.name] = WeightDelta(dense=new - w, bias=bias_change, transposed=wr.transposed)
         else:
-            deltas[wr.name] = WeightDelta(b=b, a=a, bias=bias_change)
+            deltas[wr.name] = WeightDelta(b=b, a=a, bias=bias_change, transposed=wr.transposed)
     return deltas
+
+
+def _add(param: nn.Parameter, delta: WeightDelta) -> None:
+    """param += the delta's matrix in the parameter's layout (a fused stack in chunks of experts)."""
+    if param.dim() == 2:
+        chunks = [None]
+    else:
+        step = _experts_per_chunk(param.shape)
+        chunks = [slice(start, start + step) for start in range(0, param.shape[0], step)]
+    for experts in chunks:
+        change = delta.stored(experts)
+        target = param if experts is None else param[experts]
+        target.add_(change.to(param.device, param.dtype) if delta.rounded else change.to(param.device))
 
 
 @contextlib.contextmanager
@@ -191,19 +245,22 @@ def ablated(model: nn.Module, deltas: dict[str, WeightDelta]) -> Iterator[nn.Mod
     """Apply weight changes in place; always restore the exact original weights on exit.
 
     Each change is added in its own precision and rounded once to the weight's dtype: a trial's
-    float64 change, or an adapter's float32 B A exactly as `peft`'s merge adds it."""
-    modules = dict(model.named_modules())
-    originals: dict[tuple[str, str], torch.Tensor] = {}
+    float64 change, or an adapter's float32 B A exactly as `peft`'s merge adds it (a parameter
+    LoRA's is rounded first, as peft does)."""
+    originals: list[tuple[nn.Parameter, torch.Tensor]] = []
     try:
         with torch.no_grad():
             for name, delta in deltas.items():
-                changes = [("weight", delta.matrix())] + ([("bias", delta.bias)] if delta.bias is not None else [])
-                for kind, change in changes:
-                    param = getattr(modules[name], kind)
-                    originals[name, kind] = param.detach().clone()
-                    param.add_(change.to(param.device))
+                weight, bias = writer_parameters(model, name)
+                originals.append((weight, weight.detach().clone()))
+                _add(weight, delta)
+                if delta.bias is not None:
+                    if bias is None:
+                        raise ValueError(f"{name} has no bias, but its change has one")
+                    originals.append((bias, bias.detach().clone()))
+                    bias.add_(delta.bias.to(bias.device, bias.dtype) if delta.rounded else delta.bias.to(bias.device))
         yield model
     finally:
         with torch.no_grad():
-            for (name, kind), original in originals.items():
-                getattr(modules[name], kind).copy_(original)
+            for param, original in reversed(originals):
+                param.copy_(original)

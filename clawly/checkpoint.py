@@ -36,8 +36,11 @@ def dedupe_shared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 def plan_shards(state_dict: dict[str, torch.Tensor], max_shard_bytes: int,
                 weight_map: dict[str, str] | None = None) -> dict[str, list[str]]:
     """Shard file -> tensor names. With `weight_map` (a sharded source), tensors keep their shard;
-    names the source did not have go to the last shard. Otherwise fill shards in order."""
-    if weight_map:
+    names the source did not have go to the last shard, unless they would overfill it (transformers 5
+    fuses a MoE checkpoint's per-expert tensors on loading, so the source names none of the experts):
+    then, as without a source, fill shards in order."""
+    unknown = sum(t.numel() * t.element_size() for n, t in state_dict.items() if n not in (weight_map or {}))
+    if weight_map and unknown <= max_shard_bytes:
         files = sorted(set(weight_map.values()))
         shards: dict[str, list[str]] = {f: [] for f in files}
         for name in state_dict:

@@ -65,10 +65,18 @@ def saved_change(model, basis: AblationBasis, plan: AblationPlan, strengths: tor
 def merged_deltas(factors: dict[str, LoraFactors]) -> dict[str, WeightDelta]:
     """What merging the adapter adds to the base weights, computed as `peft` computes it: the adapter
     holds float32 factors (peft upcasts half-precision adapters), `merge_and_unload` forms B A in
-    float32 and adds it to the weight in place (`ablated` applies it the same way)."""
-    return {name: WeightDelta(dense=f.b.float().contiguous() @ f.a.float().contiguous(),
-                              bias=None if f.bias is None else f.bias.float())
-            for name, f in factors.items()}
+    float32 and adds it to the weight in place (`ablated` applies it the same way); a LoRA on a
+    parameter (fused experts, their biases) is rounded to the weight's dtype before it is added, and
+    stays low rank here (a fused stack's B A is formed per chunk of experts as it is added)."""
+    out = {}
+    for name, f in factors.items():
+        if f.on_parameter:
+            out[name] = WeightDelta(b=f.b.float().contiguous(), a=f.a.float().contiguous(), transposed=f.transposed,
+                                    rounded=True)
+        else:
+            out[name] = WeightDelta(dense=f.b.float().contiguous() @ f.a.float().contiguous(),
+                                    bias=None if f.bias is None else f.bias.float(), transposed=f.transposed)
+    return out
 
 
 def adapter_warning(factors: dict[str, LoraFactors], export: ExportSettings) -> str | None:

@@ -400,5 +400,7 @@ def load_model(settings: ModelSettings, stage_log: StageLogger | None = None
     model.requires_grad_(False)
     if stage_log is not None:
         stage_log.event("model_loaded", model=settings.name, seconds=round(time.perf_counter() - t0, 1),
-                        layers=model.config.num_hidden_layers, dtype=str(model.dtype), device=str(model.device))
+                        # a multimodal config (Gemma 3) keeps the layer count in its text config
+                        layers=model.config.get_text_config().num_hidden_layers,
+                        dtype=str(model.dtype), device=str(model.device))
     return model, tokenizer

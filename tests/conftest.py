@@ -99,7 +99,8 @@ def build_tokenizer():
 
 
 def tiny_config(arch: str = "llama", num_layers: int = 2, hidden: int = 32, tie: bool = False):
-    """A transformers config for a tiny model of `arch` over VOCAB (4 heads, 2 KV heads)."""
+    """A transformers config for a tiny model of `arch` over VOCAB (4 heads, 2 KV heads; mixture-of-experts
+    archs: 4 experts, 2 per token; "gemma3": the multimodal wrapper around a gemma3_text model)."""
     from transformers import AutoConfig
 
     common = dict(
@@ -127,9 +128,18 @@ def tiny_config(arch: str = "llama", num_layers: int = 2, hidden: int = 32, tie:
         "olmo2": {},
         "opt": {"ffn_dim": 2 * hidden, "word_embed_proj_dim": hidden},  # biased writers
         "gpt_neox": {},  # biased writers, parallel residual
-        "mixtral": {"num_local_experts": 2, "num_experts_per_tok": 1},
-        "qwen2_moe": {"num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": hidden,
+        # mixture of experts: 4 experts, 2 per token; fused [E, d, d_in] stacks, qwen2_moe's square
+        "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+        "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": hidden,
                       "shared_expert_intermediate_size": hidden},
+        "qwen3_moe": {"head_dim": hidden // 4, "num_local_experts": 4, "num_experts_per_tok": 2,
+                      "moe_intermediate_size": hidden // 2},
+        # fused [E, d_in, d] stack, square as in the real model (2880 x 2880), biased experts and attention
+        "gpt_oss": {"head_dim": hidden // 4, "intermediate_size": hidden, "num_local_experts": 4,
+                    "num_experts_per_tok": 2, "sliding_window": 8,
+                    "layer_types": ["sliding_attention", "full_attention"] * (num_layers // 2) +
+                    ["sliding_attention"] * (num_layers % 2),
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
     }
     if arch == "gpt2":
         return AutoConfig.for_model(
@@ -137,8 +147,15 @@ def tiny_config(arch: str = "llama", num_layers: int = 2, hidden: int = 32, tie:
             bos_token_id=common["bos_token_id"], eos_token_id=common["eos_token_id"],
             tie_word_embeddings=tie,
         )
+    if arch == "gemma3":  # the multimodal wrapper: a tiny SigLIP vision tower around a gemma3_text model
+        text = tiny_config("gemma3_text", num_layers, hidden, tie)
+        vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                  "image_size": 28, "patch_size": 14}
+        return AutoConfig.for_model(
+            "gemma3", text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4,
+            tie_word_embeddings=tie, **{k: common[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
     if arch not in extra:
-        raise ValueError(f"no tiny config for arch {arch!r}; known: gpt2, {', '.join(extra)}")
+        raise ValueError(f"no tiny config for arch {arch!r}; known: gpt2, gemma3, {', '.join(extra)}")
     return AutoConfig.for_model(arch, **{**common, **extra[arch]})
 
 
@@ -151,7 +168,7 @@ def build_tiny_model(arch: str = "llama", num_layers: int = 2, hidden: int = 32,
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # biases start at zero; real models' do not, and a zero bias hides bugs
         for name, param in model.named_parameters():
-            if name.endswith(".bias") and param.dim() == 1 and "norm" not in name:
+            if name.endswith((".bias", "_bias")) and "norm" not in name:  # and experts' [E, d] (gpt-oss)
                 param.normal_(0.0, 0.1)
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = VOCAB.index(PAD)

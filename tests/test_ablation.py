@@ -273,3 +273,24 @@ def test_each_category_is_ablated_by_its_own_kernel(make_tiny_model):
     assert AblationPlan.from_dict(both.to_dict()) == both
     with pytest.raises(ValueError, match="per-category kernels"):
         weight_deltas(model, basis, AblationPlan({}, category_weights={"a": 1.0}, category_kernels={"a": {}}))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("norm_preserve", [False, True])
+def test_a_fused_expert_stack_changed_one_expert_at_a_time_gets_the_same_bytes(build_tiny_model, monkeypatch, arch,
+                                                                                norm_preserve):
+    """A real stack is changed in chunks of experts (bounded float64 temporaries); a tiny one fits one
+    chunk. Chunks of one expert give the same weights, bit for bit."""
+    import clawly.ablation
+
+    model, _ = build_tiny_model(arch, num_layers=2)
+    plan = _flat_plan(0.8, norm_preserve=norm_preserve)
+    deltas = weight_deltas(model, _basis(model, m=2), plan)
+    with ablated(model, deltas):
+        whole = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(clawly.ablation, "_CHUNK", 1)
+    chunked = weight_deltas(model, _basis(model, m=2), plan)
+    for name, d in deltas.items():
+        assert torch.equal(d.matrix(), chunked[name].matrix()), name
+    with ablated(model, chunked):
+        assert all(torch.equal(whole[k], v) for k, v in model.state_dict().items())

@@ -140,3 +140,23 @@ def test_per_category_adapters_add_up_to_the_combined_adapter(make_tiny_model, t
     peft_model.add_weighted_adapter(["violence", "drugs"], [1.0, 1.0], "both", combination_type="cat")
     peft_model.set_adapter("both")
     torch.testing.assert_close(peft_model(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_tensors_a_sharded_source_does_not_name_are_sharded_by_size(make_tiny_model, tmp_path):
+    """transformers 5 fuses a MoE checkpoint's per-expert tensors on loading (Qwen3-MoE on the hub
+    has `experts.0.down_proj.weight`, the model `experts.down_proj`): the source's shard map names
+    none of them, and they must not all pile into its last shard."""
+    source = tmp_path / "source"
+    AutoModelForCausalLM.from_pretrained(make_tiny_model("qwen3_moe")).save_pretrained(source, max_shard_size="8KB")
+    wm = source_weight_map(source)
+    assert "model.layers.0.mlp.experts.0.down_proj.weight" in wm  # saved per expert, as on the hub
+    model = _load(source)
+    state = model.state_dict()
+    assert "model.layers.0.mlp.experts.down_proj" in state  # fused in memory
+    files = save_sharded(state, tmp_path / "out", max_shard_size="8KB", weight_map=wm)
+    where = json.loads((tmp_path / "out" / INDEX_NAME).read_text())["weight_map"]
+    assert len({where[k] for k in where if ".experts." in k}) > 1  # spread out, not all in the last shard
+    largest = max(t.numel() * t.element_size() for t in state.values())
+    assert max((tmp_path / "out" / f).stat().st_size for f in files) < max(parse_size("8KB"), largest) + 4096
+    model.config.save_pretrained(tmp_path / "out")
+    torch.testing.assert_close(_load(tmp_path / "out")(_ids(model)).logits, model(_ids(model)).logits, rtol=0, atol=0)

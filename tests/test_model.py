@@ -17,9 +17,9 @@ from clawly.architecture import (
     UnsupportedArchitectureError,
     decoder_layers,
     hidden_size,
-    layer_writers,
     num_layers,
     residual_writers,
+    writers,
 )
 from clawly.model import (
     ModelLoadError,
@@ -275,20 +275,21 @@ def test_each_layer_has_two_residual_writers_of_hidden_width(arch, build_tiny_mo
     assert num_layers(model) == len(layers) == 3
     assert hidden_size(model) == 32
     for layer in layers:
-        writers = residual_writers(layer)
-        assert set(writers) == set(COMPONENTS)
-        for linear in writers.values():
-            assert isinstance(linear, nn.Linear)
-            assert linear.out_features == 32 == linear.weight.shape[0]
-    assert len(layer_writers(model)) == 3
-    assert layer_writers(model)[2] == {"attn_out": layers[2].self_attn.o_proj, "mlp_down": layers[2].mlp.down_proj}
+        found = residual_writers(layer, 32)
+        assert [w.component for w in found] == list(COMPONENTS)
+        for w in found:
+            assert isinstance(w.module, nn.Linear) and w.weight is w.module.weight and not w.transposed
+            assert w.module.out_features == 32 == w.weight.shape[0]
+    last = [w for w in writers(model) if w.layer == 2]
+    assert [(w.name, w.module) for w in last] == [("model.layers.2.self_attn.o_proj", layers[2].self_attn.o_proj),
+                                                  ("model.layers.2.mlp.down_proj", layers[2].mlp.down_proj)]
 
 
 def test_writers_are_found_on_a_loaded_model(tiny_model):
     model, _ = tiny_model
-    writers = residual_writers(decoder_layers(model)[0])
-    assert writers["attn_out"] is model.model.layers[0].self_attn.o_proj
-    assert writers["mlp_down"] is model.model.layers[0].mlp.down_proj
+    found = residual_writers(decoder_layers(model)[0], hidden_size(model))
+    assert found[0].module is model.model.layers[0].self_attn.o_proj
+    assert found[1].module is model.model.layers[0].mlp.down_proj
 
 
 def test_writers_behind_a_peft_lora_wrapper_are_the_base_linears(build_tiny_model):
@@ -298,7 +299,18 @@ def test_writers_behind_a_peft_lora_wrapper_are_the_base_linears(build_tiny_mode
     original = model.model.layers[1].self_attn.o_proj
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["o_proj", "down_proj"]))
     assert num_layers(peft_model) == 2
-    assert residual_writers(decoder_layers(peft_model)[1])["attn_out"] is original
+    assert residual_writers(decoder_layers(peft_model)[1], 32)[0].module is original
+
+
+def test_fused_experts_behind_a_peft_parameter_lora_are_the_base_stack(build_tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = build_tiny_model("mixtral")
+    stack = model.model.layers[0].mlp.experts
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=[], target_parameters=["experts.down_proj"]))
+    found = [w for w in writers(peft_model) if w.layer == 0 and w.experts]
+    assert len(found) == 1 and found[0].module is stack and found[0].weight is stack.down_proj
+    assert found[0].name.endswith("mlp.experts.base_layer.down_proj")
 
 
 class MysteryModel(nn.Module):
@@ -316,25 +328,30 @@ def test_layer_without_writers_error_names_the_model_class():
     class OddModel(nn.Module):
         def __init__(self) -> None:
             super().__init__()
+            self.config = type("Config", (), {"hidden_size": 4})()
             self.model = nn.Module()
             self.model.layers = nn.ModuleList([nn.Linear(4, 4)])
 
     with pytest.raises(UnsupportedArchitectureError, match=r"OddModel \(layer 0.*attn_out"):
-        layer_writers(OddModel())
+        writers(OddModel())
 
 
-def test_gpt2_conv1d_writers_are_refused_with_the_weight_layout(build_tiny_model):
+def test_gpt2_conv1d_writers_are_found_input_first_with_their_bias(build_tiny_model):
+    """GPT-2's Conv1D stores weight [in, out], transposed against nn.Linear's [out, in]."""
     model, _ = build_tiny_model("gpt2")
-    assert num_layers(model) == 2  # the layers are found; their Conv1D writers are not supported
-    with pytest.raises(UnsupportedArchitectureError, match=r"GPT2LMHeadModel.*Conv1D.*\[in, out\]"):
-        layer_writers(model)
+    found = writers(model)
+    assert [(w.name, w.kind, w.transposed) for w in found if w.layer == 1] == [
+        ("transformer.h.1.attn.c_proj", "Conv1D", True), ("transformer.h.1.mlp.c_proj", "Conv1D", True)]
+    assert all(w.bias is w.module.bias and w.weight.shape[1] == 32 for w in found)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
-def test_mixture_of_experts_is_refused_as_not_supported_yet(arch, build_tiny_model):
+def test_mixture_of_experts_down_projections_are_writers_of_the_mlp(arch, build_tiny_model):
+    """Every expert's down projection (one fused stack) and the shared expert's write the MLP's output."""
     model, _ = build_tiny_model(arch)
-    with pytest.raises(UnsupportedArchitectureError, match="mixture-of-experts.*not supported yet"):
-        layer_writers(model)
+    mlp = [(w.name, w.experts) for w in writers(model) if w.layer == 0 and w.component == "mlp_down"]
+    shared = [("model.layers.0.mlp.shared_expert.down_proj", None)] if arch == "qwen2_moe" else []
+    assert mlp == [("model.layers.0.mlp.experts.down_proj", 4), *shared]
 
 
 # --- the real packaged model and CUDA -----------------------------------------------------------
