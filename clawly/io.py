@@ -17,6 +17,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -72,15 +73,27 @@ def _clean_stale(path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _full_errno(error: BaseException) -> int | None:
+    """The errno of a failed write for lack of space: an OSError's, or one a library (safetensors' Rust
+    writer) names in its message as "(os error N)"."""
+    if isinstance(error, DiskFullError):
+        return None
+    if isinstance(error, OSError) and error.errno in _FULL:
+        return error.errno
+    found = re.search(r"os error (\d+)", str(error))
+    return int(found.group(1)) if found and int(found.group(1)) in _FULL else None
+
+
 @contextlib.contextmanager
 def _disk_full_is_one_error(path: Path) -> Iterator[None]:
     try:
         yield
-    except OSError as e:
-        if e.errno in _FULL and not isinstance(e, DiskFullError):
-            raise DiskFullError(e.errno, f"could not write {path}: {os.strerror(e.errno)}; free disk space (or "
-                                         "write elsewhere) and run again: nothing was half-written") from None
-        raise
+    except Exception as e:
+        code = _full_errno(e)
+        if code is None:
+            raise
+        raise DiskFullError(code, f"could not write {path}: {os.strerror(code)}; free disk space (or write "
+                                  "elsewhere) and run again: nothing was half-written") from None
 
 
 @contextlib.contextmanager
