@@ -175,7 +175,11 @@ def read_config(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise ClawlyError(f"--config {path}: file not found")
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ClawlyError(f"--config {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): save "
+                          "it as UTF-8") from None
     try:
         if file.suffix.lower() == ".toml":
             data = tomllib.loads(text)

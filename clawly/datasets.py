@@ -394,7 +394,7 @@ def load_prompt_file(path: str | os.PathLike[str], default_category: str) -> pd.
         frame = pd.DataFrame()
     except (ValueError, OSError) as e:  # malformed CSV, JSON or Parquet: one line, from the parser
         raise DatasetError(f"{path}: could not read prompts: {' '.join(str(e).split())}") from None
-    out = _standardize(frame, str(path), default_category) if len(frame.columns) else frame
+    out = _standardize(frame, str(path), default_category) if len(frame.columns) or len(frame) else frame
     if not len(out):
         raise DatasetError(f"{path}: holds no prompts (an empty file, or a header and no rows): add prompts, or "
                            "leave the file out of data.harmful_files / data.harmless_files")

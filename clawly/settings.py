@@ -269,6 +269,8 @@ class OptimizeSettings:
     def __post_init__(self) -> None:
         _check(self.refusal_measure in REFUSAL_MEASURES, "optimize.refusal_measure", self.refusal_measure,
                "'keywords' or 'classifier'")
+        _check(self.refusal_markers is None or any(m.strip() for m in self.refusal_markers),
+               "optimize.refusal_markers", self.refusal_markers, "null (the built-in markers) or a list of markers")
         _check(self.n_trials >= 1, "optimize.n_trials", self.n_trials, "an integer >= 1")
         _check(self.n_startup_trials >= 0, "optimize.n_startup_trials", self.n_startup_trials, "an integer >= 0")
         for key in ("harmful_prompts", "harmless_prompts", "max_new_tokens", "kept_max_new_tokens"):

@@ -236,6 +236,7 @@ def test_a_bad_prompt_file_is_one_error_before_any_model_work(tiny_cli, tmp_path
     (["--categories.weights", "violence_weapon=1"],
      "names category with no prompts: violence_weapon (did you mean violence_weapons?)"),
     (["--categories.weights", "violence_weapons=2"], "invalid setting categories.weights.violence_weapons=2"),
+    (["--refusal-markers", "[]"], "invalid setting optimize.refusal_markers=[]: null (the built-in markers) or a list"),
 ])
 def test_bad_options_are_one_error_with_the_fix(tiny_cli, tmp_path, argv, message):
     code, errors = tiny_cli(*argv)
