@@ -56,9 +56,10 @@ def ablation_kernel(num_layers: int, kernel: LayerKernel) -> torch.Tensor:
     """Strength per decoder layer, `[num_layers]` float64."""
     layers = torch.arange(num_layers, dtype=torch.float64)
     distance = (layers - kernel.peak_position).abs()
-    reach = max(kernel.reach, 1e-6)
-    weight = kernel.peak_weight + (kernel.floor_weight - kernel.peak_weight) * (distance / reach)
-    return torch.where(distance <= reach, weight, torch.zeros_like(weight))
+    if kernel.reach <= 0:  # the peak's own layer only (a floor is reached nowhere)
+        return torch.where(distance == 0, torch.full_like(distance, kernel.peak_weight), torch.zeros_like(distance))
+    weight = kernel.peak_weight + (kernel.floor_weight - kernel.peak_weight) * (distance / kernel.reach)
+    return torch.where(distance <= kernel.reach, weight, torch.zeros_like(weight))
 
 
 @dataclass

@@ -32,9 +32,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from clawly import export as ex
 from clawly import study as st
 from clawly.ablation import AblationPlan, LayerKernel, ablated
-from clawly.artifacts.directions import AblationDirections, read_ablation_directions
+from clawly.artifacts.directions import AblationDirections, check_fits, read_ablation_directions
 from clawly.artifacts.prompts import instructed_categories, row_systems
-from clawly.categories import category_table
+from clawly.categories import category_table, check_categories
 from clawly.errors import ClawlyError
 from clawly.io import atomic_dir, read_json, write_json, write_text
 from clawly.log import StageLogger, get_logger
@@ -92,7 +92,9 @@ class Pipeline:
     def load_datasets(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Generate the harmful and harmless prompt tables (id, text, category, split, system) and write them."""
         if self.harmful is None:
-            self.harmful, self.harmless = generate_datasets.run(self.settings, self.log)
+            harmful, harmless = generate_datasets.run(self.settings, self.log)
+            check_categories(self.settings.categories, sorted(harmful.category.unique()))  # before any probing
+            self.harmful, self.harmless = harmful, harmless
         return self.harmful, self.harmless
 
     def compute_refusal_directions(self) -> AblationDirections:
@@ -418,7 +420,7 @@ class Pipeline:
             raise ClawlyError(f"the model {settings.model.name!r} is not the one recorded ({found} here, {recorded} "
                               "in the record): load the same weights (model.name / model.revision)")
         pipe.directions = read_ablation_directions(directions_file)
-        pipe.load_model()
+        check_fits(pipe.directions.directions, pipe.load_model()[0], directions_file)
         trial = record.get("trial") or {}
         pipe.restore_trial(AblationPlan.from_dict(record["plan"]))
         pipe.trial = TrialOutcome(trial.get("index", -1), trial.get("refusals"), trial.get("kl_divergence"), {}, {},

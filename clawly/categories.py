@@ -8,6 +8,7 @@ leaves every kept direction's component of every writer's output exactly unchang
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass
 
@@ -31,10 +32,13 @@ class CategoryDirections:
 
 
 def check_categories(settings: CategorySettings, available: list[str]) -> None:
+    """Every weighted category has prompts (a preset's typo, or a category of a file not given)."""
     unknown = [c for c in settings.weights if c not in available]
     if unknown:
-        raise ClawlyError(f"categories.weights names unknown categor{'y' if len(unknown) == 1 else 'ies'} "
-                          f"{', '.join(unknown)}; the prompts have: {', '.join(available)}")
+        named = [c + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(c, available, n=1)) else "")
+                 for c in unknown]
+        raise ClawlyError(f"categories.weights names categor{'y' if len(unknown) == 1 else 'ies'} with no prompts: "
+                          f"{', '.join(named)}; the prompts have: {', '.join(available)}")
 
 
 def category_directions(directions: RefusalDirections, settings: CategorySettings,

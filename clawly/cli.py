@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
+import re
 import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -59,8 +61,27 @@ def _default_text(f: dataclasses.Field) -> str:
         .removesuffix("...").strip()
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line (no usage block), an abbreviation is never taken
+    for an option, and a misspelled option gets the closest one suggested."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            options = [o for action in self._actions for o in action.option_strings]
+            words = unknown.group(1).split()
+            words = [w for w in words if w.startswith("-")] or words  # an unknown option's value is no news
+            hints = [f"{w} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
+                w.split("=")[0], options, n=1, cutoff=0.75)) else w for w in words]
+            message = f"unknown option{'s' if len(words) > 1 else ''} {', '.join(hints)}"
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists every option)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="clawly", usage="clawly [MODEL] [options]   (clawly --help lists every option)",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Remove refusal behaviour from a language model by directional ablation, optionally per harm "
@@ -83,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "adapter) to this Hub repo; token from HF_TOKEN or "
                                                               "`hf auth login`")
     run.add_argument("--hub-private", action="store_true", help="create the Hub repo private")
+    run.add_argument("--debug", action="store_true", help="show the traceback of an error (as CLAWLY_DEBUG=1 does)")
     run.add_argument("--reproduce", metavar="FILE", help="rebuild a saved result from its clawly_reproduction.json "
                                                          "into --output, then exit")
     direct = parser.add_argument_group("direct mode (no optimization: ablate exactly this)")
@@ -153,7 +175,11 @@ def read_config(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise ClawlyError(f"--config {path}: file not found")
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ClawlyError(f"--config {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): save "
+                          "it as UTF-8") from None
     try:
         if file.suffix.lower() == ".toml":
             data = tomllib.loads(text)
@@ -423,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except ClawlyError as e:
-        if os.environ.get("CLAWLY_DEBUG"):
+        if args.debug or os.environ.get("CLAWLY_DEBUG"):
             raise
         print(f"clawly: error: {e}", file=sys.stderr)
         return 2

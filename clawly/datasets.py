@@ -255,7 +255,20 @@ def generate_prompts(settings: DataSettings) -> tuple[pd.DataFrame, pd.DataFrame
         eval_fraction=settings.harmless_eval / (settings.harmless_train + settings.harmless_eval),
         rng=random.Random(f"{settings.seed}:user:harmless"),
     )
+    _check_user_categories(harmful, templates, settings.harmful_files + settings.harmful_datasets)
     return _with_ids(harmful, "harmful"), _with_ids(harmless, "harmless")
+
+
+def _check_user_categories(harmful: pd.DataFrame, templates: Mapping[str, Any], sources: Sequence[str]) -> None:
+    """A category only user prompts bring needs a train prompt (for its direction) and an eval or
+    tune prompt (to score it)."""
+    for category, rows in harmful[~harmful["category"].isin(list(templates["categories"]))].groupby("category"):
+        counts = rows["split"].value_counts()
+        if not counts.get("train", 0) or not counts.get("eval", 0) + counts.get("tune", 0):
+            raise DatasetError(
+                f"category '{category}' of {', '.join(sources)} has {len(rows)} prompt(s) ({counts.get('train', 0)} "
+                f"train, {counts.get('eval', 0) + counts.get('tune', 0)} eval/tune): it needs at least one train "
+                "prompt (for its direction) and one eval prompt (to score it); add prompts or a 'split' column")
 
 
 def _generate_harmful(templates: Mapping[str, Any], settings: DataSettings) -> pd.DataFrame:
@@ -360,6 +373,14 @@ def load_prompt_file(path: str | os.PathLike[str], default_category: str) -> pd.
                            f"use one of {', '.join(PROMPT_FILE_SUFFIXES)}")
     if not path.is_file():
         raise DatasetError(f"{path}: prompt file not found")
+    if suffix != ".parquet":
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise DatasetError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}): save the file "
+                               "as UTF-8") from None
     try:
         if suffix == ".txt":
             frame = pd.DataFrame({"text": path.read_text(encoding="utf-8").splitlines()})
@@ -369,9 +390,22 @@ def load_prompt_file(path: str | os.PathLike[str], default_category: str) -> pd.
             frame = pd.read_json(path, lines=True, dtype=False)
         else:
             frame = pd.read_parquet(path)
-    except (ValueError, OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: could not read prompts: {e}") from None
-    return _standardize(frame, str(path), default_category)
+    except pd.errors.EmptyDataError:
+        frame = pd.DataFrame()
+    except (ValueError, OSError) as e:  # malformed CSV, JSON or Parquet: one line, from the parser
+        raise DatasetError(f"{path}: could not read prompts: {' '.join(str(e).split())}") from None
+    out = _standardize(frame, str(path), default_category) if len(frame.columns) or len(frame) else frame
+    if not len(out):
+        raise DatasetError(f"{path}: holds no prompts (an empty file, or a header and no rows): add prompts, or "
+                           "leave the file out of data.harmful_files / data.harmless_files")
+    keys = out["text"].map(normalize)
+    repeated = keys.duplicated()
+    if repeated.any():
+        first = int(repeated.idxmax())
+        same = int(keys[keys == keys[first]].index[0])
+        raise DatasetError(f"{path}: {int(repeated.sum())} prompt(s) repeat another prompt of the file (prompt "
+                           f"{first + 1} repeats prompt {same + 1}: {out['text'][first][:60]!r}): remove the repeats")
+    return out
 
 
 def load_hf_dataset(spec: str, default_category: str) -> pd.DataFrame:

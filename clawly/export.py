@@ -98,6 +98,11 @@ def adapter_metrics(factors: dict[str, LoraFactors]) -> dict:
 def write_adapter(model, factors: dict[str, LoraFactors], out_dir: Path, source: str) -> None:
     """adapter_config.json + adapter_model.safetensors (peft); `model` may hold any weights."""
     save_adapter(model, factors, out_dir, base_model_name_or_path=source)
+    config = Path(out_dir) / "adapter_config.json"  # peft writes target_modules in a set's order: per process
+    values = json.loads(config.read_text())
+    if isinstance(values.get("target_modules"), list):
+        values["target_modules"] = sorted(values["target_modules"])
+    config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def write_model(model, tokenizer, out_dir: Path, settings: Settings, source: str | Path) -> list[str]:

@@ -1,10 +1,23 @@
-"""Atomic file writes: a reader never sees a half-written output."""
+"""Atomic file writes: a reader never sees a half-written output, and a process killed at any
+moment leaves the previous output whole.
+
+A file is written to a temp file beside it and renamed onto it. A directory (an adapter, a merged
+model) is written to a temp directory and swapped with the old one in one `renameat2(RENAME_EXCHANGE)`
+call where the kernel has it (Linux), so there is no moment without one complete directory; elsewhere
+the old one is renamed aside first and brought back by the next writer if the process died between
+the two renames. Temp names carry the writer's pid: the next writer of the same output removes those
+of processes that are gone. A full disk (or a file-size limit) becomes one `DiskFullError` naming
+the output, with nothing half-written left behind.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -15,20 +28,104 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
+from clawly.errors import ClawlyError
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+class DiskFullError(ClawlyError, OSError):
+    """An output could not be written for lack of space; nothing half-written is left."""
+
+    def __str__(self) -> str:
+        return self.strerror  # the whole message, without OSError's "[Errno N]"
+
+
+def _umask_mode(mode: int) -> int:
+    """`mode` less the process umask (mkstemp and mkdtemp make owner-only files and directories)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(path: Path) -> None:
+    """Remove temp files and directories of `path` left by writers that were killed, and bring back an
+    old directory renamed aside by one that died before the new one was in place."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = stale.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    old = path.with_name(f".{path.name}.old")
+    if old.exists() and not path.exists():
+        os.replace(old, path)
+    elif old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _full_errno(error: BaseException) -> int | None:
+    """The errno of a failed write for lack of space: an OSError's, or one a library (safetensors' Rust
+    writer) names in its message as "(os error N)"."""
+    if isinstance(error, DiskFullError):
+        return None
+    if isinstance(error, OSError) and error.errno in _FULL:
+        return error.errno
+    found = re.search(r"os error (\d+)", str(error))
+    return int(found.group(1)) if found and int(found.group(1)) in _FULL else None
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_error(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:
+        code = _full_errno(e)
+        if code is None:
+            raise
+        raise DiskFullError(code, f"could not write {path}: {os.strerror(code)}; free disk space (or write "
+                                  "elsewhere) and run again: nothing was half-written") from None
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success rename it onto `path`, on error delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _clean_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        with _disk_full_is_one_error(path):
+            yield tmp_path
+            if tmp_path.exists():
+                os.chmod(tmp_path, _umask_mode(0o666))
+            os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # a file system without it
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 @contextlib.contextmanager
@@ -36,19 +133,21 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a fresh temp directory beside `path`; on success it replaces `path` whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _clean_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        with _disk_full_is_one_error(path):
+            yield tmp
+            os.chmod(tmp, _umask_mode(0o777))
+            if not path.exists():
+                os.replace(tmp, path)
+            elif not exchange(tmp, path):
+                old = path.with_name(f".{path.name}.old")
+                os.replace(path, old)  # killed right here: the next writer (or _clean_stale) puts it back
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # after an exchange: the old directory
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:

@@ -52,8 +52,13 @@ class StageLogger:
         record = {"time": round(time.time(), 3), "stage": self.stage, "event": name,
                   **({"message": message} if message else {}), **_plain(fields)}
         if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with self.path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a full disk must not turn a log line into the run's error: the console goes on
+                tqdm.write(f"[{self.stage}] warning: {self.path} is not written from here on ({e.strerror})",
+                           file=sys.stderr)
+                self.path = None
         if not self.quiet:
             text = message if message is not None else " ".join(f"{k}={_short(v)}" for k, v in fields.items())
             tqdm.write(f"[{self.stage}] {name}: {text}" if text else f"[{self.stage}] {name}", file=sys.stderr)

@@ -252,10 +252,16 @@ def _from_hub(settings: ModelSettings, cache: Path) -> Path:
         raise
     except Exception as e:  # hub errors are many types (offline, 401, 404, revision); one message for all
         raise ModelLoadError(
-            f"could not get model '{name}' from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            f"could not get model '{name}' from the Hugging Face Hub ({type(e).__name__}: {_first_line(e)}). "
             f"No local directory or file '{name}' exists either. Pass an existing model directory, "
             f"a .gguf file, 'default' for the packaged model, or check the hub id and your network"
         ) from e
+
+
+def _first_line(error: BaseException) -> str:
+    """An exception's message as one line: its first line (library messages run on with advice)."""
+    text = str(error).strip()
+    return " ".join(text.splitlines()[0].split()) if text else type(error).__name__
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -340,8 +346,25 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+# For a model without a chat template (a base model): plain role prefixes, the system prompt first.
+# What the model is asked, probed and scored on is then this text; the merged model saves it too.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}User: {{ message['content'] }}\n"
+    "{% else %}Assistant: {{ message['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
 def configure_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Left padding (batched generation) and a pad token (eos if the model has none)."""
+    """Left padding (batched generation), a pad token (eos if the model has none), and a chat
+    template (FALLBACK_CHAT_TEMPLATE, with a warning, if the model has none)."""
+    if not getattr(tokenizer, "chat_template", None):
+        log.warning("the tokenizer has no chat template: prompts use clawly's plain fallback (System, 'User: ...', "
+                    "'Assistant:'); give the model its own template for faithful results")
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelLoadError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an eos token")
@@ -392,7 +415,7 @@ def load_model(settings: ModelSettings, stage_log: StageLogger | None = None
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = load_tokenizer(source, trust_remote_code=settings.trust_remote_code)
     except (OSError, ValueError, KeyError, ImportError) as e:
-        raise ModelLoadError(f"could not load model '{settings.name}' from {source}: {e}") from e
+        raise ModelLoadError(f"could not load model '{settings.name}' from {source}: {_first_line(e)}") from e
 
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import torch
 
 from clawly.directions import cosine, direction_report
-from clawly.errors import ClawlyError
+from clawly.errors import ClawlyError, reading
 from clawly.io import atomic_path
 
 RESEARCH_EXTRA = "pip install 'clawly[research]'"
@@ -123,23 +123,24 @@ def sample_residuals(harmful: Path, harmless: Path, max_per_category: int, seed:
     a system prompt asks for) get the set 'instructed'."""
     parts, ids_out, cats_out, sets_out = [], [], [], []
     for path, set_name in ((harmful, HARMFUL), (harmless, HARMLESS)):
-        chosen, points = _choose(path, max_per_category, seed)
-        if not chosen:
-            raise ClawlyError(f"{path} holds no residuals: rerun probe-activations")
-        order = {i: k for k, i in enumerate(chosen)}
-        # no pre-buffering, one thread: otherwise pyarrow holds read-ahead buffers that grow with the
-        # file (bench/research_memory.py: 302 -> 462 MiB above imports for 4x the prompts, same sample)
-        f = pq.ParquetFile(str(path), pre_buffer=False)
-        d = f.schema_arrow.field("residual").type.list_size
-        out = np.zeros((len(order), points, d), np.float32)
-        batches = f.iter_batches(batch_size=batch_rows, columns=["id", "layer", "residual"], use_threads=False)
-        for batch in batches:
-            bid = batch.column(0).to_pylist()
-            keep = [k for k, i in enumerate(bid) if i in order]
-            if keep:
-                layer = batch.column(1).to_numpy()[keep]
-                values = batch.column(2).flatten().to_numpy().reshape(-1, d)[keep]
-                out[[order[bid[k]] for k in keep], layer] = values
+        with reading(path, "probe-activations"):
+            chosen, points = _choose(path, max_per_category, seed)
+            if not chosen:
+                raise ClawlyError(f"{path} holds no residuals: rerun probe-activations")
+            order = {i: k for k, i in enumerate(chosen)}
+            # no pre-buffering, one thread: otherwise pyarrow holds read-ahead buffers that grow with the
+            # file (bench/research_memory.py: 302 -> 462 MiB above imports for 4x the prompts, same sample)
+            f = pq.ParquetFile(str(path), pre_buffer=False)
+            d = f.schema_arrow.field("residual").type.list_size
+            out = np.zeros((len(order), points, d), np.float32)
+            batches = f.iter_batches(batch_size=batch_rows, columns=["id", "layer", "residual"], use_threads=False)
+            for batch in batches:
+                bid = batch.column(0).to_pylist()
+                keep = [k for k, i in enumerate(bid) if i in order]
+                if keep:
+                    layer = batch.column(1).to_numpy()[keep]
+                    values = batch.column(2).flatten().to_numpy().reshape(-1, d)[keep]
+                    out[[order[bid[k]] for k in keep], layer] = values
         parts.append(torch.from_numpy(out))
         ids_out += list(chosen)
         cats_out += list(chosen.values())

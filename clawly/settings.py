@@ -132,10 +132,10 @@ def from_mapping(cls: type, values: dict[str, Any] | None, section: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise SettingsError(
-            f"unknown setting(s) {', '.join(section + '.' + k for k in unknown)}; "
-            f"allowed keys in '{section}': {', '.join(sorted(fields))}"
-        )
+        named = [f"{section}.{k}" + (f" (did you mean {section}.{close[0]}?)" if (close := difflib.get_close_matches(
+            k, fields, n=1)) else "") for k in unknown]
+        raise SettingsError(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(named)}; "
+                            f"allowed keys in '{section}': {', '.join(sorted(fields))}")
     for key, value in values.items():
         annotation = str(fields[key].type)
         _check(_matches(value, annotation), f"{section}.{key}", value, _describe(annotation))
@@ -269,6 +269,8 @@ class OptimizeSettings:
     def __post_init__(self) -> None:
         _check(self.refusal_measure in REFUSAL_MEASURES, "optimize.refusal_measure", self.refusal_measure,
                "'keywords' or 'classifier'")
+        _check(self.refusal_markers is None or any(m.strip() for m in self.refusal_markers),
+               "optimize.refusal_markers", self.refusal_markers, "null (the built-in markers) or a list of markers")
         _check(self.n_trials >= 1, "optimize.n_trials", self.n_trials, "an integer >= 1")
         _check(self.n_startup_trials >= 0, "optimize.n_startup_trials", self.n_startup_trials, "an integer >= 0")
         for key in ("harmful_prompts", "harmless_prompts", "max_new_tokens", "kept_max_new_tokens"):
@@ -445,7 +447,10 @@ class Settings:
         allowed = [*SECTIONS, "artifacts_dir"]
         unknown = sorted(set(values) - set(allowed))
         if unknown:
-            raise SettingsError(f"unknown config section(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+            named = [k + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, allowed, n=1))
+                          else "") for k in unknown]
+            raise SettingsError(f"unknown config section{'s' if len(unknown) > 1 else ''} {', '.join(named)}; "
+                                f"allowed: {', '.join(allowed)}")
         for name in SECTIONS:
             if name in values and not isinstance(values[name], (dict, type(None))):
                 raise SettingsError(f"invalid config section {name}={values[name]!r}: a mapping of its keys")

@@ -8,6 +8,7 @@ the sampler seeded per trial (`TrialSeededSampler`); `choose_trial` is the choic
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -21,12 +22,13 @@ import optuna
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalStorage
 from transformers import PreTrainedModel
 
 from clawly.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
 from clawly.decoding import DecodeStats
 from clawly.directions import AblationBasis
+from clawly.errors import ClawlyError
 from clawly.scoring import Scores, TrialScorer
 from clawly.settings import REFUSAL_MEASURES, OptimizeSettings
 
@@ -186,7 +188,33 @@ def _storage(url: str) -> optuna.storages.BaseStorage | str:
     if "://" in url:
         return url
     Path(url).parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(url))
+    lock = JournalFileSymlinkLock(url)  # Optuna's default lock, kept to repair under it
+    backend = JournalFileBackend(url, lock_obj=lock)
+    repair_journal(Path(url), lock)
+    return JournalStorage(backend)
+
+
+def repair_journal(path: Path, lock: JournalFileSymlinkLock) -> int:
+    """Drop a last line a killed writer left half-written (no newline), under the journal's lock so no
+    live writer is mid-append; else the next append would glue onto it and make the journal unreadable.
+    Returns the bytes dropped. Any other undecodable line is damage clawly did not make: one clear error."""
+    lock.acquire()
+    try:
+        data = path.read_bytes()
+        keep = data.rfind(b"\n") + 1
+        if keep < len(data):
+            with open(path, "r+b") as f:
+                f.truncate(keep)
+                os.fsync(f.fileno())
+        for number, line in enumerate(data[:keep].splitlines(), 1):
+            try:
+                json.loads(line)
+            except ValueError:
+                raise ClawlyError(f"{path} is damaged at line {number} (not an Optuna journal entry): restore it, or "
+                                  "delete it to start the study again") from None
+    finally:
+        lock.release()
+    return len(data) - keep
 
 
 def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

@@ -1,11 +1,14 @@
 """The shared entry point of every stage: Hydra config -> validated Settings -> library call.
 
 User-fixable errors print one line (`clawly <stage>: error: ...`) and exit with status 2;
-set CLAWLY_DEBUG=1 to see the traceback instead.
+set CLAWLY_DEBUG=1 to see the traceback instead. An override of a key that does not exist is
+caught before Hydra (whose own message is several lines), with the closest key suggested.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import sys
 from collections.abc import Callable
@@ -16,13 +19,42 @@ from omegaconf import DictConfig, OmegaConf
 
 from clawly.errors import ClawlyError
 from clawly.log import StageLogger, get_logger
-from clawly.settings import Settings
+from clawly.settings import SECTIONS, Settings
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+_VALUE_FLAGS = {"--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--experimental-rerun"}
+
+
+def override_keys() -> list[str]:
+    """What a command-line override may name: every settings key, the config groups, artifacts_dir."""
+    keys = [f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    groups = [p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()]
+    return [*keys, *groups, "artifacts_dir"]
+
+
+def unknown_override(argv: list[str]) -> str | None:
+    """The first override naming no setting or group, as an error message with the closest key; else None."""
+    known = override_keys()
+    skip = False
+    for arg in argv:
+        if skip or arg.startswith("-"):
+            skip = arg in _VALUE_FLAGS
+            continue
+        key = arg.lstrip("+~").split("=", 1)[0]
+        if key.startswith("hydra") or key in known or key.startswith("categories.weights."):
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+        return (f"unknown setting {key!r} in the override {arg!r}" + (f"; did you mean {close[0]!r}?" if close else
+                "") + " (conf/settings.yaml lists every key)")
+    return None
 
 
 def run_stage(name: str, step: Callable[[Settings, StageLogger], object]) -> None:
     """Run `step` as the Hydra app of stage `name` (call from the stage module's __main__)."""
+    problem = unknown_override(sys.argv[1:])
+    if problem:
+        print(f"clawly {name}: error: {problem}", file=sys.stderr)
+        sys.exit(2)
 
     # an absolute path: with `python -m`, a relative config_path would be read as a Python package
     @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)

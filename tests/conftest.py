@@ -240,6 +240,21 @@ def write_tiny_gguf(path: Path, num_layers: int = 2, hidden: int = 32):
     return model
 
 
+def _hypothesis_profiles() -> None:
+    """Property tests draw the same examples on every run (CI stays deterministic); set
+    HYPOTHESIS_PROFILE=explore to draw new ones."""
+    import os
+
+    from hypothesis import settings
+
+    settings.register_profile("repeatable", derandomize=True, database=None)
+    settings.register_profile("explore", max_examples=500)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+
+
+_hypothesis_profiles()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: needs the real packaged model or long runs (deselect: -m 'not slow')")
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped when it is not available")

@@ -30,7 +30,7 @@ def test_category_directions_follow_preset_order_and_protect_kept():
 
 
 def test_unknown_category_is_one_clear_error():
-    with pytest.raises(ClawlyError, match="unknown category violence; the prompts have: a, b"):
+    with pytest.raises(ClawlyError, match="names category with no prompts: violence; the prompts have: a, b"):
         check_categories(CategorySettings(weights={"violence": 1.0}), ["a", "b"])
 
 

@@ -40,6 +40,7 @@ SPECIAL_OPTIONS = {
     "--print-residual-geometry": "test_cli_prints_the_geometry_and_plots_without_optimizing",
     "--plot-residuals": "test_cli_prints_the_geometry_and_plots_without_optimizing, "
                         "test_cli_plot_residuals_without_the_extra_is_one_line",
+    "--debug": "test_debug_shows_the_traceback_the_one_line_error_hides",
 }
 
 
@@ -359,3 +360,12 @@ def test_cli_plot_residuals_without_the_extra_is_one_line(make_tiny_model, tmp_p
         "clawly: error: the residual projections need pacmap and matplotlib, from the research extra: "
         "pip install 'clawly[research]' (the geometry table needs neither)"]
     assert not (tmp_path / "v").exists() and not (tmp_path / "out/work/activations").exists()  # said before probing
+
+
+def test_debug_shows_the_traceback_the_one_line_error_hides(tmp_path, capsys):
+    from clawly.errors import ClawlyError
+
+    assert cli.main([str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("clawly: error: model not found")
+    with pytest.raises(ClawlyError, match="model not found"):
+        cli.main([str(tmp_path / "nope"), "--output", str(tmp_path / "o"), "--debug"])

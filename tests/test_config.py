@@ -85,7 +85,7 @@ def test_invalid_values_name_key_value_and_what_is_allowed():
         OptimizeSettings(n_trials=0)
     with pytest.raises(SettingsError, match=r"directions\.contrast='topical'.*general, topic_matched or mixed"):
         Settings.from_dict({"directions": {"contrast": "topical"}})
-    with pytest.raises(SettingsError, match=r"unknown setting\(s\) optimize\.n_trail"):
+    with pytest.raises(SettingsError, match=r"unknown setting optimize\.n_trail \(did you mean optimize\.n_trials\?\)"):
         Settings.from_dict({"optimize": {"n_trail": 3}})
     with pytest.raises(SettingsError, match="unknown config section"):
         Settings.from_dict({"optimise": {}})

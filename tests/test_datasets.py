@@ -324,8 +324,8 @@ def test_user_prompts_are_appended_with_seeded_splits_and_without_repeats(tmp_pa
     generated_harmful, generated_harmless = prompts
     user = tmp_path / "extra.txt"
     lines = [f"My own harmful request number {i}" for i in range(30)]
-    repeat = generated_harmless["text"].iloc[0]  # collides with a harmless prompt: dropped
-    user.write_text("\n".join([*lines, lines[0].upper(), repeat]) + "\n", encoding="utf-8")
+    repeat = generated_harmless["text"].iloc[0]  # collides with a harmless prompt: dropped (a repeat within the
+    user.write_text("\n".join([*lines, repeat]) + "\n", encoding="utf-8")  # file is an error: test_reliability)
     settings = data_settings(harmful_files=[str(user)])
     harmful, harmless = generate_prompts(settings)
 

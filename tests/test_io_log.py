@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -68,3 +69,85 @@ def test_safetensors_are_written_byte_for_byte_the_same_in_every_process(tmp_pat
     with safe_open(str(files[0]), "pt") as f:
         assert f.metadata() == {"mode": "global", "names": "[1]", "kept": "[]", "weights": "[1.0]"}
         assert f.get_tensor("b").tolist() == [[0, 1, 2], [3, 4, 5]] and f.get_tensor("a").dtype.is_floating_point
+
+
+def test_a_directory_is_swapped_in_one_step_so_there_is_never_none(tmp_path):
+    from clawly.io import exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "x").write_text("a"), (b / "x").write_text("b")
+    assert exchange(a, b)  # Linux: renameat2(RENAME_EXCHANGE)
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+
+
+def test_an_old_directory_renamed_aside_by_a_killed_writer_comes_back(tmp_path, monkeypatch):
+    """Without an exchange (another OS or file system) the old directory is renamed aside before the new
+    one moves in; a writer killed between the two renames leaves `.model.old` and no `model`."""
+    import clawly.io as io
+
+    target = tmp_path / "model"
+    (tmp_path / ".model.old").mkdir()
+    (tmp_path / ".model.old" / "weights").write_text("previous")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target):
+            raise RuntimeError  # the next writer fails, yet the previous output is back
+    assert (target / "weights").read_text() == "previous" and not (tmp_path / ".model.old").exists()
+    monkeypatch.setattr(io, "exchange", lambda a, b: False)
+    with atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("new")
+    assert (target / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_temp_outputs_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / f".out.json.{dead}.abc.tmp").write_text("half")
+    (tmp_path / f".model.{dead}.abc.tmp").mkdir()
+    live = tmp_path / f".out.json.{os.getpid()}.xyz.tmp"
+    live.write_text("another writer, still running")
+    write_json(tmp_path / "out.json", {"a": 1})
+    with atomic_dir(tmp_path / "model"):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.json", "model", live.name])
+
+
+def test_outputs_get_the_usual_file_modes_not_owner_only(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "m.json", {})
+        with atomic_dir(tmp_path / "adapter") as tmp:
+            (tmp / "w").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_a_full_disk_is_one_error_and_leaves_the_previous_output(tmp_path, kind):
+    """A real write failure: the child process may write at most 64 KiB per file (RLIMIT_FSIZE; Python
+    ignores SIGXFSZ, so write() fails with EFBIG as it would with ENOSPC on a full disk)."""
+    import subprocess
+    import sys
+
+    target = tmp_path / ("big.json" if kind == "file" else "model")
+    if kind == "file":
+        target.write_text("previous")
+        body = "from clawly.io import write_json; write_json(sys.argv[1], {'x': 'y' * 200_000})"
+    else:
+        target.mkdir()
+        (target / "weights").write_text("previous")
+        body = ("from clawly.io import atomic_dir\nwith atomic_dir(sys.argv[1]) as tmp:\n"
+                "    (tmp / 'weights').write_bytes(b'0' * 200_000)")
+    code = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
+            "from clawly.errors import ClawlyError\ntry:\n" + "\n".join("    " + line for line in body.splitlines())
+            + "\nexcept ClawlyError as e:\n    print(type(e).__name__, e)\n    sys.exit(2)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout.startswith(f"DiskFullError could not write {target}: File too large; free disk space")
+    assert (target.read_text() if kind == "file" else (target / "weights").read_text()) == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from clawly.errors import require
+from clawly.errors import reading
 from clawly.io import write_safetensors
 
 
@@ -54,14 +54,15 @@ class ActivationWriter:
 
 def read_activations(path: str | Path) -> tuple[list[str], list[str], torch.Tensor]:
     """(ids, categories, residuals `[n, P, d]` float32) from an activations Parquet file."""
-    table = pq.read_table(str(path))
-    layer = table.column("layer").to_numpy()
-    p = int(layer.max()) + 1
-    d = table.schema.field("residual").type.list_size
-    values = table.column("residual").combine_chunks().flatten().to_numpy()
-    residuals = torch.from_numpy(values.reshape(-1, p, d).copy())
-    ids = table.column("id").to_pylist()[::p]
-    cats = table.column("category").to_pylist()[::p]
+    with reading(path, "probe-activations"):
+        table = pq.read_table(str(path))
+        layer = table.column("layer").to_numpy()
+        p = int(layer.max()) + 1
+        d = table.schema.field("residual").type.list_size
+        values = table.column("residual").combine_chunks().flatten().to_numpy()
+        residuals = torch.from_numpy(values.reshape(-1, p, d).copy())
+        ids = table.column("id").to_pylist()[::p]
+        cats = table.column("category").to_pylist()[::p]
     return ids, cats, residuals
 
 
@@ -80,7 +81,7 @@ def write_means(path: Path, means: ResidualMeans) -> None:
 
 
 def read_means(path: Path) -> ResidualMeans:
-    require(path, "probe-activations")
-    with safe_open(str(path), "pt") as f:
-        meta = dict(f.metadata())
-    return ResidualMeans(load_file(str(path)), json.loads(meta.pop("counts")), meta)
+    with reading(path, "probe-activations"):
+        with safe_open(str(path), "pt") as f:
+            meta = dict(f.metadata())
+        return ResidualMeans(load_file(str(path)), json.loads(meta.pop("counts")), meta)

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from clawly.directions import AblationBasis
-from clawly.errors import ClawlyError, require
+from clawly.errors import ClawlyError, reading
 from clawly.io import write_safetensors
 
 
@@ -49,14 +49,14 @@ def write_refusal_directions(path: Path, d: RefusalDirections) -> None:
 
 
 def read_refusal_directions(path: Path) -> RefusalDirections:
-    require(path, "compute-directions")
-    with safe_open(str(path), "pt") as f:
-        meta = dict(f.metadata())
-        t = {k: f.get_tensor(k) for k in f.keys()}
     prefix = "category_direction."
-    return RefusalDirections(t["refusal_direction"], t["refusal_direction_raw"], t["harmful_mean"],
-                             t["harmless_mean"], {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)},
-                             meta)
+    with reading(path, "compute-directions"):
+        with safe_open(str(path), "pt") as f:
+            meta = dict(f.metadata())
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        return RefusalDirections(t["refusal_direction"], t["refusal_direction_raw"], t["harmful_mean"],
+                                 t["harmless_mean"],
+                                 {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}, meta)
 
 
 @dataclass
@@ -96,13 +96,26 @@ def write_ablation_directions(path: Path, ablation: AblationDirections, extra: d
 
 def read_ablation_directions(path: Path) -> AblationDirections:
     """The inverse of `write_ablation_directions` (the basis is rebuilt from removed and protected)."""
-    require(path, "orthogonalize-categories")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-        keys = set(f.keys())
-        if not {"removed", "protected"} <= keys:
-            raise ClawlyError(f"{path} holds no removed/protected directions: it was written by an older clawly; "
-                              "rerun orthogonalize-categories (dvc repro does), or reproduce with that version")
-        basis = AblationBasis(f.get_tensor("removed").double(), f.get_tensor("protected").double())
-    return AblationDirections(basis, json.loads(meta["names"]), json.loads(meta["weights"]),
-                              json.loads(meta.get("kept", "[]")), meta["mode"])
+    with reading(path, "orthogonalize-categories"):
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            keys = set(f.keys())
+            if not {"removed", "protected"} <= keys:
+                raise ClawlyError(f"{path} holds no removed/protected directions: it was written by an older "
+                                  "clawly; rerun orthogonalize-categories (dvc repro does), or reproduce with that "
+                                  "version")
+            basis = AblationBasis(f.get_tensor("removed").double(), f.get_tensor("protected").double())
+        return AblationDirections(basis, json.loads(meta["names"]), json.loads(meta["weights"]),
+                                  json.loads(meta.get("kept", "[]")), meta["mode"])
+
+
+def check_fits(directions: torch.Tensor, model, path: str | Path) -> None:
+    """Raise one clear error unless directions `[m, P, d]` (or `[P, d]`) were probed on a model of this
+    shape: P = decoder layers + 1 probe points, d = the residual stream's width."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    points, width = directions.shape[-2], directions.shape[-1]
+    if (points, width) != (layers + 1, hidden):
+        raise ClawlyError(f"{path} was computed on a model with {points - 1} decoder layers and hidden size {width}, "
+                          f"but {type(model).__name__} here has {layers} and {hidden}: rerun probe-activations and "
+                          "compute-directions for this model (dvc repro does), or load the model they were made on")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from clawly.ablation import AblationPlan
-from clawly.errors import require
+from clawly.errors import reading
 from clawly.io import atomic_path, read_json, write_json
 
 
@@ -40,10 +40,10 @@ def write_chosen_trial(path: Path, chosen: ChosenTrial) -> None:
 
 
 def read_chosen_trial(path: Path) -> ChosenTrial:
-    require(path, "optimize")
-    d = read_json(path)
-    return ChosenTrial(d["trial"], d["values"], d["params"], AblationPlan.from_dict(d["plan"]),
-                       d.get("response_prefix", ""))
+    with reading(path, "optimize"):
+        d = read_json(path)
+        return ChosenTrial(d["trial"], d["values"], d["params"], AblationPlan.from_dict(d["plan"]),
+                           d.get("response_prefix", ""))
 
 
 def write_optimizer_prompts(path: Path, harmful: pd.DataFrame, harmless: pd.DataFrame) -> None:
@@ -54,5 +54,5 @@ def write_optimizer_prompts(path: Path, harmful: pd.DataFrame, harmless: pd.Data
 
 def read_optimizer_prompt_ids(path: Path) -> set[str]:
     """Ids of every prompt the optimizer scored (harmful and harmless)."""
-    require(path, "optimize")
-    return set(pd.read_parquet(path).id)
+    with reading(path, "optimize"):
+        return set(pd.read_parquet(path).id)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from clawly.errors import require
+from clawly.errors import reading
 from clawly.io import atomic_path
 from clawly.paths import Paths
 
@@ -35,9 +35,16 @@ def write_prompts(paths: Paths, harmful: pd.DataFrame, harmless: pd.DataFrame) -
 
 def read_prompts(paths: Paths) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(harmful, harmless) prompt tables."""
-    require(paths.harmful_prompts, "generate-datasets")
-    require(paths.harmless_prompts, "generate-datasets")
-    return _with_system(pd.read_parquet(paths.harmful_prompts)), _with_system(pd.read_parquet(paths.harmless_prompts))
+    return read_prompt_table(paths.harmful_prompts), read_prompt_table(paths.harmless_prompts)
+
+
+def read_prompt_table(path) -> pd.DataFrame:
+    with reading(path, "generate-datasets"):
+        frame = _with_system(pd.read_parquet(path))
+        missing = [c for c in COLUMNS if c not in frame.columns]
+        if missing:
+            raise KeyError(f"no column(s) {', '.join(missing)}")
+    return frame
 
 
 def _with_system(frame: pd.DataFrame) -> pd.DataFrame:

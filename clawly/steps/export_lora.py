@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from clawly import export as ex
-from clawly.artifacts.directions import read_ablation_directions
+from clawly.artifacts.directions import check_fits, read_ablation_directions
 from clawly.artifacts.optimize import read_chosen_trial
 from clawly.artifacts.prompts import read_prompts
 from clawly.io import atomic_dir, read_json, write_json, write_text
@@ -24,6 +24,7 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> dic
     harmful, harmless = read_prompts(p)
     if model is None:
         model, tokenizer = load_model(settings.model, log)
+    check_fits(ablation.directions, model, p.orthogonalized)
     source = str(resolve_model_source(settings.model))
     plan = chosen.plan
     factors = ex.saved_change(model, ablation.basis, plan, ablation.strengths, settings.export).factors

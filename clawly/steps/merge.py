@@ -8,8 +8,8 @@ from peft import PeftModel
 
 from clawly import export as ex
 from clawly.ablation import AblationPlan, ablated, weight_deltas
-from clawly.artifacts.directions import read_ablation_directions
-from clawly.errors import require
+from clawly.artifacts.directions import check_fits, read_ablation_directions
+from clawly.errors import reading, require
 from clawly.io import atomic_dir, read_json, write_text
 from clawly.log import StageLogger
 from clawly.model import load_model, resolve_model_source
@@ -30,9 +30,11 @@ def run(settings: Settings, log: StageLogger) -> None:
     with contextlib.ExitStack() as applied, atomic_dir(p.model) as tmp:
         if plan.norm_preserve:
             ablation = read_ablation_directions(directions)
+            check_fits(ablation.directions, model, directions)
             applied.enter_context(ablated(model, weight_deltas(model, ablation.basis, plan, ablation.strengths)))
         else:
-            model = PeftModel.from_pretrained(model, str(p.lora)).merge_and_unload()
+            with reading(p.lora / "adapter_model.safetensors", "export-lora"):
+                model = PeftModel.from_pretrained(model, str(p.lora)).merge_and_unload()
         files = ex.write_model(model, tokenizer, tmp, settings, resolve_model_source(settings.model))
         write_text(tmp / "README.md", ex.model_card(settings, summary))
         ex.copy_record(p.lora, tmp, "model")

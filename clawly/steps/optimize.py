@@ -22,7 +22,7 @@ import pandas as pd
 
 from clawly import study as st
 from clawly.ablation import AblationPlan
-from clawly.artifacts.directions import AblationDirections, read_ablation_directions
+from clawly.artifacts.directions import AblationDirections, check_fits, read_ablation_directions
 from clawly.artifacts.optimize import ChosenTrial, write_chosen_trial, write_optimizer_prompts
 from clawly.artifacts.prompts import instructed_categories, read_prompts, row_systems
 from clawly.categories import category_table
@@ -142,6 +142,10 @@ def optimizer_prompts(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
         pool = pool[pool.category.isin(list(settings.categories.weights))]
     else:
         pool = pool[~pool.category.isin(instructed_categories(harmful))]
+    if pool.empty:
+        which = f"of {', '.join(settings.categories.weights)} " if settings.categories.enabled else ""
+        raise ClawlyError(f"no harmful prompts {which}in the {tuning_split(harmful)} split to score trials on: "
+                          "check categories.weights and data.eval_per_category / data.tune_per_category")
     h = stratified_sample(pool, s.harmful_prompts, s.seed)
     g = harmless[harmless.split == tuning_split(harmless)]
     g = g.sample(n=min(len(g), s.harmless_prompts), random_state=s.seed).reset_index(drop=True)
@@ -175,6 +179,7 @@ def start_search(settings: Settings, log: StageLogger, model, tokenizer, ablatio
     study (resumed when the same fingerprint already has trials)."""
     p = Paths.of(settings)
     s, c = settings.optimize, settings.categories
+    check_fits(ablation.directions, model, p.orthogonalized)
     if ablation.mode == "category" and not c.enabled:
         raise ClawlyError("the directions were computed in category mode but no categories.weights are set: "
                           "rerun orthogonalize-categories (dvc repro does)")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 
 import pandas as pd
+import torch
 
 from clawly.activations import RunningMean, generation_marker, instruction_suffix, probe_residuals
 from clawly.artifacts.activations import ActivationWriter, ResidualMeans, write_means
 from clawly.artifacts.prompts import read_prompts, row_systems
+from clawly.errors import ClawlyError
 from clawly.io import atomic_path
 from clawly.log import StageLogger
 from clawly.measures import chat_prompts
@@ -22,6 +24,16 @@ def capped(df: pd.DataFrame, cap: int | None) -> pd.DataFrame:
     if cap is None:
         return df
     return df.groupby("category", sort=True, group_keys=False).head(cap)
+
+
+def check_finite(residuals: torch.Tensor, ids: list[str], dtype: torch.dtype) -> None:
+    """Residuals `[b, P, d]` with NaN or inf would poison every mean and direction: one clear error instead."""
+    bad = ~torch.isfinite(residuals).all(dim=-1)  # [b, P]
+    if bad.any():
+        row, point = (int(i) for i in bad.nonzero()[0])
+        raise ClawlyError(f"the residual stream holds NaN or inf ({int(bad.any(-1).sum())} of {len(ids)} prompts in "
+                          f"this batch; first: {ids[row]} at probe point {point}): the model overflows in {dtype} or "
+                          "its weights hold NaN; load it in float32 (model.dtype=float32) or check its weights")
 
 
 def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> None:
@@ -50,6 +62,7 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> Non
             for idx, residuals in probe_residuals(model, tokenizer, prompts, settings.probe.batch_size, marker,
                                                   suffix=suffix, progress=log.progress):
                 cats = rows.category.iloc[idx].tolist()
+                check_finite(residuals, rows.id.iloc[idx].tolist(), model.dtype)
                 writer.write(rows.id.iloc[idx].tolist(), cats, residuals)
                 for j, cat in enumerate(cats):
                     means.setdefault(f"{name}_mean.{cat}", RunningMean()).update(residuals[j:j + 1])
