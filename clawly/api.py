@@ -32,6 +32,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from clawly import export as ex
 from clawly import study as st
 from clawly.ablation import AblationPlan, LayerKernel, ablated
+from clawly.architecture import num_layers as decoder_layer_count
 from clawly.artifacts.directions import AblationDirections, check_fits, read_ablation_directions
 from clawly.artifacts.prompts import instructed_categories, row_systems
 from clawly.categories import category_table, check_categories
@@ -295,7 +296,7 @@ class Pipeline:
         """A plan without optimization: ablate with `strength` in decoder layers `layers` (inclusive
         range; default all), using the direction probed at the output of layer `use_layer` (default:
         per-layer directions, each layer its own)."""
-        num_layers = self.load_model()[0].config.num_hidden_layers
+        num_layers = decoder_layer_count(self.load_model()[0])
         lo, hi = layers if layers is not None else (0, num_layers - 1)
         if not 0 <= lo <= hi < num_layers:
             raise ClawlyError(f"layers {lo}-{hi} are outside the model's decoder layers 0-{num_layers - 1}")

@@ -266,10 +266,17 @@ def front_table(pipe, chosen: int | None) -> str:
 
 
 def save(pipe, out: Path, kind: str, say: Callable[[str], None]) -> list[Path]:
+    from clawly.lora import AdapterUnsupportedError  # deferred with the engine (see run)
+
     saved = []
     if kind in ("both", "adapter"):
-        saved.append(pipe.save_adapter(out / "adapter"))
-        say(f"saved the LoRA adapter to {saved[-1]}")
+        try:
+            saved.append(pipe.save_adapter(out / "adapter"))
+            say(f"saved the LoRA adapter to {saved[-1]}")
+        except AdapterUnsupportedError as e:
+            if kind == "adapter":
+                raise
+            say(f"no LoRA adapter: {e}")
     if kind in ("both", "model"):
         saved.append(pipe.save_model(out / "model"))
         say(f"saved the merged model to {saved[-1]}")
@@ -344,6 +351,7 @@ def run(args: argparse.Namespace, ask: Callable[[str], str] = input, say: Callab
     # The engine (torch, transformers, peft) takes seconds to import: deferred to here, so --help and
     # a bad option answer at once.
     from clawly.api import Pipeline
+    from clawly.architecture import num_layers as decoder_layer_count
 
     out = Path(args.output)
     if args.reproduce:
@@ -367,7 +375,7 @@ def run(args: argparse.Namespace, ask: Callable[[str], str] = input, say: Callab
         return research_views(pipe, args, say)
     chosen = None
     if direct:
-        num_layers = pipe.model.config.num_hidden_layers
+        num_layers = decoder_layer_count(pipe.model)
         layers = parse_layers(args.layers, num_layers) if args.layers else None
         strength = 1.0 if args.ablation_strength is None else args.ablation_strength
         pipe.restore_trial(pipe.direct_plan(layers, args.use_layer, strength))

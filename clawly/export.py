@@ -30,7 +30,7 @@ from clawly.checkpoint import save_sharded, source_weight_map
 from clawly.directions import AblationBasis
 from clawly.errors import ClawlyError
 from clawly.io import write_json
-from clawly.lora import LoraFactors, lora_factors, save_adapter
+from clawly.lora import LoraFactors, adapter_problem, lora_factors, save_adapter
 from clawly.model import DEFAULT_MODEL, DEFAULT_MODEL_DESCRIPTION, model_provenance
 from clawly.settings import ExportSettings, Settings
 
@@ -43,23 +43,25 @@ DIRECTIONS = "clawly_directions.safetensors"
 class SavedChange:
     """A trial's weight change as it is saved: the change itself (float64), the adapter's factors
     (exact for low rank, truncated SVD for dense), and what the saved (merged) model adds to the
-    base weights: the adapter as peft merges it, or for a norm-preserving plan, whose full-rank
-    change no adapter holds exactly, the dense change the trials scored."""
+    base weights: the adapter as peft merges it, or, for a norm-preserving plan (whose full-rank
+    change no adapter holds exactly) or a model no adapter can hold at all, the change the trials scored."""
 
     deltas: dict[str, WeightDelta]
     factors: dict[str, LoraFactors]
     norm_preserve: bool
+    no_adapter: str | None = None  # why no adapter can hold it (lora.adapter_problem): then it is exact too
 
     @property
     def model_deltas(self) -> dict[str, WeightDelta]:
-        return self.deltas if self.norm_preserve else merged_deltas(self.factors)
+        return self.deltas if self.norm_preserve or self.no_adapter else merged_deltas(self.factors)
 
 
 def saved_change(model, basis: AblationBasis, plan: AblationPlan, strengths: torch.Tensor | None,
                  export: ExportSettings) -> SavedChange:
     """The plan's change as it is saved (see `SavedChange`). `model` must hold the base weights."""
     deltas = weight_deltas(model, basis, plan, strengths)
-    return SavedChange(deltas, lora_factors(deltas, export.energy, export.max_rank), plan.norm_preserve)
+    factors = lora_factors(deltas, export.energy, export.max_rank)
+    return SavedChange(deltas, factors, plan.norm_preserve, adapter_problem(model, factors))
 
 
 def merged_deltas(factors: dict[str, LoraFactors]) -> dict[str, WeightDelta]:

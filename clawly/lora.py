@@ -121,25 +121,32 @@ def _param_wrapper(model: nn.Module, name: str) -> nn.Module:
     return module
 
 
-def _check_layouts(model: nn.Module, factors: dict[str, LoraFactors]) -> None:
-    """peft can hold the parameter targets, and reads each stack's layout as clawly does."""
+def adapter_problem(model: nn.Module, factors: dict[str, LoraFactors]) -> str | None:
+    """Why peft cannot hold these factors as one adapter, or None: biased and unbiased writers mixed
+    (lora_bias is all or none), a bias change beside LoRA on parameters (fused experts), or a stack
+    whose class tells peft another layout than its weights have."""
+    modules = {n: f for n, f in factors.items() if not f.on_parameter}
+    if len({f.bias is not None for f in modules.values()}) > 1:
+        return ("some residual writers have a bias and some do not: peft's lora_bias is all or none, so this "
+                "adapter cannot be written; the merged model holds the exact change")
+    if len(modules) == len(factors):
+        return None
     biased = sorted(n for n, f in factors.items() if f.bias is not None)
     if biased:
-        raise AdapterUnsupportedError(
-            f"a LoRA adapter cannot hold this change: the fused experts need peft's LoRA on parameters "
-            f"(target_parameters), which does not work with lora_bias, and the bias change of {biased[0]} needs "
-            "lora_bias. The merged model holds the exact change: save the model instead of the adapter")
+        return (f"a LoRA adapter cannot hold this change: the fused experts need peft's LoRA on parameters "
+                f"(target_parameters), which does not work with lora_bias, and the bias change of {biased[0]} needs "
+                "lora_bias. The merged model holds the exact change: save the model instead of the adapter")
     for name, f in factors.items():
         if f.experts is None:
             continue
         owner = model.get_submodule(name.rpartition(".")[0])
         declared = bool(getattr(owner, "is_transposed", False))  # what peft's ParamWrapper reads
         if declared != f.transposed:
-            raise AdapterUnsupportedError(
-                f"a LoRA adapter cannot hold the change of {name}: it is stored "
-                f"{'input-first [E, d_in, d]' if f.transposed else 'output-first [E, d, d_in]'}, but "
-                f"{type(owner).__name__}.is_transposed={declared} tells peft otherwise. The merged model holds "
-                "the exact change: save the model instead of the adapter")
+            return (f"a LoRA adapter cannot hold the change of {name}: it is stored "
+                    f"{'input-first [E, d_in, d]' if f.transposed else 'output-first [E, d, d_in]'}, but "
+                    f"{type(owner).__name__}.is_transposed={declared} tells peft otherwise. The merged model holds "
+                    "the exact change: save the model instead of the adapter")
+    return None
 
 
 def save_adapter(model: nn.Module, factors: dict[str, LoraFactors], out_dir: str | Path,
@@ -150,19 +157,17 @@ def save_adapter(model: nn.Module, factors: dict[str, LoraFactors], out_dir: str
     Raises `AdapterUnsupportedError` when peft cannot hold the change.
     """
     if not factors:
-        raise ValueError("the chosen trial changes no weights: nothing to export")
+        raise ClawlyError("the chosen trial changes no weights: nothing to export (pick a trial with a "
+                          "non-zero kernel)")
+    problem = adapter_problem(model, factors)
+    if problem:
+        raise AdapterUnsupportedError(problem)
     modules = {n: f for n, f in factors.items() if not f.on_parameter}
     parameters = {n: f for n, f in factors.items() if f.on_parameter}
-    if parameters:
-        _check_layouts(model, modules | parameters)
     ranks = {name: f.rank for name, f in factors.items()}
     r = max(set(ranks.values()), key=list(ranks.values()).count)
     pattern = {re.escape(n): k for n, k in ranks.items() if k != r}
     biased = {f.bias is not None for f in modules.values()}
-    if len(biased) > 1:
-        raise AdapterUnsupportedError(
-            "some residual writers have a bias and some do not: peft's lora_bias is all or none, so this adapter "
-            "cannot be written; the merged model holds the exact change")
     conv1d = {type(model.get_submodule(n)).__name__ == "Conv1D" for n in modules}
     config = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(modules),
                         target_parameters=sorted(parameters) or None, rank_pattern=pattern,

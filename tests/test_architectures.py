@@ -590,3 +590,62 @@ def test_a_square_stack_with_a_norm_after_the_experts_is_refused():
     with pytest.raises(UnsupportedArchitectureError,
                        match=r"layer 0.*mlp.experts.down_proj is square.*neither of its factors"):
         writers(model)
+
+
+# ---------------------------------------------------------------- the whole pipeline, every door
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3_moe", "gpt_oss", "gemma3"])
+def test_the_whole_pipeline_runs_and_the_stages_merge_equals_the_apis(arch, make_tiny_model, tmp_path):
+    """Probe, directions, trials, export-lora, merge: on GPT-2 (Conv1D), fused experts, gpt-oss (whose
+    adapter peft cannot hold: export-lora writes the record and says why, merge builds from it) and the
+    multimodal wrapper (its config has no top-level layer count or hidden size)."""
+    from conftest import saved_tensors
+    from test_api import quiet, tiny_settings
+
+    from clawly import Pipeline
+    from clawly.steps import export_lora, merge
+
+    settings = tiny_settings(make_tiny_model(arch), tmp_path, n_trials=2, **{"optimize.direction_scopes": ["global"]})
+    pipe = Pipeline(settings, log=quiet(tmp_path))
+    assert len(list(pipe.run_optimization_iter())) == 2
+    pipe.write_outputs()
+    report = export_lora.run(settings, quiet(tmp_path))
+    merge.run(settings, quiet(tmp_path))
+    lora, model = Path(settings.artifacts_dir) / "lora", Path(settings.artifacts_dir) / "model"
+    assert report["adapter"] is (arch != "gpt_oss")
+    assert (lora / "adapter_config.json").exists() is (arch != "gpt_oss")
+    assert (lora / "clawly_reproduction.json").exists()
+    if arch == "gpt_oss":
+        assert "target_parameters" in report["no_adapter_because"]
+        assert "No LoRA adapter" in (lora / "README.md").read_text()
+    pipe.restore_trial(pipe.choose_trial())
+    pipe.save_model(tmp_path / "api-model")
+    stage, api = saved_tensors(model), saved_tensors(tmp_path / "api-model")
+    pipe._restore_base()
+    base = pipe.model.state_dict()  # the names the merged model is saved under
+    assert stage.keys() == api.keys() and set(api) <= set(base)
+    assert [k for k in stage if not torch.equal(stage[k], api[k])] == []
+    assert sum(not torch.equal(api[k], base[k]) for k in api) >= 2  # the trial changed weights
+
+
+def test_the_cli_saves_the_model_when_no_adapter_can_hold_the_change(make_tiny_model, tmp_path, capsys):
+    import yaml
+
+    from clawly import cli
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"train_per_category": 8, "eval_per_category": 6, "harmless_train": 24, "harmless_eval": 24},
+        "probe": {"max_per_category": 4}, "model": {"device": "cpu", "cache_dir": str(tmp_path / "cache")},
+        "optimize": {"n_trials": 1, "harmful_prompts": 8, "harmless_prompts": 8, "max_new_tokens": 4,
+                     "batch_size": 8}}))
+    argv = [str(make_tiny_model("gpt_oss")), "--config", str(config), "--non-interactive"]
+    assert cli.main([*argv, "--output", str(tmp_path / "both")]) == 0
+    out = capsys.readouterr().out
+    assert "no LoRA adapter: a LoRA adapter cannot hold this change" in out and "saved the merged model" in out
+    assert (tmp_path / "both" / "model" / "config.json").exists() and not (tmp_path / "both" / "adapter").exists()
+    assert cli.main([*argv, "--output", str(tmp_path / "one"), "--save", "adapter"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("clawly: error: a LoRA adapter cannot hold this change")
+    assert not (tmp_path / "one" / "adapter").exists()

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from clawly.architecture import hidden_size, num_layers
 from clawly.directions import AblationBasis
 from clawly.errors import ClawlyError, reading
 from clawly.io import write_safetensors
@@ -112,8 +113,7 @@ def read_ablation_directions(path: Path) -> AblationDirections:
 def check_fits(directions: torch.Tensor, model, path: str | Path) -> None:
     """Raise one clear error unless directions `[m, P, d]` (or `[P, d]`) were probed on a model of this
     shape: P = decoder layers + 1 probe points, d = the residual stream's width."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    layers, hidden = config.num_hidden_layers, config.hidden_size
+    layers, hidden = num_layers(model), hidden_size(model)
     points, width = directions.shape[-2], directions.shape[-1]
     if (points, width) != (layers + 1, hidden):
         raise ClawlyError(f"{path} was computed on a model with {points - 1} decoder layers and hidden size {width}, "

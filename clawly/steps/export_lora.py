@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import torch
 
 from clawly import export as ex
@@ -10,6 +12,7 @@ from clawly.artifacts.optimize import read_chosen_trial
 from clawly.artifacts.prompts import read_prompts
 from clawly.io import atomic_dir, read_json, write_json, write_text
 from clawly.log import StageLogger
+from clawly.lora import AdapterUnsupportedError
 from clawly.model import load_model, resolve_model_source
 from clawly.paths import Paths
 from clawly.settings import Settings
@@ -32,18 +35,30 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> dic
         log.event("warning", warning)
     per_category = settings.categories.per_category_adapters and ablation.mode == "category"
     summary = read_json(p.report("optimize")) if p.report("optimize").exists() else {}
+    unsupported = None
     with atomic_dir(p.lora) as tmp:
-        ex.write_adapter(model, factors, tmp, source)
-        if per_category:
-            for i, name in enumerate(ablation.names):
-                alone = torch.zeros_like(ablation.strengths)
-                alone[i] = ablation.strengths[i]  # this category's share of the combined change
-                one = ex.saved_change(model, ablation.basis, plan, alone, settings.export).factors
-                ex.write_adapter(model, one, tmp / "categories" / name, source)
-        write_text(tmp / "README.md", ex.model_card(settings, summary, kind="adapter"))
+        try:
+            ex.write_adapter(model, factors, tmp, source)
+            if per_category:
+                for i, name in enumerate(ablation.names):
+                    alone = torch.zeros_like(ablation.strengths)
+                    alone[i] = ablation.strengths[i]  # this category's share of the combined change
+                    one = ex.saved_change(model, ablation.basis, plan, alone, settings.export).factors
+                    ex.write_adapter(model, one, tmp / "categories" / name, source)
+            card = ex.model_card(settings, summary, kind="adapter")
+        except AdapterUnsupportedError as e:  # the record still lets merge build the exact model
+            unsupported = str(e)
+            for leftover in [q for q in tmp.iterdir() if q.name != "README.md"]:
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            log.event("warning", f"no LoRA adapter for this model: {unsupported}")
+            card = (f"# No LoRA adapter\n\n{unsupported}.\n\nThis directory holds the reproduction record "
+                    "(clawly_reproduction.json, clawly_directions.safetensors): the merge stage builds the merged "
+                    "model from it exactly, and `clawly --reproduce` rebuilds it.\n")
+        write_text(tmp / "README.md", card)
         ex.write_record(tmp, "adapter", settings, plan, ablation, {"harmful": harmful, "harmless": harmless},
                         chosen.record)
-    report = {**ex.adapter_metrics(factors), "norm_preserve": plan.norm_preserve,
+    report = {**ex.adapter_metrics(factors), "adapter": unsupported is None, "no_adapter_because": unsupported,
+              "norm_preserve": plan.norm_preserve,
               "per_category_adapters": ablation.names if per_category else [],
               "per_category_sum_is_exact": per_category and not plan.norm_preserve}
     write_json(p.report("export"), report)

@@ -18,17 +18,18 @@ from clawly.settings import Settings
 
 
 def run(settings: Settings, log: StageLogger) -> None:
-    """The adapter merged as peft merges it, or, for a norm-preserving plan, the exact dense change
-    the trials scored (rebuilt from the adapter's record); safetensors shards, config, tokenizer,
-    model card and the reproduction record."""
+    """The adapter merged as peft merges it, or, for a norm-preserving plan or a model no adapter can
+    hold (export-lora then writes only the record), the exact change the trials scored, rebuilt from
+    the record; safetensors shards, config, tokenizer, model card and the reproduction record."""
     p = Paths.of(settings)
-    require(p.lora / "adapter_config.json", "export-lora")
+    require(p.lora / ex.RECORD, "export-lora")
     model, tokenizer = load_model(settings.model, log)
     record, directions = ex.read_record(p.lora)
     plan = AblationPlan.from_dict(record["plan"])
     summary = read_json(p.report("optimize")) if p.report("optimize").exists() else {}
+    from_record = plan.norm_preserve or not (p.lora / "adapter_config.json").exists()  # no adapter holds it exactly
     with contextlib.ExitStack() as applied, atomic_dir(p.model) as tmp:
-        if plan.norm_preserve:
+        if from_record:
             ablation = read_ablation_directions(directions)
             check_fits(ablation.directions, model, directions)
             applied.enter_context(ablated(model, weight_deltas(model, ablation.basis, plan, ablation.strengths)))
@@ -38,4 +39,4 @@ def run(settings: Settings, log: StageLogger) -> None:
         files = ex.write_model(model, tokenizer, tmp, settings, resolve_model_source(settings.model))
         write_text(tmp / "README.md", ex.model_card(settings, summary))
         ex.copy_record(p.lora, tmp, "model")
-    log.event("merged", files=files, out=str(p.model), exact_dense_change=plan.norm_preserve)
+    log.event("merged", files=files, out=str(p.model), exact_change_from_record=from_record)

@@ -22,6 +22,7 @@ import pandas as pd
 
 from clawly import study as st
 from clawly.ablation import AblationPlan
+from clawly.architecture import num_layers
 from clawly.artifacts.directions import AblationDirections, check_fits, read_ablation_directions
 from clawly.artifacts.optimize import ChosenTrial, write_chosen_trial, write_optimizer_prompts
 from clawly.artifacts.prompts import instructed_categories, read_prompts, row_systems
@@ -208,7 +209,7 @@ def start_search(settings: Settings, log: StageLogger, model, tokenizer, ablatio
     if done:
         log.event("resume", f"resuming study '{study_name}' with {done} finished trial(s)", finished=done)
     return Search(harmful, harmless, prefix, batch_size, prompts, scorer, base, objectives, study, ablation,
-                  model.config.num_hidden_layers)
+                  num_layers(model))
 
 
 def search_trials(search: Search, settings: Settings, model, log: StageLogger) -> Iterator[optuna.trial.FrozenTrial]:

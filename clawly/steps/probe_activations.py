@@ -8,6 +8,7 @@ import pandas as pd
 import torch
 
 from clawly.activations import RunningMean, generation_marker, instruction_suffix, probe_residuals
+from clawly.architecture import hidden_size, num_layers
 from clawly.artifacts.activations import ActivationWriter, ResidualMeans, write_means
 from clawly.artifacts.prompts import read_prompts, row_systems
 from clawly.errors import ClawlyError
@@ -50,7 +51,7 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> Non
         log.event("probe_marker", marker=marker)
     suffix = instruction_suffix(tokenizer, settings.model.system_prompt) if settings.probe.position == "instruction" \
         else None
-    hidden = model.config.hidden_size
+    hidden = hidden_size(model)
     means: dict[str, RunningMean] = {}
     p.activations.mkdir(parents=True, exist_ok=True)
     for name, df, out in (("harmful", harmful, p.harmful_activations), ("harmless", harmless, p.harmless_activations)):
@@ -70,7 +71,7 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> Non
         seconds = time.perf_counter() - t0
         log.event("probed", set=name, prompts=len(rows), seconds=round(seconds, 1),
                   prompts_per_second=round(len(rows) / max(seconds, 1e-9), 2))
-    meta = {"model": settings.model.name, "probe_points": str(model.config.num_hidden_layers + 1),
+    meta = {"model": settings.model.name, "probe_points": str(num_layers(model) + 1),
             "hidden_size": str(hidden), "position": settings.probe.position, "marker": marker or ""}
     write_means(p.means, ResidualMeans({k: m.mean for k, m in means.items()}, {k: m.count for k, m in means.items()},
                                        meta))
