@@ -51,6 +51,7 @@ from clawly.steps import (
     orthogonalize_categories,
     probe_activations,
 )
+from clawly.workers import extra_workers
 
 TrialOutcome = optimize.TrialOutcome
 
@@ -164,11 +165,14 @@ class Pipeline:
     # ------------------------------------------------------------ optimization
 
     def run_optimization_iter(self) -> Iterator[TrialOutcome]:
-        """Run the missing trials (up to optimize.n_trials), yielding each as it finishes."""
+        """Run the missing trials (up to optimize.n_trials), yielding each as it finishes here; with
+        optimize.workers > 1, that many processes add trials to the study at once (`trials()` lists
+        them all once the iteration ends)."""
         search = self.start_search()
         self._restore_base()
-        for t in optimize.search_trials(search, self.settings, self.model, self.log):
-            yield TrialOutcome.of(t)
+        with extra_workers(self.settings, self.log, optimize.worker):
+            for t in optimize.search_trials(search, self.settings, self.model, self.log):
+                yield TrialOutcome.of(t)
 
     def get_pareto_front(self) -> list[TrialOutcome]:
         """The Pareto-optimal trials (refusals vs KL), by KL."""

@@ -9,12 +9,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
+
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@/\s]+@")
+
+
+def masked_url(text: str) -> str:
+    """`text` with the password of any URL in it (scheme://user:password@host) replaced by ***."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
 
 
 def _plain(value: Any) -> Any:
@@ -23,7 +31,9 @@ def _plain(value: Any) -> Any:
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
+    if isinstance(value, str):
+        return masked_url(value)
+    if isinstance(value, (int, float, bool)) or value is None:
         return value
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
@@ -50,7 +60,7 @@ class StageLogger:
         fields = {k: ("***" if isinstance(v, str) and any(s in k.lower() for s in _SECRET_KEYS) else v)
                   for k, v in fields.items()}
         record = {"time": round(time.time(), 3), "stage": self.stage, "event": name,
-                  **({"message": message} if message else {}), **_plain(fields)}
+                  **({"message": masked_url(message)} if message else {}), **_plain(fields)}
         if self.path is not None:
             try:
                 with self.path.open("a") as f:
@@ -61,6 +71,7 @@ class StageLogger:
                 self.path = None
         if not self.quiet:
             text = message if message is not None else " ".join(f"{k}={_short(v)}" for k, v in fields.items())
+            text = masked_url(text)
             tqdm.write(f"[{self.stage}] {name}: {text}" if text else f"[{self.stage}] {name}", file=sys.stderr)
 
     def progress(self, iterable: Any = None, total: int | None = None, desc: str = "", unit: str = "it") -> tqdm:

@@ -245,6 +245,7 @@ class OptimizeSettings:
     seed: int = _f(0)
     storage: str | None = _f(None)
     study_name: str = _f("clawly")
+    workers: int = _f(1)
     harmful_prompts: int = _f(48)
     harmless_prompts: int = _f(48)
     max_new_tokens: int = _f(16)
@@ -272,6 +273,7 @@ class OptimizeSettings:
         _check(self.refusal_markers is None or any(m.strip() for m in self.refusal_markers),
                "optimize.refusal_markers", self.refusal_markers, "null (the built-in markers) or a list of markers")
         _check(self.n_trials >= 1, "optimize.n_trials", self.n_trials, "an integer >= 1")
+        _check(self.workers >= 1, "optimize.workers", self.workers, "an integer >= 1")
         _check(self.n_startup_trials >= 0, "optimize.n_startup_trials", self.n_startup_trials, "an integer >= 0")
         for key in ("harmful_prompts", "harmless_prompts", "max_new_tokens", "kept_max_new_tokens"):
             _check(getattr(self, key) >= 1, f"optimize.{key}", getattr(self, key), "an integer >= 1")

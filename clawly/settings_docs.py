@@ -119,9 +119,15 @@ HELP = {
     'optimize.seed':
         'Sampler seed.',
     'optimize.storage':
-        'Optuna storage URL; null: a journal file artifacts/study/journal.log (resumable).',
+        'Where the study lives: null for a journal file artifacts/study/journal.log (resumable); a path for a journal '
+        'file elsewhere (one on a shared file system lets jobs on several machines add trials to one study); or an '
+        'Optuna RDB URL such as postgresql+psycopg://user@host/db (the cluster extra).',
     'optimize.study_name':
         'Study name inside the storage.',
+    'optimize.workers':
+        'Processes on this machine that add trials to the study at once, each with its own copy of the model and '
+        'an equal share of the CPU threads (or GPUs); together they run n_trials, no more. Jobs on other machines '
+        'join the same study through a shared optimize.storage.',
     'optimize.harmful_prompts':
         'Harmful eval-split prompts per trial (stratified over categories).',
     'optimize.harmless_prompts':

@@ -29,6 +29,7 @@ from clawly.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
 from clawly.decoding import DecodeStats
 from clawly.directions import AblationBasis
 from clawly.errors import ClawlyError
+from clawly.log import masked_url
 from clawly.scoring import Scores, TrialScorer
 from clawly.settings import REFUSAL_MEASURES, OptimizeSettings
 
@@ -168,25 +169,65 @@ def _gone(worker: dict | None) -> bool:
     return False
 
 
+HEARTBEAT_SECONDS, GRACE_SECONDS = 60, 180  # an RDB study fails a trial whose worker was silent this long
+
+
 def open_study(storage: str, study_name: str, seed: int, n_startup_trials: int,
                objectives: Objectives | None = None) -> optuna.Study:
-    """Create or resume a study. Trials left RUNNING by a process that has ended (on this
-    machine) are failed and redone; trials of live workers sharing the storage are left alone."""
+    """Create or resume a study. Trials left RUNNING by a process that has ended (on this machine, or
+    on any machine with an RDB storage, by its heartbeat) are failed and redone; trials of live
+    workers sharing the storage are left alone."""
     objectives = objectives or Objectives()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = TrialSeededSampler(seed, n_startup_trials=n_startup_trials, multivariate=True)
-    study = optuna.create_study(storage=_storage(storage), study_name=study_name, sampler=sampler,
-                                directions=objectives.directions, load_if_exists=True)
+    backend = _storage(storage)
+    try:
+        study = optuna.create_study(storage=backend, study_name=study_name, sampler=sampler,
+                                    directions=objectives.directions, load_if_exists=True)
+    except Exception as e:  # noqa: BLE001 - a database's errors are many classes and lines: one line naming it
+        raise StorageError(f"optimize.storage {masked_url(storage)}: cannot open study {study_name!r}: "
+                           f"{_first_line(e)}") from None
+    fail_stale(study)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if _gone(t.user_attrs.get(WORKER)):
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
     return study
 
 
-def _storage(url: str) -> optuna.storages.BaseStorage | str:
-    """A plain path means an Optuna journal file; anything with '://' is passed to Optuna."""
+class StorageError(ClawlyError):
+    """The study's storage cannot be reached or read; the message names it (password masked)."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "orig", None) or e).strip().splitlines()
+    return masked_url(" ".join(text[0].split())) if text else type(e).__name__
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Fail the RUNNING trials whose worker's heartbeat stopped (RDB storages; Optuna does this too,
+    but only when a worker starts a trial, and the count of running trials must not wait for that)."""
+    with warnings.catch_warnings():  # "experimental" since Optuna 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # a no-op without a heartbeat (journal files)
+
+
+def _storage(url: str) -> optuna.storages.BaseStorage:
+    """A plain path means an Optuna journal file; anything with '://' is an Optuna RDB URL
+    (sqlite:///file.db, postgresql+psycopg://user@host/db, mysql+pymysql://...), with a heartbeat so
+    that a trial of a worker killed on any machine is failed and redone."""
     if "://" in url:
-        return url
+        try:
+            with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna: said once, not per run
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS,
+                                                  grace_period=GRACE_SECONDS, engine_kwargs={"pool_pre_ping": True})
+        except Exception as e:  # noqa: BLE001 - see open_study
+            missing = e if isinstance(e, ModuleNotFoundError) else e.__cause__
+            if isinstance(missing, ModuleNotFoundError):  # Optuna wraps the driver's import error
+                raise StorageError(f"optimize.storage {masked_url(url)}: the database driver {missing.name!r} is not "
+                                   "installed: pip install 'clawly[cluster]' (PostgreSQL through psycopg)") from None
+            raise StorageError(f"optimize.storage {masked_url(url)}: {_first_line(e)} (is the server up, and the "
+                               "URL dialect+driver://user@host:port/database?)") from None
     Path(url).parent.mkdir(parents=True, exist_ok=True)
     lock = JournalFileSymlinkLock(url)  # Optuna's default lock, kept to repair under it
     backend = JournalFileBackend(url, lock_obj=lock)
@@ -240,6 +281,9 @@ def iter_study(study: optuna.Study, model: PreTrainedModel, scorer: TrialScorer,
 
     def objective(trial: optuna.Trial) -> tuple[float, ...]:
         trial.set_user_attr(WORKER, this_worker())
+        if ahead_of(study, trial.number) >= settings.n_trials:  # other workers took the last ones first
+            trial.set_user_attr(SURPLUS, True)
+            raise SurplusTrial(trial.number)
         plan = suggest_plan(trial, num_layers, settings, list(category_weights or {}))
         plan.category_weights = dict(category_weights or {})
         trial.set_user_attr("plan", plan.to_dict())
@@ -263,10 +307,45 @@ def iter_study(study: optuna.Study, model: PreTrainedModel, scorer: TrialScorer,
         return objectives.values(result)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    for _ in range(settings.n_trials - len(finished(study))):
+    while True:
+        fail_stale(study)
+        if len(finished(study)) + len(running(study)) >= settings.n_trials:
+            return
         done: list[optuna.trial.FrozenTrial] = []  # this process's trial, even with other workers on the storage
-        study.optimize(objective, n_trials=1, callbacks=[lambda s, t, done=done: done.append(t)], gc_after_trial=True)
+        study.optimize(objective, n_trials=1, callbacks=[lambda s, t, done=done: done.append(t)], gc_after_trial=True,
+                       catch=(SurplusTrial,))
+        if any(t.user_attrs.get(SURPLUS) for t in done):
+            return
         yield from done
+
+
+SURPLUS = "surplus"  # user attr of a trial a worker asked for when n_trials were already finished or running
+
+
+class SurplusTrial(Exception):
+    """Two workers asked for the last trial at once: the later one gives its trial up (failed, no work done)."""
+
+
+def _live(trial: optuna.trial.FrozenTrial) -> bool:
+    """A RUNNING trial whose process may still finish it: not known to have ended. One that has not
+    recorded its worker yet was asked for a moment ago (a process killed before it recorded one has
+    its trials failed when the study is opened again)."""
+    worker = trial.user_attrs.get(WORKER)
+    return worker is None or not _gone(worker)
+
+
+def running(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials running now in live processes."""
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) if _live(t)]
+
+
+def ahead_of(study: optuna.Study, number: int) -> int:
+    """Trials numbered before `number` that finished or are running in a live process: with n_trials of
+    them, a trial of this number is not needed. Trial numbers are handed out by the storage, so every
+    worker ranks trials the same way and exactly n_trials finish."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=states)
+               if t.number < number and (t.state != optuna.trial.TrialState.RUNNING or _live(t)))
 
 
 def violation(trial: optuna.trial.FrozenTrial) -> float:

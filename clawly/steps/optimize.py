@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import optuna
 import pandas as pd
+import torch
 
 from clawly import study as st
 from clawly.ablation import AblationPlan
@@ -31,12 +33,13 @@ from clawly.classify import FEATURES, response_classifier
 from clawly.decoding import PromptSet, auto_batch_size, detect_response_prefix
 from clawly.errors import ClawlyError
 from clawly.io import atomic_path, write_json
-from clawly.log import StageLogger
+from clawly.log import StageLogger, get_logger
 from clawly.measures import chat_prompts
 from clawly.model import cache_root, load_model
 from clawly.paths import Paths, project_file
 from clawly.scoring import Scores, ScoringPrompts, TrialScorer
 from clawly.settings import REFUSAL_MEASURES, Settings
+from clawly.workers import extra_workers, worker_device
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ def study_fingerprint(settings: Settings, harmful: pd.DataFrame, harmless: pd.Da
     embedder); n_trials, storage, batch size, the model cache and export options do not, so raising
     n_trials continues the same study."""
     search = {k: v for k, v in dataclasses.asdict(settings.optimize).items()
-              if k not in ("n_trials", "storage", "study_name", "batch_size", "prefix_cache")}
+              if k not in ("n_trials", "storage", "study_name", "batch_size", "prefix_cache", "workers")}
     directions = hashlib.sha256(Paths.of(settings).orthogonalized.read_bytes()).hexdigest()
     model = {k: v for k, v in dataclasses.asdict(settings.model).items() if k != "cache_dir"}
     categories = {k: v for k, v in dataclasses.asdict(settings.categories).items() if k != "per_category_adapters"}
@@ -217,11 +220,14 @@ def search_trials(search: Search, settings: Settings, model, log: StageLogger) -
     and yielding each."""
     s = settings.optimize
     with log.progress(total=s.n_trials, desc="trials", unit="trial") as bar:
-        bar.update(min(len(st.finished(search.study)), s.n_trials))  # a resumed study
+        shown = min(len(st.finished(search.study)), s.n_trials)  # a resumed study
+        bar.update(shown)
         for t in st.iter_study(search.study, model, search.scorer, search.ablation.basis,
                                 search.num_layers, s, search.objectives, search.ablation.strengths,
                                 search.ablation.category_weights):
-            bar.update(1)
+            now = min(len(st.finished(search.study)), s.n_trials)  # every worker's trials
+            bar.update(max(1, now - shown))
+            shown += max(1, now - shown)
             seconds = round((t.datetime_complete - t.datetime_start).total_seconds(), 1)
             if t.values is not None:
                 log.event("trial", number=t.number, refusals=int(t.values[0]), kl=round(t.values[1], 5),
@@ -309,14 +315,34 @@ def write_search_outputs(settings: Settings, search: Search, log: StageLogger) -
 
 
 def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> dict:
-    """The whole stage: start (or resume) the search, run the missing trials, write the outputs."""
+    """The whole stage: start (or resume) the search, run the missing trials (with optimize.workers
+    processes), write the outputs."""
     ablation = read_ablation_directions(Paths.of(settings).orthogonalized)
     if model is None:
         model, tokenizer = load_model(settings.model, log)
     search = start_search(settings, log, model, tokenizer, ablation)
-    for _ in search_trials(search, settings, model, log):
-        pass
+    with extra_workers(settings, log, worker):
+        for _ in search_trials(search, settings, model, log):
+            pass
     return write_search_outputs(settings, search, log)
+
+
+def worker(values: dict, index: int, threads: int) -> None:
+    """An extra worker (a spawned process, see `clawly.workers`): its own model, the same study,
+    trials until optimize.n_trials are finished by all workers together."""
+    torch.set_num_threads(threads)
+    settings = Settings.from_dict(values)
+    settings.model.device = worker_device(settings.model.device, index)
+    p = Paths.of(settings)
+    log = get_logger(f"optimize-worker-{index}", p.logs, quiet=True)
+    try:
+        model, tokenizer = load_model(settings.model, log)
+        search = start_search(settings, log, model, tokenizer, read_ablation_directions(p.orthogonalized))
+        for _ in search_trials(search, settings, model, log):
+            pass
+    except ClawlyError as e:
+        print(f"clawly optimize worker {index}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def response_prefix(settings: Settings, model, tokenizer, harmful: list[str], harmless: list[str],

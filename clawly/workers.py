@@ -1,0 +1,77 @@
+"""Extra processes that add trials to the same study (optimize.workers > 1).
+
+    with extra_workers(settings, log, work) as pool:   # workers - 1 processes start here
+        ...run trials in this process too...
+    # leaving the block waits for them; an error in the block stops them (their running trials are
+    # failed when the study is next opened)
+
+Each worker is a fresh process (`spawn`): it loads the model itself, scores the base model and
+opens the study by name from `optimize.storage`, so it needs nothing from this process but the
+settings. The CPU threads are split between the processes (more threads than cores only makes
+each slower); with several GPUs, worker i takes GPU i. Trial numbers come from the storage, so
+the workers never run the same trial, and `clawly.study.iter_study` stops all of them at
+optimize.n_trials finished trials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+
+from clawly.errors import ClawlyError
+from clawly.log import StageLogger
+from clawly.settings import Settings
+
+
+def cpu_share(workers: int) -> int:
+    """CPU threads for each of `workers` processes."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def worker_device(device: str, index: int) -> str:
+    """Worker `index`'s device: with several GPUs and model.device auto or cuda, GPU index mod count."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device in ("auto", "cuda") and count > 1:
+        return f"cuda:{index % count}"
+    return device
+
+
+@contextlib.contextmanager
+def extra_workers(settings: Settings, log: StageLogger, target: Callable[[dict, int, int], None]
+                  ) -> Iterator[list[mp.process.BaseProcess]]:
+    """Start optimize.workers - 1 processes running `target(settings_dict, index, threads)`, give this
+    process its share of the threads, and on leaving wait for them (or, on an error, stop them)."""
+    n = settings.optimize.workers
+    if n <= 1:
+        yield []
+        return
+    threads, before = cpu_share(n), torch.get_num_threads()
+    context = mp.get_context("spawn")
+    values = settings.to_dict()
+    pool = [context.Process(target=target, args=(values, i, threads), name=f"clawly-worker-{i}", daemon=False)
+            for i in range(1, n)]
+    for p in pool:
+        p.start()
+    log.event("workers", f"{n} workers on one study ({threads} CPU thread(s) each)", workers=n,
+              pids=[p.pid for p in pool])
+    torch.set_num_threads(threads)
+    try:
+        yield pool
+    except BaseException:
+        for p in pool:
+            p.terminate()
+        for p in pool:
+            p.join()
+        raise
+    finally:
+        torch.set_num_threads(before)
+    for p in pool:
+        p.join()
+    failed = [f"{p.name}: exit status {p.exitcode}" for p in pool if p.exitcode != 0]
+    if failed:
+        raise ClawlyError(f"{len(failed)} of {n - 1} extra workers failed ({', '.join(failed)}): their errors are "
+                          "above, and in logs/optimize-worker-N.jsonl")
