@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from clawly.errors import ClawlyError
@@ -49,8 +52,10 @@ def unknown_override(argv: list[str]) -> str | None:
     return None
 
 
-def run_stage(name: str, step: Callable[[Settings, StageLogger], object]) -> None:
-    """Run `step` as the Hydra app of stage `name` (call from the stage module's __main__)."""
+def run_stage(name: str, step: Callable[[Settings, StageLogger], object], sweep: str | None = None) -> None:
+    """Run `step` as the Hydra app of stage `name` (call from the stage module's __main__). With
+    Hydra's --multirun, each job instead runs `sweep` ("module:function", see clawly/sweep.py) in
+    the job's own directory; a stage without one refuses to sweep."""
     problem = unknown_override(sys.argv[1:])
     if problem:
         print(f"clawly {name}: error: {problem}", file=sys.stderr)
@@ -60,7 +65,10 @@ def run_stage(name: str, step: Callable[[Settings, StageLogger], object]) -> Non
     @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
     def main(cfg: DictConfig) -> None:
         values = OmegaConf.to_container(cfg, resolve=True)
+        job = HydraConfig.get()
         try:
+            if job.mode == RunMode.MULTIRUN:
+                return sweep_job(name, sweep, values, Path(job.runtime.output_dir), list(job.overrides.task))
             settings = Settings.from_dict(values)  # type: ignore[arg-type]
             log = get_logger(name, os.path.join(settings.artifacts_dir, "logs"))
             log.event("start", "", config={k: v for k, v in values.items() if k != "hydra"})  # type: ignore[union-attr]
@@ -73,3 +81,19 @@ def run_stage(name: str, step: Callable[[Settings, StageLogger], object]) -> Non
             sys.exit(2)
 
     main()
+
+
+def sweep_job(name: str, sweep: str | None, values: dict, job_dir: Path, overrides: list[str]) -> dict:
+    """One job of a Hydra multirun: `sweep` in the job's directory, given its settings and overrides."""
+    if sweep is None:
+        raise ClawlyError(f"stage {name} does not sweep: run the sweep (-m/--multirun) with python -m stages.optimize")
+    name_of_module, _, function = sweep.partition(":")
+    # by name, not an import: DVC never runs a sweep, so the stage's code deps (stages/deps.py) stay one run's
+    module = importlib.import_module(name_of_module)
+    values = module.job_settings({k: v for k, v in values.items() if k != "hydra"}, job_dir)
+    settings = Settings.from_dict(values)
+    log = get_logger(name, os.path.join(settings.artifacts_dir, "logs"))
+    log.event("start", f"sweep job {job_dir}: {' '.join(overrides) or 'no overrides'}", config=values)
+    out = getattr(module, function)(settings, log, job_dir, overrides)
+    log.event("done")
+    return out

@@ -1,0 +1,184 @@
+"""Scale out: several workers on one Optuna study (journal file, PostgreSQL), Hydra multirun sweeps
+locally and on a real Slurm cluster.
+
+The servers are real: PostgreSQL and Slurm from Debian's packages, started by `.ci/services/*.sh`
+(which `.ci/run` installs and these tests call); a test that cannot start one fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from test_api import quiet, tiny_settings
+
+from clawly import Pipeline
+from clawly.study import SURPLUS, WORKER, choose_trial, completed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def finished_by_worker(trials: list[optuna.trial.FrozenTrial]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for t in trials:
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
+            out.setdefault(t.user_attrs[WORKER]["pid"], []).append(t.number)
+    return out
+
+
+def check_one_study(study: optuna.Study, n_trials: int, workers: int) -> None:
+    """Exactly n_trials finished, each number once, every worker took part, nothing lost: the only
+    failed trial may be a surplus one (two workers asked for the last trial at once; no work done)."""
+    trials = study.get_trials()
+    done = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(done) == n_trials and len({t.number for t in done}) == n_trials
+    assert len(finished_by_worker(trials)) == workers
+    assert all(t.user_attrs.get(SURPLUS) for t in trials if t.state == optuna.trial.TrialState.FAIL)
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+SLOW_TRIALS = {"data.eval_per_category": 24, "harmful_prompts": 160, "optimize.max_new_tokens": 48,
+               "optimize.batch_size": 32, "optimize.refusal_markers": ["zzzz"]}  # about a second a trial
+
+
+def test_two_workers_on_a_journal_file_run_n_trials_between_them(make_tiny_model, tmp_path):
+    settings = tiny_settings(make_tiny_model("llama"), tmp_path, n_trials=10,
+                             **{"optimize.workers": 2, **SLOW_TRIALS})
+    pipe = Pipeline(settings, log=quiet(tmp_path))
+    mine = [t.index for t in pipe.run_optimization_iter()]
+    study = pipe.search.study
+    check_one_study(study, 10, workers=2)
+    assert finished_by_worker(study.get_trials())[os.getpid()] == mine and 0 < len(mine) < 10
+    assert pipe.choose_trial().index == choose_trial(completed(study), settings.optimize.kl_cap).number
+    assert (tmp_path / "artifacts" / "logs" / "optimize-worker-1.jsonl").exists()
+
+
+# ------------------------------------------------------------------ the storage: one clear line, no password
+
+def test_an_unreachable_database_is_one_line_naming_it_without_the_password():
+    from clawly.study import StorageError, open_study
+
+    url = "postgresql+psycopg://clawly:hunter2secret@127.0.0.1:9/clawly"  # port 9 (discard): nothing listens
+    with pytest.raises(StorageError) as e:
+        open_study(url, "s", 0, 2)
+    message = str(e.value)
+    assert "\n" not in message and "hunter2secret" not in message
+    assert "postgresql+psycopg://clawly:***@127.0.0.1:9/clawly" in message and "refused" in message.lower()
+
+
+def test_a_missing_database_driver_names_the_extra():
+    from clawly.study import StorageError, open_study
+
+    with pytest.raises(StorageError, match=r"driver 'pymysql' is not installed: pip install 'clawly\[cluster\]'"):
+        open_study("mysql+pymysql://u:pw@127.0.0.1/db", "s", 0, 2)
+
+
+def test_passwords_in_urls_never_reach_the_log(tmp_path, capsys):
+    from clawly.log import StageLogger
+
+    log = StageLogger("optimize", tmp_path)
+    url = "postgresql+psycopg://me:hunter2secret@db.example:5432/clawly"
+    log.event("start", config={"optimize": {"storage": url}})
+    log.event("resume", f"study in {url}")
+    log.event("storage", storage=url)
+    written = (tmp_path / "optimize.jsonl").read_text() + capsys.readouterr().err
+    assert "hunter2secret" not in written and written.count("me:***@db.example") == 3 + 3  # JSONL and console
+
+
+# ------------------------------------------------------------------ Hydra multirun sweeps
+
+SWEEP_TINY = ["data.train_per_category=8", "data.eval_per_category=6", "data.harmless_train=24",
+              "data.harmless_eval=24", "data.tune_per_category=4", "data.harmless_tune=8", "probe.max_per_category=4",
+              "probe.batch_size=8",
+              "optimize.n_trials=3", "optimize.n_startup_trials=2", "optimize.harmful_prompts=8",
+              "optimize.harmless_prompts=8", "optimize.max_new_tokens=4", "optimize.batch_size=8",
+              "directions.method=dim",  # the presets' RDO needs refusals a tiny random model does not make
+              "optimize.refusal_markers=[black,whom]"]
+
+
+def sweep(tmp: Path, model_dir: Path, *args: str, env: dict | None = None) -> Path:
+    """Run `python -m stages.optimize -m ARGS` in `tmp` (a project of its own) and return the sweep dir."""
+    cmd = [sys.executable, "-m", "stages.optimize", "-m", *args, f"model.name={model_dir}",
+           f"model.cache_dir={tmp / 'cache'}", f"hydra.sweep.dir={tmp / 'multirun'}", *SWEEP_TINY]
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"sweep failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return tmp / "multirun"
+
+
+def jobs_of(sweep_dir: Path) -> dict[str, dict]:
+    """Each finished job's job.json and report, keyed by its swept overrides."""
+    out = {}
+    for f in sorted(sweep_dir.glob("*/job.json")):
+        job = json.loads(f.read_text())
+        swept = " ".join(o for o in job["overrides"] if o.startswith(("+preset=", "optimize.seed=")))
+        report = json.loads((Path(job["artifacts_dir"]) / "reports" / "optimize.json").read_text())
+        trials = pd.read_parquet(Path(job["artifacts_dir"]) / "optimize" / "trials.parquet")
+        out[swept] = {**job, "report": report, "trials": trials, "dir": f.parent}
+    return out
+
+
+def check_grid(jobs: dict[str, dict], grid: list[str]) -> None:
+    """One job per grid point, each with its own prompts, directions and study, and its preset's roles."""
+    assert sorted(jobs) == sorted(grid)
+    for swept, job in jobs.items():
+        assert Path(job["artifacts_dir"]).parent == job["dir"] and (job["dir"] / "prompts" / "harmful.parquet").exists()
+        assert (Path(job["artifacts_dir"]) / "directions" / "orthogonalized.safetensors").exists()
+        assert len(job["trials"]) == 3 and job["trials"].trial.tolist() == [0, 1, 2]
+        roles = {c: r["role"] for c, r in job["report"]["by_category"].items()}
+        if "preset=default" in swept:  # violence, drugs, adult targeted; self-harm kept
+            assert roles["self_harm_suicide"] == "kept" and roles["violence_weapons"] == "targeted"
+            assert sum(r == "targeted" for r in roles.values()) == 3
+        else:
+            assert set(roles.values()) == {"targeted"} and len(roles) == 8
+
+
+def test_a_hydra_multirun_sweeps_presets_and_seeds_one_job_each(make_tiny_model, tmp_path):
+    grid = ["+preset=default optimize.seed=0", "+preset=default optimize.seed=1",
+            "+preset=full optimize.seed=0", "+preset=full optimize.seed=1"]
+    sweep_dir = sweep(tmp_path, make_tiny_model("llama"), "+preset=default,full", "optimize.seed=0,1")
+    jobs = jobs_of(sweep_dir)
+    check_grid(jobs, grid)
+    # the seed reaches Optuna: the same preset draws other trials under the other seed
+    for preset in ("default", "full"):
+        a, b = (jobs[f"+preset={preset} optimize.seed={s}"]["trials"] for s in (0, 1))
+        drawn = [t.filter(like="param.").select_dtypes("number").round(6).values.tolist() for t in (a, b)]
+        assert drawn[0] != drawn[1]
+    # the sweep's table: one row per job, its chosen trial and figures as job.json says
+    proc = subprocess.run([sys.executable, "-m", "clawly.sweep", str(sweep_dir)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(sweep_dir / "sweep.csv")
+    assert sorted(table.swept) == sorted(grid)
+    for _, row in table.iterrows():
+        job = jobs[row.swept]
+        assert (row.chosen_trial, row.refusals) == (job["chosen_trial"], job["refusals"])
+        assert row.chosen_trial == job["report"]["chosen_trial"]
+
+
+def test_the_same_sweep_through_submitit_local_runs_jobs_in_their_own_processes(make_tiny_model, tmp_path):
+    sweep_dir = sweep(tmp_path, make_tiny_model("llama"), "hydra/launcher=local", "+preset=default,full")
+    jobs = jobs_of(sweep_dir)
+    check_grid(jobs, ["+preset=default", "+preset=full"])
+    logs = sorted((sweep_dir / ".submitit").glob("*/*_log.out"))
+    assert len(logs) == 2  # submitit's own job folders: one per job
+    pids = {trial_worker(job)["pid"] for job in jobs.values()}
+    assert len(pids) == 2 and os.getpid() not in pids
+
+
+def trial_worker(job: dict) -> dict:
+    """The worker (host, pid) that ran a job's trials, from its study."""
+    storage = str(Path(job["artifacts_dir"]) / "study" / "journal.log")
+    names = optuna.study.get_all_study_names(storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(storage)))
+    study = optuna.load_study(study_name=names[0], storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(storage)))
+    workers = {json.dumps(t.user_attrs[WORKER], sort_keys=True) for t in study.trials}
+    assert len(workers) == 1
+    return json.loads(workers.pop())
