@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import saved_tensors
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -17,6 +18,7 @@ from clawly.activations import capture_residuals, probe_residuals
 from clawly.architecture import writers
 from clawly.directions import AblationBasis
 from clawly.log import get_logger
+from clawly.steps import export_lora, merge
 
 TINY = {"data.train_per_category": 8, "data.eval_per_category": 6, "data.harmless_train": 24,
         "data.harmless_eval": 24, "probe.max_per_category": 4, "probe.batch_size": 8, "n_trials": 2,
@@ -196,7 +198,84 @@ def test_4bit_adapter_is_float32_from_the_dequantized_weights_and_leaves_the_mod
     assert all(type(w.module).__name__ == "Linear4bit" for w in writers(quant))  # peft's layers came out again
 
 
+def test_a_4bit_pipeline_saves_the_change_merged_into_full_precision_weights(make_tiny_model, tmp_path):
+    model_dir = tiny_4bit_dir(make_tiny_model)
+    quant = quantized(model_dir)
+    pipe = Pipeline(tiny_settings(model_dir, tmp_path), log=quiet(tmp_path))
+    full_model, pipe.tokenizer = pipe.load_model()
+    pipe.model = quant  # as load_model gives it on CUDA with model.load_in_4bit
+    pipe.restore_trial(PLAN)
+    pipe.save_model(tmp_path / "model")
+    saved, base = saved_tensors(tmp_path / "model"), saved_tensors(model_dir)
+    assert saved.keys() == base.keys()
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    assert {k: t.shape for k, t in saved.items()} == {k: t.shape for k, t in base.items()}
+    with ablated(full_model, pipe._deltas):  # the same adapter change, added to the full-precision base
+        expected = {k: v.detach().clone() for k, v in full_model.state_dict().items()}
+    assert [k for k in saved if not torch.equal(saved[k], expected[k])] == []
+    assert sum(not torch.equal(saved[k], base[k]) for k in saved) == 4
+
+
+def test_merge_of_a_4bit_run_loads_the_base_in_full_precision(make_tiny_model, tmp_path, monkeypatch):
+    model_dir = make_tiny_model("llama")
+    settings = tiny_settings(model_dir, tmp_path)
+    pipe = Pipeline(settings, log=quiet(tmp_path))
+    list(pipe.run_optimization_iter())
+    pipe.write_outputs()
+    export_lora.run(settings, quiet(tmp_path))
+    merge.run(settings, quiet(tmp_path))
+    full = saved_tensors(Path(settings.artifacts_dir) / "model")
+    loaded = []
+    real = merge.load_model
+
+    def record(model_settings, *args):
+        loaded.append(model_settings)
+        return real(model_settings, *args)
+
+    monkeypatch.setattr(merge, "load_model", record)
+    four_bit = Settings(**{**settings.to_dict(), "model": {**settings.to_dict()["model"], "load_in_4bit": True}})
+    merge.run(four_bit, quiet(tmp_path))  # on CPU load_model refuses 4-bit: merge must not ask for it
+    assert [s.load_in_4bit for s in loaded] == [False]
+    again = saved_tensors(Path(settings.artifacts_dir) / "model")
+    assert [k for k in full if not torch.equal(full[k], again[k])] == []
+
+
+def test_saving_a_4bit_model_as_is_is_refused(make_tiny_model, tmp_path):
+    from clawly import export as ex
+    from clawly.errors import ClawlyError
+
+    model_dir = tiny_4bit_dir(make_tiny_model)
+    settings = tiny_settings(model_dir, tmp_path)
+    quant = quantized(model_dir)
+    with pytest.raises(ClawlyError, match="4-bit"):
+        ex.write_model(quant, None, tmp_path / "out", settings, model_dir)
+
+
 # ---------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("keys", [{"model.dtype": "bfloat16"}, {"model.dtype": "float16"},
+                                  {"model.load_in_4bit": True}], ids=["bf16", "fp16", "4bit"])
+def test_on_cuda_probe_trial_export_and_save_give_a_full_precision_model(make_tiny_model, tmp_path, keys):
+    model_dir = tiny_4bit_dir(make_tiny_model)
+    pipe = Pipeline(tiny_settings(model_dir, tmp_path, **{"model.device": "cuda", **keys}), log=quiet(tmp_path))
+    model, tokenizer = pipe.load_model()
+    assert model.device.type == "cuda" and hasattr(model, "hf_device_map")
+    assert all(type(w.module).__name__ == "Linear4bit" for w in writers(model)) == bool(keys.get("model.load_in_4bit"))
+    directions = pipe.compute_refusal_directions()
+    assert directions.directions.device.type == "cpu" and directions.directions.is_floating_point()
+    pipe.restore_trial(PLAN)
+    scored = pipe.score()
+    assert scored.kl_divergence is not None and scored.kl_divergence >= 0
+    pipe.save_adapter(tmp_path / "adapter")
+    assert {t.dtype for t in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).values()} == {
+        torch.float32}
+    pipe.save_model(tmp_path / "model")
+    saved, base = saved_tensors(tmp_path / "model"), saved_tensors(model_dir)
+    assert saved.keys() == base.keys() and all(saved[k].shape == base[k].shape for k in saved)
+    assert all(saved[k].is_floating_point() for k in saved)
+    assert sum(not torch.equal(saved[k].float(), base[k].float()) for k in saved) >= 4
 
 
 @pytest.mark.gpu
