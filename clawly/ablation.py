@@ -31,13 +31,13 @@ where it is added (`WeightDelta.transposed`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from clawly.architecture import Writer, decoder_layers, writer_parameters, writers
+from clawly.architecture import Writer, decoder_layers, dense_weight, is_quantized, writer_parameters, writers
 from clawly.directions import AblationBasis
 
 
@@ -164,7 +164,7 @@ def _experts_per_chunk(shape: torch.Size) -> int:
 
 def _read(read: torch.Tensor, wr: Writer) -> torch.Tensor:
     """read @ W in float64 on CPU: `[k, d_in]`, or `[E, k, d_in]` for a fused stack (in chunks of experts)."""
-    weight = wr.weight.detach()
+    weight = dense_weight(wr.weight)  # a 4-bit weight dequantized: the change is made to what it computes
     if weight.dim() == 2:
         w = weight.to("cpu", torch.float64)
         return read @ (w.t() if wr.transposed else w)
@@ -178,7 +178,7 @@ def _read(read: torch.Tensor, wr: Writer) -> torch.Tensor:
 
 def _math_weight(wr: Writer) -> torch.Tensor:
     """W in float64 on CPU in the residual stream's orientation, `[d, d_in]` or `[E, d, d_in]`."""
-    w = wr.weight.detach().to("cpu", torch.float64)
+    w = dense_weight(wr.weight).to("cpu", torch.float64)
     return w.transpose(-1, -2) if wr.transposed else w
 
 
@@ -241,20 +241,43 @@ def _add(param: nn.Parameter, delta: WeightDelta) -> None:
         target.add_(change.to(param.device, param.dtype) if delta.rounded else change.to(param.device))
 
 
+def _output_change(delta: WeightDelta, device: torch.device) -> Callable:
+    """A forward hook that adds the change's write x (B A)^T to a Linear's output, in float32 on the
+    layer's device: a 4-bit layer then computes as its dequantized weight plus the change would."""
+    if delta.transposed:
+        raise ValueError("a quantized writer stored input-first is not supported")
+    factors = [delta.dense] if delta.dense is not None else [delta.a, delta.b]  # x @ A^T @ B^T stays low rank
+    factors = [f.to(device, torch.float32).t() for f in factors]
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        change = args[0].float()
+        for f in factors:
+            change = change @ f
+        return output + change.to(output.dtype)
+
+    return hook
+
+
 @contextlib.contextmanager
 def ablated(model: nn.Module, deltas: dict[str, WeightDelta]) -> Iterator[nn.Module]:
     """Apply weight changes in place; always restore the exact original weights on exit.
 
     Each change is added in its own precision and rounded once to the weight's dtype: a trial's
     float64 change, or an adapter's float32 B A exactly as `peft`'s merge adds it (a parameter
-    LoRA's is rounded first, as peft does)."""
+    LoRA's is rounded first, as peft does). A 4-bit weight (packed, not editable) keeps its bytes:
+    a forward hook adds the change's write to the layer's output instead (`_output_change`)."""
     originals: list[tuple[nn.Parameter, torch.Tensor]] = []
+    hooks = []
     try:
         with torch.no_grad():
             for name, delta in deltas.items():
                 weight, bias = writer_parameters(model, name)
-                originals.append((weight, weight.detach().clone()))
-                _add(weight, delta)
+                if is_quantized(weight):
+                    hooks.append(model.get_submodule(name).register_forward_hook(
+                        _output_change(delta, weight.device)))
+                else:
+                    originals.append((weight, weight.detach().clone()))
+                    _add(weight, delta)
                 if delta.bias is not None:
                     if bias is None:
                         raise ValueError(f"{name} has no bias, but its change has one")
@@ -262,6 +285,8 @@ def ablated(model: nn.Module, deltas: dict[str, WeightDelta]) -> Iterator[nn.Mod
                     bias.add_(delta.bias.to(bias.device, bias.dtype) if delta.rounded else delta.bias.to(bias.device))
         yield model
     finally:
+        for hook in hooks:
+            hook.remove()
         with torch.no_grad():
             for param, original in reversed(originals):
                 param.copy_(original)

@@ -90,13 +90,14 @@ def probe_positions(tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
 def capture_residuals(model: PreTrainedModel, positions: torch.Tensor) -> Iterator[list[torch.Tensor]]:
     """Record the residual stream of every probe point at `positions` (one per row, `[batch]`)
     during the forward passes inside the block. Yields the list the points are appended to in
-    order, `[batch, d]` each: the input of decoder layer 0, then each layer's output."""
+    order, `[batch, d]` float32 on CPU each: the input of decoder layer 0, then each layer's output."""
     layers = decoder_layers(model)
     captured: list[torch.Tensor] = []
 
     def take(hidden: torch.Tensor) -> None:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        captured.append(hidden[rows, positions.to(hidden.device)].detach())
+        # float32 on CPU per point: the layers of a device_map may sit on different GPUs, in half precision
+        captured.append(hidden[rows, positions.to(hidden.device)].detach().to("cpu", torch.float32))
 
     def layer_input(module, args, kwargs) -> None:
         take(args[0] if args else kwargs["hidden_states"])
@@ -125,7 +126,7 @@ def probe_residuals(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         enc = {k: v.to(model.device) for k, v in enc.items()}
         with capture_residuals(model, pos) as points:
             model(**enc, use_cache=False, logits_to_keep=1)
-        yield idx, torch.stack(points, dim=1).float().cpu()  # [b, P, d]
+        yield idx, torch.stack(points, dim=1)  # [b, P, d]
         if bar is not None:
             bar.update(len(idx))
     if bar is not None:

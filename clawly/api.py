@@ -32,6 +32,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from clawly import export as ex
 from clawly import study as st
 from clawly.ablation import AblationPlan, LayerKernel, ablated
+from clawly.architecture import is_quantized
 from clawly.architecture import num_layers as decoder_layer_count
 from clawly.artifacts.directions import AblationDirections, check_fits, read_ablation_directions
 from clawly.artifacts.prompts import instructed_categories, row_systems
@@ -40,7 +41,7 @@ from clawly.errors import ClawlyError
 from clawly.io import atomic_dir, read_json, write_json, write_text
 from clawly.log import StageLogger, get_logger
 from clawly.measures import chat_prompts
-from clawly.model import load_model, model_provenance, resolve_model_source
+from clawly.model import full_precision, load_model, model_provenance, resolve_model_source
 from clawly.paths import Paths
 from clawly.settings import REFUSAL_MEASURES, Settings
 from clawly.steps import (
@@ -398,12 +399,28 @@ class Pipeline:
         self.log.event("saved", kind="adapter", path=str(path))
         return Path(path)
 
+    @contextlib.contextmanager
+    def _merged_model(self) -> Iterator[torch.nn.Module]:
+        """The model with the restored trial's change in its weights. A 4-bit model cannot hold it: the base
+        is loaded again without 4-bit for the block and changed as the merge stage changes it (the adapter's
+        B A, or the plan's exact change recomputed on these weights where no adapter holds it)."""
+        if not any(is_quantized(p) for p in self.model.parameters()):
+            yield self.model
+            return
+        full, _ = load_model(full_precision(self.settings.model), self.log)
+        directions, plan = self.compute_refusal_directions(), self._current().plan
+        change = ex.saved_change(full, directions.basis, plan, directions.strengths, self.settings.export)
+        exact = change.norm_preserve or change.no_adapter
+        with ablated(full, change.deltas if exact else ex.merged_deltas(self._factors)):
+            yield full
+
     def save_model(self, path: str | Path) -> Path:
         """Write the model with the restored trial (default: the chosen one) merged into its weights:
-        safetensors shards, config, tokenizer, model card, reproduction record."""
+        safetensors shards, config, tokenizer, model card, reproduction record. A 4-bit model's change is
+        merged into the base loaded in full precision (see `_merged_model`)."""
         self._current()
-        with atomic_dir(path) as tmp:
-            ex.write_model(self.model, self.tokenizer, tmp, self.settings,
+        with atomic_dir(path) as tmp, self._merged_model() as model:
+            ex.write_model(model, self.tokenizer, tmp, self.settings,
                            Path(resolve_model_source(self.settings.model)))
             write_text(tmp / "README.md", self._card("model"))
             self._record(tmp, "model")
@@ -436,7 +453,8 @@ class Pipeline:
             if kind == "adapter":
                 ex.write_adapter(pipe.model, pipe._factors, tmp, str(resolve_model_source(settings.model)))
             else:
-                ex.write_model(pipe.model, pipe.tokenizer, tmp, settings, Path(resolve_model_source(settings.model)))
+                with pipe._merged_model() as model:
+                    ex.write_model(model, pipe.tokenizer, tmp, settings, Path(resolve_model_source(settings.model)))
             write_text(tmp / "README.md", ex.model_card(settings, {}, kind=kind))
             ex.copy_record(Path(directions_file).parent, tmp, kind)
         pipe.log.event("reproduced", kind=kind, path=str(out))

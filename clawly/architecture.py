@@ -22,7 +22,8 @@ ways, and `Writer.transposed` says which orientation:
   `clawly.experts` tells the two orientations apart.
 
 A layer child with weights that is none of these (a Mamba mixer, a second MLP) is an error, so a
-writer is never skipped silently.
+writer is never skipped silently. A bitsandbytes 4-bit ``Linear4bit`` (``model.load_in_4bit``) is an
+``nn.Linear`` whose weight is packed; `dense_weight` gives the matrix it computes with.
 
 Some architectures (Gemma 2 and 3, OLMo 2) normalize each writer's output before adding it to the
 residual stream (``post_attention_layernorm``, ``post_feedforward_layernorm``). An RMS norm there
@@ -87,7 +88,7 @@ class Writer:
     component: str
     name: str
     module: nn.Module  # what computes the write: the Linear, the Conv1D or the fused experts module
-    weight: nn.Parameter  # [d, d_in]; [d_in, d] when transposed; [E, ...] for fused experts
+    weight: nn.Parameter  # [d, d_in]; [d_in, d] when transposed; [E, ...] for fused experts; 4-bit: packed
     bias: nn.Parameter | None  # [d] or [E, d], added to the write
     transposed: bool = False  # stored input-first (Conv1D, gpt-oss experts)
     gain: torch.Tensor | None = None  # [d] gain of an RMS norm between its output and the residual stream
@@ -164,6 +165,25 @@ def _base(module: nn.Module) -> nn.Module:
     return module
 
 
+def is_quantized(weight: torch.Tensor) -> bool:
+    """A bitsandbytes 4-bit weight: packed bytes that cannot be edited in place, with its quantization state."""
+    return getattr(weight, "quant_state", None) is not None
+
+
+def dense_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The matrix a weight computes with, on its device: a 4-bit weight dequantized (`[d, d_in]`, its
+    original dtype), any other weight itself (detached)."""
+    if not is_quantized(weight):
+        return weight.detach()
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        raise UnsupportedArchitectureError(
+            "a 4-bit weight was repacked by bitsandbytes' CPU kernel (bfloat16 block scales, its own layout), which "
+            "bitsandbytes cannot turn back into the matrix it computes with: load 4-bit models on CUDA")
+    from bitsandbytes.functional import dequantize_4bit  # optional package (the quant extra): 4-bit models only
+
+    return dequantize_4bit(weight.data, weight.quant_state)
+
+
 def _matrix_writer(module: nn.Module, path: str, component: str, owner: str, hidden: int) -> Writer:
     """A Linear or Conv1D writer at `path` (relative to its layer), checked to write `hidden` wide."""
     module = _base(module)
@@ -175,9 +195,10 @@ def _matrix_writer(module: nn.Module, path: str, component: str, owner: str, hid
         raise UnsupportedArchitectureError(
             f"unsupported architecture {owner}: {path} is a {type(module).__name__}, not nn.Linear or Conv1D")
     weight = module.weight
-    if weight.dim() != 2 or weight.shape[0 if not transposed else 1] != hidden:
+    shape = weight.quant_state.shape if is_quantized(weight) else weight.shape  # 4-bit: packed [n, 1] bytes
+    if len(shape) != 2 or shape[0 if not transposed else 1] != hidden:
         raise UnsupportedArchitectureError(
-            f"unsupported architecture {owner}: {path} ({type(module).__name__}) has weight {list(weight.shape)}, "
+            f"unsupported architecture {owner}: {path} ({type(module).__name__}) has weight {list(shape)}, "
             f"which does not write {hidden} wide ([d, d_in] for nn.Linear, [d_in, d] for Conv1D)")
     return Writer(-1, component, path, module, weight, module.bias, transposed)
 

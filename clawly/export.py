@@ -25,6 +25,7 @@ import torch
 
 from clawly import __version__
 from clawly.ablation import AblationPlan, WeightDelta, weight_deltas
+from clawly.architecture import is_quantized
 from clawly.artifacts.directions import AblationDirections, write_ablation_directions
 from clawly.checkpoint import save_sharded, source_weight_map
 from clawly.directions import AblationBasis
@@ -108,7 +109,11 @@ def write_adapter(model, factors: dict[str, LoraFactors], out_dir: Path, source:
 
 
 def write_model(model, tokenizer, out_dir: Path, settings: Settings, source: str | Path) -> list[str]:
-    """Safetensors shards (a sharded source keeps its layout) + config, generation config, tokenizer."""
+    """Safetensors shards (a sharded source keeps its layout) + config, generation config, tokenizer.
+    A 4-bit model is refused: its packed weights cannot hold the change (merge into `model.full_precision`)."""
+    if any(is_quantized(p) for p in model.parameters()):
+        raise ClawlyError("cannot save a 4-bit model: its packed weights cannot hold the change. Load the base "
+                          "without model.load_in_4bit and add the change to it")
     files = save_sharded(model.state_dict(), out_dir, settings.merge.max_shard_size, source_weight_map(source))
     model.config.save_pretrained(out_dir)
     if model.generation_config is not None:

@@ -17,6 +17,7 @@ Cache layout (root: ``ModelSettings.cache_dir``, else ``$CLAWLY_CACHE_DIR``, els
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -388,6 +389,12 @@ def load_tokenizer(source: str | os.PathLike, trust_remote_code: bool = False) -
         if shipped_type and type(backend.model).__name__ != shipped_type:
             tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
     return configure_tokenizer(tokenizer)
+
+
+def full_precision(settings: ModelSettings) -> ModelSettings:
+    """The same model without 4-bit loading: what a change is merged into and saved from, since packed
+    4-bit weights cannot hold it (on CUDA the weights keep model.dtype, bfloat16 by default)."""
+    return dataclasses.replace(settings, load_in_4bit=False)
 
 
 def load_model(settings: ModelSettings, stage_log: StageLogger | None = None

@@ -58,7 +58,7 @@ def projected_out(model: PreTrainedModel, direction: torch.Tensor) -> Iterator[N
                           "use directions.method=dim")
 
     def hook(module, args, output):
-        r = direction.to(output.dtype)
+        r = direction.to(output.device, output.dtype)  # a device_map may put layers on several GPUs
         return output - (output @ r).unsqueeze(-1) * r
 
     handles = [w.module.register_forward_hook(hook) for w in found]

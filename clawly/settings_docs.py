@@ -29,7 +29,7 @@ HELP = {
     'model.device':
         'Device: auto (cuda if available, else cpu), cpu, cuda, or cuda:N.',
     'model.load_in_4bit':
-        'Load weights 4-bit with bitsandbytes (CUDA only).',
+        'Load weights 4-bit (nf4) with bitsandbytes, CUDA only (the quant extra). Directions, trials and the adapter are computed from the dequantized weights in float32 or wider; merge and --save add the change to the base loaded without 4-bit.',
     'model.trust_remote_code':
         'Execute code shipped in the model repository. Off unless you trust it.',
     'model.cache_dir':

@@ -12,7 +12,7 @@ from clawly.artifacts.directions import check_fits, read_ablation_directions
 from clawly.errors import reading, require
 from clawly.io import atomic_dir, read_json, write_text
 from clawly.log import StageLogger
-from clawly.model import load_model, resolve_model_source
+from clawly.model import full_precision, load_model, resolve_model_source
 from clawly.paths import Paths
 from clawly.settings import Settings
 
@@ -23,7 +23,7 @@ def run(settings: Settings, log: StageLogger) -> None:
     the record; safetensors shards, config, tokenizer, model card and the reproduction record."""
     p = Paths.of(settings)
     require(p.lora / ex.RECORD, "export-lora")
-    model, tokenizer = load_model(settings.model, log)
+    model, tokenizer = load_model(full_precision(settings.model), log)  # never merged into 4-bit weights
     record, directions = ex.read_record(p.lora)
     plan = AblationPlan.from_dict(record["plan"])
     summary = read_json(p.report("optimize")) if p.report("optimize").exists() else {}
