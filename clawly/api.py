@@ -52,7 +52,7 @@ from clawly.steps import (
     orthogonalize_categories,
     probe_activations,
 )
-from clawly.workers import extra_workers
+from clawly.workers import extra_workers, worker_model
 
 TrialOutcome = optimize.TrialOutcome
 
@@ -89,7 +89,7 @@ class Pipeline:
     def load_model(self):
         """Load the model and tokenizer of `settings.model` (packaged default, directory, .gguf, hub id)."""
         if self.model is None:
-            self.model, self.tokenizer = load_model(self.settings.model, self.log)
+            self.model, self.tokenizer = load_model(worker_model(self.settings, 0), self.log)
         return self.model, self.tokenizer
 
     def load_datasets(self) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -16,6 +16,7 @@ optimize.n_trials finished trials.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing as mp
 import os
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ import torch
 
 from clawly.errors import ClawlyError
 from clawly.log import StageLogger
-from clawly.settings import Settings
+from clawly.settings import ModelSettings, Settings
 
 
 def cpu_share(workers: int) -> int:
@@ -32,12 +33,15 @@ def cpu_share(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-def worker_device(device: str, index: int) -> str:
-    """Worker `index`'s device: with several GPUs and model.device auto or cuda, GPU index mod count."""
+def worker_model(settings: Settings, index: int) -> ModelSettings:
+    """Worker `index`'s model settings (0: this process): with optimize.workers > 1, several GPUs and
+    model.device auto or cuda, worker i holds its model on GPU i mod count, instead of every worker
+    spreading one over all GPUs (device_map auto)."""
+    m = settings.model
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device in ("auto", "cuda") and count > 1:
-        return f"cuda:{index % count}"
-    return device
+    if settings.optimize.workers > 1 and m.device in ("auto", "cuda") and count > 1:
+        return dataclasses.replace(m, device=f"cuda:{index % count}")
+    return m
 
 
 @contextlib.contextmanager

@@ -182,3 +182,17 @@ def trial_worker(job: dict) -> dict:
     workers = {json.dumps(t.user_attrs[WORKER], sort_keys=True) for t in study.trials}
     assert len(workers) == 1
     return json.loads(workers.pop())
+
+
+def test_with_several_gpus_each_worker_holds_its_model_on_its_own_gpu(monkeypatch, tmp_path):
+    import torch
+
+    from clawly.settings import Settings
+    from clawly.workers import worker_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    s = Settings(**{"optimize.workers": 3, "model.device": "auto"})
+    assert [worker_model(s, i).device for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert worker_model(Settings(**{"optimize.workers": 1}), 0).device == "auto"  # one worker: device_map auto
+    assert worker_model(Settings(**{"optimize.workers": 2, "model.device": "cpu"}), 1).device == "cpu"

@@ -39,7 +39,7 @@ from clawly.model import cache_root, load_model
 from clawly.paths import Paths, project_file
 from clawly.scoring import Scores, ScoringPrompts, TrialScorer
 from clawly.settings import REFUSAL_MEASURES, Settings
-from clawly.workers import extra_workers, worker_device
+from clawly.workers import extra_workers, worker_model
 
 
 @dataclass(frozen=True)
@@ -319,7 +319,7 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> dic
     processes), write the outputs."""
     ablation = read_ablation_directions(Paths.of(settings).orthogonalized)
     if model is None:
-        model, tokenizer = load_model(settings.model, log)
+        model, tokenizer = load_model(worker_model(settings, 0), log)
     search = start_search(settings, log, model, tokenizer, ablation)
     with extra_workers(settings, log, worker):
         for _ in search_trials(search, settings, model, log):
@@ -332,11 +332,10 @@ def worker(values: dict, index: int, threads: int) -> None:
     trials until optimize.n_trials are finished by all workers together."""
     torch.set_num_threads(threads)
     settings = Settings.from_dict(values)
-    settings.model.device = worker_device(settings.model.device, index)
     p = Paths.of(settings)
     log = get_logger(f"optimize-worker-{index}", p.logs, quiet=True)
     try:
-        model, tokenizer = load_model(settings.model, log)
+        model, tokenizer = load_model(worker_model(settings, index), log)
         search = start_search(settings, log, model, tokenizer, read_ablation_directions(p.orthogonalized))
         for _ in search_trials(search, settings, model, log):
             pass
