@@ -9,7 +9,9 @@ Fixtures:
 - `build_tiny_model(arch=..., ...) -> (model, tokenizer)` in memory, same weights as the saved one;
 - `tiny_model_dir` (llama; parametrize indirectly with an arch name), `tiny_qwen2_dir`;
 - `tiny_gguf` -> (path of a tiny float32 Qwen2 .gguf, the model it holds): the GGUF path, offline;
-- `tiny_model` -> (model, tokenizer) loaded through `clawly.model.load_model` on CPU.
+- `tiny_model` -> (model, tokenizer) loaded through `clawly.model.load_model` on CPU;
+- `postgres_url`, `slurm_cluster`: a real PostgreSQL server and Slurm cluster on 127.0.0.1
+  (tests/services.py; a test that asks for one fails when it cannot be started).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from services import postgres_url, slurm_cluster  # noqa: F401  (session fixtures, one per run)
 
 SEED = 1234
 
@@ -258,6 +261,9 @@ _hypothesis_profiles()
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: needs the real packaged model or long runs (deselect: -m 'not slow')")
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped when it is not available")
+    config.addinivalue_line(
+        "markers", "services: needs the real PostgreSQL/Slurm of .ci/services (root); fails, never skips, without them"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
