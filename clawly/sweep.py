@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -50,6 +51,8 @@ def run_job(settings: Settings, log: StageLogger, job_dir: Path, overrides: list
     finally:
         pipe.close()
     job = {"job": job_dir.name, "overrides": overrides, "artifacts_dir": settings.artifacts_dir,
+           "slurm_job": os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID")),  # null outside Slurm
+           "slurm_task": os.environ.get("SLURM_ARRAY_TASK_ID"),
            "model": settings.model.name, "trials": summary["trials"], "chosen_trial": summary["chosen_trial"],
            "refusal_measure": summary["refusal_measure"], "targeted_prompts": summary["targeted_prompts"],
            "base_refusals": summary["base"]["refusals"], "refusals": summary["chosen"]["refusals"],
@@ -75,7 +78,7 @@ def sweep_table(sweep_dir: str | Path) -> pd.DataFrame:
     for job in jobs:
         by_category = {f"{k} base→after": f"{b}→{a}" for k, (b, a) in job.pop("by_category").items()}
         rows.append({"job": job.pop("job"), "swept": " ".join(o for o in job["overrides"] if o not in common),
-                     **{k: v for k, v in job.items() if k not in ("artifacts_dir", "model", "overrides")},
+                     **{k: v for k, v in job.items() if k not in ("artifacts_dir", "model", "overrides", "slurm_task")},
                      "overrides": " ".join(job["overrides"]), **by_category})
     return pd.DataFrame(rows)
 

@@ -79,7 +79,8 @@ def start_service(script: str, env_for_ports) -> tuple[dict[str, str], str]:
 def postgres_url() -> Iterator[str]:
     """A running PostgreSQL server; its SQLAlchemy URL (psycopg 3 driver)."""
     def env():
-        return {**os.environ, "CLAWLY_PG_DIR": service_dir("pg"), "CLAWLY_PG_PORT": str(free_port())}
+        return {**os.environ, "CLAWLY_PG_DIR": service_dir("pg"), "CLAWLY_PG_PORT": str(free_port()),
+                "CLAWLY_PG_PASSWORD": f"pw{uuid.uuid4().hex}"}  # one no log line can hold by chance
 
     env, out = start_service("postgres.sh", env)
     url = out.strip().splitlines()[-1]

@@ -16,9 +16,11 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+import yaml
 from test_api import quiet, tiny_settings
 
 from clawly import Pipeline
+from clawly.settings import Settings
 from clawly.study import SURPLUS, WORKER, choose_trial, completed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,6 +141,7 @@ def check_grid(jobs: dict[str, dict], grid: list[str]) -> None:
             assert set(roles.values()) == {"targeted"} and len(roles) == 8
 
 
+@pytest.mark.slow
 def test_a_hydra_multirun_sweeps_presets_and_seeds_one_job_each(make_tiny_model, tmp_path):
     grid = ["+preset=default optimize.seed=0", "+preset=default optimize.seed=1",
             "+preset=full optimize.seed=0", "+preset=full optimize.seed=1"]
@@ -151,10 +154,7 @@ def test_a_hydra_multirun_sweeps_presets_and_seeds_one_job_each(make_tiny_model,
         drawn = [t.filter(like="param.").select_dtypes("number").round(6).values.tolist() for t in (a, b)]
         assert drawn[0] != drawn[1]
     # the sweep's table: one row per job, its chosen trial and figures as job.json says
-    proc = subprocess.run([sys.executable, "-m", "clawly.sweep", str(sweep_dir)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stderr
-    table = pd.read_csv(sweep_dir / "sweep.csv")
+    table = pd.read_csv(sweep_table_csv(sweep_dir))
     assert sorted(table.swept) == sorted(grid)
     for _, row in table.iterrows():
         job = jobs[row.swept]
@@ -162,6 +162,7 @@ def test_a_hydra_multirun_sweeps_presets_and_seeds_one_job_each(make_tiny_model,
         assert row.chosen_trial == job["report"]["chosen_trial"]
 
 
+@pytest.mark.slow
 def test_the_same_sweep_through_submitit_local_runs_jobs_in_their_own_processes(make_tiny_model, tmp_path):
     sweep_dir = sweep(tmp_path, make_tiny_model("llama"), "hydra/launcher=local", "+preset=default,full")
     jobs = jobs_of(sweep_dir)
@@ -196,3 +197,102 @@ def test_with_several_gpus_each_worker_holds_its_model_on_its_own_gpu(monkeypatc
     assert [worker_model(s, i).device for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
     assert worker_model(Settings(**{"optimize.workers": 1}), 0).device == "auto"  # one worker: device_map auto
     assert worker_model(Settings(**{"optimize.workers": 2, "model.device": "cpu"}), 1).device == "cpu"
+
+
+# ------------------------------------------------------------------ real servers: PostgreSQL and Slurm
+
+def cli_config(tmp: Path, model_dir: Path, n_trials: int, **optimize) -> Path:
+    """A `clawly --config` file: the tiny model's run (slowed to about a second a trial, so that
+    workers overlap), everything under tmp."""
+    values = tiny_settings(model_dir, tmp, n_trials=n_trials, **SLOW_TRIALS).to_dict()
+    values["optimize"].update(optimize)
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def load_only_study(storage) -> optuna.Study:
+    names = optuna.study.get_all_study_names(storage=storage)
+    assert len(names) == 1, names
+    return optuna.load_study(study_name=names[0], storage=storage)
+
+
+def check_chosen(tmp: Path, study: optuna.Study) -> None:
+    """The run's report chose what the choice rule chooses among every worker's trials."""
+    report = json.loads((tmp / "artifacts" / "reports" / "optimize.json").read_text())
+    assert report["trials"] == len(completed(study))
+    kl_cap = yaml.safe_load((tmp / "run.yaml").read_text())["optimize"]["kl_cap"]
+    assert report["chosen_trial"] == choose_trial(completed(study), kl_cap).number
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_two_cli_workers_on_a_real_postgresql_study(make_tiny_model, tmp_path, postgres_url):
+    """`clawly --workers 2 --storage postgresql+psycopg://...`: two processes, one study in the server."""
+    config = cli_config(tmp_path, make_tiny_model("llama"), n_trials=10)
+    proc = subprocess.run([sys.executable, "-m", "clawly.cli", "--config", str(config), "--non-interactive",
+                           "--save", "none", "--output", str(tmp_path / "out"), "--workers", "2",
+                           "--storage", postgres_url], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    password = postgres_url.split("://", 1)[1].split("@", 1)[0].partition(":")[2]
+    logs = proc.stdout + proc.stderr + "".join(f.read_text() for f in (tmp_path / "artifacts" / "logs").glob("*"))
+    assert not password or password not in logs
+    study = load_only_study(optuna.storages.RDBStorage(postgres_url))
+    check_one_study(study, 10, workers=2)
+    check_chosen(tmp_path, study)
+    assert "chosen by the rule" in proc.stdout
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_two_slurm_jobs_add_trials_to_one_study_on_a_shared_journal(make_tiny_model, tmp_path, slurm_cluster):
+    """Two sbatch jobs run the CLI on one study (a journal file on the shared file system); the
+    directions are made once beforehand, so both open the same study."""
+    model_dir = make_tiny_model("llama")
+    journal = tmp_path / "shared" / "journal.log"
+    config = cli_config(tmp_path, model_dir, n_trials=10, storage=str(journal))
+    Pipeline(Settings.from_dict(yaml.safe_load(config.read_text())), log=quiet(tmp_path)).compute_refusal_directions()
+    command = (f"cd {ROOT} && PYTHONPATH={ROOT} {sys.executable} -m clawly.cli --config {config} --non-interactive "
+               f"--save none --output {tmp_path / 'out'}")
+    ids = []
+    for i in range(2):
+        out = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", f"--output={tmp_path}/job-{i}.out",
+                              f"--job-name=clawly-{i}", "--wrap", command],
+                             capture_output=True, text=True, env=slurm_cluster, timeout=60)
+        assert out.returncode == 0, out.stderr
+        ids.append(out.stdout.strip().split(";")[0])
+    for job in ids:  # wait for both: a job leaves the queue when it ends
+        subprocess.run(["bash", "-c", f"while squeue -h -j {job} 2>/dev/null | grep -q .; do sleep 2; done"],
+                       env=slurm_cluster, timeout=900, check=True)
+    for i in range(2):
+        text = (tmp_path / f"job-{i}.out").read_text()
+        assert "chosen by the rule" in text, text[-3000:]
+    study = load_only_study(optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal))))
+    check_one_study(study, 10, workers=2)
+    check_chosen(tmp_path, study)
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_the_sweep_through_submitit_slurm_runs_each_job_on_the_cluster(make_tiny_model, tmp_path, slurm_cluster):
+    """The shipped conf/hydra/launcher/slurm.yaml, made to fit this CPU-only one-node cluster."""
+    sweep_dir = sweep(tmp_path, make_tiny_model("llama"), "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null",
+                      "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=20",
+                      "+preset=default,full", env=slurm_cluster)
+    jobs = jobs_of(sweep_dir)
+    check_grid(jobs, ["+preset=default", "+preset=full"])
+    # each job ran as a task of one Slurm array job (its environment says so), in submitit's folder of that task
+    slurm = sorted((job["slurm_job"], job["slurm_task"]) for job in jobs.values())
+    assert slurm[0][0] is not None and slurm[0][0] == slurm[1][0] and [t for _, t in slurm] == ["0", "1"]
+    for array, task in slurm:
+        log = (sweep_dir / ".submitit" / f"{array}_{task}" / f"{array}_{task}_0_log.out").read_text()
+        assert f"job_id={array}_{task}" in log
+    assert "slurm_job" in pd.read_csv(sweep_table_csv(sweep_dir)).columns
+
+
+def sweep_table_csv(sweep_dir: Path) -> Path:
+    proc = subprocess.run([sys.executable, "-m", "clawly.sweep", str(sweep_dir)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    return sweep_dir / "sweep.csv"
