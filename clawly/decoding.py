@@ -20,7 +20,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,24 +146,32 @@ class PromptSet:
                 torch.cat([widen(m, 1) for _, _, m, _ in parts]), torch.cat([q for _, _, _, q in parts]))
 
     @torch.no_grad()
-    def first_token_logprobs(self, model: PreTrainedModel, stats: DecodeStats | None = None) -> torch.Tensor:
-        """Log-probabilities of the first answer token, `[n, vocab]` float32, in input order."""
+    def iter_first_token_logprobs(self, model: PreTrainedModel,
+                                  stats: DecodeStats | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """(prompt indices, log-probs of their first answer token `[b, vocab]` float32) chunk by chunk,
+        always in the same order: memory holds one chunk whatever the prompt count."""
         stats = stats if stats is not None else DecodeStats()
         prefix_cache = self._prefix_cache(model, stats)
-        rows: list[torch.Tensor | None] = [None] * len(self)
         for batch in self.batches:  # no decoding follows: chunks need not be joined
             for idx in (batch[i:i + self.prefill_chunk] for i in range(0, len(batch), self.prefill_chunk)):
                 logits, *_ = self._prefill_rows(model, idx, prefix_cache, stats)
-                lp = torch.log_softmax(logits, dim=-1).cpu()
-                for j, i in enumerate(idx):
-                    rows[i] = lp[j]
-        return torch.stack(rows)  # type: ignore[arg-type]
+                yield idx, torch.log_softmax(logits, dim=-1).cpu()
+
+    def first_token_logprobs(self, model: PreTrainedModel, stats: DecodeStats | None = None) -> torch.Tensor:
+        """Log-probabilities of the first answer token, `[n, vocab]` float32, in input order."""
+        out: torch.Tensor | None = None
+        for idx, lp in self.iter_first_token_logprobs(model, stats):
+            if out is None:
+                out = lp.new_empty((len(self), lp.shape[-1]))
+            out[idx] = lp
+        return out  # type: ignore[return-value]
 
     @torch.no_grad()
     def generate(self, model: PreTrainedModel, max_new_tokens: int, decided: Callable[[str], bool] | None = None,
-                 stats: DecodeStats | None = None, compact: bool = True,
-                 progress: Callable | None = None) -> tuple[list[str], torch.Tensor]:
-        """Greedy responses in input order, and each prompt's first-token log-probs `[n, vocab]`.
+                 stats: DecodeStats | None = None, compact: bool = True, progress: Callable | None = None,
+                 first_logprobs: bool = False) -> tuple[list[str], torch.Tensor | None]:
+        """Greedy responses in input order, and with `first_logprobs` each prompt's first-token
+        log-probs `[n, vocab]` (else None: they grow with the prompt count, a vocab row each).
 
         A row stops at the end-of-turn token, after `max_new_tokens`, or as soon as
         `decided(text_so_far)` is true; finished rows leave the batch (`compact`)."""
@@ -171,13 +179,14 @@ class PromptSet:
         eos = _eos_ids(model, self.tokenizer)
         prefix_cache = self._prefix_cache(model, stats)
         texts: list[str] = [""] * len(self)
-        first: list[torch.Tensor | None] = [None] * len(self)
+        first: torch.Tensor | None = None
         bar = progress(total=len(self), desc="generate", unit="prompt") if progress else None
         for idx in self.batches:
             logits, cache, mask, pos = self._prefill(model, idx, prefix_cache, stats)
-            lp = torch.log_softmax(logits, dim=-1)
-            for j, i in enumerate(idx):
-                first[i] = lp[j].cpu()
+            if first_logprobs:
+                if first is None:
+                    first = torch.empty((len(self), logits.shape[-1]))
+                first[idx] = torch.log_softmax(logits, dim=-1).cpu()
             active = list(idx)
             tokens: dict[int, list[int]] = {i: [] for i in idx}
             done = torch.zeros(len(idx), dtype=torch.bool)
@@ -217,7 +226,7 @@ class PromptSet:
                 bar.update(len(idx))
         if bar is not None:
             bar.close()
-        return texts, torch.stack(first)  # type: ignore[arg-type]
+        return texts, first
 
 
 def _joinable(cache) -> bool:

@@ -131,8 +131,13 @@ def first_token_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     return torch.stack(rows)  # type: ignore[arg-type]
 
 
-def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
-    """Mean over prompts of KL(base || new) in nats, accumulated in float64."""
+def kl_rows(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(base || new) in nats per prompt, `[n]` float64, from log-probs `[n, vocab]`."""
     p = base_logprobs.to(torch.float64)
     q = logprobs.to(torch.float64)
-    return float((p.exp() * (p - q)).sum(-1).mean())
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
+    """Mean over prompts of KL(base || new) in nats, accumulated in float64."""
+    return float(kl_rows(base_logprobs, logprobs).mean())

@@ -1,10 +1,11 @@
 """Scoring a model state: first-token KL divergence on harmless prompts, refusals on harmful ones.
 
 `TrialScorer` tokenizes and batches the prompts once and computes the base model's first-token
-distributions once; each call only runs the model, through `clawly.decoding`'s fast scorer
-(shared-prefix cache, early stop at the first refusal marker, batch compaction). Refusals are
-keyword hits, or with `optimize.refusal_measure=classifier` the answers the response classifier
-does not call compliance.
+distributions once, kept on disk (`LogprobFile`: in memory they grow with the prompt count, 0.6 MB
+a prompt for a 151k vocabulary); each call only runs the model, compares one chunk at a time with
+the base, and generates through `clawly.decoding`'s fast scorer (shared-prefix cache, early stop at
+the first refusal marker, batch compaction). Refusals are keyword hits, or with
+`optimize.refusal_measure=classifier` the answers the response classifier does not call compliance.
 
 Kept categories (category mode) are counted the other way round, so that a disclaimer cannot pass
 for a kept refusal: their answers run to `optimize.kept_max_new_tokens` and count only when the
@@ -15,13 +16,16 @@ hedged answer still counts as a refusal: the search must remove the disclaimer t
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from clawly.decoding import DecodeStats, PromptSet
-from clawly.measures import RefusalDetector, kl_divergence
+from clawly.measures import RefusalDetector, kl_rows
 from clawly.settings import OptimizeSettings
 from clawly.stance import StrictKeywordRule, combine
 
@@ -49,6 +53,41 @@ class Scores:
     keyword_refusals: int = 0
     labels: list[str] = field(repr=False, default_factory=list)  # classifier labels (refusal_measure=classifier)
     stances: list[str] = field(repr=False, default_factory=list)  # strict-rule labels ('' for non-kept prompts)
+
+
+class LogprobFile:
+    """Log-probs `[b, vocab]` float32, chunk after chunk, in an unlinked temporary file: read back
+    chunk by chunk, so memory holds one chunk whatever the prompt count (the bytes come back exact)."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.TemporaryFile()
+        self.chunks: list[tuple[int, tuple[int, ...]]] = []  # (byte offset, shape)
+        self.size = 0
+
+    def append(self, logprobs: torch.Tensor) -> None:
+        data = logprobs.detach().to("cpu", torch.float32).contiguous()
+        view = memoryview(data.numpy()).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.file.fileno(), view[done:], self.size + done)
+        self.chunks.append((self.size, tuple(data.shape)))
+        self.size += len(view)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def read(self, k: int) -> torch.Tensor:
+        """The k-th chunk appended."""
+        offset, shape = self.chunks[k]
+        out = torch.empty(shape, dtype=torch.float32)
+        view = memoryview(out.numpy()).cast("B")
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.file.fileno(), [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"base log-probs: short read at byte {offset + done} of {self.file.name}")
+            done += n
+        return out
 
 
 class TrialScorer:
@@ -82,12 +121,19 @@ class TrialScorer:
         self.kept = (PromptSet(tokenizer, [prompts.harmful[i] for i in self.kept_rows], bs,
                                prefix_cache=settings.prefix_cache) if self.kept_rows else None)
         self.harmless = PromptSet(tokenizer, prompts.harmless, bs, prefix_cache=settings.prefix_cache)
-        self.base_logprobs = self.harmless.first_token_logprobs(model)
+        self.base_logprobs = LogprobFile()  # in the order iter_first_token_logprobs yields, every call
+        for _, lp in self.harmless.iter_first_token_logprobs(model):
+            self.base_logprobs.append(lp)
         self.stats = DecodeStats()
 
     def kl(self) -> float:
-        """First-token KL divergence from the base model on the harmless prompts (cheap: no generation)."""
-        return kl_divergence(self.base_logprobs, self.harmless.first_token_logprobs(self.model, self.stats))
+        """First-token KL divergence from the base model on the harmless prompts (cheap: no generation),
+        one chunk at a time against the base log-probs on disk: the same float64 rows as
+        `kl_divergence` of the whole tables."""
+        rows = torch.empty(len(self.harmless), dtype=torch.float64)  # [n] KL per prompt
+        for k, (idx, lp) in enumerate(self.harmless.iter_first_token_logprobs(self.model, self.stats)):
+            rows[idx] = kl_rows(self.base_logprobs.read(k), lp)
+        return float(rows.mean())
 
     def refusals(self, kl: float) -> Scores:
         """Generate answers to the harmful prompts and count refusals: keyword ones, or with the

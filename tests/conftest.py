@@ -338,3 +338,38 @@ def saved_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
         if not f.name.startswith("clawly_"):
             out.update(load_file(str(f)))
     return out
+
+
+class LiveRows:
+    """Counts, at every forward pass of `model` inside the block, the rows of live tensors `[..., *tail]`
+    with at least one leading dimension (e.g. `tail=(vocab,)` for log-probs, `(P, d)` for residuals;
+    a `[P, d]` mean is no row), found through the garbage collector, each storage counted once (a view
+    keeps its whole base alive). `peak` is the
+    most seen at once: memory that grows with the prompt count shows as a peak that grows with it."""
+
+    def __init__(self, model: torch.nn.Module, tail: tuple[int, ...]):
+        self.model, self.tail, self.peak, self.handle = model, tuple(tail), 0, None
+
+    def rows(self) -> int:
+        import gc
+        import math
+
+        width = math.prod(self.tail)
+        storages: dict[int, int] = {}
+        for o in gc.get_objects():
+            if (isinstance(o, torch.Tensor) and not isinstance(o, torch.nn.Parameter) and o.dim() > len(self.tail)
+                    and tuple(o.shape[-len(self.tail):]) == self.tail):
+                st = o.untyped_storage()
+                storages[st.data_ptr()] = st.nbytes() // (width * o.element_size())
+        return sum(storages.values())
+
+    def _hook(self, module, args, kwargs) -> None:
+        self.peak = max(self.peak, self.rows())
+
+    def __enter__(self) -> LiveRows:
+        self.handle = self.model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.peak = max(self.peak, self.rows())
+        self.handle.remove()

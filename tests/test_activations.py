@@ -94,3 +94,31 @@ def test_activation_parquet_round_trip_and_schema(tmp_path):
     ids, cats, back = read_activations(tmp_path / "a.parquet")
     assert ids == ["a", "b", "c"] and cats == ["x", "y", "x"]
     torch.testing.assert_close(back, res)
+
+
+def test_probing_holds_one_batch_of_residuals_whatever_the_prompt_count(tiny_model_dir, tmp_path):
+    """The probe step streams residuals to Parquet batch by batch: the live `[., P, d]` rows at any
+    forward pass are the same for 4x the prompts (counted through the garbage collector, not RSS)."""
+    from conftest import LiveRows
+
+    from clawly.log import get_logger
+    from clawly.model import load_model
+    from clawly.settings import Settings
+    from clawly.steps import generate_datasets, probe_activations
+
+    log = get_logger("test", tmp_path / "logs", quiet=True)
+    keys = {"data.out_dir": str(tmp_path / "prompts"), "data.train_per_category": 8, "data.eval_per_category": 1,
+            "data.harmless_train": 8, "data.harmless_eval": 1, "probe.batch_size": 2, "model.device": "cpu"}
+    generate_datasets.run(Settings(model=str(tiny_model_dir), **keys), log)
+    model, tok = load_model(Settings(model=str(tiny_model_dir), **keys).model)
+    tail = (model.config.num_hidden_layers + 1, model.config.hidden_size)
+    peaks, rows = {}, {}
+    for cap in (2, 8):
+        s = Settings(model=str(tiny_model_dir), artifacts_dir=str(tmp_path / f"a{cap}"),
+                     **{**keys, "probe.max_per_category": cap})
+        with LiveRows(model, tail) as live:
+            probe_activations.run(s, log, model, tok)
+        peaks[cap] = live.peak
+        rows[cap] = len(read_activations(tmp_path / f"a{cap}" / "activations" / "harmful.parquet")[0])
+    assert rows[8] == 4 * rows[2]
+    assert peaks[8] == peaks[2]

@@ -48,7 +48,7 @@ def test_fast_generation_equals_transformers_generate(tiny_model, prefix_cache, 
     slow = generate(model, tok, prompts, max_new_tokens=12, batch_size=8)
     # batches of 5 prefilled in chunks of 2 (joined caches of different widths) or at once
     ps = PromptSet(tok, prompts, batch_size=5, prefix_cache=prefix_cache, prefill_chunk=prefill_chunk)
-    fast, first = ps.generate(model, 12, compact=compact)
+    fast, first = ps.generate(model, 12, compact=compact, first_logprobs=True)
     assert fast == slow
     torch.testing.assert_close(first, first_token_logprobs(model, tok, prompts, batch_size=1), rtol=1e-4, atol=1e-4)
 
@@ -155,3 +155,18 @@ def test_scoring_uses_the_current_cache_argument_and_warns_nothing(tiny_model, c
         ps.first_token_logprobs(model)
     said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
     assert not [m for m in said if "past_key_values" in m or "deprecated" in m], said
+
+
+def test_generation_holds_one_batch_of_first_token_distributions_whatever_the_prompt_count(tiny_model):
+    """Answers only: the first-token log-probs `[n, vocab]` are kept only when asked for, so the live
+    vocab-sized rows at any forward pass do not grow with the prompts (counted, not timed)."""
+    from conftest import LiveRows
+
+    model, tok = tiny_model
+    peaks = {}
+    for k in (1, 4):
+        ps = PromptSet(tok, chat_prompts(tok, PROMPTS * k, None), batch_size=4)
+        with LiveRows(model, (model.config.vocab_size,)) as live:
+            ps.generate(model, 3)
+        peaks[k] = live.peak
+    assert peaks[4] == peaks[1]

@@ -368,6 +368,58 @@ def test_without_kept_categories_scoring_is_unchanged(tiny_model):
     assert kept.score().responses[:2] == r.responses[:2]
 
 
+def test_a_trials_first_token_distributions_do_not_grow_with_the_prompt_count(tiny_model):
+    """The base model's first-token log-probs are not held in memory `[n, vocab]`: at any forward pass
+    of a trial the live vocab-sized rows are the same for 4x the prompts (counted, not timed)."""
+    import gc
+
+    from conftest import LiveRows
+
+    from clawly.measures import chat_prompts
+    from clawly.scoring import ScoringPrompts, TrialScorer
+
+    model, tok = tiny_model
+    s = OptimizeSettings(max_new_tokens=3, batch_size=4, refusal_markers=["the"])
+    peaks = {}
+    for k in (2, 8):
+        texts = TEXTS * k
+        prompts = ScoringPrompts(chat_prompts(tok, texts, None), ["a"] * len(texts), chat_prompts(tok, texts, None))
+        scorer = TrialScorer(model, tok, prompts, s)
+        with LiveRows(model, (model.config.vocab_size,)) as live:
+            scorer.score()
+        peaks[k] = live.peak
+        del scorer
+        gc.collect()
+    assert peaks[8] == peaks[2]
+
+
+def test_a_trials_kl_is_the_kl_of_the_whole_distributions(tiny_model):
+    """KL computed chunk by chunk against base log-probs kept on disk equals `kl_divergence` of the
+    whole `[n, vocab]` tables: the same float64 rows (bit-equal here; torch may sum a row in another
+    order for another table shape, hence the 1e-12 tolerance)."""
+    import torch
+
+    from clawly.measures import chat_prompts, kl_divergence
+    from clawly.scoring import ScoringPrompts, TrialScorer
+
+    model, tok = tiny_model
+    texts = TEXTS * 5
+    prompts = ScoringPrompts(chat_prompts(tok, texts, None), ["a"] * len(texts), chat_prompts(tok, texts, None))
+    scorer = TrialScorer(model, tok, prompts, OptimizeSettings(batch_size=3))
+    base = scorer.harmless.first_token_logprobs(model)
+    assert scorer.kl() == 0.0
+    with torch.no_grad():
+        saved = model.lm_head.weight.clone()
+        model.lm_head.weight.mul_(3.0)
+        try:
+            after = scorer.harmless.first_token_logprobs(model)
+            kl = scorer.kl()
+        finally:
+            model.lm_head.weight.copy_(saved)
+    assert kl > 1e-3
+    assert kl == pytest.approx(kl_divergence(base, after), rel=1e-12, abs=0)
+
+
 @pytest.mark.parametrize("tune", [0, 8])
 def test_the_optimizer_draws_from_the_tune_split_so_evaluate_keeps_every_eval_prompt(tmp_path, tune):
     """With a tune split the optimizer's prompts come from it and evaluate uses the whole eval
