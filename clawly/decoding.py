@@ -181,6 +181,7 @@ class PromptSet:
         texts: list[str] = [""] * len(self)
         first: torch.Tensor | None = None
         bar = progress(total=len(self), desc="generate", unit="prompt") if progress else None
+        out = None
         for idx in self.batches:
             logits, cache, mask, pos = self._prefill(model, idx, prefix_cache, stats)
             if first_logprobs:
@@ -222,6 +223,7 @@ class PromptSet:
                 stats.generated_tokens += len(active)  # finished rows ride along unless compacted
             for i in idx:
                 texts[i] = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
+            cache = out = logits = None  # freed before the next batch's prefill: one batch's keys/values at a time
             if bar is not None:
                 bar.update(len(idx))
         if bar is not None:

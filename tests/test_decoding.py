@@ -170,3 +170,19 @@ def test_generation_holds_one_batch_of_first_token_distributions_whatever_the_pr
             ps.generate(model, 3)
         peaks[k] = live.peak
     assert peaks[4] == peaks[1]
+
+
+def test_generation_holds_one_batchs_kv_cache_whatever_the_prompt_count(tiny_model):
+    """The next batch is prefilled after the previous batch's cache is freed: the live key/value rows at
+    any forward pass do not grow with the number of batches (counted, not timed)."""
+    from conftest import LiveRows
+
+    model, tok = tiny_model
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    peaks = {}
+    for k in (1, 4):
+        ps = PromptSet(tok, chat_prompts(tok, PROMPTS * k, None), batch_size=len(PROMPTS))
+        with LiveRows(model, (head_dim,)) as live:
+            ps.generate(model, 6)
+        peaks[k] = live.peak
+    assert peaks[4] == peaks[1]
