@@ -171,7 +171,7 @@ class Pipeline:
         them all once the iteration ends)."""
         search = self.start_search()
         self._restore_base()
-        with extra_workers(self.settings, self.log, optimize.worker):
+        with extra_workers(self.settings, self.log, optimize.worker, optimize.handed(search)):
             for t in optimize.search_trials(search, self.settings, self.model, self.log):
                 yield TrialOutcome.of(t)
 

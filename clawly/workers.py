@@ -1,14 +1,15 @@
 """Extra processes that add trials to the same study (optimize.workers > 1).
 
-    with extra_workers(settings, log, work) as pool:   # workers - 1 processes start here
+    with extra_workers(settings, log, work, given) as pool:   # workers - 1 processes start here
         ...run trials in this process too...
     # leaving the block waits for them; an error in the block stops them (their running trials are
     # failed when the study is next opened)
 
-Each worker is a fresh process (`spawn`): it loads the model itself, scores the base model and
-opens the study by name from `optimize.storage`, so it needs nothing from this process but the
-settings. The CPU threads are split between the processes (more threads than cores only makes
-each slower); with several GPUs, worker i takes GPU i. Trial numbers come from the storage, so
+Each worker is a fresh process (`spawn`): it loads the model itself and opens the study by name
+from `optimize.storage`; from this process it takes the settings and what `given` hands over (the
+response prefix, batch size and base scores: measuring them again would cost a trial's work). The
+CPU threads are split between the processes (more threads than cores only makes each slower);
+with several GPUs, worker i takes GPU i. Trial numbers come from the storage, so
 the workers never run the same trial, and `clawly.study.iter_study` stops all of them at
 optimize.n_trials finished trials.
 """
@@ -45,10 +46,10 @@ def worker_model(settings: Settings, index: int) -> ModelSettings:
 
 
 @contextlib.contextmanager
-def extra_workers(settings: Settings, log: StageLogger, target: Callable[[dict, int, int], None]
-                  ) -> Iterator[list[mp.process.BaseProcess]]:
-    """Start optimize.workers - 1 processes running `target(settings_dict, index, threads)`, give this
-    process its share of the threads, and on leaving wait for them (or, on an error, stop them)."""
+def extra_workers(settings: Settings, log: StageLogger, target: Callable[[dict, int, int, dict], None],
+                  given: dict) -> Iterator[list[mp.process.BaseProcess]]:
+    """Start optimize.workers - 1 processes running `target(settings_dict, index, threads, given)`, give
+    this process its share of the threads, and on leaving wait for them (or, on an error, stop them)."""
     n = settings.optimize.workers
     if n <= 1:
         yield []
@@ -56,7 +57,7 @@ def extra_workers(settings: Settings, log: StageLogger, target: Callable[[dict, 
     threads, before = cpu_share(n), torch.get_num_threads()
     context = mp.get_context("spawn")
     values = settings.to_dict()
-    pool = [context.Process(target=target, args=(values, i, threads), name=f"clawly-worker-{i}", daemon=False)
+    pool = [context.Process(target=target, args=(values, i, threads, given), name=f"clawly-worker-{i}", daemon=False)
             for i in range(1, n)]
     for p in pool:
         p.start()

@@ -58,7 +58,10 @@ def test_two_workers_on_a_journal_file_run_n_trials_between_them(make_tiny_model
     check_one_study(study, 10, workers=2)
     assert finished_by_worker(study.get_trials())[os.getpid()] == mine and 0 < len(mine) < 10
     assert pipe.choose_trial().index == choose_trial(completed(study), settings.optimize.kl_cap).number
-    assert (tmp_path / "artifacts" / "logs" / "optimize-worker-1.jsonl").exists()
+    events = [json.loads(line)["event"] for line in
+              (tmp_path / "artifacts" / "logs" / "optimize-worker-1.jsonl").read_text().splitlines()]
+    # the extra worker ran its trials on the base scores it was handed, without generating them again
+    assert events.count("trial") == 10 - len(mine) and "baseline" not in events
 
 
 # ------------------------------------------------------------------ the storage: one clear line, no password

@@ -178,7 +178,7 @@ def study_fingerprint(settings: Settings, harmful: pd.DataFrame, harmless: pd.Da
 
 
 def start_search(settings: Settings, log: StageLogger, model, tokenizer, ablation: AblationDirections,
-                 prefix: str | None = None, batch_size: int | None = None) -> Search:
+                 prefix: str | None = None, batch_size: int | None = None, base: Scores | None = None) -> Search:
     """Prompts, response prefix, batch size, the scorer with the base model's scores, and the
     study (resumed when the same fingerprint already has trials)."""
     p = Paths.of(settings)
@@ -199,10 +199,11 @@ def start_search(settings: Settings, log: StageLogger, model, tokenizer, ablatio
     classifier = response_classifier(settings) if s.refusal_measure == "classifier" else None
     scorer = TrialScorer(model, tokenizer, prompts, s, batch_size=batch_size, classifier=classifier,
                          kept=c.kept if c.enabled else ())
-    t0 = time.perf_counter()
-    base = scorer.score()
-    log.event("baseline", refusals=base.refusals, prompts=len(prompts.harmful),
-              seconds=round(time.perf_counter() - t0, 1), tokens=base.tokens, by_category=base.refusals_by_category)
+    if base is None:  # an extra worker is handed the first worker's (the same model, prompts and settings)
+        t0 = time.perf_counter()
+        base = scorer.score()
+        log.event("baseline", refusals=base.refusals, prompts=len(prompts.harmful),
+                  seconds=round(time.perf_counter() - t0, 1), tokens=base.tokens, by_category=base.refusals_by_category)
     objectives = st.Objectives(targeted=c.targeted if c.enabled else None, kept=c.kept, keep_rule=c.keep_rule,
                                min_retention=c.min_retention, base_refusals=base.refusals_by_category)
     storage = s.storage or str(p.journal)
@@ -321,13 +322,19 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> dic
     if model is None:
         model, tokenizer = load_model(worker_model(settings, 0), log)
     search = start_search(settings, log, model, tokenizer, ablation)
-    with extra_workers(settings, log, worker):
+    with extra_workers(settings, log, worker, handed(search)):
         for _ in search_trials(search, settings, model, log):
             pass
     return write_search_outputs(settings, search, log)
 
 
-def worker(values: dict, index: int, threads: int) -> None:
+def handed(search: Search) -> dict:
+    """What an extra worker takes from this one instead of measuring it again: the response prefix,
+    the batch size and the base model's scores (its refusals: a trial's worth of generation)."""
+    return {"prefix": search.prefix, "batch_size": search.batch_size, "base": search.base}
+
+
+def worker(values: dict, index: int, threads: int, given: dict) -> None:
     """An extra worker (a spawned process, see `clawly.workers`): its own model, the same study,
     trials until optimize.n_trials are finished by all workers together."""
     torch.set_num_threads(threads)
@@ -336,7 +343,7 @@ def worker(values: dict, index: int, threads: int) -> None:
     log = get_logger(f"optimize-worker-{index}", p.logs, quiet=True)
     try:
         model, tokenizer = load_model(worker_model(settings, index), log)
-        search = start_search(settings, log, model, tokenizer, read_ablation_directions(p.orthogonalized))
+        search = start_search(settings, log, model, tokenizer, read_ablation_directions(p.orthogonalized), **given)
         for _ in search_trials(search, settings, model, log):
             pass
     except ClawlyError as e:
