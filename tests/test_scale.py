@@ -47,21 +47,22 @@ def check_one_study(study: optuna.Study, n_trials: int, workers: int) -> None:
 
 SLOW_TRIALS = {"data.eval_per_category": 24, "harmful_prompts": 160, "optimize.max_new_tokens": 48,
                "optimize.batch_size": 32, "optimize.refusal_markers": ["zzzz"]}  # about a second a trial
+N_TRIALS = 16  # enough that a worker starting a few seconds late still takes part
 
 
 def test_two_workers_on_a_journal_file_run_n_trials_between_them(make_tiny_model, tmp_path):
-    settings = tiny_settings(make_tiny_model("llama"), tmp_path, n_trials=10,
+    settings = tiny_settings(make_tiny_model("llama"), tmp_path, n_trials=N_TRIALS,
                              **{"optimize.workers": 2, **SLOW_TRIALS})
     pipe = Pipeline(settings, log=quiet(tmp_path))
     mine = [t.index for t in pipe.run_optimization_iter()]
     study = pipe.search.study
-    check_one_study(study, 10, workers=2)
-    assert finished_by_worker(study.get_trials())[os.getpid()] == mine and 0 < len(mine) < 10
+    check_one_study(study, N_TRIALS, workers=2)
+    assert finished_by_worker(study.get_trials())[os.getpid()] == mine and 0 < len(mine) < N_TRIALS
     assert pipe.choose_trial().index == choose_trial(completed(study), settings.optimize.kl_cap).number
     events = [json.loads(line)["event"] for line in
               (tmp_path / "artifacts" / "logs" / "optimize-worker-1.jsonl").read_text().splitlines()]
     # the extra worker ran its trials on the base scores it was handed, without generating them again
-    assert events.count("trial") == 10 - len(mine) and "baseline" not in events
+    assert events.count("trial") == N_TRIALS - len(mine) and "baseline" not in events
 
 
 # ------------------------------------------------------------------ the storage: one clear line, no password
@@ -232,7 +233,7 @@ def check_chosen(tmp: Path, study: optuna.Study) -> None:
 @pytest.mark.slow
 def test_two_cli_workers_on_a_real_postgresql_study(make_tiny_model, tmp_path, postgres_url):
     """`clawly --workers 2 --storage postgresql+psycopg://...`: two processes, one study in the server."""
-    config = cli_config(tmp_path, make_tiny_model("llama"), n_trials=10)
+    config = cli_config(tmp_path, make_tiny_model("llama"), n_trials=N_TRIALS)
     proc = subprocess.run([sys.executable, "-m", "clawly.cli", "--config", str(config), "--non-interactive",
                            "--save", "none", "--output", str(tmp_path / "out"), "--workers", "2",
                            "--storage", postgres_url], capture_output=True, text=True, timeout=900,
@@ -242,7 +243,7 @@ def test_two_cli_workers_on_a_real_postgresql_study(make_tiny_model, tmp_path, p
     logs = proc.stdout + proc.stderr + "".join(f.read_text() for f in (tmp_path / "artifacts" / "logs").glob("*"))
     assert not password or password not in logs
     study = load_only_study(optuna.storages.RDBStorage(postgres_url))
-    check_one_study(study, 10, workers=2)
+    check_one_study(study, N_TRIALS, workers=2)
     check_chosen(tmp_path, study)
     assert "chosen by the rule" in proc.stdout
 
@@ -254,7 +255,7 @@ def test_two_slurm_jobs_add_trials_to_one_study_on_a_shared_journal(make_tiny_mo
     directions are made once beforehand, so both open the same study."""
     model_dir = make_tiny_model("llama")
     journal = tmp_path / "shared" / "journal.log"
-    config = cli_config(tmp_path, model_dir, n_trials=10, storage=str(journal))
+    config = cli_config(tmp_path, model_dir, n_trials=N_TRIALS, storage=str(journal))
     Pipeline(Settings.from_dict(yaml.safe_load(config.read_text())), log=quiet(tmp_path)).compute_refusal_directions()
     command = (f"cd {ROOT} && PYTHONPATH={ROOT} {sys.executable} -m clawly.cli --config {config} --non-interactive "
                f"--save none --output {tmp_path / 'out'}")
@@ -272,7 +273,7 @@ def test_two_slurm_jobs_add_trials_to_one_study_on_a_shared_journal(make_tiny_mo
         text = (tmp_path / f"job-{i}.out").read_text()
         assert "chosen by the rule" in text, text[-3000:]
     study = load_only_study(optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal))))
-    check_one_study(study, 10, workers=2)
+    check_one_study(study, N_TRIALS, workers=2)
     check_chosen(tmp_path, study)
 
 
