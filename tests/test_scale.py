@@ -65,6 +65,24 @@ def test_two_workers_on_a_journal_file_run_n_trials_between_them(make_tiny_model
     assert events.count("trial") == N_TRIALS - len(mine) and "baseline" not in events
 
 
+def test_the_optimize_stage_runs_its_workers_and_writes_outputs_over_all_their_trials(make_tiny_model, tmp_path):
+    """The DVC stage's step with optimize.workers=2: the directions on disk, the study in the journal."""
+    from clawly.steps import optimize
+
+    settings = tiny_settings(make_tiny_model("llama"), tmp_path, n_trials=N_TRIALS,
+                             **{"optimize.workers": 2, **SLOW_TRIALS})
+    pipe = Pipeline(settings, log=quiet(tmp_path))
+    pipe.compute_refusal_directions()  # what the stages before optimize write
+    pipe.close()
+    summary = optimize.run(settings, quiet(tmp_path))
+    journal = str(tmp_path / "artifacts" / "study" / "journal.log")
+    study = load_only_study(optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(journal)))
+    check_one_study(study, N_TRIALS, workers=2)
+    assert summary["trials"] == N_TRIALS
+    assert summary["chosen_trial"] == choose_trial(completed(study), settings.optimize.kl_cap).number
+    assert len(pd.read_parquet(tmp_path / "artifacts" / "optimize" / "trials.parquet")) == len(completed(study))
+
+
 # ------------------------------------------------------------------ the storage: one clear line, no password
 
 def test_an_unreachable_database_is_one_line_naming_it_without_the_password():
