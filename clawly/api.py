@@ -31,8 +31,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from clawly import export as ex
 from clawly import study as st
-from clawly.ablation import AblationPlan, LayerKernel, ablated
-from clawly.architecture import is_quantized
+from clawly.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
+from clawly.architecture import holds_quantized
 from clawly.architecture import num_layers as decoder_layer_count
 from clawly.artifacts.directions import AblationDirections, check_fits, read_ablation_directions
 from clawly.artifacts.prompts import instructed_categories, row_systems
@@ -79,8 +79,8 @@ class Pipeline:
         self.batch_size: int | None = None
         self.search: optimize.Search | None = None
         self.trial: TrialOutcome | None = None  # the trial whose weights the model holds (None: base)
-        self._factors: dict | None = None
-        self._deltas: dict | None = None  # the restored trial's weight change, as applied
+        self._change: ex.SavedChange | None = None  # the restored trial's change as it is saved
+        self._deltas: dict | None = None  # ... and as applied (its model_deltas, formed once)
         self._geometry: analyze.Geometry | None = None
         self._applied = contextlib.ExitStack()
 
@@ -274,8 +274,8 @@ class Pipeline:
             trial = TrialOutcome(-1, None, None, {}, {}, {}, trial)
         self._restore_base()
         change = ex.saved_change(self.model, directions.basis, trial.plan, directions.strengths, self.settings.export)
-        self._factors, self._deltas = change.factors, change.model_deltas
-        self._applied.enter_context(ablated(self.model, change.model_deltas))
+        self._change, self._deltas = change, change.model_deltas
+        self._applied.enter_context(ablated(self.model, self._deltas))
         self.trial = trial
         return trial
 
@@ -315,7 +315,7 @@ class Pipeline:
     def _restore_base(self) -> None:
         self._applied.close()
         self._applied = contextlib.ExitStack()
-        self.trial, self._factors, self._deltas = None, None, None
+        self.trial, self._change, self._deltas = None, None, None
 
     @contextlib.contextmanager
     def base_weights(self) -> Iterator[torch.nn.Module]:
@@ -390,10 +390,10 @@ class Pipeline:
         """Write the restored trial (default: the chosen one) as a PEFT LoRA adapter, with model card
         and reproduction record."""
         trial = self._current()
-        if trial.plan.norm_preserve and (warning := ex.adapter_warning(self._factors, self.settings.export)):
+        if trial.plan.norm_preserve and (warning := ex.adapter_warning(self._change.factors, self.settings.export)):
             self.log.event("warning", warning)
         with atomic_dir(path) as tmp:
-            ex.write_adapter(self.model, self._factors, tmp, str(resolve_model_source(self.settings.model)))
+            ex.write_adapter(self.model, self._change.factors, tmp, str(resolve_model_source(self.settings.model)))
             write_text(tmp / "README.md", self._card("adapter"))
             self._record(tmp, "adapter")
         self.log.event("saved", kind="adapter", path=str(path))
@@ -404,14 +404,16 @@ class Pipeline:
         """The model with the restored trial's change in its weights. A 4-bit model cannot hold it: the base
         is loaded again without 4-bit for the block and changed as the merge stage changes it (the adapter's
         B A, or the plan's exact change recomputed on these weights where no adapter holds it)."""
-        if not any(is_quantized(p) for p in self.model.parameters()):
+        if not holds_quantized(self.model):
             yield self.model
             return
         full, _ = load_model(full_precision(self.settings.model), self.log)
-        directions, plan = self.compute_refusal_directions(), self._current().plan
-        change = ex.saved_change(full, directions.basis, plan, directions.strengths, self.settings.export)
-        exact = change.norm_preserve or change.no_adapter
-        with ablated(full, change.deltas if exact else ex.merged_deltas(self._factors)):
+        if self._change.exact:  # the change itself, recomputed on the full-precision weights
+            directions = self.compute_refusal_directions()
+            deltas = weight_deltas(full, directions.basis, self._current().plan, directions.strengths)
+        else:  # the adapter's B A, as applied to the 4-bit model and as the merge stage adds it
+            deltas = self._deltas
+        with ablated(full, deltas):
             yield full
 
     def save_model(self, path: str | Path) -> Path:
@@ -451,7 +453,7 @@ class Pipeline:
         out = Path(out_dir)
         with atomic_dir(out) as tmp:
             if kind == "adapter":
-                ex.write_adapter(pipe.model, pipe._factors, tmp, str(resolve_model_source(settings.model)))
+                ex.write_adapter(pipe.model, pipe._change.factors, tmp, str(resolve_model_source(settings.model)))
             else:
                 with pipe._merged_model() as model:
                     ex.write_model(model, pipe.tokenizer, tmp, settings, Path(resolve_model_source(settings.model)))

@@ -170,6 +170,11 @@ def is_quantized(weight: torch.Tensor) -> bool:
     return getattr(weight, "quant_state", None) is not None
 
 
+def holds_quantized(model: nn.Module) -> bool:
+    """Any 4-bit weight in the model: then its weights cannot hold a change, nor be saved as a model."""
+    return any(is_quantized(p) for p in model.parameters())
+
+
 def dense_weight(weight: torch.Tensor) -> torch.Tensor:
     """The matrix a weight computes with, on its device: a 4-bit weight dequantized (`[d, d_in]`, its
     original dtype), any other weight itself (detached)."""

@@ -25,7 +25,7 @@ import torch
 
 from clawly import __version__
 from clawly.ablation import AblationPlan, WeightDelta, weight_deltas
-from clawly.architecture import is_quantized
+from clawly.architecture import holds_quantized
 from clawly.artifacts.directions import AblationDirections, write_ablation_directions
 from clawly.checkpoint import save_sharded, source_weight_map
 from clawly.directions import AblationBasis
@@ -53,8 +53,13 @@ class SavedChange:
     no_adapter: str | None = None  # why no adapter can hold it (lora.adapter_problem): then it is exact too
 
     @property
+    def exact(self) -> bool:
+        """No adapter holds the change exactly, so the merged model gets the change itself."""
+        return bool(self.norm_preserve or self.no_adapter)
+
+    @property
     def model_deltas(self) -> dict[str, WeightDelta]:
-        return self.deltas if self.norm_preserve or self.no_adapter else merged_deltas(self.factors)
+        return self.deltas if self.exact else merged_deltas(self.factors)
 
 
 def saved_change(model, basis: AblationBasis, plan: AblationPlan, strengths: torch.Tensor | None,
@@ -111,7 +116,7 @@ def write_adapter(model, factors: dict[str, LoraFactors], out_dir: Path, source:
 def write_model(model, tokenizer, out_dir: Path, settings: Settings, source: str | Path) -> list[str]:
     """Safetensors shards (a sharded source keeps its layout) + config, generation config, tokenizer.
     A 4-bit model is refused: its packed weights cannot hold the change (merge into `model.full_precision`)."""
-    if any(is_quantized(p) for p in model.parameters()):
+    if holds_quantized(model):
         raise ClawlyError("cannot save a 4-bit model: its packed weights cannot hold the change. Load the base "
                           "without model.load_in_4bit and add the change to it")
     files = save_sharded(model.state_dict(), out_dir, settings.merge.max_shard_size, source_weight_map(source))
