@@ -42,14 +42,16 @@ class DiskFullError(ClawlyError, OSError):
         return self.strerror  # the whole message, without OSError's "[Errno N]"
 
 
-def _umask_mode(mode: int) -> int:
-    """`mode` less the process umask (mkstemp and mkdtemp make owner-only files and directories)."""
+def umask_mode(mode: int) -> int:
+    """`mode` less the process umask (mkstemp and mkdtemp make owner-only files and directories; outputs
+    and the model cache get the modes a plain open or mkdir would give)."""
     umask = os.umask(0)
     os.umask(umask)
     return mode & ~umask
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is process `pid` (on this machine) alive? Another user's process counts as alive."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -64,7 +66,7 @@ def _clean_stale(path: Path) -> None:
     old directory renamed aside by one that died before the new one was in place."""
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         pid = stale.name[len(path.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     old = path.with_name(f".{path.name}.old")
     if old.exists() and not path.exists():
@@ -109,7 +111,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with _disk_full_is_one_error(path):
             yield tmp_path
             if tmp_path.exists():
-                os.chmod(tmp_path, _umask_mode(0o666))
+                os.chmod(tmp_path, umask_mode(0o666))
             os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -138,7 +140,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         with _disk_full_is_one_error(path):
             yield tmp
-            os.chmod(tmp, _umask_mode(0o777))
+            os.chmod(tmp, umask_mode(0o777))
             if not path.exists():
                 os.replace(tmp, path)
             elif not exchange(tmp, path):

@@ -42,6 +42,7 @@ from transformers import (
 )
 
 from clawly.errors import ClawlyError
+from clawly.io import umask_mode
 from clawly.log import StageLogger
 from clawly.settings import ModelSettings
 
@@ -75,18 +76,11 @@ def cache_root(settings: ModelSettings | None = None) -> Path:
     return Path(base).expanduser() / "clawly"
 
 
-def _umask_mode(mode: int) -> int:
-    """`mode` less the process umask: temp files and dirs are private by default, the cache is not."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
 def _write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
         json.dump(data, f, indent=2, sort_keys=True)
-    os.chmod(f.name, _umask_mode(0o666))
+    os.chmod(f.name, umask_mode(0o666))
     os.replace(f.name, path)
 
 
@@ -147,7 +141,7 @@ def packaged_gguf_path(cache: Path) -> Path:
         for part in parts:
             with open(part, "rb") as src:
                 shutil.copyfileobj(src, out, 1 << 22)
-    os.chmod(out.name, _umask_mode(0o666))
+    os.chmod(out.name, umask_mode(0o666))
     os.replace(out.name, target)
     return target
 
@@ -172,12 +166,12 @@ def _convert_gguf(gguf: Path, target: Path, record: dict) -> None:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    os.chmod(staging, _umask_mode(0o777))
+    os.chmod(staging, umask_mode(0o777))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         for f in staging.iterdir():
-            os.chmod(f, _umask_mode(0o666))
+            os.chmod(f, umask_mode(0o666))
         _write_json_atomic(staging / SOURCE_RECORD, record)
         if target.exists() and not (target / SOURCE_RECORD).is_file():
             shutil.rmtree(target)  # left incomplete by hand or by an older clawly

@@ -29,6 +29,7 @@ from clawly.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
 from clawly.decoding import DecodeStats
 from clawly.directions import AblationBasis
 from clawly.errors import ClawlyError
+from clawly.io import pid_alive
 from clawly.log import masked_url
 from clawly.scoring import Scores, TrialScorer
 from clawly.settings import REFUSAL_MEASURES, OptimizeSettings
@@ -158,15 +159,7 @@ def _gone(worker: dict | None) -> bool:
     checked; a trial of another machine stays RUNNING (it never counts as finished)."""
     if not isinstance(worker, dict):
         return True  # interrupted before the trial recorded its worker
-    if worker.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(int(worker["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, someone else's
-        return False
-    return False
+    return worker.get("host") == socket.gethostname() and not pid_alive(int(worker["pid"]))
 
 
 HEARTBEAT_SECONDS, GRACE_SECONDS = 60, 180  # an RDB study fails a trial whose worker was silent this long
@@ -343,9 +336,7 @@ def ahead_of(study: optuna.Study, number: int) -> int:
     """Trials numbered before `number` that finished or are running in a live process: with n_trials of
     them, a trial of this number is not needed. Trial numbers are handed out by the storage, so every
     worker ranks trials the same way and exactly n_trials finish."""
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
-    return sum(1 for t in study.get_trials(deepcopy=False, states=states)
-               if t.number < number and (t.state != optuna.trial.TrialState.RUNNING or _live(t)))
+    return sum(1 for t in [*finished(study), *running(study)] if t.number < number)
 
 
 def violation(trial: optuna.trial.FrozenTrial) -> float:

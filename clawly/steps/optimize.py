@@ -226,9 +226,9 @@ def search_trials(search: Search, settings: Settings, model, log: StageLogger) -
         for t in st.iter_study(search.study, model, search.scorer, search.ablation.basis,
                                 search.num_layers, s, search.objectives, search.ablation.strengths,
                                 search.ablation.category_weights):
-            now = min(len(st.finished(search.study)), s.n_trials)  # every worker's trials
-            bar.update(max(1, now - shown))
-            shown += max(1, now - shown)
+            step = max(1, min(len(st.finished(search.study)), s.n_trials) - shown)  # every worker's trials
+            bar.update(step)
+            shown += step
             seconds = round((t.datetime_complete - t.datetime_start).total_seconds(), 1)
             if t.values is not None:
                 log.event("trial", number=t.number, refusals=int(t.values[0]), kl=round(t.values[1], 5),
