@@ -54,7 +54,7 @@ def unknown_override(argv: list[str]) -> str | None:
 
 def run_stage(name: str, step: Callable[[Settings, StageLogger], object], sweep: str | None = None) -> None:
     """Run `step` as the Hydra app of stage `name` (call from the stage module's __main__). With
-    Hydra's --multirun, each job instead runs `sweep` ("module:function", see clawly/sweep.py) in
+    Hydra's --multirun, each job instead runs the `sweep` module's `run_job` (see clawly/sweep.py) in
     the job's own directory; a stage without one refuses to sweep."""
     problem = unknown_override(sys.argv[1:])
     if problem:
@@ -84,16 +84,16 @@ def run_stage(name: str, step: Callable[[Settings, StageLogger], object], sweep:
 
 
 def sweep_job(name: str, sweep: str | None, values: dict, job_dir: Path, overrides: list[str]) -> dict:
-    """One job of a Hydra multirun: `sweep` in the job's directory, given its settings and overrides."""
+    """One job of a Hydra multirun: the `sweep` module's `run_job` in the job's directory, given its
+    settings (`job_settings`) and overrides."""
     if sweep is None:
         raise ClawlyError(f"stage {name} does not sweep: run the sweep (-m/--multirun) with python -m stages.optimize")
-    name_of_module, _, function = sweep.partition(":")
     # by name, not an import: DVC never runs a sweep, so the stage's code deps (stages/deps.py) stay one run's
-    module = importlib.import_module(name_of_module)
+    module = importlib.import_module(sweep)
     values = module.job_settings({k: v for k, v in values.items() if k != "hydra"}, job_dir)
     settings = Settings.from_dict(values)
     log = get_logger(name, os.path.join(settings.artifacts_dir, "logs"))
     log.event("start", f"sweep job {job_dir}: {' '.join(overrides) or 'no overrides'}", config=values)
-    out = getattr(module, function)(settings, log, job_dir, overrides)
+    out = module.run_job(settings, log, job_dir, overrides)
     log.event("done")
     return out

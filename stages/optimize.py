@@ -4,4 +4,4 @@ from clawly.steps import optimize
 from stages._common import run_stage
 
 if __name__ == "__main__":
-    run_stage("optimize", optimize.run, sweep="clawly.sweep:run_job")  # -m: clawly/sweep.py
+    run_stage("optimize", optimize.run, sweep="clawly.sweep")  # -m: clawly/sweep.py
