@@ -220,7 +220,7 @@ def _expert_writers(block: nn.Module, block_path: str, owner: str, hidden: int) 
             try:
                 transposed = stored_input_first(block, experts, name, hidden)
             except ValueError as e:
-                raise UnsupportedArchitectureError(f"unsupported architecture {owner}: {path}.{e}") from None
+                raise UnsupportedArchitectureError(f"unsupported architecture {owner}: {path}.{e}") from e
             bias = getattr(experts, name + BIAS_SUFFIX, None)
             return [Writer(-1, MLP_DOWN, f"{path}.{name}", experts, weight, bias, transposed)]
     if not isinstance(experts, (nn.ModuleList, nn.ModuleDict)):

@@ -159,9 +159,9 @@ def parse_value(text: str, annotation: str, key: str) -> Any:
         return {k.strip(): yaml.safe_load(v) for k, v in pairs}
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
+    except yaml.YAMLError as e:
         raise SettingsError(f"invalid setting {key}={text!r}: not a value (a number, true/false, [a, b] or "
-                            "{key: value})") from None
+                            "{key: value})") from e
 
 
 # ---------------------------------------------------------------- settings from files and options
@@ -179,7 +179,7 @@ def read_config(path: str) -> dict[str, Any]:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ClawlyError(f"--config {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): save "
-                          "it as UTF-8") from None
+                          "it as UTF-8") from e
     try:
         if file.suffix.lower() == ".toml":
             data = tomllib.loads(text)
@@ -187,7 +187,7 @@ def read_config(path: str) -> dict[str, Any]:
             data = yaml.safe_load(text) or {}
     except Exception as e:  # noqa: BLE001 - yaml and toml errors: one line naming the file
         raise ClawlyError(f"--config {path}: not valid {'TOML' if file.suffix.lower() == '.toml' else 'YAML'}: "
-                          f"{' '.join(str(e).split())}") from None
+                          f"{' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
         raise ClawlyError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
     return config_keys(data)
@@ -249,8 +249,8 @@ def parse_layers(text: str, num_layers: int) -> tuple[int, int]:
             return 0, num_layers - 1
         lo, _, hi = text.partition("-")
         return int(lo), int(hi or lo)
-    except ValueError:
-        raise ClawlyError(f"--layers {text!r}: use 'all', a layer N or an inclusive range A-B (e.g. 8-16)") from None
+    except ValueError as e:
+        raise ClawlyError(f"--layers {text!r}: use 'all', a layer N or an inclusive range A-B (e.g. 8-16)") from e
 
 
 # ---------------------------------------------------------------- the run

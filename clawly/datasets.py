@@ -73,10 +73,10 @@ def load_templates(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = project_file(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: templates file not found") from None
+    except FileNotFoundError as e:
+        raise DatasetError(f"{path}: templates file not found") from e
     except yaml.YAMLError as e:
-        raise DatasetError(f"{path}: not valid YAML: {e}") from None
+        raise DatasetError(f"{path}: not valid YAML: {e}") from e
     return validate_templates(data, source=str(path))
 
 
@@ -166,7 +166,7 @@ def _slot_names(template: str, where: str = "template") -> list[str]:
         fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
                   if name is not None]
     except ValueError as e:  # unbalanced braces
-        raise DatasetError(f"{where}: template {template!r} is malformed: {e}") from None
+        raise DatasetError(f"{where}: template {template!r} is malformed: {e}") from e
     bad = [f"{{{name}}}" for name, spec, conv in fields if spec or conv or not name.isidentifier()]
     if bad:
         raise DatasetError(f"{where}: template {template!r} has invalid placeholder(s) "
@@ -380,7 +380,7 @@ def load_prompt_file(path: str | os.PathLike[str], default_category: str) -> pd.
         except UnicodeDecodeError as e:
             line = raw[:e.start].count(b"\n") + 1
             raise DatasetError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}): save the file "
-                               "as UTF-8") from None
+                               "as UTF-8") from e
     try:
         if suffix == ".txt":
             frame = pd.DataFrame({"text": path.read_text(encoding="utf-8").splitlines()})
@@ -393,7 +393,7 @@ def load_prompt_file(path: str | os.PathLike[str], default_category: str) -> pd.
     except pd.errors.EmptyDataError:
         frame = pd.DataFrame()
     except (ValueError, OSError) as e:  # malformed CSV, JSON or Parquet: one line, from the parser
-        raise DatasetError(f"{path}: could not read prompts: {' '.join(str(e).split())}") from None
+        raise DatasetError(f"{path}: could not read prompts: {' '.join(str(e).split())}") from e
     out = _standardize(frame, str(path), default_category) if len(frame.columns) or len(frame) else frame
     if not len(out):
         raise DatasetError(f"{path}: holds no prompts (an empty file, or a header and no rows): add prompts, or "
@@ -421,9 +421,9 @@ def load_hf_dataset(spec: str, default_category: str) -> pd.DataFrame:
     dataset_id, split, column = (parts[0], "train", "") if len(parts) == 1 else parts
     try:
         import datasets  # optional; imported here so clawly works without it
-    except ImportError:
+    except ImportError as e:
         raise DatasetError(f"dataset {spec!r}: loading Hugging Face datasets needs the optional "
-                           "package 'datasets' (pip install datasets)") from None
+                           "package 'datasets' (pip install datasets)") from e
     try:
         frame = datasets.load_dataset(dataset_id, split=split).to_pandas()
     except Exception as e:  # network, auth, missing dataset: all mean "cannot use this spec"

@@ -1,14 +1,26 @@
 """Errors a user can fix: printed as one line naming the problem and the fix, no traceback.
 
 Every user-facing error class derives from `ClawlyError` (the doors catch that one class); most are
-also `ValueError`s, as the bad input they report.
+also `ValueError`s, as the bad input they report. A ClawlyError raised while handling another exception
+keeps it as its cause (`raise ... from e`): the doors print the one line, and `--debug` or
+`CLAWLY_DEBUG=1` the whole chain. The few that drop it say why (a cause that may hold a secret).
 """
 
 from __future__ import annotations
 
 import contextlib
+import struct
 from collections.abc import Iterator
 from pathlib import Path
+
+from safetensors import SafetensorError
+
+# What a parser raises on a file that was cut short or damaged: bad bytes, bad JSON/YAML/Parquet
+# (JSONDecodeError, UnicodeDecodeError and pyarrow's ArrowInvalid are ValueErrors), missing keys or
+# columns. Anything else (out of memory, a library version mismatch's TypeError, a permission error)
+# is not the file's fault and keeps its own type and message.
+FORMAT_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, IndexError, EOFError, struct.error,
+                                                  SafetensorError)
 
 
 class ClawlyError(Exception):
@@ -33,15 +45,16 @@ class CorruptInputError(ClawlyError, ValueError):
 @contextlib.contextmanager
 def reading(path: str | Path, made_by: str) -> Iterator[None]:
     """Read a stage's output inside this block: a missing file is a MissingInputError, one whose
-    parser fails (truncated Parquet or safetensors, broken JSON, missing keys) a CorruptInputError
-    naming the file and the stage that makes it."""
+    parser fails (truncated Parquet or safetensors, broken JSON, missing keys: `FORMAT_ERRORS`) a
+    CorruptInputError naming the file and the stage that makes it. Other errors pass unchanged: only
+    reading belongs in the block, not what is done with what was read."""
     require(path, made_by)
     try:
         yield
     except ClawlyError:
         raise
-    except Exception as e:  # noqa: BLE001 - parsers fail in many types (ArrowInvalid, SafetensorError, KeyError...)
+    except FORMAT_ERRORS as e:
         detail = " ".join(str(e).split())[:160] or type(e).__name__
         raise CorruptInputError(f"{path} cannot be read ({type(e).__name__}: {detail}): it was cut short or "
                                 f"damaged; rerun '{made_by}' (python -m stages.{made_by.replace('-', '_')}, or "
-                                "dvc repro --force on it)") from None
+                                "dvc repro --force on it)") from e

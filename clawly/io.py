@@ -42,12 +42,28 @@ class DiskFullError(ClawlyError, OSError):
         return self.strerror  # the whole message, without OSError's "[Errno N]"
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it: `os.umask` can only read it by setting it, which
+    for a moment makes every file another thread creates (the web server runs jobs in threads)
+    world-writable. Linux says it in /proc/self/status; elsewhere a directory made with mode 0o777
+    in a private temp directory shows which bits the umask clears."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with tempfile.TemporaryDirectory() as private:
+        probe = os.path.join(private, "probe")
+        os.mkdir(probe, 0o777)
+        return 0o777 & ~os.stat(probe).st_mode
+
+
 def umask_mode(mode: int) -> int:
     """`mode` less the process umask (mkstemp and mkdtemp make owner-only files and directories; outputs
     and the model cache get the modes a plain open or mkdir would give)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
+    return mode & ~current_umask()
 
 
 def pid_alive(pid: int) -> bool:
@@ -95,7 +111,7 @@ def _disk_full_is_one_error(path: Path) -> Iterator[None]:
         if code is None:
             raise
         raise DiskFullError(code, f"could not write {path}: {os.strerror(code)}; free disk space (or write "
-                                  "elsewhere) and run again: nothing was half-written") from None
+                                  "elsewhere) and run again: nothing was half-written") from e
 
 
 @contextlib.contextmanager

@@ -29,9 +29,22 @@ from clawly.log import StageLogger
 from clawly.settings import ModelSettings, Settings
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (what a cgroup, `taskset` or a Slurm
+    allocation leaves it), at most SLURM_CPUS_PER_TASK inside a Slurm job; not the machine's count."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks (macOS, Windows)
+        count = os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        count = min(count, int(slurm))
+    return max(1, count)
+
+
 def cpu_share(workers: int) -> int:
-    """CPU threads for each of `workers` processes."""
-    return max(1, (os.cpu_count() or 1) // workers)
+    """CPU threads for each of `workers` processes, from the CPUs this process may use."""
+    return max(1, available_cpus() // workers)
 
 
 def worker_model(settings: Settings, index: int) -> ModelSettings:

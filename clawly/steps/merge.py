@@ -35,7 +35,8 @@ def run(settings: Settings, log: StageLogger) -> None:
             applied.enter_context(ablated(model, weight_deltas(model, ablation.basis, plan, ablation.strengths)))
         else:
             with reading(p.lora / "adapter_model.safetensors", "export-lora"):
-                model = PeftModel.from_pretrained(model, str(p.lora)).merge_and_unload()
+                adapted = PeftModel.from_pretrained(model, str(p.lora))
+            model = adapted.merge_and_unload()  # outside: its errors (memory, peft) are not the adapter's damage
         files = ex.write_model(model, tokenizer, tmp, settings, resolve_model_source(settings.model))
         write_text(tmp / "README.md", ex.model_card(settings, summary))
         ex.copy_record(p.lora, tmp, "model")
