@@ -33,7 +33,8 @@ from clawly.errors import ClawlyError
 from clawly.io import write_json
 from clawly.lora import LoraFactors, adapter_problem, lora_factors, save_adapter
 from clawly.model import DEFAULT_MODEL, DEFAULT_MODEL_DESCRIPTION, model_provenance
-from clawly.settings import ExportSettings, Settings
+from clawly.redact import masked, shown_path
+from clawly.settings import DataSettings, ExportSettings, Settings
 
 RECORD = "clawly_reproduction.json"
 RECORD_FORMAT = 2  # 2: the directions file holds removed and protected directions too
@@ -154,11 +155,35 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+# Settings that say where this machine kept things, not what was done: a record sets them to null.
+WHERE_KEYS = (("model", "cache_dir"), ("optimize", "storage"))
+# Paths that only document the inputs (their prompts are fingerprinted in the record): file names only.
+INPUT_PATH_KEYS = (("data", "templates"), ("data", "harmful_files"), ("data", "harmless_files"),
+                   ("classifier", "train_file"), ("classifier", "test_file"), ("classifier", "embedder"),
+                   ("classifier", "judge_model"))
+
+
+def _file_name(path: str) -> str:
+    return Path(path).name if Path(path).is_absolute() or path.startswith("~") else path
+
+
 def portable_settings(settings: Settings) -> dict:
-    """The settings as a record keeps them: without this machine's model cache directory, which
-    changes nothing that was done (and would not exist where the record is reproduced)."""
-    values = settings.to_dict()
-    values["model"]["cache_dir"] = None
+    """The settings as a record keeps them, for `clawly --reproduce` and for whoever reads an uploaded
+    record: URL passwords masked; where this machine kept things (model cache, study storage, work and
+    prompt directories) left out; input files by name only. The one path a reproduction needs is the
+    model's (model.name, a hub id or a local directory), kept with the home directory shown as `~`."""
+    values = masked(settings.to_dict())
+    values.pop("artifacts_dir", None)
+    for section, key in WHERE_KEYS:
+        values[section][key] = None
+    values["data"]["out_dir"] = DataSettings().out_dir
+    for section, key in INPUT_PATH_KEYS:
+        value = values[section][key]
+        if isinstance(value, list):
+            values[section][key] = [_file_name(v) for v in value]
+        elif isinstance(value, str):
+            values[section][key] = _file_name(value)
+    values["model"]["name"] = shown_path(values["model"]["name"])
     return values
 
 
@@ -197,10 +222,10 @@ def read_record(path: str | Path) -> tuple[dict, Path]:
         path = path / RECORD
     try:
         record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ClawlyError(f"reproduction record not found: {path}") from None
+    except FileNotFoundError as e:
+        raise ClawlyError(f"reproduction record not found: {path}") from e
     except json.JSONDecodeError as e:
-        raise ClawlyError(f"{path} is not JSON ({e}): pass the clawly_reproduction.json of a saved result") from None
+        raise ClawlyError(f"{path} is not JSON ({e}): pass the clawly_reproduction.json of a saved result") from e
     if not isinstance(record, dict) or not {"settings", "plan", "directions"} <= set(record):
         raise ClawlyError(f"{path} is not a clawly reproduction record (no settings/plan/directions): pass the "
                           f"{RECORD} of a saved result")
@@ -227,7 +252,11 @@ def category_markdown(by_category: dict[str, dict], after: str = "after", label:
 
 
 def model_title(settings: Settings) -> str:
-    return DEFAULT_MODEL_DESCRIPTION if settings.model.name == DEFAULT_MODEL else settings.model.name
+    """The base model as a model card names it: a local directory or file by its own name only."""
+    name = settings.model.name
+    if name == DEFAULT_MODEL:
+        return DEFAULT_MODEL_DESCRIPTION
+    return Path(name).name if Path(name).expanduser().exists() or Path(name).is_absolute() else name
 
 
 def model_card(settings: Settings, metrics: dict, kind: str = "model") -> str:

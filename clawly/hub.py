@@ -12,6 +12,7 @@ import huggingface_hub
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from clawly.errors import ClawlyError
+from clawly.redact import redacted
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -23,11 +24,6 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
         except (ImportError, AttributeError):
             pass
     return tuple(errors)
-
-
-def _redacted(text: str, token: str) -> str:
-    """`text` (a server or network message) on one line, with the token masked should the server echo it."""
-    return " ".join(str(text).replace(token, "***").split())
 
 
 def push_to_hub(folder: str | Path, repo_id: str, *, token: str | None = None, private: bool = False,
@@ -47,11 +43,12 @@ def push_to_hub(folder: str | Path, repo_id: str, *, token: str | None = None, p
                           commit_message=commit_message or f"Upload {folder.name} with clawly")
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else "?"
-        detail = _redacted(err.server_message or str(err).strip().split("\n")[0], token)
+        detail = redacted(err.server_message or str(err).strip().split("\n")[0], token)
         hint = " (check that the token has write access: HF_TOKEN or `hf auth login`)" if status in (401, 403) else ""
+        # from None here and below: the cause may echo the token (its first line, masked, is the message)
         raise ClawlyError(f"upload of {folder} to {repo_id} on {api.endpoint} failed: HTTP {status}: {detail}{hint}"
                           ) from None
     except (OfflineModeIsEnabled, *_transport_errors()) as err:
         raise ClawlyError(f"cannot reach the Hugging Face Hub at {api.endpoint} to upload {repo_id}: "
-                          f"{type(err).__name__}: {_redacted(err, token)}") from None
+                          f"{type(err).__name__}: {redacted(err, token)}") from None
     return str(url)

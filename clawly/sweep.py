@@ -26,6 +26,7 @@ import pandas as pd
 from clawly.errors import ClawlyError
 from clawly.io import atomic_path, write_json
 from clawly.log import StageLogger
+from clawly.redact import masked
 from clawly.settings import Settings
 
 JOB_FILE = "job.json"
@@ -50,7 +51,7 @@ def run_job(settings: Settings, log: StageLogger, job_dir: Path, overrides: list
         summary = pipe.write_outputs()
     finally:
         pipe.close()
-    job = {"job": job_dir.name, "overrides": overrides, "artifacts_dir": settings.artifacts_dir,
+    job = {"job": job_dir.name, "overrides": masked(overrides), "artifacts_dir": settings.artifacts_dir,
            "slurm_job": os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID")),  # null outside Slurm
            "slurm_task": os.environ.get("SLURM_ARRAY_TASK_ID"),
            "model": settings.model.name, "trials": summary["trials"], "chosen_trial": summary["chosen_trial"],

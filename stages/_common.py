@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import importlib
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,8 @@ from clawly.errors import ClawlyError
 from clawly.log import StageLogger, get_logger
 from clawly.settings import SECTIONS, Settings
 
+# a URL's password, not yet an interpolation: scheme://user:PASSWORD@
+URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)(?!\$\{)([^@/\s]+)@")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 _VALUE_FLAGS = {"--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--experimental-rerun"}
 
@@ -52,6 +55,24 @@ def unknown_override(argv: list[str]) -> str | None:
     return None
 
 
+def passwords_to_environment(argv: list[str]) -> list[str]:
+    """`argv` with the password of every URL in an override (optimize.storage=postgresql+psycopg://
+    user:PASSWORD@host/db) replaced by `${oc.env:CLAWLY_URL_PASSWORD_N}`, the variable set here to
+    the password. Hydra saves the overrides as given (outputs/.../overrides.yaml, a sweep's
+    multirun.yaml, submitit's job files); the interpolation is resolved when the config is read, in
+    this process or in a job that inherits its environment (local processes, Slurm's default
+    --export=ALL), so the password is used but never saved."""
+    out, names = [], {}
+    for arg in argv:
+        def to_env(m: re.Match) -> str:
+            name = names.setdefault(m.group(2), f"CLAWLY_URL_PASSWORD_{len(names) + 1}")
+            os.environ[name] = m.group(2)
+            return f"{m.group(1)}${{oc.env:{name}}}@"
+
+        out.append(arg if arg.startswith("-") else URL_PASSWORD.sub(to_env, arg))
+    return out
+
+
 def run_stage(name: str, step: Callable[[Settings, StageLogger], object], sweep: str | None = None) -> None:
     """Run `step` as the Hydra app of stage `name` (call from the stage module's __main__). With
     Hydra's --multirun, each job instead runs the `sweep` module's `run_job` (see clawly/sweep.py) in
@@ -60,6 +81,7 @@ def run_stage(name: str, step: Callable[[Settings, StageLogger], object], sweep:
     if problem:
         print(f"clawly {name}: error: {problem}", file=sys.stderr)
         sys.exit(2)
+    sys.argv[1:] = passwords_to_environment(sys.argv[1:])
 
     # an absolute path: with `python -m`, a relative config_path would be read as a Python package
     @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)

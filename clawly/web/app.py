@@ -26,6 +26,7 @@ import plotly.graph_objects as go
 from clawly.errors import ClawlyError
 from clawly.hub import push_to_hub
 from clawly.paths import Paths
+from clawly.redact import redacted
 from clawly.research import require_research_extra
 from clawly.settings import REFUSAL_MEASURES, Settings
 from clawly.settings_docs import SECTIONS as SECTION_DOCS
@@ -451,7 +452,7 @@ def build_app(run: WebRun, base: Settings) -> gr.Blocks:
             try:
                 url = push_to_hub(folder, repo_id.strip(), token=secret.strip() or None, private=private_repo)
             except ClawlyError as e:
-                return f"⚠ {_redact(str(e), secret)}", ""
+                return f"⚠ {redacted(e, secret)}", ""
             return f"Uploaded `{folder}` to {url}", ""  # the token field is emptied: never shown back
 
         upload.click(on_upload, [repo, token, kind, private, selected], [uploaded, token])
@@ -555,8 +556,4 @@ def _clicked(text: str) -> int | None:
         return int(str(text).split("@")[0])
     except ValueError:
         return None
-
-
-def _redact(text: str, secret: str) -> str:
-    return text.replace(secret, "***") if secret and secret.strip() else text
 

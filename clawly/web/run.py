@@ -34,6 +34,7 @@ from clawly.api import Pipeline, TrialOutcome
 from clawly.errors import ClawlyError
 from clawly.log import StageLogger
 from clawly.paths import Paths
+from clawly.redact import is_secret_key, masked_url
 from clawly.settings import Settings
 
 IDLE, RUNNING, STOPPING, FINISHED, STOPPED, FAILED = "idle", "running", "stopping", "finished", "stopped", "failed"
@@ -147,9 +148,9 @@ class RunLog(StageLogger):
 
     def event(self, name: str, message: str | None = None, **fields: Any) -> None:
         super().event(name, message, **fields)
-        shown = {k: v for k, v in fields.items() if not any(s in k.lower() for s in ("token", "password", "secret"))}
+        shown = {k: v for k, v in fields.items() if not is_secret_key(k)}
         text = message if message is not None else " ".join(f"{k}={_short(v)}" for k, v in shown.items())
-        line = f"{time.strftime('%H:%M:%S')} {name}: {text}"
+        line = masked_url(f"{time.strftime('%H:%M:%S')} {name}: {text}")
 
         def add(s: RunState) -> None:
             s.events.append(line)
