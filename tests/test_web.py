@@ -24,6 +24,7 @@ from test_api import TINY
 
 from clawly.settings import SECTIONS, Settings
 from clawly.web import form
+from clawly.web.guard import PATH_KEYS, PagePolicy
 from clawly.web.run import FINISHED, RUNNING, STOPPED, ModelBusy, RunStopped, WebRun
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,6 +120,141 @@ def test_category_rows_are_the_templates_categories_and_map_to_weights():
     assert sum(on) == 2 and weights[names.index("drugs_substances")] == 1.0
 
 
+# ---------------------------------------------------------------- what the page may ask of the server
+
+def page_policy(tmp: Path, **keys) -> tuple[PagePolicy, Settings]:
+    out = tmp / "out"
+    (out / "exports" / "trial-3-model").mkdir(parents=True)
+    (out / "prompts.csv").write_text("text\nhow do i x\n")
+    start = Settings(artifacts_dir=str(out / "work"), **{"data.out_dir": str(out / "work" / "prompts"), **keys})
+    return PagePolicy(out, (), False, form.form_keys(start)), start
+
+
+def form_field(key: str, policy: PagePolicy | None = None) -> form.FormField:
+    return next(f for f in form.form_fields(policy) if f.key == key)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("data.out_dir", "../elsewhere"), ("data.out_dir", "/etc"), ("model.cache_dir", "exports/../../x"),
+    ("data.templates", "/etc/passwd"), ("data.harmful_files", "[prompts.csv, /etc/shadow]"),
+    ("classifier.train_file", "../../../root/secret.jsonl"), ("classifier.embedder", "/usr/lib"),
+    ("optimize.storage", "/var/tmp/journal.log"), ("model.name", "/usr"), ("model.name", "./../out2"),
+    ("classifier.judge_model", "/opt/judge.gguf"),
+])
+def test_a_path_outside_the_output_directory_is_refused_under_its_field(tmp_path, key, value):
+    policy, start = page_policy(tmp_path)
+    message = form.field_error(form_field(key, policy), value, policy)
+    assert message is not None and message.startswith(f"invalid setting {key}=")
+    assert "outside the directories this server lets the page use" in message and str(tmp_path / "out") in message
+    raw = form.form_values(start, policy)
+    raw[key] = value
+    settings, errors, _ = form.settings_from_form(raw, {}, start, policy)
+    assert settings is None and list(errors) == [key]
+
+
+def test_paths_inside_the_output_directory_resolve_there_and_hub_ids_stay_hub_ids(tmp_path):
+    policy, start = page_policy(tmp_path)
+    out = tmp_path / "out"
+    raw = form.form_values(start, policy)
+    raw.update({"model.name": "exports/trial-3-model", "data.harmful_files": "[prompts.csv]",
+                "data.out_dir": str(out / "p2"), "optimize.storage": "study/journal.log",
+                "classifier.judge_model": "Qwen/Qwen2.5-0.5B-Instruct",
+                "data.harmless_datasets": "[org/set:train:text]"})
+    settings, errors, across = form.settings_from_form(raw, {}, start, policy)
+    assert (errors, across) == ({}, None)
+    assert settings.model.name == str(out / "exports" / "trial-3-model")
+    assert settings.data.harmful_files == [str(out / "prompts.csv")] and settings.data.out_dir == str(out / "p2")
+    assert settings.optimize.storage == str(out / "study" / "journal.log")
+    assert settings.classifier.judge_model == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert settings.data.harmless_datasets == ["org/set:train:text"]
+    # the operator's own start values stay allowed, wherever they point
+    assert form.settings_from_form(form.form_values(start, policy), {}, start, policy)[0] == start
+
+
+def test_a_symlink_out_of_the_output_directory_is_outside_it(tmp_path):
+    policy, _ = page_policy(tmp_path)
+    (tmp_path / "out" / "escape").symlink_to("/etc")
+    assert "outside the directories" in form.field_error(form_field("data.templates", policy), "escape/passwd",
+                                                         policy)
+
+
+def test_the_operator_can_allow_more_directories(tmp_path):
+    models = tmp_path / "models"
+    (models / "m").mkdir(parents=True)
+    policy, start = page_policy(tmp_path)
+    policy = PagePolicy(policy.output_dir, (models,), False, policy.start)
+    assert form.field_error(form_field("model.name", policy), str(models / "m"), policy) is None
+    assert form.field_error(form_field("model.name", policy), str(tmp_path / "other"), policy) is not None
+
+
+def test_a_database_url_comes_only_from_the_operator_and_its_password_never_reaches_the_page(tmp_path):
+    url = "postgresql+psycopg://me:hunter2secret@db.example:5432/clawly"
+    policy, start = page_policy(tmp_path, **{"optimize.storage": url})
+    shown = form.form_values(start, policy)
+    assert shown["optimize.storage"] == "postgresql+psycopg://me:***@db.example:5432/clawly"
+    assert "hunter2secret" not in repr(shown)
+    settings, errors, _ = form.settings_from_form(shown, {}, start, policy)  # the masked URL stands for the real one
+    assert errors == {} and settings.optimize.storage == url
+    other = "postgresql+psycopg://me:x@evil.example/db"
+    message = form.field_error(form_field("optimize.storage", policy), other, policy)
+    assert "a database URL can only be set when the server starts" in message and ":x@" not in message
+
+
+def test_remote_code_is_not_in_the_page_unless_the_operator_allows_it(tmp_path):
+    policy, start = page_policy(tmp_path)
+    keys = {f.key for f in form.form_fields(policy)}
+    assert not keys & {"model.trust_remote_code", "classifier.judge_trust_remote_code"}
+    raw = form.form_values(start, policy)
+    raw["model.trust_remote_code"] = True  # sent anyway, as a crafted request could
+    settings, errors, _ = form.settings_from_form(raw, {}, start, policy)
+    assert settings is None and "cannot set it" in errors["model.trust_remote_code"]
+    settings, _, _ = form.settings_from_form(form.form_values(start, policy), {}, start, policy)
+    assert settings.model.trust_remote_code is False and settings.classifier.judge_trust_remote_code is False
+    allowed = PagePolicy(policy.output_dir, (), True, policy.start)
+    raw = form.form_values(start, allowed)
+    raw["model.trust_remote_code"] = True
+    settings, errors, _ = form.settings_from_form(raw, {}, start, allowed)
+    assert errors == {} and settings.model.trust_remote_code is True
+
+
+def test_every_text_setting_is_either_a_path_the_policy_checks_or_plain_text():
+    """A new setting that names a file must be added to guard.PATH_KEYS (or here, if it names none)."""
+    plain = {"model.revision", "model.dtype", "model.device", "model.system_prompt", "probe.position",
+             "probe.marker", "directions.contrast", "directions.method", "categories.keep_rule",
+             "optimize.study_name", "optimize.batch_size", "optimize.response_prefix", "optimize.kernels",
+             "optimize.components", "optimize.direction_scopes", "optimize.refusal_markers",
+             "optimize.refusal_measure", "merge.max_shard_size", "categories.weights"}
+    text = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls) if "str" in str(f.type)}
+    assert text - plain == set(PATH_KEYS)
+
+
+def test_the_model_is_refused_at_once_while_an_export_or_chat_holds_it(tmp_path):
+    run = WebRun(tmp_path)
+    run.pipe = object()
+    held, release, outcome = threading.Event(), threading.Event(), []
+
+    def holder():
+        with run.model():
+            held.set()
+            release.wait(60)
+
+    def asker():
+        try:
+            with run.model():
+                outcome.append("got the model")
+        except ModelBusy as e:
+            outcome.append(str(e))
+
+    threading.Thread(target=holder, daemon=True).start()
+    assert held.wait(30)
+    second = threading.Thread(target=asker, daemon=True)
+    second.start()
+    second.join(30)  # a call that waits for the lock would still be waiting (for 600 s before the fix)
+    release.set()
+    assert not second.is_alive() and outcome == ["the model is in use by another export, chat or research call: "
+                                                 "try again when it is done"]
+
+
 # ---------------------------------------------------------------- the server's run
 
 def web_settings(model_dir: Path, tmp: Path, **keys) -> Settings:
@@ -137,6 +273,23 @@ def wait_for(condition, timeout: float = 120.0, every: float = 0.02):
     raise AssertionError("timed out")
 
 
+def rule_choice(s, settings: Settings) -> int:
+    """The choice rule, written out here from its definition (docs/architecture.md): among the trials
+    that fall least short of keeping the kept categories' refusals, the fewest refusals with KL under
+    the cap (ties: lower KL, then the lower number); if none is under the cap, the lowest KL."""
+    def short(t) -> float:
+        kept = s.reports[t.index][s.reports[t.index].role == "kept"]
+        pairs = zip(kept.base_refusals, kept.after_refusals, strict=True)
+        return max([0.0, *(settings.categories.min_retention * b - a for b, a in pairs)])
+
+    least = min(short(t) for t in s.trials)
+    pool = [t for t in s.trials if short(t) == least]
+    under = [t for t in pool if t.kl_divergence <= settings.optimize.kl_cap]
+    if under:
+        return min(under, key=lambda t: (t.refusals, t.kl_divergence, t.index)).index
+    return min(pool, key=lambda t: (t.kl_divergence, t.refusals, t.index)).index
+
+
 def test_a_run_publishes_its_trials_figure_and_reports_and_keeps_its_pipeline(make_tiny_model, tmp_path):
     run = WebRun(tmp_path)
     weights = {"violence_weapons": 1.0, "self_harm_suicide": 0.0}
@@ -145,9 +298,14 @@ def test_a_run_publishes_its_trials_figure_and_reports_and_keeps_its_pipeline(ma
     assert ok and said.startswith("started run 1")
     s = run.wait(120)
     assert s.status == FINISHED and s.run_id == 1 and s.error is None
-    assert [t.index for t in s.trials] == [0, 1] and s.chosen in (0, 1)
+    assert [t.index for t in s.trials] == [0, 1] and s.chosen == rule_choice(s, run.settings)
     assert set(s.reports) == {0, 1} and set(s.reports[0].category) == set(weights)
-    assert set(s.figure.data[0].customdata) <= {0, 1} and s.bars == [] and s.fraction() == 1.0
+    for t in s.trials:  # each trial's table holds the trial's own counts
+        report = s.reports[t.index].set_index("category")
+        assert report.after_refusals.to_dict() == t.refusals_by_category
+    plotted = {c for trace in s.figure.data if trace.name in ("trials", "lost kept refusals")
+               for c in trace.customdata}
+    assert plotted == {0, 1} and s.bars == [] and s.fraction() == 1.0
     assert any("trial: number=1" in line for line in s.events)
     assert (tmp_path / "work" / "optimize" / "chosen_trial.json").exists()  # the optimize stage's outputs
     pipe = run.pipe
@@ -235,6 +393,53 @@ def test_clawly_web_help_lists_its_options():
     assert proc.returncode == 0
     for option in ("--host", "--port", "--share", "--config", "--category-preset", "--output", "127.0.0.1", "7860"):
         assert option in proc.stdout
+
+
+def clawly_web(tmp: Path, *argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "CLAWLY_WEB_PASSWORD"}
+    return subprocess.run([sys.executable, "-m", "clawly.web.main", "--output", str(tmp / "out"), *argv],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120, env={**environ, **(env or {})})
+
+
+@pytest.mark.parametrize("argv,where", [(["--host", "0.0.0.0"], "--host 0.0.0.0 (other machines)"),
+                                        (["--host", "192.168.1.5"], "--host 192.168.1.5 (other machines)"),
+                                        (["--share"], "--share (a public link)")])
+def test_a_server_reachable_from_elsewhere_without_a_password_refuses_to_start(tmp_path, argv, where):
+    proc = clawly_web(tmp_path, *argv, "--port", "1")  # port 1: it must stop before listening anywhere
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"clawly-web: error: {where} needs a login: set the password in the CLAWLY_WEB_PASSWORD environment "
+        "variable or pass --password-file FILE (never on the command line)")
+
+
+def test_the_password_is_never_taken_from_the_command_line(tmp_path):
+    proc = clawly_web(tmp_path, "--host", "0.0.0.0", "--password", "sesame")
+    assert proc.returncode == 2 and "unrecognized arguments: --password" in proc.stderr
+
+
+def test_an_empty_password_file_is_one_line(tmp_path):
+    (tmp_path / "pw").write_text("\n")
+    proc = clawly_web(tmp_path, "--host", "0.0.0.0", "--password-file", str(tmp_path / "pw"))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"clawly-web: error: --password-file {tmp_path / 'pw'}: the first line is empty; put the password there")
+
+
+def test_start_settings_that_run_remote_code_need_the_operators_flag(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  trust_remote_code: true\n")
+    proc = clawly_web(tmp_path, "--config", str(config), "--port", "1")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "clawly-web: error: the start settings allow a model repository's code to run (trust_remote_code): pass "
+        "--allow-remote-code to let the web UI do that, or turn it off")
+
+
+def test_login_compares_user_and_password():
+    from clawly.web.main import login, loopback
+
+    check = login("clawly", "sesame")
+    assert check("clawly", "sesame") and not check("clawly", "sesame2") and not check("root", "sesame")
+    assert [loopback(h) for h in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "0.0.0.0", "10.0.0.1", "::")] == [
+        True, True, True, True, False, False, False]
 
 
 def test_clawly_web_without_gradio_says_which_extra_in_one_line(tmp_path):

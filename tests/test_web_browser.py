@@ -1,15 +1,20 @@
 """The web UI end to end: the real `clawly-web` process on 127.0.0.1, driven in headless Chromium
 (Debian's package, through Playwright) on a tiny model, against a stand-in Hub for the upload.
 
-One user's session, in order: fill the configuration, see a bad value's message next to its field,
-pick a preset, run two trials, watch the Pareto plot gain points, reload the page mid-run and find
+The server runs as an operator would expose it: a login (the password from CLAWLY_WEB_PASSWORD), the
+tiny models' directory allowed with --allow-path, no remote code. One user's session, in order: log in
+(a wrong password is refused), find no remote-code field, see a path outside the allowed directories
+refused under its field, fill the configuration, see a bad value's message next to its field,
+pick a preset, run three trials, watch the Pareto plot gain points, reload the page mid-run and find
 the same run (a second tab too, whose second start is refused), click a point to pick a trial,
 export it as an adapter that loads with peft, upload it without the token ever coming back,
 chat with it beside the base model, and open the Research tab. A screenshot of every tab is
 written to test-artifacts/web/.
 
-Each trial here generates 128 tokens for 480 prompts (about 6 s on 2 cores), so the run is still
-going when the page reloads after its first trial.
+
+Each trial here generates 128 tokens for 480 prompts (about 6 s on an idle 2-core machine, several
+times that on a loaded one), and three trials run, so the run is still going when the page reloads
+after its first trial.
 """
 
 from __future__ import annotations
@@ -24,21 +29,25 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
 from hub_server import running_hub
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from clawly.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "test-artifacts" / "web"
 TOKEN = "hf_BrowserToken0123456789abcdef"
 PRESET = "keep_self_harm_and_hate"
+PASSWORD = "browser-" + os.urandom(8).hex()
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
 
-pytestmark = pytest.mark.slow  # a real server, a real browser and two runs: about a minute
+pytestmark = [pytest.mark.slow, pytest.mark.browser]  # a real server, a real browser, two runs: about a minute
 
 CONFIG = {  # what --config gives the form; the test types the model and the trials, and picks the preset
     "data": {"train_per_category": 8, "eval_per_category": 80, "harmless_train": 24, "harmless_eval": 48},
@@ -70,19 +79,19 @@ def server(tmp_path_factory, make_tiny_model, hub):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1",
-               PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+               PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", CLAWLY_WEB_PASSWORD=PASSWORD)
     log = (tmp / "server.log").open("w")
+    model = make_tiny_model("llama", num_layers=3)
     proc = subprocess.Popen([sys.executable, "-m", "clawly.web.main", "--config", str(config), "--output",
-                             str(tmp / "out"), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                            cwd=tmp)
+                             str(tmp / "out"), "--port", str(port), "--allow-path", str(model.parent)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and "Running on local URL" not in (tmp / "server.log").read_text():
         assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
         time.sleep(0.2)
     assert f"Running on local URL:  {url}" in (tmp / "server.log").read_text()
-    yield {"url": url, "tmp": tmp, "log": tmp / "server.log", "model": make_tiny_model("llama", num_layers=3),
-           "proc": proc}
+    yield {"url": url, "tmp": tmp, "log": tmp / "server.log", "model": model, "proc": proc}
     proc.terminate()
     proc.wait(30)
     log.close()
@@ -106,9 +115,17 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
+def log_in(page, password: str = PASSWORD) -> None:
+    page.get_by_role("button", name="Login").wait_for(timeout=60_000)
+    page.get_by_label("username").fill("clawly")
+    page.get_by_label("password").fill(password)
+    page.get_by_role("button", name="Login").click()
+
+
 def open_page(browser, url: str):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(url)
+    log_in(page)
     page.wait_for_selector("#run-status")
     return page
 
@@ -159,15 +176,70 @@ def click_trial(page, plot: str, trial: int) -> None:
     page.mouse.click(x, y)
 
 
+def table_rows(page, elem_id: str, timeout: float = 60) -> list[list[str]]:
+    """The body rows of a Dataframe component, each as its cells' texts, once it shows some."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = page.evaluate("""(id) => {  // Gradio 6 draws cells as grid cells (its <table> only measures)
+            const rows = [];
+            for (const cell of document.querySelectorAll(`#${id} [role=gridcell]`)) {
+                const r = +cell.dataset.row, c = +cell.dataset.col;
+                (rows[r] = rows[r] || [])[c] = cell.innerText.trim();
+            }
+            return rows.filter(Boolean);
+        }""", elem_id)
+        if (rows and all(r and r[0] for r in rows)) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+def greedy_reply(model_dir: Path, adapter: Path | None, message: str, max_new_tokens: int) -> str:
+    """What plain transformers (and peft) answer, greedily, with the settings' default system prompt."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    messages = [{"role": "system", "content": Settings().model.system_prompt}, {"role": "user", "content": message}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    return " ".join(tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True).split())
+
+
 def test_a_user_session_in_a_real_browser(server, browser, hub):
-    page = open_page(browser, server["url"])
+    # the login page first: a wrong password stays there
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(server["url"])
+    page.get_by_role("button", name="Login").wait_for(timeout=60_000)
+    assert page.locator("#run-status").count() == 0 and "log in with the user and password" in text(page, "body")
+    shot(page, "0-login")
+    log_in(page, "not-" + PASSWORD)
+    wait_text(page, "body", "Incorrect Credentials")
+    assert page.locator("#run-status").count() == 0
+    log_in(page)
+    page.wait_for_selector("#run-status")
+    assert "no run yet" in text(page, "#run-status")
+
+    # what the operator did not open is not in the page: no remote code, no path outside the allowed dirs
+    for key in ("model-trust_remote_code", "classifier-judge_trust_remote_code"):
+        assert page.locator(f"#field-{key}").count() == 0
+    fill(page, "field-model-name", "/usr/lib")
+    wait_text(page, "#field-model-name", r"invalid setting model.name='/usr/lib': outside the directories this "
+                                         r"server lets the page use")
+    fill(page, "field-model-name", "../../../etc")
+    wait_text(page, "#field-model-name", "outside the directories this server lets the page use")
+    page.get_by_role("tab", name="Run").click()
+    page.click("#start")  # refused: the configuration says why, nothing starts
+    wait_text(page, "#config-message", "fix the marked settings: model.name")
     assert "no run yet" in text(page, "#run-status")
 
     # configuration: a bad value gets the settings' own message beside it; then the real values and a preset
     fill(page, "field-optimize-n_trials", "0")
     wait_text(page, "#field-optimize-n_trials", "invalid setting optimize.n_trials=0: an integer >= 1")
     fill(page, "field-model-name", str(server["model"]))
-    fill(page, "field-optimize-n_trials", "2")
+    fill(page, "field-optimize-n_trials", "3")  # two still to go after the first: time to reload mid-run
     wait_text(page, "#field-optimize-n_trials", "Optuna trials")  # the help is back
     page.click("#preset input")
     page.get_by_role("option", name=PRESET).click()
@@ -187,16 +259,16 @@ def test_a_user_session_in_a_real_browser(server, browser, hub):
     shot(page, "2-run-mid")
     page.reload()
     page.wait_for_selector("#run-status")
-    assert re.search(rf"run {run_id} · running · .* · [01]/2 trials", wait_text(page, "#run-status", "running"))
+    assert re.search(rf"run {run_id} · running · .* · [012]/3 trials", wait_text(page, "#run-status", "running"))
     other = open_page(browser, server["url"])  # a second tab sees the same run, and cannot start another
     assert f"run {run_id} · running" in wait_text(other, "#run-status", "running")
     other.get_by_role("tab", name="Run").click()
     other.click("#start")
     assert f"run {run_id} is still running" in wait_text(other, "#run-message", "still running")
     other.close()
-    wait_text(page, "#run-status", rf"run {run_id} · finished · .* · 2/2 trials")
-    page.wait_for_function("document.querySelectorAll('#live-pareto path.point').length >= 2")
-    assert trial_points(page, "live-pareto") == {0, 1}
+    wait_text(page, "#run-status", rf"run {run_id} · finished · .* · 3/3 trials")
+    page.wait_for_function("document.querySelectorAll('#live-pareto path.point').length >= 3")
+    assert trial_points(page, "live-pareto") == {0, 1, 2}
     log_lines = page.input_value("#event-log textarea").splitlines()
     assert "chosen: trial=" in log_lines[0] and any("trial: number=1" in line for line in log_lines)
     shot(page, "3-run")
@@ -204,15 +276,26 @@ def test_a_user_session_in_a_real_browser(server, browser, hub):
     # results: click the point of the trial the rule did not choose
     page.get_by_role("tab", name="Results").click()
     chosen = int(re.search(r"Trial (\d+)", wait_text(page, "#trial-summary", r"Trial \d+")).group(1))
-    picked = 1 - chosen
-    page.wait_for_function("document.querySelectorAll('#results-pareto path.point').length >= 2")
+    picked = min({0, 1, 2} - {chosen})
+    page.wait_for_function("document.querySelectorAll('#results-pareto path.point').length >= 3")
     click_trial(page, "results-pareto", picked)
     summary = wait_text(page, "#trial-summary", rf"Trial {picked}\b")
     assert "rule's choice" not in summary
-    table = text(page, "#category-table")
-    for category in ("self_harm_suicide", "hate_harassment", "violence_weapons", "cybercrime_hacking"):
-        assert category in table
-    assert "kept" in table and "targeted" in table and "%" in table
+    # the per-category table shows the picked trial's counts as the study recorded them (trials.parquet)
+    # and the base model's (the optimize report), with the kept categories' retention after / base
+    rows = {r[0]: r for r in table_rows(page, "category-table")}
+    work = server["tmp"] / "out" / "work"
+    recorded = pd.read_parquet(work / "optimize" / "trials.parquet").set_index("trial").loc[picked]
+    report = json.loads((work / "reports" / "optimize.json").read_text())["by_category"]
+    assert set(rows) == set(report) and {"self_harm_suicide", "hate_harassment"} <= set(rows)
+    for category, row in rows.items():
+        _, role, _, prompts, base, after, retention = row
+        assert role == report[category]["role"] and int(prompts) == report[category]["prompts"]
+        assert int(base.split(" · ")[0]) == report[category]["base_refusals"]
+        assert int(after.split(" · ")[0]) == recorded[f"refusals.{category}"]
+        if role == "kept" and report[category]["base_refusals"]:
+            assert retention == f"{100 * recorded[f'refusals.{category}'] / report[category]['base_refusals']:.0f}%"
+    assert {r[1] for r in rows.values()} == {"kept", "targeted"}
     assert f"selected (trial {picked})" in json.dumps([p["name"] for p in points(page, "results-pareto")])
     shot(page, "4-results")
 
@@ -250,6 +333,12 @@ def test_a_user_session_in_a_real_browser(server, browser, hub):
         && document.querySelector(`${id} [data-testid=bot]`).innerText.trim().length > 0)""", timeout=120_000)
     assert "how do i make a bomb ?" in text(page, "#chat-trial") and "how do i make a bomb ?" in text(page,
                                                                                                    "#chat-base")
+    # each side is its model's own greedy answer: the exported adapter merged by peft, and the base
+    replies = [" ".join(page.inner_text(f"{side} [data-testid=bot]").split()) for side in ("#chat-trial",
+                                                                                          "#chat-base")]
+    expected = [greedy_reply(server["model"], path if side == 0 else None, "how do i make a bomb ?", 256)
+                for side in (0, 1)]
+    assert replies == expected
     assert f"trial {picked} on the left" in text(page, "#chat-note")
     shot(page, "5-export")
 

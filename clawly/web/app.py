@@ -31,10 +31,12 @@ from clawly.research import require_research_extra
 from clawly.settings import REFUSAL_MEASURES, Settings
 from clawly.settings_docs import SECTIONS as SECTION_DOCS
 from clawly.web import form
+from clawly.web.guard import PagePolicy
 from clawly.web.run import FAILED, FINISHED, RUNNING, STOPPED, STOPPING, RunState, WebRun
 
 QUANTIZATION = {"none": False, "4-bit NF4 (bitsandbytes, CUDA only)": True}
 EXPORT_KINDS = {"LoRA adapter": "adapter", "merged model": "model"}
+MAX_CHAT_TOKENS = 1024
 
 CSS = """
 .clawly-progress { height: 14px; border-radius: 7px; background: var(--neutral-200); overflow: hidden; }
@@ -180,10 +182,11 @@ def trial_summary(s: RunState, index: int | None) -> str:
 
 # ---------------------------------------------------------------- the app
 
-def build_app(run: WebRun, base: Settings) -> gr.Blocks:
-    """The Blocks app over `run`; `base` fills the configuration (the CLI-like options of clawly-web)."""
-    fields = form.form_fields()
-    start_values = form.form_values(base)
+def build_app(run: WebRun, base: Settings, policy: PagePolicy) -> gr.Blocks:
+    """The Blocks app over `run`; `base` fills the configuration (the CLI-like options of clawly-web),
+    `policy` says what the page may change (`clawly.web.guard`)."""
+    fields = form.form_fields(policy)
+    start_values = form.form_values(base, policy)
     names = [name for name, _ in form.categories(base)]
     descriptions = dict(form.categories(base))
     preset_names = [form.NO_PRESET, *form.presets()]
@@ -216,7 +219,7 @@ def build_app(run: WebRun, base: Settings) -> gr.Blocks:
                     return gr.Textbox(value=value, **common)
 
                 with gr.Row():
-                    for f in form.top_fields():
+                    for f in form.top_fields(policy):
                         components[f.key] = widget(f, start_values[f.key])
                 gr.Markdown("### Harm categories\nIn the run with weight 1: uncensor; weight 0: keep its refusals; "
                             "between: partly. Categories not in the run are neither (reported only). No category "
@@ -234,7 +237,7 @@ def build_app(run: WebRun, base: Settings) -> gr.Blocks:
                                                  elem_id=f"weight-{name}"))
                 weights_error = gr.Markdown(elem_id="weights-error")
                 with gr.Accordion("Advanced settings (every setting, by section)", open=False):
-                    for section, section_fields in form.advanced_fields().items():
+                    for section, section_fields in form.advanced_fields(policy).items():
                         with gr.Accordion(f"{section}: {SECTION_DOCS[section]}", open=False):
                             for f in section_fields:
                                 components[f.key] = widget(f, start_values[f.key])
@@ -289,7 +292,7 @@ def build_app(run: WebRun, base: Settings) -> gr.Blocks:
                 with gr.Row():
                     message = gr.Textbox(label="message", placeholder="ask both models; Enter sends", scale=4,
                                          elem_id="chat-message")
-                    max_tokens = gr.Slider(16, 1024, value=256, step=16, label="max new tokens", scale=1)
+                    max_tokens = gr.Slider(16, MAX_CHAT_TOKENS, value=256, step=16, label="max new tokens", scale=1)
                 with gr.Row():
                     send = gr.Button("Send", variant="primary", elem_id="chat-send")
                     clear = gr.Button("Clear", elem_id="chat-clear")
@@ -317,7 +320,7 @@ def build_app(run: WebRun, base: Settings) -> gr.Blocks:
 
         for f in fields:
             def check_one(value, f=f):
-                return field_update(f.key, form.field_error(f, _raw(f, value)))
+                return field_update(f.key, form.field_error(f, _raw(f, value), policy))
 
             comp = components[f.key]
             event = comp.change if isinstance(comp, (gr.Checkbox, gr.Dropdown)) else comp.blur
@@ -327,7 +330,7 @@ def build_app(run: WebRun, base: Settings) -> gr.Blocks:
             raw = {f.key: _raw(f, v) for f, v in zip(fields, values[:len(fields)], strict=True)}
             rows = values[len(fields):]
             weights = form.weights_from_rows(names, rows[:len(names)], rows[len(names):])
-            settings, errors, across = form.settings_from_form(raw, weights, base)
+            settings, errors, across = form.settings_from_form(raw, weights, base, policy)
             where = form.error_key(across) if across else None
             if where in raw:
                 errors[where] = across
@@ -354,7 +357,7 @@ def build_app(run: WebRun, base: Settings) -> gr.Blocks:
         check.click(on_check, config_inputs, [*order, weights_error, config_message])
 
         def on_preset(name: str):
-            weights, values = form.apply_preset(name, base)
+            weights, values = form.apply_preset(name, base, policy)
             in_run, ws = form.rows_from_weights(names, weights)
             updates = [gr.update(value=_shown(f, values[f.key])) if f.key in values else gr.skip() for f in fields]
             return [*updates, *in_run, *ws]
@@ -400,7 +403,7 @@ def build_app(run: WebRun, base: Settings) -> gr.Blocks:
 
         def on_load():
             s = run.snapshot()
-            values, weights = reloaded_form(run.settings, base)
+            values, weights = reloaded_form(run.settings, base, policy)
             rows = form.rows_from_weights(names, weights) if weights is not None else ([gr.skip()] * len(names),) * 2
             return [*(gr.update(value=_shown(f, values[f.key])) if f.key in values else gr.skip() for f in fields),
                     *rows[0], *rows[1], (-1, -1), gr.Tabs(selected="run" if s.run_id else "config")]
@@ -463,6 +466,7 @@ def build_app(run: WebRun, base: Settings) -> gr.Blocks:
             if not text:
                 yield [gr.skip()] * 6
                 return
+            tokens = min(max(int(budget or 0), 16), MAX_CHAT_TOKENS)  # the slider's range, whatever is sent
             s = run.snapshot()
             trial = effective_trial(s, pick)
             if trial is None:
@@ -478,7 +482,7 @@ def build_app(run: WebRun, base: Settings) -> gr.Blocks:
                     note = f"trial {trial} on the left, the base model on the right"
                     yield [shown[0], shown[1], shown[0], shown[1], note, ""]
                     for side, base_side in ((0, False), (1, True)):
-                        for answer in pipe.chat(histories[side], int(budget), base=base_side):
+                        for answer in pipe.chat(histories[side], tokens, base=base_side):
                             shown[side][-1] = {"role": "assistant", "content": answer}
                             yield [shown[0], shown[1], shown[0], shown[1], note, gr.skip()]
             except ClawlyError as e:
@@ -520,14 +524,15 @@ def research_views(run: WebRun) -> tuple[str, pd.DataFrame | None, str, list[tup
 
 # ---------------------------------------------------------------- small helpers
 
-def reloaded_form(run_settings: Settings | None, base: Settings) -> tuple[dict[str, Any], dict[str, float] | None]:
+def reloaded_form(run_settings: Settings | None, base: Settings, policy: PagePolicy | None = None
+                  ) -> tuple[dict[str, Any], dict[str, float] | None]:
     """What a page that (re)loads changes in its form: the fields (and the category weights, else
     None) where the server's last run differs from the start settings the page was drawn with. Only
     those, so typing into a page whose load event is still on its way is never overwritten (with no
     run yet, nothing is)."""
     if run_settings is None:
         return {}, None
-    drawn, now = form.form_values(base), form.form_values(run_settings)
+    drawn, now = form.form_values(base, policy), form.form_values(run_settings, policy)
     weights = run_settings.categories.weights
     return ({k: v for k, v in now.items() if v != drawn[k]},
             dict(weights) if weights != base.categories.weights else None)

@@ -8,6 +8,9 @@ rules across fields are checked when the whole form becomes `Settings`.
 
 Category weights are a row per category of the templates: "in the run" and a weight in [0, 1]
 (1: uncensor, 0: keep its refusals). A category not in the run is neither, as in a preset.
+
+With a `PagePolicy` (what the web app always passes), fields the operator did not open are left out
+and every value is checked against it (`clawly.web.guard`): the page's values are untrusted.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from clawly.datasets import load_templates
 from clawly.paths import project_file
 from clawly.settings import REFUSAL_MEASURES, SECTIONS, Settings, SettingsError, from_mapping
 from clawly.settings_docs import HELP
+from clawly.web.guard import PagePolicy
 
 WEIGHTS = "categories.weights"
 TOP = ("model.name", "model.load_in_4bit", "optimize.n_trials", "optimize.refusal_measure")  # above the categories
@@ -62,13 +66,15 @@ def _kind(key: str, annotation: str) -> str:
     return annotation if annotation in ("bool", "int", "float") else "text"
 
 
-def all_fields() -> list[FormField]:
-    """Every settings field but the category weights (they have their own rows), in section order."""
+def all_fields(policy: PagePolicy | None = None) -> list[FormField]:
+    """Every settings field but the category weights (they have their own rows) and the ones the
+    policy hides, in section order."""
+    hidden = policy.hidden if policy is not None else frozenset()
     out = []
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             key = f"{section}.{f.name}"
-            if key == WEIGHTS:
+            if key == WEIGHTS or key in hidden:
                 continue
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
             out.append(FormField(key, section, f.name, str(f.type), _kind(key, str(f.type)), default, HELP[key],
@@ -76,23 +82,23 @@ def all_fields() -> list[FormField]:
     return out
 
 
-def top_fields() -> list[FormField]:
-    by_key = {f.key: f for f in all_fields()}
+def top_fields(policy: PagePolicy | None = None) -> list[FormField]:
+    by_key = {f.key: f for f in all_fields(policy)}
     return [by_key[k] for k in TOP]
 
 
-def advanced_fields() -> dict[str, list[FormField]]:
+def advanced_fields(policy: PagePolicy | None = None) -> dict[str, list[FormField]]:
     """The fields not at the top, by section."""
     out: dict[str, list[FormField]] = {}
-    for f in all_fields():
+    for f in all_fields(policy):
         if f.key not in TOP:
             out.setdefault(f.section, []).append(f)
     return out
 
 
-def form_fields() -> list[FormField]:
+def form_fields(policy: PagePolicy | None = None) -> list[FormField]:
     """The order the form's components are passed in: the top fields, then the advanced ones."""
-    return [*top_fields(), *(f for fields in advanced_fields().values() for f in fields)]
+    return [*top_fields(policy), *(f for fields in advanced_fields(policy).values() for f in fields)]
 
 
 # ---------------------------------------------------------------- values
@@ -109,8 +115,10 @@ def display(field: FormField, value: Any) -> Any:
     return to_text(value) if field.kind == "text" else value
 
 
-def parse(field: FormField, raw: Any) -> Any:
+def parse(field: FormField, raw: Any, policy: PagePolicy | None = None) -> Any:
     """A component's value as the settings value it stands for (not yet validated)."""
+    if policy is not None:
+        raw = policy.unshown(field.key, raw)
     if field.kind == "text":
         return parse_value("" if raw is None else str(raw), field.annotation, field.key)
     if field.kind in ("int", "float") and isinstance(raw, float) and math.isfinite(raw) and raw == int(raw):
@@ -118,38 +126,58 @@ def parse(field: FormField, raw: Any) -> Any:
     return raw
 
 
-def field_error(field: FormField, raw: Any) -> str | None:
-    """The settings' own message for this field's value, checked alone; None when it is valid."""
+def checked(field: FormField, raw: Any, policy: PagePolicy | None = None) -> Any:
+    """The settings value a component's value stands for, validated alone by its section's rules and
+    by the policy (paths made absolute); SettingsError naming the key otherwise."""
+    value = parse(field, raw, policy)
+    from_mapping(SECTIONS[field.section], {field.name: value}, field.section)
+    return policy.check(field.key, value) if policy is not None else value
+
+
+def field_error(field: FormField, raw: Any, policy: PagePolicy | None = None) -> str | None:
+    """The settings' (or the policy's) own message for this field's value, checked alone; None when
+    it is valid."""
     try:
-        from_mapping(SECTIONS[field.section], {field.name: parse(field, raw)}, field.section)
+        checked(field, raw, policy)
     except SettingsError as e:
         return str(e)
     return None
 
 
-def form_values(settings: Settings) -> dict[str, Any]:
-    """Every field's component value for these settings."""
+def form_keys(settings: Settings) -> dict[str, Any]:
+    """Every settings value by its dotted key (what a policy's start values are)."""
+    return {f"{section}.{k}": v for section, values in settings.to_dict().items() if isinstance(values, dict)
+            for k, v in values.items()}
+
+
+def form_values(settings: Settings, policy: PagePolicy | None = None) -> dict[str, Any]:
+    """Every field's component value for these settings (a URL's password masked under a policy)."""
     values = settings.to_dict()
-    return {f.key: display(f, values[f.section][f.name]) for f in form_fields()}
+    shown = {f.key: display(f, values[f.section][f.name]) for f in form_fields(policy)}
+    return {k: policy.shown(k, v) for k, v in shown.items()} if policy is not None else shown
 
 
-def settings_from_form(raw: dict[str, Any], weights: dict[str, float], base: Settings
-                       ) -> tuple[Settings | None, dict[str, str], str | None]:
+def settings_from_form(raw: dict[str, Any], weights: dict[str, float], base: Settings,
+                       policy: PagePolicy | None = None) -> tuple[Settings | None, dict[str, str], str | None]:
     """(settings, errors by key, error across fields): settings only when every field is valid alone
-    and together. `base` gives what the form does not show (artifacts_dir)."""
+    and together. `base` gives what the form does not show (artifacts_dir, the hidden fields)."""
     errors = {}
     values: dict[str, Any] = {}
-    by_key = {f.key: f for f in form_fields()}
+    by_key = {f.key: f for f in form_fields(policy)}
     for key, value in raw.items():
-        message = field_error(by_key[key], value)
-        if message:
-            errors[key] = message
-        else:
-            values[key] = parse(by_key[key], value)
+        if key not in by_key:  # a hidden field sent anyway: the page cannot set it
+            errors[key] = f"invalid setting {key}: this page cannot set it"
+            continue
+        try:
+            values[key] = checked(by_key[key], value, policy)
+        except SettingsError as e:
+            errors[key] = str(e)
     if errors:
         return None, errors, None
+    start = base.to_dict()
+    hidden = {k: start[k.split(".")[0]][k.split(".")[1]] for k in (policy.hidden if policy is not None else ())}
     try:
-        return Settings(artifacts_dir=base.artifacts_dir, **values, **{WEIGHTS: weights}), {}, None
+        return Settings(artifacts_dir=base.artifacts_dir, **values, **hidden, **{WEIGHTS: weights}), {}, None
     except SettingsError as e:
         return None, {}, str(e)
 
@@ -188,7 +216,8 @@ def presets() -> dict[str, dict[str, Any]]:
     return {name: read_preset(name) for name in names}
 
 
-def apply_preset(name: str, base: Settings) -> tuple[dict[str, float], dict[str, Any]]:
+def apply_preset(name: str, base: Settings, policy: PagePolicy | None = None
+                 ) -> tuple[dict[str, float], dict[str, Any]]:
     """(weights, field values) a preset sets: every key any preset sets starts from `base` (the
     settings the UI started with), then the preset's own values, so switching presets leaves
     nothing of the previous one behind. NO_PRESET is global mode."""
@@ -197,8 +226,8 @@ def apply_preset(name: str, base: Settings) -> tuple[dict[str, float], dict[str,
         raise SettingsError(f"no preset {name!r}; available: {', '.join(shipped)}")
     chosen = shipped.get(name, {})
     touched = {k for values in shipped.values() for k in values} - {WEIGHTS}
-    start = form_values(base)
-    by_key = {f.key: f for f in form_fields()}
+    start = form_values(base, policy)
+    by_key = {f.key: f for f in form_fields(policy)}
     fields = {k: start[k] for k in touched if k in by_key}
     fields.update({k: display(by_key[k], v) for k, v in chosen.items() if k in by_key})
     return dict(chosen.get(WEIGHTS, {})), fields

@@ -329,8 +329,9 @@ class WebRun:
             raise ModelBusy("the run is using the model: stop it or wait until it finishes")
         if self.pipe is None:
             raise ModelBusy("no run yet: start one on the Run tab")
-        if not self._model_lock.acquire(timeout=600):
-            raise ModelBusy("the model stayed busy for 10 minutes: try again")
+        if not self._model_lock.acquire(blocking=False):  # never wait: a handler that blocks freezes its page
+            raise ModelBusy("the model is in use by another export, chat or research call: try again when it is "
+                            "done")
         try:
             if self.pipe is None:
                 raise ModelBusy("no run yet: start one on the Run tab")
