@@ -64,7 +64,11 @@ def silhouette_values(x: torch.Tensor, labels: Sequence[str]) -> torch.Tensor:
     if len(names) < 2:
         raise ValueError("a silhouette needs at least two clusters")
     codes = torch.tensor([names.index(c) for c in labels])
-    dist = torch.cdist(x.double(), x.double())  # [n, n]
+    # [n, n]; the direct difference, not the matrix-product shortcut, whose rounding (~1e-9) gave
+    # identical points a nonzero distance, each point one to itself, and a cluster of identical
+    # points a silhouette of about -1/size instead of 0
+    dist = torch.cdist(x.double(), x.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    dist.fill_diagonal_(0.0)
     onehot = torch.nn.functional.one_hot(codes, len(names)).double()  # [n, k]
     sums = dist @ onehot  # [n, k]: summed distance to each cluster
     sizes = onehot.sum(0)  # [k]

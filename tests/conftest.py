@@ -12,6 +12,10 @@ Fixtures:
 - `tiny_model` -> (model, tokenizer) loaded through `clawly.model.load_model` on CPU;
 - `postgres_url`, `slurm_cluster`: a real PostgreSQL server and Slurm cluster on 127.0.0.1
   (tests/services.py; a test that asks for one fails when it cannot be started).
+
+Markers: a test that uses `postgres_url` or `slurm_cluster` is marked `services` and `slow`, and one
+marked `browser` is marked `slow`, at collection: the quick loop (`pytest -m "not slow"`) needs no
+root, no servers and no browser; plain `pytest` (CI) runs them all.
 """
 
 from __future__ import annotations
@@ -258,15 +262,28 @@ def _hypothesis_profiles() -> None:
 _hypothesis_profiles()
 
 
+SERVICE_FIXTURES = ("postgres_url", "slurm_cluster")  # tests/services.py: root, Debian's PostgreSQL and Slurm
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: needs the real packaged model or long runs (deselect: -m 'not slow')")
+    config.addinivalue_line("markers", "slow: needs the real packaged model, long runs, the services or a browser "
+                                       "(deselect: -m 'not slow')")
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped when it is not available")
     config.addinivalue_line(
-        "markers", "services: needs the real PostgreSQL/Slurm of .ci/services (root); fails, never skips, without them"
+        "markers", "services: needs the real PostgreSQL/Slurm of .ci/services (root); fails, never skips, without "
+                   "them; set on every test using postgres_url or slurm_cluster, which are slow too"
     )
+    config.addinivalue_line("markers", "browser: drives a real browser (Debian's chromium); slow too")
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: the markers added here count
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        services = set(SERVICE_FIXTURES) & set(getattr(item, "fixturenames", ()))
+        if services:
+            item.add_marker(pytest.mark.services)
+        if services or item.get_closest_marker("browser") is not None:
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA")

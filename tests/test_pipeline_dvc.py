@@ -13,9 +13,12 @@ import torch
 import yaml
 from peft import PeftModel
 from safetensors import safe_open
+from test_research import check_silhouettes_against_sklearn
 from transformers import AutoModelForCausalLM
 
+from clawly.settings import Settings
 from clawly.stance import STANCES
+from clawly.steps import analyze
 from stages.params import composed_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +81,9 @@ def check_outputs(tmp: Path, n_trials: int) -> None:
     assert list(geometry.probe_point) == list(range(d.shape[0]))
     expected_norms = by_layer.mean_difference_norm.tolist()
     assert geometry.difference_norm.tolist() == pytest.approx(expected_norms, rel=1e-4, abs=1e-5)
-    assert geometry.silhouette.between(-1, 1).all() and "category_silhouette" in geometry
+    params = yaml.safe_load((tmp / "params.yaml").read_text())  # the run's settings, its paths made absolute
+    params["artifacts_dir"], params["data"]["out_dir"] = str(tmp / "artifacts"), str(tmp / params["data"]["out_dir"])
+    check_silhouettes_against_sklearn(geometry, analyze.geometry(Settings.from_dict(params)).sample)
     research = json.loads((tmp / "artifacts/metrics/analyze.json").read_text())
     assert research["silhouette"] == pytest.approx(geometry.silhouette.max(), abs=1e-4)
     views = tmp / "artifacts/research/projections"
@@ -177,6 +182,22 @@ def test_stage_rejects_bad_override_in_one_line(tmp_path):
     assert not (tmp_path / "artifacts" / "optimize").exists()
 
 
+def check_refusals_drop(tmp: Path) -> None:
+    """The ablation works: the chosen trial refuses less than the base model on the optimizer's
+    prompts, and the merged model less than the base model on the held-out harmful prompts (counted
+    answer by answer from the evaluate stage's responses, which agree with its report)."""
+    optimized = json.loads((tmp / "artifacts/reports/optimize.json").read_text())
+    assert optimized["chosen"]["refusals"] < optimized["base"]["refusals"], optimized["chosen"]
+    evaluation = json.loads((tmp / "artifacts/reports/evaluate.json").read_text())
+    answers = pd.read_parquet(tmp / "artifacts/evaluate/responses.parquet")
+    instructed = {c for c, m in evaluation["by_category"].items() if m.get("instructed")}
+    safety = answers[~answers.category.isin(instructed)]  # the report's overall figures count these
+    assert len(safety) == evaluation["harmful_prompts"] > 0
+    refused = {model: int(safety[f"{model}_keyword_refusal"].sum()) for model in ("base", "merged")}
+    assert refused == {model: evaluation[model]["keyword_refusals"] for model in ("base", "merged")}
+    assert refused["merged"] < refused["base"], refused
+
+
 @pytest.mark.slow
 def test_dvc_repro_on_the_real_default_model(tmp_path):
     pytest.importorskip("gguf")
@@ -189,6 +210,7 @@ def test_dvc_repro_on_the_real_default_model(tmp_path):
     check_outputs_real = json.loads((tmp_path / "artifacts/reports/optimize.json").read_text())
     assert check_outputs_real["trials"] == 3
     assert check_outputs_real["base"]["refusals"] > 0  # the real model does refuse
+    check_refusals_drop(tmp_path)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts/model")
     assert merged.config.num_hidden_layers == 24
 

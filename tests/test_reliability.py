@@ -6,6 +6,7 @@ The kill -9 tests run the real stages in subprocesses and kill them mid-work, se
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import random
@@ -24,6 +25,7 @@ from transformers import AutoModelForCausalLM
 
 from clawly import Pipeline, cli
 from clawly.errors import ClawlyError
+from clawly.study import WORKER
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,55 +84,114 @@ def _clawly(model_dir: Path, config: Path, out: Path, *extra: str) -> list[str]:
 
 def _trials(journal: Path) -> dict[int, tuple]:
     """Finished trials (number -> parameters and values) and the other trials' states, read with Optuna."""
+    return {t.number: (t.state.name, t.params, t.values) for t in _frozen(journal)}
+
+
+def _frozen(journal: Path) -> list[optuna.trial.FrozenTrial]:
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
-    return {t.number: (t.state.name, t.params, t.values) for t in study.get_trials()}
+    return optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage).get_trials()
+
+
+def _worker_pid(trial: optuna.trial.FrozenTrial) -> int | None:
+    return (trial.user_attrs.get(WORKER) or {}).get("pid")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGSTOP `proc` and wait until it is stopped: what is on disk then is what a SIGKILL leaves (a
+    stopped process runs no further instruction before the kill; a write in progress ends first
+    either way). Seen in /proc (Linux, as the kill -9 tests are)."""
+    proc.send_signal(signal.SIGSTOP)
+    while True:
+        assert proc.poll() is None, f"the process ended ({proc.returncode}) before it could be stopped"
+        if Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+            return
+        time.sleep(0.0005)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, f"the process ended by itself ({proc.returncode}), not by the kill"
+
+
+def _trial_of_process(proc: subprocess.Popen, journal: Path, after: int) -> optuna.trial.FrozenTrial:
+    """Wait until process `proc` has finished a trial and runs a later one, numbered above `after`;
+    return it as the journal holds it (worker recorded: it is inside the trial's objective)."""
+    deadline = time.monotonic() + 300
+    while True:
+        assert proc.poll() is None, f"the process ended ({proc.returncode}) before it started a trial to kill"
+        assert time.monotonic() < deadline, "no trial of the process started within 300 s"
+        mine = [t for t in (_frozen(journal) if journal.exists() else []) if _worker_pid(t) == proc.pid]
+        done = [t.number for t in mine if t.state == optuna.trial.TrialState.COMPLETE]
+        running = [t for t in mine if t.state == optuna.trial.TrialState.RUNNING and t.number > max([after, *done])]
+        if done and running:
+            return running[0]
+        time.sleep(0.05)
 
 
 @pytest.mark.slow
 def test_kill_9_of_the_optimization_at_any_moment_loses_at_most_the_running_trial(make_tiny_model, tmp_path):
+    """Each run is killed at a random moment in a trial it runs after finishing one: stopped there
+    (SIGSTOP), checked to be still inside that trial, then SIGKILLed; a stop that came after the trial
+    ended lets the process go on and aims earlier in its next trial. Every kill is proven to have
+    landed mid-trial: the process died of SIGKILL and its trial is still RUNNING in the journal.
+    Exactly those trials are lost (FAIL), no finished one changes."""
     model_dir, out = make_tiny_model("llama"), tmp_path / "out"
-    config = _kill_config(tmp_path, n_trials=8)
+    n_trials = 10  # four kills and a few stops that come late still leave trials for the last run
+    config = _kill_config(tmp_path, n_trials=n_trials)
     journal = out / "work" / "study" / "journal.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     rng = random.Random(0)
     seen: dict[int, tuple] = {}
-    kills = 0
+    killed: list[int] = []  # the trials running when their process was killed
     for _ in range(4):
         proc = subprocess.Popen(_clawly(model_dir, config, out, "--save", "none"), env=env, cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        before = len([t for t in (_trials(journal) if journal.exists() else {}).values() if t[0] == "COMPLETE"])
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:  # wait for a trial of this process
-            if journal.exists() and sum(t[0] == "COMPLETE" for t in _trials(journal).values()) > before:
-                break
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.0))  # then anywhere in the next trial
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
-        now = _trials(journal)
+        try:
+            aim, after = 0.5, -1  # the share of the shortest trial so far to aim within
+            while True:
+                target = _trial_of_process(proc, journal, after)
+                shortest = min((t.datetime_complete - t.datetime_start).total_seconds() for t in _frozen(journal)
+                               if t.state == optuna.trial.TrialState.COMPLETE)
+                started = (datetime.datetime.now() - target.datetime_start).total_seconds()  # this machine's clock
+                time.sleep(rng.uniform(0.0, max(0.0, aim * shortest - started)))
+                _stop(proc)
+                if [t for t in _frozen(journal) if t.number == target.number and t.state.name == "RUNNING"]:
+                    break
+                proc.send_signal(signal.SIGCONT)  # the trial was over: aim earlier in the next one
+                aim, after = aim / 2, target.number
+            _kill(proc)
+        finally:
+            proc.kill()
+            proc.wait()
+        now = _frozen(journal)
+        still = [t.number for t in now if t.state == optuna.trial.TrialState.RUNNING and _worker_pid(t) == proc.pid]
+        assert still == [target.number], f"killed outside trial {target.number}: its process's running trials {still}"
+        killed.append(target.number)
+        after_kill = {t.number: (t.state.name, t.params, t.values) for t in now}
         for number, trial in seen.items():
             if trial[0] == "COMPLETE":
-                assert now[number] == trial, f"trial {number} changed after a kill"
-        seen = now
-    assert kills >= 3
+                assert after_kill[number] == trial, f"trial {number} changed after a kill"
+        seen = after_kill
     done = subprocess.run(_clawly(model_dir, config, out, "--save", "none"), env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     final = _trials(journal)
     complete = [n for n, t in final.items() if t[0] == "COMPLETE"]
-    assert len(complete) == 8 and all(final[n] == seen[n] for n in seen if seen[n][0] == "COMPLETE")
-    lost = [n for n, t in final.items() if t[0] == "FAIL"]  # the trials running when killed, and no other
-    assert len(lost) <= kills and all(t[0] in ("COMPLETE", "FAIL") for t in final.values())
+    assert len(complete) == n_trials and all(final[n] == seen[n] for n in seen if seen[n][0] == "COMPLETE")
+    lost = sorted(n for n, t in final.items() if t[0] == "FAIL")
+    assert len(killed) == 4 and lost == sorted(killed)  # exactly the trials running when killed, and no other
+    assert all(t[0] in ("COMPLETE", "FAIL") for t in final.values())
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["export_lora", "merge"])
 def test_kill_9_while_a_stage_writes_its_output_leaves_the_previous_one_whole(make_tiny_model, tmp_path, stage):
-    """The stage runs on the outputs of a finished run and is killed as soon as its temp directory
-    appears (mid-write), and at random moments after, several times; the previous output stays whole."""
+    """The stage runs on the outputs of a finished run and is killed mid-write five times: as soon as
+    its temp directory appears, then at random moments in its write window (as long as the first
+    write took). Each time it is stopped (SIGSTOP), checked to be still writing (its own temp
+    directory, named with its pid, is there and the output not yet swapped: same inode), then
+    SIGKILLed; a stop that came after the swap lets the stage finish and aims earlier next time.
+    After each kill its temp directory is still there, and the previous output is whole."""
     model_dir = make_tiny_model("llama", num_layers=3, hidden=64)
     out = tmp_path / "out"
     config = _kill_config(tmp_path, n_trials=2)
@@ -138,6 +199,7 @@ def test_kill_9_while_a_stage_writes_its_output_leaves_the_previous_one_whole(ma
     subprocess.run(_clawly(model_dir, config, out, "--save", "none"), env=env, cwd=tmp_path, check=True,
                    capture_output=True)
     work = out / "work"
+    target = work / ("lora" if stage == "export_lora" else "model")
     overrides = [f"model.name={model_dir}", "model.device=cpu", f"model.cache_dir={tmp_path / 'cache'}",
                  f"artifacts_dir={work}", f"data.out_dir={work / 'prompts'}", "merge.max_shard_size=40KB",
                  "hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled",
@@ -147,24 +209,52 @@ def test_kill_9_while_a_stage_writes_its_output_leaves_the_previous_one_whole(ma
         return subprocess.Popen([sys.executable, "-m", f"stages.{name}", *overrides], env=env, cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
+    def temp_of(proc: subprocess.Popen) -> list[Path]:
+        return list(work.glob(f".{target.name}.{proc.pid}.*.tmp"))  # clawly.io names temps with the pid
+
+    def wait_for_temp(proc: subprocess.Popen) -> float:
+        deadline = time.monotonic() + 120
+        while not temp_of(proc):
+            assert proc.poll() is None, f"the stage ended ({proc.returncode}) before it began its output"
+            assert time.monotonic() < deadline, "the stage began no output within 120 s"
+            time.sleep(0.001)
+        return time.monotonic()
+
     for name in ("export_lora", "merge"):
         first = run_stage(name)
+        if name == stage:  # the write window: from its temp directory to the swap onto the output
+            inode = target.stat().st_ino if target.exists() else None
+            began = wait_for_temp(first)
+            while first.poll() is None and (not target.exists() or target.stat().st_ino == inode):
+                time.sleep(0.001)
+            window = time.monotonic() - began
         assert first.wait(300) == 0, first.stderr.read().decode()[-2000:]
         if name == stage:
             break
-    target = work / ("lora" if stage == "export_lora" else "model")
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     rng = random.Random(1)
-    for attempt in range(5):
+    kills = late = 0
+    while kills < 5:
+        assert late <= 12, f"{late} stops came after the write ({window:.3f} s window at first)"
+        inode = target.stat().st_ino
         proc = run_stage(stage)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None and not list(work.glob(f".{target.name}.*.tmp")):
-            time.sleep(0.001)
-        if attempt:
-            time.sleep(rng.uniform(0.0, 0.05))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert {p.name: p.read_bytes() for p in target.iterdir()} == before, f"kill {attempt} changed {target}"
+        try:
+            wait_for_temp(proc)
+            if kills:
+                time.sleep(rng.uniform(0.0, window))
+            _stop(proc)
+            if not (temp_of(proc) and target.stat().st_ino == inode):  # swapped already: aim earlier next time
+                proc.send_signal(signal.SIGCONT)
+                assert proc.wait(300) == 0, proc.stderr.read().decode()[-2000:]
+                late, window = late + 1, window / 2
+            else:
+                _kill(proc)
+                assert temp_of(proc) and target.stat().st_ino == inode, f"kill {kills} did not land mid-write"
+                kills += 1
+        finally:
+            proc.kill()
+            proc.wait()
+        assert {p.name: p.read_bytes() for p in target.iterdir()} == before, f"run {kills + late} changed {target}"
     if stage == "merge":
         AutoModelForCausalLM.from_pretrained(target)  # and it still loads
     again = run_stage(stage)

@@ -305,7 +305,8 @@ def test_api_residual_geometry_and_plot_residuals_on_a_tiny_model(make_tiny_mode
                                                           "research.sample_per_category": 8}), log=quiet(tmp_path))
     table = pipe.residual_geometry()
     assert list(table.probe_point) == [0, 1, 2, 3]  # embeddings + 3 layers
-    assert table.silhouette.between(-1, 1).all() and table.difference_norm[1:].gt(0).all()
+    assert table.difference_norm[1:].gt(0).all()
+    check_silhouettes_against_sklearn(table, analyze.geometry(pipe.settings).sample)
     p = Paths.of(pipe.settings)
     pd.testing.assert_frame_equal(pd.read_parquet(p.geometry), table)
     assert set(pipe.category_cosines().category_a) == set(pipe.load_datasets()[0].category)
@@ -313,6 +314,29 @@ def test_api_residual_geometry_and_plot_residuals_on_a_tiny_model(make_tiny_mode
     assert {f.name for f in files} >= {"residuals.html", "embedding.parquet"}
     assert all(f.exists() and f.parent == tmp_path / "views" for f in files)
     assert any(f.suffix == ".png" for f in files)
+
+
+def check_silhouettes_against_sklearn(table: pd.DataFrame, sample: rs.ResidualSample) -> None:
+    """The table's silhouettes are scikit-learn's on the same sampled residuals: harmful vs harmless,
+    the harmful (and instructed) residuals by category, and each category's mean value among them."""
+    from scipy.spatial.distance import pdist, squareform  # deferred: scikit-learn's, the research extra
+    from sklearn.metrics import silhouette_samples, silhouette_score  # deferred: pacmap's, the research extra
+
+    both = [k for k, s in enumerate(sample.sets) if s in ("harmful", "harmless")]
+    harmful = [k for k, s in enumerate(sample.sets) if s != "harmless"]
+    cats = np.array([sample.categories[k] for k in harmful])
+    assert len(set(cats)) >= 2 and {"silhouette", "category_silhouette"} <= set(table)
+    for point in table.probe_point:  # the embeddings point included, where all residuals may be the same
+        x = sample.residuals[:, point].double().numpy()
+        # exact distances (scipy): scikit-learn's own Euclidean shortcut gives identical points ~1e-6
+        # apart, and so a cluster of them a made-up silhouette
+        exact = squareform(pdist(x))
+        expected = silhouette_score(exact[np.ix_(both, both)], [sample.sets[k] for k in both], metric="precomputed")
+        assert table.silhouette[point] == pytest.approx(expected, abs=1e-5), point
+        values = silhouette_samples(exact[np.ix_(harmful, harmful)], cats, metric="precomputed")
+        assert table.category_silhouette[point] == pytest.approx(values.mean(), abs=1e-5), point
+        for cat in set(cats):
+            assert table[f"silhouette.{cat}"][point] == pytest.approx(values[cats == cat].mean(), abs=1e-5)
 
 
 def test_research_settings_are_cli_options():

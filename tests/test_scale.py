@@ -21,7 +21,7 @@ from test_api import quiet, tiny_settings
 
 from clawly import Pipeline
 from clawly.settings import Settings
-from clawly.study import SURPLUS, WORKER, choose_trial, completed
+from clawly.study import SURPLUS, WORKER
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +45,35 @@ def check_one_study(study: optuna.Study, n_trials: int, workers: int) -> None:
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
 
 
+def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def rule_choice(trials: list[optuna.trial.FrozenTrial], kl_cap: float, targeted: list[str] | None = None,
+                kept: list[str] = (), base: dict[str, int] | None = None, min_retention: float = 0.8) -> int:
+    """The trial number the choice rule picks (docs/architecture.md), written out here apart from
+    clawly.study, from each trial's recorded refusals per category and KL: in category mode first the
+    trials keeping min_retention of every kept category's base refusals (if none does, those that fall
+    least short); then the fewest targeted refusals (every category in global mode) among trials with
+    KL <= kl_cap, ties to the lower KL; if none is under the cap, the lowest KL."""
+    assert trials, "no complete trial to choose from"
+    assert not kept or base is not None, "kept categories need the base model's refusals"
+
+    def refusals(t):
+        counts = t.user_attrs["refusals_by_category"]
+        return sum(n for c, n in counts.items() if targeted is None or c in targeted)
+
+    def kl(t):
+        return t.user_attrs["kl_divergence"]
+
+    def short(t):
+        return max([0.0] + [min_retention * base[c] - t.user_attrs["refusals_by_category"].get(c, 0) for c in kept])
+
+    keeping = [t for t in trials if short(t) == min(short(u) for u in trials)]
+    under = sorted((refusals(t), kl(t), t.number) for t in keeping if kl(t) <= kl_cap)
+    return under[0][2] if under else sorted((kl(t), refusals(t), t.number) for t in keeping)[0][2]
+
+
 SLOW_TRIALS = {"data.eval_per_category": 24, "harmful_prompts": 160, "optimize.max_new_tokens": 48,
                "optimize.batch_size": 32, "optimize.refusal_markers": ["zzzz"]}  # about a second a trial
 N_TRIALS = 16  # enough that a worker starting a few seconds late still takes part
@@ -58,7 +87,8 @@ def test_two_workers_on_a_journal_file_run_n_trials_between_them(make_tiny_model
     study = pipe.search.study
     check_one_study(study, N_TRIALS, workers=2)
     assert finished_by_worker(study.get_trials())[os.getpid()] == mine and 0 < len(mine) < N_TRIALS
-    assert pipe.choose_trial().index == choose_trial(completed(study), settings.optimize.kl_cap).number
+    assert settings.categories.kept == []  # global mode: refusals in every category count
+    assert pipe.choose_trial().index == rule_choice(complete_trials(study), settings.optimize.kl_cap)
     events = [json.loads(line)["event"] for line in
               (tmp_path / "artifacts" / "logs" / "optimize-worker-1.jsonl").read_text().splitlines()]
     # the extra worker ran its trials on the base scores it was handed, without generating them again
@@ -79,8 +109,9 @@ def test_the_optimize_stage_runs_its_workers_and_writes_outputs_over_all_their_t
     study = load_only_study(optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(journal)))
     check_one_study(study, N_TRIALS, workers=2)
     assert summary["trials"] == N_TRIALS
-    assert summary["chosen_trial"] == choose_trial(completed(study), settings.optimize.kl_cap).number
-    assert len(pd.read_parquet(tmp_path / "artifacts" / "optimize" / "trials.parquet")) == len(completed(study))
+    assert settings.categories.kept == []  # global mode: refusals in every category count
+    assert summary["chosen_trial"] == rule_choice(complete_trials(study), settings.optimize.kl_cap)
+    assert len(pd.read_parquet(tmp_path / "artifacts" / "optimize" / "trials.parquet")) == len(complete_trials(study))
 
 
 # ------------------------------------------------------------------ the storage: one clear line, no password
@@ -242,9 +273,10 @@ def load_only_study(storage) -> optuna.Study:
 def check_chosen(tmp: Path, study: optuna.Study) -> None:
     """The run's report chose what the choice rule chooses among every worker's trials."""
     report = json.loads((tmp / "artifacts" / "reports" / "optimize.json").read_text())
-    assert report["trials"] == len(completed(study))
-    kl_cap = yaml.safe_load((tmp / "run.yaml").read_text())["optimize"]["kl_cap"]
-    assert report["chosen_trial"] == choose_trial(completed(study), kl_cap).number
+    assert report["trials"] == len(complete_trials(study))
+    config = yaml.safe_load((tmp / "run.yaml").read_text())
+    assert not config["categories"]["weights"] and report["mode"] == "global"  # every category counts
+    assert report["chosen_trial"] == rule_choice(complete_trials(study), config["optimize"]["kl_cap"])
 
 
 @pytest.mark.services
