@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                               "pass --allow-remote-code to let the web UI do that, or turn it off")
         # deferred with gradio above (optional), and the engine (torch) behind it
         from clawly.web.app import CSS, JS, build_app
-        from clawly.web.form import form_keys
-        from clawly.web.guard import PagePolicy
-        from clawly.web.run import WebRun
+        from clawly.web.form import form_keys  # deferred: the engine
+        from clawly.web.guard import PagePolicy  # deferred: the engine
+        from clawly.web.run import WebRun  # deferred: the engine
 
         output = Path(args.output).resolve()
         output.mkdir(parents=True, exist_ok=True)
