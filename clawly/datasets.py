@@ -16,6 +16,12 @@ empty except in instructed categories, see `clawly.artifacts.prompts`).
   Each of these groups is split train/eval in proportion, so both splits hold the same mix.
 - User prompts (files, Hugging Face datasets) are appended after the generated ones. Rows without
   a split get one by seed, with the same eval fraction as the generated prompts.
+- With ``holdout: template`` (the default) each section's templates are split first: eval
+  prompts come from templates that no train or tune prompt of the section uses, and where a slot
+  has 3 or more values, from values the train and tune prompts never use (`holdout_sections`).
+  Combinatorial templates make a random split of their fillings (``holdout: prompt``) a split of
+  near-copies: an eval prompt differs from a train one by a slot value, so a score on it says
+  little about phrasings a user would type.
 
 Invariants: no text (compared case- and whitespace-insensitively) appears twice, so none is in
 both train and eval or in both harmful and harmless; everything is deterministic given the seed,
@@ -49,6 +55,7 @@ SPLITS = ("train", "eval", "tune")
 USER_HARMFUL_CATEGORY = "custom"  # category of user harmful prompts that carry none
 PROMPT_FILE_SUFFIXES = (".txt", ".csv", ".jsonl", ".parquet")
 _CATEGORY_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+MAX_EVAL_TEMPLATES = 0.4  # share of a section's templates the template-level hold-out may give to eval
 
 
 class DatasetError(ClawlyError, ValueError):
@@ -235,6 +242,66 @@ def expand(
     return out
 
 
+# --- the template-level hold-out ------------------------------------------------------------
+
+def _capacity(templates: Sequence[str], slots: Mapping[str, Sequence[str]]) -> int:
+    """How many fillings the templates have (before removing duplicates)."""
+    return sum(math.prod(len(slots[n]) for n in _slot_names(t)) for t in templates)
+
+
+def holdout_sections(section: Mapping[str, Any], rng: random.Random, n_eval: int, n_rest: int,
+                     where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(train section, eval section) of one section for a template-level hold-out. Every slot with 3
+    or more values gives a third of them (at least one) to eval only; templates go to eval in a
+    seeded order, as few as give `n_eval` eval fillings while the rest give `n_rest` (train and
+    tune), at least one and at most MAX_EVAL_TEMPLATES of them (and one left for train), so the
+    directions still learn from most phrasings. Deterministic given `rng`."""
+    templates = list(section["templates"])
+    if len(templates) < 2:
+        raise DatasetError(f"{where}: data.holdout=template needs at least 2 templates per section (one for eval, "
+                           "one for train); add templates, or use data.holdout=prompt")
+    train_slots, eval_slots = {}, {}
+    for name, values in (section.get("slots") or {}).items():
+        if len(values) >= 3:
+            picked = set(rng.sample(range(len(values)), max(1, len(values) // 3)))
+            eval_slots[name] = [v for i, v in enumerate(values) if i in picked]
+            train_slots[name] = [v for i, v in enumerate(values) if i not in picked]
+        else:
+            eval_slots[name] = train_slots[name] = list(values)
+    order = [templates[i] for i in rng.sample(range(len(templates)), len(templates))]
+    most = min(len(templates) - 1, max(1, math.ceil(len(templates) * MAX_EVAL_TEMPLATES)))
+    k = 1
+    while k < most and _capacity(order[:k], eval_slots) < n_eval and _capacity(order[k + 1:], train_slots) >= n_rest:
+        k += 1
+    return ({"templates": order[k:], "slots": train_slots}, {"templates": order[:k], "slots": eval_slots})
+
+
+def _held_out(section: Mapping[str, Any], rng: random.Random, n_train: int, n_eval: int, n_tune: int,
+              taken: list[str], what: str, source: str) -> tuple[list[str], list[str], list[str]]:
+    """(train, eval, tune) texts of one section under the template-level hold-out. When the held-out
+    slot values leave the eval templates too few fillings, the rest of the eval prompts fill the
+    held-out templates with any value (the templates stay held out)."""
+    train_part, eval_part = holdout_sections(section, rng, n_eval, n_train + n_tune, f"{source}: {what}")
+    evals = expand(eval_part, rng, limit=n_eval, exclude=taken)
+    if len(evals) < n_eval:
+        log.info("%s: the held-out slot values give only %d eval prompts; the rest fill the held-out templates "
+                 "with every value", what, len(evals))
+        evals += _sample({**eval_part, "slots": section.get("slots") or {}}, rng, n_eval - len(evals),
+                         [*taken, *evals], f"{what}, held-out templates", source,
+                         f"data.holdout=template and {n_eval} eval prompts")
+    rest = _sample(train_part, rng, n_train + n_tune, [*taken, *evals], f"{what}, train and tune templates",
+                   source, f"data.holdout=template and {n_train} train + {n_tune} tune prompts")
+    rng.shuffle(rest)
+    return rest[n_tune:], evals, rest[:n_tune]
+
+
+def _frame(train: list[str], evals: list[str], tune: list[str], category: str) -> pd.DataFrame:
+    """Rows ordered train, then eval, then tune (as `_split_frame` orders them)."""
+    return pd.DataFrame({"text": [*train, *evals, *tune], "category": category,
+                         "split": ["train"] * len(train) + ["eval"] * len(evals) + ["tune"] * len(tune),
+                         "system": ""})
+
+
 # --- generation ------------------------------------------------------------------------------
 
 def generate_prompts(settings: DataSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -276,13 +343,20 @@ def _generate_harmful(templates: Mapping[str, Any], settings: DataSettings) -> p
     frames, taken = [], []
     for category, spec in templates["categories"].items():
         rng = random.Random(f"{settings.seed}:harmful:{category}")
-        texts = _sample(spec["harmful"], rng, need, taken, f"category '{category}' (harmful)",
-                        templates["source"],
-                        f"data.train_per_category={settings.train_per_category} + "
-                        f"data.eval_per_category={settings.eval_per_category} + "
-                        f"data.tune_per_category={settings.tune_per_category}")
-        taken += texts
-        frame = _split_frame(texts, category, settings.eval_per_category, rng, settings.tune_per_category)
+        if settings.holdout == "template":
+            parts = _held_out(spec["harmful"], rng, settings.train_per_category, settings.eval_per_category,
+                              settings.tune_per_category, taken, f"category '{category}' (harmful)",
+                              templates["source"])
+            taken += [t for part in parts for t in part]
+            frame = _frame(*parts, category)
+        else:
+            texts = _sample(spec["harmful"], rng, need, taken, f"category '{category}' (harmful)",
+                            templates["source"],
+                            f"data.train_per_category={settings.train_per_category} + "
+                            f"data.eval_per_category={settings.eval_per_category} + "
+                            f"data.tune_per_category={settings.tune_per_category}")
+            taken += texts
+            frame = _split_frame(texts, category, settings.eval_per_category, rng, settings.tune_per_category)
         if spec["system"]:  # its own generator: the texts drawn do not depend on the system prompts
             pick = random.Random(f"{settings.seed}:system:{category}")
             frame["system"] = [pick.choice(spec["system"]) for _ in range(len(frame))]
@@ -306,6 +380,12 @@ def _generate_harmless(
             continue
         section = templates["general"] if group == GENERAL else templates["categories"][group]["harmless"]
         rng = random.Random(f"{settings.seed}:harmless:{group}")
+        if settings.holdout == "template" and evals[group]:
+            parts = _held_out(section, rng, n - evals[group] - tunes[group], evals[group], tunes[group], taken,
+                              f"'{group}' (harmless)", templates["source"])
+            taken += [t for part in parts for t in part]
+            frames.append(_frame(*parts, group))
+            continue
         texts = _sample(section, rng, n, taken, f"'{group}' (harmless)", templates["source"],
                         f"its share of data.harmless_train + data.harmless_eval + data.harmless_tune = {total}")
         taken += texts

@@ -80,8 +80,10 @@ class DataSettings:
     harmless_files: list[str] = _f([])
     harmful_datasets: list[str] = _f([])
     harmless_datasets: list[str] = _f([])
+    holdout: str = _f("template")
 
     def __post_init__(self) -> None:
+        _check(self.holdout in {"template", "prompt"}, "data.holdout", self.holdout, "'template' or 'prompt'")
         for key in ("train_per_category", "eval_per_category", "harmless_train", "harmless_eval"):
             _check(getattr(self, key) >= 1, f"data.{key}", getattr(self, key), "an integer >= 1")
         for key in ("tune_per_category", "harmless_tune"):

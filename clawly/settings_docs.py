@@ -64,6 +64,11 @@ HELP = {
         "Hugging Face dataset ids of harmful prompts ('id' or 'id:split:column'); needs the hub.",
     'data.harmless_datasets':
         'Hugging Face dataset ids of harmless prompts; needs the hub.',
+    'data.holdout':
+        "How eval prompts are held out of the templates: 'template' (eval prompts come from templates, and "
+        "where a slot has 3+ values from slot values, that no train or tune prompt of the category uses: "
+        "phrasings the directions and the optimizer never saw) or 'prompt' (a random split of all fillings, "
+        "whose eval prompts are near-copies of train ones).",
     'probe.position':
         "Where the residual is read: 'last' prompt token after the chat template, 'marker', or 'instruction' "
         "(the last token of the user's instruction, before the template's post-instruction tokens).",

@@ -21,6 +21,7 @@ from clawly.datasets import (
     DatasetError,
     expand,
     generate_prompts,
+    holdout_sections,
     load_hf_dataset,
     load_prompt_file,
     load_templates,
@@ -203,7 +204,72 @@ def test_too_few_prompts_error_says_how_many_templates_yield(tmp_path):
     path = write_yaml(tmp_path / "t.yaml", tiny_templates(harmful_values=3))
     with pytest.raises(DatasetError, match=r"'alpha' \(harmful\) yield only 6 unique prompts, but 7"):
         generate_prompts(DataSettings(templates=str(path), train_per_category=5, eval_per_category=2,
-                                      harmless_train=4, harmless_eval=2))
+                                      harmless_train=4, harmless_eval=2, holdout="prompt"))
+
+
+# --- the template-level hold-out ------------------------------------------------------------
+
+def template_patterns(section: dict) -> list[re.Pattern]:
+    """One regex per template of a section: its text with each slot as the alternatives of its values
+    (whitespace runs collapse, as expansion collapses them)."""
+    out = []
+    for template in section["templates"]:
+        parts = re.split(r"\{(\w+)\}", template)
+        rx = "".join(re.sub(r"(\\\s)+", r"\\s+", re.escape(p)) if i % 2 == 0 else
+                     "(" + "|".join(re.escape(" ".join(v.split())) for v in section["slots"][p]) + ")"
+                     for i, p in enumerate(parts))
+        out.append(re.compile(rf"^\s*{rx}\s*$", re.IGNORECASE))
+    return out
+
+
+def templates_of(texts, patterns: list[re.Pattern]) -> set[int]:
+    found = set()
+    for text in texts:
+        matched = {i for i, p in enumerate(patterns) if p.match(text)}
+        assert matched, f"no template makes {text!r}"
+        found |= matched
+    return found
+
+
+def shared_templates(harmful: pd.DataFrame, templates: dict) -> dict[str, set[int]]:
+    """Per category, the templates that make both an eval prompt and a train or tune prompt."""
+    out = {}
+    for category, spec in templates["categories"].items():
+        patterns = template_patterns(spec["harmful"])
+        rows = harmful[harmful.category == category]
+        out[category] = (templates_of(rows[rows.split == "eval"].text, patterns)
+                         & templates_of(rows[rows.split != "eval"].text, patterns))
+    return out
+
+
+def test_under_the_template_hold_out_no_eval_request_shares_a_template_with_train_or_tune(templates):
+    held, _ = generate_prompts(data_settings(holdout="template", tune_per_category=16, harmless_tune=48))
+    assert held.groupby(["category", "split"]).size().unstack().to_dict() == {
+        "eval": dict.fromkeys(templates["categories"], 50), "train": dict.fromkeys(templates["categories"], 100),
+        "tune": dict.fromkeys(templates["categories"], 16)}
+    assert shared_templates(held, templates) == {c: set() for c in templates["categories"]}
+    # the check sees what a prompt-level split does: eval prompts are fillings of the train templates
+    mixed, _ = generate_prompts(data_settings(holdout="prompt", tune_per_category=16, harmless_tune=48))
+    assert all(len(shared) >= 10 for shared in shared_templates(mixed, templates).values())
+
+
+def test_the_template_hold_out_keeps_slot_values_apart_where_a_slot_has_enough():
+    section = {"templates": [f"Template {i}: how do I {{verb}} a {{thing}}?" for i in range(10)],
+               "slots": {"verb": ["build", "make"], "thing": [f"thing{i}" for i in range(9)]}}
+    train, evals = holdout_sections(section, random.Random(0), n_eval=6, n_rest=20, where="t")
+    assert set(train["templates"]).isdisjoint(evals["templates"]) and len(evals["templates"]) >= 1
+    assert set(train["templates"]) | set(evals["templates"]) == set(section["templates"])
+    assert len(evals["slots"]["thing"]) == 3 and set(evals["slots"]["thing"]).isdisjoint(train["slots"]["thing"])
+    assert evals["slots"]["verb"] == train["slots"]["verb"] == ["build", "make"]  # two values: shared
+    assert len(evals["templates"]) <= 4  # at most 40% of the templates are held out
+
+
+def test_a_section_with_one_template_cannot_be_held_out_by_template(tmp_path):
+    path = write_yaml(tmp_path / "t.yaml", tiny_templates(harmful_values=12))
+    with pytest.raises(DatasetError, match=r"'alpha' \(harmless\): data.holdout=template needs at least 2 templates "
+                                           r"per section .* or use data.holdout=prompt"):
+        generate_prompts(DataSettings(templates=str(path), train_per_category=6, eval_per_category=4,
+                                      harmless_train=6, harmless_eval=4))
 
 
 # --- expand ----------------------------------------------------------------------------------
@@ -416,13 +482,13 @@ def test_an_instructed_category_leaves_the_other_categories_prompts_unchanged(tm
     data = tiny_templates(harmful_values=12)
     before = generate_prompts(data_settings(templates=str(write_yaml(tmp_path / "a.yaml", data)),
                                             train_per_category=6, eval_per_category=4, harmless_train=6,
-                                            harmless_eval=4))
+                                            harmless_eval=4, holdout="prompt"))
     data["categories"]["told"] = {"system": ["Only talk about trains.", "Only talk about boats."],
                                   "harmful": {"templates": ["What is the best {q}?"],
                                               "slots": {"q": [f"stock{i}" for i in range(20)]}}}
     after = generate_prompts(data_settings(templates=str(write_yaml(tmp_path / "b.yaml", data)),
                                            train_per_category=6, eval_per_category=4, harmless_train=6,
-                                           harmless_eval=4))
+                                           harmless_eval=4, holdout="prompt"))
     pd.testing.assert_frame_equal(after[0][after[0].category != "told"].reset_index(drop=True), before[0])
     pd.testing.assert_frame_equal(after[1], before[1])
     told = after[0][after[0].category == "told"]

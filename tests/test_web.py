@@ -219,7 +219,7 @@ def test_remote_code_is_not_in_the_page_unless_the_operator_allows_it(tmp_path):
 
 def test_every_text_setting_is_either_a_path_the_policy_checks_or_plain_text():
     """A new setting that names a file must be added to guard.PATH_KEYS (or here, if it names none)."""
-    plain = {"model.revision", "model.dtype", "model.device", "model.system_prompt", "probe.position",
+    plain = {"model.revision", "model.dtype", "model.device", "model.system_prompt", "probe.position", "data.holdout",
              "probe.marker", "directions.contrast", "directions.method", "categories.keep_rule",
              "optimize.study_name", "optimize.batch_size", "optimize.response_prefix", "optimize.kernels",
              "optimize.components", "optimize.direction_scopes", "optimize.refusal_markers",

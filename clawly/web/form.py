@@ -35,6 +35,7 @@ TOP = ("model.name", "model.load_in_4bit", "optimize.n_trials", "optimize.refusa
 CHOICES = {  # keys whose values are a fixed set (a test checks each against the settings' validation)
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "probe.position": ("last", "marker", "instruction"),
+    "data.holdout": ("template", "prompt"),
     "directions.contrast": ("general", "topic_matched", "mixed"),
     "directions.method": ("dim", "rdo"),
     "categories.keep_rule": ("constraint", "objective"),
