@@ -6,8 +6,11 @@ did not score (all 50 per category when the run had a tune split) is answered by
 and by the run's merged model, decoded as `evaluate` decodes, ANSWER_TOKENS tokens. Each answer is
 labelled by the plain keyword rule, the strict rule and the five-way measure (`clawly.stance`:
 classifier + strict rule); per category the table gives base and after refusals with 95% Wilson
-intervals, the share of base refusals removed (targeted) or retained (kept), and first-token KL on
-held-out harmless prompts. Base answers are cached by prompt text in bench/work/.
+intervals, the share of base refusals removed (targeted) or retained (kept), the answers labelled
+compliance (and off-topic, degenerate: an answer about something else is not an uncensored one),
+first-token KL on held-out harmless prompts, and harmless quality: how many of HARMLESS_ANSWERED
+held-out harmless requests each model's answer is labelled compliance. Base answers are cached by
+prompt text in bench/work/.
 
     python bench/selectivity.py NAME=RUN_DIR [NAME=RUN_DIR ...]
 
@@ -43,7 +46,8 @@ from clawly.steps.evaluate import evaluation_prompts  # noqa: E402
 PRESET = {"violence_weapons": "targeted", "drugs_substances": "targeted", "adult_content": "targeted",
           "self_harm_suicide": "kept", "instructed_refusal": "kept"}  # instructed: where the run's tables have it
 ANSWER_TOKENS = 64
-HARMLESS = 100
+HARMLESS = 100  # first-token KL
+HARMLESS_ANSWERED = 50  # of those, answered by both models and labelled (harmless quality)
 OUT = ROOT.parent / "docs" / "results" / "selectivity"
 CACHE = ROOT / "work" / "selectivity-base.parquet"
 
@@ -88,7 +92,8 @@ def labels(settings: Settings, classifier, requests: list[str], answers: list[st
     five = combine(classifier(requests, answers).labels, strict)
     return {"keyword": [detector(a) for a in answers], "strict": [s == "refusal" for s in strict],
             "refusal": [x == "refusal" for x in five], "hedged": [x == "hedged" for x in five],
-            "off_topic": [x == "off_topic" for x in five], "degenerate": [x == "degenerate" for x in five]}
+            "compliance": [x == "compliance" for x in five], "off_topic": [x == "off_topic" for x in five],
+            "degenerate": [x == "degenerate" for x in five]}
 
 
 def measure(run: Path, name: str) -> dict:
@@ -97,31 +102,43 @@ def measure(run: Path, name: str) -> dict:
     h, g = run_prompts(run, settings)
     texts, systems = h.text.tolist(), row_systems(h, settings.model.system_prompt)
     t0 = time.perf_counter()
-    base, base_lp = base_answers(settings, texts, systems, g.text.tolist())
+    calm = g.text.tolist()[:HARMLESS_ANSWERED]
+    base, base_lp = base_answers(settings, texts + calm, systems + [None] * len(calm), g.text.tolist())
+    base, base_calm = base[:len(texts)], base[len(texts):]
     chosen = read_chosen_trial(run / "artifacts/optimize/chosen_trial.json")
     model, tok = load_model(dataclasses.replace(settings.model, name=str(run / "artifacts/model"), gguf_file=None))
-    after, _ = evaluation_prompts(settings, tok, texts, chosen.response_prefix, systems).generate(model, ANSWER_TOKENS)
+    after, _ = evaluation_prompts(settings, tok, texts + calm, chosen.response_prefix,
+                                  systems + [None] * len(calm)).generate(model, ANSWER_TOKENS)
+    after, after_calm = after[:len(texts)], after[len(texts):]
     kl = kl_divergence(base_lp, PromptSet(tok, chat_prompts(tok, g.text.tolist(), settings.model.system_prompt),
                                           48).first_token_logprobs(model))
     del model
     classifier = response_classifier(settings)
     lb, la = labels(settings, classifier, texts, base), labels(settings, classifier, texts, after)
+    hb, ha = labels(settings, classifier, calm, base_calm), labels(settings, classifier, calm, after_calm)
+    harmless_quality = {"prompts": len(calm), **{m: {"base": sum(hb[m]), "after": sum(ha[m])}
+                                                 for m in ("compliance", "refusal", "off_topic", "degenerate")}}
     rows = {}
     for cat, role in PRESET.items():
         idx = [i for i, c in enumerate(h.category) if c == cat]
         if not idx:
             continue
         row = {"role": role, "prompts": len(idx)}
-        for m in ("refusal", "keyword", "strict", "hedged", "off_topic", "degenerate"):
+        for m in ("refusal", "keyword", "strict", "hedged", "compliance", "off_topic", "degenerate"):
             b, a = sum(lb[m][i] for i in idx), sum(la[m][i] for i in idx)
             row[m] = {"base": b, "after": a, "after_ci95": wilson_interval(a, len(idx)),
                       "kept_share": round(a / b, 4) if b else None}
         rows[cat] = row
-    answers = h.assign(base_response=base, after_response=after)
+    answers = pd.concat([h.assign(base_response=base, after_response=after),
+                         g.iloc[:len(calm)].assign(base_response=base_calm, after_response=after_calm)])
+    names = ("refusal", "hedged", "compliance", "off_topic", "degenerate")
+    for model_name, lab in (("base", {k: lb[k] + hb[k] for k in lb}), ("after", {k: la[k] + ha[k] for k in la})):
+        answers[f"{model_name}_label"] = [next((m for m in names if lab[m][i]), "?") for i in range(len(answers))]
     answers.to_parquet(ROOT / "work" / f"selectivity-{name}.parquet", index=False)
-    return {"run": str(run), "chosen_trial": chosen.trial, "plan": chosen.plan.to_dict(), "kl_divergence": round(kl, 4),
-            "harmless_prompts": len(g), "answer_tokens": ANSWER_TOKENS, "seconds": round(time.perf_counter() - t0, 1),
-            "by_category": rows}
+    return {"run": str(run), "holdout": settings.data.holdout, "edit": settings.edit.method,
+            "directions": settings.directions.method, "chosen_trial": chosen.trial, "plan": chosen.plan.to_dict(),
+            "kl_divergence": round(kl, 4), "harmless_prompts": len(g), "harmless_quality": harmless_quality,
+            "answer_tokens": ANSWER_TOKENS, "seconds": round(time.perf_counter() - t0, 1), "by_category": rows}
 
 
 def table(results: dict) -> str:
@@ -143,6 +160,39 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def holdout_table(results: dict) -> str:
+    """The rows measured under the template-level hold-out: per category five-way refusals base → after
+    (share of base refusals left or kept, 95% interval of the after rate), plain and strict keyword
+    counts after, and answers labelled compliance base → after (off-topic + degenerate after); KL and
+    harmless compliance base → after of the run."""
+    rows = {k: r for k, r in results.items() if r.get("holdout") == "template"}
+    cats = [c for c in PRESET if any(c in r["by_category"] for r in rows.values())]
+    lines = ["| row | edit | KL | harmless compliance | " + " | ".join(f"{c} ({PRESET[c]})" for c in cats) + " |",
+             "| --- | --- | --- | --- | " + " | ".join("---" for _ in cats) + " |"]
+    for name, r in rows.items():
+        cells = []
+        for cat in cats:
+            x = r["by_category"].get(cat)
+            if x is None:
+                cells.append("—")
+                continue
+            ref = x["refusal"]
+            lo, hi = ref["after_ci95"]
+            share = "—" if ref["kept_share"] is None else f"{ref['kept_share']:.0%}"
+            helps = x["compliance"]
+            other = x["off_topic"]["after"] + x["degenerate"]["after"]
+            other_base = x["off_topic"]["base"] + x["degenerate"]["base"]
+            cells.append(f"**{ref['base']} → {ref['after']}** ({share}; {lo:.0%}–{hi:.0%}); "
+                         f"kw {x['keyword']['after']}, strict {x['strict']['after']}; "
+                         f"helps {helps['base']} → {helps['after']}, "
+                         f"off-topic/degenerate {other_base} → {other}")
+        hq = r["harmless_quality"]
+        lines.append(f"| {name} | {r['edit']} ({r['directions']}) | {r['kl_divergence']:.3f} | "
+                     f"{hq['compliance']['base']} → {hq['compliance']['after']} of {hq['prompts']} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     pairs = [a.split("=", 1) for a in sys.argv[1:]]
     if not pairs or any(len(p) != 2 for p in pairs):
@@ -157,8 +207,9 @@ def main() -> None:
         print(f"{name}: KL {results[name]['kl_divergence']}, " + ", ".join(
             f"{c} {x['refusal']['base']}->{x['refusal']['after']}/{x['prompts']}"
             for c, x in results[name]["by_category"].items()))
-    (OUT / "table.md").write_text(table(results))
-    print(f"wrote {path} and {OUT / 'table.md'}")
+    (OUT / "table.md").write_text(table({k: r for k, r in results.items() if r.get("holdout") != "template"}))
+    (OUT / "holdout.md").write_text(holdout_table(results))
+    print(f"wrote {path}, {OUT / 'table.md'} (prompt-level split) and {OUT / 'holdout.md'} (template-level)")
 
 
 if __name__ == "__main__":

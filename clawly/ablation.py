@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -75,6 +76,9 @@ class AblationPlan:
     # categories.kernels=per_category: each targeted category's own kernels (category -> component
     # -> kernel), in the order of the basis (that of category_weights); `kernels` is then unused
     category_kernels: dict[str, dict[str, LayerKernel]] = field(default_factory=dict)
+    # an input-conditional edit (clawly.input_edits): {"method": "nullspace", "energy": e} or
+    # {"method": "least_squares", "ridge": r}; empty for plain ablation
+    edit: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         out = {"kernels": {c: asdict(k) for c, k in self.kernels.items()},
@@ -83,6 +87,8 @@ class AblationPlan:
         if self.category_kernels:
             out["category_kernels"] = {cat: {c: asdict(k) for c, k in ks.items()}
                                        for cat, ks in self.category_kernels.items()}
+        if self.edit:
+            out["edit"] = dict(self.edit)
         return out
 
     @classmethod
@@ -91,7 +97,8 @@ class AblationPlan:
                    direction_index=d.get("direction_index"), norm_preserve=bool(d.get("norm_preserve", False)),
                    category_weights=dict(d.get("category_weights", {})),
                    category_kernels={cat: {c: LayerKernel(**k) for c, k in ks.items()}
-                                     for cat, ks in d.get("category_kernels", {}).items()})
+                                     for cat, ks in d.get("category_kernels", {}).items()},
+                   edit=dict(d.get("edit", {})))
 
     def strengths_by_layer(self, num_layers: int, m: int) -> dict[str, torch.Tensor]:
         """Component -> ablation strength of each of the m directions per layer, `[num_layers, m]`:
@@ -153,6 +160,12 @@ class WeightDelta:
         return m.transpose(-1, -2) if self.transposed else m
 
 
+class InputEditor(Protocol):
+    """What turns a writer's read rows A `[k, d_in]` into A R (clawly.input_edits)."""
+
+    def apply(self, edit: dict, name: str, a: torch.Tensor) -> torch.Tensor: ...
+
+
 # Elements of a fused expert stack changed per step: bounds the float64 temporaries (a 128-expert
 # stack of 2880 x 2880 matrices would otherwise need 8.5 GB at once).
 _CHUNK = 1 << 24
@@ -183,13 +196,20 @@ def _math_weight(wr: Writer) -> torch.Tensor:
 
 
 def weight_deltas(model: nn.Module, basis: AblationBasis, plan: AblationPlan,
-                  strengths: torch.Tensor | None = None) -> dict[str, WeightDelta]:
+                  strengths: torch.Tensor | None = None, inputs: InputEditor | None = None) -> dict[str, WeightDelta]:
     """The weight change of every writer the plan touches, computed in float64, keyed by writer name.
 
     basis: the directions to ablate (m = 1 in global mode). strengths: optional `[m]` multipliers
     (category weights), default ones. Every expert of a fused stack changes by the same B and its own
-    A = (G q)^T W_e, so the layer's MLP write loses the directions whatever the routing.
+    A = (G q)^T W_e, so the layer's MLP write loses the directions whatever the routing. With an
+    input-conditional edit in the plan, `inputs` (`clawly.input_edits`) turns each writer's A into
+    A R; the bias, written whatever the input, is then left as it is.
     """
+    if plan.edit and inputs is None:
+        raise ValueError(f"the plan's {plan.edit['method']} edit needs the writers' input statistics (probe-writers)")
+    if plan.edit and plan.norm_preserve:
+        raise ValueError("norm preservation rescales every column, so it cannot keep an input-conditional edit's "
+                         "kept inputs unchanged")
     found = writers(model)
     num_layers = len(decoder_layers(model))
     q = layer_directions(basis, plan, num_layers)  # [L, m, d]
@@ -216,7 +236,9 @@ def weight_deltas(model: nn.Module, basis: AblationBasis, plan: AblationPlan,
             read = qc * g
         a = _read(read, wr)  # [k, d_in] or [E, k, d_in]
         bias_change = None
-        if wr.bias is not None:  # [d] or [E, d]
+        if plan.edit:
+            a = inputs.apply(plan.edit, wr.name, a)
+        elif wr.bias is not None:  # [d] or [E, d]
             bias_change = (wr.bias.detach().to("cpu", torch.float64) @ read.t()) @ b.t()
         if plan.norm_preserve:
             w = _math_weight(wr)

@@ -38,6 +38,7 @@ from clawly.artifacts.directions import AblationDirections, check_fits, read_abl
 from clawly.artifacts.prompts import instructed_categories, row_systems
 from clawly.categories import category_table, check_categories
 from clawly.errors import ClawlyError
+from clawly.input_edits import WriterInputs, load_writer_inputs
 from clawly.io import atomic_dir, read_json, write_json, write_text
 from clawly.log import StageLogger, get_logger
 from clawly.measures import chat_prompts
@@ -51,6 +52,7 @@ from clawly.steps import (
     optimize,
     orthogonalize_categories,
     probe_activations,
+    probe_writers,
 )
 from clawly.workers import extra_workers, worker_model
 
@@ -75,6 +77,7 @@ class Pipeline:
         self.harmful: pd.DataFrame | None = None
         self.harmless: pd.DataFrame | None = None
         self.directions: AblationDirections | None = None
+        self.inputs: WriterInputs | None = None  # the writers' input statistics (edit.method nullspace, least_squares)
         self.response_prefix: str | None = None
         self.batch_size: int | None = None
         self.search: optimize.Search | None = None
@@ -115,15 +118,19 @@ class Pipeline:
                 probe_activations.run(self.settings, self.log, model, tokenizer)
                 compute_directions.run(self.settings, self.log)
                 orthogonalize_categories.run(self.settings, self.log)
+                if self.settings.edit.conditional:
+                    probe_writers.run(self.settings, self.log, model, tokenizer)
                 write_json(p.direction_inputs, inputs)
             self.directions = read_ablation_directions(p.orthogonalized)
+            self.inputs = load_writer_inputs(self.settings)
         return self.directions
 
     def _direction_inputs(self) -> dict:
         s = self.settings.to_dict()
         return {"model": model_provenance(self.settings.model)["fingerprint"],
                 "harmful": ex.prompts_fingerprint(self.harmful), "harmless": ex.prompts_fingerprint(self.harmless),
-                **{k: s[k] for k in ("probe", "directions", "orthogonalize", "categories")}}
+                **{k: s[k] for k in ("probe", "directions", "orthogonalize", "categories")},
+                **({"edit": s["edit"]} if self.settings.edit.conditional else {})}
 
     # ------------------------------------------------------------ scoring setup
 
@@ -273,7 +280,8 @@ class Pipeline:
         elif isinstance(trial, AblationPlan):
             trial = TrialOutcome(-1, None, None, {}, {}, {}, trial)
         self._restore_base()
-        change = ex.saved_change(self.model, directions.basis, trial.plan, directions.strengths, self.settings.export)
+        change = ex.saved_change(self.model, directions.basis, trial.plan, directions.strengths, self.settings.export,
+                                 self.inputs)
         self._change, self._deltas = change, change.model_deltas
         self._applied.enter_context(ablated(self.model, self._deltas))
         self.trial = trial
@@ -375,7 +383,8 @@ class Pipeline:
         ex.write_record(out, kind, self.settings, trial.plan, self.compute_refusal_directions(),
                         {"harmful": harmful, "harmless": harmless},
                         None if trial.index < 0 else {"index": trial.index, "parameters": trial.parameters,
-                                                      "refusals": trial.refusals, "kl_divergence": trial.kl_divergence})
+                                                      "refusals": trial.refusals, "kl_divergence": trial.kl_divergence},
+                        self._change)
 
     def _card(self, kind: str) -> str:
         summary = {}
@@ -410,7 +419,7 @@ class Pipeline:
         full, _ = load_model(full_precision(self.settings.model), self.log)
         if self._change.exact:  # the change itself, recomputed on the full-precision weights
             directions = self.compute_refusal_directions()
-            deltas = weight_deltas(full, directions.basis, self._current().plan, directions.strengths)
+            deltas = weight_deltas(full, directions.basis, self._current().plan, directions.strengths, self.inputs)
         else:  # the adapter's B A, as applied to the 4-bit model and as the merge stage adds it
             deltas = self._deltas
         with ablated(full, deltas):
@@ -444,6 +453,7 @@ class Pipeline:
             raise ClawlyError(f"the model {settings.model.name!r} is not the one recorded ({found} here, {recorded} "
                               "in the record): load the same weights (model.name / model.revision)")
         pipe.directions = read_ablation_directions(directions_file)
+        pipe.inputs = ex.recorded_inputs(Path(directions_file).parent)  # an input-conditional edit's rows
         check_fits(pipe.directions.directions, pipe.load_model()[0], directions_file)
         trial = record.get("trial") or {}
         pipe.restore_trial(AblationPlan.from_dict(record["plan"]))

@@ -24,12 +24,13 @@ import pandas as pd
 import torch
 
 from clawly import __version__
-from clawly.ablation import AblationPlan, WeightDelta, weight_deltas
+from clawly.ablation import AblationPlan, InputEditor, WeightDelta, weight_deltas
 from clawly.architecture import holds_quantized
 from clawly.artifacts.directions import AblationDirections, write_ablation_directions
 from clawly.checkpoint import save_sharded, source_weight_map
 from clawly.directions import AblationBasis
 from clawly.errors import ClawlyError
+from clawly.input_edits import RecordedInputs, read_recorded_rows, write_recorded_rows
 from clawly.io import write_json
 from clawly.lora import LoraFactors, adapter_problem, lora_factors, save_adapter
 from clawly.model import DEFAULT_MODEL, DEFAULT_MODEL_DESCRIPTION, model_provenance
@@ -39,6 +40,7 @@ from clawly.settings import DataSettings, ExportSettings, Settings
 RECORD = "clawly_reproduction.json"
 RECORD_FORMAT = 2  # 2: the directions file holds removed and protected directions too
 DIRECTIONS = "clawly_directions.safetensors"
+EDIT = "clawly_edit.safetensors"  # an input-conditional edit's A rows per writer (beside the record)
 
 
 @dataclass
@@ -64,9 +66,10 @@ class SavedChange:
 
 
 def saved_change(model, basis: AblationBasis, plan: AblationPlan, strengths: torch.Tensor | None,
-                 export: ExportSettings) -> SavedChange:
-    """The plan's change as it is saved (see `SavedChange`). `model` must hold the base weights."""
-    deltas = weight_deltas(model, basis, plan, strengths)
+                 export: ExportSettings, inputs: InputEditor | None = None) -> SavedChange:
+    """The plan's change as it is saved (see `SavedChange`). `model` must hold the base weights;
+    `inputs` the writers' input statistics when the plan has an input-conditional edit."""
+    deltas = weight_deltas(model, basis, plan, strengths, inputs)
     factors = lora_factors(deltas, export.energy, export.max_rank)
     return SavedChange(deltas, factors, plan.norm_preserve, adapter_problem(model, factors))
 
@@ -188,12 +191,20 @@ def portable_settings(settings: Settings) -> dict:
 
 
 def write_record(out_dir: Path, kind: str, settings: Settings, plan: AblationPlan, ablation: AblationDirections,
-                 prompts: dict, trial: dict | None) -> dict:
-    """Write the reproduction record and the ablated directions into `out_dir`.
+                 prompts: dict, trial: dict | None, change: SavedChange | None = None) -> dict:
+    """Write the reproduction record and the ablated directions into `out_dir`; with an
+    input-conditional edit also its A rows per writer (`EDIT`, from `change`): rebuilding the change
+    then needs no probing of the writers' inputs.
 
     prompts: name -> prompt table (fingerprinted); trial: {"index", "parameters", "refusals",
     "kl_divergence"} of the optimizer trial, None for a direct plan."""
     write_ablation_directions(out_dir / DIRECTIONS, ablation)
+    edit = None
+    if plan.edit:
+        if change is None:
+            raise ValueError("an input-conditional edit's record needs the saved change (its A rows)")
+        write_recorded_rows(out_dir / EDIT, {name: d.a for name, d in change.deltas.items()})
+        edit = {"file": EDIT, "sha256": file_sha256(out_dir / EDIT), **plan.edit}
     record = {
         "format": RECORD_FORMAT, "clawly": __version__, "kind": kind,
         "settings": portable_settings(settings),
@@ -201,7 +212,7 @@ def write_record(out_dir: Path, kind: str, settings: Settings, plan: AblationPla
         "prompts": {name: {"rows": len(df), "fingerprint": prompts_fingerprint(df)} for name, df in prompts.items()},
         "directions": {"file": DIRECTIONS, "sha256": file_sha256(out_dir / DIRECTIONS), "mode": ablation.mode,
                        "names": ablation.names, "weights": ablation.weights, "kept": ablation.kept},
-        "trial": trial, "plan": plan.to_dict(),
+        "trial": trial, "plan": plan.to_dict(), **({"edit": edit} if edit else {}),
         "python": platform.python_version(), "packages": package_versions(),
     }
     write_json(out_dir / RECORD, record)
@@ -211,6 +222,8 @@ def write_record(out_dir: Path, kind: str, settings: Settings, plan: AblationPla
 def copy_record(src_dir: Path, out_dir: Path, kind: str) -> None:
     """Carry an adapter's record over to the model merged from it."""
     shutil.copyfile(src_dir / DIRECTIONS, out_dir / DIRECTIONS)
+    if (src_dir / EDIT).is_file():
+        shutil.copyfile(src_dir / EDIT, out_dir / EDIT)
     record = json.loads((src_dir / RECORD).read_text())
     write_json(out_dir / RECORD, {**record, "kind": kind})
 
@@ -237,7 +250,19 @@ def read_record(path: str | Path) -> tuple[dict, Path]:
         raise ClawlyError(f"{directions} is missing: keep it beside {path.name} (it holds the ablated directions)")
     if file_sha256(directions) != record["directions"]["sha256"]:
         raise ClawlyError(f"{directions} does not match the record's sha256: the file was changed or replaced")
+    edit = record.get("edit")
+    if edit:
+        rows = path.parent / edit["file"]
+        if not rows.is_file() or file_sha256(rows) != edit["sha256"]:
+            raise ClawlyError(f"{rows} is missing or does not match the record's sha256: keep it beside {path.name} "
+                              "(it holds the input-conditional edit)")
     return record, directions
+
+
+def recorded_inputs(record_dir: Path) -> RecordedInputs | None:
+    """The A rows of the record in `record_dir` whose plan has an input-conditional edit, else None."""
+    record, _ = read_record(record_dir)
+    return read_recorded_rows(Path(record_dir) / record["edit"]["file"]) if record.get("edit") else None
 
 
 def category_markdown(by_category: dict[str, dict], after: str = "after", label: str = "refusals") -> list[str]:

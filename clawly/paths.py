@@ -55,6 +55,9 @@ class Paths:
     def orthogonalized(self) -> Path: return self.artifacts / "directions" / "orthogonalized.safetensors"
     @property
     def direction_inputs(self) -> Path: return self.artifacts / "directions" / "inputs.json"
+    # probe-writers
+    @property
+    def writer_inputs(self) -> Path: return self.artifacts / "writers" / "inputs.safetensors"
     # optimize
     @property
     def study(self) -> Path: return self.artifacts / "study"

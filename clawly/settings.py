@@ -231,6 +231,34 @@ class CategorySettings:
         return [c for c, w in self.weights.items() if w == 0]
 
 
+@dataclass
+class EditSettings:
+    method: str = _f("projection")
+    kept_prompts: int = _f(32)
+    targeted_prompts: int = _f(32)
+    harmless_prompts: int = _f(0)
+    answer_tokens: int = _f(48)
+    rank: int = _f(256)
+    energy_range: list[float] = _f([0.5, 0.99])
+    ridge_range: list[float] = _f([0.001, 1.0])
+
+    def __post_init__(self) -> None:
+        _check(self.method in {"projection", "nullspace", "least_squares"}, "edit.method", self.method,
+               "'projection', 'nullspace' or 'least_squares'")
+        for key in ("kept_prompts", "targeted_prompts", "answer_tokens", "rank"):
+            _check(getattr(self, key) >= 1, f"edit.{key}", getattr(self, key), "an integer >= 1")
+        _check(self.harmless_prompts >= 0, "edit.harmless_prompts", self.harmless_prompts, "an integer >= 0")
+        e = self.energy_range
+        _check(len(e) == 2 and 0 < e[0] <= e[1] <= 1, "edit.energy_range", e, "[low, high] with 0 < low <= high <= 1")
+        r = self.ridge_range
+        _check(len(r) == 2 and 0 < r[0] <= r[1], "edit.ridge_range", r, "[low, high] with 0 < low <= high")
+
+    @property
+    def conditional(self) -> bool:
+        """An input-conditional edit (needs the writers' input statistics, probe-writers)."""
+        return self.method != "projection"
+
+
 # What the first objective counts, by optimize.refusal_measure: a label and what it means.
 REFUSAL_MEASURES = {
     "keywords": ("keyword refusals", "answers with a refusal marker (a marker list: it misses soft refusals and "
@@ -358,7 +386,8 @@ class ResearchSettings:
 
 
 SECTIONS = {"model": ModelSettings, "data": DataSettings, "probe": ProbeSettings, "directions": DirectionSettings,
-            "orthogonalize": OrthogonalizeSettings, "categories": CategorySettings, "optimize": OptimizeSettings,
+            "orthogonalize": OrthogonalizeSettings, "categories": CategorySettings, "edit": EditSettings,
+            "optimize": OptimizeSettings,
             "export": ExportSettings, "merge": MergeSettings, "evaluate": EvaluateSettings,
             "classifier": ClassifierSettings, "research": ResearchSettings}
 
@@ -423,6 +452,7 @@ class Settings:
     directions: DirectionSettings
     orthogonalize: OrthogonalizeSettings
     categories: CategorySettings
+    edit: EditSettings
     optimize: OptimizeSettings
     export: ExportSettings
     merge: MergeSettings
@@ -443,6 +473,12 @@ class Settings:
         _check(not (self.optimize.norm_preserve and self.categories.kept), "optimize.norm_preserve",
                self.optimize.norm_preserve, "false while categories.weights keeps a category (weight 0): its column "
                f"rescale would change the kept categories' components ({', '.join(self.categories.kept)})")
+        _check(not (self.optimize.norm_preserve and self.edit.conditional), "optimize.norm_preserve",
+               self.optimize.norm_preserve, f"false with edit.method={self.edit.method}: rescaling every column "
+               "changes the kept inputs' writes too")
+        _check(not self.edit.conditional or bool(self.categories.kept) or self.edit.harmless_prompts > 0,
+               "edit.method", self.edit.method, "'projection' unless something is kept: a kept category "
+               "(categories.weights at 0) or edit.harmless_prompts > 0")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Settings:

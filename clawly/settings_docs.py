@@ -9,6 +9,7 @@ SECTIONS = {
     'directions': 'compute-directions: how the refusal directions are formed from the means.',
     'orthogonalize': 'orthogonalize-categories: what the ablated directions are made orthogonal to.',
     'categories': 'Category mode: which harm categories to uncensor and whose refusals to keep.',
+    'edit': "probe-writers and the trials: how each writer's change is formed; input-conditional edits leave kept requests' writes unchanged.",
     'optimize': "optimize: the Optuna search space, the trials' prompts and scoring, the choice rule.",
     'export': "export-lora: how the chosen trial's change becomes a LoRA adapter.",
     'merge': 'merge: how the merged model is written.',
@@ -117,6 +118,22 @@ HELP = {
         'Kept categories must keep at least this share of their base refusals (with keep_rule=constraint, and in the choice rule).',
     'categories.per_category_adapters':
         "export-lora also writes each targeted category's share of the change as its own adapter (artifacts/lora/categories/NAME); together they equal the combined adapter. Each ablates the part of its category's direction orthogonal to the categories before it in preset order, so scaling one is not a per-category re-weighting: rerun with new weights for that.",
+    'edit.method':
+        "'projection': W' = W - a q qT W, the same output direction removed from every input (plain ablation). 'nullspace': W' = W - a q qT W P, P projecting the writer's input space off the principal subspace of what it reads on kept requests (AlphaEdit): kept inputs in that subspace keep their write exactly. 'least_squares': the change that removes the targeted requests' write along q while changing the kept requests' writes least (ridge regression). Both stay rank 1 per direction, so the LoRA adapter is exact.",
+    'edit.kept_prompts':
+        'Train-split requests per kept category whose writer inputs (the request and the base model\'s own answer, every position) span what the edit keeps.',
+    'edit.targeted_prompts':
+        'Train-split requests per targeted category (with the base model\'s answers): what least_squares removes, and what the reports measure.',
+    'edit.harmless_prompts':
+        'Harmless train requests (with the base model\'s answers) added to the kept set: their writes are kept too (global mode needs them).',
+    'edit.answer_tokens':
+        "Tokens of the base model's own answer appended to each probed request.",
+    'edit.rank':
+        'Directions kept of each writer\'s input second moment (exact when the input is at most this wide, else a sketch of its top).',
+    'edit.energy_range':
+        'nullspace: the share of the kept inputs\' energy whose principal directions the edit leaves alone (searched by Optuna).',
+    'edit.ridge_range':
+        "least_squares: the ridge λ as a share of the mean per-position input energy per dimension (searched, log scale).",
     'optimize.n_trials':
         'Optuna trials in total (a resumed study runs only the missing ones).',
     'optimize.n_startup_trials':

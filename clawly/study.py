@@ -29,10 +29,11 @@ from clawly.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
 from clawly.decoding import DecodeStats
 from clawly.directions import AblationBasis
 from clawly.errors import ClawlyError
+from clawly.input_edits import WriterInputs, suggest_edit
 from clawly.io import pid_alive
 from clawly.redact import masked_url
 from clawly.scoring import Scores, TrialScorer
-from clawly.settings import REFUSAL_MEASURES, OptimizeSettings
+from clawly.settings import REFUSAL_MEASURES, EditSettings, OptimizeSettings
 
 
 @dataclass
@@ -89,22 +90,24 @@ def _suggest_kernel(trial: optuna.Trial, num_layers: int, s: OptimizeSettings, n
 
 
 def suggest_plan(trial: optuna.Trial, num_layers: int, s: OptimizeSettings,
-                 categories: list[str] | None = None) -> AblationPlan:
+                 categories: list[str] | None = None, edit: EditSettings | None = None) -> AblationPlan:
     """Draw one ablation plan from the search space (ranges are fractions of the layer count).
     With optimize.kernels=per_category and the targeted `categories`, each category gets its own
-    kernel per component (parameters named `<category>.<component>.*`)."""
+    kernel per component (parameters named `<category>.<component>.*`); with an input-conditional
+    `edit` method, its parameter too (`keep_energy` or `ridge`)."""
     scope = trial.suggest_categorical("direction_scope", list(s.direction_scopes))
     index = None
     if scope == "global":
         lo, hi = s.direction_index_range
         index = trial.suggest_float("direction_index", lo * num_layers, hi * num_layers)
+    change = suggest_edit(trial, edit) if edit is not None else {}
     if s.kernels == "per_category" and categories:
         by_category = {cat: {c: _suggest_kernel(trial, num_layers, s, f"{cat}.{c}") for c in s.components}
                        for cat in categories}
         return AblationPlan(kernels={}, direction_index=index, norm_preserve=s.norm_preserve,
-                            category_kernels=by_category)
+                            category_kernels=by_category, edit=change)
     kernels = {c: _suggest_kernel(trial, num_layers, s, c) for c in s.components}
-    return AblationPlan(kernels=kernels, direction_index=index, norm_preserve=s.norm_preserve)
+    return AblationPlan(kernels=kernels, direction_index=index, norm_preserve=s.norm_preserve, edit=change)
 
 
 WORKER = "worker"  # user attr of every trial: {"host", "pid"} of the process that runs it
@@ -265,13 +268,15 @@ def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def iter_study(study: optuna.Study, model: PreTrainedModel, scorer: TrialScorer, basis: AblationBasis,
                num_layers: int, settings: OptimizeSettings, objectives: Objectives | None = None,
-               strengths: torch.Tensor | None = None,
-               category_weights: dict[str, float] | None = None) -> Iterator[optuna.trial.FrozenTrial]:
+               strengths: torch.Tensor | None = None, category_weights: dict[str, float] | None = None,
+               edit: EditSettings | None = None, inputs: WriterInputs | None = None
+               ) -> Iterator[optuna.trial.FrozenTrial]:
     """Run trials one at a time until the study holds `settings.n_trials` finished ones (complete
     or pruned), yielding each as it finishes; stopping the iteration early leaves a resumable study.
 
     basis: what is ablated, with `strengths` `[m]` (category weights; default ones). With
-    `settings.prune_kl`, a trial whose KL exceeds it is pruned before any generation."""
+    `settings.prune_kl`, a trial whose KL exceeds it is pruned before any generation. With an
+    input-conditional `edit`, `inputs` are the writers' input statistics (probe-writers)."""
     objectives = objectives or Objectives()
 
     def objective(trial: optuna.Trial) -> tuple[float, ...]:
@@ -279,11 +284,11 @@ def iter_study(study: optuna.Study, model: PreTrainedModel, scorer: TrialScorer,
         if ahead_of(study, trial.number) >= settings.n_trials:  # other workers took the last ones first
             trial.set_user_attr(SURPLUS, True)
             raise SurplusTrial(trial.number)
-        plan = suggest_plan(trial, num_layers, settings, list(category_weights or {}))
+        plan = suggest_plan(trial, num_layers, settings, list(category_weights or {}), edit)
         plan.category_weights = dict(category_weights or {})
         trial.set_user_attr("plan", plan.to_dict())
         scorer.stats = DecodeStats()
-        with ablated(model, weight_deltas(model, basis, plan, strengths)):
+        with ablated(model, weight_deltas(model, basis, plan, strengths, inputs)):
             kl = scorer.kl()
             trial.set_user_attr("kl_divergence", kl)
             if settings.prune_kl is not None and kl > settings.prune_kl:

@@ -223,7 +223,7 @@ def test_every_text_setting_is_either_a_path_the_policy_checks_or_plain_text():
              "probe.marker", "directions.contrast", "directions.method", "categories.keep_rule",
              "optimize.study_name", "optimize.batch_size", "optimize.response_prefix", "optimize.kernels",
              "optimize.components", "optimize.direction_scopes", "optimize.refusal_markers",
-             "optimize.refusal_measure", "merge.max_shard_size", "categories.weights"}
+             "optimize.refusal_measure", "merge.max_shard_size", "categories.weights", "edit.method"}
     text = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls) if "str" in str(f.type)}
     assert text - plain == set(PATH_KEYS)
 

@@ -7,9 +7,11 @@ import shutil
 import torch
 
 from clawly import export as ex
+from clawly.ablation import AblationPlan, weight_deltas
 from clawly.artifacts.directions import check_fits, read_ablation_directions
 from clawly.artifacts.optimize import read_chosen_trial
 from clawly.artifacts.prompts import read_prompts
+from clawly.input_edits import WriterInputs, load_writer_inputs, retained_writes
 from clawly.io import atomic_dir, read_json, write_json, write_text
 from clawly.log import StageLogger
 from clawly.lora import AdapterUnsupportedError
@@ -30,7 +32,9 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> dic
     check_fits(ablation.directions, model, p.orthogonalized)
     source = str(resolve_model_source(settings.model))
     plan = chosen.plan
-    factors = ex.saved_change(model, ablation.basis, plan, ablation.strengths, settings.export).factors
+    inputs = load_writer_inputs(settings) if plan.edit else None
+    change = ex.saved_change(model, ablation.basis, plan, ablation.strengths, settings.export, inputs)
+    factors = change.factors
     if plan.norm_preserve and (warning := ex.adapter_warning(factors, settings.export)):
         log.event("warning", warning)
     per_category = settings.categories.per_category_adapters and ablation.mode == "category"
@@ -43,7 +47,7 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> dic
                 for i, name in enumerate(ablation.names):
                     alone = torch.zeros_like(ablation.strengths)
                     alone[i] = ablation.strengths[i]  # this category's share of the combined change
-                    one = ex.saved_change(model, ablation.basis, plan, alone, settings.export).factors
+                    one = ex.saved_change(model, ablation.basis, plan, alone, settings.export, inputs).factors
                     ex.write_adapter(model, one, tmp / "categories" / name, source)
             card = ex.model_card(settings, summary, kind="adapter")
         except AdapterUnsupportedError as e:  # the record still lets merge build the exact model
@@ -56,11 +60,29 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> dic
                     "model from it exactly, and `clawly --reproduce` rebuilds it.\n")
         write_text(tmp / "README.md", card)
         ex.write_record(tmp, "adapter", settings, plan, ablation, {"harmful": harmful, "harmless": harmless},
-                        chosen.record)
+                        chosen.record, change)
     report = {**ex.adapter_metrics(factors), "adapter": unsupported is None, "no_adapter_because": unsupported,
               "norm_preserve": plan.norm_preserve,
               "per_category_adapters": ablation.names if per_category else [],
-              "per_category_sum_is_exact": per_category and not plan.norm_preserve}
+              "per_category_sum_is_exact": per_category and not plan.norm_preserve,
+              **({"edit": edit_report(model, ablation, plan, inputs)} if plan.edit else {})}
     write_json(p.report("export"), report)
     log.event("adapter", **report)
     return report
+
+
+def edit_report(model, ablation, plan: AblationPlan, inputs: WriterInputs) -> dict:
+    """What the input-conditional edit leaves, per writer of the chosen plan: the share of the targeted
+    requests' write along the ablated directions that it still removes, and the share of the kept
+    requests' write it still changes (plain ablation: 1 and 1), with the edit's parameter."""
+    plain = weight_deltas(model, ablation.basis, AblationPlan.from_dict({**plan.to_dict(), "edit": {}}),
+                          ablation.strengths)
+    writers = {}
+    for name, delta in plain.items():
+        targeted, kept = retained_writes(plan.edit, inputs, delta.a, name)
+        writers[name] = {"targeted_removed_share": round(targeted, 4), "kept_changed_share": round(kept, 4)}
+    shares = [w["targeted_removed_share"] for w in writers.values()]
+    kept = [w["kept_changed_share"] for w in writers.values()]
+    return {**plan.edit, "writers": writers,
+            "mean_targeted_removed_share": round(sum(shares) / len(shares), 4) if shares else None,
+            "mean_kept_changed_share": round(sum(kept) / len(kept), 4) if kept else None}

@@ -32,6 +32,7 @@ from clawly.categories import category_table
 from clawly.classify import FEATURES, response_classifier
 from clawly.decoding import PromptSet, auto_batch_size, detect_response_prefix
 from clawly.errors import ClawlyError
+from clawly.input_edits import WriterInputs, load_writer_inputs
 from clawly.io import atomic_path, write_json
 from clawly.log import StageLogger, get_logger
 from clawly.measures import chat_prompts
@@ -90,6 +91,7 @@ class Search:
     study: optuna.Study
     ablation: AblationDirections
     num_layers: int
+    inputs: WriterInputs | None = None  # the writers' input statistics of an input-conditional edit
 
     @property
     def scored_prompts(self) -> int:
@@ -170,6 +172,9 @@ def study_fingerprint(settings: Settings, harmful: pd.DataFrame, harmless: pd.Da
     categories = {k: v for k, v in dataclasses.asdict(settings.categories).items() if k != "per_category_adapters"}
     key = {"model": model, "search": search, "directions": directions, "categories": categories,
            "harmful": harmful.id.tolist(), "harmless": harmless.id.tolist()}
+    if settings.edit.conditional:  # the edit's settings and the inputs it was measured on change the trials
+        key["edit"] = {**dataclasses.asdict(settings.edit),
+                       "inputs": hashlib.sha256(Paths.of(settings).writer_inputs.read_bytes()).hexdigest()}
     if settings.optimize.refusal_measure == "classifier":
         train = project_file(settings.classifier.train_file)
         key["classifier"] = {"train": hashlib.sha256(train.read_bytes()).hexdigest() if train.is_file() else None,
@@ -213,7 +218,7 @@ def start_search(settings: Settings, log: StageLogger, model, tokenizer, ablatio
     if done:
         log.event("resume", f"resuming study '{study_name}' with {done} finished trial(s)", finished=done)
     return Search(harmful, harmless, prefix, batch_size, prompts, scorer, base, objectives, study, ablation,
-                  num_layers(model))
+                  num_layers(model), load_writer_inputs(settings))
 
 
 def search_trials(search: Search, settings: Settings, model, log: StageLogger) -> Iterator[optuna.trial.FrozenTrial]:
@@ -225,7 +230,7 @@ def search_trials(search: Search, settings: Settings, model, log: StageLogger) -
         bar.update(shown)
         for t in st.iter_study(search.study, model, search.scorer, search.ablation.basis,
                                 search.num_layers, s, search.objectives, search.ablation.strengths,
-                                search.ablation.category_weights):
+                                search.ablation.category_weights, settings.edit, search.inputs):
             step = max(1, min(len(st.finished(search.study)), s.n_trials) - shown)  # every worker's trials
             bar.update(step)
             shown += step

@@ -39,6 +39,7 @@ CHOICES = {  # keys whose values are a fixed set (a test checks each against the
     "directions.contrast": ("general", "topic_matched", "mixed"),
     "directions.method": ("dim", "rdo"),
     "categories.keep_rule": ("constraint", "objective"),
+    "edit.method": ("projection", "nullspace", "least_squares"),
     "optimize.kernels": ("shared", "per_category"),
     "optimize.refusal_measure": tuple(REFUSAL_MEASURES),
 }
