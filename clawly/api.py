@@ -37,6 +37,7 @@ from clawly.architecture import num_layers as decoder_layer_count
 from clawly.artifacts.directions import AblationDirections, check_fits, read_ablation_directions
 from clawly.artifacts.prompts import instructed_categories, row_systems
 from clawly.categories import category_table, check_categories
+from clawly.distill import read_factors
 from clawly.errors import ClawlyError
 from clawly.input_edits import WriterInputs, load_writer_inputs
 from clawly.io import atomic_dir, read_json, write_json, write_text
@@ -48,6 +49,7 @@ from clawly.settings import REFUSAL_MEASURES, Settings
 from clawly.steps import (
     analyze,
     compute_directions,
+    distill,
     generate_datasets,
     optimize,
     orthogonalize_categories,
@@ -83,6 +85,7 @@ class Pipeline:
         self.search: optimize.Search | None = None
         self.trial: TrialOutcome | None = None  # the trial whose weights the model holds (None: base)
         self._change: ex.SavedChange | None = None  # the restored trial's change as it is saved
+        self._distilled = False  # the change is a distilled adapter (distill()), not the trial's own
         self._deltas: dict | None = None  # ... and as applied (its model_deltas, formed once)
         self._geometry: analyze.Geometry | None = None
         self._applied = contextlib.ExitStack()
@@ -287,6 +290,25 @@ class Pipeline:
         self.trial = trial
         return trial
 
+    def distill(self) -> TrialOutcome:
+        """Selective distillation (`distill.steps` > 0): the adapter retrained from the global change
+        so that targeted requests follow the globally abliterated model and kept ones the base model
+        (`clawly.distill`); the model then holds the trained adapter, which save_adapter and save_model
+        write. Runs on the base weights, from the chosen trial's kernels."""
+        if not self.settings.distill.enabled:
+            raise ClawlyError("distill.steps is 0: set it (e.g. 60) to distill the adapter")
+        trial = self._current()
+        self.write_outputs()  # the chosen trial's file the step starts from
+        self._restore_base()
+        self.trial = None
+        distill.run(self.settings, self.log, self.model, self.tokenizer)
+        change = ex.distilled_change(self.model, read_factors(Paths.of(self.settings).distilled)[0])
+        self._change, self._deltas = change, change.model_deltas
+        self._applied.enter_context(ablated(self.model, self._deltas))
+        self._distilled = True
+        self.trial = trial
+        return trial
+
     def score(self) -> TrialOutcome:
         """Refusals and KL of the model as it is now (the restored trial, or the base model)."""
         if self.search is None:  # the base scores come first, on the base weights
@@ -323,7 +345,7 @@ class Pipeline:
     def _restore_base(self) -> None:
         self._applied.close()
         self._applied = contextlib.ExitStack()
-        self.trial, self._change, self._deltas = None, None, None
+        self.trial, self._change, self._deltas, self._distilled = None, None, None, False
 
     @contextlib.contextmanager
     def base_weights(self) -> Iterator[torch.nn.Module]:
@@ -384,7 +406,8 @@ class Pipeline:
                         {"harmful": harmful, "harmless": harmless},
                         None if trial.index < 0 else {"index": trial.index, "parameters": trial.parameters,
                                                       "refusals": trial.refusals, "kl_divergence": trial.kl_divergence},
-                        self._change)
+                        self._change, {n: (d.b, d.a) for n, d in self._change.deltas.items()} if self._distilled
+                        else None)
 
     def _card(self, kind: str) -> str:
         summary = {}
@@ -457,6 +480,14 @@ class Pipeline:
         check_fits(pipe.directions.directions, pipe.load_model()[0], directions_file)
         trial = record.get("trial") or {}
         pipe.restore_trial(AblationPlan.from_dict(record["plan"]))
+        trained = ex.recorded_distillation(Path(directions_file).parent)
+        if trained:  # the saved change was the distilled adapter: rebuild that
+            restored = pipe.trial
+            pipe._restore_base()
+            change = ex.distilled_change(pipe.model, trained)
+            pipe._change, pipe._deltas, pipe._distilled = change, change.model_deltas, True
+            pipe._applied.enter_context(ablated(pipe.model, pipe._deltas))
+            pipe.trial = restored
         pipe.trial = TrialOutcome(trial.get("index", -1), trial.get("refusals"), trial.get("kl_divergence"), {}, {},
                                   trial.get("parameters", {}), pipe.trial.plan)
         kind = record.get("kind", "model")

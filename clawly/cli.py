@@ -399,6 +399,9 @@ def run(args: argparse.Namespace, ask: Callable[[str], str] = input, say: Callab
     if not direct:
         pipe.restore_trial(chosen)
         say(f"using {pipe.trial}")
+        if pipe.settings.distill.enabled:
+            pipe.distill()
+            say(f"distilled the adapter ({pipe.settings.distill.steps} steps from the global change)")
     saved = save(pipe, out, args.save, say)
     if args.push_to_hub:
         if not saved:

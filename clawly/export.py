@@ -29,6 +29,7 @@ from clawly.architecture import holds_quantized
 from clawly.artifacts.directions import AblationDirections, write_ablation_directions
 from clawly.checkpoint import save_sharded, source_weight_map
 from clawly.directions import AblationBasis
+from clawly.distill import read_factors, write_factors
 from clawly.errors import ClawlyError
 from clawly.input_edits import RecordedInputs, read_recorded_rows, write_recorded_rows
 from clawly.io import write_json
@@ -41,6 +42,7 @@ RECORD = "clawly_reproduction.json"
 RECORD_FORMAT = 2  # 2: the directions file holds removed and protected directions too
 DIRECTIONS = "clawly_directions.safetensors"
 EDIT = "clawly_edit.safetensors"  # an input-conditional edit's A rows per writer (beside the record)
+DISTILLED = "clawly_distilled.safetensors"  # a distilled adapter's trained factors (beside the record)
 
 
 @dataclass
@@ -72,6 +74,13 @@ def saved_change(model, basis: AblationBasis, plan: AblationPlan, strengths: tor
     deltas = weight_deltas(model, basis, plan, strengths, inputs)
     factors = lora_factors(deltas, export.energy, export.max_rank)
     return SavedChange(deltas, factors, plan.norm_preserve, adapter_problem(model, factors))
+
+
+def distilled_change(model, trained: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> SavedChange:
+    """A distilled adapter's factors (`clawly.distill`) as the change that is saved: exact low rank."""
+    deltas = {name: WeightDelta(b=b.double(), a=a.double()) for name, (b, a) in trained.items()}
+    factors = lora_factors(deltas)
+    return SavedChange(deltas, factors, False, adapter_problem(model, factors))
 
 
 def merged_deltas(factors: dict[str, LoraFactors]) -> dict[str, WeightDelta]:
@@ -191,7 +200,8 @@ def portable_settings(settings: Settings) -> dict:
 
 
 def write_record(out_dir: Path, kind: str, settings: Settings, plan: AblationPlan, ablation: AblationDirections,
-                 prompts: dict, trial: dict | None, change: SavedChange | None = None) -> dict:
+                 prompts: dict, trial: dict | None, change: SavedChange | None = None,
+                 distilled: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
     """Write the reproduction record and the ablated directions into `out_dir`; with an
     input-conditional edit also its A rows per writer (`EDIT`, from `change`): rebuilding the change
     then needs no probing of the writers' inputs.
@@ -205,6 +215,10 @@ def write_record(out_dir: Path, kind: str, settings: Settings, plan: AblationPla
             raise ValueError("an input-conditional edit's record needs the saved change (its A rows)")
         write_recorded_rows(out_dir / EDIT, {name: d.a for name, d in change.deltas.items()})
         edit = {"file": EDIT, "sha256": file_sha256(out_dir / EDIT), **plan.edit}
+    trained = None
+    if distilled:  # the change is the trained factors; plan and directions are where training started
+        write_factors(out_dir / DISTILLED, distilled, {"steps": str(settings.distill.steps)})
+        trained = {"file": DISTILLED, "sha256": file_sha256(out_dir / DISTILLED), "steps": settings.distill.steps}
     record = {
         "format": RECORD_FORMAT, "clawly": __version__, "kind": kind,
         "settings": portable_settings(settings),
@@ -213,6 +227,7 @@ def write_record(out_dir: Path, kind: str, settings: Settings, plan: AblationPla
         "directions": {"file": DIRECTIONS, "sha256": file_sha256(out_dir / DIRECTIONS), "mode": ablation.mode,
                        "names": ablation.names, "weights": ablation.weights, "kept": ablation.kept},
         "trial": trial, "plan": plan.to_dict(), **({"edit": edit} if edit else {}),
+        **({"distilled": trained} if trained else {}),
         "python": platform.python_version(), "packages": package_versions(),
     }
     write_json(out_dir / RECORD, record)
@@ -222,8 +237,9 @@ def write_record(out_dir: Path, kind: str, settings: Settings, plan: AblationPla
 def copy_record(src_dir: Path, out_dir: Path, kind: str) -> None:
     """Carry an adapter's record over to the model merged from it."""
     shutil.copyfile(src_dir / DIRECTIONS, out_dir / DIRECTIONS)
-    if (src_dir / EDIT).is_file():
-        shutil.copyfile(src_dir / EDIT, out_dir / EDIT)
+    for extra in (EDIT, DISTILLED):
+        if (src_dir / extra).is_file():
+            shutil.copyfile(src_dir / extra, out_dir / extra)
     record = json.loads((src_dir / RECORD).read_text())
     write_json(out_dir / RECORD, {**record, "kind": kind})
 
@@ -250,13 +266,19 @@ def read_record(path: str | Path) -> tuple[dict, Path]:
         raise ClawlyError(f"{directions} is missing: keep it beside {path.name} (it holds the ablated directions)")
     if file_sha256(directions) != record["directions"]["sha256"]:
         raise ClawlyError(f"{directions} does not match the record's sha256: the file was changed or replaced")
-    edit = record.get("edit")
-    if edit:
-        rows = path.parent / edit["file"]
-        if not rows.is_file() or file_sha256(rows) != edit["sha256"]:
-            raise ClawlyError(f"{rows} is missing or does not match the record's sha256: keep it beside {path.name} "
-                              "(it holds the input-conditional edit)")
+    for part, what in (("edit", "the input-conditional edit"), ("distilled", "the distilled adapter's factors")):
+        if record.get(part):
+            extra = path.parent / record[part]["file"]
+            if not extra.is_file() or file_sha256(extra) != record[part]["sha256"]:
+                raise ClawlyError(f"{extra} is missing or does not match the record's sha256: keep it beside "
+                                  f"{path.name} (it holds {what})")
     return record, directions
+
+
+def recorded_distillation(record_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """The trained factors of a record whose adapter was distilled, else None."""
+    record, _ = read_record(record_dir)
+    return read_factors(Path(record_dir) / record["distilled"]["file"])[0] if record.get("distilled") else None
 
 
 def recorded_inputs(record_dir: Path) -> RecordedInputs | None:

@@ -76,6 +76,10 @@ class Paths:
     @property
     def optimizer_prompts(self) -> Path: return self.optimize / "prompts.parquet"
 
+    # distill
+    @property
+    def distilled(self) -> Path: return self.artifacts / "distill" / "factors.safetensors"
+
     # export-lora, merge, evaluate
     @property
     def lora(self) -> Path: return self.artifacts / "lora"

@@ -259,6 +259,35 @@ class EditSettings:
         return self.method != "projection"
 
 
+@dataclass
+class DistillSettings:
+    steps: int = _f(0)
+    rank: int = _f(4)
+    lr: float = _f(0.001)
+    batch_size: int = _f(4)
+    targeted_prompts: int = _f(16)
+    kept_prompts: int = _f(16)
+    harmless_prompts: int = _f(32)
+    answer_tokens: int = _f(24)
+    kl_tokens: int = _f(8)
+    kept_weight: float = _f(1.0)
+    harmless_weight: float = _f(1.0)
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "distill.steps", self.steps, "an integer >= 0 (0: no distillation)")
+        for key in ("rank", "batch_size", "targeted_prompts", "answer_tokens", "kl_tokens"):
+            _check(getattr(self, key) >= 1, f"distill.{key}", getattr(self, key), "an integer >= 1")
+        for key in ("kept_prompts", "harmless_prompts"):
+            _check(getattr(self, key) >= 0, f"distill.{key}", getattr(self, key), "an integer >= 0")
+        _check(self.lr > 0, "distill.lr", self.lr, "a number > 0")
+        for key in ("kept_weight", "harmless_weight"):
+            _check(getattr(self, key) >= 0, f"distill.{key}", getattr(self, key), "a number >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.steps > 0
+
+
 # What the first objective counts, by optimize.refusal_measure: a label and what it means.
 REFUSAL_MEASURES = {
     "keywords": ("keyword refusals", "answers with a refusal marker (a marker list: it misses soft refusals and "
@@ -387,7 +416,7 @@ class ResearchSettings:
 
 SECTIONS = {"model": ModelSettings, "data": DataSettings, "probe": ProbeSettings, "directions": DirectionSettings,
             "orthogonalize": OrthogonalizeSettings, "categories": CategorySettings, "edit": EditSettings,
-            "optimize": OptimizeSettings,
+            "optimize": OptimizeSettings, "distill": DistillSettings,
             "export": ExportSettings, "merge": MergeSettings, "evaluate": EvaluateSettings,
             "classifier": ClassifierSettings, "research": ResearchSettings}
 
@@ -454,6 +483,7 @@ class Settings:
     categories: CategorySettings
     edit: EditSettings
     optimize: OptimizeSettings
+    distill: DistillSettings
     export: ExportSettings
     merge: MergeSettings
     evaluate: EvaluateSettings
@@ -476,6 +506,9 @@ class Settings:
         _check(not (self.optimize.norm_preserve and self.edit.conditional), "optimize.norm_preserve",
                self.optimize.norm_preserve, f"false with edit.method={self.edit.method}: rescaling every column "
                "changes the kept inputs' writes too")
+        _check(not (self.distill.enabled and (self.optimize.norm_preserve or self.edit.conditional)), "distill.steps",
+               self.distill.steps, "0 with optimize.norm_preserve or an input-conditional edit: distillation starts "
+               "from a plain global change")
         _check(not self.edit.conditional or bool(self.categories.kept) or self.edit.harmless_prompts > 0,
                "edit.method", self.edit.method, "'projection' unless something is kept: a kept category "
                "(categories.weights at 0) or edit.harmless_prompts > 0")

@@ -11,6 +11,7 @@ SECTIONS = {
     'categories': 'Category mode: which harm categories to uncensor and whose refusals to keep.',
     'edit': "probe-writers and the trials: how each writer's change is formed; input-conditional edits leave kept requests' writes unchanged.",
     'optimize': "optimize: the Optuna search space, the trials' prompts and scoring, the choice rule.",
+    'distill': "distill: train the adapter's factors so targeted requests follow the globally abliterated model and kept ones the base model (off with steps 0).",
     'export': "export-lora: how the chosen trial's change becomes a LoRA adapter.",
     'merge': 'merge: how the merged model is written.',
     'evaluate': 'evaluate: the held-out re-scoring of the merged model against the base model.',
@@ -193,6 +194,28 @@ HELP = {
         "Refusal marker phrases (null: clawly's built-in list).",
     'optimize.refusal_measure':
         "What the optimizer minimizes: 'keywords' (answers with a refusal marker; answers stop at the first marker) or 'classifier' (answers the response classifier does not call compliance: refusals, off-topic and degenerate ones; answers run to max_new_tokens).",
+    'distill.steps':
+        "Adam steps of selective distillation (0: off, the chosen trial's change is exported as it is). The adapter starts from the exact LoRA of a global abliteration (the run's global refusal direction with the chosen trial's kernels) and is trained so that targeted requests follow that model's own answers, kept requests the base model's own answers, and harmless requests keep the base model's distribution over the first answer tokens.",
+    'distill.rank':
+        'Rank of every writer\'s trained LoRA factors (the first starts as the global change, the others at zero).',
+    'distill.lr':
+        'Adam learning rate of the factors.',
+    'distill.batch_size':
+        'Requests of each set (targeted, kept, harmless) per step.',
+    'distill.targeted_prompts':
+        'Train-split requests per targeted category, answered by the globally abliterated model.',
+    'distill.kept_prompts':
+        'Train-split requests per kept category, answered by the base model.',
+    'distill.harmless_prompts':
+        'Harmless train requests whose first answer tokens keep the base distribution.',
+    'distill.answer_tokens':
+        'Tokens of each teacher answer trained on (targeted and kept).',
+    'distill.kl_tokens':
+        "Answer positions of each harmless request over which KL(base || adapted) is taken.",
+    'distill.kept_weight':
+        'Weight of the kept requests\' cross-entropy in the loss.',
+    'distill.harmless_weight':
+        'Weight of the harmless KL in the loss.',
     'export.energy':
         'SVD rank for dense (norm-preserving) changes: keep this share of the squared singular values.',
     'export.max_rank':

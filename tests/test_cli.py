@@ -72,6 +72,9 @@ SAMPLES = {
     "directions.rdo_init_point": ("0.3", 0.3), "directions.rdo_kept_weight": ("2.5", 2.5),
     "directions.rdo_harmless_weight": ("0.5", 0.5), "optimize.kernels": ("per_category", "per_category"),
     "research.projection_points": ("[1, 3]", [1, 3]), "research.png_points": ("[2]", [2]),
+    "data.holdout": ("prompt", "prompt"), "edit.method": ("nullspace", "nullspace"),
+    "distill.lr": ("0.05", 0.05), "distill.kept_weight": ("2.5", 2.5), "distill.harmless_weight": ("0.5", 0.5),
+    "edit.energy_range": ("[0.6, 0.9]", [0.6, 0.9]), "edit.ridge_range": ("[0.01, 0.5]", [0.01, 0.5]),
 }
 
 
@@ -93,6 +96,7 @@ def sample(key: str, f: dataclasses.Field):
 
 
 CONFIG_KEYS = cli.config_options()
+NEEDS = {"edit.method": ["--edit.harmless-prompts", "8"]}  # what a sample value needs besides itself
 
 
 @pytest.mark.parametrize("key,field", CONFIG_KEYS, ids=[k for k, _ in CONFIG_KEYS])
@@ -102,6 +106,7 @@ def test_every_config_key_option_sets_its_setting(key, field):
     assert value != field_default(field), f"{key}: the sample must differ from the default"
     flag = f"--{section}.{name.replace('_', '-')}"
     argv = ([flag] if value else [f"--no-{flag[2:]}"]) if text is None else [flag, text]
+    argv += NEEDS.get(key, [])
     assert getattr(getattr(parse(*argv), section), name) == value
     if len(key_sections()[name]) == 1 and key != "model.name":  # the flat alias does the same
         alias = f"--{name.replace('_', '-')}"

@@ -194,3 +194,45 @@ def test_an_input_conditional_run_trials_exports_and_reproduces_what_it_scored(m
     again = Pipeline.reproduce(adapter / "clawly_reproduction.json", tmp_path / "again", quiet(tmp_path))
     assert (again / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
     pipe.close()
+
+
+# ------------------------------------------------------------------ selective distillation
+
+def test_distillation_lowers_its_loss_and_the_trained_adapter_is_what_peft_merges(make_tiny_model, tmp_path):
+    """A global trial's exact LoRA, trained towards the global model's answers on targeted requests
+    and the base model's on kept ones: the loss falls; the adapter loads in peft and merges to the
+    saved model; the record reproduces it; the export report says it was distilled."""
+    from clawly.steps import export_lora, merge
+
+    model_dir = make_tiny_model("llama")
+    settings = tiny_settings(model_dir, tmp_path, n_trials=2, **{
+        "categories.weights": {"violence_weapons": 1.0, "self_harm_suicide": 0.0},
+        "distill.steps": 12, "distill.rank": 3, "distill.lr": 0.01, "distill.batch_size": 4,
+        "distill.targeted_prompts": 4, "distill.kept_prompts": 4, "distill.harmless_prompts": 4,
+        "distill.answer_tokens": 6, "distill.kl_tokens": 3})
+    pipe = Pipeline(settings, log=quiet(tmp_path))
+    list(pipe.run_optimization_iter())
+    pipe.restore_trial(pipe.choose_trial())
+    pipe.distill()
+    report = json.loads((tmp_path / "artifacts" / "reports" / "distill.json").read_text())
+    assert report["last"]["loss"] < report["first"]["loss"]  # same draw of requests at both ends
+    adapter, merged = pipe.save_adapter(tmp_path / "adapter"), pipe.save_model(tmp_path / "model")
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 3
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    by_peft = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().state_dict()
+    saved = AutoModelForCausalLM.from_pretrained(merged).state_dict()
+    assert all(torch.equal(by_peft[k], saved[k]) for k in saved)
+    # the merged model is the one the pipeline holds (what a score() or chat now sees)
+    held = pipe.model.state_dict()
+    assert all(torch.equal(held[k], saved[k]) for k in saved)
+    record = json.loads((adapter / "clawly_reproduction.json").read_text())
+    assert record["distilled"]["steps"] == 12
+    again = Pipeline.reproduce(adapter / "clawly_reproduction.json", tmp_path / "again", quiet(tmp_path))
+    assert (again / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
+    # the stages: export-lora exports the distilled factors, merge merges them
+    export_lora.run(settings, quiet(tmp_path))
+    merge.run(settings, quiet(tmp_path))
+    staged = AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts" / "model").state_dict()
+    assert all(torch.equal(staged[k], saved[k]) for k in saved)
+    assert json.loads((tmp_path / "artifacts" / "reports" / "export.json").read_text())["distilled"] is True
+    pipe.close()

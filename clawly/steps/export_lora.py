@@ -11,6 +11,7 @@ from clawly.ablation import AblationPlan, weight_deltas
 from clawly.artifacts.directions import check_fits, read_ablation_directions
 from clawly.artifacts.optimize import read_chosen_trial
 from clawly.artifacts.prompts import read_prompts
+from clawly.distill import read_factors
 from clawly.input_edits import WriterInputs, load_writer_inputs, retained_writes
 from clawly.io import atomic_dir, read_json, write_json, write_text
 from clawly.log import StageLogger
@@ -33,11 +34,15 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> dic
     source = str(resolve_model_source(settings.model))
     plan = chosen.plan
     inputs = load_writer_inputs(settings) if plan.edit else None
-    change = ex.saved_change(model, ablation.basis, plan, ablation.strengths, settings.export, inputs)
+    trained = read_factors(p.distilled)[0] if settings.distill.enabled else None
+    if trained:  # the distilled adapter replaces the trial's change
+        change = ex.distilled_change(model, trained)
+    else:
+        change = ex.saved_change(model, ablation.basis, plan, ablation.strengths, settings.export, inputs)
     factors = change.factors
     if plan.norm_preserve and (warning := ex.adapter_warning(factors, settings.export)):
         log.event("warning", warning)
-    per_category = settings.categories.per_category_adapters and ablation.mode == "category"
+    per_category = settings.categories.per_category_adapters and ablation.mode == "category" and not trained
     summary = read_json(p.report("optimize")) if p.report("optimize").exists() else {}
     unsupported = None
     with atomic_dir(p.lora) as tmp:
@@ -60,12 +65,13 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> dic
                     "model from it exactly, and `clawly --reproduce` rebuilds it.\n")
         write_text(tmp / "README.md", card)
         ex.write_record(tmp, "adapter", settings, plan, ablation, {"harmful": harmful, "harmless": harmless},
-                        chosen.record, change)
+                        chosen.record, change, trained)
     report = {**ex.adapter_metrics(factors), "adapter": unsupported is None, "no_adapter_because": unsupported,
               "norm_preserve": plan.norm_preserve,
               "per_category_adapters": ablation.names if per_category else [],
               "per_category_sum_is_exact": per_category and not plan.norm_preserve,
-              **({"edit": edit_report(model, ablation, plan, inputs)} if plan.edit else {})}
+              **({"edit": edit_report(model, ablation, plan, inputs)} if plan.edit else {}),
+              "distilled": bool(trained)}
     write_json(p.report("export"), report)
     log.event("adapter", **report)
     return report
