@@ -256,7 +256,7 @@ def test_settings_accept_every_key_flat_dotted_or_by_section():
         ("some/model", 7, 5, 3)
     assert Settings(kl_cap=0.2).optimize.kl_cap == 0.2
     assert Settings.from_dict(s.to_dict()) == s
-    with pytest.raises(ValueError, match="ambiguous setting 'batch_size': it is in probe, optimize, evaluate"):
+    with pytest.raises(ValueError, match="ambiguous setting 'batch_size': it is in probe, optimize, distill, evaluate"):
         Settings(batch_size=4)
     with pytest.raises(ValueError, match="did you mean 'n_trials'"):
         Settings(n_trial=4)
