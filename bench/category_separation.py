@@ -28,12 +28,12 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
 from bench.common import machine, project_settings  # noqa: E402
-from clawly.activations import instruction_suffix, probe_residuals  # noqa: E402
-from clawly.artifacts.prompts import GENERAL  # noqa: E402
-from clawly.datasets import generate_prompts  # noqa: E402
-from clawly.directions import cosine  # noqa: E402
-from clawly.measures import chat_prompts  # noqa: E402
-from clawly.model import load_model  # noqa: E402
+from clawly.ablate.activations import instruction_suffix, probe_residuals  # noqa: E402
+from clawly.ablate.directions import cosine  # noqa: E402
+from clawly.data.prompts import GENERAL  # noqa: E402
+from clawly.data.templates import generate_prompts  # noqa: E402
+from clawly.measure.templating import chat_prompts  # noqa: E402
+from clawly.model.loading import load_model  # noqa: E402
 
 KEPT = "self_harm_suicide"
 TARGETED = ("violence_weapons", "drugs_substances", "adult_content")

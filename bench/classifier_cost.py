@@ -25,7 +25,7 @@ def main() -> None:
     import torch
 
     from bench.common import dump, machine, project_settings
-    from clawly.classify import read_labelled, response_classifier
+    from clawly.measure.classify import read_labelled, response_classifier
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--count", type=int, default=48, help="answers per call (the optimizer's default: 48)")

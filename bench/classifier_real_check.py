@@ -47,9 +47,9 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
 from bench.common import project_settings  # noqa: E402
-from clawly.categories import wilson_interval  # noqa: E402
-from clawly.classify import LABELS, ResponseClassifier, scores  # noqa: E402
-from clawly.measures import RefusalDetector  # noqa: E402
+from clawly.ablate.categories import wilson_interval  # noqa: E402
+from clawly.measure.classify import LABELS, ResponseClassifier, scores  # noqa: E402
+from clawly.measure.stance import RefusalDetector  # noqa: E402
 
 LABELS_FILE = ROOT / "results" / "real-answer-labels.jsonl"
 
@@ -95,7 +95,7 @@ def generate_answers(prompts: pd.DataFrame, models: tuple[str, ...] = ("base", "
     evaluate.max_new_tokens; the chosen trial's response prefix when there is one) by the base model
     and the `merge` stage's model. `settings`: params.yaml's by default. Columns id, text, category
     and `<model>_response`."""
-    from clawly.model import load_model
+    from clawly.model.loading import load_model
     from clawly.paths import Paths
     from clawly.steps.evaluate import evaluation_prompts, merged_model_settings
 
@@ -126,7 +126,7 @@ def cached_answers(labels: list[dict], cache: Path = ROOT / "work" / "labelled-a
 
 
 def measure(rows: list[dict], predicted: list[str]) -> dict:
-    """`clawly.classify.scores` plus 95% Wilson intervals of the accuracy and of refusal and
+    """`clawly.measure.classify.scores` plus 95% Wilson intervals of the accuracy and of refusal and
     not-compliant precision and recall, and the confusion counts (truth -> predicted)."""
     s = scores(rows, predicted)
     s["accuracy_ci95"] = wilson_interval(s["correct"], len(rows))
@@ -165,7 +165,7 @@ def check(rows: list[dict], classifier: ResponseClassifier, detector: RefusalDet
 
 
 def main() -> None:
-    from clawly.classify import response_classifier
+    from clawly.measure.classify import response_classifier
 
     labels = read_labels()
     responses = cached_answers(labels)

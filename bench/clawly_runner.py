@@ -41,7 +41,7 @@ def main() -> None:
     import optuna
 
     from clawly.log import get_logger
-    from clawly.model import load_model
+    from clawly.model.loading import load_model
     from clawly.steps import (
         compute_directions,
         export_lora,
@@ -68,7 +68,7 @@ def main() -> None:
     t = time.time()
     metrics = optimize.run(settings, log, model, tok)
     timing["optimize_seconds"] = round(time.time() - t, 1)
-    from clawly.study import _storage
+    from clawly.search.study import _storage
 
     fingerprint = optimize.study_fingerprint(settings, *optimize.optimizer_prompts(settings))
     name = f"{settings.optimize.study_name}-{fingerprint}"

@@ -35,12 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 from selectivity import OUT, labels  # noqa: E402
 
-from clawly.artifacts.optimize import read_chosen_trial  # noqa: E402
-from clawly.artifacts.prompts import row_systems  # noqa: E402
-from clawly.classify import response_classifier  # noqa: E402
-from clawly.decoding import PromptSet  # noqa: E402
-from clawly.measures import chat_prompts  # noqa: E402
-from clawly.model import load_model  # noqa: E402
+from clawly.data.prompts import row_systems  # noqa: E402
+from clawly.measure.classify import response_classifier  # noqa: E402
+from clawly.measure.decoding import PromptSet  # noqa: E402
+from clawly.measure.templating import chat_prompts  # noqa: E402
+from clawly.model.loading import load_model  # noqa: E402
+from clawly.search.chosen import read_chosen_trial  # noqa: E402
 from clawly.settings import Settings  # noqa: E402
 
 # Openings of refusals, chosen before looking at any score: their first tokens are the signal.

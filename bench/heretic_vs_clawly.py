@@ -30,9 +30,9 @@ STEPS = ("prepare", "heretic", "clawly", "rescore", "report")
 def prepare(a) -> None:
     import pandas as pd
 
-    from clawly.artifacts.prompts import read_prompts
+    from clawly.data.prompts import read_prompts
     from clawly.log import get_logger
-    from clawly.model import resolve_model_source
+    from clawly.model.loading import resolve_model_source
     from clawly.paths import Paths
     from clawly.settings import ModelSettings
     from clawly.steps import generate_datasets, optimize

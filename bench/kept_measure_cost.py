@@ -24,10 +24,10 @@ PRESET = {"violence_weapons": 1.0, "drugs_substances": 1.0, "adult_content": 1.0
 
 def main() -> None:
     from bench.common import dump, machine, project_settings
-    from clawly.datasets import generate_prompts
-    from clawly.measures import chat_prompts
-    from clawly.model import load_model
-    from clawly.scoring import ScoringPrompts, TrialScorer
+    from clawly.data.templates import generate_prompts
+    from clawly.measure.scoring import ScoringPrompts, TrialScorer
+    from clawly.measure.templating import chat_prompts
+    from clawly.model.loading import load_model
     from clawly.steps.optimize import stratified_sample
 
     settings = project_settings()

@@ -30,10 +30,10 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
-    from clawly.activations import probe_residuals
-    from clawly.artifacts.activations import ActivationWriter
-    from clawly.measures import _encode, chat_prompts, length_sorted_batches
-    from clawly.model import load_model
+    from clawly.ablate.activations import ActivationWriter, probe_residuals
+    from clawly.measure.reference import _encode
+    from clawly.measure.templating import chat_prompts, length_sorted_batches
+    from clawly.model.loading import load_model
     from clawly.settings import ModelSettings
 
     model, tok = load_model(ModelSettings())

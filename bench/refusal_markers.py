@@ -40,7 +40,7 @@ def confusion(rows: list[dict], rule) -> dict:
 
 
 def main() -> None:
-    from clawly.measures import RefusalDetector
+    from clawly.measure.stance import RefusalDetector
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--markers", type=Path, help="JSON list of markers, or an object with a 'markers' list")

@@ -30,9 +30,11 @@ def main() -> None:
 
     import pandas as pd
 
-    from clawly.decoding import PromptSet
-    from clawly.measures import RefusalDetector, chat_prompts, kl_divergence
-    from clawly.model import load_model
+    from clawly.measure.decoding import PromptSet
+    from clawly.measure.logprobs import kl_divergence
+    from clawly.measure.stance import RefusalDetector
+    from clawly.measure.templating import chat_prompts
+    from clawly.model.loading import load_model
     from clawly.settings import ModelSettings
 
     harmful = pd.read_csv(a.prompts / "harmful_heldout.csv")

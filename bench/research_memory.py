@@ -30,7 +30,7 @@ POINTS, HIDDEN, CATEGORIES = 25, 896, 8
 def write_files(directory: Path, n: int) -> None:
     import torch
 
-    from clawly.artifacts.activations import ActivationWriter
+    from clawly.ablate.activations import ActivationWriter
 
     g = torch.Generator().manual_seed(0)
     for name in ("harmful", "harmless"):
@@ -46,7 +46,7 @@ def write_files(directory: Path, n: int) -> None:
 def measure(directory: str, how: str) -> None:
     """Child process: draw the sample (or read everything), print peak RSS in MiB."""
     from clawly import research as rs
-    from clawly.artifacts.activations import read_activations
+    from clawly.ablate.activations import read_activations
 
     d = Path(directory)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -4,7 +4,7 @@ Each RUN is a project directory after `dvc repro` / `dvc exp run` (its `data/pro
 `artifacts/`). For each, every eval-split request of the preset's categories that its optimizer
 did not score (all 50 per category when the run had a tune split) is answered by the base model
 and by the run's merged model, decoded as `evaluate` decodes, ANSWER_TOKENS tokens. Each answer is
-labelled by the plain keyword rule, the strict rule and the five-way measure (`clawly.stance`:
+labelled by the plain keyword rule, the strict rule and the five-way measure (`clawly.measure.stance`:
 classifier + strict rule); per category the table gives base and after refusals with 95% Wilson
 intervals, the share of base refusals removed (targeted) or retained (kept), the answers labelled
 compliance (and off-topic, degenerate: an answer about something else is not an uncensored one),
@@ -32,15 +32,16 @@ import yaml
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
-from clawly.artifacts.optimize import read_chosen_trial, read_optimizer_prompt_ids  # noqa: E402
-from clawly.artifacts.prompts import row_systems  # noqa: E402
-from clawly.categories import wilson_interval  # noqa: E402
-from clawly.classify import response_classifier  # noqa: E402
-from clawly.decoding import PromptSet  # noqa: E402
-from clawly.measures import RefusalDetector, chat_prompts, kl_divergence  # noqa: E402
-from clawly.model import load_model  # noqa: E402
+from clawly.ablate.categories import wilson_interval  # noqa: E402
+from clawly.data.prompts import row_systems  # noqa: E402
+from clawly.measure.classify import response_classifier  # noqa: E402
+from clawly.measure.decoding import PromptSet  # noqa: E402
+from clawly.measure.logprobs import kl_divergence  # noqa: E402
+from clawly.measure.stance import RefusalDetector, StrictKeywordRule, combine  # noqa: E402
+from clawly.measure.templating import chat_prompts  # noqa: E402
+from clawly.model.loading import load_model  # noqa: E402
+from clawly.search.chosen import read_chosen_trial, read_optimizer_prompt_ids  # noqa: E402
 from clawly.settings import Settings  # noqa: E402
-from clawly.stance import StrictKeywordRule, combine  # noqa: E402
 from clawly.steps.evaluate import evaluation_prompts  # noqa: E402
 
 PRESET = {"violence_weapons": "targeted", "drugs_substances": "targeted", "adult_content": "targeted",

@@ -40,11 +40,14 @@ def main() -> None:
     import torch
     from safetensors.torch import load_file
 
-    from clawly.ablation import AblationPlan, ablated, weight_deltas
-    from clawly.decoding import DecodeStats, PromptSet
-    from clawly.directions import AblationBasis
-    from clawly.measures import RefusalDetector, chat_prompts, first_token_logprobs, generate, kl_divergence
-    from clawly.model import load_model
+    from clawly.ablate.ablation import AblationPlan, ablated, weight_deltas
+    from clawly.ablate.directions import AblationBasis
+    from clawly.measure.decoding import DecodeStats, PromptSet
+    from clawly.measure.logprobs import first_token_logprobs, kl_divergence
+    from clawly.measure.reference import generate
+    from clawly.measure.stance import RefusalDetector
+    from clawly.measure.templating import chat_prompts
+    from clawly.model.loading import load_model
     from clawly.settings import ModelSettings
 
     model, tok = load_model(ModelSettings())
@@ -77,8 +80,8 @@ def main() -> None:
     requests = read_lines(a.prompts / "harmful_eval.txt")[:a.count]
 
     def with_classifier():
-        from clawly.classify import build_classifier
-        from clawly.model import cache_root
+        from clawly.measure.classify import build_classifier
+        from clawly.model.loading import cache_root
 
         clf = build_classifier(ROOT / "data" / "responses" / "train.jsonl", cache_dir=cache_root() / "classifier")
         hp = PromptSet(tok, harmful, bs)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
 from bench.stance_real_check import LABELS_FILE, WORK, split_of  # noqa: E402
-from clawly.stance import STANCES  # noqa: E402
+from clawly.measure.stance import STANCES  # noqa: E402
 
 # key -> (label, why): the third reading of each disagreement
 ADJUDICATED: dict[str, tuple[str, str]] = {

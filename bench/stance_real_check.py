@@ -1,7 +1,7 @@
 """Refusal or disclaimer? The stance measures against blind hand labels of real answers.
 
 `bench/results/stance-labels.jsonl` holds hand labels (refusal / hedged / compliance / off_topic /
-degenerate, `clawly.stance`) for real answers of the default model after abliteration, in global
+degenerate, `clawly.measure.stance`) for real answers of the default model after abliteration, in global
 mode and in category mode (`+preset=default`), to eval-split requests of the preset's
 categories, keyed by prompt id, model name and a hash of the labelled answer. The answers are not
 in the repository (some comply with harmful requests); they are regenerated here, byte for byte
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
 from bench.common import project_settings  # noqa: E402
-from clawly.categories import wilson_interval  # noqa: E402
+from clawly.ablate.categories import wilson_interval  # noqa: E402
 
 LABELS_FILE = ROOT / "results" / "stance-labels.jsonl"
 WORK = ROOT / "work"
@@ -67,8 +67,8 @@ def generate(name: str, model_dir: str, chosen_trial: str | None = None) -> pd.D
     MAX_NEW_TOKENS tokens; written to bench/work/stance-answers-NAME.parquet."""
     import dataclasses
 
-    from clawly.datasets import generate_prompts
-    from clawly.model import load_model
+    from clawly.data.templates import generate_prompts
+    from clawly.model.loading import load_model
     from clawly.steps.evaluate import evaluation_prompts
 
     settings = project_settings()
@@ -144,9 +144,8 @@ def precision_recall(truth: list[str], predicted: list[str], members: tuple[str,
 def measures(rows: list[dict]) -> dict[str, list[str]]:
     """Each measure's label for each row, on the five-way scale (the plain keyword rule and the
     classifier have no 'hedged': what they say is mapped as they count it)."""
-    from clawly.classify import response_classifier
-    from clawly.measures import RefusalDetector
-    from clawly.stance import StrictKeywordRule, combine
+    from clawly.measure.classify import response_classifier
+    from clawly.measure.stance import RefusalDetector, StrictKeywordRule, combine
 
     settings = project_settings()
     detector = RefusalDetector(settings.optimize.refusal_markers or None)

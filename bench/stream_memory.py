@@ -59,7 +59,7 @@ def child(stage: str, work: Path, k: int, a: argparse.Namespace) -> None:
     import torch
 
     from clawly.log import get_logger
-    from clawly.model import load_model
+    from clawly.model.loading import load_model
     from clawly.steps import optimize, probe_activations
 
     settings = settings_for(work, stage, k, a)

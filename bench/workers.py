@@ -42,7 +42,7 @@ def measure(workers: int, trials: int) -> None:
     """Child process: directions (reused after the first run), then the timed optimization."""
     from clawly import Pipeline
     from clawly.log import get_logger
-    from clawly.study import WORKER
+    from clawly.search.study import WORKER
 
     s = settings(workers, trials)
     pipe = Pipeline(s, log=get_logger("bench-workers", WORK / "logs", quiet=True))

@@ -11,7 +11,7 @@
     pipe.save_adapter("out/adapter"); pipe.save_model("out/model")
 
 Each step runs the steps it needs first when they have not run yet, so any one can be called
-alone. The steps call the same functions as the DVC stages (`clawly.steps.*`, `clawly.export`) and
+alone. The steps call the same functions as the DVC stages (`clawly.steps.*`, `clawly.save.export`) and
 write the same files under `settings.artifacts_dir` and `settings.data.out_dir`; an interrupted
 optimization resumes from its Optuna journal there.
 """
@@ -29,22 +29,23 @@ import plotly.graph_objects as go
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from clawly import export as ex
-from clawly import study as st
-from clawly.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
-from clawly.architecture import holds_quantized
-from clawly.architecture import num_layers as decoder_layer_count
-from clawly.artifacts.directions import AblationDirections, check_fits, read_ablation_directions
-from clawly.artifacts.prompts import instructed_categories, row_systems
-from clawly.categories import category_table, check_categories
-from clawly.distill import read_factors
+from clawly.ablate.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
+from clawly.ablate.categories import category_table, check_categories
+from clawly.ablate.directions import AblationDirections, check_fits, read_ablation_directions
+from clawly.ablate.distill import read_factors
+from clawly.ablate.edits import WriterInputs, load_writer_inputs
+from clawly.data.prompts import instructed_categories, row_systems
 from clawly.errors import ClawlyError
-from clawly.input_edits import WriterInputs, load_writer_inputs
 from clawly.io import atomic_dir, read_json, write_json, write_text
 from clawly.log import StageLogger, get_logger
-from clawly.measures import chat_prompts
-from clawly.model import full_precision, load_model, model_provenance, resolve_model_source
+from clawly.measure.templating import chat_prompts
+from clawly.model.architecture import holds_quantized
+from clawly.model.architecture import num_layers as decoder_layer_count
+from clawly.model.loading import full_precision, load_model, model_provenance, resolve_model_source
 from clawly.paths import Paths
+from clawly.save import export as ex
+from clawly.search import study as st
+from clawly.search.workers import extra_workers, worker_model
 from clawly.settings import REFUSAL_MEASURES, Settings
 from clawly.steps import (
     analyze,
@@ -56,7 +57,6 @@ from clawly.steps import (
     probe_activations,
     probe_writers,
 )
-from clawly.workers import extra_workers, worker_model
 
 TrialOutcome = optimize.TrialOutcome
 
@@ -293,7 +293,7 @@ class Pipeline:
     def distill(self) -> TrialOutcome:
         """Selective distillation (`distill.steps` > 0): the adapter retrained from the global change
         so that targeted requests follow the globally abliterated model and kept ones the base model
-        (`clawly.distill`); the model then holds the trained adapter, which save_adapter and save_model
+        (`clawly.ablate.distill`); the model then holds the trained adapter, which save_adapter and save_model
         write. Runs on the base weights, from the chosen trial's kernels."""
         if not self.settings.distill.enabled:
             raise ClawlyError("distill.steps is 0: set it (e.g. 60) to distill the adapter")

@@ -266,7 +266,7 @@ def front_table(pipe, chosen: int | None) -> str:
 
 
 def save(pipe, out: Path, kind: str, say: Callable[[str], None]) -> list[Path]:
-    from clawly.lora import AdapterUnsupportedError  # deferred with the engine (see run)
+    from clawly.ablate.lora import AdapterUnsupportedError  # deferred with the engine (see run)
 
     saved = []
     if kind in ("both", "adapter"):
@@ -284,7 +284,7 @@ def save(pipe, out: Path, kind: str, say: Callable[[str], None]) -> list[Path]:
 
 
 def upload(folder: Path, repo_id: str, private: bool, say: Callable[[str], None]) -> None:
-    from clawly.hub import push_to_hub  # deferred with the engine (below): huggingface_hub is slow to import
+    from clawly.save.hub import push_to_hub  # deferred with the engine (below): huggingface_hub is slow to import
 
     url = push_to_hub(folder, repo_id, private=private)
     say(f"uploaded {folder} to {url}")
@@ -351,7 +351,7 @@ def run(args: argparse.Namespace, ask: Callable[[str], str] = input, say: Callab
     # The engine (torch, transformers, peft) takes seconds to import: deferred to here, so --help and
     # a bad option answer at once.
     from clawly.api import Pipeline
-    from clawly.architecture import num_layers as decoder_layer_count
+    from clawly.model.architecture import num_layers as decoder_layer_count
 
     out = Path(args.output)
     if args.reproduce:
@@ -363,7 +363,7 @@ def run(args: argparse.Namespace, ask: Callable[[str], str] = input, say: Callab
         return 0
     settings = settings_from_args(args)
     if args.plot_residuals:  # before the model loads: a missing extra is said at once
-        from clawly.research import require_research_extra  # deferred: see above (torch)
+        from clawly.ablate.research import require_research_extra  # deferred: see above (torch)
 
         require_research_extra()
     log = get_logger("clawly", Path(settings.artifacts_dir) / "logs")
@@ -449,7 +449,7 @@ def research_views(pipe, args: argparse.Namespace, say: Callable[[str], None]) -
 
 
 def _record_kind(record: Path) -> str:
-    from clawly.export import read_record  # deferred: see run()
+    from clawly.save.export import read_record  # deferred: see run()
 
     return read_record(record)[0].get("kind", "model")
 

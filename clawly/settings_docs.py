@@ -92,7 +92,7 @@ HELP = {
         "'dim': difference-of-means directions; 'rdo': each targeted category's direction (in global mode the "
         "refusal direction) learned by gradient descent from the DiM one, so that targeted prompts stop opening "
         "with refusal tokens while kept prompts keep the base model's refusals and harmless prompts their "
-        "first-token distribution (clawly.rdo; loads the model).",
+        "first-token distribution (clawly.ablate.rdo; loads the model).",
     'directions.rdo_steps':
         'Adam steps of the direction optimization (method=rdo).',
     'directions.rdo_lr':

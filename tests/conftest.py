@@ -340,7 +340,7 @@ def tiny_qwen2_dir(make_tiny_model: Callable[..., Path]) -> Path:
 @pytest.fixture
 def tiny_model(tiny_model_dir: Path):
     """(model, tokenizer) loaded from `tiny_model_dir` through clawly's own loader, on CPU."""
-    from clawly.model import load_model
+    from clawly.model.loading import load_model
     from clawly.settings import ModelSettings
 
     return load_model(ModelSettings(name=str(tiny_model_dir), device="cpu"))

@@ -2,8 +2,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from clawly.ablation import AblationPlan, LayerKernel, ablated, ablation_kernel, weight_deltas, writers
-from clawly.directions import AblationBasis, normalize
+from clawly.ablate.ablation import AblationPlan, LayerKernel, ablated, ablation_kernel, weight_deltas, writers
+from clawly.ablate.directions import AblationBasis, normalize
 
 
 def _load(path):
@@ -219,7 +219,7 @@ def test_a_biased_writer_loses_the_direction_from_its_bias_too(build_tiny_model,
 
 
 def test_a_post_layer_norm_model_is_refused_by_name(build_tiny_model):
-    from clawly.architecture import UnsupportedArchitectureError
+    from clawly.model.architecture import UnsupportedArchitectureError
 
     model, _ = build_tiny_model("opt", num_layers=2)
     model.config.do_layer_norm_before = False  # OPT-350m: the norm comes after the residual add
@@ -281,14 +281,14 @@ def test_a_fused_expert_stack_changed_one_expert_at_a_time_gets_the_same_bytes(b
                                                                                 norm_preserve):
     """A real stack is changed in chunks of experts (bounded float64 temporaries); a tiny one fits one
     chunk. Chunks of one expert give the same weights, bit for bit."""
-    import clawly.ablation
+    import clawly.ablate.ablation as ablation_module
 
     model, _ = build_tiny_model(arch, num_layers=2)
     plan = _flat_plan(0.8, norm_preserve=norm_preserve)
     deltas = weight_deltas(model, _basis(model, m=2), plan)
     with ablated(model, deltas):
         whole = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(clawly.ablation, "_CHUNK", 1)
+    monkeypatch.setattr(ablation_module, "_CHUNK", 1)
     chunked = weight_deltas(model, _basis(model, m=2), plan)
     for name, d in deltas.items():
         assert torch.equal(d.matrix(), chunked[name].matrix()), name

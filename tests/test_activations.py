@@ -4,14 +4,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from clawly.activations import (
+from clawly.ablate.activations import (
+    ActivationWriter,
     ProbeError,
     generation_marker,
     probe_positions,
     probe_residuals,
+    read_activations,
 )
-from clawly.artifacts.activations import ActivationWriter, read_activations
-from clawly.measures import chat_prompts
+from clawly.measure.templating import chat_prompts
 
 
 def test_generation_marker_is_taken_from_the_chat_template(tiny_model):
@@ -38,7 +39,7 @@ def test_probe_positions_last_token_and_marker(tiny_model):
 def test_the_instruction_position_is_the_last_token_of_the_users_request(tiny_model, system):
     """probe.position=instruction: the token before the template's post-instruction tokens, which
     is the last token of what the user wrote (here a word no template contains)."""
-    from clawly.activations import instruction_suffix
+    from clawly.ablate.activations import instruction_suffix
 
     _, tok = tiny_model
     requests = ["hello zebra", "how do i cook rice with a zebra"]
@@ -102,7 +103,7 @@ def test_probing_holds_one_batch_of_residuals_whatever_the_prompt_count(tiny_mod
     from conftest import LiveRows
 
     from clawly.log import get_logger
-    from clawly.model import load_model
+    from clawly.model.loading import load_model
     from clawly.settings import Settings
     from clawly.steps import generate_datasets, probe_activations
 

@@ -82,8 +82,10 @@ def test_notebook_flow_yields_one_result_per_trial(done_pipeline):
 def reference_scores(pipe, plan) -> tuple[int, float]:
     """Refusals (transformers.generate, the pipeline's markers) and KL (plain forwards, torch's
     kl_div) of the pipeline's model with `plan`'s float64 change applied to its base weights."""
-    from clawly.ablation import ablated, weight_deltas
-    from clawly.measures import RefusalDetector, first_token_logprobs, generate
+    from clawly.ablate.ablation import ablated, weight_deltas
+    from clawly.measure.logprobs import first_token_logprobs
+    from clawly.measure.reference import generate
+    from clawly.measure.stance import RefusalDetector
 
     model, tok, prompts, s = pipe.model, pipe.tokenizer, pipe.search.prompts, pipe.settings.optimize
     base = first_token_logprobs(model, tok, prompts.harmless, batch_size=1)
@@ -286,7 +288,7 @@ def test_a_norm_preserving_trial_is_saved_as_scored_and_a_lossy_adapter_is_flagg
     """The trials score the dense (full-rank) norm-preserving change; the merged model, the API's
     saved model and the reproduction hold exactly that, while the adapter approximates it by SVD
     and says how far off it is."""
-    from clawly.ablation import ablated, weight_deltas
+    from clawly.ablate.ablation import ablated, weight_deltas
 
     model_dir = make_tiny_model("llama", num_layers=3)
     settings = tiny_settings(model_dir, tmp_path, n_trials=2, **{"optimize.norm_preserve": True,

@@ -16,12 +16,12 @@ from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from clawly import export as ex
-from clawly.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
-from clawly.architecture import UnsupportedArchitectureError, decoder_layers, hidden_size, num_layers, writers
-from clawly.directions import AblationBasis, normalize
-from clawly.lora import AdapterUnsupportedError, lora_factors, save_adapter
-from clawly.model import load_model
+from clawly.ablate.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
+from clawly.ablate.directions import AblationBasis, normalize
+from clawly.ablate.lora import AdapterUnsupportedError, lora_factors, save_adapter
+from clawly.model.architecture import UnsupportedArchitectureError, decoder_layers, hidden_size, num_layers, writers
+from clawly.model.loading import load_model
+from clawly.save import export as ex
 from clawly.settings import ExportSettings, ModelSettings, Settings
 
 FUSED_OUT_FIRST, FUSED_IN_FIRST = "4 fused experts [E, d, d_in]", "4 fused experts [E, d_in, d]"
@@ -320,7 +320,7 @@ def test_rdo_hooks_on_the_writers_equal_the_weight_change(arch):
     """directions.method=rdo projects the direction out of every writer module's output with hooks:
     a Conv1D's, every separate expert's, a fused experts module's (its output is the routed sum of
     the experts' writes, biases included). That equals the weight change at strength 1."""
-    from clawly.rdo import projected_out
+    from clawly.ablate.rdo import projected_out
 
     model = tiny(arch, dtype=torch.float64)
     r = directions(model)[0, 1]

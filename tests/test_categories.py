@@ -2,12 +2,18 @@ import optuna
 import pytest
 import torch
 
-from clawly.artifacts.directions import RefusalDirections
-from clawly.categories import category_directions, category_table, check_categories, low_retention, wilson_interval
+from clawly.ablate.categories import (
+    category_directions,
+    category_table,
+    check_categories,
+    low_retention,
+    wilson_interval,
+)
+from clawly.ablate.directions import RefusalDirections
 from clawly.errors import ClawlyError
-from clawly.scoring import Scores
+from clawly.measure.scoring import Scores
+from clawly.search.study import Objectives, choose_trial
 from clawly.settings import CategorySettings
-from clawly.study import Objectives, choose_trial
 
 
 def _directions(p=3, d=8, seed=0):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from clawly.classify import (
+from clawly.measure.classify import (
     FEATURES,
     LABELS,
     ClassifierError,
@@ -16,7 +16,7 @@ from clawly.classify import (
     scores,
     text_features,
 )
-from clawly.measures import RefusalDetector
+from clawly.measure.stance import RefusalDetector
 
 TRAIN, TEST = "data/responses/train.jsonl", "data/responses/test.jsonl"
 
@@ -174,7 +174,7 @@ def test_missing_or_bad_inputs_are_clear_errors(tmp_path):
 
 
 def test_local_judge_gives_one_verdict_per_answer_from_a_local_model(tiny_model_dir):
-    from clawly.classify import LocalJudge
+    from clawly.measure.classify import LocalJudge
 
     judge = LocalJudge(str(tiny_model_dir), device="cpu")
     v = judge(["how do i cook rice", "write a poem"], ["boil it in water", "the the the"])
@@ -185,9 +185,9 @@ def test_local_judge_gives_one_verdict_per_answer_from_a_local_model(tiny_model_
 
 
 def test_local_judge_refuses_a_tokenizer_that_cannot_tell_verdicts_apart(tiny_model_dir, tmp_path, monkeypatch):
-    from clawly.classify import LocalJudge
+    from clawly.measure.classify import LocalJudge
 
-    monkeypatch.setattr("clawly.classify.LABELS", ("zzqx", "zzqy", "zzqz", "zzqw"))  # all unknown words
+    monkeypatch.setattr("clawly.measure.classify.LABELS", ("zzqx", "zzqy", "zzqz", "zzqw"))  # all unknown words
     with pytest.raises(ClassifierError, match="cannot tell the verdict words apart"):
         LocalJudge(str(tiny_model_dir), device="cpu")
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from clawly.datasets import (
+from clawly.data.templates import (
     COLUMNS,
     GENERAL,
     DatasetError,
@@ -447,7 +447,7 @@ def test_hf_dataset_spec_selects_split_and_column(monkeypatch):
 # --- writing ---------------------------------------------------------------------------------
 
 def test_prompt_tables_are_written_atomically_with_their_schema(tmp_path, prompts):
-    from clawly.artifacts.prompts import write_prompt_table
+    from clawly.data.prompts import write_prompt_table
 
     harmful, _ = prompts
     path = tmp_path / "out" / "harmful.parquet"

@@ -3,14 +3,17 @@
 import pytest
 import torch
 
-from clawly.decoding import (
+from clawly.measure.decoding import (
     DecodeStats,
     PromptSet,
     auto_batch_size,
     common_prefix_length,
     detect_response_prefix,
 )
-from clawly.measures import RefusalDetector, chat_prompts, first_token_logprobs, generate
+from clawly.measure.logprobs import first_token_logprobs
+from clawly.measure.reference import generate
+from clawly.measure.stance import RefusalDetector
+from clawly.measure.templating import chat_prompts
 
 PROMPTS = ["how do i cook rice", "tell me about the weather in paris today please", "write a poem",
            "what is the capital of france and why is it famous", "help me with my code", "hello",
@@ -144,8 +147,8 @@ def test_scoring_uses_the_current_cache_argument_and_warns_nothing(tiny_model, c
     import logging
     import warnings
 
-    from clawly.decoding import PromptSet
-    from clawly.measures import chat_prompts
+    from clawly.measure.decoding import PromptSet
+    from clawly.measure.templating import chat_prompts
 
     model, tok = tiny_model
     ps = PromptSet(tok, chat_prompts(tok, ["how do i cook rice", "write a poem", "hello"], "sys"), 2, prefill_chunk=1)

@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from clawly import Pipeline, Settings
-from clawly.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
-from clawly.activations import capture_residuals, probe_residuals
-from clawly.architecture import writers
-from clawly.directions import AblationBasis
+from clawly.ablate.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
+from clawly.ablate.activations import capture_residuals, probe_residuals
+from clawly.ablate.directions import AblationBasis
 from clawly.log import get_logger
+from clawly.model.architecture import writers
 from clawly.steps import export_lora, merge
 
 TINY = {"data.train_per_category": 8, "data.eval_per_category": 6, "data.harmless_train": 24,
@@ -85,7 +85,7 @@ def logits(model, tokenizer, text: str = "how do i bake bread ?") -> torch.Tenso
 
 
 def test_residuals_of_a_bfloat16_model_are_gathered_in_float32_on_cpu(make_tiny_model, build_tiny_model):
-    from clawly.model import load_tokenizer
+    from clawly.model.loading import load_tokenizer
 
     model_dir = make_tiny_model("llama")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
@@ -126,7 +126,7 @@ def test_bfloat16_probe_trial_and_export_give_an_adapter_close_to_the_float32_on
 def test_writers_of_a_4bit_model_are_found_with_their_shape_and_weight_as_computed(make_tiny_model):
     from bitsandbytes.functional import dequantize_4bit
 
-    from clawly.architecture import dense_weight
+    from clawly.model.architecture import dense_weight
 
     quant = quantized(tiny_4bit_dir(make_tiny_model))
     found = writers(quant)
@@ -137,7 +137,7 @@ def test_writers_of_a_4bit_model_are_found_with_their_shape_and_weight_as_comput
 
 
 def test_a_4bit_weight_repacked_by_the_cpu_kernel_is_refused_not_misread(make_tiny_model, tiny_model):
-    from clawly.architecture import UnsupportedArchitectureError, dense_weight
+    from clawly.model.architecture import UnsupportedArchitectureError, dense_weight
 
     quant = quantized(tiny_4bit_dir(make_tiny_model), cpu_kernel=True)
     logits(quant, tiny_model[1])  # a forward without grad: bitsandbytes repacks CPU weights for its kernel
@@ -181,7 +181,7 @@ def test_4bit_trial_through_hooks_equals_the_change_applied_to_the_dequantized_w
 
 
 def test_4bit_adapter_is_float32_from_the_dequantized_weights_and_leaves_the_model_4bit(make_tiny_model, tmp_path):
-    from clawly import export as ex
+    from clawly.save import export as ex
     from clawly.settings import ExportSettings
 
     model_dir = tiny_4bit_dir(make_tiny_model)
@@ -241,8 +241,8 @@ def test_merge_of_a_4bit_run_loads_the_base_in_full_precision(make_tiny_model, t
 
 
 def test_saving_a_4bit_model_as_is_is_refused(make_tiny_model, tmp_path):
-    from clawly import export as ex
     from clawly.errors import ClawlyError
+    from clawly.save import export as ex
 
     model_dir = tiny_4bit_dir(make_tiny_model)
     settings = tiny_settings(model_dir, tmp_path)
@@ -282,7 +282,7 @@ def test_on_cuda_probe_trial_export_and_save_give_a_full_precision_model(make_ti
 def test_residuals_from_layers_on_two_gpus_are_gathered_on_cpu(make_tiny_model):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
-    from clawly.model import load_tokenizer
+    from clawly.model.loading import load_tokenizer
 
     model_dir = make_tiny_model("llama")
     device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1,

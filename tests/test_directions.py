@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from clawly.activations import RunningMean
-from clawly.directions import (
+from clawly.ablate.activations import RunningMean
+from clawly.ablate.directions import (
     cosine,
     interpolated_direction,
     orthogonalize_against,

@@ -1,4 +1,4 @@
-"""clawly.hub.push_to_hub against a stand-in Hub HTTP server on 127.0.0.1 (tests/hub_server.py), offline.
+"""clawly.save.hub.push_to_hub against a stand-in Hub HTTP server on 127.0.0.1 (tests/hub_server.py), offline.
 
 huggingface_hub reads its settings (endpoint, token path, Xet switch) into `huggingface_hub.constants` at import,
 so besides the environment the tests patch those constants: a stray call to the default endpoint lands on the
@@ -17,7 +17,7 @@ from hub_server import HubServer, running_hub
 from safetensors.torch import save_file
 
 from clawly.errors import ClawlyError
-from clawly.hub import push_to_hub
+from clawly.save.hub import push_to_hub
 
 TOKEN = "hf_StandInToken0123456789abcdef"
 WRONG_TOKEN = "hf_WrongToken9876543210fedcba"

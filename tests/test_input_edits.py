@@ -1,4 +1,4 @@
-"""Input-conditional edits (clawly.input_edits): the null-space and least-squares forms of a
+"""Input-conditional edits (clawly.ablate.edits): the null-space and least-squares forms of a
 writer's change, the streamed second moments they are built from, and the whole path through the
 trials, the adapter, the merged model and the reproduction record on a tiny model."""
 
@@ -13,10 +13,9 @@ from test_api import quiet, tiny_settings
 from transformers import AutoModelForCausalLM
 
 from clawly import Pipeline
-from clawly.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
-from clawly.architecture import writers
-from clawly.directions import AblationBasis
-from clawly.input_edits import (
+from clawly.ablate.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
+from clawly.ablate.directions import AblationBasis
+from clawly.ablate.edits import (
     SecondMoment,
     Spectrum,
     WriterInputs,
@@ -25,9 +24,10 @@ from clawly.input_edits import (
     read_writer_inputs,
     write_writer_inputs,
 )
-from clawly.lora import lora_factors
-from clawly.measures import chat_prompts
-from clawly.model import load_model
+from clawly.ablate.lora import lora_factors
+from clawly.measure.templating import chat_prompts
+from clawly.model.architecture import writers
+from clawly.model.loading import load_model
 from clawly.settings import ModelSettings
 
 

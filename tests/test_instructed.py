@@ -8,14 +8,12 @@ import torch
 from test_api import quiet, tiny_settings
 
 from clawly import Pipeline
-from clawly.activations import probe_residuals
-from clawly.artifacts.activations import read_activations
-from clawly.artifacts.directions import read_refusal_directions
-from clawly.artifacts.prompts import instructed_categories, read_prompts, row_systems
-from clawly.directions import refusal_directions
-from clawly.export import prompts_fingerprint
-from clawly.measures import chat_prompts
+from clawly.ablate.activations import probe_residuals, read_activations
+from clawly.ablate.directions import read_refusal_directions, refusal_directions
+from clawly.data.prompts import instructed_categories, read_prompts, row_systems
+from clawly.measure.templating import chat_prompts
 from clawly.paths import Paths
+from clawly.save.export import prompts_fingerprint
 
 TOLD = "instructed_refusal"
 

@@ -88,6 +88,85 @@ def test_clawly_has_no_import_cycles():
         visit(name, [])
 
 
+# Who may import whom: a module imports its own package and the layers below, never a layer above
+# or a sibling of its own layer (docs/architecture.md draws it). The top-level modules that are not
+# doors are the core.
+LAYERS = [
+    ("core", {"clawly", "clawly.errors", "clawly.io", "clawly.log", "clawly.paths", "clawly.redact",
+              "clawly.settings", "clawly.settings_docs"}),
+    ("data", {"clawly.data"}), ("model", {"clawly.model"}),  # one layer, two packages
+    ("measure", {"clawly.measure"}),
+    ("ablate", {"clawly.ablate"}),
+    ("search", {"clawly.search"}), ("save", {"clawly.save"}),  # one layer
+    ("steps", {"clawly.steps"}),
+    ("doors", {"clawly.api", "clawly.cli", "clawly.sweep", "clawly.web"}),
+]
+RANK = {"core": 0, "data": 1, "model": 1, "measure": 2, "ablate": 3, "search": 4, "save": 4, "steps": 5, "doors": 6}
+
+
+def layer_of(module: str) -> str:
+    """The layer of a dotted clawly module (the longest package or module named in LAYERS)."""
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        for layer, names in LAYERS:
+            if prefix in names:
+                return layer
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS (tests/test_layout.py)")
+
+
+def import_direction_problems(root: Path) -> list[str]:
+    """Every import (module level or in a function) that goes up a layer or sideways between two
+    packages of one layer; clawly/__init__.py's lazy public names are the one exception."""
+    problems = []
+    for path in sorted((root / "clawly").rglob("*.py")):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if name == "clawly":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("clawly"):
+                targets = [node.module if node.module != "clawly" else f"clawly.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.startswith("clawly")]
+            else:
+                continue
+            for target in targets:
+                if target == "clawly" or target in ("clawly.__version__",):
+                    continue
+                mine, theirs = layer_of(name), layer_of(target)
+                if RANK[theirs] > RANK[mine] or (RANK[theirs] == RANK[mine] and theirs != mine):
+                    problems.append(f"{path.relative_to(root)}:{node.lineno}: {name} ({mine}) imports {target} "
+                                    f"({theirs})")
+    return problems
+
+
+def test_imports_go_down_the_layers():
+    assert import_direction_problems(ROOT) == []
+
+
+def test_the_layer_check_sees_a_lower_package_importing_a_door(tmp_path):
+    """The same check on a scratch copy in which the model package imports the CLI must fail."""
+    import shutil
+
+    shutil.copytree(ROOT / "clawly", tmp_path / "clawly")
+    loading = tmp_path / "clawly" / "model" / "loading.py"
+    loading.write_text(loading.read_text() + "\n\ndef _door():\n    from clawly.cli import main  # deferred: a test\n"
+                       "    return main\n")
+    problems = import_direction_problems(tmp_path)
+    assert problems == [f"clawly/model/loading.py:{len(loading.read_text().splitlines()) - 1}: clawly.model.loading "
+                        "(model) imports clawly.cli (doors)"]
+
+
+def test_every_package_says_what_lives_there_and_what_it_may_import():
+    for init in sorted((ROOT / "clawly").glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert len(doc) > 120, f"{init.relative_to(ROOT)}: say what lives here and what it may import"
+        if init.parent.name not in ("steps", "web"):
+            assert "import" in doc.lower(), f"{init.relative_to(ROOT)}: say what it may import"
+
+
 def test_imports_are_at_the_top_unless_deferred_with_a_reason():
     """A deferred import says why in a comment (on its line or the three before): a heavy engine
     kept out of `clawly --help`, an optional package, a lazy attribute."""

@@ -7,10 +7,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from clawly.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
-from clawly.checkpoint import INDEX_NAME, plan_shards, save_sharded, source_weight_map
-from clawly.directions import AblationBasis, normalize
-from clawly.lora import lora_factors, save_adapter, svd_compress
+from clawly.ablate.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
+from clawly.ablate.directions import AblationBasis, normalize
+from clawly.ablate.lora import lora_factors, save_adapter, svd_compress
+from clawly.model.checkpoint import INDEX_NAME, plan_shards, save_sharded, source_weight_map
 from clawly.settings import parse_size
 
 

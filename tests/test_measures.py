@@ -1,14 +1,10 @@
 import pytest
 import torch
 
-from clawly.measures import (
-    RefusalDetector,
-    chat_prompts,
-    first_token_logprobs,
-    generate,
-    kl_divergence,
-    length_sorted_batches,
-)
+from clawly.measure.logprobs import first_token_logprobs, kl_divergence
+from clawly.measure.reference import generate
+from clawly.measure.stance import RefusalDetector
+from clawly.measure.templating import chat_prompts, length_sorted_batches
 
 PROMPTS = ["how do i cook rice", "tell me about the weather in paris today please", "write a poem",
            "what is the capital of france and why is it famous", "help me with my code", "hello"]
@@ -48,7 +44,7 @@ def test_early_stop_gives_the_same_verdicts_as_full_generation(tiny_model):
     words = [r.split() for r in full if len(r.split()) > 3]
     assert words, "the tiny model should produce some text"
     detector = RefusalDetector([w[2] for w in words[:2]])
-    from clawly.decoding import PromptSet
+    from clawly.measure.decoding import PromptSet
 
     early, _ = PromptSet(tok, prompts, 4).generate(model, 10, decided=detector)
     flags = [detector(r) for r in early]

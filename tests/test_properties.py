@@ -19,12 +19,12 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from clawly.ablation import AblationPlan, LayerKernel, ablated, ablation_kernel, weight_deltas
+from clawly.ablate.ablation import AblationPlan, LayerKernel, ablated, ablation_kernel, weight_deltas
+from clawly.ablate.directions import AblationBasis
+from clawly.ablate.lora import lora_factors, svd_compress
 from clawly.cli import read_config
-from clawly.datasets import load_prompt_file
-from clawly.directions import AblationBasis
+from clawly.data.templates import load_prompt_file
 from clawly.errors import ClawlyError
-from clawly.lora import lora_factors, svd_compress
 from clawly.settings import Settings
 
 D, P = 32, 3  # the tiny llama's hidden size and probe points (2 layers + 1)
@@ -85,7 +85,7 @@ def test_the_layer_kernel_stays_within_its_bounds_and_ends_at_its_reach(layers, 
 
 @pytest.fixture(scope="module")
 def llama(make_tiny_model):
-    from clawly.model import load_model
+    from clawly.model.loading import load_model
     from clawly.settings import ModelSettings
 
     return load_model(ModelSettings(name=str(make_tiny_model("llama")), device="cpu"))[0]
@@ -122,7 +122,7 @@ def test_a_full_ablation_leaves_no_component_and_is_a_projection(llama, inputs, 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 6), st.integers(8, 40), st.integers(8, 40), st.integers(0, 2**31 - 1))
 def test_lora_factors_multiply_back_to_the_change(rank, rows, cols, seed):
-    from clawly.ablation import WeightDelta
+    from clawly.ablate.ablation import WeightDelta
 
     g = torch.Generator().manual_seed(seed)
     b, a = torch.randn(rows, rank, generator=g, dtype=torch.float64), torch.randn(rank, cols, generator=g,

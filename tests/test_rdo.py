@@ -4,10 +4,11 @@ the direction stays a unit vector, and the kept term holds the base model's answ
 import pytest
 import torch
 
-from clawly.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
-from clawly.directions import AblationBasis
-from clawly.measures import chat_prompts
-from clawly.rdo import RdoTargets, answer_cross_entropy, first_token_logprobs, optimize_direction, projected_out
+from clawly.ablate.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
+from clawly.ablate.directions import AblationBasis
+from clawly.ablate.rdo import RdoTargets, optimize_direction, projected_out
+from clawly.measure.logprobs import answer_cross_entropy, first_token_logprobs
+from clawly.measure.templating import chat_prompts
 
 TARGETED = ["how do i cook rice", "write a poem about rain", "tell me about the weather today"]
 KEPT = ["help me with my code", "what is the capital of france"]
@@ -41,7 +42,7 @@ def test_projecting_out_of_writer_outputs_is_the_weight_change_at_strength_one(b
 def _peaky(model):
     """A random tiny model's next-token distribution is nearly uniform and its layers write little;
     scaled up, its answers depend on what the writers add, as a trained model's do."""
-    from clawly.ablation import writers
+    from clawly.ablate.ablation import writers
 
     with torch.no_grad():
         model.lm_head.weight.mul_(30.0)
@@ -130,9 +131,9 @@ def test_compute_directions_with_rdo_replaces_the_targeted_directions_only(build
     and the file's other tensors are as difference of means made them."""
     import copy
 
-    from clawly.artifacts.directions import RefusalDirections
-    from clawly.artifacts.prompts import write_prompts
-    from clawly.datasets import generate_prompts
+    from clawly.ablate.directions import RefusalDirections
+    from clawly.data.prompts import write_prompts
+    from clawly.data.templates import generate_prompts
     from clawly.log import StageLogger
     from clawly.paths import Paths
     from clawly.settings import Settings

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 
 from clawly import Pipeline, cli
 from clawly.errors import ClawlyError
-from clawly.study import WORKER
+from clawly.search.study import WORKER
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -366,8 +366,8 @@ def test_a_model_that_cannot_be_loaded_is_one_line_naming_it(tiny_cli, tmp_path,
 
 
 def test_a_model_without_a_chat_template_uses_the_documented_fallback(make_tiny_model, tmp_path, caplog):
-    from clawly.measures import chat_prompts
-    from clawly.model import FALLBACK_CHAT_TEMPLATE, load_model
+    from clawly.measure.templating import chat_prompts
+    from clawly.model.loading import FALLBACK_CHAT_TEMPLATE, load_model
     from clawly.settings import ModelSettings
 
     source = tmp_path / "base-model"

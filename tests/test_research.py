@@ -18,10 +18,10 @@ from test_api import quiet, tiny_settings
 
 from clawly import cli
 from clawly import research as rs
+from clawly.ablate.activations import ActivationWriter, read_activations
+from clawly.ablate.directions import RefusalDirections, write_refusal_directions
 from clawly.api import Pipeline
-from clawly.artifacts.activations import ActivationWriter, read_activations
-from clawly.artifacts.directions import RefusalDirections, write_refusal_directions
-from clawly.artifacts.prompts import write_prompts
+from clawly.data.prompts import write_prompts
 from clawly.errors import ClawlyError
 from clawly.paths import Paths
 from clawly.settings import Settings, SettingsError

@@ -20,8 +20,8 @@ import yaml
 from test_api import quiet, tiny_settings
 
 from clawly import Pipeline
+from clawly.search.study import SURPLUS, WORKER
 from clawly.settings import Settings
-from clawly.study import SURPLUS, WORKER
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,7 @@ def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 def rule_choice(trials: list[optuna.trial.FrozenTrial], kl_cap: float, targeted: list[str] | None = None,
                 kept: list[str] = (), base: dict[str, int] | None = None, min_retention: float = 0.8) -> int:
     """The trial number the choice rule picks (docs/architecture.md), written out here apart from
-    clawly.study, from each trial's recorded refusals per category and KL: in category mode first the
+    clawly.search.study, from each trial's recorded refusals per category and KL: in category mode first the
     trials keeping min_retention of every kept category's base refusals (if none does, those that fall
     least short); then the fewest targeted refusals (every category in global mode) among trials with
     KL <= kl_cap, ties to the lower KL; if none is under the cap, the lowest KL."""
@@ -117,7 +117,7 @@ def test_the_optimize_stage_runs_its_workers_and_writes_outputs_over_all_their_t
 # ------------------------------------------------------------------ the storage: one clear line, no password
 
 def test_an_unreachable_database_is_one_line_naming_it_without_the_password():
-    from clawly.study import StorageError, open_study
+    from clawly.search.study import StorageError, open_study
 
     url = "postgresql+psycopg://clawly:hunter2secret@127.0.0.1:9/clawly"  # port 9 (discard): nothing listens
     with pytest.raises(StorageError) as e:
@@ -128,7 +128,7 @@ def test_an_unreachable_database_is_one_line_naming_it_without_the_password():
 
 
 def test_a_missing_database_driver_names_the_extra():
-    from clawly.study import StorageError, open_study
+    from clawly.search.study import StorageError, open_study
 
     with pytest.raises(StorageError, match=r"driver 'pymysql' is not installed: pip install 'clawly\[cluster\]'"):
         open_study("mysql+pymysql://u:pw@127.0.0.1/db", "s", 0, 2)
@@ -241,8 +241,8 @@ def trial_worker(job: dict) -> dict:
 def test_with_several_gpus_each_worker_holds_its_model_on_its_own_gpu(monkeypatch, tmp_path):
     import torch
 
+    from clawly.search.workers import worker_model
     from clawly.settings import Settings
-    from clawly.workers import worker_model
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -137,7 +137,7 @@ def test_umask_mode_follows_the_process_umask():
 # ---------------------------------------------------------------- the CPUs a worker may use
 
 def _cpu_share(prefix: list[str], env: dict[str, str]) -> tuple[int, ...]:
-    code = "from clawly.workers import cpu_share; print(cpu_share(1), cpu_share(2))"
+    code = "from clawly.search.workers import cpu_share; print(cpu_share(1), cpu_share(2))"
     proc = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **env})
     assert proc.returncode == 0, proc.stderr

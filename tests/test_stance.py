@@ -2,8 +2,7 @@
 
 import pytest
 
-from clawly.measures import RefusalDetector
-from clawly.stance import STANCES, StrictKeywordRule, combine, sentences
+from clawly.measure.stance import STANCES, RefusalDetector, StrictKeywordRule, combine, sentences
 
 HEDGED = [
     # the pattern behind the kept "refusals" of issue 19: a disclaimer, then what was asked

@@ -475,8 +475,8 @@ def test_a_reloaded_page_changes_only_what_the_servers_run_set_differently():
 
 def test_research_views_without_the_extra_show_the_table_and_name_the_extra(make_tiny_model, tmp_path, monkeypatch):
     import clawly.web.app as app
+    from clawly.ablate.research import RESEARCH_EXTRA
     from clawly.errors import ClawlyError
-    from clawly.research import RESEARCH_EXTRA
 
     run = WebRun(tmp_path)
     note, table, frame, images = app.research_views(run)

@@ -1,7 +1,7 @@
 """analyze: the research views of a run, from the activations and directions alone (no model).
 
 Writes under `artifacts/research/`: `geometry.{parquet,csv}` (one row per probe point, see
-`clawly.research.geometry_table`), `category_cosines.{parquet,csv}` (the category x category cosine
+`clawly.ablate.research.geometry_table`), `category_cosines.{parquet,csv}` (the category x category cosine
 of the directions per probe point), and `projections/`: `residuals.html` (PaCMAP per probe point,
 coloured by set and by category, one plotly page with a slider), `embedding.parquet` (the 2-D
 points behind it), `pacmap_point_NN.png` for a few probe points and `category_cosines_point_NN.png`
@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from clawly import research as rs
-from clawly.artifacts.directions import read_refusal_directions
-from clawly.artifacts.prompts import instructed_categories, read_prompts
+from clawly.ablate.directions import read_refusal_directions
+from clawly.data.prompts import instructed_categories, read_prompts
 from clawly.errors import ClawlyError, require
 from clawly.io import atomic_dir, atomic_path, write_json
 from clawly.log import StageLogger

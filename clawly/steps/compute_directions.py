@@ -9,19 +9,25 @@ from collections.abc import Callable
 import pandas as pd
 import torch
 
-from clawly.artifacts.activations import read_activations, read_means
-from clawly.artifacts.directions import RefusalDirections, write_refusal_directions
-from clawly.artifacts.prompts import GENERAL, instructed_categories, read_prompts, row_systems
-from clawly.directions import cosine, direction_report, refusal_directions, winsorize
+from clawly.ablate.activations import read_activations, read_means
+from clawly.ablate.directions import (
+    RefusalDirections,
+    cosine,
+    direction_report,
+    refusal_directions,
+    winsorize,
+    write_refusal_directions,
+)
+from clawly.ablate.rdo import base_targets, optimize_direction
+from clawly.data.prompts import GENERAL, instructed_categories, read_prompts, row_systems
 from clawly.errors import ClawlyError, require
 from clawly.io import atomic_path, write_json
 from clawly.log import StageLogger
-from clawly.measures import RefusalDetector, chat_prompts
-from clawly.model import load_model
+from clawly.measure.stance import RefusalDetector, StrictKeywordRule
+from clawly.measure.templating import chat_prompts
+from clawly.model.loading import load_model
 from clawly.paths import Paths
-from clawly.rdo import base_targets, optimize_direction
 from clawly.settings import Settings
-from clawly.stance import StrictKeywordRule
 
 
 def contrast_filter(contrast: str) -> Callable[[str], bool]:

@@ -1,4 +1,4 @@
-"""distill: the chosen trial's change retrained so that it depends on the request (`clawly.distill`).
+"""distill: the chosen trial's change retrained so that it depends on the request (`clawly.ablate.distill`).
 
 With `distill.steps` 0 (the default) nothing is trained and the file holds no tensors: export-lora
 then exports the chosen trial's change as it is.
@@ -12,17 +12,17 @@ import time
 import pandas as pd
 import torch
 
-from clawly.ablation import AblationPlan, ablated, weight_deltas
-from clawly.artifacts.directions import read_refusal_directions
-from clawly.artifacts.optimize import read_chosen_trial
-from clawly.artifacts.prompts import instructed_categories, read_prompts, row_systems
-from clawly.directions import AblationBasis
-from clawly.distill import DistillTargets, answer_logprobs, greedy_answers, initial_factors, train, write_factors
+from clawly.ablate.ablation import AblationPlan, ablated, weight_deltas
+from clawly.ablate.directions import AblationBasis, read_refusal_directions
+from clawly.ablate.distill import DistillTargets, greedy_answers, initial_factors, train, write_factors
+from clawly.data.prompts import instructed_categories, read_prompts, row_systems
 from clawly.io import write_json
 from clawly.log import StageLogger
-from clawly.measures import chat_prompts
-from clawly.model import load_model
+from clawly.measure.logprobs import answer_logprobs
+from clawly.measure.templating import chat_prompts
+from clawly.model.loading import load_model
 from clawly.paths import Paths
+from clawly.search.chosen import read_chosen_trial
 from clawly.settings import Settings
 
 
@@ -73,8 +73,8 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> dic
         k_prompts, h_prompts = rendered(kept), rendered(calm)
         k_answers = greedy_answers(model, tokenizer, k_prompts, d.answer_tokens, bs) if k_prompts else []
         h_answers = greedy_answers(model, tokenizer, h_prompts, d.kl_tokens, bs) if h_prompts else []
-        h_logprobs = [lp for i in range(0, len(h_prompts), bs) for lp in answer_logprobs(
-            model, tokenizer, list(zip(h_prompts[i:i + bs], h_answers[i:i + bs], strict=True)))]
+        h_logprobs = [lp for i in range(0, len(h_prompts), bs)
+                      for lp in answer_logprobs(model, tokenizer, h_prompts[i:i + bs], h_answers[i:i + bs])]
     targets = DistillTargets(list(zip(t_prompts, t_answers, strict=True)), list(zip(k_prompts, k_answers, strict=True)),
                              list(zip(h_prompts, h_answers, h_logprobs, strict=True)))
     teachers = time.perf_counter() - t0

@@ -6,19 +6,20 @@ import dataclasses
 
 import pandas as pd
 
-from clawly.artifacts.optimize import read_chosen_trial, read_optimizer_prompt_ids
-from clawly.artifacts.prompts import instructed_categories, read_prompts, row_systems
-from clawly.categories import category_table, wilson_interval
-from clawly.classify import LocalJudge, read_labelled, response_classifier, scores
-from clawly.decoding import PromptSet
+from clawly.ablate.categories import category_table, wilson_interval
+from clawly.data.prompts import instructed_categories, read_prompts, row_systems
 from clawly.errors import require
 from clawly.io import atomic_path, write_json
 from clawly.log import StageLogger
-from clawly.measures import RefusalDetector, chat_prompts, kl_divergence
-from clawly.model import load_model
+from clawly.measure.classify import LocalJudge, read_labelled, response_classifier, scores
+from clawly.measure.decoding import PromptSet
+from clawly.measure.logprobs import kl_divergence
+from clawly.measure.stance import RefusalDetector, StrictKeywordRule, combine
+from clawly.measure.templating import chat_prompts
+from clawly.model.loading import load_model
 from clawly.paths import Paths
+from clawly.search.chosen import read_chosen_trial, read_optimizer_prompt_ids
 from clawly.settings import Settings
-from clawly.stance import StrictKeywordRule, combine
 
 
 def heldout_prompts(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -6,18 +6,18 @@ import shutil
 
 import torch
 
-from clawly import export as ex
-from clawly.ablation import AblationPlan, weight_deltas
-from clawly.artifacts.directions import check_fits, read_ablation_directions
-from clawly.artifacts.optimize import read_chosen_trial
-from clawly.artifacts.prompts import read_prompts
-from clawly.distill import read_factors
-from clawly.input_edits import WriterInputs, load_writer_inputs, retained_writes
+from clawly.ablate.ablation import AblationPlan, weight_deltas
+from clawly.ablate.directions import check_fits, read_ablation_directions
+from clawly.ablate.distill import read_factors
+from clawly.ablate.edits import WriterInputs, load_writer_inputs, retained_writes
+from clawly.ablate.lora import AdapterUnsupportedError
+from clawly.data.prompts import read_prompts
 from clawly.io import atomic_dir, read_json, write_json, write_text
 from clawly.log import StageLogger
-from clawly.lora import AdapterUnsupportedError
-from clawly.model import load_model, resolve_model_source
+from clawly.model.loading import load_model, resolve_model_source
 from clawly.paths import Paths
+from clawly.save import export as ex
+from clawly.search.chosen import read_chosen_trial
 from clawly.settings import Settings
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from clawly.artifacts.prompts import write_prompts
-from clawly.datasets import generate_prompts
+from clawly.data.prompts import write_prompts
+from clawly.data.templates import generate_prompts
 from clawly.log import StageLogger
 from clawly.paths import Paths
 from clawly.settings import Settings

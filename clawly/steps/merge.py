@@ -6,14 +6,14 @@ import contextlib
 
 from peft import PeftModel
 
-from clawly import export as ex
-from clawly.ablation import AblationPlan, ablated, weight_deltas
-from clawly.artifacts.directions import check_fits, read_ablation_directions
+from clawly.ablate.ablation import AblationPlan, ablated, weight_deltas
+from clawly.ablate.directions import check_fits, read_ablation_directions
 from clawly.errors import reading, require
 from clawly.io import atomic_dir, read_json, write_text
 from clawly.log import StageLogger
-from clawly.model import full_precision, load_model, resolve_model_source
+from clawly.model.loading import full_precision, load_model, resolve_model_source
 from clawly.paths import Paths
+from clawly.save import export as ex
 from clawly.settings import Settings
 
 

@@ -22,25 +22,25 @@ import optuna
 import pandas as pd
 import torch
 
-from clawly import study as st
-from clawly.ablation import AblationPlan
-from clawly.architecture import num_layers
-from clawly.artifacts.directions import AblationDirections, check_fits, read_ablation_directions
-from clawly.artifacts.optimize import ChosenTrial, write_chosen_trial, write_optimizer_prompts
-from clawly.artifacts.prompts import instructed_categories, read_prompts, row_systems
-from clawly.categories import category_table
-from clawly.classify import FEATURES, response_classifier
-from clawly.decoding import PromptSet, auto_batch_size, detect_response_prefix
+from clawly.ablate.ablation import AblationPlan
+from clawly.ablate.categories import category_table
+from clawly.ablate.directions import AblationDirections, check_fits, read_ablation_directions
+from clawly.ablate.edits import WriterInputs, load_writer_inputs
+from clawly.data.prompts import instructed_categories, read_prompts, row_systems
 from clawly.errors import ClawlyError
-from clawly.input_edits import WriterInputs, load_writer_inputs
 from clawly.io import atomic_path, write_json
 from clawly.log import StageLogger, get_logger
-from clawly.measures import chat_prompts
-from clawly.model import cache_root, load_model
+from clawly.measure.classify import FEATURES, response_classifier
+from clawly.measure.decoding import PromptSet, auto_batch_size, detect_response_prefix
+from clawly.measure.scoring import Scores, ScoringPrompts, TrialScorer
+from clawly.measure.templating import chat_prompts
+from clawly.model.architecture import num_layers
+from clawly.model.loading import cache_root, load_model
 from clawly.paths import Paths, project_file
-from clawly.scoring import Scores, ScoringPrompts, TrialScorer
+from clawly.search import study as st
+from clawly.search.chosen import ChosenTrial, write_chosen_trial, write_optimizer_prompts
+from clawly.search.workers import extra_workers, worker_model
 from clawly.settings import REFUSAL_MEASURES, Settings
-from clawly.workers import extra_workers, worker_model
 
 
 @dataclass(frozen=True)
@@ -340,7 +340,7 @@ def handed(search: Search) -> dict:
 
 
 def worker(values: dict, index: int, threads: int, given: dict) -> None:
-    """An extra worker (a spawned process, see `clawly.workers`): its own model, the same study,
+    """An extra worker (a spawned process, see `clawly.search.workers`): its own model, the same study,
     trials until optimize.n_trials are finished by all workers together."""
     torch.set_num_threads(threads)
     settings = Settings.from_dict(values)

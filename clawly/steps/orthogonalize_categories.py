@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from clawly import categories as cm
-from clawly.artifacts.directions import AblationDirections, read_refusal_directions, write_ablation_directions
+from clawly.ablate.directions import AblationDirections, read_refusal_directions, write_ablation_directions
 from clawly.io import write_json
 from clawly.log import StageLogger
 from clawly.paths import Paths

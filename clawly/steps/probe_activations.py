@@ -7,15 +7,22 @@ import time
 import pandas as pd
 import torch
 
-from clawly.activations import RunningMean, generation_marker, instruction_suffix, probe_residuals
-from clawly.architecture import hidden_size, num_layers
-from clawly.artifacts.activations import ActivationWriter, ResidualMeans, write_means
-from clawly.artifacts.prompts import read_prompts, row_systems
+from clawly.ablate.activations import (
+    ActivationWriter,
+    ResidualMeans,
+    RunningMean,
+    generation_marker,
+    instruction_suffix,
+    probe_residuals,
+    write_means,
+)
+from clawly.data.prompts import read_prompts, row_systems
 from clawly.errors import ClawlyError
 from clawly.io import atomic_path
 from clawly.log import StageLogger
-from clawly.measures import chat_prompts
-from clawly.model import load_model
+from clawly.measure.templating import chat_prompts
+from clawly.model.architecture import hidden_size, num_layers
+from clawly.model.loading import load_model
 from clawly.paths import Paths
 from clawly.settings import Settings
 

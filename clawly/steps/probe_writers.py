@@ -4,7 +4,7 @@ For `edit.method` nullspace or least_squares: the base model answers `edit.kept_
 requests of each kept category (plus `edit.harmless_prompts` harmless ones) and
 `edit.targeted_prompts` of each targeted category (`edit.answer_tokens` tokens, greedy); a forward
 over each request and its answer then streams every writer's input, every position, into its second
-moment (`clawly.input_edits`). With `edit.method=projection` nothing is read and the file holds no
+moment (`clawly.ablate.edits`). With `edit.method=projection` nothing is read and the file holds no
 tensors (the stage stays in the pipeline, so changing the method reruns only what depends on it).
 """
 
@@ -14,13 +14,13 @@ import time
 
 import pandas as pd
 
-from clawly.artifacts.prompts import instructed_categories, read_prompts, row_systems
-from clawly.decoding import PromptSet
-from clawly.input_edits import WriterInputs, read_inputs, write_writer_inputs
+from clawly.ablate.edits import WriterInputs, read_inputs, write_writer_inputs
+from clawly.data.prompts import instructed_categories, read_prompts, row_systems
 from clawly.io import write_json
 from clawly.log import StageLogger
-from clawly.measures import chat_prompts
-from clawly.model import load_model
+from clawly.measure.decoding import PromptSet
+from clawly.measure.templating import chat_prompts
+from clawly.model.loading import load_model
 from clawly.paths import Paths
 from clawly.settings import Settings
 

@@ -23,11 +23,11 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
+from clawly.ablate.research import require_research_extra
 from clawly.errors import ClawlyError
-from clawly.hub import push_to_hub
 from clawly.paths import Paths
 from clawly.redact import redacted
-from clawly.research import require_research_extra
+from clawly.save.hub import push_to_hub
 from clawly.settings import REFUSAL_MEASURES, Settings
 from clawly.settings_docs import SECTIONS as SECTION_DOCS
 from clawly.web import form

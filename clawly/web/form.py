@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from clawly.cli import parse_value, read_preset
-from clawly.datasets import load_templates
+from clawly.data.templates import load_templates
 from clawly.paths import project_file
 from clawly.settings import REFUSAL_MEASURES, SECTIONS, Settings, SettingsError, from_mapping
 from clawly.settings_docs import HELP

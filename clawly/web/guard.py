@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clawly.model import DEFAULT_MODEL
+from clawly.model.loading import DEFAULT_MODEL
 from clawly.redact import has_url_password, masked_url
 from clawly.settings import SettingsError
 

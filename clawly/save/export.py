@@ -24,17 +24,16 @@ import pandas as pd
 import torch
 
 from clawly import __version__
-from clawly.ablation import AblationPlan, InputEditor, WeightDelta, weight_deltas
-from clawly.architecture import holds_quantized
-from clawly.artifacts.directions import AblationDirections, write_ablation_directions
-from clawly.checkpoint import save_sharded, source_weight_map
-from clawly.directions import AblationBasis
-from clawly.distill import read_factors, write_factors
+from clawly.ablate.ablation import AblationPlan, InputEditor, WeightDelta, weight_deltas
+from clawly.ablate.directions import AblationBasis, AblationDirections, write_ablation_directions
+from clawly.ablate.distill import read_factors, write_factors
+from clawly.ablate.edits import RecordedInputs, read_recorded_rows, write_recorded_rows
+from clawly.ablate.lora import LoraFactors, adapter_problem, lora_factors, save_adapter
 from clawly.errors import ClawlyError
-from clawly.input_edits import RecordedInputs, read_recorded_rows, write_recorded_rows
 from clawly.io import write_json
-from clawly.lora import LoraFactors, adapter_problem, lora_factors, save_adapter
-from clawly.model import DEFAULT_MODEL, DEFAULT_MODEL_DESCRIPTION, model_provenance
+from clawly.model.architecture import holds_quantized
+from clawly.model.checkpoint import save_sharded, source_weight_map
+from clawly.model.loading import DEFAULT_MODEL, DEFAULT_MODEL_DESCRIPTION, model_provenance
 from clawly.redact import masked, shown_path
 from clawly.settings import DataSettings, ExportSettings, Settings
 
@@ -77,7 +76,7 @@ def saved_change(model, basis: AblationBasis, plan: AblationPlan, strengths: tor
 
 
 def distilled_change(model, trained: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> SavedChange:
-    """A distilled adapter's factors (`clawly.distill`) as the change that is saved: exact low rank."""
+    """A distilled adapter's factors (`clawly.ablate.distill`) as the change that is saved: exact low rank."""
     deltas = {name: WeightDelta(b=b.double(), a=a.double()) for name, (b, a) in trained.items()}
     factors = lora_factors(deltas)
     return SavedChange(deltas, factors, False, adapter_problem(model, factors))

@@ -3,13 +3,13 @@
 `TrialScorer` tokenizes and batches the prompts once and computes the base model's first-token
 distributions once, kept on disk (`LogprobFile`: in memory they grow with the prompt count, 0.6 MB
 a prompt for a 151k vocabulary); each call only runs the model, compares one chunk at a time with
-the base, and generates through `clawly.decoding`'s fast scorer (shared-prefix cache, early stop at
+the base, and generates through `clawly.measure.decoding`'s fast scorer (shared-prefix cache, early stop at
 the first refusal marker, batch compaction). Refusals are keyword hits, or with
 `optimize.refusal_measure=classifier` the answers the response classifier does not call compliance.
 
 Kept categories (category mode) are counted the other way round, so that a disclaimer cannot pass
 for a kept refusal: their answers run to `optimize.kept_max_new_tokens` and count only when the
-strict rule (`clawly.stance`) calls them a refusal, a marker in the opening with no help after it
+strict rule (`clawly.measure.stance`) calls them a refusal, a marker in the opening with no help after it
 (with the classifier: its refusals that the rule does not call hedged). On targeted categories a
 hedged answer still counts as a refusal: the search must remove the disclaimer too.
 """
@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from clawly.decoding import DecodeStats, PromptSet
-from clawly.measures import RefusalDetector, kl_rows
+from clawly.measure.decoding import DecodeStats, PromptSet
+from clawly.measure.logprobs import kl_rows
+from clawly.measure.stance import RefusalDetector, StrictKeywordRule, combine
 from clawly.settings import OptimizeSettings
-from clawly.stance import StrictKeywordRule, combine
 
 
 @dataclass
@@ -106,13 +106,13 @@ class TrialScorer:
         self.classifier = classifier
         if settings.refusal_measure == "classifier":
             if classifier is None:
-                raise ValueError("optimize.refusal_measure=classifier needs a classifier (clawly.classify)")
+                raise ValueError("optimize.refusal_measure=classifier needs a classifier (clawly.measure.classify)")
             if len(prompts.harmful_requests) != len(prompts.harmful):
                 raise ValueError("optimize.refusal_measure=classifier needs the raw harmful requests")
         self.progress = progress
         bs = batch_size if batch_size is not None else settings.batch_size
         if not isinstance(bs, int):
-            raise ValueError(f"batch size {bs!r}: resolve 'auto' with clawly.decoding.auto_batch_size first")
+            raise ValueError(f"batch size {bs!r}: resolve 'auto' with clawly.measure.decoding.auto_batch_size first")
         cats = prompts.harmful_categories
         self.kept_rows = [i for i, c in enumerate(cats) if c in set(kept)]
         self.other_rows = [i for i, c in enumerate(cats) if c not in set(kept)]

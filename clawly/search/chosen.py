@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from clawly.ablation import AblationPlan
+from clawly.ablate.ablation import AblationPlan
 from clawly.errors import reading
 from clawly.io import atomic_path, read_json, write_json
 

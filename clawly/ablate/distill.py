@@ -26,11 +26,12 @@ import torch
 from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from clawly.ablation import WeightDelta
-from clawly.architecture import writers
-from clawly.decoding import PromptSet
+from clawly.ablate.ablation import WeightDelta
 from clawly.errors import ClawlyError, reading
 from clawly.io import write_safetensors
+from clawly.measure.decoding import PromptSet
+from clawly.measure.logprobs import answer_cross_entropy, answer_logprobs, kl_rows
+from clawly.model.architecture import writers
 
 
 @dataclass
@@ -60,39 +61,15 @@ def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     return out
 
 
-def batch(tokenizer: PreTrainedTokenizerBase, rows: Sequence[tuple[str, list[int]]], device) -> dict:
-    """Left-padded prompt + answer ids, attention mask, positions, and where each answer sits."""
-    ids = [tokenizer(p, add_special_tokens=False).input_ids + list(a) for p, a in rows]
-    width = max(len(r) for r in ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in ids])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
-    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
-            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device)}
-
-
-def answer_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                    rows: Sequence[tuple[str, list[int]]]) -> list[torch.Tensor]:
-    """Log-probs `[len(answer), vocab]` at each answer position (the distribution of each answer token)."""
-    b = batch(tokenizer, rows, model.device)
-    logits = model(**b, use_cache=False).logits
-    width = b["input_ids"].shape[1]
-    return [torch.log_softmax(logits[i, width - len(a) - 1:width - 1].float(), dim=-1)
-            for i, (_, a) in enumerate(rows)]
-
-
 def cross_entropy(model, tokenizer, rows: Sequence[tuple[str, list[int]]]) -> torch.Tensor:
     """Mean cross-entropy of the answer tokens after their prompts (teacher-forced)."""
-    lps = answer_logprobs(model, tokenizer, rows)
-    return torch.stack([-lp.gather(1, torch.tensor(a, device=lp.device)[:, None]).mean()
-                        for lp, (_, a) in zip(lps, rows, strict=True)]).mean()
+    return answer_cross_entropy(model, tokenizer, [p for p, _ in rows], [a for _, a in rows])
 
 
 def kl_to_base(model, tokenizer, rows: Sequence[tuple[str, list[int], torch.Tensor]]) -> torch.Tensor:
     """Mean KL(base || model) over the answer positions of harmless prompts."""
-    lps = answer_logprobs(model, tokenizer, [(p, a) for p, a, _ in rows])
-    return torch.stack([(base.exp() * (base - lp)).sum(-1).mean()
-                        for lp, (_, _, base) in zip(lps, rows, strict=True)]).mean()
+    logprobs = answer_logprobs(model, tokenizer, [p for p, _, _ in rows], [a for _, a, _ in rows])
+    return torch.stack([kl_rows(base, lp).mean() for lp, (_, _, base) in zip(logprobs, rows, strict=True)]).mean()
 
 
 @contextlib.contextmanager

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from clawly.ablation import writers
-from clawly.decoding import PromptSet
+from clawly.ablate.ablation import writers
 from clawly.errors import ClawlyError
-from clawly.stance import StrictKeywordRule
+from clawly.measure.decoding import PromptSet
+from clawly.measure.logprobs import answer_cross_entropy, first_token_logprobs, kl_rows
+from clawly.measure.stance import StrictKeywordRule
 
 
 @dataclass
@@ -67,40 +68,6 @@ def projected_out(model: PreTrainedModel, direction: torch.Tensor) -> Iterator[N
     finally:
         for h in handles:
             h.remove()
-
-
-def _batch(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[list[int]] | None,
-           device: torch.device) -> dict:
-    """Left-padded prompt (+ answer) ids with attention mask and position ids."""
-    rows = [tokenizer(p, add_special_tokens=False).input_ids + (list(answers[i]) if answers else [])
-            for i, p in enumerate(prompts)]
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
-
-
-def first_token_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                         prompts: Sequence[str]) -> torch.Tensor:
-    batch = _batch(tokenizer, prompts, None, model.device)
-    logits = model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1, :]
-    return torch.log_softmax(logits.float(), dim=-1)
-
-
-def answer_cross_entropy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                         answers: Sequence[list[int]]) -> torch.Tensor:
-    """Mean cross-entropy of the given answer tokens after each prompt (teacher-forced)."""
-    batch = _batch(tokenizer, prompts, answers, model.device)
-    logits = model(**batch, use_cache=False).logits.float()
-    width = batch["input_ids"].shape[1]
-    losses = []
-    for i, a in enumerate(answers):
-        positions = torch.arange(width - len(a) - 1, width - 1)
-        target = torch.tensor(a, device=logits.device)
-        losses.append(torch.nn.functional.cross_entropy(logits[i, positions], target))
-    return torch.stack(losses).mean()
 
 
 @torch.no_grad()
@@ -146,8 +113,7 @@ def optimize_direction(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
             kept_loss = (answer_cross_entropy(model, tokenizer, targets.kept_prompts, targets.kept_answers)
                          if targets.kept_prompts and kept_weight else torch.zeros((), device=model.device))
             h = first_token_logprobs(model, tokenizer, harmless) if harmless_weight else None
-            kl = ((targets.harmless_logprobs.exp() * (targets.harmless_logprobs - h)).sum(-1).mean()
-                  if h is not None else torch.zeros((), device=model.device))
+            kl = kl_rows(targets.harmless_logprobs, h).mean() if h is not None else torch.zeros((), device=model.device)
         loss = target_loss + kept_weight * kept_loss + harmless_weight * kl
         history.append({"step": step, **{k: round(x.detach().item(), 6) for k, x in (
             ("loss", loss), ("targeted", target_loss), ("kept", kept_loss), ("harmless_kl", kl),

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clawly.artifacts.directions import RefusalDirections
-from clawly.directions import AblationBasis, cosine
+from clawly.ablate.directions import AblationBasis, RefusalDirections, cosine
 from clawly.errors import ClawlyError
 from clawly.settings import CategorySettings
 

@@ -36,11 +36,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 
-from clawly.decoding import PromptSet
 from clawly.errors import ClawlyError
 from clawly.io import write_safetensors
-from clawly.measures import RefusalDetector
-from clawly.model import cache_root, load_model
+from clawly.measure.decoding import PromptSet
+from clawly.measure.stance import RefusalDetector
+from clawly.model.loading import cache_root, load_model
 from clawly.paths import project_file
 from clawly.settings import ModelSettings, Settings
 

@@ -2,7 +2,7 @@
 
 `generate_prompts` returns two tables, harmful and harmless, each with the columns
 ``id, text, category, split, system`` (all strings; split is "train", "eval" or "tune"; system is
-empty except in instructed categories, see `clawly.artifacts.prompts`).
+empty except in instructed categories, see `clawly.data.prompts`).
 
 - Harmful: every category in the templates gives exactly ``train_per_category`` train,
   ``eval_per_category`` eval and ``tune_per_category`` tune prompts (the optimizer's; none by
@@ -44,7 +44,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from clawly.artifacts.prompts import COLUMNS, GENERAL
+from clawly.data.prompts import COLUMNS, GENERAL
 from clawly.errors import ClawlyError
 from clawly.paths import project_file
 from clawly.settings import DataSettings

@@ -10,7 +10,7 @@ from `optimize.storage`; from this process it takes the settings and what `given
 response prefix, batch size and base scores: measuring them again would cost a trial's work). The
 CPU threads are split between the processes (more threads than cores only makes each slower);
 with several GPUs, worker i takes GPU i. Trial numbers come from the storage, so
-the workers never run the same trial, and `clawly.study.iter_study` stops all of them at
+the workers never run the same trial, and `clawly.search.study.iter_study` stops all of them at
 optimize.n_trials finished trials.
 """
 

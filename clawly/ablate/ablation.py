@@ -38,8 +38,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from clawly.architecture import Writer, decoder_layers, dense_weight, is_quantized, writer_parameters, writers
-from clawly.directions import AblationBasis
+from clawly.ablate.directions import AblationBasis
+from clawly.model.architecture import Writer, decoder_layers, dense_weight, is_quantized, writer_parameters, writers
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class AblationPlan:
     # categories.kernels=per_category: each targeted category's own kernels (category -> component
     # -> kernel), in the order of the basis (that of category_weights); `kernels` is then unused
     category_kernels: dict[str, dict[str, LayerKernel]] = field(default_factory=dict)
-    # an input-conditional edit (clawly.input_edits): {"method": "nullspace", "energy": e} or
+    # an input-conditional edit (clawly.ablate.edits): {"method": "nullspace", "energy": e} or
     # {"method": "least_squares", "ridge": r}; empty for plain ablation
     edit: dict = field(default_factory=dict)
 
@@ -161,7 +161,7 @@ class WeightDelta:
 
 
 class InputEditor(Protocol):
-    """What turns a writer's read rows A `[k, d_in]` into A R (clawly.input_edits)."""
+    """What turns a writer's read rows A `[k, d_in]` into A R (clawly.ablate.edits)."""
 
     def apply(self, edit: dict, name: str, a: torch.Tensor) -> torch.Tensor: ...
 
@@ -202,7 +202,7 @@ def weight_deltas(model: nn.Module, basis: AblationBasis, plan: AblationPlan,
     basis: the directions to ablate (m = 1 in global mode). strengths: optional `[m]` multipliers
     (category weights), default ones. Every expert of a fused stack changes by the same B and its own
     A = (G q)^T W_e, so the layer's MLP write loses the directions whatever the routing. With an
-    input-conditional edit in the plan, `inputs` (`clawly.input_edits`) turns each writer's A into
+    input-conditional edit in the plan, `inputs` (`clawly.ablate.edits`) turns each writer's A into
     A R; the bias, written whatever the input, is then left as it is.
     """
     if plan.edit and inputs is None:

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from clawly.directions import cosine, direction_report
+from clawly.ablate.directions import cosine, direction_report
 from clawly.errors import ClawlyError, reading
 from clawly.io import atomic_path
 

@@ -40,9 +40,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from clawly.architecture import Writer, writers
 from clawly.errors import ClawlyError, reading
 from clawly.io import write_safetensors
+from clawly.model.architecture import Writer, writers
 from clawly.paths import Paths
 from clawly.settings import EditSettings, Settings
 

@@ -31,9 +31,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from clawly.ablation import WeightDelta
-from clawly.architecture import BIAS_SUFFIX
+from clawly.ablate.ablation import WeightDelta
 from clawly.errors import ClawlyError
+from clawly.model.architecture import BIAS_SUFFIX
 
 
 class AdapterUnsupportedError(ClawlyError, ValueError):

@@ -1,7 +1,7 @@
 """The Optuna study over ablation plans: fewest refusals, least KL divergence, kept refusals kept.
 
 Each trial draws a plan from the search space (`suggest_plan`), applies its weight change in place
-(`ablated`), is scored by a `clawly.scoring.TrialScorer` (KL first, so `prune_kl` can stop it before
+(`ablated`), is scored by a `clawly.measure.scoring.TrialScorer` (KL first, so `prune_kl` can stop it before
 any generation; then refusals) and restores the weights. The study resumes from its storage, with
 the sampler seeded per trial (`TrialSeededSampler`); `choose_trial` is the choice rule.
 """
@@ -25,14 +25,14 @@ import torch
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalStorage
 from transformers import PreTrainedModel
 
-from clawly.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
-from clawly.decoding import DecodeStats
-from clawly.directions import AblationBasis
+from clawly.ablate.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
+from clawly.ablate.directions import AblationBasis
+from clawly.ablate.edits import WriterInputs, suggest_edit
 from clawly.errors import ClawlyError
-from clawly.input_edits import WriterInputs, suggest_edit
 from clawly.io import pid_alive
+from clawly.measure.decoding import DecodeStats
+from clawly.measure.scoring import Scores, TrialScorer
 from clawly.redact import masked_url
-from clawly.scoring import Scores, TrialScorer
 from clawly.settings import REFUSAL_MEASURES, EditSettings, OptimizeSettings
 
 

@@ -19,7 +19,7 @@ ways, and `Writer.transposed` says which orientation:
 - experts as separate modules (a ModuleList of MLPs): one ``nn.Linear`` writer per expert;
 - experts fused in one parameter: ``[E, d, d_in]`` (Mixtral, Qwen2/3-MoE) or ``[E, d_in, d]``
   (gpt-oss), with a per-expert bias ``[E, d]`` named ``<weight>_bias`` where there is one;
-  `clawly.experts` tells the two orientations apart.
+  `clawly.model.experts` tells the two orientations apart.
 
 A layer child with weights that is none of these (a Mamba mixer, a second MLP) is an error, so a
 writer is never skipped silently. A bitsandbytes 4-bit ``Linear4bit`` (``model.load_in_4bit``) is an
@@ -28,7 +28,7 @@ writer is never skipped silently. A bitsandbytes 4-bit ``Linear4bit`` (``model.l
 Some architectures (Gemma 2 and 3, OLMo 2) normalize each writer's output before adding it to the
 residual stream (``post_attention_layernorm``, ``post_feedforward_layernorm``). An RMS norm there
 scales every coordinate by its gain g, so what enters the residual stream is g * W x / rms(W x);
-`writer_gains` measures g so the ablation can act on that (see `clawly.ablation`).
+`writer_gains` measures g so the ablation can act on that (see `clawly.ablate.ablation`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from clawly.errors import ClawlyError
-from clawly.experts import stored_input_first
+from clawly.model.experts import stored_input_first
 
 ATTN_OUT = "attn_out"
 MLP_DOWN = "mlp_down"
