@@ -15,6 +15,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from clawly.redact import masked_url
+
 # What a parser raises on a file that was cut short or damaged: bad bytes, bad JSON/YAML/Parquet
 # (JSONDecodeError, UnicodeDecodeError and pyarrow's ArrowInvalid are ValueErrors), missing keys or
 # columns. Anything else (out of memory, a library version mismatch's TypeError, a permission error)
@@ -25,6 +27,14 @@ FORMAT_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, IndexErr
 
 class ClawlyError(Exception):
     """Base of clawly's user-facing errors."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message as one line, its URL passwords masked: its first line (library messages
+    run on with advice; a database driver's own error, SQLAlchemy's `orig`, when there is one), or
+    the exception's type when it has no message."""
+    lines = str(getattr(error, "orig", None) or error).strip().splitlines()
+    return masked_url(" ".join(lines[0].split())) if lines else type(error).__name__
 
 
 class MissingInputError(ClawlyError, FileNotFoundError):

@@ -60,7 +60,7 @@ class StageLogger:
                            file=sys.stderr)
                 self.path = None
         if not self.quiet:
-            text = message if message is not None else " ".join(f"{k}={_short(v)}" for k, v in fields.items())
+            text = message if message is not None else " ".join(f"{k}={short(v)}" for k, v in fields.items())
             text = masked_url(text)
             tqdm.write(f"[{self.stage}] {name}: {text}" if text else f"[{self.stage}] {name}", file=sys.stderr)
 
@@ -69,10 +69,9 @@ class StageLogger:
                     dynamic_ncols=True, file=sys.stderr)
 
 
-def _short(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+def short(v: Any) -> str:
+    """A value as a log line shows it: floats to 4 significant digits."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def get_logger(stage: str, log_dir: str | os.PathLike[str] | None = None, quiet: bool = False) -> StageLogger:

@@ -74,3 +74,18 @@ def test_kl_divergence_is_zero_for_equal_and_agrees_with_torch_kl_div():
     expected = torch.nn.functional.kl_div(q.double(), p.double(), reduction="batchmean", log_target=True)
     assert abs(kl_divergence(p, q) - float(expected)) < 1e-12 and kl_divergence(p, q) > 0
     assert abs(kl_divergence(p, q) - kl_divergence(q, p)) > 1e-3  # the direction matters
+
+
+def test_base_logprobs_come_back_exactly_chunk_by_chunk():
+    """The base distributions live in a temporary file (numpy.memmap of each chunk): every chunk
+    reads back bit for bit, in any order, whatever their sizes."""
+    from clawly.measure.scoring import LogprobFile
+
+    torch.manual_seed(0)
+    chunks = [torch.randn(3, 1000), torch.randn(1, 1000), torch.randn(7, 1000) * 1e-30, torch.randn(2, 1000)]
+    file = LogprobFile()
+    for c in chunks:
+        file.append(c)
+    assert len(file) == 4
+    for k in (2, 0, 3, 1):
+        assert torch.equal(file.read(k), chunks[k])

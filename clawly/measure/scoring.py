@@ -16,11 +16,11 @@ hedged answer still counts as a refusal: the search must remove the disclaimer t
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -56,8 +56,9 @@ class Scores:
 
 
 class LogprobFile:
-    """Log-probs `[b, vocab]` float32, chunk after chunk, in an unlinked temporary file: read back
-    chunk by chunk, so memory holds one chunk whatever the prompt count (the bytes come back exact)."""
+    """Log-probs `[b, vocab]` float32, chunk after chunk, in an unlinked temporary file, each chunk
+    written and read back through a `numpy.memmap` of its own bytes only: memory holds one chunk
+    whatever the prompt count (a map of the whole file would keep every written page resident)."""
 
     def __init__(self) -> None:
         self.file = tempfile.TemporaryFile()
@@ -65,13 +66,14 @@ class LogprobFile:
         self.size = 0
 
     def append(self, logprobs: torch.Tensor) -> None:
-        data = logprobs.detach().to("cpu", torch.float32).contiguous()
-        view = memoryview(data.numpy()).cast("B")
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self.file.fileno(), view[done:], self.size + done)
-        self.chunks.append((self.size, tuple(data.shape)))
-        self.size += len(view)
+        data = logprobs.detach().to("cpu", torch.float32).contiguous().numpy()
+        self.file.truncate(self.size + data.nbytes)
+        chunk = np.memmap(self.file, dtype=np.float32, mode="r+", offset=self.size, shape=data.shape)
+        chunk[:] = data
+        chunk.flush()
+        del chunk
+        self.chunks.append((self.size, data.shape))
+        self.size += data.nbytes
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -79,14 +81,9 @@ class LogprobFile:
     def read(self, k: int) -> torch.Tensor:
         """The k-th chunk appended."""
         offset, shape = self.chunks[k]
-        out = torch.empty(shape, dtype=torch.float32)
-        view = memoryview(out.numpy()).cast("B")
-        done = 0
-        while done < len(view):
-            n = os.preadv(self.file.fileno(), [view[done:]], offset + done)
-            if n <= 0:
-                raise OSError(f"base log-probs: short read at byte {offset + done} of {self.file.name}")
-            done += n
+        chunk = np.memmap(self.file, dtype=np.float32, mode="r", offset=offset, shape=shape)
+        out = torch.from_numpy(np.array(chunk))
+        del chunk
         return out
 
 

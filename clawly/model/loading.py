@@ -41,7 +41,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from clawly.errors import ClawlyError
+from clawly.errors import ClawlyError, first_line
 from clawly.io import umask_mode
 from clawly.log import StageLogger
 from clawly.redact import shown_path
@@ -263,16 +263,10 @@ def _from_hub(settings: ModelSettings, cache: Path) -> Path:
         raise
     except Exception as e:  # hub errors are many types (offline, 401, 404, revision); one message for all
         raise ModelLoadError(
-            f"could not get model '{name}' from the Hugging Face Hub ({type(e).__name__}: {_first_line(e)}). "
+            f"could not get model '{name}' from the Hugging Face Hub ({type(e).__name__}: {first_line(e)}). "
             f"No local directory or file '{name}' exists either. Pass an existing model directory, "
             f"a .gguf file, 'default' for the packaged model, or check the hub id and your network"
         ) from e
-
-
-def _first_line(error: BaseException) -> str:
-    """An exception's message as one line: its first line (library messages run on with advice)."""
-    text = str(error).strip()
-    return " ".join(text.splitlines()[0].split()) if text else type(error).__name__
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -434,7 +428,7 @@ def load_model(settings: ModelSettings, stage_log: StageLogger | None = None
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = load_tokenizer(source, trust_remote_code=settings.trust_remote_code)
     except (OSError, ValueError, KeyError, ImportError) as e:
-        raise ModelLoadError(f"could not load model '{settings.name}' from {source}: {_first_line(e)}") from e
+        raise ModelLoadError(f"could not load model '{settings.name}' from {source}: {first_line(e)}") from e
 
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from clawly.ablate.ablation import AblationPlan, LayerKernel, ablated, weight_deltas
 from clawly.ablate.directions import AblationBasis
 from clawly.ablate.edits import WriterInputs, suggest_edit
-from clawly.errors import ClawlyError
+from clawly.errors import ClawlyError, first_line
 from clawly.io import pid_alive
 from clawly.measure.decoding import DecodeStats
 from clawly.measure.scoring import Scores, TrialScorer
@@ -183,7 +183,7 @@ def open_study(storage: str, study_name: str, seed: int, n_startup_trials: int,
     except Exception as e:  # noqa: BLE001 - a database's errors are many classes and lines: one line naming it
         # from None: the cause may hold the URL's password (its first line, masked, is the message)
         raise StorageError(f"optimize.storage {masked_url(storage)}: cannot open study {study_name!r}: "
-                           f"{_first_line(e)}") from None
+                           f"{first_line(e)}") from None
     fail_stale(study)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if _gone(t.user_attrs.get(WORKER)):
@@ -193,11 +193,6 @@ def open_study(storage: str, study_name: str, seed: int, n_startup_trials: int,
 
 class StorageError(ClawlyError):
     """The study's storage cannot be reached or read; the message names it (password masked)."""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(getattr(e, "orig", None) or e).strip().splitlines()
-    return masked_url(" ".join(text[0].split())) if text else type(e).__name__
 
 
 def fail_stale(study: optuna.Study) -> None:
@@ -224,7 +219,7 @@ def _storage(url: str) -> optuna.storages.BaseStorage:
             if isinstance(missing, ModuleNotFoundError):  # Optuna wraps the driver's import error
                 raise StorageError(f"optimize.storage {masked_url(url)}: the database driver {missing.name!r} is not "
                                    "installed: pip install 'clawly[cluster]' (PostgreSQL through psycopg)") from None
-            raise StorageError(f"optimize.storage {masked_url(url)}: {_first_line(e)} (is the server up, and the "
+            raise StorageError(f"optimize.storage {masked_url(url)}: {first_line(e)} (is the server up, and the "
                                "URL dialect+driver://user@host:port/database?)") from None
     Path(url).parent.mkdir(parents=True, exist_ok=True)
     lock = JournalFileSymlinkLock(url)  # Optuna's default lock, kept to repair under it

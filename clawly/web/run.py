@@ -32,7 +32,7 @@ import plotly.graph_objects as go
 
 from clawly.api import Pipeline, TrialOutcome
 from clawly.errors import ClawlyError
-from clawly.log import StageLogger
+from clawly.log import StageLogger, short
 from clawly.paths import Paths
 from clawly.redact import is_secret_key, masked_url
 from clawly.settings import Settings
@@ -149,7 +149,7 @@ class RunLog(StageLogger):
     def event(self, name: str, message: str | None = None, **fields: Any) -> None:
         super().event(name, message, **fields)
         shown = {k: v for k, v in fields.items() if not is_secret_key(k)}
-        text = message if message is not None else " ".join(f"{k}={_short(v)}" for k, v in shown.items())
+        text = message if message is not None else " ".join(f"{k}={short(v)}" for k, v in shown.items())
         line = masked_url(f"{time.strftime('%H:%M:%S')} {name}: {text}")
 
         def add(s: RunState) -> None:
@@ -160,10 +160,6 @@ class RunLog(StageLogger):
 
     def progress(self, iterable: Any = None, total: int | None = None, desc: str = "", unit: str = "it") -> _Progress:
         return _Progress(self.run, iterable, total, desc)
-
-
-def _short(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 class _QuietStop(logging.Filter):
