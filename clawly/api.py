@@ -38,6 +38,7 @@ from clawly.data.prompts import instructed_categories, row_systems
 from clawly.errors import ClawlyError
 from clawly.io import atomic_dir, read_json, write_json, write_text
 from clawly.log import StageLogger, get_logger
+from clawly.measure.scoring import Scores
 from clawly.measure.templating import chat_prompts
 from clawly.model.architecture import holds_quantized
 from clawly.model.architecture import num_layers as decoder_layer_count
@@ -83,6 +84,7 @@ class Pipeline:
         self.response_prefix: str | None = None
         self.batch_size: int | None = None
         self.search: optimize.Search | None = None
+        self._evaluation: optimize.Evaluation | None = None  # init_evaluator's: the base scores
         self.trial: TrialOutcome | None = None  # the trial whose weights the model holds (None: base)
         self._change: ex.SavedChange | None = None  # the restored trial's change as it is saved
         self._distilled = False  # the change is a distilled adapter (distill()), not the trial's own
@@ -159,16 +161,36 @@ class Pipeline:
                                                           timed=True)
         return self.batch_size
 
+    def _batch_size(self) -> int | None:
+        """optimize.batch_size unless `auto_batch_size()` ran (None: the setting is 'auto', timed then)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return None if self.settings.optimize.batch_size == "auto" else int(self.settings.optimize.batch_size)
+
+    def init_evaluator(self) -> Scores:
+        """Score the base model on the optimizer's prompts once (its refusals per category, the first-token
+        distributions KL is taken against): what every trial is measured against. Needs no directions,
+        so it may come before `compute_refusal_directions` (Clawly's order); `start_search` reuses it."""
+        if self.search is not None:
+            return self.search.base
+        if self._evaluation is None:
+            self.load_datasets()
+            model, tokenizer = self.load_model()
+            self._restore_base()
+            self._evaluation = optimize.evaluation(self.settings, self.log, model, tokenizer,
+                                                   self.detect_response_prefix(), self._batch_size())
+            self.batch_size = self._evaluation.batch_size
+        return self._evaluation.base
+
     def start_search(self) -> optimize.Search:
-        """Score the base model once and open (or resume) the study. The batch size is
-        optimize.batch_size unless `auto_batch_size()` ran (or the setting is 'auto')."""
+        """Score the base model once (`init_evaluator`) and open (or resume) the study. The batch size
+        is optimize.batch_size unless `auto_batch_size()` ran (or the setting is 'auto')."""
         if self.search is None:
             directions = self.compute_refusal_directions()
             self._restore_base()
-            batch_size = self.batch_size if self.batch_size is not None else (
-                None if self.settings.optimize.batch_size == "auto" else int(self.settings.optimize.batch_size))
             self.search = optimize.start_search(self.settings, self.log, self.model, self.tokenizer, directions,
-                                          self.detect_response_prefix(), batch_size)
+                                                self.detect_response_prefix(), self._batch_size(),
+                                                measured=self._evaluation)
             self.batch_size = self.search.batch_size
         self.search.scorer.progress = self.log.progress if self.trial_progress else None
         return self.search

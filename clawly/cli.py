@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "a .gguf file [default: default]")
     run = parser.add_argument_group("run")
     run.add_argument("--config", metavar="FILE", help="YAML or TOML file with settings (the keys of params.yaml: "
-                                                      "sections, or dotted/flat keys)")
+                                                      "sections, or dotted/flat keys; category_preset = NAME too) "
+                                                      "[default: config.toml in the working directory, if any]")
     run.add_argument("--category-preset", metavar="NAME", help="category weights from conf/preset/NAME.yaml (or a "
                                                                "YAML file path), e.g. default, full")
     run.add_argument("--output", metavar="DIR", default="clawly-output",
@@ -166,9 +167,16 @@ def parse_value(text: str, annotation: str, key: str) -> Any:
 
 # ---------------------------------------------------------------- settings from files and options
 
+PRESET_KEY = "category_preset"  # a config file's preset (Clawly's key): applied as --category-preset NAME is
+WORKING_DIR_CONFIG = "config.toml"  # read from the working directory when --config is not given (Heretic, Clawly)
+
+
 def config_keys(values: dict[str, Any]) -> dict[str, Any]:
-    """A config file's settings as {"section.key": value}; Hydra's own keys (params.yaml) are skipped."""
-    return dotted_keys({k: v for k, v in (values or {}).items() if k not in ("defaults", "hydra")})
+    """A config file's settings as {"section.key": value}; Hydra's own keys (params.yaml) are skipped,
+    and a `category_preset` is kept as it is (see `file_values`)."""
+    values = {k: v for k, v in (values or {}).items() if k not in ("defaults", "hydra")}
+    preset = values.pop(PRESET_KEY, None)
+    return {**dotted_keys(values), **({PRESET_KEY: preset} if preset is not None else {})}
 
 
 def read_config(path: str) -> dict[str, Any]:
@@ -204,11 +212,19 @@ def read_preset(name: str) -> dict[str, Any]:
                       "(or pass a YAML file)")
 
 
-def file_values(config: str | None, preset: str | None) -> dict[str, Any]:
-    """The settings of `--config FILE`, then `--category-preset NAME` over them (dotted keys)."""
+def file_values(config: str | None, preset: str | None, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The settings of `--config FILE` (without one, `config.toml` in the working directory when there
+    is one: `say` is told so), then the preset over them, `--category-preset NAME` or the file's own
+    `category_preset` (dotted keys)."""
     values: dict[str, Any] = {}
+    if config is None and Path(WORKING_DIR_CONFIG).is_file():
+        config = WORKING_DIR_CONFIG
+        (say or (lambda text: print(text, file=sys.stderr)))(
+            f"reading settings from {Path(WORKING_DIR_CONFIG).resolve()} (--config FILE reads another)")
     if config:
         values.update(read_config(config))
+    preset = preset or values.pop(PRESET_KEY, None)
+    values.pop(PRESET_KEY, None)
     if preset:
         values.update(read_preset(preset))
     return values

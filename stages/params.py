@@ -1,5 +1,5 @@
-"""Write conf/settings.yaml from clawly/settings.py, then params.yaml from conf/ exactly as DVC's
-Hydra composition does (for plain `dvc repro`).
+"""Write conf/settings.yaml and config.default.toml from clawly/settings.py, then params.yaml from
+conf/ exactly as DVC's Hydra composition does (for plain `dvc repro`).
 
     python -m stages.params                      # compose conf/config.yaml
     python -m stages.params optimize=full        # with overrides
@@ -12,6 +12,7 @@ changes on purpose, each with a comment saying why. Tests fail when either file 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -50,6 +51,44 @@ def settings_yaml() -> str:
     return "\n".join(lines) + "\n"
 
 
+CONFIG_DEFAULT_TOML = ROOT / "config.default.toml"
+
+
+def _toml(value) -> str:
+    """A settings value as TOML (no null in TOML: callers comment those keys out)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def config_default_toml() -> str:
+    """config.default.toml: every key of `Settings()` by section, with its help; keys whose default
+    is null are commented out (TOML has no null)."""
+    defaults = Settings()
+    lines = ["# Every clawly setting, its default and its help, generated from clawly/settings.py by",
+             "# `python -m stages.params` (a test fails when it is stale). Copy it to config.toml: `clawly` and",
+             "# `clawly-web` read config.toml from the working directory (`--config FILE` reads another).",
+             "# Keep only what you change. Keys may also be given flat at the top where the name is in one",
+             "# section only (n_trials = 50, orthogonalize_categories = true).", "",
+             "# a category preset, as --category-preset NAME (conf/preset/NAME.yaml or a YAML file)",
+             '# category_preset = "default"']
+    for section, cls in SECTIONS.items():
+        lines += ["", f"[{section}]", *(f"# {line}" for line in textwrap.wrap(SECTION_DOCS[section], 100))]
+        for f in dataclasses.fields(cls):
+            lines += [f"# {line}" for line in textwrap.wrap(HELP[f"{section}.{f.name}"], 100)]
+            value = getattr(getattr(defaults, section), f.name)
+            lines.append(f"# {f.name} = (null by default)" if value is None else f"{f.name} = {_toml(value)}")
+    return "\n".join(lines) + "\n"
+
+
 def composed_params(overrides: list[str] | None = None, config_dir: Path = ROOT / "conf") -> str:
     """The YAML text DVC writes to params.yaml for these overrides."""
     with initialize_config_dir(str(config_dir.resolve()), version_base=None):
@@ -60,5 +99,6 @@ def composed_params(overrides: list[str] | None = None, config_dir: Path = ROOT 
 
 if __name__ == "__main__":
     SETTINGS_YAML.write_text(settings_yaml(), encoding="utf-8")
+    CONFIG_DEFAULT_TOML.write_text(config_default_toml(), encoding="utf-8")
     (ROOT / "params.yaml").write_text(composed_params(sys.argv[1:]), encoding="utf-8")
-    print(f"wrote {SETTINGS_YAML} and {ROOT / 'params.yaml'}")
+    print(f"wrote {SETTINGS_YAML}, {CONFIG_DEFAULT_TOML} and {ROOT / 'params.yaml'}")

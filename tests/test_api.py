@@ -1,6 +1,10 @@
 """The Pipeline API on a tiny model: the notebook flow, agreement with the stages, resume, reproduce."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,8 @@ from clawly import Pipeline, Settings, TrialOutcome
 from clawly.errors import ClawlyError
 from clawly.log import get_logger
 from clawly.steps import export_lora, merge
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TINY = {"data.train_per_category": 8, "data.eval_per_category": 6, "data.harmless_train": 24,
         "data.harmless_eval": 24, "probe.max_per_category": 4, "probe.batch_size": 8, "n_trials": 3,
@@ -475,3 +481,46 @@ def test_without_trial_progress_a_trial_reports_no_inner_progress(make_tiny_mode
     pipe.settings.optimize.n_trials = 2
     list(pipe.run_optimization_iter())
     assert bars.count("generate") >= 1
+
+
+# Clawly's README example of the Pipeline API, verbatim (only the model id and the trial count differ).
+SEED_EXAMPLE = '''
+from clawly import Pipeline, Settings
+
+settings = Settings(model="Qwen/Qwen3-4B-Instruct-2507", n_trials=50)
+pipeline = Pipeline(settings)
+
+pipeline.load_model()
+pipeline.load_datasets()
+pipeline.auto_batch_size()
+pipeline.detect_response_prefix()
+pipeline.init_evaluator()
+pipeline.compute_refusal_directions()
+
+# Stream results
+for result in pipeline.run_optimization_iter():
+    print(f"Trial {result.index}: {result.refusals} refusals, KL={result.kl_divergence:.4f}")
+
+# Export best trial
+best = pipeline.get_pareto_front()[0]
+pipeline.restore_trial(best)
+pipeline.save_model("./output")
+'''
+
+
+def test_the_seed_readme_example_runs_as_written(make_tiny_model, tmp_path):
+    """A notebook written for Clawly runs unchanged: the same calls, in the same order, and the same
+    result attributes (init_evaluator scores the base model before the directions exist)."""
+    script = SEED_EXAMPLE.replace("Qwen/Qwen3-4B-Instruct-2507", str(make_tiny_model("llama"))).replace(
+        "n_trials=50", "n_trials=2")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CLAWLY_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("Trial ")]
+    assert [line.split(":")[0] for line in lines] == ["Trial 0", "Trial 1"]
+    assert all(re.fullmatch(r"Trial \d: \d+ refusals, KL=\d+\.\d{4}", line) for line in lines)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "output")
+    assert merged.config.num_hidden_layers == 2
+    events = [json.loads(line)["event"] for line in (tmp_path / "artifacts" / "logs" / "pipeline.jsonl").open()]
+    assert events.count("baseline") == 1  # init_evaluator scored the base model; the search reused it

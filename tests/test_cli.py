@@ -181,6 +181,32 @@ def test_config_file_yaml_and_toml_with_precedence(tmp_path):
     assert parse("my/model", "--config", str(tmp_path / "c.toml")).model.name == "my/model"  # MODEL wins
 
 
+def test_config_toml_in_the_working_directory_is_read_and_said_and_config_wins(tmp_path, monkeypatch, capsys):
+    """Clawly's and Heretic's users keep a config.toml beside them; Clawly documents exactly these two
+    lines in it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.toml").write_text('category_preset = "default"\northogonalize_categories = true\n')
+    s = parse()
+    assert s.categories.weights == {"violence_weapons": 1.0, "drugs_substances": 1.0, "adult_content": 1.0,
+                                    "self_harm_suicide": 0.0}
+    assert s.orthogonalize.orthogonalize_categories is True
+    assert f"reading settings from {tmp_path / 'config.toml'}" in capsys.readouterr().err
+    (tmp_path / "config.toml").write_text("orthogonalize_categories = false\nn_trials = 7\n")
+    (tmp_path / "other.yaml").write_text("optimize: {n_trials: 3}\n")
+    s = parse("--config", "other.yaml")  # --config replaces config.toml: none of its keys apply
+    assert (s.optimize.n_trials, s.orthogonalize.orthogonalize_categories) == (3, True)
+    assert "reading settings from" not in capsys.readouterr().err
+    assert parse("--category-preset", "full").categories.weights["fraud_scams"] == 1.0  # the flag over the file
+
+
+def test_the_seed_cli_options_parse(tmp_path, monkeypatch):
+    """Clawly's documented command line: `clawly --category-preset default --orthogonalize-categories MODEL`."""
+    monkeypatch.chdir(tmp_path)
+    s = parse("--category-preset", "default", "--orthogonalize-categories", "some/model")
+    assert s.model.name == "some/model" and s.orthogonalize.orthogonalize_categories is True
+    assert s.categories.weights["self_harm_suicide"] == 0.0
+
+
 @pytest.mark.parametrize("content,name,message", [
     ("optimize: [1", "bad.yaml", "not valid YAML"), ("n_trials = ", "bad.toml", "not valid TOML"),
     ("- 1\n- 2\n", "list.yaml", "expected a mapping"), ("batch_size: 3\n", "amb.yaml", "ambiguous setting"),

@@ -1,9 +1,10 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from clawly.settings import OptimizeSettings, Settings, SettingsError
+from clawly.settings import SECTIONS, OptimizeSettings, Settings, SettingsError
 from stages.params import composed_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +25,23 @@ def test_every_config_composes_into_valid_settings(overrides):
         assert settings.optimize.n_trials == 5 and settings.probe.position == "marker"
     if "model=hub" in overrides:
         assert "/" in settings.model.name and settings.model.trust_remote_code is False
+
+
+def test_config_default_toml_lists_every_key_and_loads_to_the_defaults():
+    import tomllib
+
+    from clawly.cli import config_keys
+    from stages.params import CONFIG_DEFAULT_TOML, config_default_toml
+
+    assert CONFIG_DEFAULT_TOML.read_text() == config_default_toml(), (
+        "config.default.toml is stale: run `python -m stages.params` after changing clawly/settings.py")
+    values = config_keys(tomllib.loads(CONFIG_DEFAULT_TOML.read_text()))
+    assert Settings(**values) == Settings()
+    nulls = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+             if getattr(getattr(Settings(), s), f.name) is None}
+    every = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    assert set(values) == every - nulls  # every key; the null ones commented out (TOML has no null)
+    assert all(f"# {k.split('.')[1]} = (null by default)" in CONFIG_DEFAULT_TOML.read_text() for k in nulls)
 
 
 def test_conf_settings_yaml_is_generated_from_the_typed_settings():

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from clawly.ablate.ablation import WeightDelta
+from clawly.ablate.descent import descend
 from clawly.errors import ClawlyError, reading
 from clawly.io import write_safetensors
 from clawly.measure.decoding import PromptSet
@@ -126,8 +127,6 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, factors: d
         raise ClawlyError("distillation needs targeted requests (categories.weights above 0)")
     for p in model.parameters():
         p.requires_grad_(False)
-    params = [t for pair in factors.values() for t in pair]
-    opt = torch.optim.Adam(params, lr=lr)
     rng = random.Random(seed)
     zero = torch.zeros(())
 
@@ -135,27 +134,17 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, factors: d
         return rng.sample(rows, min(batch_size, len(rows))) if rows else []
 
     first = (draw(targets.targeted), draw(targets.kept), draw(targets.harmless))
-    history = []
-    bar = progress(total=steps, desc="distill", unit="step") if progress else None
+
+    def losses(step: int) -> dict[str, torch.Tensor]:
+        t, k, h = first if step in (0, steps) else (draw(targets.targeted), draw(targets.kept), draw(targets.harmless))
+        targeted = cross_entropy(model, tokenizer, t)
+        kept = cross_entropy(model, tokenizer, k) if k and kept_weight else zero
+        harmless = kl_to_base(model, tokenizer, h) if h and harmless_weight else zero
+        return {"loss": targeted + kept_weight * kept + harmless_weight * harmless, "targeted": targeted,
+                "kept": kept, "harmless_kl": harmless}
+
     with low_rank_writes(model, factors):
-        for step in range(steps + 1):
-            t, k, h = first if step in (0, steps) else (draw(targets.targeted), draw(targets.kept),
-                                                        draw(targets.harmless))
-            targeted = cross_entropy(model, tokenizer, t)
-            kept = cross_entropy(model, tokenizer, k) if k and kept_weight else zero
-            harmless = kl_to_base(model, tokenizer, h) if h and harmless_weight else zero
-            loss = targeted + kept_weight * kept + harmless_weight * harmless
-            history.append({"step": step, **{n: round(float(x.detach()), 6) for n, x in (
-                ("loss", loss), ("targeted", targeted), ("kept", kept), ("harmless_kl", harmless))}})
-            if step == steps:
-                break
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+        history = descend([t for pair in factors.values() for t in pair], steps, lr, losses, "distill", progress)
     return DistillResult({n: (b.detach().float(), a.detach().float()) for n, (b, a) in factors.items()}, history)
 
 

@@ -27,6 +27,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from clawly.ablate.ablation import writers
+from clawly.ablate.descent import descend
 from clawly.errors import ClawlyError
 from clawly.measure.decoding import PromptSet
 from clawly.measure.logprobs import answer_cross_entropy, first_token_logprobs, kl_rows
@@ -100,31 +101,20 @@ def optimize_direction(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     for p in model.parameters():
         p.requires_grad_(False)
     v = init.detach().to(torch.float32).clone().to(model.device).requires_grad_(True)
-    opt = torch.optim.Adam([v], lr=lr)
     refusal = torch.tensor(targets.refusal_tokens, device=model.device)
-    history = []
-    bar = progress(total=steps, desc="rdo", unit="step") if progress else None
-    for step in range(steps + 1):
-        r = v / v.norm()
-        with projected_out(model, r):
+    zero = torch.zeros((), device=model.device)
+
+    def losses(step: int) -> dict[str, torch.Tensor]:
+        with projected_out(model, v / v.norm()):
             lp = first_token_logprobs(model, tokenizer, targeted)
             p_refuse = lp[:, refusal].logsumexp(-1).exp().clamp(max=1 - 1e-6)
             target_loss = -torch.log1p(-p_refuse).mean()
             kept_loss = (answer_cross_entropy(model, tokenizer, targets.kept_prompts, targets.kept_answers)
-                         if targets.kept_prompts and kept_weight else torch.zeros((), device=model.device))
-            h = first_token_logprobs(model, tokenizer, harmless) if harmless_weight else None
-            kl = kl_rows(targets.harmless_logprobs, h).mean() if h is not None else torch.zeros((), device=model.device)
-        loss = target_loss + kept_weight * kept_loss + harmless_weight * kl
-        history.append({"step": step, **{k: round(x.detach().item(), 6) for k, x in (
-            ("loss", loss), ("targeted", target_loss), ("kept", kept_loss), ("harmless_kl", kl),
-            ("refusal_probability", p_refuse.mean()))}})
-        if step == steps:
-            break  # the last entry scores the final direction
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+                         if targets.kept_prompts and kept_weight else zero)
+            kl = kl_rows(targets.harmless_logprobs, first_token_logprobs(model, tokenizer, harmless)).mean() \
+                if harmless_weight else zero
+        return {"loss": target_loss + kept_weight * kept_loss + harmless_weight * kl, "targeted": target_loss,
+                "kept": kept_loss, "harmless_kl": kl, "refusal_probability": p_refuse.mean()}
+
+    history = descend([v], steps, lr, losses, "rdo", progress)
     return RdoResult((v / v.norm()).detach().float().cpu(), history)

@@ -77,8 +77,9 @@ class TrialOutcome:
 
 
 @dataclass
-class Search:
-    """One optimization run: the prompts trials are scored on, the base scores, the study."""
+class Evaluation:
+    """What trials are measured against: the optimizer's prompts, rendered and batched, the scorer
+    and the base model's scores. Needs no directions."""
 
     harmful: pd.DataFrame
     harmless: pd.DataFrame
@@ -87,6 +88,12 @@ class Search:
     prompts: ScoringPrompts
     scorer: TrialScorer
     base: Scores
+
+
+@dataclass
+class Search(Evaluation):
+    """One optimization run: what trials are measured against (`Evaluation`) and the study."""
+
     objectives: st.Objectives
     study: optuna.Study
     ablation: AblationDirections
@@ -182,16 +189,11 @@ def study_fingerprint(settings: Settings, harmful: pd.DataFrame, harmless: pd.Da
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def start_search(settings: Settings, log: StageLogger, model, tokenizer, ablation: AblationDirections,
-                 prefix: str | None = None, batch_size: int | None = None, base: Scores | None = None) -> Search:
-    """Prompts, response prefix, batch size, the scorer with the base model's scores, and the
-    study (resumed when the same fingerprint already has trials)."""
-    p = Paths.of(settings)
+def evaluation(settings: Settings, log: StageLogger, model, tokenizer, prefix: str | None = None,
+               batch_size: int | None = None, base: Scores | None = None) -> Evaluation:
+    """The optimizer's prompts, response prefix, batch size and scorer, and the base model's scores
+    (`model` must hold the base weights) unless given (an extra worker is handed the first worker's)."""
     s, c = settings.optimize, settings.categories
-    check_fits(ablation.directions, model, p.orthogonalized)
-    if ablation.mode == "category" and not c.enabled:
-        raise ClawlyError("the directions were computed in category mode but no categories.weights are set: "
-                          "rerun orthogonalize-categories (dvc repro does)")
     harmful, harmless = optimizer_prompts(settings)
     sys_prompt = settings.model.system_prompt
     if prefix is None:
@@ -204,21 +206,36 @@ def start_search(settings: Settings, log: StageLogger, model, tokenizer, ablatio
     classifier = response_classifier(settings) if s.refusal_measure == "classifier" else None
     scorer = TrialScorer(model, tokenizer, prompts, s, batch_size=batch_size, classifier=classifier,
                          kept=c.kept if c.enabled else ())
-    if base is None:  # an extra worker is handed the first worker's (the same model, prompts and settings)
+    if base is None:
         t0 = time.perf_counter()
         base = scorer.score()
         log.event("baseline", refusals=base.refusals, prompts=len(prompts.harmful),
                   seconds=round(time.perf_counter() - t0, 1), tokens=base.tokens, by_category=base.refusals_by_category)
+    return Evaluation(harmful, harmless, prefix, batch_size, prompts, scorer, base)
+
+
+def start_search(settings: Settings, log: StageLogger, model, tokenizer, ablation: AblationDirections,
+                 prefix: str | None = None, batch_size: int | None = None, base: Scores | None = None,
+                 measured: Evaluation | None = None) -> Search:
+    """The evaluation (`measured`, else made here: prompts, response prefix, batch size, the scorer
+    with the base model's scores) and the study (resumed when the same fingerprint already has trials)."""
+    p = Paths.of(settings)
+    s, c = settings.optimize, settings.categories
+    check_fits(ablation.directions, model, p.orthogonalized)
+    if ablation.mode == "category" and not c.enabled:
+        raise ClawlyError("the directions were computed in category mode but no categories.weights are set: "
+                          "rerun orthogonalize-categories (dvc repro does)")
+    ev = measured or evaluation(settings, log, model, tokenizer, prefix, batch_size, base)
     objectives = st.Objectives(targeted=c.targeted if c.enabled else None, kept=c.kept, keep_rule=c.keep_rule,
-                               min_retention=c.min_retention, base_refusals=base.refusals_by_category)
+                               min_retention=c.min_retention, base_refusals=ev.base.refusals_by_category)
     storage = s.storage or str(p.journal)
-    study_name = f"{s.study_name}-{study_fingerprint(settings, harmful, harmless)}"
+    study_name = f"{s.study_name}-{study_fingerprint(settings, ev.harmful, ev.harmless)}"
     study = st.open_study(storage, study_name, s.seed, s.n_startup_trials, objectives)
     done = len(st.finished(study))
     if done:
         log.event("resume", f"resuming study '{study_name}' with {done} finished trial(s)", finished=done)
-    return Search(harmful, harmless, prefix, batch_size, prompts, scorer, base, objectives, study, ablation,
-                  num_layers(model), load_writer_inputs(settings))
+    return Search(**vars(ev), objectives=objectives, study=study, ablation=ablation, num_layers=num_layers(model),
+                  inputs=load_writer_inputs(settings))
 
 
 def search_trials(search: Search, settings: Settings, model, log: StageLogger) -> Iterator[optuna.trial.FrozenTrial]:
