@@ -45,7 +45,7 @@ def write_files(directory: Path, n: int) -> None:
 
 def measure(directory: str, how: str) -> None:
     """Child process: draw the sample (or read everything), print peak RSS in MiB."""
-    from clawly import research as rs
+    from clawly.ablate import research as rs
     from clawly.ablate.activations import read_activations
 
     d = Path(directory)

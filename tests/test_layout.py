@@ -186,3 +186,56 @@ def test_every_stage_module_resolves():
     for stage in STAGES:
         assert module_file(f"stages.{stage.replace('-', '_')}") is not None
         assert code_closure(ROOT / "stages" / f"{stage.replace('-', '_')}.py")
+
+
+def _defined_names(path: Path) -> set[str]:
+    """Names a module defines at its top level (functions, classes, assignments, imports, __all__)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "__all__" for t in node.targets):
+                names.update(ast.literal_eval(node.value))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.If):  # `if TYPE_CHECKING:` and the like
+            names.update(_defined_names_of(node.body))
+    return names
+
+
+def _defined_names_of(body: list) -> set[str]:
+    out = set()
+    for node in body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            out.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            out.add(node.name)
+    return out
+
+
+def test_every_import_of_project_code_names_a_module_or_name_that_exists():
+    """A module moved without updating an import is caught here, even where an installed copy of
+    older code (an editable install of another checkout) would satisfy the import at run time."""
+    wrong = []
+    for folder in ("clawly", "stages", "bench", "tests", "examples"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    targets = [(a.name, None) for a in node.names if a.name.split(".")[0] in ("clawly", "stages")]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                        and node.module.split(".")[0] in ("clawly", "stages"):
+                    targets = [(node.module, a.name) for a in node.names]
+                else:
+                    continue
+                for module, name in targets:
+                    where = f"{path.relative_to(ROOT)}:{node.lineno}"
+                    file = module_file(module)
+                    if file is None:
+                        wrong.append(f"{where}: no module {module}")
+                    elif name and name != "*" and module_file(f"{module}.{name}") is None \
+                            and name not in _defined_names(file):
+                        wrong.append(f"{where}: {module} has no {name}")
+    assert not wrong, "imports of code that does not exist:\n" + "\n".join(wrong)

@@ -17,7 +17,7 @@ import torch
 from test_api import quiet, tiny_settings
 
 from clawly import cli
-from clawly import research as rs
+from clawly.ablate import research as rs
 from clawly.ablate.activations import ActivationWriter, read_activations
 from clawly.ablate.directions import RefusalDirections, write_refusal_directions
 from clawly.api import Pipeline

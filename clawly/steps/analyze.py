@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from clawly import research as rs
+from clawly.ablate import research as rs
 from clawly.ablate.directions import read_refusal_directions
 from clawly.data.prompts import instructed_categories, read_prompts
 from clawly.errors import ClawlyError, require

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clawly import categories as cm
+from clawly.ablate import categories as cm
 from clawly.ablate.directions import AblationDirections, read_refusal_directions, write_ablation_directions
 from clawly.io import write_json
 from clawly.log import StageLogger
