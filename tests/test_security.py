@@ -85,7 +85,7 @@ def test_debug_shows_the_whole_chain_and_the_plain_run_one_line(tmp_path):
 def test_a_cause_is_dropped_only_where_it_may_hold_a_secret():
     """`from None` hides the cause from --debug: only where the cause may echo a token or a database URL."""
     found = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "clawly").rglob("*.py") if "from None" in p.read_text())
-    assert found == ["clawly/hub.py", "clawly/study.py"], found
+    assert found == ["clawly/save/hub.py", "clawly/search/study.py"], found
 
 
 # ---------------------------------------------------------------- the umask
@@ -237,7 +237,7 @@ SWEEP_TINY = ["data.train_per_category=8", "data.eval_per_category=6", "data.har
 
 def test_packaged_model_parts_that_are_not_the_pinned_bytes_are_refused_before_any_conversion(tmp_path,
                                                                                               monkeypatch):
-    from clawly import model
+    from clawly.model import loading as model
     from clawly.settings import ModelSettings
 
     parts = []
@@ -267,7 +267,7 @@ def test_the_pinned_wheel_hashes_cover_every_part_of_the_demo_extra():
 
 @pytest.mark.slow
 def test_the_installed_demo_packages_are_the_pinned_model():
-    from clawly import model
+    from clawly.model import loading as model
 
     cache = Path(model.cache_root())
     assert model.packaged_sha256(model.packaged_gguf_parts(), cache) == model.PACKAGED_GGUF_SHA256
