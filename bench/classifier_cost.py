@@ -36,7 +36,7 @@ def main() -> None:
         table = pd.read_parquet(args.responses).head(args.count)
         prompts, answers, source = table.text.tolist(), table.merged_response.tolist(), str(args.responses)
     else:
-        rows = read_labelled("data/responses/test.jsonl")[:args.count]
+        rows = read_labelled("clawly/measure/responses/test.jsonl")[:args.count]
         prompts, answers, source = [r["prompt"] for r in rows], [r["response"] for r in rows], "test.jsonl"
     start = time.perf_counter()
     clf = response_classifier(project_settings())

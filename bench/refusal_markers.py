@@ -1,4 +1,4 @@
-"""How the keyword rule does on the project's hand-labelled responses (data/responses/):
+"""How the keyword rule does on the project's hand-labelled responses (clawly/measure/responses/):
 false positives (non-refusals with a marker) and false negatives (refusals without one).
 
     python bench/refusal_markers.py [--markers FILE.json] [--name NAME]

@@ -11,7 +11,7 @@ holds, which should be about one batch whatever the prompt count.
 - optimize: `optimize.harmful_prompts` = `harmless_prompts` = M and 4M (default 48, 192: the
   stage's default and four times it), the base model's scores and `--trials` trials (default 2).
 
-The prompts are the project's templates (`data/templates.yaml`, generate-datasets' defaults); the
+The prompts are the project's templates (`clawly/data/templates.yaml`, generate-datasets' defaults); the
 directions the trials ablate are computed from each size's own probe.
 
     python bench/stream_memory.py [--probe-per-category N] [--prompts M] [--trials T] [--src DIR]

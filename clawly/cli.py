@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="FILE", help="YAML or TOML file with settings (the keys of params.yaml: "
                                                       "sections, or dotted/flat keys; category_preset = NAME too) "
                                                       "[default: config.toml in the working directory, if any]")
-    run.add_argument("--category-preset", metavar="NAME", help="category weights from conf/preset/NAME.yaml (or a "
+    run.add_argument("--category-preset", metavar="NAME", help="category weights from clawly/conf/preset/NAME.yaml (or a "
                                                                "YAML file path), e.g. default, full")
     run.add_argument("--output", metavar="DIR", default="clawly-output",
                      help="where the adapter, merged model and work files go [default: clawly-output]")
@@ -202,12 +202,12 @@ def read_config(path: str) -> dict[str, Any]:
 
 
 def read_preset(name: str) -> dict[str, Any]:
-    """conf/preset/NAME.yaml (from the working directory, else clawly's checkout), or a YAML file path."""
-    path = Path(name) if name.endswith((".yaml", ".yml")) else project_file(f"conf/preset/{name}.yaml")
+    """clawly/conf/preset/NAME.yaml (from the working directory, else clawly's checkout), or a YAML file path."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else project_file(f"clawly/conf/preset/{name}.yaml")
     if path.is_file():
         return config_keys(yaml.safe_load(path.read_text(encoding="utf-8")))
-    shipped = sorted(p.stem for p in project_file("conf/preset").glob("*.yaml")) \
-        if project_file("conf/preset").is_dir() else []
+    shipped = sorted(p.stem for p in project_file("clawly/conf/preset").glob("*.yaml")) \
+        if project_file("clawly/conf/preset").is_dir() else []
     raise ClawlyError(f"--category-preset {name}: no such preset; available: {', '.join(shipped) or 'none found'} "
                       "(or pass a YAML file)")
 

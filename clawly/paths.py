@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # for the annotation only
     from clawly.settings import Settings
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout clawly is installed from (pip install -e)
+# The directory that holds the `clawly` package: the checkout (pip install -e) or site-packages (a
+# wheel). Shipped files (templates, presets, labelled responses) live inside the package, so a
+# path such as clawly/data/templates.yaml names the same file in both.
+PROJECT_ROOT = Path(str(files("clawly"))).resolve().parent
 
 
 def project_file(path: str | Path) -> Path:
-    """A shipped file (templates, labelled responses, presets) by its repository path: relative to the
-    working directory when it exists there, else in clawly's own checkout, so `clawly MODEL` and the
-    Pipeline API work from any directory. Absolute and missing paths come back unchanged."""
+    """A shipped file (templates, labelled responses, presets) by its repository path, e.g.
+    `clawly/conf/preset/default.yaml`: relative to the working directory when it exists there (a
+    checkout, or the user's own copy), else inside the installed package, so `clawly MODEL` and the
+    Pipeline API work from any directory and from a wheel. Absolute and missing paths come back
+    unchanged."""
     path = Path(path)
     if path.is_absolute() or path.exists() or not (PROJECT_ROOT / path).exists():
         return path

@@ -1,7 +1,7 @@
 """Typed settings for every stage: the one source of defaults and of validation.
 
 Each section is a dataclass; what each key means is in `clawly.settings_docs` (kept apart so a
-reworded help text reruns no DVC stage). `conf/settings.yaml` is generated from these defaults, and
+reworded help text reruns no DVC stage). `clawly/conf/settings.yaml` is generated from these defaults, and
 ``Settings.from_dict`` validates a composed config once, at the door: everything below trusts it.
 """
 
@@ -67,7 +67,7 @@ class ModelSettings:
 
 @dataclass
 class DataSettings:
-    templates: str = _f("data/templates.yaml")
+    templates: str = _f("clawly/data/templates.yaml")
     out_dir: str = _f("data/prompts")
     seed: int = _f(0)
     train_per_category: int = _f(100)
@@ -390,8 +390,8 @@ class EvaluateSettings:
 
 @dataclass
 class ClassifierSettings:
-    train_file: str = _f("data/responses/train.jsonl")
-    test_file: str = _f("data/responses/test.jsonl")
+    train_file: str = _f("clawly/measure/responses/train.jsonl")
+    test_file: str = _f("clawly/measure/responses/test.jsonl")
     embedder: str | None = _f(None)
     judge_model: str | None = _f(None)
     judge_trust_remote_code: bool = _f(False)

@@ -1,4 +1,4 @@
-"""What every setting means: the help text of each key, for `clawly --help`, conf/settings.yaml
+"""What every setting means: the help text of each key, for `clawly --help`, clawly/conf/settings.yaml
 and the web UI. Kept apart from `clawly.settings` (types, defaults, validation), which every
 stage runs, so rewording a help text reruns no stage. A test checks every key has its text."""
 

@@ -49,7 +49,7 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="clawly-web-"))
     config = work / "demo.yaml"
     work.mkdir(parents=True, exist_ok=True)
-    config.write_text("probe:\n  max_per_category: 32\n")  # the DVC demo's CPU budget (conf/config.yaml)
+    config.write_text("probe:\n  max_per_category: 32\n")  # the DVC demo's CPU budget (clawly/conf/config.yaml)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

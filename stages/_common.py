@@ -27,7 +27,7 @@ from clawly.settings import SECTIONS, Settings
 
 # a URL's password, not yet an interpolation: scheme://user:PASSWORD@
 URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)(?!\$\{)([^@/\s]+)@")
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "clawly" / "conf")
 _VALUE_FLAGS = {"--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--experimental-rerun"}
 
 
@@ -51,7 +51,7 @@ def unknown_override(argv: list[str]) -> str | None:
             continue
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
         return (f"unknown setting {key!r} in the override {arg!r}" + (f"; did you mean {close[0]!r}?" if close else
-                "") + " (conf/settings.yaml lists every key)")
+                "") + " (clawly/conf/settings.yaml lists every key)")
     return None
 
 

@@ -1,11 +1,11 @@
-"""Write conf/settings.yaml and config.default.toml from clawly/settings.py, then params.yaml from
-conf/ exactly as DVC's Hydra composition does (for plain `dvc repro`).
+"""Write clawly/conf/settings.yaml and config.default.toml from clawly/settings.py, then params.yaml from
+clawly/conf/ exactly as DVC's Hydra composition does (for plain `dvc repro`).
 
-    python -m stages.params                      # compose conf/config.yaml
+    python -m stages.params                      # compose clawly/conf/config.yaml
     python -m stages.params optimize=full        # with overrides
 
-`conf/settings.yaml` holds every setting's default and help text, generated from the typed
-settings (the one source of defaults); the other files in conf/ hold only what the DVC demo
+`clawly/conf/settings.yaml` holds every setting's default and help text, generated from the typed
+settings (the one source of defaults); the other files in clawly/conf/ hold only what the DVC demo
 changes on purpose, each with a comment saying why. Tests fail when either file is stale.
 """
 
@@ -26,7 +26,7 @@ from clawly.settings_docs import HELP
 from clawly.settings_docs import SECTIONS as SECTION_DOCS
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS_YAML = ROOT / "conf" / "settings.yaml"
+SETTINGS_YAML = ROOT / "clawly" / "conf" / "settings.yaml"
 
 
 def _value(value) -> str:
@@ -35,7 +35,7 @@ def _value(value) -> str:
 
 
 def settings_yaml() -> str:
-    """conf/settings.yaml: every section and key of `Settings()` with its help text as a comment."""
+    """clawly/conf/settings.yaml: every section and key of `Settings()` with its help text as a comment."""
     defaults = Settings()
     lines = ["# @package _global_",
              "# Every setting's default and help, generated from clawly/settings.py by `python -m stages.params`.",
@@ -78,7 +78,7 @@ def config_default_toml() -> str:
              "# `clawly-web` read config.toml from the working directory (`--config FILE` reads another).",
              "# Keep only what you change. Keys may also be given flat at the top where the name is in one",
              "# section only (n_trials = 50, orthogonalize_categories = true).", "",
-             "# a category preset, as --category-preset NAME (conf/preset/NAME.yaml or a YAML file)",
+             "# a category preset, as --category-preset NAME (clawly/conf/preset/NAME.yaml or a YAML file)",
              '# category_preset = "default"']
     for section, cls in SECTIONS.items():
         lines += ["", f"[{section}]", *(f"# {line}" for line in textwrap.wrap(SECTION_DOCS[section], 100))]
@@ -89,7 +89,7 @@ def config_default_toml() -> str:
     return "\n".join(lines) + "\n"
 
 
-def composed_params(overrides: list[str] | None = None, config_dir: Path = ROOT / "conf") -> str:
+def composed_params(overrides: list[str] | None = None, config_dir: Path = ROOT / "clawly" / "conf") -> str:
     """The YAML text DVC writes to params.yaml for these overrides."""
     with initialize_config_dir(str(config_dir.resolve()), version_base=None):
         cfg = compose(config_name="config", overrides=overrides or [])

@@ -18,7 +18,7 @@ from clawly.measure.classify import (
 )
 from clawly.measure.stance import RefusalDetector
 
-TRAIN, TEST = "data/responses/train.jsonl", "data/responses/test.jsonl"
+TRAIN, TEST = "clawly/measure/responses/train.jsonl", "clawly/measure/responses/test.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +89,12 @@ def test_model_style_rows_are_the_generators_output_and_never_give_instructions(
 
     from clawly.paths import project_file
 
-    spec = importlib.util.spec_from_file_location("model_style", project_file("data/responses/model_style.py"))
+    spec = importlib.util.spec_from_file_location("model_style", project_file("clawly/measure/responses/model_style.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     for name, rows in module.model_style_rows().items():
-        shipped = [r for r in read_labelled(f"data/responses/{name}") if r["note"] == "model_style"]
-        assert shipped == rows, f"data/responses/{name} is stale: run python data/responses/model_style.py"
+        shipped = [r for r in read_labelled(f"clawly/measure/responses/{name}") if r["note"] == "model_style"]
+        assert shipped == rows, f"clawly/measure/responses/{name} is stale: run python clawly/measure/responses/model_style.py"
         # an opening and content-free step headings at most: no numbered step has any detail after it
         for r in rows:
             assert len(r["response"]) < 260 and r["response"].count("\n2.") <= 1

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_committed_params_yaml_equals_composition_of_conf():
     assert (ROOT / "params.yaml").read_text() == composed_params(), (
-        "params.yaml is stale: run `python -m stages.params` after editing conf/")
+        "params.yaml is stale: run `python -m stages.params` after editing clawly/conf/")
 
 
 @pytest.mark.parametrize("overrides", [[], ["optimize=full"], ["model=hub"],
@@ -48,7 +48,7 @@ def test_conf_settings_yaml_is_generated_from_the_typed_settings():
     from stages.params import SETTINGS_YAML, settings_yaml
 
     assert SETTINGS_YAML.read_text() == settings_yaml(), (
-        "conf/settings.yaml is stale: run `python -m stages.params` after changing clawly/settings.py")
+        "clawly/conf/settings.yaml is stale: run `python -m stages.params` after changing clawly/settings.py")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -61,15 +61,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-# the group files the default composition selects (conf/config.yaml's defaults list), by section
-DEFAULT_GROUPS = {"model": "conf/model/default.yaml", "data": "conf/data/default.yaml",
-                  "optimize": "conf/optimize/demo.yaml"}
+# the group files the default composition selects (clawly/conf/config.yaml's defaults list), by section
+DEFAULT_GROUPS = {"model": "clawly/conf/model/default.yaml", "data": "clawly/conf/data/default.yaml",
+                  "optimize": "clawly/conf/optimize/demo.yaml"}
 
 
 def _demo_overrides() -> dict[str, str]:
-    """Every key the default composition sets on top of conf/settings.yaml -> its line in conf/."""
+    """Every key the default composition sets on top of clawly/conf/settings.yaml -> its line in clawly/conf/."""
     out = {}
-    files = [("", ROOT / "conf" / "config.yaml")] + [(f"{sec}.", ROOT / f) for sec, f in DEFAULT_GROUPS.items()]
+    files = [("", ROOT / "clawly" / "conf" / "config.yaml")] + [(f"{sec}.", ROOT / f) for sec, f in DEFAULT_GROUPS.items()]
     for prefix, path in files:
         data = yaml.safe_load(path.read_text()) or {}
         data = {k: v for k, v in data.items() if k not in ("defaults", "hydra")}
@@ -81,7 +81,7 @@ def _demo_overrides() -> dict[str, str]:
 
 
 def test_a_default_dvc_run_differs_from_a_default_cli_or_api_run_only_by_commented_demo_overrides():
-    """The typed settings are the one source of defaults; conf/ changes only what the demo needs,
+    """The typed settings are the one source of defaults; clawly/conf/ changes only what the demo needs,
     each change commented with why. A difference that is not such an override fails, by name."""
     typed = _flat(Settings().to_dict())
     composed = _flat(yaml.safe_load(composed_params()))
@@ -92,7 +92,7 @@ def test_a_default_dvc_run_differs_from_a_default_cli_or_api_run_only_by_comment
     redundant = sorted(set(overrides) - set(differences))
     assert not undeclared, "default DVC run differs from the CLI/API default (settings, params.yaml): " + ", ".join(
         f"{k}: {a!r} vs {b!r}" for k, (a, b) in undeclared.items())
-    assert not redundant, f"conf/ repeats defaults of clawly/settings.py: {redundant}"
+    assert not redundant, f"clawly/conf/ repeats defaults of clawly/settings.py: {redundant}"
     uncommented = [line for line in overrides.values() if "#" not in line]
     assert not uncommented, f"say why in a comment: {uncommented}"
     assert sorted(differences) == ["evaluate.max_new_tokens", "optimize.n_trials", "probe.max_per_category"]

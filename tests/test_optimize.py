@@ -250,7 +250,7 @@ def test_the_real_classifier_scores_a_trial(tiny_model):
     """End to end with the packaged embedder: the count is the classifier's own verdicts."""
     from clawly.measure.classify import build_classifier
 
-    clf = build_classifier("data/responses/train.jsonl")
+    clf = build_classifier("clawly/measure/responses/train.jsonl")
     scorer, texts = _scorer(tiny_model, clf)
     r = scorer.score()
     again = clf(texts, r.responses).labels

@@ -22,7 +22,7 @@ from clawly.steps import analyze
 from stages.params import composed_params
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT_FILES = ["dvc.yaml", "conf", "stages", "clawly", "data/templates.yaml", "data/responses", "pyproject.toml"]
+PROJECT_FILES = ["dvc.yaml", "stages", "clawly", "pyproject.toml"]
 
 
 def _run(cmd, cwd, env):
@@ -219,7 +219,7 @@ def test_dvc_exp_run_with_a_preset_runs_category_mode(make_tiny_model, tmp_path)
     model_dir = make_tiny_model("llama", num_layers=3)
     overrides = tiny_overrides(model_dir)
     env = make_project(tmp_path, overrides)
-    (tmp_path / ".dvc" / "config").write_text("[core]\n    analytics = false\n[hydra]\n    enabled = true\n")
+    shutil.copy(ROOT / ".dvc" / "config", tmp_path / ".dvc" / "config")  # Hydra composition, config_dir
     _run(["git", "add", "-A"], tmp_path, env)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"], tmp_path, env)
     # the preset learns its directions (RDO) from the base model's refusals: markers the tiny model writes

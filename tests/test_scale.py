@@ -330,7 +330,7 @@ def test_two_slurm_jobs_add_trials_to_one_study_on_a_shared_journal(make_tiny_mo
 @pytest.mark.services
 @pytest.mark.slow
 def test_the_sweep_through_submitit_slurm_runs_each_job_on_the_cluster(make_tiny_model, tmp_path, slurm_cluster):
-    """The shipped conf/hydra/launcher/slurm.yaml, made to fit this CPU-only one-node cluster."""
+    """The shipped clawly/conf/hydra/launcher/slurm.yaml, made to fit this CPU-only one-node cluster."""
     sweep_dir = sweep(tmp_path, make_tiny_model("llama"), "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null",
                       "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=20",
                       "+preset=default,full", env=slurm_cluster)

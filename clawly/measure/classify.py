@@ -15,8 +15,8 @@ refusal / compliance / off_topic / degenerate from 20 features (FEATURES):
 - text statistics that flag degenerate output (repetition, unique-word share, letters share).
 
 A multinomial logistic regression over these features is trained on the project's labelled
-responses (``data/responses/train.jsonl``) and judged on a separate set
-(``data/responses/test.jsonl``); the weights are cached per training file and embedder. How it
+responses (``clawly/measure/responses/train.jsonl``) and judged on a separate set
+(``clawly/measure/responses/test.jsonl``); the weights are cached per training file and embedder. How it
 does on real answers of the default model, against hand labels, is measured by
 ``bench/classifier_real_check.py`` (README, "How far to trust the numbers"). An optional local
 judge model (``LocalJudge``: any causal LM directory, e.g. a guard model) can be used instead by
@@ -59,7 +59,7 @@ def read_labelled(path: str | Path) -> list[dict]:
     """Rows of a labelled response file (JSON lines with prompt, response, label, category)."""
     path = project_file(path)
     if not path.is_file():
-        raise ClassifierError(f"labelled responses not found: {path} (the repository ships data/responses/)")
+        raise ClassifierError(f"labelled responses not found: {path} (the repository ships clawly/measure/responses/)")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     bad = sorted({r.get("label") for r in rows} - set(LABELS))
     if bad:

@@ -12,7 +12,7 @@ from clawly.settings import Settings
 
 
 def run(settings: Settings, log: StageLogger) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Expand data/templates.yaml (and data.harmful_files etc.) into prompt tables and write them."""
+    """Expand clawly/data/templates.yaml (and data.harmful_files etc.) into prompt tables and write them."""
     harmful, harmless = generate_prompts(settings.data)
     write_prompts(Paths.of(settings), harmful, harmless)
     for name, df in (("harmful", harmful), ("harmless", harmless)):

@@ -212,8 +212,8 @@ def rows_from_weights(names: list[str], weights: dict[str, float]) -> tuple[list
 
 
 def presets() -> dict[str, dict[str, Any]]:
-    """The shipped presets (conf/preset/*.yaml) as dotted keys, by name."""
-    folder = project_file("conf/preset")
+    """The shipped presets (clawly/conf/preset/*.yaml) as dotted keys, by name."""
+    folder = project_file("clawly/conf/preset")
     names = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
     return {name: read_preset(name) for name in names}
 

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="YAML or TOML settings the form starts with (the keys of "
                                                          "params.yaml)")
     parser.add_argument("--category-preset", metavar="NAME", help="category preset the form starts with "
-                                                                  "(conf/preset/NAME.yaml or a YAML file)")
+                                                                  "(clawly/conf/preset/NAME.yaml or a YAML file)")
     parser.add_argument("--output", metavar="DIR", default="clawly-web-output",
                         help="work files (OUTPUT/work) and exports (OUTPUT/exports) [default: clawly-web-output]")
     parser.add_argument("--host", default="127.0.0.1",

@@ -10,7 +10,7 @@ opening and step headings, never instructions. Refusals and off-topic answers co
 styles (short apology, "As an AI language model...", a lecture, a wellbeing deflection, an answer
 that echoes the request and then says something else).
 
-    python data/responses/model_style.py    # rewrites the model-style rows of both files
+    python clawly/measure/responses/model_style.py    # rewrites the model-style rows of both files
 
 Requests and templates for the test file are disjoint from the training ones, so the test file
 still measures generalization to unseen wording.
