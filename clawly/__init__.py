@@ -3,7 +3,13 @@
     from clawly import Pipeline, Settings
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+# bitsandbytes (imported by peft) logs at import, on CPUs with AVX512-BF16, that it could not fetch an
+# optional kernel from the Hub: noise on every command, and clawly never wants code from the Hub.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __all__ = ["Pipeline", "Settings", "TrialOutcome", "__version__"]
 
