@@ -15,7 +15,9 @@ import dataclasses
 import json
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import yaml
 from hydra import compose, initialize_config_dir
@@ -34,6 +36,17 @@ def _value(value) -> str:
         .removesuffix("...").strip()
 
 
+def settings_reference() -> Iterator[tuple[str, str, list[tuple[str, Any, str]]]]:
+    """Every section of `Settings()` in order, with its help and, per key, (name, default, help): what
+    conf/settings.yaml, config.default.toml and the documentation's configuration reference
+    (docs/hooks/settings_reference.py) are all written from."""
+    defaults = Settings()
+    for section, cls in SECTIONS.items():
+        values = getattr(defaults, section)
+        yield section, SECTION_DOCS[section], [(f.name, getattr(values, f.name), HELP[f"{section}.{f.name}"])
+                                               for f in dataclasses.fields(cls)]
+
+
 def settings_yaml() -> str:
     """clawly/conf/settings.yaml: every section and key of `Settings()` with its help text as a comment."""
     defaults = Settings()
@@ -42,12 +55,11 @@ def settings_yaml() -> str:
              "# Do not edit: change a default in clawly/settings.py, or override it for the DVC demo in",
              "# config.yaml or a group file, with a comment saying why.", "",
              f"artifacts_dir: {_value(defaults.artifacts_dir)}"]
-    for section, cls in SECTIONS.items():
-        lines += ["", f"{section}:  # {SECTION_DOCS[section]}"]
-        for f in dataclasses.fields(cls):
-            help_text = textwrap.wrap(HELP[f"{section}.{f.name}"], 100)
-            lines += [f"  # {line}" for line in help_text]
-            lines.append(f"  {f.name}: {_value(getattr(getattr(defaults, section), f.name))}")
+    for section, section_help, keys in settings_reference():
+        lines += ["", f"{section}:  # {section_help}"]
+        for name, value, help_text in keys:
+            lines += [f"  # {line}" for line in textwrap.wrap(help_text, 100)]
+            lines.append(f"  {name}: {_value(value)}")
     return "\n".join(lines) + "\n"
 
 
@@ -72,7 +84,6 @@ def _toml(value) -> str:
 def config_default_toml() -> str:
     """config.default.toml: every key of `Settings()` by section, with its help; keys whose default
     is null are commented out (TOML has no null)."""
-    defaults = Settings()
     lines = ["# Every clawly setting, its default and its help, generated from clawly/settings.py by",
              "# `python -m stages.params` (a test fails when it is stale). Copy it to config.toml: `clawly` and",
              "# `clawly-web` read config.toml from the working directory (`--config FILE` reads another).",
@@ -80,12 +91,11 @@ def config_default_toml() -> str:
              "# section only (n_trials = 50, orthogonalize_categories = true).", "",
              "# a category preset, as --category-preset NAME (clawly/conf/preset/NAME.yaml or a YAML file)",
              '# category_preset = "default"']
-    for section, cls in SECTIONS.items():
-        lines += ["", f"[{section}]", *(f"# {line}" for line in textwrap.wrap(SECTION_DOCS[section], 100))]
-        for f in dataclasses.fields(cls):
-            lines += [f"# {line}" for line in textwrap.wrap(HELP[f"{section}.{f.name}"], 100)]
-            value = getattr(getattr(defaults, section), f.name)
-            lines.append(f"# {f.name} = (null by default)" if value is None else f"{f.name} = {_toml(value)}")
+    for section, section_help, keys in settings_reference():
+        lines += ["", f"[{section}]", *(f"# {line}" for line in textwrap.wrap(section_help, 100))]
+        for name, value, help_text in keys:
+            lines += [f"# {line}" for line in textwrap.wrap(help_text, 100)]
+            lines.append(f"# {name} = (null by default)" if value is None else f"{name} = {_toml(value)}")
     return "\n".join(lines) + "\n"
 
 
