@@ -1,5 +1,5 @@
-"""The README's screenshots of the web UI: a real run on the packaged default model, driven in
-Debian's chromium like a user would (pick a preset, set the trials, start, watch, pick, chat).
+"""The web UI's screenshots (docs/doors/web.md, docs/images/): a real run on the packaged default model,
+driven in Debian's chromium like a user would (pick a preset, set the trials, start, watch, pick, chat).
 
     python examples/web_screenshots.py [--trials 16] [--preset default] [--out docs/images]
 

@@ -273,7 +273,7 @@ def test_settings_accept_every_key_flat_dotted_or_by_section():
 
 
 def test_notebook_example_runs_end_to_end(make_tiny_model, tmp_path):
-    """examples/notebook.py (the README's API walkthrough) on a tiny model, as a script."""
+    """examples/notebook.py (docs/doors/api.md's walkthrough) on a tiny model, as a script."""
     import os
     import subprocess
     import sys

@@ -2,7 +2,7 @@
 from what each layer writes (measured with hooks), exact restore, the merged model saved and loaded
 again, the LoRA adapter in peft, and one clear error for what is not supported.
 
-The table `WRITERS` is the README's table of tested architectures.
+The table `WRITERS` is the table of tested architectures in docs/architectures.md.
 """
 
 import json

@@ -39,8 +39,8 @@ def test_the_labelled_sets_are_apart_and_cover_every_label():
 
 
 def at_most_one_answer_worse(score: dict, hits: int, false_alarms: int) -> bool:
-    """A label's figures against the measured ones (README): recall may lose one hit, precision may
-    gain one false alarm (another CPU can round an embedding differently), no more."""
+    """A label's figures against the measured ones (docs/measurement.md): recall may lose one hit,
+    precision may gain one false alarm (another CPU can round an embedding differently), no more."""
     return score["hits"] >= hits - 1 and score["predicted"] - score["hits"] <= false_alarms + 1
 
 

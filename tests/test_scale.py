@@ -51,7 +51,7 @@ def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def rule_choice(trials: list[optuna.trial.FrozenTrial], kl_cap: float, targeted: list[str] | None = None,
                 kept: list[str] = (), base: dict[str, int] | None = None, min_retention: float = 0.8) -> int:
-    """The trial number the choice rule picks (docs/architecture.md), written out here apart from
+    """The trial number the choice rule picks (docs/method.md), written out here apart from
     clawly.search.study, from each trial's recorded refusals per category and KL: in category mode first the
     trials keeping min_retention of every kept category's base refusals (if none does, those that fall
     least short); then the fewest targeted refusals (every category in global mode) among trials with

@@ -274,7 +274,7 @@ def wait_for(condition, timeout: float = 120.0, every: float = 0.02):
 
 
 def rule_choice(s, settings: Settings) -> int:
-    """The choice rule, written out here from its definition (docs/architecture.md): among the trials
+    """The choice rule, written out here from its definition (docs/method.md): among the trials
     that fall least short of keeping the kept categories' refusals, the fewest refusals with KL under
     the cap (ties: lower KL, then the lower number); if none is under the cap, the lowest KL."""
     def short(t) -> float:
