@@ -162,7 +162,7 @@ def test_every_dvc_command_of_the_quick_start_names_real_stages_and_settings():
 
 
 def test_the_quick_start_python_calls_what_the_api_has():
-    from clawly import Pipeline, TrialOutcome
+    from clawly import Pipeline, TrialOutcome  # deferred: the engine (torch) loads for this test only
 
     text = _section(README.read_text(encoding="utf-8"), "Quick start")
     fields = {f.name for f in dataclasses.fields(TrialOutcome)}
