@@ -71,20 +71,33 @@ def main() -> None:
         points = base.shape[0]
         per_point = []
         for p in range(1, points):
-            pair = {(a, b): float(cosine(directions[a][p], directions[b][p]))
-                    for a, b in itertools.combinations(names, 2)}
+            pair = {
+                (a, b): float(cosine(directions[a][p], directions[b][p])) for a, b in itertools.combinations(names, 2)
+            }
             for (a, b), c in pair.items():
                 rows.append({"position": position, "probe_point": p, "category_a": a, "category_b": b, "cosine": c})
             kept = [pair[tuple(sorted((KEPT, t)))] for t in TARGETED]
-            per_point.append({"probe_point": p, "mean_pair_cosine": round(sum(pair.values()) / len(pair), 4),
-                              "kept_vs_targeted": round(sum(kept) / len(kept), 4)})
+            per_point.append(
+                {
+                    "probe_point": p,
+                    "mean_pair_cosine": round(sum(pair.values()) / len(pair), 4),
+                    "kept_vs_targeted": round(sum(kept) / len(kept), 4),
+                }
+            )
         most = min(per_point, key=lambda r: r["kept_vs_targeted"])
         summary[position] = {"most_distinct_point": most, "by_point": per_point}
-        print(f"{position:>11}: self-harm vs targeted cosine lowest at point {most['probe_point']} "
-              f"({most['kept_vs_targeted']:.3f}; all pairs {most['mean_pair_cosine']:.3f}); "
-              f"at 60% depth {per_point[round(0.6 * (points - 1)) - 1]['kept_vs_targeted']:.3f}")
-    out = {"prompts_per_category": per, "harmless_prompts": len(g), "seconds": round(time.perf_counter() - t0, 1),
-           "machine": machine(), **summary}
+        print(
+            f"{position:>11}: self-harm vs targeted cosine lowest at point {most['probe_point']} "
+            f"({most['kept_vs_targeted']:.3f}; all pairs {most['mean_pair_cosine']:.3f}); "
+            f"at 60% depth {per_point[round(0.6 * (points - 1)) - 1]['kept_vs_targeted']:.3f}"
+        )
+    out = {
+        "prompts_per_category": per,
+        "harmless_prompts": len(g),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "machine": machine(),
+        **summary,
+    }
     (ROOT / "results").mkdir(exist_ok=True)
     (ROOT / "results" / "category-separation.json").write_text(json.dumps(out, indent=2) + "\n")
     table = pd.DataFrame(rows)
@@ -95,10 +108,14 @@ def main() -> None:
     for position in ("last", "instruction"):
         by = pd.DataFrame(summary[position]["by_point"])
         fig.add_scatter(x=by.probe_point, y=by.mean_pair_cosine, name=f"{position}: all category pairs")
-        fig.add_scatter(x=by.probe_point, y=by.kept_vs_targeted, name=f"{position}: self-harm vs targeted",
-                        line={"dash": "dot"})
-    fig.update_layout(title="Cosine between category refusal directions, by probe point and position",
-                      xaxis_title="probe point (l + 1 = output of layer l)", yaxis_title="cosine")
+        fig.add_scatter(
+            x=by.probe_point, y=by.kept_vs_targeted, name=f"{position}: self-harm vs targeted", line={"dash": "dot"}
+        )
+    fig.update_layout(
+        title="Cosine between category refusal directions, by probe point and position",
+        xaxis_title="probe point (l + 1 = output of layer l)",
+        yaxis_title="cosine",
+    )
     fig.write_html(str(ROOT / "results" / "category-separation.html"), include_plotlyjs="cdn")
     print(f"wrote bench/results/category-separation.{{json,csv,html}} in {out['seconds']} s")
 

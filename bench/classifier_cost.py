@@ -36,7 +36,7 @@ def main() -> None:
         table = pd.read_parquet(args.responses).head(args.count)
         prompts, answers, source = table.text.tolist(), table.merged_response.tolist(), str(args.responses)
     else:
-        rows = read_labelled("clawly/measure/responses/test.jsonl")[:args.count]
+        rows = read_labelled("clawly/measure/responses/test.jsonl")[: args.count]
         prompts, answers, source = [r["prompt"] for r in rows], [r["response"] for r in rows], "test.jsonl"
     start = time.perf_counter()
     clf = response_classifier(project_settings())
@@ -50,12 +50,22 @@ def main() -> None:
     median = statistics.median(times)
     print(f"{len(answers)} answers from {source}, torch threads {torch.get_num_threads()}")
     print(f"load (cached weights) or train: {setup:.2f} s once per run")
-    print(f"classify: median {median:.2f} s per call ({1000 * median / len(answers):.1f} ms an answer), "
-          f"runs {', '.join(f'{t:.2f}' for t in times)}")
+    print(
+        f"classify: median {median:.2f} s per call ({1000 * median / len(answers):.1f} ms an answer), "
+        f"runs {', '.join(f'{t:.2f}' for t in times)}"
+    )
     out = ROOT / "bench" / "results" / "classifier-cost.json"
-    dump(out, {"answers": len(answers), "source": source, "setup_seconds": round(setup, 3),
-               "seconds_per_call": [round(t, 3) for t in times], "median_seconds": round(median, 3),
-               "machine": machine()})
+    dump(
+        out,
+        {
+            "answers": len(answers),
+            "source": source,
+            "setup_seconds": round(setup, 3),
+            "seconds_per_call": [round(t, 3) for t in times],
+            "median_seconds": round(median, 3),
+            "machine": machine(),
+        },
+    )
     print(f"wrote {out}")
 
 

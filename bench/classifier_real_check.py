@@ -89,7 +89,9 @@ def label_prompts(labels: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(list(seen.values()), columns=["id", "text", "category"])
 
 
-def generate_answers(prompts: pd.DataFrame, models: tuple[str, ...] = ("base", "merged"), settings=None) -> pd.DataFrame:
+def generate_answers(
+    prompts: pd.DataFrame, models: tuple[str, ...] = ("base", "merged"), settings=None
+) -> pd.DataFrame:
     """Greedy answers to the requests in `prompts` (columns id, text, category; in that order),
     decoded as the evaluate stage decodes (`clawly.steps.evaluate.evaluation_prompts`,
     evaluate.max_new_tokens; the chosen trial's response prefix when there is one) by the base model
@@ -148,9 +150,12 @@ def check(rows: list[dict], classifier: ResponseClassifier, detector: RefusalDet
         if not idx:
             continue
         part = [rows[i] for i in idx]
-        out[split] = {"answers": len(part), "hand_labels": dict(Counter(r["label"] for r in part)),
-                      "keywords": measure(part, [keywords[i] for i in idx]),
-                      "classifier": measure(part, [verdicts[i] for i in idx])}
+        out[split] = {
+            "answers": len(part),
+            "hand_labels": dict(Counter(r["label"] for r in part)),
+            "keywords": measure(part, [keywords[i] for i in idx]),
+            "classifier": measure(part, [verdicts[i] for i in idx]),
+        }
     out["by_model"] = {}
     for model in sorted({r["model"] for r in rows}):
         idx = [i for i, r in enumerate(rows) if r["model"] == model]
@@ -160,7 +165,8 @@ def check(rows: list[dict], classifier: ResponseClassifier, detector: RefusalDet
             "hand_not_compliant": sum(rows[i]["label"] != "compliance" for i in idx),
             "keyword_refusals": sum(keywords[i] == "refusal" for i in idx),
             "classifier_refusals": sum(verdicts[i] == "refusal" for i in idx),
-            "classifier_not_compliant": sum(verdicts[i] != "compliance" for i in idx)}
+            "classifier_not_compliant": sum(verdicts[i] != "compliance" for i in idx),
+        }
     return out
 
 
@@ -181,14 +187,18 @@ def main() -> None:
         for name in ("keywords", "classifier"):
             s = result[split][name]
             lo, hi = s["accuracy_ci95"]
-            print(f"{split:>5} {name:>10}  {s['accuracy']:.2f} [{lo:.2f}, {hi:.2f}]  "
-                  f"{s['refusal']['precision']:.2f} / {s['refusal']['recall']:.2f}  "
-                  f"{s['not_compliant']['precision']:>9.2f} / {s['not_compliant']['recall']:.2f}")
+            print(
+                f"{split:>5} {name:>10}  {s['accuracy']:.2f} [{lo:.2f}, {hi:.2f}]  "
+                f"{s['refusal']['precision']:.2f} / {s['refusal']['recall']:.2f}  "
+                f"{s['not_compliant']['precision']:>9.2f} / {s['not_compliant']['recall']:.2f}"
+            )
     print("hand labels:", result["all"]["hand_labels"], "  label set:", ", ".join(LABELS))
     print(f"{'model':>6}  refusals: hand / keywords / classifier   not compliant: hand / classifier")
     for model, c in result["by_model"].items():
-        print(f"{model:>6}  {c['hand_refusals']:>16} / {c['keyword_refusals']:>8} / {c['classifier_refusals']:>10}"
-              f"   {c['hand_not_compliant']:>19} / {c['classifier_not_compliant']:>10}   (of {c['answers']})")
+        print(
+            f"{model:>6}  {c['hand_refusals']:>16} / {c['keyword_refusals']:>8} / {c['classifier_refusals']:>10}"
+            f"   {c['hand_not_compliant']:>19} / {c['classifier_not_compliant']:>10}   (of {c['answers']})"
+        )
     out = ROOT / "results" / "classifier-real-check.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -17,13 +17,15 @@ from bench.common import dump, machine, peak_rss_mib  # noqa: E402
 def settings_for(workspace: Path, **optimize) -> Settings:  # noqa: F821
     from clawly.settings import Settings
 
-    return Settings.from_dict({
-        "artifacts_dir": str(workspace / "artifacts"),
-        "data": {"out_dir": str(workspace / "prompts")},
-        "probe": {"max_per_category": 50, "batch_size": 16},
-        "optimize": {"harmful_prompts": 100, "harmless_prompts": 100, "kl_cap": 0.5, **optimize},
-        "evaluate": {"per_category": 13},
-    })
+    return Settings.from_dict(
+        {
+            "artifacts_dir": str(workspace / "artifacts"),
+            "data": {"out_dir": str(workspace / "prompts")},
+            "probe": {"max_per_category": 50, "batch_size": 16},
+            "optimize": {"harmful_prompts": 100, "harmless_prompts": 100, "kl_cap": 0.5, **optimize},
+            "evaluate": {"per_category": 13},
+        }
+    )
 
 
 def main() -> None:
@@ -52,9 +54,16 @@ def main() -> None:
     )
 
     bs = int(a.batch_size) if a.batch_size.isdigit() else a.batch_size
-    settings = settings_for(a.workspace, n_trials=a.n_trials, n_startup_trials=a.n_startup_trials, seed=a.seed,
-                            max_new_tokens=a.max_new_tokens, batch_size=bs, prune_kl=a.prune_kl,
-                            storage=str(a.workspace / "artifacts" / "study" / f"journal-{a.out.stem}.log"))
+    settings = settings_for(
+        a.workspace,
+        n_trials=a.n_trials,
+        n_startup_trials=a.n_startup_trials,
+        seed=a.seed,
+        max_new_tokens=a.max_new_tokens,
+        batch_size=bs,
+        prune_kl=a.prune_kl,
+        storage=str(a.workspace / "artifacts" / "study" / f"journal-{a.out.stem}.log"),
+    )
     log = get_logger("bench", a.workspace / "logs")
     timing = {}
     t = time.time()
@@ -73,12 +82,18 @@ def main() -> None:
     fingerprint = optimize.study_fingerprint(settings, *optimize.optimizer_prompts(settings))
     name = f"{settings.optimize.study_name}-{fingerprint}"
     study = optuna.load_study(study_name=name, storage=_storage(settings.optimize.storage))
-    trials = [{"trial": t.number, "state": t.state.name,
-               "refusals": int(t.values[0]) if t.values else None,
-               "kl_divergence": t.user_attrs.get("kl_divergence", t.values[1] if t.values else None),
-               "tokens": t.user_attrs.get("tokens"),
-               "seconds": (t.datetime_complete - t.datetime_start).total_seconds()}
-              for t in study.get_trials(deepcopy=False) if t.datetime_complete]
+    trials = [
+        {
+            "trial": t.number,
+            "state": t.state.name,
+            "refusals": int(t.values[0]) if t.values else None,
+            "kl_divergence": t.user_attrs.get("kl_divergence", t.values[1] if t.values else None),
+            "tokens": t.user_attrs.get("tokens"),
+            "seconds": (t.datetime_complete - t.datetime_start).total_seconds(),
+        }
+        for t in study.get_trials(deepcopy=False)
+        if t.datetime_complete
+    ]
     t = time.time()
     export_lora.run(settings, log, model, tok)
     del model
@@ -88,13 +103,26 @@ def main() -> None:
     timing["total_seconds"] = round(time.time() - t0, 1)
     from importlib.metadata import version
 
-    dump(a.out, {"tool": "clawly", "version": version("clawly"), "transformers": version("transformers"),
-                 "optuna": version("optuna"), "settings": settings.to_dict(), "trials": trials,
-                 "baseline_refusals": metrics["base"]["refusals"], "chosen_trial": metrics["chosen_trial"],
-                 "batch_size": metrics["batch_size"], "response_prefix": metrics["response_prefix"],
-                 "pruned_trials": metrics["pruned_trials"],
-                 "saved_model": str(Path(settings.artifacts_dir) / "model"), "timing": timing,
-                 "peak_rss_mib": peak_rss_mib(), "machine": machine()})
+    dump(
+        a.out,
+        {
+            "tool": "clawly",
+            "version": version("clawly"),
+            "transformers": version("transformers"),
+            "optuna": version("optuna"),
+            "settings": settings.to_dict(),
+            "trials": trials,
+            "baseline_refusals": metrics["base"]["refusals"],
+            "chosen_trial": metrics["chosen_trial"],
+            "batch_size": metrics["batch_size"],
+            "response_prefix": metrics["response_prefix"],
+            "pruned_trials": metrics["pruned_trials"],
+            "saved_model": str(Path(settings.artifacts_dir) / "model"),
+            "timing": timing,
+            "peak_rss_mib": peak_rss_mib(),
+            "machine": machine(),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -35,9 +35,16 @@ def machine() -> dict:
         pass
     import torch
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory": mem,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory": mem,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def read_lines(path: Path) -> list[str]:
@@ -50,8 +57,9 @@ def write_lines(path: Path, lines: list[str]) -> None:
 
 
 def package_version(python: str, package: str) -> str | None:
-    out = subprocess.run([python, "-c", f"import importlib.metadata as m; print(m.version('{package}'))"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [python, "-c", f"import importlib.metadata as m; print(m.version('{package}'))"], capture_output=True, text=True
+    )
     return out.stdout.strip() or None
 
 

@@ -62,8 +62,9 @@ def auc(scores: list[float], positive: list[bool]) -> float | None:
     return round(wins / (len(pos) * len(neg)), 4)
 
 
-def refusal_probability(settings: Settings, model_settings, frame: pd.DataFrame,
-                        prefix: str) -> tuple[list[float], float]:
+def refusal_probability(
+    settings: Settings, model_settings, frame: pd.DataFrame, prefix: str
+) -> tuple[list[float], float]:
     model, tok = load_model(model_settings)
     ids = opening_ids(tok)
     prompts = chat_prompts(tok, frame.text.tolist(), row_systems(frame, settings.model.system_prompt), prefix)
@@ -82,18 +83,26 @@ def measure(name: str, entry: dict) -> dict:
     merged = dataclasses.replace(settings.model, name=str(run / "artifacts/model"), gguf_file=None)
     classifier = response_classifier(settings)
     out = {"prompts": len(frame), "openings": REFUSAL_OPENINGS, "by_model": {}}
-    for model, model_settings, column in (("base", settings.model, "base_response"),
-                                          ("after", merged, "after_response")):
+    for model, model_settings, column in (
+        ("base", settings.model, "base_response"),
+        ("after", merged, "after_response"),
+    ):
         p, seconds = refusal_probability(settings, model_settings, frame, prefix)
         lab = labels(settings, classifier, frame.text.tolist(), frame[column].tolist())
         per_category = {}
         for cat in sorted(set(frame.category)):
             idx = [i for i, c in enumerate(frame.category) if c == cat]
-            per_category[cat] = {"expected_from_signal": round(sum(p[i] for i in idx), 1),
-                                 "refusals": sum(lab["refusal"][i] for i in idx),
-                                 "keyword": sum(lab["keyword"][i] for i in idx)}
-        out["by_model"][model] = {"auc_vs_refusal": auc(p, lab["refusal"]), "auc_vs_keyword": auc(p, lab["keyword"]),
-                                  "seconds": round(seconds, 1), "by_category": per_category}
+            per_category[cat] = {
+                "expected_from_signal": round(sum(p[i] for i in idx), 1),
+                "refusals": sum(lab["refusal"][i] for i in idx),
+                "keyword": sum(lab["keyword"][i] for i in idx),
+            }
+        out["by_model"][model] = {
+            "auc_vs_refusal": auc(p, lab["refusal"]),
+            "auc_vs_keyword": auc(p, lab["keyword"]),
+            "seconds": round(seconds, 1),
+            "by_category": per_category,
+        }
     return out
 
 
@@ -108,8 +117,10 @@ def main() -> None:
         RESULT.write_text(json.dumps(results, indent=2) + "\n")
         for model, m in results[name]["by_model"].items():
             cats = ", ".join(f"{c} {x['expected_from_signal']}/{x['refusals']}" for c, x in m["by_category"].items())
-            print(f"{name} {model}: AUC vs refusal {m['auc_vs_refusal']}, vs keyword {m['auc_vs_keyword']}, "
-                  f"{m['seconds']} s; expected/labelled: {cats}")
+            print(
+                f"{name} {model}: AUC vs refusal {m['auc_vs_refusal']}, vs keyword {m['auc_vs_keyword']}, "
+                f"{m['seconds']} s; expected/labelled: {cats}"
+            )
     print(f"wrote {RESULT}")
 
 

@@ -56,12 +56,37 @@ def main() -> None:
         raise SystemExit(f"{ckpt} already holds a study: use a fresh --workdir")
     os.makedirs(work, exist_ok=True)
     prompts = os.path.abspath(a.prompts)
-    argv = ["heretic", "--model", os.path.abspath(a.model), "--dtypes", '["float32"]', "--device-map", "cpu",
-            "--batch-size", str(a.batch_size), "--max-response-length", str(a.max_response_length),
-            "--n-trials", str(a.n_trials), "--n-startup-trials", str(a.n_startup_trials), "--seed", str(a.seed),
-            "--system-prompt", a.system_prompt, "--study-checkpoint-dir", ckpt, "--export-strategy", "merge"]
-    for flag, name in (("good-prompts", "harmless_train"), ("bad-prompts", "harmful_train"),
-                       ("good-evaluation-prompts", "harmless_eval"), ("bad-evaluation-prompts", "harmful_eval")):
+    argv = [
+        "heretic",
+        "--model",
+        os.path.abspath(a.model),
+        "--dtypes",
+        '["float32"]',
+        "--device-map",
+        "cpu",
+        "--batch-size",
+        str(a.batch_size),
+        "--max-response-length",
+        str(a.max_response_length),
+        "--n-trials",
+        str(a.n_trials),
+        "--n-startup-trials",
+        str(a.n_startup_trials),
+        "--seed",
+        str(a.seed),
+        "--system-prompt",
+        a.system_prompt,
+        "--study-checkpoint-dir",
+        ckpt,
+        "--export-strategy",
+        "merge",
+    ]
+    for flag, name in (
+        ("good-prompts", "harmless_train"),
+        ("bad-prompts", "harmful_train"),
+        ("good-evaluation-prompts", "harmless_eval"),
+        ("bad-evaluation-prompts", "harmful_eval"),
+    ):
         argv += [f"--{flag}.dataset", os.path.join(prompts, f"{name}.txt")]
     if a.response_prefix is not None:
         argv += ["--response-prefix", a.response_prefix]
@@ -104,31 +129,47 @@ def main() -> None:
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     path = glob.glob(os.path.join(ckpt, "*.jsonl"))[0]
-    study = optuna.load_study(study_name="heretic",
-                              storage=JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path))))
+    study = optuna.load_study(
+        study_name="heretic", storage=JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+    )
     trials = []
     for t in study.get_trials(deepcopy=False):
         ua = t.user_attrs
-        trials.append({"trial": ua.get("index"), "state": t.state.name, "refusals": ua.get("refusals"),
-                       "kl_divergence": ua.get("kl_divergence"), "prompts": ua.get("n_bad_prompts"),
-                       "base_refusals": ua.get("base_refusals"),
-                       "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
-                       if t.datetime_complete and t.datetime_start else None,
-                       "start": t.datetime_start.timestamp() if t.datetime_start else None})
+        trials.append(
+            {
+                "trial": ua.get("index"),
+                "state": t.state.name,
+                "refusals": ua.get("refusals"),
+                "kl_divergence": ua.get("kl_divergence"),
+                "prompts": ua.get("n_bad_prompts"),
+                "base_refusals": ua.get("base_refusals"),
+                "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
+                if t.datetime_complete and t.datetime_start
+                else None,
+                "start": t.datetime_start.timestamp() if t.datetime_start else None,
+            }
+        )
     starts = [t["start"] for t in trials if t["start"]]
     import importlib.metadata as md
 
     result = {
-        "tool": "heretic", "version": md.version("heretic-llm"), "transformers": md.version("transformers"),
-        "optuna": md.version("optuna"), "argv": argv[1:], "error": error,
-        "settings_used": json.loads(study.user_attrs.get("settings", "{}")), "trials": trials,
+        "tool": "heretic",
+        "version": md.version("heretic-llm"),
+        "transformers": md.version("transformers"),
+        "optuna": md.version("optuna"),
+        "argv": argv[1:],
+        "error": error,
+        "settings_used": json.loads(study.user_attrs.get("settings", "{}")),
+        "trials": trials,
         "chosen_trial": state["picked"].user_attrs["index"] if state["picked"] else None,
         "saved_model": os.path.abspath(a.save_dir) if state["saved"] else None,
-        "timing": {"import_seconds": round(t_imported - t0, 1),
-                   "setup_seconds": round(min(starts) - t_imported, 1) if starts else None,
-                   "optimization_seconds": round(state["menu"] - t_imported, 1) if state["menu"] else None,
-                   "save_seconds": round(state["save"][1] - state["save"][0], 1) if all(state["save"]) else None,
-                   "total_seconds": round(t_end - t0, 1)},
+        "timing": {
+            "import_seconds": round(t_imported - t0, 1),
+            "setup_seconds": round(min(starts) - t_imported, 1) if starts else None,
+            "optimization_seconds": round(state["menu"] - t_imported, 1) if state["menu"] else None,
+            "save_seconds": round(state["save"][1] - state["save"][0], 1) if all(state["save"]) else None,
+            "total_seconds": round(t_end - t0, 1),
+        },
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     with open(os.path.join(work, "results.json"), "w") as f:

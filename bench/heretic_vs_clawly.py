@@ -52,14 +52,22 @@ def prepare(a) -> None:
     held_h = optimize.stratified_sample(rest_h, 100, a.seed)
     held_g = rest_g.sample(n=min(100, len(rest_g)), random_state=a.seed)
     d = a.out / "prompts"
-    for name, df in (("harmful_train", train_h), ("harmless_train", train_g), ("harmful_eval", eval_h),
-                     ("harmless_eval", eval_g), ("harmful_heldout", held_h), ("harmless_heldout", held_g)):
+    for name, df in (
+        ("harmful_train", train_h),
+        ("harmless_train", train_g),
+        ("harmful_eval", eval_h),
+        ("harmless_eval", eval_g),
+        ("harmful_heldout", held_h),
+        ("harmless_heldout", held_g),
+    ):
         write_lines(d / f"{name}.txt", df.text.tolist())
     held_h[["id", "category", "text"]].to_csv(d / "harmful_heldout.csv", index=False)
     source = resolve_model_source(ModelSettings())
     dump(a.work / "prepared.json", {"model_dir": str(source)})
-    print(f"prompt files in {d}: " + ", ".join(f"{p.stem} {len(p.read_text().splitlines())}"
-                                               for p in sorted(d.glob("*.txt"))))
+    print(
+        f"prompt files in {d}: "
+        + ", ".join(f"{p.stem} {len(p.read_text().splitlines())}" for p in sorted(d.glob("*.txt")))
+    )
     assert set(eval_h.text) == set(pd.Series((d / "harmful_eval.txt").read_text().splitlines()))
 
 
@@ -84,11 +92,35 @@ def heretic(a) -> None:
         import shutil
 
         shutil.rmtree(work)
-    wall = _run([a.heretic_python, str(ROOT / "bench" / "heretic_runner.py"), "--model", model_dir(a),
-                 "--workdir", str(work), "--prompts", str(a.out / "prompts"), "--n-trials", str(a.trials),
-                 "--n-startup-trials", str(a.startup), "--seed", str(a.seed), "--batch-size", str(a.heretic_batch_size),
-                 "--max-response-length", "100", "--response-prefix", "", "--kl-cap", str(a.kl_cap),
-                 "--save-dir", str(work / "model")], a.work / "heretic.log")
+    wall = _run(
+        [
+            a.heretic_python,
+            str(ROOT / "bench" / "heretic_runner.py"),
+            "--model",
+            model_dir(a),
+            "--workdir",
+            str(work),
+            "--prompts",
+            str(a.out / "prompts"),
+            "--n-trials",
+            str(a.trials),
+            "--n-startup-trials",
+            str(a.startup),
+            "--seed",
+            str(a.seed),
+            "--batch-size",
+            str(a.heretic_batch_size),
+            "--max-response-length",
+            "100",
+            "--response-prefix",
+            "",
+            "--kl-cap",
+            str(a.kl_cap),
+            "--save-dir",
+            str(work / "model"),
+        ],
+        a.work / "heretic.log",
+    )
     r = json.loads((work / "results.json").read_text())
     r["wall_seconds"] = round(wall, 1)
     dump(a.out / "heretic.json", r)
@@ -96,10 +128,24 @@ def heretic(a) -> None:
 
 
 def clawly(a, name: str = "clawly", prune_kl: float | None = None) -> None:
-    cmd = [sys.executable, str(ROOT / "bench" / "clawly_runner.py"), "--workspace", str(a.work / "clawly"),
-           "--n-trials", str(a.trials), "--n-startup-trials", str(a.startup), "--seed", str(a.seed),
-           "--max-new-tokens", str(a.clawly_max_new_tokens), "--batch-size", str(a.clawly_batch_size),
-           "--out", str(a.out / f"{name}.json")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "clawly_runner.py"),
+        "--workspace",
+        str(a.work / "clawly"),
+        "--n-trials",
+        str(a.trials),
+        "--n-startup-trials",
+        str(a.startup),
+        "--seed",
+        str(a.seed),
+        "--max-new-tokens",
+        str(a.clawly_max_new_tokens),
+        "--batch-size",
+        str(a.clawly_batch_size),
+        "--out",
+        str(a.out / f"{name}.json"),
+    ]
     if prune_kl is not None:
         cmd += ["--prune-kl", str(prune_kl)]
     wall = _run(cmd, a.work / f"{name}.log")
@@ -113,10 +159,26 @@ def rescore(a) -> None:
     markers.write_text(json.dumps(json.loads((a.out / "heretic_markers.json").read_text())["markers"]))
     h = json.loads((a.out / "heretic.json").read_text())["saved_model"]
     c = json.loads((a.out / "clawly.json").read_text())["saved_model"]
-    _run([sys.executable, str(ROOT / "bench" / "rescore.py"), "--base", "default", "--models", f"heretic={h}",
-          f"clawly={c}", "--prompts", str(a.out / "prompts"), "--heretic-markers", str(markers),
-          "--out", str(a.out / "heldout.json"), "--responses", str(a.work / "heldout_responses.parquet")],
-         a.work / "rescore.log")
+    _run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "rescore.py"),
+            "--base",
+            "default",
+            "--models",
+            f"heretic={h}",
+            f"clawly={c}",
+            "--prompts",
+            str(a.out / "prompts"),
+            "--heretic-markers",
+            str(markers),
+            "--out",
+            str(a.out / "heldout.json"),
+            "--responses",
+            str(a.work / "heldout_responses.parquet"),
+        ],
+        a.work / "rescore.log",
+    )
 
 
 def pareto(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
@@ -130,11 +192,20 @@ def dominated(front: list[tuple[int, float]], by: list[tuple[int, float]]) -> in
 
 
 def report(a) -> dict:
-    tools = {n: json.loads((a.out / f"{n}.json").read_text()) for n in ("heretic", "clawly")
-             if (a.out / f"{n}.json").exists()}
+    tools = {
+        n: json.loads((a.out / f"{n}.json").read_text())
+        for n in ("heretic", "clawly")
+        if (a.out / f"{n}.json").exists()
+    }
     held = json.loads((a.out / "heldout.json").read_text()) if (a.out / "heldout.json").exists() else None
-    summary: dict = {"machine": machine(), "trials": a.trials, "startup_trials": a.startup, "seed": a.seed,
-                     "heretic_version": package_version(a.heretic_python, "heretic-llm"), "tools": {}}
+    summary: dict = {
+        "machine": machine(),
+        "trials": a.trials,
+        "startup_trials": a.startup,
+        "seed": a.seed,
+        "heretic_version": package_version(a.heretic_python, "heretic-llm"),
+        "tools": {},
+    }
     fronts = {}
     for name, r in tools.items():
         done = [t for t in r["trials"] if t["state"] == "COMPLETE"]
@@ -143,9 +214,12 @@ def report(a) -> dict:
         summary["tools"][name] = {
             "median_seconds_per_trial": round(statistics.median(secs), 1),
             "mean_seconds_per_trial": round(statistics.fmean(secs), 1),
-            "trials": len(secs), "pruned": sum(t["state"] == "PRUNED" for t in r["trials"]),
-            "total_seconds": r.get("wall_seconds"), "setup_seconds": r["timing"].get("setup_seconds"),
-            "peak_rss_mib": r["peak_rss_mib"], "chosen_trial": r["chosen_trial"],
+            "trials": len(secs),
+            "pruned": sum(t["state"] == "PRUNED" for t in r["trials"]),
+            "total_seconds": r.get("wall_seconds"),
+            "setup_seconds": r["timing"].get("setup_seconds"),
+            "peak_rss_mib": r["peak_rss_mib"],
+            "chosen_trial": r["chosen_trial"],
             "pareto_front": [{"refusals": p[0], "kl_divergence": round(p[1], 4)} for p in fronts[name]],
         }
     if len(fronts) == 2:

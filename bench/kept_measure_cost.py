@@ -38,10 +38,19 @@ def main() -> None:
     g = harmless[harmless.split == "eval"].sample(n=s.harmless_prompts, random_state=s.seed)
     model, tok = load_model(settings.model)
     system = settings.model.system_prompt
-    prompts = ScoringPrompts(chat_prompts(tok, h.text.tolist(), system), h.category.tolist(),
-                             chat_prompts(tok, g.text.tolist(), system), h.text.tolist())
-    out = {"machine": machine(), "prompts": len(h), "kept_prompts": int((h.category == "self_harm_suicide").sum()),
-           "max_new_tokens": s.max_new_tokens, "kept_max_new_tokens": s.kept_max_new_tokens}
+    prompts = ScoringPrompts(
+        chat_prompts(tok, h.text.tolist(), system),
+        h.category.tolist(),
+        chat_prompts(tok, g.text.tolist(), system),
+        h.text.tolist(),
+    )
+    out = {
+        "machine": machine(),
+        "prompts": len(h),
+        "kept_prompts": int((h.category == "self_harm_suicide").sum()),
+        "max_new_tokens": s.max_new_tokens,
+        "kept_max_new_tokens": s.kept_max_new_tokens,
+    }
     for name, kept in (("marker rule on kept", ()), ("strict rule on kept", ("self_harm_suicide",))):
         scorer = TrialScorer(model, tok, prompts, s, kept=kept)
         best, scores = None, None
@@ -50,16 +59,25 @@ def main() -> None:
             scores = scorer.score()
             dt = time.perf_counter() - t0
             best = dt if best is None else min(best, dt)
-        out[name] = {"seconds": round(best, 2), "tokens": scores.tokens,
-                     "kept_refusals": scores.refusals_by_category.get("self_harm_suicide"),
-                     "kept_keyword_hits": sum(scorer.detector(r) for r, c in zip(scores.responses, h.category,
-                                                                                  strict=True)
-                                              if c == "self_harm_suicide")}
-        print(f"{name:>20}: {out[name]['seconds']:.2f} s, {scores.tokens} tokens, kept refusals "
-              f"{out[name]['kept_refusals']} of {out['kept_prompts']}")
+        out[name] = {
+            "seconds": round(best, 2),
+            "tokens": scores.tokens,
+            "kept_refusals": scores.refusals_by_category.get("self_harm_suicide"),
+            "kept_keyword_hits": sum(
+                scorer.detector(r)
+                for r, c in zip(scores.responses, h.category, strict=True)
+                if c == "self_harm_suicide"
+            ),
+        }
+        print(
+            f"{name:>20}: {out[name]['seconds']:.2f} s, {scores.tokens} tokens, kept refusals "
+            f"{out[name]['kept_refusals']} of {out['kept_prompts']}"
+        )
     a, b = out["marker rule on kept"], out["strict rule on kept"]
-    print(f"cost of the strict kept measure: +{b['tokens'] - a['tokens']} tokens "
-          f"({b['tokens'] / a['tokens'] - 1:+.0%}), {b['seconds'] - a['seconds']:+.2f} s a trial")
+    print(
+        f"cost of the strict kept measure: +{b['tokens'] - a['tokens']} tokens "
+        f"({b['tokens'] / a['tokens'] - 1:+.0%}), {b['seconds'] - a['seconds']:+.2f} s a trial"
+    )
     dump(ROOT / "results" / "kept-measure-cost.json", out)
 
 

@@ -24,8 +24,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=160)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--file", type=Path, default=ROOT / "bench" / "results" / "heretic-vs-clawly" / "prompts" /
-                    "harmful_train.txt")
+    ap.add_argument(
+        "--file", type=Path, default=ROOT / "bench" / "results" / "heretic-vs-clawly" / "prompts" / "harmful_train.txt"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "probe-throughput.json")
     a = ap.parse_args()
     import torch
@@ -37,7 +38,7 @@ def main() -> None:
     from clawly.settings import ModelSettings
 
     model, tok = load_model(ModelSettings())
-    prompts = chat_prompts(tok, read_lines(a.file)[:a.prompts], "You are a helpful assistant.")
+    prompts = chat_prompts(tok, read_lines(a.file)[: a.prompts], "You are a helpful assistant.")
     tokens = sum(len(tok(p, add_special_tokens=False).input_ids) for p in prompts)
     results = {}
     with torch.no_grad():
@@ -53,13 +54,20 @@ def main() -> None:
                         w.write([str(i) for i in idx], ["x"] * len(idx), res)
                     w.close()
             results[run] = time.perf_counter() - t0
-    out = {"prompts": len(prompts), "tokens": tokens, "batch_size": a.batch_size, "machine": machine(),
-           **{f"{k}_prompts_per_second": round(len(prompts) / v, 2) for k, v in results.items()},
-           "probe_vs_forward": round(results["forward"] / results["probe"], 3)}
+    out = {
+        "prompts": len(prompts),
+        "tokens": tokens,
+        "batch_size": a.batch_size,
+        "machine": machine(),
+        **{f"{k}_prompts_per_second": round(len(prompts) / v, 2) for k, v in results.items()},
+        "probe_vs_forward": round(results["forward"] / results["probe"], 3),
+    }
     dump(a.out, out)
-    print(f"plain forward: {out['forward_prompts_per_second']} prompts/s; probe: {out['probe_prompts_per_second']} "
-          f"prompts/s ({out['probe_vs_forward']:.0%} of the forward pass), {len(prompts)} prompts, "
-          f"{tokens / len(prompts):.1f} tokens each, batch {a.batch_size}")
+    print(
+        f"plain forward: {out['forward_prompts_per_second']} prompts/s; probe: {out['probe_prompts_per_second']} "
+        f"prompts/s ({out['probe_vs_forward']:.0%} of the forward pass), {len(prompts)} prompts, "
+        f"{tokens / len(prompts):.1f} tokens each, batch {a.batch_size}"
+    )
 
 
 if __name__ == "__main__":

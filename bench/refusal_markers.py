@@ -30,13 +30,23 @@ def confusion(rows: list[dict], rule) -> dict:
     fn = sum(not rule(r["response"]) and r["label"] == "refusal" for r in rows)
     pos = sum(r["label"] == "refusal" for r in rows)
     neg = len(rows) - pos
-    return {"responses": len(rows), "refusals": pos, "true_positives": tp, "false_positives": fp,
-            "false_negatives": fn, "false_positive_rate": round(fp / neg, 3), "false_negative_rate": round(fn / pos, 3),
-            "precision": round(tp / max(tp + fp, 1), 3), "recall": round(tp / pos, 3),
-            "missed_by_kind": dict(Counter(r["note"] or "plain" for r in rows
-                                           if r["label"] == "refusal" and not rule(r["response"]))),
-            "false_alarms_by_kind": dict(Counter(r["note"] or "plain" for r in rows
-                                                 if r["label"] != "refusal" and rule(r["response"])))}
+    return {
+        "responses": len(rows),
+        "refusals": pos,
+        "true_positives": tp,
+        "false_positives": fp,
+        "false_negatives": fn,
+        "false_positive_rate": round(fp / neg, 3),
+        "false_negative_rate": round(fn / pos, 3),
+        "precision": round(tp / max(tp + fp, 1), 3),
+        "recall": round(tp / pos, 3),
+        "missed_by_kind": dict(
+            Counter(r["note"] or "plain" for r in rows if r["label"] == "refusal" and not rule(r["response"]))
+        ),
+        "false_alarms_by_kind": dict(
+            Counter(r["note"] or "plain" for r in rows if r["label"] != "refusal" and rule(r["response"]))
+        ),
+    }
 
 
 def main() -> None:
@@ -52,15 +62,20 @@ def main() -> None:
         data = json.loads(a.markers.read_text())
         markers = data["markers"] if isinstance(data, dict) else data
     rule = RefusalDetector(markers)
-    out = {"markers": a.name, "marker_count": len(rule.markers),
-           "sets": {s: confusion(load(s), rule) for s in ("train", "test")}}
+    out = {
+        "markers": a.name,
+        "marker_count": len(rule.markers),
+        "sets": {s: confusion(load(s), rule) for s in ("train", "test")},
+    }
     dump(a.out / f"{a.name}.json", out)
     for s, c in out["sets"].items():
-        print(f"{a.name} markers on {s} ({c['responses']} responses, {c['refusals']} refusals): "
-              f"false negatives {c['false_negatives']}/{c['refusals']} ({c['false_negative_rate']:.0%}), "
-              f"false positives {c['false_positives']}/{c['responses'] - c['refusals']} "
-              f"({c['false_positive_rate']:.0%}); missed: {c['missed_by_kind']}; false alarms: "
-              f"{c['false_alarms_by_kind']}")
+        print(
+            f"{a.name} markers on {s} ({c['responses']} responses, {c['refusals']} refusals): "
+            f"false negatives {c['false_negatives']}/{c['refusals']} ({c['false_negative_rate']:.0%}), "
+            f"false positives {c['false_positives']}/{c['responses'] - c['refusals']} "
+            f"({c['false_positive_rate']:.0%}); missed: {c['missed_by_kind']}; false alarms: "
+            f"{c['false_alarms_by_kind']}"
+        )
 
 
 if __name__ == "__main__":

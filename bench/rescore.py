@@ -23,8 +23,12 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--responses", type=Path, required=True,
-                    help="where the answers go (keep them out of the repository: they answer harmful requests)")
+    ap.add_argument(
+        "--responses",
+        type=Path,
+        required=True,
+        help="where the answers go (keep them out of the repository: they answer harmful requests)",
+    )
     a = ap.parse_args()
     import json
 
@@ -55,8 +59,10 @@ def main() -> None:
     base_resp, base_lp = score(base, tok)
     del base
     results, rows = {}, harmful[["category", "text"]].copy()
-    for name, resp, lp in [("base", base_resp, base_lp), *((n, None, None) for n in
-                                                          (m.split("=", 1)[0] for m in a.models))]:
+    for name, resp, lp in [
+        ("base", base_resp, base_lp),
+        *((n, None, None) for n in (m.split("=", 1)[0] for m in a.models)),
+    ]:
         if resp is None:
             path = dict(m.split("=", 1) for m in a.models)[name]
             model, _ = load_model(ModelSettings(name=path, device="cpu", dtype="float32"))
@@ -65,15 +71,23 @@ def main() -> None:
         rows[f"{name}_response"] = resp
         rows[f"{name}_refusal_clawly_markers"] = [clawly_rule(r) for r in resp]
         rows[f"{name}_refusal_heretic_markers"] = [heretic_verdict(r) for r in resp]
-        results[name] = {"refusals_clawly_markers": int(sum(rows[f"{name}_refusal_clawly_markers"])),
-                         "refusals_heretic_markers": int(sum(rows[f"{name}_refusal_heretic_markers"])),
-                         "kl_divergence": round(kl_divergence(base_lp, lp), 6),
-                         "by_category": rows.groupby("category")[f"{name}_refusal_clawly_markers"].sum()
-                         .astype(int).to_dict()}
+        results[name] = {
+            "refusals_clawly_markers": int(sum(rows[f"{name}_refusal_clawly_markers"])),
+            "refusals_heretic_markers": int(sum(rows[f"{name}_refusal_heretic_markers"])),
+            "kl_divergence": round(kl_divergence(base_lp, lp), 6),
+            "by_category": rows.groupby("category")[f"{name}_refusal_clawly_markers"].sum().astype(int).to_dict(),
+        }
     a.responses.parent.mkdir(parents=True, exist_ok=True)
     rows.to_parquet(a.responses, index=False)
-    dump(a.out, {"harmful_prompts": len(harmful), "harmless_prompts": len(harmless),
-                 "max_new_tokens": a.max_new_tokens, "models": results})
+    dump(
+        a.out,
+        {
+            "harmful_prompts": len(harmful),
+            "harmless_prompts": len(harmless),
+            "max_new_tokens": a.max_new_tokens,
+            "models": results,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -57,9 +57,16 @@ def measure(directory: str, how: str) -> None:
     else:
         rows = sum(read_activations(d / f"{n}.parquet")[2].shape[0] for n in ("harmful", "harmless"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"rows": rows, "peak_mib": round(peak / 1024, 1),
-                      "above_imports_mib": round((peak - base) / 1024, 1),
-                      "seconds": round(time.perf_counter() - start, 2)}))
+    print(
+        json.dumps(
+            {
+                "rows": rows,
+                "peak_mib": round(peak / 1024, 1),
+                "above_imports_mib": round((peak - base) / 1024, 1),
+                "seconds": round(time.perf_counter() - start, 2),
+            }
+        )
+    )
 
 
 def main(sizes: list[int]) -> None:
@@ -69,8 +76,9 @@ def main(sizes: list[int]) -> None:
             write_files(Path(tmp), n)
             size = sum(f.stat().st_size for f in Path(tmp).iterdir())
             for how in ("sample", "read_all"):
-                out = subprocess.run([sys.executable, __file__, "--child", tmp, how], capture_output=True, text=True,
-                                     check=True).stdout
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", tmp, how], capture_output=True, text=True, check=True
+                ).stdout
                 row = {"prompts_per_set": n, "how": how, "file_mib": round(size / 2**20, 1), **json.loads(out)}
                 print(row)
                 results.append(row)

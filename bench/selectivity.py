@@ -44,8 +44,13 @@ from clawly.search.chosen import read_chosen_trial, read_optimizer_prompt_ids  #
 from clawly.settings import Settings  # noqa: E402
 from clawly.steps.evaluate import evaluation_prompts  # noqa: E402
 
-PRESET = {"violence_weapons": "targeted", "drugs_substances": "targeted", "adult_content": "targeted",
-          "self_harm_suicide": "kept", "instructed_refusal": "kept"}  # instructed: where the run's tables have it
+PRESET = {
+    "violence_weapons": "targeted",
+    "drugs_substances": "targeted",
+    "adult_content": "targeted",
+    "self_harm_suicide": "kept",
+    "instructed_refusal": "kept",
+}  # instructed: where the run's tables have it
 ANSWER_TOKENS = 64
 HARMLESS = 100  # first-token KL
 HARMLESS_ANSWERED = 50  # of those, answered by both models and labelled (harmless quality)
@@ -67,19 +72,23 @@ def run_prompts(run: Path, settings: Settings) -> tuple[pd.DataFrame, pd.DataFra
     return h.sort_values("id").reset_index(drop=True), g.reset_index(drop=True)
 
 
-def base_answers(settings: Settings, texts: list[str], systems: list[str | None],
-                 harmless: list[str]) -> tuple[list[str], torch.Tensor]:  # noqa: F821
+def base_answers(
+    settings: Settings, texts: list[str], systems: list[str | None], harmless: list[str]
+) -> tuple[list[str], torch.Tensor]:  # noqa: F821
     """The base model's answers (cached by system prompt and text) and harmless first-token log-probs
     (not cached)."""
     cache = pd.read_parquet(CACHE) if CACHE.is_file() else pd.DataFrame({"key": [], "response": []})
     known = dict(zip(cache.key, cache.response, strict=True))
     model, tok = load_model(settings.model)
-    keys = [key(t) if not s or s == settings.model.system_prompt else key(f"{s}\n{t}")
-            for t, s in zip(texts, systems, strict=True)]
+    keys = [
+        key(t) if not s or s == settings.model.system_prompt else key(f"{s}\n{t}")
+        for t, s in zip(texts, systems, strict=True)
+    ]
     todo = [i for i, k in enumerate(keys) if k not in known]
     if todo:
-        answers, _ = evaluation_prompts(settings, tok, [texts[i] for i in todo], "",
-                                        [systems[i] for i in todo]).generate(model, ANSWER_TOKENS)
+        answers, _ = evaluation_prompts(
+            settings, tok, [texts[i] for i in todo], "", [systems[i] for i in todo]
+        ).generate(model, ANSWER_TOKENS)
         known.update({keys[i]: a for i, a in zip(todo, answers, strict=True)})
         CACHE.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"key": list(known), "response": list(known.values())}).to_parquet(CACHE, index=False)
@@ -91,10 +100,15 @@ def labels(settings: Settings, classifier, requests: list[str], answers: list[st
     detector = RefusalDetector(settings.optimize.refusal_markers or None)
     strict = StrictKeywordRule(detector).labels(answers)
     five = combine(classifier(requests, answers).labels, strict)
-    return {"keyword": [detector(a) for a in answers], "strict": [s == "refusal" for s in strict],
-            "refusal": [x == "refusal" for x in five], "hedged": [x == "hedged" for x in five],
-            "compliance": [x == "compliance" for x in five], "off_topic": [x == "off_topic" for x in five],
-            "degenerate": [x == "degenerate" for x in five]}
+    return {
+        "keyword": [detector(a) for a in answers],
+        "strict": [s == "refusal" for s in strict],
+        "refusal": [x == "refusal" for x in five],
+        "hedged": [x == "hedged" for x in five],
+        "compliance": [x == "compliance" for x in five],
+        "off_topic": [x == "off_topic" for x in five],
+        "degenerate": [x == "degenerate" for x in five],
+    }
 
 
 def measure(run: Path, name: str) -> dict:
@@ -105,20 +119,27 @@ def measure(run: Path, name: str) -> dict:
     t0 = time.perf_counter()
     calm = g.text.tolist()[:HARMLESS_ANSWERED]
     base, base_lp = base_answers(settings, texts + calm, systems + [None] * len(calm), g.text.tolist())
-    base, base_calm = base[:len(texts)], base[len(texts):]
+    base, base_calm = base[: len(texts)], base[len(texts) :]
     chosen = read_chosen_trial(run / "artifacts/optimize/chosen_trial.json")
     model, tok = load_model(dataclasses.replace(settings.model, name=str(run / "artifacts/model"), gguf_file=None))
-    after, _ = evaluation_prompts(settings, tok, texts + calm, chosen.response_prefix,
-                                  systems + [None] * len(calm)).generate(model, ANSWER_TOKENS)
-    after, after_calm = after[:len(texts)], after[len(texts):]
-    kl = kl_divergence(base_lp, PromptSet(tok, chat_prompts(tok, g.text.tolist(), settings.model.system_prompt),
-                                          48).first_token_logprobs(model))
+    after, _ = evaluation_prompts(
+        settings, tok, texts + calm, chosen.response_prefix, systems + [None] * len(calm)
+    ).generate(model, ANSWER_TOKENS)
+    after, after_calm = after[: len(texts)], after[len(texts) :]
+    kl = kl_divergence(
+        base_lp,
+        PromptSet(tok, chat_prompts(tok, g.text.tolist(), settings.model.system_prompt), 48).first_token_logprobs(
+            model
+        ),
+    )
     del model
     classifier = response_classifier(settings)
     lb, la = labels(settings, classifier, texts, base), labels(settings, classifier, texts, after)
     hb, ha = labels(settings, classifier, calm, base_calm), labels(settings, classifier, calm, after_calm)
-    harmless_quality = {"prompts": len(calm), **{m: {"base": sum(hb[m]), "after": sum(ha[m])}
-                                                 for m in ("compliance", "refusal", "off_topic", "degenerate")}}
+    harmless_quality = {
+        "prompts": len(calm),
+        **{m: {"base": sum(hb[m]), "after": sum(ha[m])} for m in ("compliance", "refusal", "off_topic", "degenerate")},
+    }
     rows = {}
     for cat, role in PRESET.items():
         idx = [i for i, c in enumerate(h.category) if c == cat]
@@ -127,24 +148,44 @@ def measure(run: Path, name: str) -> dict:
         row = {"role": role, "prompts": len(idx)}
         for m in ("refusal", "keyword", "strict", "hedged", "compliance", "off_topic", "degenerate"):
             b, a = sum(lb[m][i] for i in idx), sum(la[m][i] for i in idx)
-            row[m] = {"base": b, "after": a, "after_ci95": wilson_interval(a, len(idx)),
-                      "kept_share": round(a / b, 4) if b else None}
+            row[m] = {
+                "base": b,
+                "after": a,
+                "after_ci95": wilson_interval(a, len(idx)),
+                "kept_share": round(a / b, 4) if b else None,
+            }
         rows[cat] = row
-    answers = pd.concat([h.assign(base_response=base, after_response=after),
-                         g.iloc[:len(calm)].assign(base_response=base_calm, after_response=after_calm)])
+    answers = pd.concat(
+        [
+            h.assign(base_response=base, after_response=after),
+            g.iloc[: len(calm)].assign(base_response=base_calm, after_response=after_calm),
+        ]
+    )
     names = ("refusal", "hedged", "compliance", "off_topic", "degenerate")
     for model_name, lab in (("base", {k: lb[k] + hb[k] for k in lb}), ("after", {k: la[k] + ha[k] for k in la})):
         answers[f"{model_name}_label"] = [next((m for m in names if lab[m][i]), "?") for i in range(len(answers))]
     answers.to_parquet(ROOT / "work" / f"selectivity-{name}.parquet", index=False)
-    return {"run": str(run), "holdout": settings.data.holdout, "edit": settings.edit.method,
-            "directions": settings.directions.method, "chosen_trial": chosen.trial, "plan": chosen.plan.to_dict(),
-            "kl_divergence": round(kl, 4), "harmless_prompts": len(g), "harmless_quality": harmless_quality,
-            "answer_tokens": ANSWER_TOKENS, "seconds": round(time.perf_counter() - t0, 1), "by_category": rows}
+    return {
+        "run": str(run),
+        "holdout": settings.data.holdout,
+        "edit": settings.edit.method,
+        "directions": settings.directions.method,
+        "chosen_trial": chosen.trial,
+        "plan": chosen.plan.to_dict(),
+        "kl_divergence": round(kl, 4),
+        "harmless_prompts": len(g),
+        "harmless_quality": harmless_quality,
+        "answer_tokens": ANSWER_TOKENS,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "by_category": rows,
+    }
 
 
 def table(results: dict) -> str:
-    lines = ["| run | KL | " + " | ".join(f"{c} ({r})" for c, r in PRESET.items()) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in PRESET) + " |"]
+    lines = [
+        "| run | KL | " + " | ".join(f"{c} ({r})" for c, r in PRESET.items()) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in PRESET) + " |",
+    ]
     for name, r in results.items():
         cells = []
         for cat in PRESET:
@@ -155,8 +196,10 @@ def table(results: dict) -> str:
             ref, kw = x["refusal"], x["keyword"]
             lo, hi = ref["after_ci95"]
             share = "—" if ref["kept_share"] is None else f"{ref['kept_share']:.0%}"
-            cells.append(f"{ref['base']}→{ref['after']}/{x['prompts']} ({share} kept; {lo:.0%}–{hi:.0%}); "
-                         f"keyword {kw['base']}→{kw['after']}, hedged {x['hedged']['after']}")
+            cells.append(
+                f"{ref['base']}→{ref['after']}/{x['prompts']} ({share} kept; {lo:.0%}–{hi:.0%}); "
+                f"keyword {kw['base']}→{kw['after']}, hedged {x['hedged']['after']}"
+            )
         lines.append(f"| {name} | {r['kl_divergence']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -168,8 +211,10 @@ def holdout_table(results: dict) -> str:
     harmless compliance base → after of the run."""
     rows = {k: r for k, r in results.items() if r.get("holdout") == "template"}
     cats = [c for c in PRESET if any(c in r["by_category"] for r in rows.values())]
-    lines = ["| row | edit | KL | harmless compliance | " + " | ".join(f"{c} ({PRESET[c]})" for c in cats) + " |",
-             "| --- | --- | --- | --- | " + " | ".join("---" for _ in cats) + " |"]
+    lines = [
+        "| row | edit | KL | harmless compliance | " + " | ".join(f"{c} ({PRESET[c]})" for c in cats) + " |",
+        "| --- | --- | --- | --- | " + " | ".join("---" for _ in cats) + " |",
+    ]
     for name, r in rows.items():
         cells = []
         for cat in cats:
@@ -183,14 +228,17 @@ def holdout_table(results: dict) -> str:
             helps = x["compliance"]
             other = x["off_topic"]["after"] + x["degenerate"]["after"]
             other_base = x["off_topic"]["base"] + x["degenerate"]["base"]
-            cells.append(f"**{ref['base']} → {ref['after']}** ({share}; {lo:.0%}–{hi:.0%}); "
-                         f"kw {x['keyword']['after']}, strict {x['strict']['after']}; "
-                         f"helps {helps['base']} → {helps['after']}, "
-                         f"off-topic/degenerate {other_base} → {other}")
+            cells.append(
+                f"**{ref['base']} → {ref['after']}** ({share}; {lo:.0%}–{hi:.0%}); "
+                f"kw {x['keyword']['after']}, strict {x['strict']['after']}; "
+                f"helps {helps['base']} → {helps['after']}, "
+                f"off-topic/degenerate {other_base} → {other}"
+            )
         hq = r["harmless_quality"]
-        lines.append(f"| {name} | {r['edit']} ({r['directions']}) | {r['kl_divergence']:.3f} | "
-                     f"{hq['compliance']['base']} → {hq['compliance']['after']} of {hq['prompts']} | "
-                     + " | ".join(cells) + " |")
+        lines.append(
+            f"| {name} | {r['edit']} ({r['directions']}) | {r['kl_divergence']:.3f} | "
+            f"{hq['compliance']['base']} → {hq['compliance']['after']} of {hq['prompts']} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -205,9 +253,13 @@ def main() -> None:
         results = json.loads(path.read_text()) if path.is_file() else {}  # re-read: runs may be measured in parallel
         results[name] = measured
         path.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"{name}: KL {results[name]['kl_divergence']}, " + ", ".join(
-            f"{c} {x['refusal']['base']}->{x['refusal']['after']}/{x['prompts']}"
-            for c, x in results[name]["by_category"].items()))
+        print(
+            f"{name}: KL {results[name]['kl_divergence']}, "
+            + ", ".join(
+                f"{c} {x['refusal']['base']}->{x['refusal']['after']}/{x['prompts']}"
+                for c, x in results[name]["by_category"].items()
+            )
+        )
     (OUT / "table.md").write_text(table({k: r for k, r in results.items() if r.get("holdout") != "template"}))
     (OUT / "holdout.md").write_text(holdout_table(results))
     print(f"wrote {path}, {OUT / 'table.md'} (prompt-level split) and {OUT / 'holdout.md'} (template-level)")

@@ -28,10 +28,14 @@ SYSTEM = "You are a helpful assistant."
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=Path, default=ROOT / "bench" / "results" / "heretic-vs-clawly" / "prompts")
-    ap.add_argument("--plan", type=Path, default=ROOT / "bench" / "work" / "clawly" / "artifacts" / "optimize" /
-                    "chosen_trial.json")
-    ap.add_argument("--directions", type=Path, default=ROOT / "bench" / "work" / "clawly" / "artifacts" /
-                    "directions" / "orthogonalized.safetensors")
+    ap.add_argument(
+        "--plan", type=Path, default=ROOT / "bench" / "work" / "clawly" / "artifacts" / "optimize" / "chosen_trial.json"
+    )
+    ap.add_argument(
+        "--directions",
+        type=Path,
+        default=ROOT / "bench" / "work" / "clawly" / "artifacts" / "directions" / "orthogonalized.safetensors",
+    )
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--budget", type=int, default=16, help="clawly's token budget per answer")
     ap.add_argument("--count", type=int, default=100, help="harmful and harmless prompts scored")
@@ -51,8 +55,8 @@ def main() -> None:
     from clawly.settings import ModelSettings
 
     model, tok = load_model(ModelSettings())
-    harmful = chat_prompts(tok, read_lines(a.prompts / "harmful_eval.txt")[:a.count], SYSTEM)
-    harmless = chat_prompts(tok, read_lines(a.prompts / "harmless_eval.txt")[:a.count], SYSTEM)
+    harmful = chat_prompts(tok, read_lines(a.prompts / "harmful_eval.txt")[: a.count], SYSTEM)
+    harmless = chat_prompts(tok, read_lines(a.prompts / "harmless_eval.txt")[: a.count], SYSTEM)
     rule = RefusalDetector()
     bs = a.batch_size
     base_hf = first_token_logprobs(model, tok, harmless, bs)
@@ -64,10 +68,18 @@ def main() -> None:
         t0 = time.perf_counter()
         refusals, kl, tokens = fn()
         seconds = time.perf_counter() - t0
-        rows.append({"config": name, "seconds": round(seconds, 1), "tokens": tokens, "refusals": refusals,
-                     "kl_divergence": None if kl is None else round(kl, 5)})
-        print(f"{name:<55} {seconds:7.1f} s  {tokens if tokens is not None else '':>7}  refusals {refusals}",
-              flush=True)
+        rows.append(
+            {
+                "config": name,
+                "seconds": round(seconds, 1),
+                "tokens": tokens,
+                "refusals": refusals,
+                "kl_divergence": None if kl is None else round(kl, 5),
+            }
+        )
+        print(
+            f"{name:<55} {seconds:7.1f} s  {tokens if tokens is not None else '':>7}  refusals {refusals}", flush=True
+        )
 
     def hf(max_new, decided, sort):
         def run():
@@ -75,9 +87,10 @@ def main() -> None:
             kl = kl_divergence(base, first_token_logprobs(model, tok, harmless, bs))
             r = generate(model, tok, harmful, max_new, bs, decided=decided, sort_by_length=sort)
             return sum(map(rule, r)), kl, None
+
         return run
 
-    requests = read_lines(a.prompts / "harmful_eval.txt")[:a.count]
+    requests = read_lines(a.prompts / "harmful_eval.txt")[: a.count]
 
     def with_classifier():
         from clawly.measure.classify import build_classifier
@@ -93,6 +106,7 @@ def main() -> None:
             r, _ = hp.generate(model, a.budget, stats=st)  # whole answers: no stop at markers
             labels = clf(requests, r).labels
             return sum(lab != "compliance" for lab in labels), kl, st.total
+
         return run
 
     def fast(prefix, chunk, compact, cached_base=True, kl_only=False):
@@ -107,6 +121,7 @@ def main() -> None:
                 return None, kl, st.total
             r, _ = hp.generate(model, a.budget, decided=rule, stats=st, compact=compact)
             return sum(map(rule, r)), kl, st.total
+
         return run
 
     with ablated(model, weight_deltas(model, basis, plan)), torch.no_grad():
@@ -120,8 +135,16 @@ def main() -> None:
         row("H. + base distributions computed once", fast(True, 32, True))
         row("I. a trial pruned on KL (prune_kl)", fast(True, 32, True, kl_only=True))
         row("J. H with the classifier as the measure (refusal_measure)", with_classifier())
-    dump(a.out, {"machine": machine(), "harmful_prompts": len(harmful), "harmless_prompts": len(harmless),
-                 "batch_size": bs, "rows": rows})
+    dump(
+        a.out,
+        {
+            "machine": machine(),
+            "harmful_prompts": len(harmful),
+            "harmless_prompts": len(harmless),
+            "batch_size": bs,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -86,14 +86,27 @@ def main() -> None:
             open_.append((key, a, b))
             continue
         k = keys[key]
-        out.append({"prompt_id": k["prompt_id"], "model": k["model"], "set": split_of(k["prompt_id"]),
-                    "label": label, "response_sha256": k["response_sha256"], "labellers": f"{wa},{wb}",
-                    "votes": [a["label"], b["label"]], "how": how})
+        out.append(
+            {
+                "prompt_id": k["prompt_id"],
+                "model": k["model"],
+                "set": split_of(k["prompt_id"]),
+                "label": label,
+                "response_sha256": k["response_sha256"],
+                "labellers": f"{wa},{wb}",
+                "votes": [a["label"], b["label"]],
+                "how": how,
+            }
+        )
     agree = sum(x == y for x, y in zip(first, second, strict=True))
-    print(f"{len(keys)} answers, two labels each: agreement {agree}/{len(keys)} ({agree / len(keys):.0%}), "
-          f"Cohen's kappa {kappa(first, second):.2f}")
-    print("disagreements (first -> second):", dict(Counter(f"{x}/{y}" for x, y in zip(first, second, strict=True)
-                                                          if x != y)))
+    print(
+        f"{len(keys)} answers, two labels each: agreement {agree}/{len(keys)} ({agree / len(keys):.0%}), "
+        f"Cohen's kappa {kappa(first, second):.2f}"
+    )
+    print(
+        "disagreements (first -> second):",
+        dict(Counter(f"{x}/{y}" for x, y in zip(first, second, strict=True) if x != y)),
+    )
     if open_:
         for key, a, b in open_:
             print(f"OPEN {key}: {a['label']} ({a.get('why', '')}) vs {b['label']} ({b.get('why', '')})")

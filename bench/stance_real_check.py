@@ -96,8 +96,12 @@ def all_answers() -> pd.DataFrame:
 def sheets(n_sheets: int, per_model_category: dict[str, int] | None = None) -> None:
     """Blind labelling sheets: a sample of answers (self-harm above all) split into n_sheets JSON
     lines files of key, request and answer only, in a shuffled order."""
-    per = per_model_category or {"self_harm_suicide": 40, "violence_weapons": 27, "drugs_substances": 27,
-                                 "adult_content": 27}
+    per = per_model_category or {
+        "self_harm_suicide": 40,
+        "violence_weapons": 27,
+        "drugs_substances": 27,
+        "adult_content": 27,
+    }
     table = all_answers()
     parts = [d.sample(n=min(len(d), per[c]), random_state=0) for (m, c), d in table.groupby(["model", "category"])]
     sample = pd.concat(parts).sample(frac=1.0, random_state=1).reset_index(drop=True)
@@ -136,9 +140,15 @@ def precision_recall(truth: list[str], predicted: list[str], members: tuple[str,
     tp = sum(t in members and p in members for t, p in zip(truth, predicted, strict=True))
     said = sum(p in members for p in predicted)
     true = sum(t in members for t in truth)
-    return {"precision": round(tp / said, 3) if said else None, "precision_ci95": wilson_interval(tp, said),
-            "recall": round(tp / true, 3) if true else None, "recall_ci95": wilson_interval(tp, true),
-            "hits": tp, "predicted": said, "support": true}
+    return {
+        "precision": round(tp / said, 3) if said else None,
+        "precision_ci95": wilson_interval(tp, said),
+        "recall": round(tp / true, 3) if true else None,
+        "recall_ci95": wilson_interval(tp, true),
+        "hits": tp,
+        "predicted": said,
+        "support": true,
+    }
 
 
 def measures(rows: list[dict]) -> dict[str, list[str]]:
@@ -153,9 +163,12 @@ def measures(rows: list[dict]) -> dict[str, list[str]]:
     prompts, answers = [r["prompt"] for r in rows], [r["response"] for r in rows]
     classifier = response_classifier(settings)(prompts, answers).labels
     strict = rule.labels(answers)
-    return {"plain keywords": ["refusal" if detector(a) else "compliance" for a in answers],
-            "strict keywords": strict, "classifier (4 labels)": classifier,
-            "classifier + strict rule": combine(classifier, strict)}
+    return {
+        "plain keywords": ["refusal" if detector(a) else "compliance" for a in answers],
+        "strict keywords": strict,
+        "classifier (4 labels)": classifier,
+        "classifier + strict rule": combine(classifier, strict),
+    }
 
 
 def check() -> dict:
@@ -173,23 +186,32 @@ def check() -> dict:
         res = {"answers": len(idx), "hand_labels": dict(Counter(truth)), "measures": {}}
         for name, labels in predicted.items():
             p = [labels[i] for i in idx]
-            m = {"refusal": precision_recall(truth, p, ("refusal",)),
-                 "hedged": precision_recall(truth, p, ("hedged",)),
-                 "confusion": {f"{t}->{q}": n for (t, q), n in sorted(Counter(zip(truth, p, strict=True)).items())}}
+            m = {
+                "refusal": precision_recall(truth, p, ("refusal",)),
+                "hedged": precision_recall(truth, p, ("hedged",)),
+                "confusion": {f"{t}->{q}": n for (t, q), n in sorted(Counter(zip(truth, p, strict=True)).items())},
+            }
             res["measures"][name] = m
             r, h = m["refusal"], m["hedged"]
             fmt = lambda x: "  - " if x is None else f"{x:.2f}"  # noqa: E731
-            print(f"{split:>5} {name:>25}  {fmt(r['precision'])} / {fmt(r['recall'])}  "
-                  f"{fmt(h['precision'])} / {fmt(h['recall'])}   {r['support']:>3} -> {r['predicted']}")
+            print(
+                f"{split:>5} {name:>25}  {fmt(r['precision'])} / {fmt(r['recall'])}  "
+                f"{fmt(h['precision'])} / {fmt(h['recall'])}   {r['support']:>3} -> {r['predicted']}"
+            )
         out["splits"][split] = res
     # self-harm in category mode: the case the issue is about
     sh = [i for i, r in enumerate(rows) if r["category"] == "self_harm_suicide"]
     out["self_harm_refusals"] = {
-        model: {"hand": sum(rows[i]["label"] == "refusal" for i in sh if rows[i]["model"] == model),
-                "answers": sum(rows[i]["model"] == model for i in sh),
-                **{name: sum(labels[i] == "refusal" for i in sh if rows[i]["model"] == model)
-                   for name, labels in predicted.items()}}
-        for model in sorted({rows[i]["model"] for i in sh})}
+        model: {
+            "hand": sum(rows[i]["label"] == "refusal" for i in sh if rows[i]["model"] == model),
+            "answers": sum(rows[i]["model"] == model for i in sh),
+            **{
+                name: sum(labels[i] == "refusal" for i in sh if rows[i]["model"] == model)
+                for name, labels in predicted.items()
+            },
+        }
+        for model in sorted({rows[i]["model"] for i in sh})
+    }
     print("self-harm refusals (of the labelled answers):", json.dumps(out["self_harm_refusals"]))
     path = ROOT / "results" / "stance-real-check.json"
     path.write_text(json.dumps(out, indent=2) + "\n")

@@ -47,10 +47,16 @@ def status_mib(key: str) -> float:
 def settings_for(work: Path, stage: str, k: int, a: argparse.Namespace):
     from clawly.settings import Settings
 
-    keys = {"data.out_dir": str(work / "prompts"), "model.device": "cpu",
-            "probe.max_per_category": a.probe_per_category * k,
-            "optimize.harmful_prompts": a.prompts * k, "optimize.harmless_prompts": a.prompts * k,
-            "optimize.n_trials": a.trials, "optimize.n_startup_trials": a.trials, "optimize.batch_size": 48}
+    keys = {
+        "data.out_dir": str(work / "prompts"),
+        "model.device": "cpu",
+        "probe.max_per_category": a.probe_per_category * k,
+        "optimize.harmful_prompts": a.prompts * k,
+        "optimize.harmless_prompts": a.prompts * k,
+        "optimize.n_trials": a.trials,
+        "optimize.n_startup_trials": a.trials,
+        "optimize.batch_size": 48,
+    }
     return Settings(model=a.model, artifacts_dir=str(work / f"{k}x"), **keys)
 
 
@@ -78,23 +84,40 @@ def child(stage: str, work: Path, k: int, a: argparse.Namespace) -> None:
         import pandas as pd
 
         p = Path(settings.artifacts_dir) / "activations"
-        prompts = {n: int(pd.read_parquet(p / f"{n}.parquet", columns=["id"]).id.nunique())
-                   for n in ("harmful", "harmless")}
+        prompts = {
+            n: int(pd.read_parquet(p / f"{n}.parquet", columns=["id"]).id.nunique()) for n in ("harmful", "harmless")
+        }
     else:
         summary = optimize.run(settings, log, model, tok)
-        prompts = {"harmful": summary["harmful_prompts"], "harmless": summary["harmless_prompts"],
-                   "trials": summary["trials"] + summary["pruned_trials"]}
+        prompts = {
+            "harmful": summary["harmful_prompts"],
+            "harmless": summary["harmless_prompts"],
+            "trials": summary["trials"] + summary["pruned_trials"],
+        }
     seconds = time.perf_counter() - t0
     peak = status_mib("VmHWM")
-    print(json.dumps({"model_rss_mib": model_rss, "peak_mib": peak, "above_model_mib": round(peak - model_rss, 1),
-                      "load_peak_mib": load_peak,
-                      "ru_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                      "prompts": prompts, "seconds": round(seconds, 1)}))
+    print(
+        json.dumps(
+            {
+                "model_rss_mib": model_rss,
+                "peak_mib": peak,
+                "above_model_mib": round(peak - model_rss, 1),
+                "load_peak_mib": load_peak,
+                "ru_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "prompts": prompts,
+                "seconds": round(seconds, 1),
+            }
+        )
+    )
 
 
 def run_child(stage: str, work: Path, k: int, argv: list[str], src: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", stage, str(work), str(k), *argv],
-                         capture_output=True, text=True, env=_env(src))
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", stage, str(work), str(k), *argv],
+        capture_output=True,
+        text=True,
+        env=_env(src),
+    )
     if out.returncode:
         sys.stderr.write(out.stderr)
         raise SystemExit(f"{stage} at {k}x failed")
@@ -129,14 +152,27 @@ def main(a: argparse.Namespace, argv: list[str]) -> None:
             row = {"stage": stage, "size": f"{k}x", **run_child(stage, work, k, argv, a.src)}
             print(row, flush=True)
             rows.append(row)
-    commit = subprocess.run(["git", "-C", str(a.src), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    dump(a.out, {"model": a.model, "clawly_commit": commit, "probe_per_category": a.probe_per_category,
-                 "optimize_prompts": a.prompts, "trials": a.trials, "machine": machine(), "rows": rows})
+    commit = subprocess.run(
+        ["git", "-C", str(a.src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dump(
+        a.out,
+        {
+            "model": a.model,
+            "clawly_commit": commit,
+            "probe_per_category": a.probe_per_category,
+            "optimize_prompts": a.prompts,
+            "trials": a.trials,
+            "machine": machine(),
+            "rows": rows,
+        },
+    )
     print(f"\n{'stage':<18} {'size':>4} {'prompts':>22} {'model RSS':>10} {'peak':>8} {'peak-model':>11} {'s':>6}")
     for r in rows:
-        print(f"{r['stage']:<18} {r['size']:>4} {json.dumps(r['prompts']):>22} {r['model_rss_mib']:>8.0f}Mi "
-              f"{r['peak_mib']:>6.0f}Mi {r['above_model_mib']:>9.0f}Mi {r['seconds']:>6.0f}")
+        print(
+            f"{r['stage']:<18} {r['size']:>4} {json.dumps(r['prompts']):>22} {r['model_rss_mib']:>8.0f}Mi "
+            f"{r['peak_mib']:>6.0f}Mi {r['above_model_mib']:>9.0f}Mi {r['seconds']:>6.0f}"
+        )
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

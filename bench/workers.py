@@ -57,10 +57,19 @@ def measure(workers: int, trials: int) -> None:
     for t in done:
         by_worker[t.user_attrs[WORKER]["pid"]] = by_worker.get(t.user_attrs[WORKER]["pid"], 0) + 1
     trial_seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
-    print(json.dumps({"workers": workers, "trials": len(done), "seconds": round(seconds, 1),
-                      "trials_per_worker": sorted(by_worker.values(), reverse=True), "this_process": mine,
-                      "mean_trial_seconds": round(sum(trial_seconds) / len(trial_seconds), 1),
-                      "numbers": sorted(t.number for t in done)}))
+    print(
+        json.dumps(
+            {
+                "workers": workers,
+                "trials": len(done),
+                "seconds": round(seconds, 1),
+                "trials_per_worker": sorted(by_worker.values(), reverse=True),
+                "this_process": mine,
+                "mean_trial_seconds": round(sum(trial_seconds) / len(trial_seconds), 1),
+                "numbers": sorted(t.number for t in done),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -74,18 +83,22 @@ def main() -> None:
         return
     rows = []
     for n in args.workers:
-        out = subprocess.run([sys.executable, __file__, "--child", str(n), "--trials", str(args.trials)],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", str(n), "--trials", str(args.trials)], capture_output=True, text=True
+        )
         if out.returncode != 0:
             raise SystemExit(f"workers={n} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{n} worker(s): {rows[-1]['trials']} trials in {rows[-1]['seconds']} s "
-              f"(split {rows[-1]['trials_per_worker']}, {rows[-1]['mean_trial_seconds']} s a trial)")
+        print(
+            f"{n} worker(s): {rows[-1]['trials']} trials in {rows[-1]['seconds']} s "
+            f"(split {rows[-1]['trials_per_worker']}, {rows[-1]['mean_trial_seconds']} s a trial)"
+        )
     base = rows[0]["seconds"]
     for r in rows:
         r["speedup"] = round(base / r["seconds"], 2)
-    dump(ROOT / "results" / "workers.json", {"machine": machine(), "model": project_settings().model.name,
-                                             "runs": rows})
+    dump(
+        ROOT / "results" / "workers.json", {"machine": machine(), "model": project_settings().model.name, "runs": rows}
+    )
 
 
 if __name__ == "__main__":

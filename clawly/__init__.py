@@ -1,6 +1,6 @@
 """clawly: per-category abliteration of refusal behaviour in causal language models.
 
-    from clawly import Pipeline, Settings
+from clawly import Pipeline, Settings
 """
 
 import logging

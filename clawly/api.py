@@ -132,10 +132,13 @@ class Pipeline:
 
     def _direction_inputs(self) -> dict:
         s = self.settings.to_dict()
-        return {"model": model_provenance(self.settings.model)["fingerprint"],
-                "harmful": ex.prompts_fingerprint(self.harmful), "harmless": ex.prompts_fingerprint(self.harmless),
-                **{k: s[k] for k in ("probe", "directions", "orthogonalize", "categories")},
-                **({"edit": s["edit"]} if self.settings.edit.conditional else {})}
+        return {
+            "model": model_provenance(self.settings.model)["fingerprint"],
+            "harmful": ex.prompts_fingerprint(self.harmful),
+            "harmless": ex.prompts_fingerprint(self.harmless),
+            **{k: s[k] for k in ("probe", "directions", "orthogonalize", "categories")},
+            **({"edit": s["edit"]} if self.settings.edit.conditional else {}),
+        }
 
     # ------------------------------------------------------------ scoring setup
 
@@ -145,8 +148,9 @@ class Pipeline:
             self.load_datasets()
             model, tokenizer = self.load_model()
             harmful, harmless = optimize.optimizer_prompts(self.settings)
-            self.response_prefix = optimize.response_prefix(self.settings, model, tokenizer, harmful.text.tolist(),
-                                                      harmless.text.tolist(), self.log)
+            self.response_prefix = optimize.response_prefix(
+                self.settings, model, tokenizer, harmful.text.tolist(), harmless.text.tolist(), self.log
+            )
         return self.response_prefix
 
     def auto_batch_size(self) -> int:
@@ -157,8 +161,9 @@ class Pipeline:
             harmful, _ = optimize.optimizer_prompts(self.settings)
             systems = row_systems(harmful, self.settings.model.system_prompt)
             prompts = chat_prompts(tokenizer, harmful.text.tolist(), systems, self.detect_response_prefix())
-            self.batch_size = optimize.scoring_batch_size(self.settings, model, tokenizer, prompts, self.log,
-                                                          timed=True)
+            self.batch_size = optimize.scoring_batch_size(
+                self.settings, model, tokenizer, prompts, self.log, timed=True
+            )
         return self.batch_size
 
     def _batch_size(self) -> int | None:
@@ -177,8 +182,9 @@ class Pipeline:
             self.load_datasets()
             model, tokenizer = self.load_model()
             self._restore_base()
-            self._evaluation = optimize.evaluation(self.settings, self.log, model, tokenizer,
-                                                   self.detect_response_prefix(), self._batch_size())
+            self._evaluation = optimize.evaluation(
+                self.settings, self.log, model, tokenizer, self.detect_response_prefix(), self._batch_size()
+            )
             self.batch_size = self._evaluation.batch_size
         return self._evaluation.base
 
@@ -188,9 +194,16 @@ class Pipeline:
         if self.search is None:
             directions = self.compute_refusal_directions()
             self._restore_base()
-            self.search = optimize.start_search(self.settings, self.log, self.model, self.tokenizer, directions,
-                                                self.detect_response_prefix(), self._batch_size(),
-                                                measured=self._evaluation)
+            self.search = optimize.start_search(
+                self.settings,
+                self.log,
+                self.model,
+                self.tokenizer,
+                directions,
+                self.detect_response_prefix(),
+                self._batch_size(),
+                measured=self._evaluation,
+            )
             self.batch_size = self.search.batch_size
         self.search.scorer.progress = self.log.progress if self.trial_progress else None
         return self.search
@@ -235,12 +248,22 @@ class Pipeline:
             fig = go.Figure()
             base = search.base_refusals
             fig.add_hline(y=base, line_dash="dot", annotation_text=f"base model: {base}")
-            fig.update_layout(title=f"{label.capitalize()} on {search.scored_prompts} {what}: no finished trial yet",
-                              xaxis_title="KL divergence (nats)", yaxis_title=label, template="plotly_white")
+            fig.update_layout(
+                title=f"{label.capitalize()} on {search.scored_prompts} {what}: no finished trial yet",
+                xaxis_title="KL divergence (nats)",
+                yaxis_title=label,
+                template="plotly_white",
+            )
             return fig
         table = st.trials_table(trials, {t.number for t in search.study.best_trials})
-        fig = st.pareto_figure(table, self.choose_trial().index, search.base_refusals, search.scored_prompts, what,
-                               self.settings.optimize.refusal_measure)
+        fig = st.pareto_figure(
+            table,
+            self.choose_trial().index,
+            search.base_refusals,
+            search.scored_prompts,
+            what,
+            self.settings.optimize.refusal_measure,
+        )
         number = {(kl, r): n for n, kl, r in zip(table.trial, table.kl_divergence, table.refusals, strict=True)}
         for trace in fig.data:  # every trace was drawn from the table's rows: look each point up
             trace.customdata = [number[x, y] for x, y in zip(trace.x, trace.y, strict=True)]
@@ -256,9 +279,13 @@ class Pipeline:
         trial = trial or self.trial
         if trial is None or trial.refusals is None:
             raise ClawlyError("no scored trial to report: restore or pick a finished (not pruned) trial")
-        table = category_table(search.base.prompts_by_category, search.base.refusals_by_category,
-                               trial.refusals_by_category, self.settings.categories.weights,
-                               instructed_categories(self.load_datasets()[0]))
+        table = category_table(
+            search.base.prompts_by_category,
+            search.base.refusals_by_category,
+            trial.refusals_by_category,
+            self.settings.categories.weights,
+            instructed_categories(self.load_datasets()[0]),
+        )
         frame = pd.DataFrame.from_dict(table, orient="index").rename_axis("category").reset_index()
         return frame if "retention" in frame else frame.assign(retention=None)
 
@@ -299,14 +326,16 @@ class Pipeline:
         if isinstance(trial, int):
             found = self.start_search().trial(trial)
             if found is None or "plan" not in found.user_attrs:
-                raise ClawlyError(f"no finished trial {trial} in the study: pick one of "
-                                  f"{[t.index for t in self.trials()]}")
+                raise ClawlyError(
+                    f"no finished trial {trial} in the study: pick one of {[t.index for t in self.trials()]}"
+                )
             trial = TrialOutcome.of(found)
         elif isinstance(trial, AblationPlan):
             trial = TrialOutcome(-1, None, None, {}, {}, {}, trial)
         self._restore_base()
-        change = ex.saved_change(self.model, directions.basis, trial.plan, directions.strengths, self.settings.export,
-                                 self.inputs)
+        change = ex.saved_change(
+            self.model, directions.basis, trial.plan, directions.strengths, self.settings.export, self.inputs
+        )
         self._change, self._deltas = change, change.model_deltas
         self._applied.enter_context(ablated(self.model, self._deltas))
         self.trial = trial
@@ -343,13 +372,25 @@ class Pipeline:
         result = search.scorer.score()
         refusals = int(search.objectives.values(result)[0])
         trial = self.trial or TrialOutcome(-1, None, None, {}, {}, {}, AblationPlan(kernels={}))
-        self.trial = TrialOutcome(trial.index, refusals, result.kl, result.refusals_by_category,
-                                  result.prompts_by_category, trial.parameters, trial.plan,
-                                  seconds=time.perf_counter() - t0)
+        self.trial = TrialOutcome(
+            trial.index,
+            refusals,
+            result.kl,
+            result.refusals_by_category,
+            result.prompts_by_category,
+            trial.parameters,
+            trial.plan,
+            seconds=time.perf_counter() - t0,
+        )
         return self.trial
 
-    def direct_plan(self, layers: tuple[int, int] | None = None, use_layer: int | None = None,
-                    strength: float = 1.0, components: list[str] | None = None) -> AblationPlan:
+    def direct_plan(
+        self,
+        layers: tuple[int, int] | None = None,
+        use_layer: int | None = None,
+        strength: float = 1.0,
+        components: list[str] | None = None,
+    ) -> AblationPlan:
         """A plan without optimization: ablate with `strength` in decoder layers `layers` (inclusive
         range; default all), using the direction probed at the output of layer `use_layer` (default:
         per-layer directions, each layer its own)."""
@@ -360,9 +401,11 @@ class Pipeline:
         if use_layer is not None and not 0 <= use_layer < num_layers:
             raise ClawlyError(f"use_layer {use_layer} is outside the model's decoder layers 0-{num_layers - 1}")
         kernel = LayerKernel(strength, (lo + hi) / 2, strength, (hi - lo) / 2)
-        return AblationPlan(kernels={c: kernel for c in components or self.settings.optimize.components},
-                            direction_index=None if use_layer is None else float(use_layer + 1),
-                            norm_preserve=self.settings.optimize.norm_preserve)
+        return AblationPlan(
+            kernels={c: kernel for c in components or self.settings.optimize.components},
+            direction_index=None if use_layer is None else float(use_layer + 1),
+            norm_preserve=self.settings.optimize.norm_preserve,
+        )
 
     def _restore_base(self) -> None:
         self._applied.close()
@@ -400,9 +443,18 @@ class Pipeline:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         closed = threading.Event()
         with self.base_weights() if base else contextlib.nullcontext():
-            worker = threading.Thread(target=_generate, daemon=True, args=(model, streamer), kwargs=dict(
-                **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                stopping_criteria=StoppingCriteriaList([_Until(closed)])))
+            worker = threading.Thread(
+                target=_generate,
+                daemon=True,
+                args=(model, streamer),
+                kwargs=dict(
+                    **ids,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad,
+                    stopping_criteria=StoppingCriteriaList([_Until(closed)]),
+                ),
+            )
             worker.start()
             try:
                 text = ""
@@ -424,12 +476,24 @@ class Pipeline:
     def _record(self, out: Path, kind: str) -> None:
         trial = self._current()
         harmful, harmless = self.load_datasets()
-        ex.write_record(out, kind, self.settings, trial.plan, self.compute_refusal_directions(),
-                        {"harmful": harmful, "harmless": harmless},
-                        None if trial.index < 0 else {"index": trial.index, "parameters": trial.parameters,
-                                                      "refusals": trial.refusals, "kl_divergence": trial.kl_divergence},
-                        self._change, {n: (d.b, d.a) for n, d in self._change.deltas.items()} if self._distilled
-                        else None)
+        ex.write_record(
+            out,
+            kind,
+            self.settings,
+            trial.plan,
+            self.compute_refusal_directions(),
+            {"harmful": harmful, "harmless": harmless},
+            None
+            if trial.index < 0
+            else {
+                "index": trial.index,
+                "parameters": trial.parameters,
+                "refusals": trial.refusals,
+                "kl_divergence": trial.kl_divergence,
+            },
+            self._change,
+            {n: (d.b, d.a) for n, d in self._change.deltas.items()} if self._distilled else None,
+        )
 
     def _card(self, kind: str) -> str:
         summary = {}
@@ -476,8 +540,7 @@ class Pipeline:
         merged into the base loaded in full precision (see `_merged_model`)."""
         self._current()
         with atomic_dir(path) as tmp, self._merged_model() as model:
-            ex.write_model(model, self.tokenizer, tmp, self.settings,
-                           Path(resolve_model_source(self.settings.model)))
+            ex.write_model(model, self.tokenizer, tmp, self.settings, Path(resolve_model_source(self.settings.model)))
             write_text(tmp / "README.md", self._card("model"))
             self._record(tmp, "model")
         self.log.event("saved", kind="model", path=str(path))
@@ -495,8 +558,10 @@ class Pipeline:
         recorded = (record.get("model") or {}).get("fingerprint")
         found = model_provenance(settings.model)["fingerprint"]
         if recorded and recorded != found:
-            raise ClawlyError(f"the model {settings.model.name!r} is not the one recorded ({found} here, {recorded} "
-                              "in the record): load the same weights (model.name / model.revision)")
+            raise ClawlyError(
+                f"the model {settings.model.name!r} is not the one recorded ({found} here, {recorded} "
+                "in the record): load the same weights (model.name / model.revision)"
+            )
         pipe.directions = read_ablation_directions(directions_file)
         pipe.inputs = ex.recorded_inputs(Path(directions_file).parent)  # an input-conditional edit's rows
         check_fits(pipe.directions.directions, pipe.load_model()[0], directions_file)
@@ -510,8 +575,15 @@ class Pipeline:
             pipe._change, pipe._deltas, pipe._distilled = change, change.model_deltas, True
             pipe._applied.enter_context(ablated(pipe.model, pipe._deltas))
             pipe.trial = restored
-        pipe.trial = TrialOutcome(trial.get("index", -1), trial.get("refusals"), trial.get("kl_divergence"), {}, {},
-                                  trial.get("parameters", {}), pipe.trial.plan)
+        pipe.trial = TrialOutcome(
+            trial.get("index", -1),
+            trial.get("refusals"),
+            trial.get("kl_divergence"),
+            {},
+            {},
+            trial.get("parameters", {}),
+            pipe.trial.plan,
+        )
         kind = record.get("kind", "model")
         out = Path(out_dir)
         with atomic_dir(out) as tmp:

@@ -45,6 +45,7 @@ EXAMPLES = """examples:
 
 # ---------------------------------------------------------------- options from the settings
 
+
 def _metavar(annotation: str) -> str:
     base = annotation.split("|")[0].strip().split("[")[0]
     return {"int": "INT", "float": "NUMBER", "str": "TEXT", "list": "LIST", "dict": "MAP"}.get(base, "VALUE")
@@ -57,8 +58,11 @@ def config_options() -> list[tuple[str, dataclasses.Field]]:
 
 def _default_text(f: dataclasses.Field) -> str:
     value = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-    return "null" if value is None else yaml.safe_dump(value, default_flow_style=True, width=1000).strip() \
-        .removesuffix("...").strip()
+    return (
+        "null"
+        if value is None
+        else yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+    )
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -74,59 +78,117 @@ class OneLineParser(argparse.ArgumentParser):
             options = [o for action in self._actions for o in action.option_strings]
             words = unknown.group(1).split()
             words = [w for w in words if w.startswith("-")] or words  # an unknown option's value is no news
-            hints = [f"{w} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
-                w.split("=")[0], options, n=1, cutoff=0.75)) else w for w in words]
+            hints = [
+                f"{w} (did you mean {close[0]}?)"
+                if (close := difflib.get_close_matches(w.split("=")[0], options, n=1, cutoff=0.75))
+                else w
+                for w in words
+            ]
             message = f"unknown option{'s' if len(words) > 1 else ''} {', '.join(hints)}"
         self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists every option)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
-        prog="clawly", usage="clawly [MODEL] [options]   (clawly --help lists every option)",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        prog="clawly",
+        usage="clawly [MODEL] [options]   (clawly --help lists every option)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
         description="Remove refusal behaviour from a language model by directional ablation, optionally per harm "
-                    "category, with the ablation parameters searched by Optuna.")
-    parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                        help="'default' (the packaged Qwen2.5-Coder-0.5B-Instruct), a Hub id, a model directory or "
-                             "a .gguf file [default: default]")
+        "category, with the ablation parameters searched by Optuna.",
+    )
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="'default' (the packaged Qwen2.5-Coder-0.5B-Instruct), a Hub id, a model directory or "
+        "a .gguf file [default: default]",
+    )
     run = parser.add_argument_group("run")
-    run.add_argument("--config", metavar="FILE", help="YAML or TOML file with settings (the keys of params.yaml: "
-                                                      "sections, or dotted/flat keys; category_preset = NAME too) "
-                                                      "[default: config.toml in the working directory, if any]")
-    run.add_argument("--category-preset", metavar="NAME", help="category weights from clawly/conf/preset/NAME.yaml (or a "
-                                                               "YAML file path), e.g. default, full")
-    run.add_argument("--output", metavar="DIR", default="clawly-output",
-                     help="where the adapter, merged model and work files go [default: clawly-output]")
-    run.add_argument("--save", choices=SAVE_KINDS, default="both",
-                     help="what a non-interactive run saves: both, model (merged), adapter, none [default: both]")
-    run.add_argument("--non-interactive", action="store_true",
-                     help="never ask: save the rule's chosen trial and exit (the default without a terminal)")
-    run.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the saved model (the adapter with --save "
-                                                              "adapter) to this Hub repo; token from HF_TOKEN or "
-                                                              "`hf auth login`")
+    run.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML or TOML file with settings (the keys of params.yaml: "
+        "sections, or dotted/flat keys; category_preset = NAME too) "
+        "[default: config.toml in the working directory, if any]",
+    )
+    run.add_argument(
+        "--category-preset",
+        metavar="NAME",
+        help="category weights from clawly/conf/preset/NAME.yaml (or a YAML file path), e.g. default, full",
+    )
+    run.add_argument(
+        "--output",
+        metavar="DIR",
+        default="clawly-output",
+        help="where the adapter, merged model and work files go [default: clawly-output]",
+    )
+    run.add_argument(
+        "--save",
+        choices=SAVE_KINDS,
+        default="both",
+        help="what a non-interactive run saves: both, model (merged), adapter, none [default: both]",
+    )
+    run.add_argument(
+        "--non-interactive",
+        action="store_true",
+        help="never ask: save the rule's chosen trial and exit (the default without a terminal)",
+    )
+    run.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="upload the saved model (the adapter with --save "
+        "adapter) to this Hub repo; token from HF_TOKEN or "
+        "`hf auth login`",
+    )
     run.add_argument("--hub-private", action="store_true", help="create the Hub repo private")
     run.add_argument("--debug", action="store_true", help="show the traceback of an error (as CLAWLY_DEBUG=1 does)")
-    run.add_argument("--reproduce", metavar="FILE", help="rebuild a saved result from its clawly_reproduction.json "
-                                                         "into --output, then exit")
+    run.add_argument(
+        "--reproduce",
+        metavar="FILE",
+        help="rebuild a saved result from its clawly_reproduction.json into --output, then exit",
+    )
     direct = parser.add_argument_group("direct mode (no optimization: ablate exactly this)")
     direct.add_argument("--layers", metavar="A-B", help="decoder layers to ablate: 'all', N or an inclusive range A-B")
-    direct.add_argument("--use-layer", type=int, metavar="N", help="ablate the direction probed at the output of "
-                                                                   "decoder layer N in every layer [default: each "
-                                                                   "layer its own direction]")
-    direct.add_argument("--ablation-strength", type=float, metavar="NUMBER",
-                        help="ablation weight in the chosen layers (1 removes the direction) [default: 1.0]")
-    direct.add_argument("--probe-marker", metavar="TEXT", help="probe the residual at this marker instead of the last "
-                                                               "prompt token ('auto': the chat template's generation "
-                                                               "prompt); sets probe.position=marker")
-    research = parser.add_argument_group("research views (probe and compute the directions, show, exit; no "
-                                         "optimization)")
-    research.add_argument("--print-residual-geometry", action="store_true",
-                          help="print per probe point the norms and cosines of the means and the refusal direction, "
-                               "the silhouettes (harmful vs harmless, between categories) and the category-direction "
-                               "cosines")
-    research.add_argument("--plot-residuals", metavar="DIR", help="write PaCMAP projections of the residuals into DIR: "
-                                                                  "residuals.html (a slider over the probe points) "
-                                                                  "and PNGs (needs the research extra)")
+    direct.add_argument(
+        "--use-layer",
+        type=int,
+        metavar="N",
+        help="ablate the direction probed at the output of "
+        "decoder layer N in every layer [default: each "
+        "layer its own direction]",
+    )
+    direct.add_argument(
+        "--ablation-strength",
+        type=float,
+        metavar="NUMBER",
+        help="ablation weight in the chosen layers (1 removes the direction) [default: 1.0]",
+    )
+    direct.add_argument(
+        "--probe-marker",
+        metavar="TEXT",
+        help="probe the residual at this marker instead of the last "
+        "prompt token ('auto': the chat template's generation "
+        "prompt); sets probe.position=marker",
+    )
+    research = parser.add_argument_group(
+        "research views (probe and compute the directions, show, exit; no optimization)"
+    )
+    research.add_argument(
+        "--print-residual-geometry",
+        action="store_true",
+        help="print per probe point the norms and cosines of the means and the refusal direction, "
+        "the silhouettes (harmful vs harmless, between categories) and the category-direction "
+        "cosines",
+    )
+    research.add_argument(
+        "--plot-residuals",
+        metavar="DIR",
+        help="write PaCMAP projections of the residuals into DIR: "
+        "residuals.html (a slider over the probe points) "
+        "and PNGs (needs the research extra)",
+    )
     owners = key_sections()
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} settings", SECTION_DOCS[section])
@@ -136,13 +198,28 @@ def build_parser() -> argparse.ArgumentParser:
                 flags.append(f"--{f.name.replace('_', '-')}")  # unambiguous: also without its section
             help_text = f"{HELP[f'{section}.{f.name}']} [default: {_default_text(f)}]".replace("%", "%%")
             if str(f.type) == "bool":
-                group.add_argument(*flags, dest=f"{KEY}{section}.{f.name}", action=argparse.BooleanOptionalAction,
-                                   default=argparse.SUPPRESS, help=help_text)
+                group.add_argument(
+                    *flags,
+                    dest=f"{KEY}{section}.{f.name}",
+                    action=argparse.BooleanOptionalAction,
+                    default=argparse.SUPPRESS,
+                    help=help_text,
+                )
             else:
-                group.add_argument(*flags, dest=f"{KEY}{section}.{f.name}", default=argparse.SUPPRESS,
-                                   metavar=_metavar(str(f.type)), help=help_text)
-    parser.add_argument("--artifacts-dir", dest=f"{KEY}artifacts_dir", default=argparse.SUPPRESS, metavar="DIR",
-                        help="work files (activations, directions, study) [default: OUTPUT/work]")
+                group.add_argument(
+                    *flags,
+                    dest=f"{KEY}{section}.{f.name}",
+                    default=argparse.SUPPRESS,
+                    metavar=_metavar(str(f.type)),
+                    help=help_text,
+                )
+    parser.add_argument(
+        "--artifacts-dir",
+        dest=f"{KEY}artifacts_dir",
+        default=argparse.SUPPRESS,
+        metavar="DIR",
+        help="work files (activations, directions, study) [default: OUTPUT/work]",
+    )
     return parser
 
 
@@ -161,8 +238,9 @@ def parse_value(text: str, annotation: str, key: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise SettingsError(f"invalid setting {key}={text!r}: not a value (a number, true/false, [a, b] or "
-                            "{key: value})") from e
+        raise SettingsError(
+            f"invalid setting {key}={text!r}: not a value (a number, true/false, [a, b] or {{key: value}})"
+        ) from e
 
 
 # ---------------------------------------------------------------- settings from files and options
@@ -186,16 +264,19 @@ def read_config(path: str) -> dict[str, Any]:
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ClawlyError(f"--config {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): save "
-                          "it as UTF-8") from e
+        raise ClawlyError(
+            f"--config {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): save it as UTF-8"
+        ) from e
     try:
         if file.suffix.lower() == ".toml":
             data = tomllib.loads(text)
         else:
             data = yaml.safe_load(text) or {}
     except Exception as e:  # noqa: BLE001 - yaml and toml errors: one line naming the file
-        raise ClawlyError(f"--config {path}: not valid {'TOML' if file.suffix.lower() == '.toml' else 'YAML'}: "
-                          f"{' '.join(str(e).split())}") from e
+        raise ClawlyError(
+            f"--config {path}: not valid {'TOML' if file.suffix.lower() == '.toml' else 'YAML'}: "
+            f"{' '.join(str(e).split())}"
+        ) from e
     if not isinstance(data, dict):
         raise ClawlyError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
     return config_keys(data)
@@ -206,10 +287,15 @@ def read_preset(name: str) -> dict[str, Any]:
     path = Path(name) if name.endswith((".yaml", ".yml")) else project_file(f"clawly/conf/preset/{name}.yaml")
     if path.is_file():
         return config_keys(yaml.safe_load(path.read_text(encoding="utf-8")))
-    shipped = sorted(p.stem for p in project_file("clawly/conf/preset").glob("*.yaml")) \
-        if project_file("clawly/conf/preset").is_dir() else []
-    raise ClawlyError(f"--category-preset {name}: no such preset; available: {', '.join(shipped) or 'none found'} "
-                      "(or pass a YAML file)")
+    shipped = (
+        sorted(p.stem for p in project_file("clawly/conf/preset").glob("*.yaml"))
+        if project_file("clawly/conf/preset").is_dir()
+        else []
+    )
+    raise ClawlyError(
+        f"--category-preset {name}: no such preset; available: {', '.join(shipped) or 'none found'} "
+        "(or pass a YAML file)"
+    )
 
 
 def file_values(config: str | None, preset: str | None, say: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -220,7 +306,8 @@ def file_values(config: str | None, preset: str | None, say: Callable[[str], Non
     if config is None and Path(WORKING_DIR_CONFIG).is_file():
         config = WORKING_DIR_CONFIG
         (say or (lambda text: print(text, file=sys.stderr)))(
-            f"reading settings from {Path(WORKING_DIR_CONFIG).resolve()} (--config FILE reads another)")
+            f"reading settings from {Path(WORKING_DIR_CONFIG).resolve()} (--config FILE reads another)"
+        )
     if config:
         values.update(read_config(config))
     preset = preset or values.pop(PRESET_KEY, None)
@@ -247,7 +334,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     for dest, text in vars(args).items():
         if not dest.startswith(KEY):
             continue
-        key = dest[len(KEY):]
+        key = dest[len(KEY) :]
         if key == "artifacts_dir" or isinstance(text, bool):
             values[key] = text
         else:
@@ -271,10 +358,13 @@ def parse_layers(text: str, num_layers: int) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- the run
 
+
 def front_table(pipe, chosen: int | None) -> str:
     n = pipe.search.scored_prompts
-    lines = [f"{'trial':>6}  {'refusals':>9}  {'KL':>8}", f"{'base':>6}  {pipe.search.base_refusals:>4}/{n:<4}  "
-                                                          f"{0:>8.4f}"]
+    lines = [
+        f"{'trial':>6}  {'refusals':>9}  {'KL':>8}",
+        f"{'base':>6}  {pipe.search.base_refusals:>4}/{n:<4}  {0:>8.4f}",
+    ]
     for t in pipe.get_pareto_front():
         mark = "  <- chosen by the rule" if t.index == chosen else ""
         lines.append(f"{t.index:>6}  {t.refusals:>4}/{n:<4}  {t.kl_divergence:>8.4f}{mark}")
@@ -322,8 +412,9 @@ def chat(pipe, ask: Callable[[str], str], say: Callable[[str], None], max_new_to
         say(f"model> {reply}")
 
 
-def interact(pipe, args: argparse.Namespace, chosen: int | None, ask: Callable[[str], str],
-             say: Callable[[str], None]) -> None:
+def interact(
+    pipe, args: argparse.Namespace, chosen: int | None, ask: Callable[[str], str], say: Callable[[str], None]
+) -> None:
     """Pick a trial, then save, upload or chat with it, until the user quits."""
     out = Path(args.output)
     while True:
@@ -339,8 +430,14 @@ def interact(pipe, args: argparse.Namespace, chosen: int | None, ask: Callable[[
                 continue
             say(f"the model now holds {trial}")
         while True:
-            action = ask("[a] save adapter  [m] save merged model  [u] upload to the Hub  [c] chat  "
-                         "[t] another trial  [q] quit: ").strip().lower()
+            action = (
+                ask(
+                    "[a] save adapter  [m] save merged model  [u] upload to the Hub  [c] chat  "
+                    "[t] another trial  [q] quit: "
+                )
+                .strip()
+                .lower()
+            )
             if action == "a":
                 save(pipe, out, "adapter", say)
             elif action == "m":
@@ -398,8 +495,10 @@ def run(args: argparse.Namespace, ask: Callable[[str], str] = input, say: Callab
         scored = pipe.score()
         n = pipe.search.scored_prompts
         label = REFUSAL_MEASURES[pipe.settings.optimize.refusal_measure][0]
-        say(f"direct mode: {scored.refusals}/{n} {label} (base {pipe.search.base_refusals}/{n}), "
-            f"KL {scored.kl_divergence:.4f}")
+        say(
+            f"direct mode: {scored.refusals}/{n} {label} (base {pipe.search.base_refusals}/{n}), "
+            f"KL {scored.kl_divergence:.4f}"
+        )
     else:
         for _ in pipe.run_optimization_iter():  # each trial is logged, with a progress bar
             pass
@@ -428,11 +527,18 @@ def run(args: argparse.Namespace, ask: Callable[[str], str] = input, say: Callab
 
 
 GEOMETRY_COLUMNS = [  # (column, heading): the terminal table; geometry.csv has every column
-    ("probe_point", "point"), ("harmful_mean_norm", "|harmful|"), ("harmless_mean_norm", "|harmless|"),
-    ("difference_norm", "|difference|"), ("cos_harmful_harmless", "cos(harmful, harmless)"),
-    ("cos_harmful_direction", "cos(harmful, r)"), ("cos_harmless_direction", "cos(harmless, r)"),
-    ("cos_direction_previous", "cos(r, previous r)"), ("silhouette", "silhouette"),
-    ("category_silhouette", "silhouette by category"), ("category_cosine_mean", "mean cos between categories")]
+    ("probe_point", "point"),
+    ("harmful_mean_norm", "|harmful|"),
+    ("harmless_mean_norm", "|harmless|"),
+    ("difference_norm", "|difference|"),
+    ("cos_harmful_harmless", "cos(harmful, harmless)"),
+    ("cos_harmful_direction", "cos(harmful, r)"),
+    ("cos_harmless_direction", "cos(harmless, r)"),
+    ("cos_direction_previous", "cos(r, previous r)"),
+    ("silhouette", "silhouette"),
+    ("category_silhouette", "silhouette by category"),
+    ("category_cosine_mean", "mean cos between categories"),
+]
 
 
 def geometry_table(table) -> Any:
@@ -440,13 +546,20 @@ def geometry_table(table) -> Any:
     from rich.table import Table  # deferred: only this view draws a table
 
     shown = [(c, h) for c, h in GEOMETRY_COLUMNS if c in table]
-    out = Table(title="Residual geometry per probe point (0 = embeddings, l + 1 = output of decoder layer l; "
-                      "r = refusal direction)", title_justify="left")
+    out = Table(
+        title="Residual geometry per probe point (0 = embeddings, l + 1 = output of decoder layer l; "
+        "r = refusal direction)",
+        title_justify="left",
+    )
     for _, heading in shown:
         out.add_column(heading, justify="right")
     for _, row in table.iterrows():
-        out.add_row(*[str(int(row[c])) if c == "probe_point" else "-" if row[c] != row[c] else f"{row[c]:.3f}"
-                      for c, _ in shown])
+        out.add_row(
+            *[
+                str(int(row[c])) if c == "probe_point" else "-" if row[c] != row[c] else f"{row[c]:.3f}"
+                for c, _ in shown
+            ]
+        )
     return out
 
 

@@ -21,8 +21,14 @@ from clawly.redact import masked_url
 # (JSONDecodeError, UnicodeDecodeError and pyarrow's ArrowInvalid are ValueErrors), missing keys or
 # columns. Anything else (out of memory, a library version mismatch's TypeError, a permission error)
 # is not the file's fault and keeps its own type and message.
-FORMAT_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, IndexError, EOFError, struct.error,
-                                                  SafetensorError)
+FORMAT_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    KeyError,
+    IndexError,
+    EOFError,
+    struct.error,
+    SafetensorError,
+)
 
 
 class ClawlyError(Exception):
@@ -44,8 +50,10 @@ class MissingInputError(ClawlyError, FileNotFoundError):
 def require(path: str | Path, made_by: str) -> None:
     """Raise MissingInputError unless `path` exists."""
     if not Path(path).exists():
-        raise MissingInputError(f"{path} does not exist: run the '{made_by}' stage first "
-                                f"(python -m stages.{made_by.replace('-', '_')}, or dvc repro)")
+        raise MissingInputError(
+            f"{path} does not exist: run the '{made_by}' stage first "
+            f"(python -m stages.{made_by.replace('-', '_')}, or dvc repro)"
+        )
 
 
 class CorruptInputError(ClawlyError, ValueError):
@@ -65,6 +73,8 @@ def reading(path: str | Path, made_by: str) -> Iterator[None]:
         raise
     except FORMAT_ERRORS as e:
         detail = " ".join(str(e).split())[:160] or type(e).__name__
-        raise CorruptInputError(f"{path} cannot be read ({type(e).__name__}: {detail}): it was cut short or "
-                                f"damaged; rerun '{made_by}' (python -m stages.{made_by.replace('-', '_')}, or "
-                                "dvc repro --force on it)") from e
+        raise CorruptInputError(
+            f"{path} cannot be read ({type(e).__name__}: {detail}): it was cut short or "
+            f"damaged; rerun '{made_by}' (python -m stages.{made_by.replace('-', '_')}, or "
+            "dvc repro --force on it)"
+        ) from e

@@ -81,7 +81,7 @@ def _clean_stale(path: Path) -> None:
     """Remove temp files and directories of `path` left by writers that were killed, and bring back an
     old directory renamed aside by one that died before the new one was in place."""
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        pid = stale.name[len(path.name) + 2:].split(".", 1)[0]
+        pid = stale.name[len(path.name) + 2 :].split(".", 1)[0]
         if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     old = path.with_name(f".{path.name}.old")
@@ -110,8 +110,11 @@ def _disk_full_is_one_error(path: Path) -> Iterator[None]:
         code = _full_errno(e)
         if code is None:
             raise
-        raise DiskFullError(code, f"could not write {path}: {os.strerror(code)}; free disk space (or write "
-                                  "elsewhere) and run again: nothing was half-written") from e
+        raise DiskFullError(
+            code,
+            f"could not write {path}: {os.strerror(code)}; free disk space (or write "
+            "elsewhere) and run again: nothing was half-written",
+        ) from e
 
 
 @contextlib.contextmanager
@@ -192,14 +195,15 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
-def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
-                      metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """A safetensors file, atomically, with the same bytes for the same tensors and metadata in every
     process. (safetensors writes its metadata in a hash map's order, which changes per process: the
     same content would look changed to DVC and to the study fingerprint.)"""
     raw = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header = json.dumps(json.loads(raw[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the data keeps its 8-byte alignment
     with atomic_path(path) as tmp:
-        tmp.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + n:])
+        tmp.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + n :])

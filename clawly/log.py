@@ -1,7 +1,7 @@
 """Logging: human progress on the console, one JSON event per line in a log file.
 
-    log = get_logger("optimize", "artifacts/logs")
-    log.event("trial", number=3, refusals=12, kl=0.08)   # console line + JSON line
+log = get_logger("optimize", "artifacts/logs")
+log.event("trial", number=3, refusals=12, kl=0.08)   # console line + JSON line
 """
 
 from __future__ import annotations
@@ -49,15 +49,21 @@ class StageLogger:
 
     def event(self, name: str, message: str | None = None, **fields: Any) -> None:
         fields = {k: (MASK if isinstance(v, str) and is_secret_key(k) else v) for k, v in fields.items()}
-        record = {"time": round(time.time(), 3), "stage": self.stage, "event": name,
-                  **({"message": masked_url(message)} if message else {}), **_plain(fields)}
+        record = {
+            "time": round(time.time(), 3),
+            "stage": self.stage,
+            "event": name,
+            **({"message": masked_url(message)} if message else {}),
+            **_plain(fields),
+        }
         if self.path is not None:
             try:
                 with self.path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
             except OSError as e:  # a full disk must not turn a log line into the run's error: the console goes on
-                tqdm.write(f"[{self.stage}] warning: {self.path} is not written from here on ({e.strerror})",
-                           file=sys.stderr)
+                tqdm.write(
+                    f"[{self.stage}] warning: {self.path} is not written from here on ({e.strerror})", file=sys.stderr
+                )
                 self.path = None
         if not self.quiet:
             text = message if message is not None else " ".join(f"{k}={short(v)}" for k, v in fields.items())
@@ -65,8 +71,15 @@ class StageLogger:
             tqdm.write(f"[{self.stage}] {name}: {text}" if text else f"[{self.stage}] {name}", file=sys.stderr)
 
     def progress(self, iterable: Any = None, total: int | None = None, desc: str = "", unit: str = "it") -> tqdm:
-        return tqdm(iterable, total=total, desc=f"[{self.stage}] {desc}", unit=unit, disable=self.quiet,
-                    dynamic_ncols=True, file=sys.stderr)
+        return tqdm(
+            iterable,
+            total=total,
+            desc=f"[{self.stage}] {desc}",
+            unit=unit,
+            disable=self.quiet,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
 
 
 def short(v: Any) -> str:

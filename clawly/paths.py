@@ -40,82 +40,147 @@ class Paths:
 
     # generate-datasets
     @property
-    def harmful_prompts(self) -> Path: return self.prompts / "harmful.parquet"
+    def harmful_prompts(self) -> Path:
+        return self.prompts / "harmful.parquet"
+
     @property
-    def harmless_prompts(self) -> Path: return self.prompts / "harmless.parquet"
+    def harmless_prompts(self) -> Path:
+        return self.prompts / "harmless.parquet"
+
     # probe-activations
     @property
-    def activations(self) -> Path: return self.artifacts / "activations"
+    def activations(self) -> Path:
+        return self.artifacts / "activations"
+
     @property
-    def harmful_activations(self) -> Path: return self.activations / "harmful.parquet"
+    def harmful_activations(self) -> Path:
+        return self.activations / "harmful.parquet"
+
     @property
-    def harmless_activations(self) -> Path: return self.activations / "harmless.parquet"
+    def harmless_activations(self) -> Path:
+        return self.activations / "harmless.parquet"
+
     @property
-    def means(self) -> Path: return self.activations / "means.safetensors"
+    def means(self) -> Path:
+        return self.activations / "means.safetensors"
+
     # compute-directions, orthogonalize-categories
     @property
-    def directions(self) -> Path: return self.artifacts / "directions" / "directions.safetensors"
+    def directions(self) -> Path:
+        return self.artifacts / "directions" / "directions.safetensors"
+
     @property
-    def directions_by_layer(self) -> Path: return self.artifacts / "directions" / "by_layer.csv"
+    def directions_by_layer(self) -> Path:
+        return self.artifacts / "directions" / "by_layer.csv"
+
     @property
-    def orthogonalized(self) -> Path: return self.artifacts / "directions" / "orthogonalized.safetensors"
+    def orthogonalized(self) -> Path:
+        return self.artifacts / "directions" / "orthogonalized.safetensors"
+
     @property
-    def direction_inputs(self) -> Path: return self.artifacts / "directions" / "inputs.json"
+    def direction_inputs(self) -> Path:
+        return self.artifacts / "directions" / "inputs.json"
+
     # probe-writers
     @property
-    def writer_inputs(self) -> Path: return self.artifacts / "writers" / "inputs.safetensors"
+    def writer_inputs(self) -> Path:
+        return self.artifacts / "writers" / "inputs.safetensors"
+
     # optimize
     @property
-    def study(self) -> Path: return self.artifacts / "study"
+    def study(self) -> Path:
+        return self.artifacts / "study"
+
     @property
-    def journal(self) -> Path: return self.study / "journal.log"
+    def journal(self) -> Path:
+        return self.study / "journal.log"
+
     @property
-    def optimize(self) -> Path: return self.artifacts / "optimize"
+    def optimize(self) -> Path:
+        return self.artifacts / "optimize"
+
     @property
-    def trials_parquet(self) -> Path: return self.optimize / "trials.parquet"
+    def trials_parquet(self) -> Path:
+        return self.optimize / "trials.parquet"
+
     @property
-    def trials_csv(self) -> Path: return self.optimize / "trials.csv"
+    def trials_csv(self) -> Path:
+        return self.optimize / "trials.csv"
+
     @property
-    def pareto_html(self) -> Path: return self.optimize / "pareto.html"
+    def pareto_html(self) -> Path:
+        return self.optimize / "pareto.html"
+
     @property
-    def chosen_trial(self) -> Path: return self.optimize / "chosen_trial.json"
+    def chosen_trial(self) -> Path:
+        return self.optimize / "chosen_trial.json"
+
     @property
-    def optimizer_prompts(self) -> Path: return self.optimize / "prompts.parquet"
+    def optimizer_prompts(self) -> Path:
+        return self.optimize / "prompts.parquet"
 
     # distill
     @property
-    def distilled(self) -> Path: return self.artifacts / "distill" / "factors.safetensors"
+    def distilled(self) -> Path:
+        return self.artifacts / "distill" / "factors.safetensors"
 
     # export-lora, merge, evaluate
     @property
-    def lora(self) -> Path: return self.artifacts / "lora"
+    def lora(self) -> Path:
+        return self.artifacts / "lora"
+
     @property
-    def model(self) -> Path: return self.artifacts / "model"
+    def model(self) -> Path:
+        return self.artifacts / "model"
+
     @property
-    def evaluate(self) -> Path: return self.artifacts / "evaluate"
+    def evaluate(self) -> Path:
+        return self.artifacts / "evaluate"
+
     @property
-    def responses(self) -> Path: return self.evaluate / "responses.parquet"
+    def responses(self) -> Path:
+        return self.evaluate / "responses.parquet"
+
     @property
-    def evaluation_table(self) -> Path: return self.evaluate / "by_category.csv"
+    def evaluation_table(self) -> Path:
+        return self.evaluate / "by_category.csv"
 
     # analyze (research views)
     @property
-    def research(self) -> Path: return self.artifacts / "research"
+    def research(self) -> Path:
+        return self.artifacts / "research"
+
     @property
-    def geometry(self) -> Path: return self.research / "geometry.parquet"
+    def geometry(self) -> Path:
+        return self.research / "geometry.parquet"
+
     @property
-    def geometry_csv(self) -> Path: return self.research / "geometry.csv"
+    def geometry_csv(self) -> Path:
+        return self.research / "geometry.csv"
+
     @property
-    def category_cosines(self) -> Path: return self.research / "category_cosines.parquet"
+    def category_cosines(self) -> Path:
+        return self.research / "category_cosines.parquet"
+
     @property
-    def category_cosines_csv(self) -> Path: return self.research / "category_cosines.csv"
+    def category_cosines_csv(self) -> Path:
+        return self.research / "category_cosines.csv"
+
     @property
-    def projections(self) -> Path: return self.research / "projections"
+    def projections(self) -> Path:
+        return self.research / "projections"
 
     # metrics (the headline figures: optimize, evaluate), reports (every stage's details) and logs
     @property
-    def metrics(self) -> Path: return self.artifacts / "metrics"
-    def metric(self, stage: str) -> Path: return self.metrics / f"{stage}.json"
-    def report(self, stage: str) -> Path: return self.artifacts / "reports" / f"{stage}.json"
+    def metrics(self) -> Path:
+        return self.artifacts / "metrics"
+
+    def metric(self, stage: str) -> Path:
+        return self.metrics / f"{stage}.json"
+
+    def report(self, stage: str) -> Path:
+        return self.artifacts / "reports" / f"{stage}.json"
+
     @property
-    def logs(self) -> Path: return self.artifacts / "logs"
+    def logs(self) -> Path:
+        return self.artifacts / "logs"

@@ -62,5 +62,5 @@ def shown_path(path: str | os.PathLike[str]) -> str:
     text = str(path)
     home = str(Path.home())
     if home not in ("", "/") and (text == home or text.startswith(home + os.sep)):
-        return "~" + text[len(home):]
+        return "~" + text[len(home) :]
     return text

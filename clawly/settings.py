@@ -58,10 +58,18 @@ class ModelSettings:
     system_prompt: str | None = _f("You are a helpful assistant.")
 
     def __post_init__(self) -> None:
-        _check(self.dtype in {"auto", "float32", "bfloat16", "float16"}, "model.dtype", self.dtype,
-               "one of auto, float32, bfloat16, float16")
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-               "model.device", self.device, "auto, cpu, cuda or cuda:N")
+        _check(
+            self.dtype in {"auto", "float32", "bfloat16", "float16"},
+            "model.dtype",
+            self.dtype,
+            "one of auto, float32, bfloat16, float16",
+        )
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "model.device",
+            self.device,
+            "auto, cpu, cuda or cuda:N",
+        )
         _check(bool(self.name), "model.name", self.name, "a hub id, a directory, a .gguf file or 'default'")
 
 
@@ -134,10 +142,15 @@ def from_mapping(cls: type, values: dict[str, Any] | None, section: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        named = [f"{section}.{k}" + (f" (did you mean {section}.{close[0]}?)" if (close := difflib.get_close_matches(
-            k, fields, n=1)) else "") for k in unknown]
-        raise SettingsError(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(named)}; "
-                            f"allowed keys in '{section}': {', '.join(sorted(fields))}")
+        named = [
+            f"{section}.{k}"
+            + (f" (did you mean {section}.{close[0]}?)" if (close := difflib.get_close_matches(k, fields, n=1)) else "")
+            for k in unknown
+        ]
+        raise SettingsError(
+            f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(named)}; "
+            f"allowed keys in '{section}': {', '.join(sorted(fields))}"
+        )
     for key, value in values.items():
         annotation = str(fields[key].type)
         _check(_matches(value, annotation), f"{section}.{key}", value, _describe(annotation))
@@ -153,11 +166,19 @@ class ProbeSettings:
     max_per_category: int | None = _f(None)
 
     def __post_init__(self) -> None:
-        _check(self.position in {"last", "marker", "instruction"}, "probe.position", self.position,
-               "'last', 'marker' or 'instruction'")
+        _check(
+            self.position in {"last", "marker", "instruction"},
+            "probe.position",
+            self.position,
+            "'last', 'marker' or 'instruction'",
+        )
         _check(self.batch_size >= 1, "probe.batch_size", self.batch_size, "an integer >= 1")
-        _check(self.max_per_category is None or self.max_per_category >= 1, "probe.max_per_category",
-               self.max_per_category, "null or an integer >= 1")
+        _check(
+            self.max_per_category is None or self.max_per_category >= 1,
+            "probe.max_per_category",
+            self.max_per_category,
+            "null or an integer >= 1",
+        )
 
 
 @dataclass
@@ -178,14 +199,23 @@ class DirectionSettings:
         for key in ("rdo_steps", "rdo_prompts"):
             _check(getattr(self, key) >= 1, f"directions.{key}", getattr(self, key), "an integer >= 1")
         _check(self.rdo_lr > 0, "directions.rdo_lr", self.rdo_lr, "a number > 0")
-        _check(0.0 <= self.rdo_init_point <= 1.0, "directions.rdo_init_point", self.rdo_init_point,
-               "a number in [0, 1]")
+        _check(
+            0.0 <= self.rdo_init_point <= 1.0, "directions.rdo_init_point", self.rdo_init_point, "a number in [0, 1]"
+        )
         for key in ("rdo_kept_weight", "rdo_harmless_weight"):
             _check(getattr(self, key) >= 0, f"directions.{key}", getattr(self, key), "a number >= 0")
-        _check(self.winsorize_quantile is None or 0.0 < self.winsorize_quantile < 0.5,
-               "directions.winsorize_quantile", self.winsorize_quantile, "null or a number in (0, 0.5)")
-        _check(self.contrast in {"general", "topic_matched", "mixed"}, "directions.contrast", self.contrast,
-               "general, topic_matched or mixed")
+        _check(
+            self.winsorize_quantile is None or 0.0 < self.winsorize_quantile < 0.5,
+            "directions.winsorize_quantile",
+            self.winsorize_quantile,
+            "null or a number in (0, 0.5)",
+        )
+        _check(
+            self.contrast in {"general", "topic_matched", "mixed"},
+            "directions.contrast",
+            self.contrast,
+            "general, topic_matched or mixed",
+        )
 
 
 @dataclass
@@ -207,13 +237,25 @@ class CategorySettings:
 
     def __post_init__(self) -> None:
         for name, w in self.weights.items():
-            _check(isinstance(w, (int, float)) and 0.0 <= float(w) <= 1.0, f"categories.weights.{name}", w,
-                   "a number in [0, 1] (1: uncensor, 0: keep refusals)")
+            _check(
+                isinstance(w, (int, float)) and 0.0 <= float(w) <= 1.0,
+                f"categories.weights.{name}",
+                w,
+                "a number in [0, 1] (1: uncensor, 0: keep refusals)",
+            )
         self.weights = {str(k): float(v) for k, v in self.weights.items()}
-        _check(not self.weights or any(w > 0 for w in self.weights.values()), "categories.weights", self.weights,
-               "at least one category with weight > 0 (nothing to uncensor otherwise)")
-        _check(self.keep_rule in {"constraint", "objective"}, "categories.keep_rule", self.keep_rule,
-               "'constraint' or 'objective'")
+        _check(
+            not self.weights or any(w > 0 for w in self.weights.values()),
+            "categories.weights",
+            self.weights,
+            "at least one category with weight > 0 (nothing to uncensor otherwise)",
+        )
+        _check(
+            self.keep_rule in {"constraint", "objective"},
+            "categories.keep_rule",
+            self.keep_rule,
+            "'constraint' or 'objective'",
+        )
         _check(0.0 <= self.min_retention <= 1.0, "categories.min_retention", self.min_retention, "a number in [0, 1]")
 
     @property
@@ -243,8 +285,12 @@ class EditSettings:
     ridge_range: list[float] = _f([0.001, 1.0])
 
     def __post_init__(self) -> None:
-        _check(self.method in {"projection", "nullspace", "least_squares"}, "edit.method", self.method,
-               "'projection', 'nullspace' or 'least_squares'")
+        _check(
+            self.method in {"projection", "nullspace", "least_squares"},
+            "edit.method",
+            self.method,
+            "'projection', 'nullspace' or 'least_squares'",
+        )
         for key in ("kept_prompts", "targeted_prompts", "answer_tokens", "rank"):
             _check(getattr(self, key) >= 1, f"edit.{key}", getattr(self, key), "an integer >= 1")
         _check(self.harmless_prompts >= 0, "edit.harmless_prompts", self.harmless_prompts, "an integer >= 0")
@@ -290,10 +336,14 @@ class DistillSettings:
 
 # What the first objective counts, by optimize.refusal_measure: a label and what it means.
 REFUSAL_MEASURES = {
-    "keywords": ("keyword refusals", "answers with a refusal marker (a marker list: it misses soft refusals and "
-                                     "counts gibberish as compliance)"),
-    "classifier": ("not compliant (classifier)", "answers the response classifier does not call compliance: "
-                                                 "refusals, off-topic and degenerate ones"),
+    "keywords": (
+        "keyword refusals",
+        "answers with a refusal marker (a marker list: it misses soft refusals and counts gibberish as compliance)",
+    ),
+    "classifier": (
+        "not compliant (classifier)",
+        "answers the response classifier does not call compliance: refusals, off-topic and degenerate ones",
+    ),
 }
 
 
@@ -327,27 +377,53 @@ class OptimizeSettings:
     refusal_measure: str = _f("keywords")
 
     def __post_init__(self) -> None:
-        _check(self.refusal_measure in REFUSAL_MEASURES, "optimize.refusal_measure", self.refusal_measure,
-               "'keywords' or 'classifier'")
-        _check(self.refusal_markers is None or any(m.strip() for m in self.refusal_markers),
-               "optimize.refusal_markers", self.refusal_markers, "null (the built-in markers) or a list of markers")
+        _check(
+            self.refusal_measure in REFUSAL_MEASURES,
+            "optimize.refusal_measure",
+            self.refusal_measure,
+            "'keywords' or 'classifier'",
+        )
+        _check(
+            self.refusal_markers is None or any(m.strip() for m in self.refusal_markers),
+            "optimize.refusal_markers",
+            self.refusal_markers,
+            "null (the built-in markers) or a list of markers",
+        )
         _check(self.n_trials >= 1, "optimize.n_trials", self.n_trials, "an integer >= 1")
         _check(self.workers >= 1, "optimize.workers", self.workers, "an integer >= 1")
         _check(self.n_startup_trials >= 0, "optimize.n_startup_trials", self.n_startup_trials, "an integer >= 0")
         for key in ("harmful_prompts", "harmless_prompts", "max_new_tokens", "kept_max_new_tokens"):
             _check(getattr(self, key) >= 1, f"optimize.{key}", getattr(self, key), "an integer >= 1")
-        _check(self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1),
-               "optimize.batch_size", self.batch_size, "an integer >= 1 or 'auto'")
-        _check(self.kernels in {"shared", "per_category"}, "optimize.kernels", self.kernels,
-               "'shared' or 'per_category'")
+        _check(
+            self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1),
+            "optimize.batch_size",
+            self.batch_size,
+            "an integer >= 1 or 'auto'",
+        )
+        _check(
+            self.kernels in {"shared", "per_category"}, "optimize.kernels", self.kernels, "'shared' or 'per_category'"
+        )
         _check(self.kl_cap > 0, "optimize.kl_cap", self.kl_cap, "a number > 0")
         _check(self.prune_kl is None or self.prune_kl > 0, "optimize.prune_kl", self.prune_kl, "null or a number > 0")
-        _check(bool(self.components) and set(self.components) <= {"attn_out", "mlp_down"},
-               "optimize.components", self.components, "a non-empty subset of [attn_out, mlp_down]")
-        _check(bool(self.direction_scopes) and set(self.direction_scopes) <= {"global", "per_layer"},
-               "optimize.direction_scopes", self.direction_scopes, "a non-empty subset of [global, per_layer]")
-        for key in ("direction_index_range", "peak_weight_range", "peak_position_range",
-                    "floor_fraction_range", "reach_range"):
+        _check(
+            bool(self.components) and set(self.components) <= {"attn_out", "mlp_down"},
+            "optimize.components",
+            self.components,
+            "a non-empty subset of [attn_out, mlp_down]",
+        )
+        _check(
+            bool(self.direction_scopes) and set(self.direction_scopes) <= {"global", "per_layer"},
+            "optimize.direction_scopes",
+            self.direction_scopes,
+            "a non-empty subset of [global, per_layer]",
+        )
+        for key in (
+            "direction_index_range",
+            "peak_weight_range",
+            "peak_position_range",
+            "floor_fraction_range",
+            "reach_range",
+        ):
             r = getattr(self, key)
             _check(len(r) == 2 and 0 <= r[0] <= r[1], f"optimize.{key}", r, "[low, high] with 0 <= low <= high")
 
@@ -405,20 +481,36 @@ class ResearchSettings:
     seed: int = _f(0)
 
     def __post_init__(self) -> None:
-        _check(self.sample_per_category >= 2, "research.sample_per_category", self.sample_per_category,
-               "an integer >= 2")
+        _check(
+            self.sample_per_category >= 2, "research.sample_per_category", self.sample_per_category, "an integer >= 2"
+        )
         for key in ("projection_points", "png_points"):
             value = getattr(self, key)
-            _check(value is None or (isinstance(value, list) and value and all(isinstance(i, int) and i >= 0
-                                                                               for i in value)),
-                   f"research.{key}", value, "null or a non-empty list of probe points (integers >= 0)")
+            _check(
+                value is None
+                or (isinstance(value, list) and value and all(isinstance(i, int) and i >= 0 for i in value)),
+                f"research.{key}",
+                value,
+                "null or a non-empty list of probe points (integers >= 0)",
+            )
 
 
-SECTIONS = {"model": ModelSettings, "data": DataSettings, "probe": ProbeSettings, "directions": DirectionSettings,
-            "orthogonalize": OrthogonalizeSettings, "categories": CategorySettings, "edit": EditSettings,
-            "optimize": OptimizeSettings, "distill": DistillSettings,
-            "export": ExportSettings, "merge": MergeSettings, "evaluate": EvaluateSettings,
-            "classifier": ClassifierSettings, "research": ResearchSettings}
+SECTIONS = {
+    "model": ModelSettings,
+    "data": DataSettings,
+    "probe": ProbeSettings,
+    "directions": DirectionSettings,
+    "orthogonalize": OrthogonalizeSettings,
+    "categories": CategorySettings,
+    "edit": EditSettings,
+    "optimize": OptimizeSettings,
+    "distill": DistillSettings,
+    "export": ExportSettings,
+    "merge": MergeSettings,
+    "evaluate": EvaluateSettings,
+    "classifier": ClassifierSettings,
+    "research": ResearchSettings,
+}
 
 
 def key_sections() -> dict[str, list[str]]:
@@ -443,8 +535,10 @@ def dotted_keys(values: dict[str, Any]) -> dict[str, Any]:
             elif key == "model" and isinstance(value, str):
                 value = {"name": value}
             elif not isinstance(value, dict):
-                raise SettingsError(f"invalid setting {key}={value!r}: a {SECTIONS[key].__name__} or a mapping "
-                                    "of its keys" + (" (or a model name)" if key == "model" else ""))
+                raise SettingsError(
+                    f"invalid setting {key}={value!r}: a {SECTIONS[key].__name__} or a mapping "
+                    "of its keys" + (" (or a model name)" if key == "model" else "")
+                )
             out.update({f"{key}.{k}": v for k, v in value.items()})
             continue
         section, dot, _ = key.partition(".")
@@ -453,13 +547,17 @@ def dotted_keys(values: dict[str, Any]) -> dict[str, Any]:
         elif not dot and len(owners.get(key, [])) == 1:
             out[f"{owners[key][0]}.{key}"] = value
         elif not dot and key in owners:
-            raise SettingsError(f"ambiguous setting {key!r}: it is in {', '.join(owners[key])}; name the section, "
-                                f"e.g. {owners[key][-1]}.{key} or {owners[key][-1]}={{'{key}': ...}}")
+            raise SettingsError(
+                f"ambiguous setting {key!r}: it is in {', '.join(owners[key])}; name the section, "
+                f"e.g. {owners[key][-1]}.{key} or {owners[key][-1]}={{'{key}': ...}}"
+            )
         else:
             known = [*SECTIONS, *owners, *(f"{s}.{k}" for k, ss in owners.items() for s in ss)]
             close = difflib.get_close_matches(key, known, n=1)
-            raise SettingsError(f"unknown setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else
-                                                               f"; sections: {', '.join(SECTIONS)}"))
+            raise SettingsError(
+                f"unknown setting {key!r}"
+                + (f"; did you mean {close[0]!r}?" if close else f"; sections: {', '.join(SECTIONS)}")
+            )
     return out
 
 
@@ -500,18 +598,33 @@ class Settings:
             setattr(self, name, from_mapping(cls, sections[name], name))
         self.artifacts_dir = str(artifacts_dir)
         # rescaling columns changes every direction's component, the kept categories' too
-        _check(not (self.optimize.norm_preserve and self.categories.kept), "optimize.norm_preserve",
-               self.optimize.norm_preserve, "false while categories.weights keeps a category (weight 0): its column "
-               f"rescale would change the kept categories' components ({', '.join(self.categories.kept)})")
-        _check(not (self.optimize.norm_preserve and self.edit.conditional), "optimize.norm_preserve",
-               self.optimize.norm_preserve, f"false with edit.method={self.edit.method}: rescaling every column "
-               "changes the kept inputs' writes too")
-        _check(not (self.distill.enabled and (self.optimize.norm_preserve or self.edit.conditional)), "distill.steps",
-               self.distill.steps, "0 with optimize.norm_preserve or an input-conditional edit: distillation starts "
-               "from a plain global change")
-        _check(not self.edit.conditional or bool(self.categories.kept) or self.edit.harmless_prompts > 0,
-               "edit.method", self.edit.method, "'projection' unless something is kept: a kept category "
-               "(categories.weights at 0) or edit.harmless_prompts > 0")
+        _check(
+            not (self.optimize.norm_preserve and self.categories.kept),
+            "optimize.norm_preserve",
+            self.optimize.norm_preserve,
+            "false while categories.weights keeps a category (weight 0): its column "
+            f"rescale would change the kept categories' components ({', '.join(self.categories.kept)})",
+        )
+        _check(
+            not (self.optimize.norm_preserve and self.edit.conditional),
+            "optimize.norm_preserve",
+            self.optimize.norm_preserve,
+            f"false with edit.method={self.edit.method}: rescaling every column changes the kept inputs' writes too",
+        )
+        _check(
+            not (self.distill.enabled and (self.optimize.norm_preserve or self.edit.conditional)),
+            "distill.steps",
+            self.distill.steps,
+            "0 with optimize.norm_preserve or an input-conditional edit: distillation starts "
+            "from a plain global change",
+        )
+        _check(
+            not self.edit.conditional or bool(self.categories.kept) or self.edit.harmless_prompts > 0,
+            "edit.method",
+            self.edit.method,
+            "'projection' unless something is kept: a kept category "
+            "(categories.weights at 0) or edit.harmless_prompts > 0",
+        )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Settings:
@@ -520,10 +633,14 @@ class Settings:
         allowed = [*SECTIONS, "artifacts_dir"]
         unknown = sorted(set(values) - set(allowed))
         if unknown:
-            named = [k + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, allowed, n=1))
-                          else "") for k in unknown]
-            raise SettingsError(f"unknown config section{'s' if len(unknown) > 1 else ''} {', '.join(named)}; "
-                                f"allowed: {', '.join(allowed)}")
+            named = [
+                k + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, allowed, n=1)) else "")
+                for k in unknown
+            ]
+            raise SettingsError(
+                f"unknown config section{'s' if len(unknown) > 1 else ''} {', '.join(named)}; "
+                f"allowed: {', '.join(allowed)}"
+            )
         for name in SECTIONS:
             if name in values and not isinstance(values[name], (dict, type(None))):
                 raise SettingsError(f"invalid config section {name}={values[name]!r}: a mapping of its keys")

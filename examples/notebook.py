@@ -13,9 +13,13 @@ from clawly import Pipeline, Settings
 model = sys.argv[1] if len(sys.argv) > 1 else "default"
 work = sys.argv[2] if len(sys.argv) > 2 else "notebook-output"
 settings = Settings(
-    model=model, artifacts_dir=f"{work}/work", n_trials=6, n_startup_trials=4,
+    model=model,
+    artifacts_dir=f"{work}/work",
+    n_trials=6,
+    n_startup_trials=4,
     data={"out_dir": f"{work}/work/prompts", "train_per_category": 16, "eval_per_category": 12},
-    probe={"max_per_category": 16}, optimize={"harmful_prompts": 32, "harmless_prompts": 32, "batch_size": 32},
+    probe={"max_per_category": 16},
+    optimize={"harmful_prompts": 32, "harmless_prompts": 32, "batch_size": 32},
 )
 pipe = Pipeline(settings)
 

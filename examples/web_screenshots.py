@@ -23,8 +23,15 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def wait_text(page, selector: str, pattern: str, timeout: float) -> str:
@@ -54,8 +61,21 @@ def main() -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = (work / "server.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "clawly.web.main", "--config", str(config), "--output",
-                               str(work / "out"), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "clawly.web.main",
+            "--config",
+            str(config),
+            "--output",
+            str(work / "out"),
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         while "Running on local URL" not in (work / "server.log").read_text():
             if server.poll() is not None:

@@ -50,8 +50,11 @@ def unknown_override(argv: list[str]) -> str | None:
         if key.startswith("hydra") or key in known or key.startswith("categories.weights."):
             continue
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
-        return (f"unknown setting {key!r} in the override {arg!r}" + (f"; did you mean {close[0]!r}?" if close else
-                "") + " (clawly/conf/settings.yaml lists every key)")
+        return (
+            f"unknown setting {key!r} in the override {arg!r}"
+            + (f"; did you mean {close[0]!r}?" if close else "")
+            + " (clawly/conf/settings.yaml lists every key)"
+        )
     return None
 
 
@@ -64,6 +67,7 @@ def passwords_to_environment(argv: list[str]) -> list[str]:
     --export=ALL), so the password is used but never saved."""
     out, names = [], {}
     for arg in argv:
+
         def to_env(m: re.Match) -> str:
             name = names.setdefault(m.group(2), f"CLAWLY_URL_PASSWORD_{len(names) + 1}")
             os.environ[name] = m.group(2)

@@ -81,8 +81,9 @@ def stage_code(stage: str) -> list[str]:
 def expected_deps(dvc_yaml: Path = ROOT / "dvc.yaml") -> dict[str, list[str]]:
     """Stage -> the deps dvc.yaml should list: its code (computed), then its data deps as listed."""
     stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
-    return {name: stage_code(name) + [d for d in spec.get("deps", []) if not is_code(d)]
-            for name, spec in stages.items()}
+    return {
+        name: stage_code(name) + [d for d in spec.get("deps", []) if not is_code(d)] for name, spec in stages.items()
+    }
 
 
 def rewrite(dvc_yaml: Path = ROOT / "dvc.yaml") -> str:
@@ -114,5 +115,8 @@ if __name__ == "__main__":
             missing, extra = sorted(set(deps) - set(listed)), sorted(set(listed) - set(deps))
             if missing or extra:
                 print(f"{name}: missing {missing}, not imported {extra}")
-        print("dvc.yaml lists exactly the code each stage imports" if text == (ROOT / "dvc.yaml").read_text()
-              else "run `python -m stages.deps --write`")
+        print(
+            "dvc.yaml lists exactly the code each stage imports"
+            if text == (ROOT / "dvc.yaml").read_text()
+            else "run `python -m stages.deps --write`"
+        )

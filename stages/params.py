@@ -32,8 +32,11 @@ SETTINGS_YAML = ROOT / "clawly" / "conf" / "settings.yaml"
 
 
 def _value(value) -> str:
-    return "null" if value is None else yaml.safe_dump(value, default_flow_style=True, width=10_000).strip() \
-        .removesuffix("...").strip()
+    return (
+        "null"
+        if value is None
+        else yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+    )
 
 
 def settings_reference() -> Iterator[tuple[str, str, list[tuple[str, Any, str]]]]:
@@ -43,18 +46,24 @@ def settings_reference() -> Iterator[tuple[str, str, list[tuple[str, Any, str]]]
     defaults = Settings()
     for section, cls in SECTIONS.items():
         values = getattr(defaults, section)
-        yield section, SECTION_DOCS[section], [(f.name, getattr(values, f.name), HELP[f"{section}.{f.name}"])
-                                               for f in dataclasses.fields(cls)]
+        yield (
+            section,
+            SECTION_DOCS[section],
+            [(f.name, getattr(values, f.name), HELP[f"{section}.{f.name}"]) for f in dataclasses.fields(cls)],
+        )
 
 
 def settings_yaml() -> str:
     """clawly/conf/settings.yaml: every section and key of `Settings()` with its help text as a comment."""
     defaults = Settings()
-    lines = ["# @package _global_",
-             "# Every setting's default and help, generated from clawly/settings.py by `python -m stages.params`.",
-             "# Do not edit: change a default in clawly/settings.py, or override it for the DVC demo in",
-             "# config.yaml or a group file, with a comment saying why.", "",
-             f"artifacts_dir: {_value(defaults.artifacts_dir)}"]
+    lines = [
+        "# @package _global_",
+        "# Every setting's default and help, generated from clawly/settings.py by `python -m stages.params`.",
+        "# Do not edit: change a default in clawly/settings.py, or override it for the DVC demo in",
+        "# config.yaml or a group file, with a comment saying why.",
+        "",
+        f"artifacts_dir: {_value(defaults.artifacts_dir)}",
+    ]
     for section, section_help, keys in settings_reference():
         lines += ["", f"{section}:  # {section_help}"]
         for name, value, help_text in keys:
@@ -84,13 +93,16 @@ def _toml(value) -> str:
 def config_default_toml() -> str:
     """config.default.toml: every key of `Settings()` by section, with its help; keys whose default
     is null are commented out (TOML has no null)."""
-    lines = ["# Every clawly setting, its default and its help, generated from clawly/settings.py by",
-             "# `python -m stages.params` (a test fails when it is stale). Copy it to config.toml: `clawly` and",
-             "# `clawly-web` read config.toml from the working directory (`--config FILE` reads another).",
-             "# Keep only what you change. Keys may also be given flat at the top where the name is in one",
-             "# section only (n_trials = 50, orthogonalize_categories = true).", "",
-             "# a category preset, as --category-preset NAME (clawly/conf/preset/NAME.yaml or a YAML file)",
-             '# category_preset = "default"']
+    lines = [
+        "# Every clawly setting, its default and its help, generated from clawly/settings.py by",
+        "# `python -m stages.params` (a test fails when it is stale). Copy it to config.toml: `clawly` and",
+        "# `clawly-web` read config.toml from the working directory (`--config FILE` reads another).",
+        "# Keep only what you change. Keys may also be given flat at the top where the name is in one",
+        "# section only (n_trials = 50, orthogonalize_categories = true).",
+        "",
+        "# a category preset, as --category-preset NAME (clawly/conf/preset/NAME.yaml or a YAML file)",
+        '# category_preset = "default"',
+    ]
     for section, section_help, keys in settings_reference():
         lines += ["", f"[{section}]", *(f"# {line}" for line in textwrap.wrap(section_help, 100))]
         for name, value, help_text in keys:

@@ -137,30 +137,60 @@ def tiny_config(arch: str = "llama", num_layers: int = 2, hidden: int = 32, tie:
         "gpt_neox": {},  # biased writers, parallel residual
         # mixture of experts: 4 experts, 2 per token; fused [E, d, d_in] stacks, qwen2_moe's square
         "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
-        "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": hidden,
-                      "shared_expert_intermediate_size": hidden},
-        "qwen3_moe": {"head_dim": hidden // 4, "num_local_experts": 4, "num_experts_per_tok": 2,
-                      "moe_intermediate_size": hidden // 2},
+        "qwen2_moe": {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": hidden,
+            "shared_expert_intermediate_size": hidden,
+        },
+        "qwen3_moe": {
+            "head_dim": hidden // 4,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": hidden // 2,
+        },
         # fused [E, d_in, d] stack, square as in the real model (2880 x 2880), biased experts and attention
-        "gpt_oss": {"head_dim": hidden // 4, "intermediate_size": hidden, "num_local_experts": 4,
-                    "num_experts_per_tok": 2, "sliding_window": 8,
-                    "layer_types": ["sliding_attention", "full_attention"] * (num_layers // 2) +
-                    ["sliding_attention"] * (num_layers % 2),
-                    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+        "gpt_oss": {
+            "head_dim": hidden // 4,
+            "intermediate_size": hidden,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"] * (num_layers // 2)
+            + ["sliding_attention"] * (num_layers % 2),
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        },
     }
     if arch == "gpt2":
         return AutoConfig.for_model(
-            "gpt2", vocab_size=len(VOCAB), n_embd=hidden, n_layer=num_layers, n_head=4, n_positions=512,
-            bos_token_id=common["bos_token_id"], eos_token_id=common["eos_token_id"],
+            "gpt2",
+            vocab_size=len(VOCAB),
+            n_embd=hidden,
+            n_layer=num_layers,
+            n_head=4,
+            n_positions=512,
+            bos_token_id=common["bos_token_id"],
+            eos_token_id=common["eos_token_id"],
             tie_word_embeddings=tie,
         )
     if arch == "gemma3":  # the multimodal wrapper: a tiny SigLIP vision tower around a gemma3_text model
         text = tiny_config("gemma3_text", num_layers, hidden, tie)
-        vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                  "image_size": 28, "patch_size": 14}
+        vision = {
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 28,
+            "patch_size": 14,
+        }
         return AutoConfig.for_model(
-            "gemma3", text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4,
-            tie_word_embeddings=tie, **{k: common[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+            "gemma3",
+            text_config=text.to_dict(),
+            vision_config=vision,
+            mm_tokens_per_image=4,
+            tie_word_embeddings=tie,
+            **{k: common[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+        )
     if arch not in extra:
         raise ValueError(f"no tiny config for arch {arch!r}; known: gpt2, gemma3, {', '.join(extra)}")
     return AutoConfig.for_model(arch, **{**common, **extra[arch]})
@@ -186,8 +216,11 @@ def build_tiny_model(arch: str = "llama", num_layers: int = 2, hidden: int = 32,
 
 def _byte_level_alphabet() -> list[str]:
     """GPT-2's byte-to-unicode table: the 256 base tokens of a byte-level BPE vocab."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
-                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\u00a1"), ord("\u00ac") + 1),
+        *range(ord("\u00ae"), ord("\u00ff") + 1),
+    ]
     shifted = iter(range(256, 512))
     return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
 
@@ -229,9 +262,17 @@ def write_tiny_gguf(path: Path, num_layers: int = 2, hidden: int = 32):
     writer.add_eos_token_id(config.eos_token_id)
     writer.add_chat_template(CHAT_TEMPLATE)
     top = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    per_layer = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     for name, tensor in model.state_dict().items():
         module, kind = name.rsplit(".", 1)
         if module in top:
@@ -266,12 +307,14 @@ SERVICE_FIXTURES = ("postgres_url", "slurm_cluster")  # tests/services.py: root,
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: needs the real packaged model, long runs, the services or a browser "
-                                       "(deselect: -m 'not slow')")
+    config.addinivalue_line(
+        "markers", "slow: needs the real packaged model, long runs, the services or a browser (deselect: -m 'not slow')"
+    )
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped when it is not available")
     config.addinivalue_line(
-        "markers", "services: needs the real PostgreSQL/Slurm of .ci/services (root); fails, never skips, without "
-                   "them; set on every test using postgres_url or slurm_cluster, which are slow too"
+        "markers",
+        "services: needs the real PostgreSQL/Slurm of .ci/services (root); fails, never skips, without "
+        "them; set on every test using postgres_url or slurm_cluster, which are slow too",
     )
     config.addinivalue_line("markers", "browser: drives a real browser (Debian's chromium); slow too")
 
@@ -374,8 +417,12 @@ class LiveRows:
         width = math.prod(self.tail)
         storages: dict[int, int] = {}
         for o in gc.get_objects():
-            if (isinstance(o, torch.Tensor) and not isinstance(o, torch.nn.Parameter) and o.dim() > len(self.tail)
-                    and tuple(o.shape[-len(self.tail):]) == self.tail):
+            if (
+                isinstance(o, torch.Tensor)
+                and not isinstance(o, torch.nn.Parameter)
+                and o.dim() > len(self.tail)
+                and tuple(o.shape[-len(self.tail) :]) == self.tail
+            ):
                 st = o.untyped_storage()
                 storages[st.data_ptr()] = st.nbytes() // (width * o.element_size())
         return sum(storages.values())

@@ -84,14 +84,25 @@ class HubServer:
     def repo_info(self, repo_id: str) -> tuple[int, dict]:
         files = self.files[repo_id]
         sha = hashlib.sha1(repr(sorted(files.items())).encode()).hexdigest()
-        return 200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": self.repos[repo_id]["private"],
-                     "siblings": [{"rfilename": path} for path in sorted(files)]}
+        return 200, {
+            "id": repo_id,
+            "modelId": repo_id,
+            "sha": sha,
+            "private": self.repos[repo_id]["private"],
+            "siblings": [{"rfilename": path} for path in sorted(files)],
+        }
 
     def preupload(self, repo_id: str, body: bytes) -> tuple[int, dict]:
         existing = self.files[repo_id]
-        files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                  "oid": git_blob_sha1(existing[f["path"]]) if f["path"] in existing else None}
-                 for f in json.loads(body)["files"]]
+        files = [
+            {
+                "path": f["path"],
+                "uploadMode": "regular",
+                "shouldIgnore": False,
+                "oid": git_blob_sha1(existing[f["path"]]) if f["path"] in existing else None,
+            }
+            for f in json.loads(body)["files"]
+        ]
         return 200, {"files": files, "commitOid": self.repo_info(repo_id)[1]["sha"]}
 
     def commit(self, repo_id: str, body: bytes) -> tuple[int, dict]:
@@ -122,8 +133,11 @@ class HubServer:
             return self.create_repo(body)
         if method == "POST" and path == "/api/validate-yaml":
             return 200, {"errors": [], "warnings": []}
-        match = (re.fullmatch(_REPO + r"(?:/revision/[^/]+)?", path) if method == "GET"
-                 else re.fullmatch(_REPO + r"/(?P<action>preupload|commit)/[^/]+", path))
+        match = (
+            re.fullmatch(_REPO + r"(?:/revision/[^/]+)?", path)
+            if method == "GET"
+            else re.fullmatch(_REPO + r"/(?P<action>preupload|commit)/[^/]+", path)
+        )
         if match is None:
             self.unexpected.append((method, path))
             return 404, {"error": f"{method} {path} is not implemented by the stand-in"}

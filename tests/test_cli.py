@@ -15,11 +15,19 @@ from test_research import without_research_extra
 from clawly import cli
 from clawly.settings import key_sections
 
-TINY = {"data": {"train_per_category": 8, "eval_per_category": 6, "harmless_train": 24, "harmless_eval": 24},
-        "probe": {"max_per_category": 4, "batch_size": 8},
-        "optimize": {"n_trials": 3, "n_startup_trials": 2, "harmful_prompts": 8, "harmless_prompts": 8,
-                     "max_new_tokens": 4, "batch_size": 8},
-        "model": {"device": "cpu"}}
+TINY = {
+    "data": {"train_per_category": 8, "eval_per_category": 6, "harmless_train": 24, "harmless_eval": 24},
+    "probe": {"max_per_category": 4, "batch_size": 8},
+    "optimize": {
+        "n_trials": 3,
+        "n_startup_trials": 2,
+        "harmful_prompts": 8,
+        "harmless_prompts": 8,
+        "max_new_tokens": 4,
+        "batch_size": 8,
+    },
+    "model": {"device": "cpu"},
+}
 
 # Options outside the generated config keys, each with the test(s) below that show its effect or validation.
 SPECIAL_OPTIONS = {
@@ -39,7 +47,7 @@ SPECIAL_OPTIONS = {
     "--artifacts-dir": "test_artifacts_dir_and_default_work_dir",
     "--print-residual-geometry": "test_cli_prints_the_geometry_and_plots_without_optimizing",
     "--plot-residuals": "test_cli_prints_the_geometry_and_plots_without_optimizing, "
-                        "test_cli_plot_residuals_without_the_extra_is_one_line",
+    "test_cli_plot_residuals_without_the_extra_is_one_line",
     "--debug": "test_debug_shows_the_traceback_the_one_line_error_hides",
 }
 
@@ -54,27 +62,46 @@ def field_default(f: dataclasses.Field):
 
 # a valid non-default value per key, as text for the command line and as the parsed value
 SAMPLES = {
-    "model.name": ("some/model", "some/model"), "model.dtype": ("bfloat16", "bfloat16"),
-    "model.device": ("cpu", "cpu"), "model.gguf_file": ("m.gguf", "m.gguf"),
-    "probe.position": ("marker", "marker"), "directions.contrast": ("mixed", "mixed"),
-    "categories.weights": ("violence_weapons=1,self_harm_suicide=0",
-                           {"violence_weapons": 1.0, "self_harm_suicide": 0.0}),
+    "model.name": ("some/model", "some/model"),
+    "model.dtype": ("bfloat16", "bfloat16"),
+    "model.device": ("cpu", "cpu"),
+    "model.gguf_file": ("m.gguf", "m.gguf"),
+    "probe.position": ("marker", "marker"),
+    "directions.contrast": ("mixed", "mixed"),
+    "categories.weights": (
+        "violence_weapons=1,self_harm_suicide=0",
+        {"violence_weapons": 1.0, "self_harm_suicide": 0.0},
+    ),
     "categories.keep_rule": ("objective", "objective"),
-    "optimize.batch_size": ("auto", "auto"), "optimize.response_prefix": ("null", None),
-    "optimize.components": ("mlp_down", ["mlp_down"]), "optimize.direction_scopes": ("global", ["global"]),
+    "optimize.batch_size": ("auto", "auto"),
+    "optimize.response_prefix": ("null", None),
+    "optimize.components": ("mlp_down", ["mlp_down"]),
+    "optimize.direction_scopes": ("global", ["global"]),
     "optimize.refusal_measure": ("classifier", "classifier"),
     "optimize.refusal_markers": ("I cannot,I won't", ["I cannot", "I won't"]),
     "merge.max_shard_size": ("500MB", "500MB"),
-    "directions.winsorize_quantile": ("0.01", 0.01), "orthogonalize.warn_retained": ("0.5", 0.5),
-    "categories.min_retention": ("0.5", 0.5), "export.energy": ("0.9", 0.9), "optimize.kl_cap": ("0.3", 0.3),
-    "optimize.prune_kl": ("0.7", 0.7), "export.warn_relative_error": ("0.05", 0.05),
-    "directions.method": ("rdo", "rdo"), "directions.rdo_lr": ("0.05", 0.05),
-    "directions.rdo_init_point": ("0.3", 0.3), "directions.rdo_kept_weight": ("2.5", 2.5),
-    "directions.rdo_harmless_weight": ("0.5", 0.5), "optimize.kernels": ("per_category", "per_category"),
-    "research.projection_points": ("[1, 3]", [1, 3]), "research.png_points": ("[2]", [2]),
-    "data.holdout": ("prompt", "prompt"), "edit.method": ("nullspace", "nullspace"),
-    "distill.lr": ("0.05", 0.05), "distill.kept_weight": ("2.5", 2.5), "distill.harmless_weight": ("0.5", 0.5),
-    "edit.energy_range": ("[0.6, 0.9]", [0.6, 0.9]), "edit.ridge_range": ("[0.01, 0.5]", [0.01, 0.5]),
+    "directions.winsorize_quantile": ("0.01", 0.01),
+    "orthogonalize.warn_retained": ("0.5", 0.5),
+    "categories.min_retention": ("0.5", 0.5),
+    "export.energy": ("0.9", 0.9),
+    "optimize.kl_cap": ("0.3", 0.3),
+    "optimize.prune_kl": ("0.7", 0.7),
+    "export.warn_relative_error": ("0.05", 0.05),
+    "directions.method": ("rdo", "rdo"),
+    "directions.rdo_lr": ("0.05", 0.05),
+    "directions.rdo_init_point": ("0.3", 0.3),
+    "directions.rdo_kept_weight": ("2.5", 2.5),
+    "directions.rdo_harmless_weight": ("0.5", 0.5),
+    "optimize.kernels": ("per_category", "per_category"),
+    "research.projection_points": ("[1, 3]", [1, 3]),
+    "research.png_points": ("[2]", [2]),
+    "data.holdout": ("prompt", "prompt"),
+    "edit.method": ("nullspace", "nullspace"),
+    "distill.lr": ("0.05", 0.05),
+    "distill.kept_weight": ("2.5", 2.5),
+    "distill.harmless_weight": ("0.5", 0.5),
+    "edit.energy_range": ("[0.6, 0.9]", [0.6, 0.9]),
+    "edit.ridge_range": ("[0.01, 0.5]", [0.01, 0.5]),
 }
 
 
@@ -114,15 +141,18 @@ def test_every_config_key_option_sets_its_setting(key, field):
         assert getattr(getattr(parse(*argv), section), name) == value
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--optimize.n-trials", "0"], "invalid setting optimize.n_trials=0: an integer >= 1"),
-    (["--n-trials", "many"], "invalid setting optimize.n_trials='many': an integer"),
-    (["--kl-cap", "[1, 2]"], "invalid setting optimize.kl_cap=[1, 2]: a number"),
-    (["--components", "attn_out,ffn"], "optimize.components"),
-    (["--weights", "violence_weapons=2"], "categories.weights.violence_weapons=2: a number in [0, 1]"),
-    (["--model.dtype", "int3"], "model.dtype"),
-    (["--probe.batch-size", "0"], "probe.batch_size"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--optimize.n-trials", "0"], "invalid setting optimize.n_trials=0: an integer >= 1"),
+        (["--n-trials", "many"], "invalid setting optimize.n_trials='many': an integer"),
+        (["--kl-cap", "[1, 2]"], "invalid setting optimize.kl_cap=[1, 2]: a number"),
+        (["--components", "attn_out,ffn"], "optimize.components"),
+        (["--weights", "violence_weapons=2"], "categories.weights.violence_weapons=2: a number in [0, 1]"),
+        (["--model.dtype", "int3"], "model.dtype"),
+        (["--probe.batch-size", "0"], "probe.batch_size"),
+    ],
+)
 def test_invalid_option_values_are_one_line_errors(argv, message, capsys):
     assert cli.main(["--non-interactive", *argv]) == 2
     err = capsys.readouterr().err
@@ -170,8 +200,10 @@ def test_help_lists_every_config_key_with_its_default(capsys):
 
 
 def test_config_file_yaml_and_toml_with_precedence(tmp_path):
-    (tmp_path / "c.yaml").write_text("optimize: {n_trials: 5, kl_cap: 0.2}\ndata.seed: 4\nper_category: 3\n"
-                                     "categories:\n  weights: {drugs_substances: 1}\n")
+    (tmp_path / "c.yaml").write_text(
+        "optimize: {n_trials: 5, kl_cap: 0.2}\ndata.seed: 4\nper_category: 3\n"
+        "categories:\n  weights: {drugs_substances: 1}\n"
+    )
     s = parse("--config", str(tmp_path / "c.yaml"), "--kl-cap", "0.4")
     assert (s.optimize.n_trials, s.optimize.kl_cap, s.data.seed, s.evaluate.per_category) == (5, 0.4, 4, 3)
     assert s.categories.weights == {"drugs_substances": 1.0}
@@ -187,8 +219,12 @@ def test_config_toml_in_the_working_directory_is_read_and_said_and_config_wins(t
     monkeypatch.chdir(tmp_path)
     (tmp_path / "config.toml").write_text('category_preset = "default"\northogonalize_categories = true\n')
     s = parse()
-    assert s.categories.weights == {"violence_weapons": 1.0, "drugs_substances": 1.0, "adult_content": 1.0,
-                                    "self_harm_suicide": 0.0}
+    assert s.categories.weights == {
+        "violence_weapons": 1.0,
+        "drugs_substances": 1.0,
+        "adult_content": 1.0,
+        "self_harm_suicide": 0.0,
+    }
     assert s.orthogonalize.orthogonalize_categories is True
     assert f"reading settings from {tmp_path / 'config.toml'}" in capsys.readouterr().err
     (tmp_path / "config.toml").write_text("orthogonalize_categories = false\nn_trials = 7\n")
@@ -207,11 +243,16 @@ def test_the_seed_cli_options_parse(tmp_path, monkeypatch):
     assert s.categories.weights["self_harm_suicide"] == 0.0
 
 
-@pytest.mark.parametrize("content,name,message", [
-    ("optimize: [1", "bad.yaml", "not valid YAML"), ("n_trials = ", "bad.toml", "not valid TOML"),
-    ("- 1\n- 2\n", "list.yaml", "expected a mapping"), ("batch_size: 3\n", "amb.yaml", "ambiguous setting"),
-    ("n_trails: 3\n", "typo.yaml", "did you mean 'n_trials'"),
-])
+@pytest.mark.parametrize(
+    "content,name,message",
+    [
+        ("optimize: [1", "bad.yaml", "not valid YAML"),
+        ("n_trials = ", "bad.toml", "not valid TOML"),
+        ("- 1\n- 2\n", "list.yaml", "expected a mapping"),
+        ("batch_size: 3\n", "amb.yaml", "ambiguous setting"),
+        ("n_trails: 3\n", "typo.yaml", "did you mean 'n_trials'"),
+    ],
+)
 def test_bad_config_file_is_one_line(tmp_path, capsys, content, name, message):
     (tmp_path / name).write_text(content)
     assert cli.main(["--config", str(tmp_path / name), "--non-interactive"]) == 2
@@ -248,6 +289,7 @@ def test_artifacts_dir_and_default_work_dir():
 
 # ---------------------------------------------------------------- runs on a tiny model
 
+
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli-config") / "tiny.yaml"
@@ -264,8 +306,9 @@ def cli_run(make_tiny_model, tiny_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli-run") / "out"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = cli.main([str(make_tiny_model("llama")), "--config", tiny_config, "--output", str(out),
-                         "--non-interactive"])
+        code = cli.main(
+            [str(make_tiny_model("llama")), "--config", tiny_config, "--output", str(out), "--non-interactive"]
+        )
     return code, out, buf.getvalue()
 
 
@@ -300,8 +343,14 @@ def test_reproduce_errors(tmp_path, capsys):
 def test_save_adapter_only_and_none(make_tiny_model, tiny_config, tmp_path, cli_run):
     _, first, _ = cli_run
     # same work dir as the first run: its study is complete, so nothing is optimized again
-    argv = [str(make_tiny_model("llama")), "--config", tiny_config, "--non-interactive",
-            "--artifacts-dir", str(first / "work")]
+    argv = [
+        str(make_tiny_model("llama")),
+        "--config",
+        tiny_config,
+        "--non-interactive",
+        "--artifacts-dir",
+        str(first / "work"),
+    ]
     assert cli.main([*argv, "--output", str(tmp_path / "a"), "--save", "adapter"]) == 0
     assert (tmp_path / "a" / "adapter").exists() and not (tmp_path / "a" / "model").exists()
     assert cli.main([*argv, "--output", str(tmp_path / "n"), "--save", "none"]) == 0
@@ -310,8 +359,27 @@ def test_save_adapter_only_and_none(make_tiny_model, tiny_config, tmp_path, cli_
 
 def test_direct_mode_ablates_only_the_given_layers(make_tiny_model, tiny_config, tmp_path, capsys):
     model_dir = make_tiny_model("llama", num_layers=4)
-    assert cli.main([str(model_dir), "--config", tiny_config, "--output", str(tmp_path), "--non-interactive",
-                     "--layers", "1-2", "--use-layer", "2", "--ablation-strength", "0.7", "--save", "model"]) == 0
+    assert (
+        cli.main(
+            [
+                str(model_dir),
+                "--config",
+                tiny_config,
+                "--output",
+                str(tmp_path),
+                "--non-interactive",
+                "--layers",
+                "1-2",
+                "--use-layer",
+                "2",
+                "--ablation-strength",
+                "0.7",
+                "--save",
+                "model",
+            ]
+        )
+        == 0
+    )
     assert "direct mode: " in capsys.readouterr().out
     base, merged = load_file(str(model_dir / "model.safetensors")), saved_tensors(tmp_path / "model")
     changed = {k.split(".")[2] for k in base if not torch.equal(base[k], merged[k])}
@@ -322,23 +390,64 @@ def test_direct_mode_ablates_only_the_given_layers(make_tiny_model, tiny_config,
     assert not (tmp_path / "work" / "optimize" / "trials.parquet").exists()  # nothing was optimized
 
 
-@pytest.mark.parametrize("argv,message", [(["--layers", "one-two"], "--layers 'one-two'"),
-                                           (["--layers", "2-9"], "outside the model's decoder layers 0-1"),
-                                           (["--use-layer", "5"], "use_layer 5 is outside")])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--layers", "one-two"], "--layers 'one-two'"),
+        (["--layers", "2-9"], "outside the model's decoder layers 0-1"),
+        (["--use-layer", "5"], "use_layer 5 is outside"),
+    ],
+)
 def test_direct_mode_validation(make_tiny_model, tiny_config, tmp_path, capsys, argv, message):
-    assert cli.main([str(make_tiny_model("llama")), "--config", tiny_config, "--output", str(tmp_path),
-                     "--non-interactive", *argv]) == 2
+    assert (
+        cli.main(
+            [
+                str(make_tiny_model("llama")),
+                "--config",
+                tiny_config,
+                "--output",
+                str(tmp_path),
+                "--non-interactive",
+                *argv,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert message in err and not (tmp_path / "model").exists()
 
 
-def test_push_to_hub_uploads_the_saved_model(hub, cli_run, make_tiny_model, tiny_config, tmp_path,  # noqa: F811
-                                             monkeypatch, capfd):
+def test_push_to_hub_uploads_the_saved_model(
+    hub,  # noqa: F811 - the fixture
+    cli_run,
+    make_tiny_model,
+    tiny_config,
+    tmp_path,  # noqa: F811
+    monkeypatch,
+    capfd,
+):
     _, first, _ = cli_run
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    assert cli.main([str(make_tiny_model("llama")), "--config", tiny_config, "--non-interactive",
-                     "--artifacts-dir", str(first / "work"), "--output", str(tmp_path), "--save", "model",
-                     "--push-to-hub", "me/tiny-abliterated", "--hub-private"]) == 0
+    assert (
+        cli.main(
+            [
+                str(make_tiny_model("llama")),
+                "--config",
+                tiny_config,
+                "--non-interactive",
+                "--artifacts-dir",
+                str(first / "work"),
+                "--output",
+                str(tmp_path),
+                "--save",
+                "model",
+                "--push-to-hub",
+                "me/tiny-abliterated",
+                "--hub-private",
+            ]
+        )
+        == 0
+    )
     assert hub.repos["me/tiny-abliterated"]["private"] is True
     files = hub.files["me/tiny-abliterated"]
     for name in ("config.json", "README.md", "clawly_reproduction.json", "model.safetensors"):
@@ -353,8 +462,17 @@ def test_interactive_session_picks_saves_and_chats(cli_run, make_tiny_model, tin
     monkeypatch.setattr("sys.stdin.isatty", lambda: True)
     answers = iter(["", "a", "c", "hello there", "", "t", "x", "1", "m", "q"])
     said: list[str] = []
-    args = cli.build_parser().parse_args([str(make_tiny_model("llama")), "--config", tiny_config,
-                                          "--artifacts-dir", str(first / "work"), "--output", str(tmp_path)])
+    args = cli.build_parser().parse_args(
+        [
+            str(make_tiny_model("llama")),
+            "--config",
+            tiny_config,
+            "--artifacts-dir",
+            str(first / "work"),
+            "--output",
+            str(tmp_path),
+        ]
+    )
     assert cli.run(args, ask=lambda prompt: next(answers), say=said.append) == 0
     text = "\n".join(said)
     assert "the model now holds trial" in text and "not a number: 'x'" in text
@@ -367,29 +485,63 @@ def test_interactive_session_picks_saves_and_chats(cli_run, make_tiny_model, tin
 
 def test_cli_prints_the_geometry_and_plots_without_optimizing(make_tiny_model, tmp_path, capsys):
     model_dir = make_tiny_model("llama", num_layers=3)
-    argv = [str(model_dir), "--output", str(tmp_path / "out"), "--non-interactive", "--device", "cpu",
-            "--data.train-per-category", "8", "--data.harmless-train", "24", "--probe.max-per-category", "8",
-            "--sample-per-category", "8", "--print-residual-geometry", "--plot-residuals", str(tmp_path / "views")]
+    argv = [
+        str(model_dir),
+        "--output",
+        str(tmp_path / "out"),
+        "--non-interactive",
+        "--device",
+        "cpu",
+        "--data.train-per-category",
+        "8",
+        "--data.harmless-train",
+        "24",
+        "--probe.max-per-category",
+        "8",
+        "--sample-per-category",
+        "8",
+        "--print-residual-geometry",
+        "--plot-residuals",
+        str(tmp_path / "views"),
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "Residual geometry per probe point" in out and "silhouette by category" in out
     lines = [line for line in out.splitlines() if line.strip()[:1].isdigit() or line.strip().startswith("│ ")]
-    assert sum(1 for line in out.splitlines() if line.startswith("│") and line.split("│")[1].strip() in
-               {"0", "1", "2", "3"}) == 4, lines
+    assert (
+        sum(
+            1
+            for line in out.splitlines()
+            if line.startswith("│") and line.split("│")[1].strip() in {"0", "1", "2", "3"}
+        )
+        == 4
+    ), lines
     assert (tmp_path / "views/residuals.html").exists()
     assert not (tmp_path / "out/work/optimize").exists() and not (tmp_path / "out/model").exists()
 
 
 def test_cli_plot_residuals_without_the_extra_is_one_line(make_tiny_model, tmp_path, capsys, monkeypatch):
     without_research_extra(monkeypatch)
-    argv = [str(make_tiny_model("llama")), "--output", str(tmp_path / "out"), "--device", "cpu",
-            "--data.train-per-category", "4", "--data.harmless-train", "8", "--plot-residuals", str(tmp_path / "v")]
+    argv = [
+        str(make_tiny_model("llama")),
+        "--output",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        "--data.train-per-category",
+        "4",
+        "--data.harmless-train",
+        "8",
+        "--plot-residuals",
+        str(tmp_path / "v"),
+    ]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert [line for line in err.splitlines() if "error" in line] == [
         "clawly: error: the residual projections need pacmap and matplotlib, from the research extra: "
-        "pip install 'clawly[research]' (the geometry table needs neither)"]
+        "pip install 'clawly[research]' (the geometry table needs neither)"
+    ]
     assert not (tmp_path / "v").exists() and not (tmp_path / "out/work/activations").exists()  # said before probing
 
 
@@ -400,4 +552,3 @@ def test_debug_shows_the_traceback_the_one_line_error_hides(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("clawly: error: model not found")
     with pytest.raises(ClawlyError, match="model not found"):
         cli.main([str(tmp_path / "nope"), "--output", str(tmp_path / "o"), "--debug"])
-

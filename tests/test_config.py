@@ -12,11 +12,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_committed_params_yaml_equals_composition_of_conf():
     assert (ROOT / "params.yaml").read_text() == composed_params(), (
-        "params.yaml is stale: run `python -m stages.params` after editing clawly/conf/")
+        "params.yaml is stale: run `python -m stages.params` after editing clawly/conf/"
+    )
 
 
-@pytest.mark.parametrize("overrides", [[], ["optimize=full"], ["model=hub"],
-                                       ["optimize.n_trials=5", "probe.position=marker"]])
+@pytest.mark.parametrize(
+    "overrides", [[], ["optimize=full"], ["model=hub"], ["optimize.n_trials=5", "probe.position=marker"]]
+)
 def test_every_config_composes_into_valid_settings(overrides):
     settings = Settings.from_dict(yaml.safe_load(composed_params(overrides)))
     if "optimize=full" in overrides:
@@ -34,11 +36,16 @@ def test_config_default_toml_lists_every_key_and_loads_to_the_defaults():
     from stages.params import CONFIG_DEFAULT_TOML, config_default_toml
 
     assert CONFIG_DEFAULT_TOML.read_text() == config_default_toml(), (
-        "config.default.toml is stale: run `python -m stages.params` after changing clawly/settings.py")
+        "config.default.toml is stale: run `python -m stages.params` after changing clawly/settings.py"
+    )
     values = config_keys(tomllib.loads(CONFIG_DEFAULT_TOML.read_text()))
     assert Settings(**values) == Settings()
-    nulls = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)
-             if getattr(getattr(Settings(), s), f.name) is None}
+    nulls = {
+        f"{s}.{f.name}"
+        for s, cls in SECTIONS.items()
+        for f in dataclasses.fields(cls)
+        if getattr(getattr(Settings(), s), f.name) is None
+    }
     every = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
     assert set(values) == every - nulls  # every key; the null ones commented out (TOML has no null)
     assert all(f"# {k.split('.')[1]} = (null by default)" in CONFIG_DEFAULT_TOML.read_text() for k in nulls)
@@ -48,7 +55,8 @@ def test_conf_settings_yaml_is_generated_from_the_typed_settings():
     from stages.params import SETTINGS_YAML, settings_yaml
 
     assert SETTINGS_YAML.read_text() == settings_yaml(), (
-        "clawly/conf/settings.yaml is stale: run `python -m stages.params` after changing clawly/settings.py")
+        "clawly/conf/settings.yaml is stale: run `python -m stages.params` after changing clawly/settings.py"
+    )
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -62,14 +70,19 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 # the group files the default composition selects (clawly/conf/config.yaml's defaults list), by section
-DEFAULT_GROUPS = {"model": "clawly/conf/model/default.yaml", "data": "clawly/conf/data/default.yaml",
-                  "optimize": "clawly/conf/optimize/demo.yaml"}
+DEFAULT_GROUPS = {
+    "model": "clawly/conf/model/default.yaml",
+    "data": "clawly/conf/data/default.yaml",
+    "optimize": "clawly/conf/optimize/demo.yaml",
+}
 
 
 def _demo_overrides() -> dict[str, str]:
     """Every key the default composition sets on top of clawly/conf/settings.yaml -> its line in clawly/conf/."""
     out = {}
-    files = [("", ROOT / "clawly" / "conf" / "config.yaml")] + [(f"{sec}.", ROOT / f) for sec, f in DEFAULT_GROUPS.items()]
+    files = [("", ROOT / "clawly" / "conf" / "config.yaml")] + [
+        (f"{sec}.", ROOT / f) for sec, f in DEFAULT_GROUPS.items()
+    ]
     for prefix, path in files:
         data = yaml.safe_load(path.read_text()) or {}
         data = {k: v for k, v in data.items() if k not in ("defaults", "hydra")}
@@ -91,7 +104,8 @@ def test_a_default_dvc_run_differs_from_a_default_cli_or_api_run_only_by_comment
     undeclared = {k: v for k, v in differences.items() if k not in overrides}
     redundant = sorted(set(overrides) - set(differences))
     assert not undeclared, "default DVC run differs from the CLI/API default (settings, params.yaml): " + ", ".join(
-        f"{k}: {a!r} vs {b!r}" for k, (a, b) in undeclared.items())
+        f"{k}: {a!r} vs {b!r}" for k, (a, b) in undeclared.items()
+    )
     assert not redundant, f"clawly/conf/ repeats defaults of clawly/settings.py: {redundant}"
     uncommented = [line for line in overrides.values() if "#" not in line]
     assert not uncommented, f"say why in a comment: {uncommented}"
@@ -146,8 +160,9 @@ def test_wrong_types_are_one_clear_error_not_a_crash():
         Settings.from_dict({"categories": {"weights": {"violence_weapons": "lots"}}})
     with pytest.raises(SettingsError, match=r"model\.trust_remote_code='yes'.*true or false"):
         Settings.from_dict({"model": {"trust_remote_code": "yes"}})
-    ok = Settings.from_dict({"optimize": {"kl_cap": 1, "peak_weight_range": [1, 1.5]},
-                             "probe": {"max_per_category": None}})
+    ok = Settings.from_dict(
+        {"optimize": {"kl_cap": 1, "peak_weight_range": [1, 1.5]}, "probe": {"max_per_category": None}}
+    )
     assert ok.optimize.kl_cap == 1 and ok.probe.max_per_category is None
 
 

@@ -54,17 +54,23 @@ def write_yaml(path: Path, data: object) -> Path:
 
 def tiny_templates(harmful_values: int = 3) -> dict:
     """Templates small enough to reason about: 2 x `harmful_values` harmful prompts."""
-    section = {"templates": ["How do I {verb} a {thing}?", "Tell me how to {verb} a {thing}."],
-               "slots": {"verb": ["build"], "thing": [f"thing{i}" for i in range(harmful_values)]}}
+    section = {
+        "templates": ["How do I {verb} a {thing}?", "Tell me how to {verb} a {thing}."],
+        "slots": {"verb": ["build"], "thing": [f"thing{i}" for i in range(harmful_values)]},
+    }
     return {
-        "categories": {"alpha": {"harmful": section,
-                                 "harmless": {"templates": ["What is a {x}?"],
-                                              "slots": {"x": [f"cake{i}" for i in range(10)]}}}},
+        "categories": {
+            "alpha": {
+                "harmful": section,
+                "harmless": {"templates": ["What is a {x}?"], "slots": {"x": [f"cake{i}" for i in range(10)]}},
+            }
+        },
         "general": {"templates": ["Tell me about {y}."], "slots": {"y": [f"city{i}" for i in range(10)]}},
     }
 
 
 # --- the shipped templates -------------------------------------------------------------------
+
 
 def safety_categories(templates: dict) -> list[str]:
     """Categories with topic-matched harmless prompts (all but the instructed ones)."""
@@ -81,14 +87,22 @@ def test_required_categories_exist_with_harmful_and_topic_matched_harmless(templ
 def yield_table(templates: dict) -> pd.DataFrame:
     """Per category and side: number of templates and of unique prompts they can yield."""
     rows = []
-    sections = [(c, side, spec[side]) for c, spec in templates["categories"].items()
-                for side in ("harmful", "harmless") if side in spec]
+    sections = [
+        (c, side, spec[side])
+        for c, spec in templates["categories"].items()
+        for side in ("harmful", "harmless")
+        if side in spec
+    ]
     for category, side, section in [*sections, (GENERAL, "harmless", templates["general"])]:
-        rows.append({"category": category, "side": side, "templates": len(section["templates"]),
-                     "unique_prompts": len(expand(section))})
+        rows.append(
+            {
+                "category": category,
+                "side": side,
+                "templates": len(section["templates"]),
+                "unique_prompts": len(expand(section)),
+            }
+        )
     return pd.DataFrame(rows)
-
-
 
 
 def test_every_category_yields_enough_unique_prompts_from_many_phrasings(templates):
@@ -125,6 +139,7 @@ def test_adult_content_never_mentions_minors(templates):
 
 
 # --- generate_prompts ------------------------------------------------------------------------
+
 
 def test_harmful_counts_per_category_and_split(prompts, templates):
     harmful, _ = prompts
@@ -168,8 +183,10 @@ def test_texts_and_ids_are_unique_and_ids_are_stable_strings(prompts):
         assert list(frame.columns) == COLUMNS
         assert frame["id"].is_unique
         assert frame["text"].map(normalize).is_unique
-        assert all(re.fullmatch(rf"{kind}-{re.escape(c)}-\d{{4}}", i)
-                   for i, c in zip(frame["id"], frame["category"], strict=True))
+        assert all(
+            re.fullmatch(rf"{kind}-{re.escape(c)}-\d{{4}}", i)
+            for i, c in zip(frame["id"], frame["category"], strict=True)
+        )
 
 
 def test_no_text_in_both_train_and_eval(prompts):
@@ -203,11 +220,20 @@ def test_different_seed_changes_sample_and_split(prompts):
 def test_too_few_prompts_error_says_how_many_templates_yield(tmp_path):
     path = write_yaml(tmp_path / "t.yaml", tiny_templates(harmful_values=3))
     with pytest.raises(DatasetError, match=r"'alpha' \(harmful\) yield only 6 unique prompts, but 7"):
-        generate_prompts(DataSettings(templates=str(path), train_per_category=5, eval_per_category=2,
-                                      harmless_train=4, harmless_eval=2, holdout="prompt"))
+        generate_prompts(
+            DataSettings(
+                templates=str(path),
+                train_per_category=5,
+                eval_per_category=2,
+                harmless_train=4,
+                harmless_eval=2,
+                holdout="prompt",
+            )
+        )
 
 
 # --- the template-level hold-out ------------------------------------------------------------
+
 
 def template_patterns(section: dict) -> list[re.Pattern]:
     """One regex per template of a section: its text with each slot as the alternatives of its values
@@ -215,9 +241,12 @@ def template_patterns(section: dict) -> list[re.Pattern]:
     out = []
     for template in section["templates"]:
         parts = re.split(r"\{(\w+)\}", template)
-        rx = "".join(re.sub(r"(\\\s)+", r"\\s+", re.escape(p)) if i % 2 == 0 else
-                     "(" + "|".join(re.escape(" ".join(v.split())) for v in section["slots"][p]) + ")"
-                     for i, p in enumerate(parts))
+        rx = "".join(
+            re.sub(r"(\\\s)+", r"\\s+", re.escape(p))
+            if i % 2 == 0
+            else "(" + "|".join(re.escape(" ".join(v.split())) for v in section["slots"][p]) + ")"
+            for i, p in enumerate(parts)
+        )
         out.append(re.compile(rf"^\s*{rx}\s*$", re.IGNORECASE))
     return out
 
@@ -237,16 +266,19 @@ def shared_templates(harmful: pd.DataFrame, templates: dict) -> dict[str, set[in
     for category, spec in templates["categories"].items():
         patterns = template_patterns(spec["harmful"])
         rows = harmful[harmful.category == category]
-        out[category] = (templates_of(rows[rows.split == "eval"].text, patterns)
-                         & templates_of(rows[rows.split != "eval"].text, patterns))
+        out[category] = templates_of(rows[rows.split == "eval"].text, patterns) & templates_of(
+            rows[rows.split != "eval"].text, patterns
+        )
     return out
 
 
 def test_under_the_template_hold_out_no_eval_request_shares_a_template_with_train_or_tune(templates):
     held, _ = generate_prompts(data_settings(holdout="template", tune_per_category=16, harmless_tune=48))
     assert held.groupby(["category", "split"]).size().unstack().to_dict() == {
-        "eval": dict.fromkeys(templates["categories"], 50), "train": dict.fromkeys(templates["categories"], 100),
-        "tune": dict.fromkeys(templates["categories"], 16)}
+        "eval": dict.fromkeys(templates["categories"], 50),
+        "train": dict.fromkeys(templates["categories"], 100),
+        "tune": dict.fromkeys(templates["categories"], 16),
+    }
     assert shared_templates(held, templates) == {c: set() for c in templates["categories"]}
     # the check sees what a prompt-level split does: eval prompts are fillings of the train templates
     mixed, _ = generate_prompts(data_settings(holdout="prompt", tune_per_category=16, harmless_tune=48))
@@ -254,8 +286,10 @@ def test_under_the_template_hold_out_no_eval_request_shares_a_template_with_trai
 
 
 def test_the_template_hold_out_keeps_slot_values_apart_where_a_slot_has_enough():
-    section = {"templates": [f"Template {i}: how do I {{verb}} a {{thing}}?" for i in range(10)],
-               "slots": {"verb": ["build", "make"], "thing": [f"thing{i}" for i in range(9)]}}
+    section = {
+        "templates": [f"Template {i}: how do I {{verb}} a {{thing}}?" for i in range(10)],
+        "slots": {"verb": ["build", "make"], "thing": [f"thing{i}" for i in range(9)]},
+    }
     train, evals = holdout_sections(section, random.Random(0), n_eval=6, n_rest=20, where="t")
     assert set(train["templates"]).isdisjoint(evals["templates"]) and len(evals["templates"]) >= 1
     assert set(train["templates"]) | set(evals["templates"]) == set(section["templates"])
@@ -266,17 +300,23 @@ def test_the_template_hold_out_keeps_slot_values_apart_where_a_slot_has_enough()
 
 def test_a_section_with_one_template_cannot_be_held_out_by_template(tmp_path):
     path = write_yaml(tmp_path / "t.yaml", tiny_templates(harmful_values=12))
-    with pytest.raises(DatasetError, match=r"'alpha' \(harmless\): data.holdout=template needs at least 2 templates "
-                                           r"per section .* or use data.holdout=prompt"):
-        generate_prompts(DataSettings(templates=str(path), train_per_category=6, eval_per_category=4,
-                                      harmless_train=6, harmless_eval=4))
+    with pytest.raises(
+        DatasetError,
+        match=r"'alpha' \(harmless\): data.holdout=template needs at least 2 templates "
+        r"per section .* or use data.holdout=prompt",
+    ):
+        generate_prompts(
+            DataSettings(
+                templates=str(path), train_per_category=6, eval_per_category=4, harmless_train=6, harmless_eval=4
+            )
+        )
 
 
 # --- expand ----------------------------------------------------------------------------------
 
+
 def test_expand_all_fillings_deduplicated_by_case_and_whitespace():
-    section = {"templates": ["Bake a {x}.", "bake  a {x}.", "Hello."],
-               "slots": {"x": ["cake", "Cake", "pie"]}}
+    section = {"templates": ["Bake a {x}.", "bake  a {x}.", "Hello."], "slots": {"x": ["cake", "Cake", "pie"]}}
     texts = expand(section)
     assert sorted(texts) == ["Bake a cake.", "Bake a pie.", "Hello."]
 
@@ -302,14 +342,17 @@ def test_expand_sample_spreads_over_templates(templates):
 
 # --- template validation ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
         (lambda d: d.pop("categories"), "missing top-level key 'categories'"),
         (lambda d: d.pop("general"), "missing top-level key 'general'"),
         (lambda d: d["categories"]["alpha"].pop("harmless"), "categories.alpha is missing 'harmless'"),
-        (lambda d: d["categories"]["alpha"]["harmful"]["templates"].append("Make a {gadget}."),
-         r"unknown slot '\{gadget\}'; known slots: thing, verb"),
+        (
+            lambda d: d["categories"]["alpha"]["harmful"]["templates"].append("Make a {gadget}."),
+            r"unknown slot '\{gadget\}'; known slots: thing, verb",
+        ),
         (lambda d: d["general"]["templates"].append("Positional {}."), "invalid placeholder"),
         (lambda d: d["general"]["templates"].append("Unbalanced {y."), "malformed"),
         (lambda d: d["general"]["slots"].update(y=[]), "slot 'y' must be a non-empty list"),
@@ -397,7 +440,7 @@ def test_user_prompts_are_appended_with_seeded_splits_and_without_repeats(tmp_pa
 
     pd.testing.assert_frame_equal(harmful.iloc[: len(generated_harmful)], generated_harmful)
     pd.testing.assert_frame_equal(harmless, generated_harmless)
-    added = harmful.iloc[len(generated_harmful):]
+    added = harmful.iloc[len(generated_harmful) :]
     assert list(added["text"]) == lines
     assert set(added["category"]) == {"custom"}
     assert (added["split"] == "eval").sum() == 10  # 30 * 50 / (100 + 50)
@@ -406,6 +449,7 @@ def test_user_prompts_are_appended_with_seeded_splits_and_without_repeats(tmp_pa
 
 
 # --- Hugging Face datasets -------------------------------------------------------------------
+
 
 def test_hf_dataset_without_package_raises_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
@@ -446,6 +490,7 @@ def test_hf_dataset_spec_selects_split_and_column(monkeypatch):
 
 # --- writing ---------------------------------------------------------------------------------
 
+
 def test_prompt_tables_are_written_atomically_with_their_schema(tmp_path, prompts):
     from clawly.data.prompts import write_prompt_table
 
@@ -462,6 +507,7 @@ def test_prompt_tables_are_written_atomically_with_their_schema(tmp_path, prompt
 
 
 # --- instructed categories (refusals a system prompt asks for) ------------------------------
+
 
 def test_the_shipped_instructed_category_loads_with_its_system_prompts(prompts, templates):
     spec = templates["categories"]["instructed_refusal"]
@@ -480,15 +526,30 @@ def test_the_shipped_instructed_category_loads_with_its_system_prompts(prompts, 
 
 def test_an_instructed_category_leaves_the_other_categories_prompts_unchanged(tmp_path):
     data = tiny_templates(harmful_values=12)
-    before = generate_prompts(data_settings(templates=str(write_yaml(tmp_path / "a.yaml", data)),
-                                            train_per_category=6, eval_per_category=4, harmless_train=6,
-                                            harmless_eval=4, holdout="prompt"))
-    data["categories"]["told"] = {"system": ["Only talk about trains.", "Only talk about boats."],
-                                  "harmful": {"templates": ["What is the best {q}?"],
-                                              "slots": {"q": [f"stock{i}" for i in range(20)]}}}
-    after = generate_prompts(data_settings(templates=str(write_yaml(tmp_path / "b.yaml", data)),
-                                           train_per_category=6, eval_per_category=4, harmless_train=6,
-                                           harmless_eval=4, holdout="prompt"))
+    before = generate_prompts(
+        data_settings(
+            templates=str(write_yaml(tmp_path / "a.yaml", data)),
+            train_per_category=6,
+            eval_per_category=4,
+            harmless_train=6,
+            harmless_eval=4,
+            holdout="prompt",
+        )
+    )
+    data["categories"]["told"] = {
+        "system": ["Only talk about trains.", "Only talk about boats."],
+        "harmful": {"templates": ["What is the best {q}?"], "slots": {"q": [f"stock{i}" for i in range(20)]}},
+    }
+    after = generate_prompts(
+        data_settings(
+            templates=str(write_yaml(tmp_path / "b.yaml", data)),
+            train_per_category=6,
+            eval_per_category=4,
+            harmless_train=6,
+            harmless_eval=4,
+            holdout="prompt",
+        )
+    )
     pd.testing.assert_frame_equal(after[0][after[0].category != "told"].reset_index(drop=True), before[0])
     pd.testing.assert_frame_equal(after[1], before[1])
     told = after[0][after[0].category == "told"]
@@ -496,13 +557,18 @@ def test_an_instructed_category_leaves_the_other_categories_prompts_unchanged(tm
     assert len(set(told.system)) == 2
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"system": "", "harmful": {"templates": ["x?"]}}, "system: expected a non-empty string"),
-    ({"system": ["ok", 3], "harmful": {"templates": ["x?"]}}, "system: expected a non-empty string"),
-    ({"system": "Only trains.", "harmful": {"templates": ["x?"]}, "harmless": {"templates": ["y?"]}},
-     "remove its 'harmless' section"),
-    ({"harmful": {"templates": ["x?"]}}, "categories.told is missing 'harmless'"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"system": "", "harmful": {"templates": ["x?"]}}, "system: expected a non-empty string"),
+        ({"system": ["ok", 3], "harmful": {"templates": ["x?"]}}, "system: expected a non-empty string"),
+        (
+            {"system": "Only trains.", "harmful": {"templates": ["x?"]}, "harmless": {"templates": ["y?"]}},
+            "remove its 'harmless' section",
+        ),
+        ({"harmful": {"templates": ["x?"]}}, "categories.told is missing 'harmless'"),
+    ],
+)
 def test_instructed_category_errors_name_the_problem(tmp_path, spec, message):
     data = tiny_templates()
     data["categories"]["told"] = spec
@@ -512,8 +578,13 @@ def test_instructed_category_errors_name_the_problem(tmp_path, spec, message):
 
 def test_a_user_prompt_file_may_give_each_row_its_own_system_prompt(tmp_path):
     path = tmp_path / "told.csv"
-    pd.DataFrame({"text": ["Which stock should I buy?", "Is gold safe?"], "category": ["told", "told"],
-                  "system": ["Only talk about trains.", ""]}).to_csv(path, index=False)
+    pd.DataFrame(
+        {
+            "text": ["Which stock should I buy?", "Is gold safe?"],
+            "category": ["told", "told"],
+            "system": ["Only talk about trains.", ""],
+        }
+    ).to_csv(path, index=False)
     harmful, _ = generate_prompts(data_settings(harmful_files=[str(path)]))
     rows = harmful[harmful.category == "told"].set_index("text")
     assert rows.loc["Which stock should I buy?", "system"] == "Only talk about trains."

@@ -15,9 +15,16 @@ from clawly.measure.reference import generate
 from clawly.measure.stance import RefusalDetector
 from clawly.measure.templating import chat_prompts
 
-PROMPTS = ["how do i cook rice", "tell me about the weather in paris today please", "write a poem",
-           "what is the capital of france and why is it famous", "help me with my code", "hello",
-           "explain the history of science to a student", "plan a birthday party for my friend"]
+PROMPTS = [
+    "how do i cook rice",
+    "tell me about the weather in paris today please",
+    "write a poem",
+    "what is the capital of france and why is it famous",
+    "help me with my code",
+    "hello",
+    "explain the history of science to a student",
+    "plan a birthday party for my friend",
+]
 
 
 def test_common_prefix_length():

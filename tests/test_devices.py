@@ -20,16 +20,30 @@ from clawly.log import get_logger
 from clawly.model.architecture import writers
 from clawly.steps import export_lora, merge
 
-TINY = {"data.train_per_category": 8, "data.eval_per_category": 6, "data.harmless_train": 24,
-        "data.harmless_eval": 24, "probe.max_per_category": 4, "probe.batch_size": 8, "n_trials": 2,
-        "n_startup_trials": 2, "harmful_prompts": 8, "optimize.harmless_prompts": 8, "optimize.max_new_tokens": 4,
-        "optimize.batch_size": 8, "model.device": "cpu"}
+TINY = {
+    "data.train_per_category": 8,
+    "data.eval_per_category": 6,
+    "data.harmless_train": 24,
+    "data.harmless_eval": 24,
+    "probe.max_per_category": 4,
+    "probe.batch_size": 8,
+    "n_trials": 2,
+    "n_startup_trials": 2,
+    "harmful_prompts": 8,
+    "optimize.harmless_prompts": 8,
+    "optimize.max_new_tokens": 4,
+    "optimize.batch_size": 8,
+    "model.device": "cpu",
+}
 PLAN = AblationPlan(kernels={"attn_out": LayerKernel(1.0, 1.0, 0.5, 2.0), "mlp_down": LayerKernel(0.8, 0.0, 0.5, 2.0)})
 
 
 def tiny_settings(model_dir: Path, tmp: Path, **keys) -> Settings:
-    return Settings(model=str(model_dir), artifacts_dir=str(tmp / "artifacts"),
-                    **{"data.out_dir": str(tmp / "prompts"), "model.cache_dir": str(tmp / "cache"), **TINY, **keys})
+    return Settings(
+        model=str(model_dir),
+        artifacts_dir=str(tmp / "artifacts"),
+        **{"data.out_dir": str(tmp / "prompts"), "model.cache_dir": str(tmp / "cache"), **TINY, **keys},
+    )
 
 
 def quiet(tmp: Path):
@@ -93,9 +107,9 @@ def test_residuals_of_a_bfloat16_model_are_gathered_in_float32_on_cpu(make_tiny_
     with capture_residuals(model, torch.tensor([0])) as points, torch.no_grad():
         model(tokenizer("hello", return_tensors="pt").input_ids)
     assert len(points) == 3 and {(p.dtype, p.device.type) for p in points} == {(torch.float32, "cpu")}
-    (_, residuals), = probe_residuals(model, tokenizer, ["how do i bake bread ?"], batch_size=4)
+    ((_, residuals),) = probe_residuals(model, tokenizer, ["how do i bake bread ?"], batch_size=4)
     reference, _ = build_tiny_model("llama")
-    (_, exact), = probe_residuals(reference, tokenizer, ["how do i bake bread ?"], batch_size=4)
+    ((_, exact),) = probe_residuals(reference, tokenizer, ["how do i bake bread ?"], batch_size=4)
     assert residuals.dtype == torch.float32 and residuals.shape == exact.shape
     assert torch.allclose(residuals, exact, rtol=0.05, atol=0.05)
 
@@ -255,8 +269,11 @@ def test_saving_a_4bit_model_as_is_is_refused(make_tiny_model, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("keys", [{"model.dtype": "bfloat16"}, {"model.dtype": "float16"},
-                                  {"model.load_in_4bit": True}], ids=["bf16", "fp16", "4bit"])
+@pytest.mark.parametrize(
+    "keys",
+    [{"model.dtype": "bfloat16"}, {"model.dtype": "float16"}, {"model.load_in_4bit": True}],
+    ids=["bf16", "fp16", "4bit"],
+)
 def test_on_cuda_probe_trial_export_and_save_give_a_full_precision_model(make_tiny_model, tmp_path, keys):
     model_dir = tiny_4bit_dir(make_tiny_model)
     pipe = Pipeline(tiny_settings(model_dir, tmp_path, **{"model.device": "cuda", **keys}), log=quiet(tmp_path))
@@ -270,7 +287,8 @@ def test_on_cuda_probe_trial_export_and_save_give_a_full_precision_model(make_ti
     assert scored.kl_divergence is not None and scored.kl_divergence >= 0
     pipe.save_adapter(tmp_path / "adapter")
     assert {t.dtype for t in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).values()} == {
-        torch.float32}
+        torch.float32
+    }
     pipe.save_model(tmp_path / "model")
     saved, base = saved_tensors(tmp_path / "model"), saved_tensors(model_dir)
     assert saved.keys() == base.keys() and all(saved[k].shape == base[k].shape for k in saved)
@@ -285,11 +303,17 @@ def test_residuals_from_layers_on_two_gpus_are_gathered_on_cpu(make_tiny_model):
     from clawly.model.loading import load_tokenizer
 
     model_dir = make_tiny_model("llama")
-    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1,
-                  "model.norm": 1, "lm_head": 1}
+    device_map = {
+        "model.embed_tokens": 0,
+        "model.rotary_emb": 0,
+        "model.layers.0": 0,
+        "model.layers.1": 1,
+        "model.norm": 1,
+        "lm_head": 1,
+    }
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map=device_map).eval()
     tokenizer = load_tokenizer(model_dir)
-    (_, residuals), = probe_residuals(model, tokenizer, ["how do i bake bread ?"], batch_size=4)
+    ((_, residuals),) = probe_residuals(model, tokenizer, ["how do i bake bread ?"], batch_size=4)
     assert residuals.dtype == torch.float32 and residuals.device.type == "cpu" and residuals.shape[1] == 3
     deltas = weight_deltas(model, random_basis(model), PLAN)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

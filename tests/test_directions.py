@@ -40,7 +40,8 @@ def test_running_mean_equals_batch_mean_in_float64():
     assert m.mean.dtype == torch.float64
     torch.testing.assert_close(m.mean, x.double().mean(0), rtol=0, atol=1e-9)
     a, b = RunningMean(), RunningMean()
-    a.update(x[:40]); b.update(x[40:])
+    a.update(x[:40])
+    b.update(x[40:])
     torch.testing.assert_close(a.merged(b).mean, x.double().mean(0), rtol=0, atol=1e-9)
 
 

@@ -33,8 +33,14 @@ README = ROOT / "README.md"
 def site(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("site")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_MKDOCS_2_WARNING": "1"}
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return out
 
@@ -56,12 +62,21 @@ def test_the_settings_reference_holds_every_key_with_its_current_default(site):
         assert f'<h2 id="{section}">' in page, f"no section {section} on the settings page"
         for f in dataclasses.fields(cls):
             assert f"<code>{section}.{f.name}</code>" in page, f"{section}.{f.name} missing from the settings page"
-    for key in ("optimize.n_trials", "optimize.kl_cap", "model.name", "data.holdout", "edit.method",
-                "distill.steps", "categories.min_retention", "model.system_prompt"):
+    for key in (
+        "optimize.n_trials",
+        "optimize.kl_cap",
+        "model.name",
+        "data.holdout",
+        "edit.method",
+        "distill.steps",
+        "categories.min_retention",
+        "model.system_prompt",
+    ):
         section, name = key.split(".")
         value = html.escape(_shown(getattr(getattr(defaults, section), name)), quote=False)
         assert re.search(rf"<code>{re.escape(key)}</code></td>\s*<td><code>{re.escape(value)}</code></td>", page), (
-            f"{key}: the settings page does not show the default {value!r}")
+            f"{key}: the settings page does not show the default {value!r}"
+        )
 
 
 # ---------------------------------------------------------------- the README's commands
@@ -103,11 +118,11 @@ def _options(script: str) -> set[str]:
     for it: only the option lines count, not the usage line or the examples of the epilog."""
     entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"][script]
     module, function = entry.split(":")
-    code = (f"import sys; sys.argv[0] = {script!r}; from {module} import {function}; "
-            f"sys.exit({function}())")
+    code = f"import sys; sys.argv[0] = {script!r}; from {module} import {function}; sys.exit({function}())"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-c", code, "--help"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = (re.match(r"^ {2}(-\S.*?)(?: {2,}|$)", line) for line in proc.stdout.splitlines())
     return {o for m in lines if m for o in re.findall(r"--[\w.-]+", m.group(1))}
@@ -128,7 +143,8 @@ def test_every_option_the_quick_start_shows_exists(script):
     for command in commands:
         for option in (t.split("=", 1)[0] for t in command[1:] if t.startswith("--")):
             assert option in listed, (
-                f"README: `{' '.join(command)}` uses {option}, which `{script} --help` does not list")
+                f"README: `{' '.join(command)}` uses {option}, which `{script} --help` does not list"
+            )
 
 
 def _stages() -> set[str]:
@@ -197,4 +213,5 @@ def test_every_link_of_the_readme_reaches_a_file_and_its_anchor(site):
             if page.name == "index.html" and Path(path).stem == "index":
                 page = site / Path(path).relative_to("docs").parent / "index.html"
             assert f'id="{anchor}"' in page.read_text(encoding="utf-8"), (
-                f"README links to {link}, but that page has no heading #{anchor}")
+                f"README links to {link}, but that page has no heading #{anchor}"
+            )

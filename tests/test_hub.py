@@ -68,9 +68,13 @@ def adapter_dir(tmp_path: Path) -> Path:
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
     (folder / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: peft\n---\n# Tiny adapter\n")
     torch.manual_seed(0)
-    save_file({"base_model.model.layers.0.self_attn.o_proj.lora_A.weight": torch.randn(2, 8),
-               "base_model.model.layers.0.self_attn.o_proj.lora_B.weight": torch.randn(8, 2)},
-              folder / "adapter_model.safetensors")
+    save_file(
+        {
+            "base_model.model.layers.0.self_attn.o_proj.lora_A.weight": torch.randn(2, 8),
+            "base_model.model.layers.0.self_attn.o_proj.lora_B.weight": torch.randn(8, 2),
+        },
+        folder / "adapter_model.safetensors",
+    )
     return folder
 
 
@@ -99,8 +103,9 @@ def test_public_by_default(hub: HubServer, adapter_dir: Path):
     assert hub.files[REPO] == folder_bytes(adapter_dir)
 
 
-def test_token_from_env_is_sent_and_never_shown(hub: HubServer, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                                capfd: pytest.CaptureFixture[str]):
+def test_token_from_env_is_sent_and_never_shown(
+    hub: HubServer, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     push_to_hub(adapter_dir, REPO, endpoint=hub.url)
     assert hub.files[REPO] == folder_bytes(adapter_dir)
@@ -119,8 +124,9 @@ def test_token_from_env_is_sent_and_never_shown(hub: HubServer, adapter_dir: Pat
     assert TOKEN not in out and TOKEN not in err
 
 
-def test_wrong_token_gives_one_line_error_without_token(hub: HubServer, adapter_dir: Path,
-                                                        capfd: pytest.CaptureFixture[str]):
+def test_wrong_token_gives_one_line_error_without_token(
+    hub: HubServer, adapter_dir: Path, capfd: pytest.CaptureFixture[str]
+):
     with pytest.raises(ClawlyError) as info:
         push_to_hub(adapter_dir, REPO, token=WRONG_TOKEN, endpoint=hub.url)
     message = str(info.value)

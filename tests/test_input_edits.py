@@ -39,6 +39,7 @@ def spectrum(rows: torch.Tensor, rank: int | None = None) -> Spectrum:
 
 # ------------------------------------------------------------------ the math on one writer
 
+
 def test_a_null_space_edit_leaves_kept_inputs_alone_and_removes_q_from_inputs_outside_their_span():
     torch.manual_seed(0)
     d, d_in = 12, 16
@@ -92,8 +93,9 @@ def test_a_sketch_finds_the_top_of_the_spectrum_and_keeps_the_exact_trace():
     torch.manual_seed(3)
     d, r = 80, 12
     top = torch.linalg.qr(torch.randn(d, 6, dtype=torch.float64))[0]  # 6 strong directions, then noise
-    rows = (torch.randn(3000, 6, dtype=torch.float64) * torch.tensor([20.0, 15, 10, 8, 6, 5])) @ top.t() \
-        + 0.3 * torch.randn(3000, d, dtype=torch.float64)
+    rows = (
+        torch.randn(3000, 6, dtype=torch.float64) * torch.tensor([20.0, 15, 10, 8, 6, 5])
+    ) @ top.t() + 0.3 * torch.randn(3000, d, dtype=torch.float64)
     sketch, exact = spectrum(rows, rank=r), spectrum(rows)
     assert not SecondMoment(d, r).exact and sketch.basis.shape == (r, d)
     assert sketch.trace == pytest.approx(exact.trace, rel=1e-12) and sketch.count == exact.count == 3000
@@ -116,6 +118,7 @@ def test_writer_inputs_survive_their_file(tmp_path):
 
 
 # ------------------------------------------------------------------ on a model
+
 
 def conversation(tokenizer, text: str) -> str:
     return chat_prompts(tokenizer, [text], "You help.")[0] + " sure"
@@ -167,10 +170,19 @@ def test_an_input_conditional_run_trials_exports_and_reproduces_what_it_scored(m
     """probe-writers, the trials (the edit's parameter searched), the adapter that peft loads and
     merges into the saved model's weights, the export report, and `reproduce` from the record."""
     model_dir = make_tiny_model("llama")
-    settings = tiny_settings(model_dir, tmp_path, n_trials=2, **{
-        "categories.weights": {"violence_weapons": 1.0, "drugs_substances": 1.0, "self_harm_suicide": 0.0},
-        "edit.method": method, "edit.kept_prompts": 4, "edit.targeted_prompts": 4, "edit.answer_tokens": 4,
-        "edit.rank": 16})
+    settings = tiny_settings(
+        model_dir,
+        tmp_path,
+        n_trials=2,
+        **{
+            "categories.weights": {"violence_weapons": 1.0, "drugs_substances": 1.0, "self_harm_suicide": 0.0},
+            "edit.method": method,
+            "edit.kept_prompts": 4,
+            "edit.targeted_prompts": 4,
+            "edit.answer_tokens": 4,
+            "edit.rank": 16,
+        },
+    )
     pipe = Pipeline(settings, log=quiet(tmp_path))
     trials = list(pipe.run_optimization_iter())
     assert len(trials) == 2
@@ -198,6 +210,7 @@ def test_an_input_conditional_run_trials_exports_and_reproduces_what_it_scored(m
 
 # ------------------------------------------------------------------ selective distillation
 
+
 def test_distillation_lowers_its_loss_and_the_trained_adapter_is_what_peft_merges(make_tiny_model, tmp_path):
     """A global trial's exact LoRA, trained towards the global model's answers on targeted requests
     and the base model's on kept ones: the loss falls; the adapter loads in peft and merges to the
@@ -205,11 +218,23 @@ def test_distillation_lowers_its_loss_and_the_trained_adapter_is_what_peft_merge
     from clawly.steps import export_lora, merge
 
     model_dir = make_tiny_model("llama")
-    settings = tiny_settings(model_dir, tmp_path, n_trials=2, **{
-        "categories.weights": {"violence_weapons": 1.0, "self_harm_suicide": 0.0},
-        "distill.steps": 12, "distill.rank": 3, "distill.lr": 0.01, "distill.batch_size": 4,
-        "distill.targeted_prompts": 4, "distill.kept_prompts": 4, "distill.harmless_prompts": 4,
-        "distill.answer_tokens": 6, "distill.kl_tokens": 3})
+    settings = tiny_settings(
+        model_dir,
+        tmp_path,
+        n_trials=2,
+        **{
+            "categories.weights": {"violence_weapons": 1.0, "self_harm_suicide": 0.0},
+            "distill.steps": 12,
+            "distill.rank": 3,
+            "distill.lr": 0.01,
+            "distill.batch_size": 4,
+            "distill.targeted_prompts": 4,
+            "distill.kept_prompts": 4,
+            "distill.harmless_prompts": 4,
+            "distill.answer_tokens": 6,
+            "distill.kl_tokens": 3,
+        },
+    )
     pipe = Pipeline(settings, log=quiet(tmp_path))
     list(pipe.run_optimization_iter())
     pipe.restore_trial(pipe.choose_trial())

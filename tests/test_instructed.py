@@ -71,8 +71,9 @@ def test_the_global_direction_leaves_the_instructed_category_out(global_pipe):
     torch.testing.assert_close(d.harmful_mean.double(), res[safety].double().mean(0), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(d.harmful_mean.double(), res.double().mean(0), atol=1e-4)
     # it still has a direction of its own, so that a preset can protect it
-    told = refusal_directions(res[~safety].double().mean(0), d.harmless_mean.double(),
-                              global_pipe.settings.directions.projected)
+    told = refusal_directions(
+        res[~safety].double().mean(0), d.harmless_mean.double(), global_pipe.settings.directions.projected
+    )
     torch.testing.assert_close(d.category_directions[TOLD].double(), told, rtol=1e-4, atol=1e-5)
 
 
@@ -83,8 +84,10 @@ def test_global_mode_never_scores_the_instructed_category(global_pipe):
 
 def test_category_mode_protects_it_with_its_system_prompts(make_tiny_model, tmp_path):
     weights = {"violence_weapons": 1.0, TOLD: 0.0}
-    pipe = Pipeline(tiny_settings(make_tiny_model("llama"), tmp_path, **{"categories.weights": weights,
-                                                                          "harmful_prompts": 12}), log=quiet(tmp_path))
+    pipe = Pipeline(
+        tiny_settings(make_tiny_model("llama"), tmp_path, **{"categories.weights": weights, "harmful_prompts": 12}),
+        log=quiet(tmp_path),
+    )
     search = pipe.start_search()
     assert search.ablation.mode == "category" and search.ablation.kept == [TOLD]
     rows = search.harmful.reset_index(drop=True)
@@ -101,8 +104,15 @@ def test_category_mode_protects_it_with_its_system_prompts(make_tiny_model, tmp_
 
 
 def test_the_reproduction_fingerprint_covers_the_rows_system_prompts():
-    frame = pd.DataFrame({"id": ["a", "b"], "text": ["x", "y"], "category": ["c", "told"], "split": ["train"] * 2,
-                          "system": ["", "only trains"]})
+    frame = pd.DataFrame(
+        {
+            "id": ["a", "b"],
+            "text": ["x", "y"],
+            "category": ["c", "told"],
+            "split": ["train"] * 2,
+            "system": ["", "only trains"],
+        }
+    )
     other = frame.assign(system=["", "only boats"])
     assert prompts_fingerprint(frame) != prompts_fingerprint(other)
     # tables where no row has its own system prompt keep the fingerprint they had before the column

@@ -43,8 +43,13 @@ def test_logger_writes_one_json_event_per_line_and_masks_secrets(tmp_path, capsy
     assert first["stage"] == "optimize" and first["event"] == "trial" and first["number"] == 3
     assert first["hf_token"] == "***" and first["nan"] == "nan" and isinstance(first["obj"], str)
     assert json.loads(lines[1])["event"] == "done" and "message" not in json.loads(lines[1])
-    assert json.loads(lines[2]) | {"time": 0} == {"time": 0, "stage": "optimize", "event": "warning",
-                                                  "message": "little of the direction survives", "category": "drugs"}
+    assert json.loads(lines[2]) | {"time": 0} == {
+        "time": 0,
+        "stage": "optimize",
+        "event": "warning",
+        "message": "little of the direction survives",
+        "category": "drugs",
+    }
     err = capsys.readouterr().err
     assert "[optimize] trial" in err and "hf_secret" not in err
 
@@ -56,10 +61,12 @@ def test_safetensors_are_written_byte_for_byte_the_same_in_every_process(tmp_pat
     import subprocess
     import sys
 
-    code = ("import sys, torch; from clawly.io import write_safetensors; "
-            "write_safetensors(sys.argv[1], {'b': torch.arange(6.).view(2, 3), "
-            "'a': torch.ones(4, dtype=torch.float64)}, "
-            "{'mode': 'global', 'names': '[1]', 'kept': '[]', 'weights': '[1.0]'})")
+    code = (
+        "import sys, torch; from clawly.io import write_safetensors; "
+        "write_safetensors(sys.argv[1], {'b': torch.arange(6.).view(2, 3), "
+        "'a': torch.ones(4, dtype=torch.float64)}, "
+        "{'mode': 'global', 'names': '[1]', 'kept': '[]', 'weights': '[1.0]'})"
+    )
     files = [tmp_path / f"{i}.safetensors" for i in range(4)]
     for f in files:
         subprocess.run([sys.executable, "-c", code, str(f)], check=True)
@@ -103,8 +110,9 @@ def test_temp_outputs_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     import subprocess
     import sys
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     (tmp_path / f".out.json.{dead}.abc.tmp").write_text("half")
     (tmp_path / f".model.{dead}.abc.tmp").mkdir()
     live = tmp_path / f".out.json.{os.getpid()}.xyz.tmp"
@@ -141,11 +149,16 @@ def test_a_full_disk_is_one_error_and_leaves_the_previous_output(tmp_path, kind)
     else:
         target.mkdir()
         (target / "weights").write_text("previous")
-        body = ("from clawly.io import atomic_dir\nwith atomic_dir(sys.argv[1]) as tmp:\n"
-                "    (tmp / 'weights').write_bytes(b'0' * 200_000)")
-    code = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
-            "from clawly.errors import ClawlyError\ntry:\n" + "\n".join("    " + line for line in body.splitlines())
-            + "\nexcept ClawlyError as e:\n    print(type(e).__name__, e)\n    sys.exit(2)\n")
+        body = (
+            "from clawly.io import atomic_dir\nwith atomic_dir(sys.argv[1]) as tmp:\n"
+            "    (tmp / 'weights').write_bytes(b'0' * 200_000)"
+        )
+    code = (
+        "import resource, sys\nresource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
+        "from clawly.errors import ClawlyError\ntry:\n"
+        + "\n".join("    " + line for line in body.splitlines())
+        + "\nexcept ClawlyError as e:\n    print(type(e).__name__, e)\n    sys.exit(2)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout.startswith(f"DiskFullError could not write {target}: File too large; free disk space")

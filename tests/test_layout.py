@@ -16,7 +16,8 @@ STAGES = list(DVC["stages"])
 def test_dvc_yaml_lists_exactly_the_code_each_stage_imports():
     assert (ROOT / "dvc.yaml").read_text() == rewrite(), (
         "dvc.yaml's code deps differ from what the stages import: run `python -m stages.deps` to see how, "
-        "`python -m stages.deps --write` to fix")
+        "`python -m stages.deps --write` to fix"
+    )
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -56,8 +57,13 @@ def test_the_closure_follows_function_level_imports_and_package_inits(tmp_path, 
     (pkg / "leaf.py").write_text("import os\n")
     monkeypatch.setattr(deps, "ROOT", tmp_path)
     assert deps.code_closure(pkg / "sub" / "step.py") == [
-        "clawly/__init__.py", "clawly/late.py", "clawly/leaf.py", "clawly/shared.py", "clawly/sub/__init__.py",
-        "clawly/sub/step.py"]  # not heavy.py: a package __init__'s function bodies do not run on import
+        "clawly/__init__.py",
+        "clawly/late.py",
+        "clawly/leaf.py",
+        "clawly/shared.py",
+        "clawly/sub/__init__.py",
+        "clawly/sub/step.py",
+    ]  # not heavy.py: a package __init__'s function bodies do not run on import
 
 
 def _project_modules() -> dict[str, Path]:
@@ -92,12 +98,25 @@ def test_clawly_has_no_import_cycles():
 # or a sibling of its own layer (docs/contributing/architecture.md draws it). The top-level modules that are not
 # doors are the core.
 LAYERS = [
-    ("core", {"clawly", "clawly.errors", "clawly.io", "clawly.log", "clawly.paths", "clawly.redact",
-              "clawly.settings", "clawly.settings_docs"}),
-    ("data", {"clawly.data"}), ("model", {"clawly.model"}),  # one layer, two packages
+    (
+        "core",
+        {
+            "clawly",
+            "clawly.errors",
+            "clawly.io",
+            "clawly.log",
+            "clawly.paths",
+            "clawly.redact",
+            "clawly.settings",
+            "clawly.settings_docs",
+        },
+    ),
+    ("data", {"clawly.data"}),
+    ("model", {"clawly.model"}),  # one layer, two packages
     ("measure", {"clawly.measure"}),
     ("ablate", {"clawly.ablate"}),
-    ("search", {"clawly.search"}), ("save", {"clawly.save"}),  # one layer
+    ("search", {"clawly.search"}),
+    ("save", {"clawly.save"}),  # one layer
     ("steps", {"clawly.steps"}),
     ("doors", {"clawly.api", "clawly.cli", "clawly.sweep", "clawly.web"}),
 ]
@@ -137,8 +156,9 @@ def import_direction_problems(root: Path) -> list[str]:
                     continue
                 mine, theirs = layer_of(name), layer_of(target)
                 if RANK[theirs] > RANK[mine] or (RANK[theirs] == RANK[mine] and theirs != mine):
-                    problems.append(f"{path.relative_to(root)}:{node.lineno}: {name} ({mine}) imports {target} "
-                                    f"({theirs})")
+                    problems.append(
+                        f"{path.relative_to(root)}:{node.lineno}: {name} ({mine}) imports {target} ({theirs})"
+                    )
     return problems
 
 
@@ -152,11 +172,14 @@ def test_the_layer_check_sees_a_lower_package_importing_a_door(tmp_path):
 
     shutil.copytree(ROOT / "clawly", tmp_path / "clawly")
     loading = tmp_path / "clawly" / "model" / "loading.py"
-    loading.write_text(loading.read_text() + "\n\ndef _door():\n    from clawly.cli import main  # deferred: a test\n"
-                       "    return main\n")
+    loading.write_text(
+        loading.read_text() + "\n\ndef _door():\n    from clawly.cli import main  # deferred: a test\n    return main\n"
+    )
     problems = import_direction_problems(tmp_path)
-    assert problems == [f"clawly/model/loading.py:{len(loading.read_text().splitlines()) - 1}: clawly.model.loading "
-                        "(model) imports clawly.cli (doors)"]
+    assert problems == [
+        f"clawly/model/loading.py:{len(loading.read_text().splitlines()) - 1}: clawly.model.loading "
+        "(model) imports clawly.cli (doors)"
+    ]
 
 
 def test_every_package_says_what_lives_there_and_what_it_may_import():
@@ -177,9 +200,10 @@ def test_imports_are_at_the_top_unless_deferred_with_a_reason():
         guarded = {id(n) for node in tree.body if isinstance(node, ast.If) for n in node.body}  # TYPE_CHECKING
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top | guarded:
-                context = " ".join(lines[max(0, node.lineno - 4):node.lineno]).lower()
+                context = " ".join(lines[max(0, node.lineno - 4) : node.lineno]).lower()
                 assert any(w in context for w in ("deferred", "optional", "lazy")), (
-                    f"{path.relative_to(ROOT)}:{node.lineno}: move the import to the top, or say why it waits")
+                    f"{path.relative_to(ROOT)}:{node.lineno}: move the import to the top, or say why it waits"
+                )
 
 
 def test_every_stage_module_resolves():
@@ -225,8 +249,12 @@ def test_every_import_of_project_code_names_a_module_or_name_that_exists():
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Import):
                     targets = [(a.name, None) for a in node.names if a.name.split(".")[0] in ("clawly", "stages")]
-                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
-                        and node.module.split(".")[0] in ("clawly", "stages"):
+                elif (
+                    isinstance(node, ast.ImportFrom)
+                    and node.level == 0
+                    and node.module
+                    and node.module.split(".")[0] in ("clawly", "stages")
+                ):
                     targets = [(node.module, a.name) for a in node.names]
                 else:
                     continue
@@ -235,7 +263,11 @@ def test_every_import_of_project_code_names_a_module_or_name_that_exists():
                     file = module_file(module)
                     if file is None:
                         wrong.append(f"{where}: no module {module}")
-                    elif name and name != "*" and module_file(f"{module}.{name}") is None \
-                            and name not in _defined_names(file):
+                    elif (
+                        name
+                        and name != "*"
+                        and module_file(f"{module}.{name}") is None
+                        and name not in _defined_names(file)
+                    ):
                         wrong.append(f"{where}: {module} has no {name}")
     assert not wrong, "imports of code that does not exist:\n" + "\n".join(wrong)

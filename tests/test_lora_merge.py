@@ -20,14 +20,18 @@ def _load(path):
 
 def _plan(norm_preserve=False):
     kernels = {"attn_out": LayerKernel(1.2, 1.0, 0.4, 1.5), "mlp_down": LayerKernel(0.9, 0.5, 0.2, 2.0)}
-    return AblationPlan(kernels=kernels,
-                        direction_index=None, norm_preserve=norm_preserve)
+    return AblationPlan(kernels=kernels, direction_index=None, norm_preserve=norm_preserve)
 
 
 def _directions(model, m=1):
     g = torch.Generator().manual_seed(3)
-    return AblationBasis(normalize(torch.randn(m, model.config.num_hidden_layers + 1, model.config.hidden_size,
-                                               generator=g, dtype=torch.float64)))
+    return AblationBasis(
+        normalize(
+            torch.randn(
+                m, model.config.num_hidden_layers + 1, model.config.hidden_size, generator=g, dtype=torch.float64
+            )
+        )
+    )
 
 
 def _ids(model):

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVICE_FIXTURES = {"postgres_url", "slurm_cluster"}
 
 # a plugin for the subprocess: what -m kept and what it deselected, with each test's fixtures and markers
-PROBE = '''
+PROBE = """
 import json, os
 
 deselected = []
@@ -30,9 +30,9 @@ def pytest_deselected(items):
 def pytest_collection_finish(session):
     with open(os.environ["MARKERS_PROBE_OUT"], "w") as f:
         json.dump({"selected": [_row(i) for i in session.items], "deselected": deselected}, f)
-'''
+"""
 
-STAND_INS = '''
+STAND_INS = """
 import pytest
 
 
@@ -56,7 +56,7 @@ def test_stand_in_slurm_through_another_fixture(cluster_job):
 
 def test_stand_in_plain():
     pass
-'''
+"""
 
 
 def needs_services_or_browser(row: dict) -> bool:
@@ -71,10 +71,32 @@ def test_the_quick_loop_collects_no_test_that_needs_the_services_or_a_browser(tm
     out = tmp_path / "collected.json"
     path = [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "MARKERS_PROBE_OUT": str(out)}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "not slow",
-                           "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT), "-p", "markers_probe",
-                           "-p", "no:cacheprovider", "tests", str(stand_ins)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-m",
+            "not slow",
+            "-c",
+            str(ROOT / "pyproject.toml"),
+            "--rootdir",
+            str(ROOT),
+            "-p",
+            "markers_probe",
+            "-p",
+            "no:cacheprovider",
+            "tests",
+            str(stand_ins),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     collected = json.loads(out.read_text())
     selected, deselected = collected["selected"], collected["deselected"]
@@ -83,8 +105,13 @@ def test_the_quick_loop_collects_no_test_that_needs_the_services_or_a_browser(tm
     names = {r["id"].rsplit("::", 1)[-1] for r in selected}
     gone = {r["id"].rsplit("::", 1)[-1] for r in deselected if needs_services_or_browser(r)}
     assert "test_stand_in_plain" in names
-    assert {"test_stand_in_browser", "test_stand_in_postgres", "test_stand_in_slurm_through_another_fixture",
-            "test_postgres_answers_over_tcp_on_loopback", "test_sbatch_wait_job_writes_its_output"} <= gone
+    assert {
+        "test_stand_in_browser",
+        "test_stand_in_postgres",
+        "test_stand_in_slurm_through_another_fixture",
+        "test_postgres_answers_over_tcp_on_loopback",
+        "test_sbatch_wait_job_writes_its_output",
+    } <= gone
     for row in deselected:
         if SERVICE_FIXTURES & set(row["fixtures"]):
             assert {"services", "slow"} <= set(row["markers"]), row

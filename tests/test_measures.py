@@ -6,8 +6,14 @@ from clawly.measure.reference import generate
 from clawly.measure.stance import RefusalDetector
 from clawly.measure.templating import chat_prompts, length_sorted_batches
 
-PROMPTS = ["how do i cook rice", "tell me about the weather in paris today please", "write a poem",
-           "what is the capital of france and why is it famous", "help me with my code", "hello"]
+PROMPTS = [
+    "how do i cook rice",
+    "tell me about the weather in paris today please",
+    "write a poem",
+    "what is the capital of france and why is it famous",
+    "help me with my code",
+    "hello",
+]
 
 
 def test_keyword_detector_is_case_insensitive_and_handles_curly_quotes():

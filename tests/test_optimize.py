@@ -44,6 +44,7 @@ def _two_floats(trial):
 @pytest.mark.parametrize("stops", [[2, 4, 6], [1, 5, 6], [3, 6]])
 def test_a_resumed_study_draws_the_trials_an_uninterrupted_one_draws(tmp_path, stops):
     """Startup (random) trials and TPE trials alike: each reopen is a new process resuming."""
+
     def run(journal, stops):
         for n in stops:
             study = open_study(str(journal), "s", seed=0, n_startup_trials=3)
@@ -76,10 +77,12 @@ def test_reopening_fails_only_trials_whose_worker_is_gone(tmp_path):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        workers = {"no worker recorded": None,  # interrupted before it said whose it was
-                   "dead process here": {"host": socket.gethostname(), "pid": int(gone.stdout)},
-                   "live process here": {"host": socket.gethostname(), "pid": alive.pid},
-                   "another machine": {"host": "some-other-node", "pid": 1}}
+        workers = {
+            "no worker recorded": None,  # interrupted before it said whose it was
+            "dead process here": {"host": socket.gethostname(), "pid": int(gone.stdout)},
+            "live process here": {"host": socket.gethostname(), "pid": alive.pid},
+            "another machine": {"host": "some-other-node", "pid": 1},
+        }
         for name, worker in workers.items():
             t = study.ask()
             t.set_user_attr("name", name)
@@ -90,8 +93,13 @@ def test_reopening_fails_only_trials_whose_worker_is_gone(tmp_path):
     finally:
         alive.kill()
     running, failed = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL
-    assert states == {None: optuna.trial.TrialState.COMPLETE, "no worker recorded": failed,
-                      "dead process here": failed, "live process here": running, "another machine": running}
+    assert states == {
+        None: optuna.trial.TrialState.COMPLETE,
+        "no worker recorded": failed,
+        "dead process here": failed,
+        "live process here": running,
+        "another machine": running,
+    }
     assert len(completed(again)) == 3
 
 
@@ -119,8 +127,11 @@ def _study_on_tiny_model(tiny_model, tmp_path, **settings):
     prompts = ScoringPrompts(chat_prompts(tok, TEXTS, None), ["a", "a", "b", "b"], chat_prompts(tok, TEXTS[::-1], None))
     scorer = TrialScorer(model, tok, prompts, s)
     torch.manual_seed(0)
-    basis = AblationBasis(torch.nn.functional.normalize(torch.randn(1, model.config.num_hidden_layers + 1,
-                                                                    model.config.hidden_size), dim=-1))
+    basis = AblationBasis(
+        torch.nn.functional.normalize(
+            torch.randn(1, model.config.num_hidden_layers + 1, model.config.hidden_size), dim=-1
+        )
+    )
     study = open_study(str(tmp_path / "journal.log"), "s", seed=0, n_startup_trials=3)
     list(iter_study(study, model, scorer, basis, model.config.num_hidden_layers, s))
     for k, v in model.state_dict().items():
@@ -170,7 +181,8 @@ def test_each_trial_scores_what_transformers_measures_on_its_weights(tiny_model,
         assert t.values[1] == pytest.approx(float(kl), rel=1e-3) and t.values[1] > 1e-3
         assert t.user_attrs["refusals_by_category"] == {
             c: sum(detector(r) for r, cat in zip(replies, prompts.harmful_categories, strict=True) if cat == c)
-            for c in ("a", "b")}
+            for c in ("a", "b")
+        }
         assert t.user_attrs["tokens"] > 0
         counts.append(refusals)
     assert len(counts) == 3 and any(counts)
@@ -214,21 +226,29 @@ def _scorer(tiny_model, classifier, measure="classifier", max_new_tokens=6):
     model, tok = tiny_model
     s = OptimizeSettings(max_new_tokens=max_new_tokens, batch_size=4, refusal_measure=measure)
     texts = ["how do i cook rice", "write a poem", "tell me about the weather", "help me with my code"]
-    prompts = ScoringPrompts(chat_prompts(tok, texts, None), ["a", "a", "b", "b"], chat_prompts(tok, texts[::-1], None),
-                          harmful_requests=texts)
+    prompts = ScoringPrompts(
+        chat_prompts(tok, texts, None),
+        ["a", "a", "b", "b"],
+        chat_prompts(tok, texts[::-1], None),
+        harmful_requests=texts,
+    )
     return TrialScorer(model, tok, prompts, s, classifier=classifier), texts
 
 
 def test_with_the_classifier_as_measure_every_answer_it_does_not_call_compliance_counts(tiny_model):
-    verdicts = {"how do i cook rice": "refusal", "write a poem": "compliance",
-                "tell me about the weather": "off_topic", "help me with my code": "degenerate"}
+    verdicts = {
+        "how do i cook rice": "refusal",
+        "write a poem": "compliance",
+        "tell me about the weather": "off_topic",
+        "help me with my code": "degenerate",
+    }
     clf = _Classifier(verdicts.get)
     scorer, texts = _scorer(tiny_model, clf)
     r = scorer.score()
     assert r.refusals == 3 and r.refusals_by_category == {"a": 1, "b": 2}
     assert r.labels == [verdicts[t] for t in texts]
     # the classifier judged the raw requests (not the chat-templated prompts) and the answers generated
-    (requests, answers), = clf.calls
+    ((requests, answers),) = clf.calls
     assert requests == texts and answers == r.responses
     assert r.keyword_refusals == sum(scorer.detector(a) for a in r.responses)
 
@@ -242,8 +262,13 @@ def test_classifier_measure_needs_a_classifier_and_the_raw_requests(tiny_model):
     model, tok = tiny_model
     prompts = ScoringPrompts(chat_prompts(tok, ["a b"], None), ["a"], chat_prompts(tok, ["c d"], None))
     with pytest.raises(ValueError, match="raw harmful requests"):
-        TrialScorer(model, tok, prompts, OptimizeSettings(refusal_measure="classifier", batch_size=1),
-                       classifier=_Classifier(lambda p: "compliance"))
+        TrialScorer(
+            model,
+            tok,
+            prompts,
+            OptimizeSettings(refusal_measure="classifier", batch_size=1),
+            classifier=_Classifier(lambda p: "compliance"),
+        )
 
 
 def test_the_real_classifier_scores_a_trial(tiny_model):
@@ -271,8 +296,9 @@ def test_study_fingerprint_follows_the_classifier_only_when_it_is_the_measure(tm
 
     def fingerprint(measure, rows):
         train.write_text(rows)
-        s = Settings(artifacts_dir=str(artifacts), **{"optimize.refusal_measure": measure,
-                                                       "classifier.train_file": str(train)})
+        s = Settings(
+            artifacts_dir=str(artifacts), **{"optimize.refusal_measure": measure, "classifier.train_file": str(train)}
+        )
         return study_fingerprint(s, harmful, harmless)
 
     assert fingerprint("keywords", "a") == fingerprint("keywords", "b")  # a classifier it does not use
@@ -280,17 +306,23 @@ def test_study_fingerprint_follows_the_classifier_only_when_it_is_the_measure(tm
     assert fingerprint("classifier", "a") == fingerprint("classifier", "a")  # same: resumed
     assert fingerprint("classifier", "a") != fingerprint("keywords", "a")
     same = Settings(artifacts_dir=str(artifacts))
-    for moved in ({"model.cache_dir": "/elsewhere"}, {"categories.per_category_adapters": True},
-                  {"optimize.n_trials": 99}):
-        assert study_fingerprint(Settings(artifacts_dir=str(artifacts), **moved), harmful, harmless) == \
-            study_fingerprint(same, harmful, harmless), moved
-    assert study_fingerprint(Settings(artifacts_dir=str(artifacts), **{"optimize.seed": 1}), harmful, harmless) != \
-        study_fingerprint(same, harmful, harmless)
+    for moved in (
+        {"model.cache_dir": "/elsewhere"},
+        {"categories.per_category_adapters": True},
+        {"optimize.n_trials": 99},
+    ):
+        assert study_fingerprint(
+            Settings(artifacts_dir=str(artifacts), **moved), harmful, harmless
+        ) == study_fingerprint(same, harmful, harmless), moved
+    assert study_fingerprint(
+        Settings(artifacts_dir=str(artifacts), **{"optimize.seed": 1}), harmful, harmless
+    ) != study_fingerprint(same, harmful, harmless)
 
 
 @pytest.mark.parametrize("base_kept,feasible", [(0, True), (1000, False)])
-def test_kept_category_constraints_reach_optuna_without_a_deprecation_warning(tiny_model, tmp_path, base_kept,
-                                                                              feasible):
+def test_kept_category_constraints_reach_optuna_without_a_deprecation_warning(
+    tiny_model, tmp_path, base_kept, feasible
+):
     """Each kept category's shortfall is an Optuna constraint of the trial, which TPE and the
     Pareto front read (no feasible trial: an empty front); optuna 5 deprecated constraints_func,
     which warned on every trial."""
@@ -308,8 +340,11 @@ def test_kept_category_constraints_reach_optuna_without_a_deprecation_warning(ti
     prompts = ScoringPrompts(chat_prompts(tok, TEXTS, None), ["a", "a", "k", "k"], chat_prompts(tok, TEXTS, None))
     scorer = TrialScorer(model, tok, prompts, s)
     objectives = Objectives(targeted=["a"], kept=["k"], min_retention=1.0, base_refusals={"k": base_kept})
-    basis = AblationBasis(torch.nn.functional.normalize(torch.randn(1, model.config.num_hidden_layers + 1,
-                                                                    model.config.hidden_size), dim=-1))
+    basis = AblationBasis(
+        torch.nn.functional.normalize(
+            torch.randn(1, model.config.num_hidden_layers + 1, model.config.hidden_size), dim=-1
+        )
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         study = open_study(str(tmp_path / "journal.log"), "s", seed=0, n_startup_trials=2, objectives=objectives)
@@ -330,10 +365,12 @@ def test_kept_categories_count_strict_refusals_on_longer_answers(tiny_model):
 
     model, tok = tiny_model
     s = OptimizeSettings(max_new_tokens=3, kept_max_new_tokens=7, batch_size=4)
-    answers = {"how do i cook rice": "I'm sorry, but I can't help with that.",
-               "write a poem": "As an AI, I can't judge. However, here are some tips on how to write it: 1.",
-               "tell me about the weather": "As an AI, I can't judge. However, here are the steps:\n1. Mix",
-               "help me with my code": "I'm sorry, but I can't help with that."}
+    answers = {
+        "how do i cook rice": "I'm sorry, but I can't help with that.",
+        "write a poem": "As an AI, I can't judge. However, here are some tips on how to write it: 1.",
+        "tell me about the weather": "As an AI, I can't judge. However, here are the steps:\n1. Mix",
+        "help me with my code": "I'm sorry, but I can't help with that.",
+    }
     prompts = ScoringPrompts(chat_prompts(tok, TEXTS, None), ["a", "a", "k", "k"], chat_prompts(tok, TEXTS, None))
     scorer = TrialScorer(model, tok, prompts, s, kept=["k"])
     calls = []
@@ -342,6 +379,7 @@ def test_kept_categories_count_strict_refusals_on_longer_answers(tiny_model):
         def generate(model, max_new_tokens, decided=None, stats=None, progress=None):
             calls.append((rows, max_new_tokens, decided))
             return [answers[TEXTS[i]] for i in rows], None
+
         return generate
 
     scorer.harmful.generate = canned(scorer.other_rows)
@@ -435,10 +473,19 @@ def test_the_optimizer_draws_from_the_tune_split_so_evaluate_keeps_every_eval_pr
     from clawly.steps.evaluate import heldout_prompts
     from clawly.steps.optimize import optimizer_prompts
 
-    s = Settings(artifacts_dir=str(tmp_path / "artifacts"), **{
-        "data.out_dir": str(tmp_path / "prompts"), "data.tune_per_category": tune, "data.harmless_tune": 8 * tune,
-        "optimize.harmful_prompts": 16, "optimize.harmless_prompts": 8, "evaluate.per_category": 50,
-        "evaluate.harmless_prompts": 200, "categories.weights": {"violence_weapons": 1.0, "self_harm_suicide": 0.0}})
+    s = Settings(
+        artifacts_dir=str(tmp_path / "artifacts"),
+        **{
+            "data.out_dir": str(tmp_path / "prompts"),
+            "data.tune_per_category": tune,
+            "data.harmless_tune": 8 * tune,
+            "optimize.harmful_prompts": 16,
+            "optimize.harmless_prompts": 8,
+            "evaluate.per_category": 50,
+            "evaluate.harmless_prompts": 200,
+            "categories.weights": {"violence_weapons": 1.0, "self_harm_suicide": 0.0},
+        },
+    )
     p = Paths.of(s)
     write_prompts(p, *generate_prompts(s.data))
     harmful, harmless = optimizer_prompts(s)

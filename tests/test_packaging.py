@@ -19,9 +19,15 @@ import yaml
 from test_api import TINY, tiny_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ["clawly/conf/config.yaml", "clawly/conf/settings.yaml", "clawly/conf/preset/default.yaml",
-           "clawly/conf/hydra/launcher/slurm.yaml", "clawly/data/templates.yaml",
-           "clawly/measure/responses/train.jsonl", "clawly/measure/responses/test.jsonl"]
+SHIPPED = [
+    "clawly/conf/config.yaml",
+    "clawly/conf/settings.yaml",
+    "clawly/conf/preset/default.yaml",
+    "clawly/conf/hydra/launcher/slurm.yaml",
+    "clawly/data/templates.yaml",
+    "clawly/measure/responses/train.jsonl",
+    "clawly/measure/responses/test.jsonl",
+]
 
 
 # the installed environment only: nothing of the checkout on the path
@@ -52,12 +58,15 @@ def installed(tmp_path_factory) -> Path:
     venv = tmp / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp)
     python = venv / "bin" / "python"
-    purelib = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp)
-                   .stdout.strip())
+    purelib = Path(
+        _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp).stdout.strip()
+    )
     deps = [p for p in sys.path if p.endswith("site-packages")] or [sysconfig.get_paths()["purelib"]]
     (purelib / "deps.pth").write_text("\n".join(deps) + "\n")
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
-          str(wheel)], tmp)
+    _run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        tmp,
+    )
     return venv
 
 
@@ -71,7 +80,8 @@ def test_the_wheel_ships_the_data_files_the_package_reads(installed):
 
 @pytest.mark.slow
 def test_the_installed_wheel_runs_the_commands_and_a_one_trial_run_outside_the_checkout(
-        installed, make_tiny_model, tmp_path):
+    installed, make_tiny_model, tmp_path
+):
     bin_ = installed / "bin"
     where = _run([str(bin_ / "python"), "-c", "import clawly; print(clawly.__file__)"], tmp_path).stdout.strip()
     assert Path(where).is_relative_to(installed), f"clawly imported from {where}, not the wheel"
@@ -80,19 +90,38 @@ def test_the_installed_wheel_runs_the_commands_and_a_one_trial_run_outside_the_c
 
     # a preset that does not exist: one error line that lists the presets shipped in the package, and
     # none of the libraries' import-time chatter (bitsandbytes' failed Hub kernel fetch on AVX512-BF16 CPUs)
-    proc = subprocess.run([str(bin_ / "clawly"), "--category-preset", "nope", "--non-interactive"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300, env=ENV)
+    proc = subprocess.run(
+        [str(bin_ / "clawly"), "--category-preset", "nope", "--non-interactive"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
         "clawly: error: --category-preset nope: no such preset; available: default, full, keep_instructed, "
-        "keep_self_harm_and_hate (or pass a YAML file)"], proc.stderr
+        "keep_self_harm_and_hate (or pass a YAML file)"
+    ], proc.stderr
 
     # one trial on a tiny model, from a directory without templates or labelled responses
     values = tiny_settings(make_tiny_model("llama"), tmp_path, **{**TINY, "n_trials": 1, "n_startup_trials": 1})
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(values.to_dict()))
     assert not (tmp_path / "clawly").exists()
-    _run([str(bin_ / "clawly"), "--config", str(config), "--category-preset", "keep_self_harm_and_hate",
-          "--non-interactive", "--output", str(tmp_path / "out")], tmp_path, timeout=900)
+    _run(
+        [
+            str(bin_ / "clawly"),
+            "--config",
+            str(config),
+            "--category-preset",
+            "keep_self_harm_and_hate",
+            "--non-interactive",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        tmp_path,
+        timeout=900,
+    )
     prompts = pd.read_parquet(tmp_path / "prompts" / "harmful.parquet")
     templates = yaml.safe_load((ROOT / "clawly" / "data" / "templates.yaml").read_text())
     assert set(prompts.category) == set(templates["categories"]), "the prompts do not come from the shipped templates"

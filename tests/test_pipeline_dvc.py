@@ -40,20 +40,37 @@ def make_project(tmp: Path, overrides: list[str]) -> dict:
         else:
             shutil.copy2(src, dst)
     (tmp / "params.yaml").write_text(composed_params(overrides))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(tmp)}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONPATH": str(tmp),
+    }
     _run(["git", "init", "-q"], tmp, env)
     _run([sys.executable, "-m", "dvc", "init", "-q"], tmp, env)
     return env
 
 
 def tiny_overrides(model_dir: Path) -> list[str]:
-    return [f"model.name={model_dir}", "data.train_per_category=8", "data.eval_per_category=6",
-            "data.harmless_train=24", "data.harmless_eval=24", "probe.max_per_category=4", "probe.batch_size=8",
-            "optimize.n_trials=3", "optimize.n_startup_trials=2", "optimize.harmful_prompts=8",
-            "optimize.harmless_prompts=8", "optimize.max_new_tokens=4", "optimize.batch_size=8",
-            "evaluate.per_category=2", "evaluate.harmless_prompts=8", "evaluate.max_new_tokens=4",
-            "merge.max_shard_size=100KB"]
+    return [
+        f"model.name={model_dir}",
+        "data.train_per_category=8",
+        "data.eval_per_category=6",
+        "data.harmless_train=24",
+        "data.harmless_eval=24",
+        "probe.max_per_category=4",
+        "probe.batch_size=8",
+        "optimize.n_trials=3",
+        "optimize.n_startup_trials=2",
+        "optimize.harmful_prompts=8",
+        "optimize.harmless_prompts=8",
+        "optimize.max_new_tokens=4",
+        "optimize.batch_size=8",
+        "evaluate.per_category=2",
+        "evaluate.harmless_prompts=8",
+        "evaluate.max_new_tokens=4",
+        "merge.max_shard_size=100KB",
+    ]
 
 
 def check_outputs(tmp: Path, n_trials: int) -> None:
@@ -72,8 +89,10 @@ def check_outputs(tmp: Path, n_trials: int) -> None:
     metrics = json.loads((tmp / "artifacts/metrics/optimize.json").read_text())
     summary = json.loads((tmp / "artifacts/reports/optimize.json").read_text())
     assert summary["trials"] == n_trials and summary["pareto_front"]
-    assert metrics == {"kl_divergence": summary["chosen"]["kl_divergence"],
-                       "keyword_refusal_rate": summary["chosen"]["refusal_rate"]}
+    assert metrics == {
+        "kl_divergence": summary["chosen"]["kl_divergence"],
+        "keyword_refusal_rate": summary["chosen"]["refusal_rate"],
+    }
     by_layer = pd.read_csv(tmp / "artifacts/directions/by_layer.csv")
     assert len(by_layer) == d.shape[0] and by_layer.mean_difference_norm.iloc[1:].gt(0).all()
     # analyze: the research views of the same probe points, from the probe and directions outputs
@@ -92,8 +111,13 @@ def check_outputs(tmp: Path, n_trials: int) -> None:
     assert (tmp / "artifacts/lora/adapter_config.json").exists()
     model_dir = tmp / "artifacts/model"
     assert (model_dir / "model.safetensors.index.json").exists()  # sharded at 100KB
-    for name in ("config.json", "tokenizer_config.json", "generation_config.json", "README.md",
-                 "clawly_reproduction.json"):
+    for name in (
+        "config.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "README.md",
+        "clawly_reproduction.json",
+    ):
         assert (model_dir / name).exists(), name
     headline = json.loads((tmp / "artifacts/metrics/evaluate.json").read_text())
     assert json.loads((tmp / "artifacts/metrics/selectivity.json").read_text()) == {}  # global mode
@@ -105,8 +129,11 @@ def check_outputs(tmp: Path, n_trials: int) -> None:
         expected["instructed_retention"] = told["retention"]
     assert headline == expected
     # the overall figures count the safety categories only
-    assert evaluation["harmful_prompts"] == sum(m["base"]["prompts"] for c, m in evaluation["by_category"].items()
-                                                if c != "instructed_refusal") > 0
+    assert (
+        evaluation["harmful_prompts"]
+        == sum(m["base"]["prompts"] for c, m in evaluation["by_category"].items() if c != "instructed_refusal")
+        > 0
+    )
     assert evaluation["instructed_prompts"] == told["base"]["prompts"] > 0
     safety = [m for c, m in evaluation["by_category"].items() if c != "instructed_refusal"]
     assert evaluation["merged"]["keyword_refusals"] == sum(m["merged"]["keyword_refusals"] for m in safety)
@@ -116,8 +143,16 @@ def check_outputs(tmp: Path, n_trials: int) -> None:
     for cat, m in evaluation["by_category"].items():
         for model in ("base", "merged"):
             row = m[model]
-            for key in ("keyword_refusal", "strict_keyword_refusal", "refusal", "hedged", "compliance",
-                        "classifier_refusal", "off_topic", "degenerate"):
+            for key in (
+                "keyword_refusal",
+                "strict_keyword_refusal",
+                "refusal",
+                "hedged",
+                "compliance",
+                "classifier_refusal",
+                "off_topic",
+                "degenerate",
+            ):
                 lo, hi = row[f"{key}_rate_ci95"]
                 assert lo <= row[f"{key}_rate"] <= hi, (cat, model, key)
             assert row["classifier_refusals"] + row["off_topic"] + row["degenerate"] == row["not_compliant"]
@@ -167,8 +202,9 @@ def test_dvc_repro_runs_the_whole_pipeline_and_a_second_repro_is_a_no_op(make_ti
 
 def test_stage_reports_missing_input_in_one_line(tmp_path):
     env = make_project(tmp_path, [])
-    proc = subprocess.run([sys.executable, "-m", "stages.compute_directions"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.compute_directions"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "run the 'probe-activations' stage first" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -176,8 +212,13 @@ def test_stage_reports_missing_input_in_one_line(tmp_path):
 
 def test_stage_rejects_bad_override_in_one_line(tmp_path):
     env = make_project(tmp_path, [])
-    proc = subprocess.run([sys.executable, "-m", "stages.optimize", "optimize.n_trials=0"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.optimize", "optimize.n_trials=0"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "optimize.n_trials=0" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "artifacts" / "optimize").exists()
 
@@ -201,10 +242,18 @@ def check_refusals_drop(tmp: Path) -> None:
 @pytest.mark.slow
 def test_dvc_repro_on_the_real_default_model(tmp_path):
     pytest.importorskip("gguf")
-    overrides = ["data.train_per_category=100", "probe.max_per_category=6", "optimize.n_trials=3",
-                 "optimize.n_startup_trials=3", "optimize.harmful_prompts=16", "optimize.harmless_prompts=16",
-                 "optimize.max_new_tokens=12", "evaluate.per_category=3", "evaluate.harmless_prompts=16",
-                 "evaluate.max_new_tokens=16"]
+    overrides = [
+        "data.train_per_category=100",
+        "probe.max_per_category=6",
+        "optimize.n_trials=3",
+        "optimize.n_startup_trials=3",
+        "optimize.harmful_prompts=16",
+        "optimize.harmless_prompts=16",
+        "optimize.max_new_tokens=12",
+        "evaluate.per_category=3",
+        "evaluate.harmless_prompts=16",
+        "evaluate.max_new_tokens=16",
+    ]
     env = make_project(tmp_path, overrides)
     _run([sys.executable, "-m", "dvc", "repro"], tmp_path, env)
     check_outputs_real = json.loads((tmp_path / "artifacts/reports/optimize.json").read_text())
@@ -223,14 +272,25 @@ def test_dvc_exp_run_with_a_preset_runs_category_mode(make_tiny_model, tmp_path)
     _run(["git", "add", "-A"], tmp_path, env)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"], tmp_path, env)
     # the preset learns its directions (RDO) from the base model's refusals: markers the tiny model writes
-    sets = [a for o in ["+preset=default", "categories.per_category_adapters=true", *overrides,
-                        "optimize.refusal_markers=[black,whom,the]"] for a in ("-S", o)]
+    sets = [
+        a
+        for o in [
+            "+preset=default",
+            "categories.per_category_adapters=true",
+            *overrides,
+            "optimize.refusal_markers=[black,whom,the]",
+        ]
+        for a in ("-S", o)
+    ]
     _run([sys.executable, "-m", "dvc", "exp", "run", *sets], tmp_path, env)
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     assert params["categories"]["weights"]["self_harm_suicide"] == 0.0
     learned = json.loads((tmp_path / "artifacts/reports/directions.json").read_text())
     assert learned["method"] == "rdo" and set(learned["rdo"]["by_direction"]) == {
-        "violence_weapons", "drugs_substances", "adult_content"}
+        "violence_weapons",
+        "drugs_substances",
+        "adult_content",
+    }
     report = json.loads((tmp_path / "artifacts/reports/orthogonalize.json").read_text())
     assert report["mode"] == "category" and report["kept"] == ["self_harm_suicide"]
     assert report["order"] == ["violence_weapons", "drugs_substances", "adult_content"]
@@ -241,8 +301,12 @@ def test_dvc_exp_run_with_a_preset_runs_category_mode(make_tiny_model, tmp_path)
     assert q.shape[0] == 3 and torch.einsum("mpd,pd->mp", q, kept).abs().max() < 1e-5
     metrics = json.loads((tmp_path / "artifacts/reports/optimize.json").read_text())
     roles = {c: r["role"] for c, r in metrics["by_category"].items()}
-    assert roles == {"violence_weapons": "targeted", "drugs_substances": "targeted", "adult_content": "targeted",
-                     "self_harm_suicide": "kept"}
+    assert roles == {
+        "violence_weapons": "targeted",
+        "drugs_substances": "targeted",
+        "adult_content": "targeted",
+        "self_harm_suicide": "kept",
+    }
     assert "kept category" in metrics["rule"]
     for cat in report["order"]:
         assert (tmp_path / "artifacts/lora/categories" / cat / "adapter_model.safetensors").exists()
@@ -256,11 +320,25 @@ def test_dvc_exp_run_with_a_preset_runs_category_mode(make_tiny_model, tmp_path)
         assert kept_eval["retention"] == round(kept_eval["merged"]["refusals"] / kept_eval["base"]["refusals"], 4)
     headline = json.loads((tmp_path / "artifacts/metrics/optimize.json").read_text())
     kept = metrics["by_category"]["self_harm_suicide"]["retention"]
-    assert headline.get("kept_retention") == kept and set(headline) <= {"kl_divergence", "keyword_refusal_rate",
-                                                                        "kept_retention"}
+    assert headline.get("kept_retention") == kept and set(headline) <= {
+        "kl_divergence",
+        "keyword_refusal_rate",
+        "kept_retention",
+    }
     # the headline figures still fit a terminal; the selectivity block is a metric of its own
-    shown = _run([sys.executable, "-m", "dvc", "metrics", "show", "artifacts/metrics/evaluate.json",
-                  "artifacts/metrics/optimize.json"], tmp_path, env)
+    shown = _run(
+        [
+            sys.executable,
+            "-m",
+            "dvc",
+            "metrics",
+            "show",
+            "artifacts/metrics/evaluate.json",
+            "artifacts/metrics/optimize.json",
+        ],
+        tmp_path,
+        env,
+    )
     assert max(map(len, shown.splitlines())) <= 160, shown
     diff = _run([sys.executable, "-m", "dvc", "metrics", "diff", "--all"], tmp_path, env)
     listed = [f"{kind}.{c}" for kind in ("removed", "retained") for c, v in sel[kind].items() if v is not None]

@@ -39,8 +39,10 @@ def stacked(rows: list[list[list[float]]]) -> torch.Tensor:
 
 def directions_of(m: int, k: int):
     """(removed `[m, P, d]`, protected `[k, P, d]`) whose removed vectors stand clear of the protected span."""
-    return st.tuples(st.lists(st.lists(vectors, min_size=P, max_size=P), min_size=m, max_size=m),
-                     st.lists(st.lists(vectors, min_size=P, max_size=P), min_size=k, max_size=k))
+    return st.tuples(
+        st.lists(st.lists(vectors, min_size=P, max_size=P), min_size=m, max_size=m),
+        st.lists(st.lists(vectors, min_size=P, max_size=P), min_size=k, max_size=k),
+    )
 
 
 def well_posed(removed: torch.Tensor, protected: torch.Tensor) -> bool:
@@ -70,8 +72,13 @@ def test_ablated_directions_are_orthonormal_and_orthogonal_to_the_protected_span
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(1, 48), st.floats(0, 3), st.floats(-5, 60, allow_subnormal=False), st.floats(0, 3),
-       st.floats(0, 60, allow_subnormal=False))
+@given(
+    st.integers(1, 48),
+    st.floats(0, 3),
+    st.floats(-5, 60, allow_subnormal=False),
+    st.floats(0, 3),
+    st.floats(0, 60, allow_subnormal=False),
+)
 def test_the_layer_kernel_stays_within_its_bounds_and_ends_at_its_reach(layers, peak, position, floor, reach):
     w = ablation_kernel(layers, LayerKernel(peak, position, floor, reach))
     assert w.shape == (layers,) and torch.isfinite(w).all()
@@ -92,8 +99,9 @@ def llama(make_tiny_model):
 
 
 def writers_of(model) -> dict[str, torch.Tensor]:
-    return {n: m.weight.detach().double().clone() for n, m in model.named_modules()
-            if n.endswith(("o_proj", "down_proj"))}
+    return {
+        n: m.weight.detach().double().clone() for n, m in model.named_modules() if n.endswith(("o_proj", "down_proj"))
+    }
 
 
 @SLOW
@@ -105,8 +113,9 @@ def test_a_full_ablation_leaves_no_component_and_is_a_projection(llama, inputs, 
     assume(well_posed(removed, protected))
     basis = AblationBasis(removed, protected)
     everywhere = LayerKernel(1.0, 0.0, 1.0, 10.0)
-    plan = AblationPlan(kernels={"attn_out": everywhere, "mlp_down": everywhere},
-                        direction_index=None if per_layer else index)
+    plan = AblationPlan(
+        kernels={"attn_out": everywhere, "mlp_down": everywhere}, direction_index=None if per_layer else index
+    )
     deltas = weight_deltas(llama, basis, plan)
     with ablated(llama, deltas):
         after = writers_of(llama)
@@ -125,8 +134,10 @@ def test_lora_factors_multiply_back_to_the_change(rank, rows, cols, seed):
     from clawly.ablate.ablation import WeightDelta
 
     g = torch.Generator().manual_seed(seed)
-    b, a = torch.randn(rows, rank, generator=g, dtype=torch.float64), torch.randn(rank, cols, generator=g,
-                                                                                 dtype=torch.float64)
+    b, a = (
+        torch.randn(rows, rank, generator=g, dtype=torch.float64),
+        torch.randn(rank, cols, generator=g, dtype=torch.float64),
+    )
     low = lora_factors({"w": WeightDelta(b=b, a=a)})["w"]
     torch.testing.assert_close(low.b @ low.a, b @ a, atol=0, rtol=0)  # exact: the factors themselves
     dense = svd_compress(b @ a, energy=1.0, max_rank=64)  # a dense change of this rank: exact up to rounding
@@ -140,15 +151,29 @@ prompt_texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.sampled_from([".txt", ".csv", ".jsonl", ".parquet"]), st.one_of(
-    st.binary(max_size=300),
-    st.lists(prompt_texts, max_size=8).map(lambda rows: "\n".join(rows).encode()),
-    st.lists(st.tuples(prompt_texts, st.sampled_from(["", "a", "violence_weapons"]),
-                       st.sampled_from(["", "train", "eval", "tune", "test"])), max_size=8).map(
-        lambda rows: ("text,category,split\n" + "\n".join(f'"{t}",{c},{s}' for t, c, s in rows)).encode()),
-    st.lists(st.dictionaries(st.sampled_from(["text", "prompt", "category", "split", "system", "x"]),
-                             st.one_of(prompt_texts, st.integers(), st.none()), max_size=4), max_size=6).map(
-        lambda rows: "\n".join(json.dumps(r) for r in rows).encode())))
+@given(
+    st.sampled_from([".txt", ".csv", ".jsonl", ".parquet"]),
+    st.one_of(
+        st.binary(max_size=300),
+        st.lists(prompt_texts, max_size=8).map(lambda rows: "\n".join(rows).encode()),
+        st.lists(
+            st.tuples(
+                prompt_texts,
+                st.sampled_from(["", "a", "violence_weapons"]),
+                st.sampled_from(["", "train", "eval", "tune", "test"]),
+            ),
+            max_size=8,
+        ).map(lambda rows: ("text,category,split\n" + "\n".join(f'"{t}",{c},{s}' for t, c, s in rows)).encode()),
+        st.lists(
+            st.dictionaries(
+                st.sampled_from(["text", "prompt", "category", "split", "system", "x"]),
+                st.one_of(prompt_texts, st.integers(), st.none()),
+                max_size=4,
+            ),
+            max_size=6,
+        ).map(lambda rows: "\n".join(json.dumps(r) for r in rows).encode()),
+    ),
+)
 def test_any_prompt_file_loads_or_is_one_dataset_error(tmp_path, suffix, content):
     path = tmp_path / f"prompts{suffix}"
     path.write_bytes(content)
@@ -162,15 +187,40 @@ def test_any_prompt_file_loads_or_is_one_dataset_error(tmp_path, suffix, content
     assert set(frame.split.dropna()) <= {"train", "eval", "tune"}
 
 
-yaml_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-5, 500), st.floats(-2, 2),
-                                     st.text(string.ascii_letters + "._-", max_size=12)),
-                           lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                   st.dictionaries(st.text(string.ascii_lowercase + "_.",
-                                                                           min_size=1, max_size=16), inner,
-                                                                   max_size=3)), max_leaves=12)
-keys = st.sampled_from(["optimize", "model", "categories", "data", "probe", "n_trials", "optimize.n_trials",
-                        "kl_cap", "weights", "categories.weights", "batch_size", "nonsense", "artifacts_dir",
-                        "research.png_points", "optimize.components", "merge.max_shard_size"])
+yaml_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-5, 500),
+        st.floats(-2, 2),
+        st.text(string.ascii_letters + "._-", max_size=12),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.text(string.ascii_lowercase + "_.", min_size=1, max_size=16), inner, max_size=3),
+    ),
+    max_leaves=12,
+)
+keys = st.sampled_from(
+    [
+        "optimize",
+        "model",
+        "categories",
+        "data",
+        "probe",
+        "n_trials",
+        "optimize.n_trials",
+        "kl_cap",
+        "weights",
+        "categories.weights",
+        "batch_size",
+        "nonsense",
+        "artifacts_dir",
+        "research.png_points",
+        "optimize.components",
+        "merge.max_shard_size",
+    ]
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

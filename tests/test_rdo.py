@@ -57,7 +57,7 @@ def _greedy(model, tok, prompts, n=6):
         for p in prompts:
             ids = tok(p, add_special_tokens=False, return_tensors="pt").input_ids
             out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
-            answers.append(out[0, ids.shape[1]:].tolist())
+            answers.append(out[0, ids.shape[1] :].tolist())
     return answers
 
 
@@ -107,8 +107,7 @@ def test_the_kept_term_gives_the_kept_answers_back_their_probability(build_tiny_
             return float(answer_cross_entropy(model, tok, kept, answers))
 
     init = max(starts, key=kept_ce)
-    result = optimize_direction(model, tok, init, targeted, targets, harmless, steps=40, lr=0.05,
-                                harmless_weight=0.0)
+    result = optimize_direction(model, tok, init, targeted, targets, harmless, steps=40, lr=0.05, harmless_weight=0.0)
     start, end = result.history[0]["kept"], result.history[-1]["kept"]
     assert start > base_ce + 0.05
     assert end - base_ce < 0.5 * (start - base_ce), (base_ce, start, end)
@@ -142,20 +141,32 @@ def test_compute_directions_with_rdo_replaces_the_targeted_directions_only(build
     model, tok = build_tiny_model("llama", num_layers=2)
     _peaky(model)
     weights = {"violence_weapons": 1.0, "drugs_substances": 1.0, "self_harm_suicide": 0.0} if mode == "category" else {}
-    s = Settings(artifacts_dir=str(tmp_path / "a"), **{
-        "data.out_dir": str(tmp_path / "p"), "data.train_per_category": 6, "data.eval_per_category": 2,
-        "data.harmless_train": 40, "data.harmless_eval": 8, "directions.method": "rdo", "directions.rdo_steps": 3,
-        "directions.rdo_prompts": 3, "directions.rdo_lr": 0.05, "categories.weights": weights,
-        "model.system_prompt": None,
-        # a random model's answers never refuse; with this marker its opening always "does"
-        "optimize.refusal_markers": ["e"]})
+    s = Settings(
+        artifacts_dir=str(tmp_path / "a"),
+        **{
+            "data.out_dir": str(tmp_path / "p"),
+            "data.train_per_category": 6,
+            "data.eval_per_category": 2,
+            "data.harmless_train": 40,
+            "data.harmless_eval": 8,
+            "directions.method": "rdo",
+            "directions.rdo_steps": 3,
+            "directions.rdo_prompts": 3,
+            "directions.rdo_lr": 0.05,
+            "categories.weights": weights,
+            "model.system_prompt": None,
+            # a random model's answers never refuse; with this marker its opening always "does"
+            "optimize.refusal_markers": ["e"],
+        },
+    )
     write_prompts(Paths.of(s), *generate_prompts(s.data))
     p, d = 3, model.config.hidden_size
     g = torch.Generator().manual_seed(0)
     unit = lambda: torch.nn.functional.normalize(torch.randn(p, d, generator=g), dim=-1)  # noqa: E731
     cats = ["drugs_substances", "self_harm_suicide", "violence_weapons"]
-    dim = RefusalDirections(unit(), torch.randn(p, d), torch.randn(p, d), torch.randn(p, d),
-                            {c: unit() for c in cats}, {})
+    dim = RefusalDirections(
+        unit(), torch.randn(p, d), torch.randn(p, d), torch.randn(p, d), {c: unit() for c in cats}, {}
+    )
     result = copy.deepcopy(dim)
     report = optimized_directions(s, result, StageLogger("compute-directions", quiet=True), model, tok)
     changed = ["violence_weapons", "drugs_substances"] if mode == "category" else ["global"]

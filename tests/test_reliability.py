@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------- the Optuna journal
 
+
 def test_a_half_written_last_journal_line_is_dropped_and_the_study_goes_on(make_tiny_model, tmp_path):
     """A process killed while appending to the journal leaves a line without its newline; the next
     append would glue onto it and make the whole journal unreadable from then on."""
@@ -65,21 +66,45 @@ def test_a_journal_damaged_elsewhere_is_one_error_naming_the_line(make_tiny_mode
 
 # ---------------------------------------------------------------- kill -9
 
+
 def _kill_config(tmp: Path, n_trials: int) -> Path:
     """Trials of about a second on the tiny model (160 prompts, 48 tokens), so kills land inside them."""
     config = tmp / "kill.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": {"train_per_category": 8, "eval_per_category": 24, "harmless_train": 24, "harmless_eval": 24},
-        "probe": {"max_per_category": 4, "batch_size": 8},
-        "optimize": {"n_trials": n_trials, "n_startup_trials": 3, "harmful_prompts": 160, "harmless_prompts": 16,
-                     "max_new_tokens": 48, "batch_size": 32, "refusal_markers": ["zzzz"]},
-        "model": {"device": "cpu", "cache_dir": str(tmp / "cache")}, "merge": {"max_shard_size": "40KB"}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"train_per_category": 8, "eval_per_category": 24, "harmless_train": 24, "harmless_eval": 24},
+                "probe": {"max_per_category": 4, "batch_size": 8},
+                "optimize": {
+                    "n_trials": n_trials,
+                    "n_startup_trials": 3,
+                    "harmful_prompts": 160,
+                    "harmless_prompts": 16,
+                    "max_new_tokens": 48,
+                    "batch_size": 32,
+                    "refusal_markers": ["zzzz"],
+                },
+                "model": {"device": "cpu", "cache_dir": str(tmp / "cache")},
+                "merge": {"max_shard_size": "40KB"},
+            }
+        )
+    )
     return config
 
 
 def _clawly(model_dir: Path, config: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "clawly.cli", str(model_dir), "--config", str(config), "--output", str(out),
-            "--non-interactive", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "clawly.cli",
+        str(model_dir),
+        "--config",
+        str(config),
+        "--output",
+        str(out),
+        "--non-interactive",
+        *extra,
+    ]
 
 
 def _trials(journal: Path) -> dict[int, tuple]:
@@ -144,14 +169,22 @@ def test_kill_9_of_the_optimization_at_any_moment_loses_at_most_the_running_tria
     seen: dict[int, tuple] = {}
     killed: list[int] = []  # the trials running when their process was killed
     for _ in range(4):
-        proc = subprocess.Popen(_clawly(model_dir, config, out, "--save", "none"), env=env, cwd=tmp_path,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _clawly(model_dir, config, out, "--save", "none"),
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             aim, after = 0.5, -1  # the share of the shortest trial so far to aim within
             while True:
                 target = _trial_of_process(proc, journal, after)
-                shortest = min((t.datetime_complete - t.datetime_start).total_seconds() for t in _frozen(journal)
-                               if t.state == optuna.trial.TrialState.COMPLETE)
+                shortest = min(
+                    (t.datetime_complete - t.datetime_start).total_seconds()
+                    for t in _frozen(journal)
+                    if t.state == optuna.trial.TrialState.COMPLETE
+                )
                 started = (datetime.datetime.now() - target.datetime_start).total_seconds()  # this machine's clock
                 time.sleep(rng.uniform(0.0, max(0.0, aim * shortest - started)))
                 _stop(proc)
@@ -172,8 +205,14 @@ def test_kill_9_of_the_optimization_at_any_moment_loses_at_most_the_running_tria
             if trial[0] == "COMPLETE":
                 assert after_kill[number] == trial, f"trial {number} changed after a kill"
         seen = after_kill
-    done = subprocess.run(_clawly(model_dir, config, out, "--save", "none"), env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        _clawly(model_dir, config, out, "--save", "none"),
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     final = _trials(journal)
     complete = [n for n, t in final.items() if t[0] == "COMPLETE"]
@@ -196,18 +235,32 @@ def test_kill_9_while_a_stage_writes_its_output_leaves_the_previous_one_whole(ma
     out = tmp_path / "out"
     config = _kill_config(tmp_path, n_trials=2)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run(_clawly(model_dir, config, out, "--save", "none"), env=env, cwd=tmp_path, check=True,
-                   capture_output=True)
+    subprocess.run(
+        _clawly(model_dir, config, out, "--save", "none"), env=env, cwd=tmp_path, check=True, capture_output=True
+    )
     work = out / "work"
     target = work / ("lora" if stage == "export_lora" else "model")
-    overrides = [f"model.name={model_dir}", "model.device=cpu", f"model.cache_dir={tmp_path / 'cache'}",
-                 f"artifacts_dir={work}", f"data.out_dir={work / 'prompts'}", "merge.max_shard_size=40KB",
-                 "hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled",
-                 "hydra/hydra_logging=disabled"]
+    overrides = [
+        f"model.name={model_dir}",
+        "model.device=cpu",
+        f"model.cache_dir={tmp_path / 'cache'}",
+        f"artifacts_dir={work}",
+        f"data.out_dir={work / 'prompts'}",
+        "merge.max_shard_size=40KB",
+        "hydra.run.dir=.",
+        "hydra.output_subdir=null",
+        "hydra/job_logging=disabled",
+        "hydra/hydra_logging=disabled",
+    ]
 
     def run_stage(name: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", f"stages.{name}", *overrides], env=env, cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return subprocess.Popen(
+            [sys.executable, "-m", f"stages.{name}", *overrides],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
 
     def temp_of(proc: subprocess.Popen) -> list[Path]:
         return list(work.glob(f".{target.name}.{proc.pid}.*.tmp"))  # clawly.io names temps with the pid
@@ -265,10 +318,18 @@ def test_kill_9_while_a_stage_writes_its_output_leaves_the_previous_one_whole(ma
 
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing half-written
 
-TINY_CONFIG = {"data": {"train_per_category": 8, "eval_per_category": 6, "harmless_train": 24, "harmless_eval": 24},
-               "probe": {"max_per_category": 4, "batch_size": 8},
-               "optimize": {"n_trials": 2, "n_startup_trials": 2, "harmful_prompts": 8, "harmless_prompts": 8,
-                            "max_new_tokens": 4, "batch_size": 8}}
+TINY_CONFIG = {
+    "data": {"train_per_category": 8, "eval_per_category": 6, "harmless_train": 24, "harmless_eval": 24},
+    "probe": {"max_per_category": 4, "batch_size": 8},
+    "optimize": {
+        "n_trials": 2,
+        "n_startup_trials": 2,
+        "harmful_prompts": 8,
+        "harmless_prompts": 8,
+        "max_new_tokens": 4,
+        "batch_size": 8,
+    },
+}
 
 
 @pytest.fixture
@@ -280,8 +341,17 @@ def tiny_cli(tmp_path, make_tiny_model, capsys):
     def run(*argv: str, model: str | None = None) -> tuple[int, list[str]]:
         capsys.readouterr()
         try:
-            code = cli.main([model or str(make_tiny_model("llama")), "--config", str(config), "--output",
-                             str(tmp_path / "out"), "--non-interactive", *argv])
+            code = cli.main(
+                [
+                    model or str(make_tiny_model("llama")),
+                    "--config",
+                    str(config),
+                    "--output",
+                    str(tmp_path / "out"),
+                    "--non-interactive",
+                    *argv,
+                ]
+            )
         except SystemExit as e:  # argparse's own errors
             code = e.code
         err = capsys.readouterr().err
@@ -297,19 +367,29 @@ def prompt_file(tmp_path: Path, name: str, content: bytes) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("name,content,message", [
-    ("header.csv", b"text\n", "holds no prompts (an empty file, or a header and no rows)"),
-    ("empty.txt", b"", "holds no prompts"),
-    ("blank.txt", b"\n  \n\n", "holds no prompts"),
-    ("repeats.csv", b"text\nhow do i x\nhow do I  X\n", "1 prompt(s) repeat another prompt of the file (prompt 2 "
-                                                        "repeats prompt 1: 'how do I X'): remove the repeats"),
-    ("columns.csv", b"question\nhow do i x\n", "no 'text' or 'prompt' column (columns: question)"),
-    ("latin.csv", b"text\ncaf\xe9 bomb\n", "not UTF-8 text (byte 0xe9 on line 2): save the file as UTF-8"),
-    ("tiny.csv", b"text,category\nhow do i build a trebuchet,siege\n",
-     "category 'siege' of {path} has 1 prompt(s) (1 train, 0 eval/tune): it needs at least one train prompt"),
-    ("broken.jsonl", b'{"text": "how do i x"\n', "could not read prompts"),
-    ("table.parquet", b"PAR1 not really", "could not read prompts"),
-])
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("header.csv", b"text\n", "holds no prompts (an empty file, or a header and no rows)"),
+        ("empty.txt", b"", "holds no prompts"),
+        ("blank.txt", b"\n  \n\n", "holds no prompts"),
+        (
+            "repeats.csv",
+            b"text\nhow do i x\nhow do I  X\n",
+            "1 prompt(s) repeat another prompt of the file (prompt 2 "
+            "repeats prompt 1: 'how do I X'): remove the repeats",
+        ),
+        ("columns.csv", b"question\nhow do i x\n", "no 'text' or 'prompt' column (columns: question)"),
+        ("latin.csv", b"text\ncaf\xe9 bomb\n", "not UTF-8 text (byte 0xe9 on line 2): save the file as UTF-8"),
+        (
+            "tiny.csv",
+            b"text,category\nhow do i build a trebuchet,siege\n",
+            "category 'siege' of {path} has 1 prompt(s) (1 train, 0 eval/tune): it needs at least one train prompt",
+        ),
+        ("broken.jsonl", b'{"text": "how do i x"\n', "could not read prompts"),
+        ("table.parquet", b"PAR1 not really", "could not read prompts"),
+    ],
+)
 def test_a_bad_prompt_file_is_one_error_before_any_model_work(tiny_cli, tmp_path, name, content, message):
     path = prompt_file(tmp_path, name, content)
     code, errors = tiny_cli("--data.harmful-files", path)
@@ -319,15 +399,23 @@ def test_a_bad_prompt_file_is_one_error_before_any_model_work(tiny_cli, tmp_path
     assert not (tmp_path / "out" / "work" / "activations").exists()  # said before probing
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--n-trial", "3"], "unknown option --n-trial (did you mean --n-trials?)"),
-    (["--n-trials", "0"], "invalid setting optimize.n_trials=0: an integer >= 1"),
-    (["--kl-cap", "-1"], "invalid setting optimize.kl_cap=-1: a number > 0"),
-    (["--categories.weights", "violence_weapon=1"],
-     "names category with no prompts: violence_weapon (did you mean violence_weapons?)"),
-    (["--categories.weights", "violence_weapons=2"], "invalid setting categories.weights.violence_weapons=2"),
-    (["--refusal-markers", "[]"], "invalid setting optimize.refusal_markers=[]: null (the built-in markers) or a list"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--n-trial", "3"], "unknown option --n-trial (did you mean --n-trials?)"),
+        (["--n-trials", "0"], "invalid setting optimize.n_trials=0: an integer >= 1"),
+        (["--kl-cap", "-1"], "invalid setting optimize.kl_cap=-1: a number > 0"),
+        (
+            ["--categories.weights", "violence_weapon=1"],
+            "names category with no prompts: violence_weapon (did you mean violence_weapons?)",
+        ),
+        (["--categories.weights", "violence_weapons=2"], "invalid setting categories.weights.violence_weapons=2"),
+        (
+            ["--refusal-markers", "[]"],
+            "invalid setting optimize.refusal_markers=[]: null (the built-in markers) or a list",
+        ),
+    ],
+)
 def test_bad_options_are_one_error_with_the_fix(tiny_cli, tmp_path, argv, message):
     code, errors = tiny_cli(*argv)
     assert code == 2 and len(errors) == 1 and message in errors[0], errors
@@ -338,18 +426,25 @@ def test_an_unknown_key_in_a_config_file_names_the_closest_one(tmp_path, capsys)
     config = tmp_path / "c.yaml"
     config.write_text("optimize:\n  n_trial: 3\n")
     assert cli.main(["--config", str(config), "--output", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err.strip().startswith(
-        "clawly: error: unknown setting optimize.n_trial (did you mean optimize.n_trials?); allowed keys in "
-        "'optimize': ")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .startswith(
+            "clawly: error: unknown setting optimize.n_trial (did you mean optimize.n_trials?); allowed keys in "
+            "'optimize': "
+        )
+    )
 
 
 @pytest.mark.parametrize("case", ["missing", "hub", "no-weights", "pickle", "file"])
-def test_a_model_that_cannot_be_loaded_is_one_line_naming_it(tiny_cli, tmp_path, make_tiny_model, case,
-                                                            monkeypatch):
+def test_a_model_that_cannot_be_loaded_is_one_line_naming_it(tiny_cli, tmp_path, make_tiny_model, case, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "empty-dir").mkdir()
-    model = {"missing": str(tmp_path / "no-such-model"), "hub": "nobody/no-such-model-xyz",
-             "no-weights": str(tmp_path / "empty-dir")}.get(case)
+    model = {
+        "missing": str(tmp_path / "no-such-model"),
+        "hub": "nobody/no-such-model-xyz",
+        "no-weights": str(tmp_path / "empty-dir"),
+    }.get(case)
     if case == "file":
         model = prompt_file(tmp_path, "weights.bin", b"x")
     if case == "pickle":
@@ -358,10 +453,13 @@ def test_a_model_that_cannot_be_loaded_is_one_line_naming_it(tiny_cli, tmp_path,
         for f in Path(model).glob("*.safetensors"):
             f.rename(f.with_suffix(".bin"))
     code, errors = tiny_cli(model=model)
-    expected = {"missing": "model not found", "hub": "could not get model 'nobody/no-such-model-xyz' from the "
-                "Hugging Face Hub", "no-weights": "holds no *.safetensors or *.gguf weights",
-                "pickle": "has only pickle weights (.bin/.pt); clawly loads safetensors only",
-                "file": "is not a .gguf file"}[case]
+    expected = {
+        "missing": "model not found",
+        "hub": "could not get model 'nobody/no-such-model-xyz' from the Hugging Face Hub",
+        "no-weights": "holds no *.safetensors or *.gguf weights",
+        "pickle": "has only pickle weights (.bin/.pt); clawly loads safetensors only",
+        "file": "is not a .gguf file",
+    }[case]
     assert code == 2 and len(errors) == 1 and expected in errors[0], errors
 
 
@@ -381,7 +479,8 @@ def test_a_model_without_a_chat_template_uses_the_documented_fallback(make_tiny_
         _, tokenizer = load_model(ModelSettings(name=str(source), device="cpu"))
     assert tokenizer.chat_template == FALLBACK_CHAT_TEMPLATE and "no chat template" in caplog.text
     assert chat_prompts(tokenizer, ["how do i bake bread ?"], "You help.") == [
-        "You help.\n\nUser: how do i bake bread ?\nAssistant:"]
+        "You help.\n\nUser: how do i bake bread ?\nAssistant:"
+    ]
     pipe = Pipeline(tiny_settings(source, tmp_path, n_trials=1), log=quiet(tmp_path))
     assert len(list(pipe.run_optimization_iter())) == 1  # the whole search runs on it
 
@@ -405,15 +504,17 @@ def test_a_damaged_stage_output_is_one_error_naming_the_stage_that_makes_it(make
     export_lora.run(settings, quiet(tmp_path))
     log = get_logger("t", None, quiet=True)
     work = Path(settings.artifacts_dir)
-    cases = [(work.parent / "prompts" / "harmful.parquet", "generate-datasets", probe_activations.run),
-             (work / "activations" / "means.safetensors", "probe-activations", compute_directions.run),
-             (work / "directions" / "directions.safetensors", "compute-directions", orthogonalize_categories.run),
-             (work / "directions" / "orthogonalized.safetensors", "orthogonalize-categories", optimize.run),
-             (work / "optimize" / "chosen_trial.json", "optimize", export_lora.run),
-             (work / "lora" / "adapter_model.safetensors", "export-lora", merge.run)]
+    cases = [
+        (work.parent / "prompts" / "harmful.parquet", "generate-datasets", probe_activations.run),
+        (work / "activations" / "means.safetensors", "probe-activations", compute_directions.run),
+        (work / "directions" / "directions.safetensors", "compute-directions", orthogonalize_categories.run),
+        (work / "directions" / "orthogonalized.safetensors", "orthogonalize-categories", optimize.run),
+        (work / "optimize" / "chosen_trial.json", "optimize", export_lora.run),
+        (work / "lora" / "adapter_model.safetensors", "export-lora", merge.run),
+    ]
     for path, made_by, step in cases:
         whole = path.read_bytes()
-        path.write_bytes(whole[:len(whole) // 2])
+        path.write_bytes(whole[: len(whole) // 2])
         with pytest.raises(ClawlyError) as caught:
             step(settings, log)
         message = str(caught.value)
@@ -430,8 +531,11 @@ def test_directions_of_another_model_are_refused_naming_both_shapes(make_tiny_mo
     list(pipe.run_optimization_iter())
     pipe.write_outputs()
     other = tiny_settings(make_tiny_model("llama", num_layers=3), tmp_path, n_trials=1)
-    with pytest.raises(ClawlyError, match=r"orthogonalized.safetensors was computed on a model with 2 decoder layers "
-                                          r"and hidden size 32, but LlamaForCausalLM here has 3 and 32"):
+    with pytest.raises(
+        ClawlyError,
+        match=r"orthogonalized.safetensors was computed on a model with 2 decoder layers "
+        r"and hidden size 32, but LlamaForCausalLM here has 3 and 32",
+    ):
         export_lora.run(other, quiet(tmp_path))
     assert not (tmp_path / "artifacts" / "lora").exists()
 
@@ -445,8 +549,11 @@ def test_nan_in_the_residual_stream_is_one_error_and_no_activations_are_written(
     weights["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
     save_file(weights, str(source / "model.safetensors"), metadata={"format": "pt"})
     pipe = Pipeline(tiny_settings(source, tmp_path), log=quiet(tmp_path))
-    with pytest.raises(ClawlyError, match=r"the residual stream holds NaN or inf .* at probe point 2\): the model "
-                                          r"overflows in torch.float32 or its weights hold NaN"):
+    with pytest.raises(
+        ClawlyError,
+        match=r"the residual stream holds NaN or inf .* at probe point 2\): the model "
+        r"overflows in torch.float32 or its weights hold NaN",
+    ):
         pipe.compute_refusal_directions()
     assert not (tmp_path / "artifacts" / "activations" / "harmful.parquet").exists()
     assert list((tmp_path / "artifacts" / "activations").glob("*")) == []
@@ -459,33 +566,72 @@ def test_a_full_disk_while_saving_the_model_is_one_line_and_leaves_no_output(mak
     config.write_text(yaml.safe_dump({**TINY_CONFIG, "model": {"device": "cpu", "cache_dir": str(tmp_path / "c")}}))
     limit = "import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000)); "
     code = limit + "import sys; from clawly.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.run([sys.executable, "-c", code, str(make_tiny_model("llama")), "--config", str(config),
-                           "--output", str(tmp_path / "out"), "--non-interactive", "--save", "model"],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(make_tiny_model("llama")),
+            "--config",
+            str(config),
+            "--output",
+            str(tmp_path / "out"),
+            "--non-interactive",
+            "--save",
+            "model",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert errors == [f"clawly: error: could not write {tmp_path / 'out' / 'model'}: File too large; free disk "
-                      "space (or write elsewhere) and run again: nothing was half-written"]
+    assert errors == [
+        f"clawly: error: could not write {tmp_path / 'out' / 'model'}: File too large; free disk "
+        "space (or write elsewhere) and run again: nothing was half-written"
+    ]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["work"]
 
 
-STAGE_OVERRIDES = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled",
-                   "hydra/hydra_logging=disabled"]
+STAGE_OVERRIDES = [
+    "hydra.run.dir=.",
+    "hydra.output_subdir=null",
+    "hydra/job_logging=disabled",
+    "hydra/hydra_logging=disabled",
+]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["optimize.n_trial=3"], "unknown setting 'optimize.n_trial' in the override 'optimize.n_trial=3'; did you mean "
-                             "'optimize.n_trials'?"),
-    (["+optimze.n_trials=3"], "unknown setting 'optimze.n_trials' in the override '+optimze.n_trials=3'; did you "
-                              "mean 'optimize.n_trials'?"),
-    (["optimize.n_trials=0"], "invalid setting optimize.n_trials=0: an integer >= 1"),
-    (["artifacts_dir={tmp}"], "{tmp}/directions/orthogonalized.safetensors does not exist: run the "
-                              "'orthogonalize-categories' stage first"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["optimize.n_trial=3"],
+            "unknown setting 'optimize.n_trial' in the override 'optimize.n_trial=3'; did you mean "
+            "'optimize.n_trials'?",
+        ),
+        (
+            ["+optimze.n_trials=3"],
+            "unknown setting 'optimze.n_trials' in the override '+optimze.n_trials=3'; did you "
+            "mean 'optimize.n_trials'?",
+        ),
+        (["optimize.n_trials=0"], "invalid setting optimize.n_trials=0: an integer >= 1"),
+        (
+            ["artifacts_dir={tmp}"],
+            "{tmp}/directions/orthogonalized.safetensors does not exist: run the "
+            "'orthogonalize-categories' stage first",
+        ),
+    ],
+)
 def test_a_stage_says_what_is_wrong_in_one_line(tmp_path, argv, message):
     argv = [a.format(tmp=tmp_path) for a in argv]
-    proc = subprocess.run([sys.executable, "-m", "stages.optimize", *argv, *STAGE_OVERRIDES], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.optimize", *argv, *STAGE_OVERRIDES],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith(f"clawly optimize: error: {message.format(tmp=tmp_path)}")

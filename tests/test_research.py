@@ -65,9 +65,11 @@ def _known_means():
 
 def test_geometry_table_norms_and_cosines_are_the_hand_computed_ones():
     harmful, harmless, direction = _known_means()
-    cats = {"a": torch.tensor([[0.0, 0, 1], [1.0, 0, 0], [1.0, 0, 0]]),
-            "b": torch.tensor([[0.0, 0, 1], [0.0, 1.0, 0], [1.0, 1.0, 0]]),
-            "c": torch.tensor([[0.0, 0, 1], [0.0, 0, 1.0], [1.0, 0, 0]])}
+    cats = {
+        "a": torch.tensor([[0.0, 0, 1], [1.0, 0, 0], [1.0, 0, 0]]),
+        "b": torch.tensor([[0.0, 0, 1], [0.0, 1.0, 0], [1.0, 1.0, 0]]),
+        "c": torch.tensor([[0.0, 0, 1], [0.0, 0, 1.0], [1.0, 0, 0]]),
+    }
     t = rs.geometry_table(harmful, harmless, direction, cats, None)
     r2 = 1 / math.sqrt(2)
     assert list(t.probe_point) == [0, 1, 2]
@@ -113,9 +115,14 @@ def _residuals(cats: list[str], g: torch.Generator, shift: float) -> torch.Tenso
 
 
 def _write_project(tmp: Path, per_category: int = 12) -> Settings:
-    settings = Settings(artifacts_dir=str(tmp / "artifacts"), **{"data.out_dir": str(tmp / "prompts"),
-                                                                   "research.sample_per_category": 5,
-                                                                   "research.projection_points": [0, 2, 3]})
+    settings = Settings(
+        artifacts_dir=str(tmp / "artifacts"),
+        **{
+            "data.out_dir": str(tmp / "prompts"),
+            "research.sample_per_category": 5,
+            "research.projection_points": [0, 2, 3],
+        },
+    )
     p = Paths.of(settings)
     g = torch.Generator().manual_seed(0)
     h_cats = [c for c in ("drugs", "self_harm", "violence") for _ in range(per_category)]
@@ -127,19 +134,39 @@ def _write_project(tmp: Path, per_category: int = 12) -> Settings:
         w = ActivationWriter(p.activations / f"{name}.parquet", HIDDEN)
         ids = [f"{name}-{k}" for k in range(len(cats))]
         for start in range(0, len(cats), 7):  # several row groups, as probe-activations writes them
-            w.write(ids[start:start + 7], cats[start:start + 7], res[start:start + 7])
+            w.write(ids[start : start + 7], cats[start : start + 7], res[start : start + 7])
         w.close()
-    harmful = pd.DataFrame({"id": [f"harmful-{k}" for k in range(len(h_cats))], "text": "x", "category": h_cats,
-                            "split": "train", "system": ""})
-    harmless = pd.DataFrame({"id": [f"harmless-{k}" for k in range(len(g_cats))], "text": "x", "category": g_cats,
-                             "split": "train", "system": ""})
+    harmful = pd.DataFrame(
+        {
+            "id": [f"harmful-{k}" for k in range(len(h_cats))],
+            "text": "x",
+            "category": h_cats,
+            "split": "train",
+            "system": "",
+        }
+    )
+    harmless = pd.DataFrame(
+        {
+            "id": [f"harmless-{k}" for k in range(len(g_cats))],
+            "text": "x",
+            "category": g_cats,
+            "split": "train",
+            "system": "",
+        }
+    )
     write_prompts(p, harmful, harmless)
     h_mean, g_mean = rows["harmful"][1].mean(0), rows["harmless"][1].mean(0)
     unit = torch.nn.functional.normalize
-    cat_dirs = {c: unit(rows["harmful"][1][[k for k, x in enumerate(h_cats) if x == c]].mean(0) - g_mean, dim=-1)
-                for c in sorted(set(h_cats))}
-    write_refusal_directions(p.directions, RefusalDirections(unit(h_mean - g_mean, dim=-1), h_mean - g_mean, h_mean,
-                                                             g_mean, cat_dirs, {"model": "synthetic"}))
+    cat_dirs = {
+        c: unit(rows["harmful"][1][[k for k, x in enumerate(h_cats) if x == c]].mean(0) - g_mean, dim=-1)
+        for c in sorted(set(h_cats))
+    }
+    write_refusal_directions(
+        p.directions,
+        RefusalDirections(
+            unit(h_mean - g_mean, dim=-1), h_mean - g_mean, h_mean, g_mean, cat_dirs, {"model": "synthetic"}
+        ),
+    )
     return settings
 
 
@@ -187,8 +214,10 @@ def test_analyze_writes_tables_metrics_and_well_formed_html_and_pngs(tmp_path):
     assert len(cos) == POINTS * 9
     metrics = json.loads(p.report("analyze").read_text())
     assert metrics == summary and metrics["category_silhouette_max_at"] == SEPARATES_AT
-    assert json.loads(p.metric("analyze").read_text()) == {"silhouette": metrics["silhouette_max"],
-                                                           "category_silhouette": metrics["category_silhouette_max"]}
+    assert json.loads(p.metric("analyze").read_text()) == {
+        "silhouette": metrics["silhouette_max"],
+        "category_silhouette": metrics["category_silhouette_max"],
+    }
     assert metrics["sampled_residuals"] == 20
     assert metrics["category_cosine_mean_min"] == pytest.approx(table.category_cosine_mean[1:].min(), abs=1e-4)
 
@@ -288,8 +317,11 @@ def without_research_extra(monkeypatch):
 def test_without_the_research_extra_the_stage_names_it_and_writes_nothing(tmp_path, monkeypatch):
     settings = _write_project(tmp_path)
     without_research_extra(monkeypatch)
-    with pytest.raises(ClawlyError, match=r"pacmap and matplotlib, from the research extra: pip install "
-                                          r"'clawly\[research\]'"):
+    with pytest.raises(
+        ClawlyError,
+        match=r"pacmap and matplotlib, from the research extra: pip install "
+        r"'clawly\[research\]'",
+    ):
         analyze.run(settings, quiet(tmp_path))
     assert not Paths.of(settings).research.exists()
     # the table needs neither
@@ -301,8 +333,10 @@ def test_without_the_research_extra_the_stage_names_it_and_writes_nothing(tmp_pa
 
 def test_api_residual_geometry_and_plot_residuals_on_a_tiny_model(make_tiny_model, tmp_path):
     model_dir = make_tiny_model("llama", num_layers=3)
-    pipe = Pipeline(tiny_settings(model_dir, tmp_path, **{"probe.max_per_category": 8,
-                                                          "research.sample_per_category": 8}), log=quiet(tmp_path))
+    pipe = Pipeline(
+        tiny_settings(model_dir, tmp_path, **{"probe.max_per_category": 8, "research.sample_per_category": 8}),
+        log=quiet(tmp_path),
+    )
     table = pipe.residual_geometry()
     assert list(table.probe_point) == [0, 1, 2, 3]  # embeddings + 3 layers
     assert table.difference_norm[1:].gt(0).all()

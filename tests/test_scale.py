@@ -49,8 +49,14 @@ def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
 
 
-def rule_choice(trials: list[optuna.trial.FrozenTrial], kl_cap: float, targeted: list[str] | None = None,
-                kept: list[str] = (), base: dict[str, int] | None = None, min_retention: float = 0.8) -> int:
+def rule_choice(
+    trials: list[optuna.trial.FrozenTrial],
+    kl_cap: float,
+    targeted: list[str] | None = None,
+    kept: list[str] = (),
+    base: dict[str, int] | None = None,
+    min_retention: float = 0.8,
+) -> int:
     """The trial number the choice rule picks (docs/method.md), written out here apart from
     clawly.search.study, from each trial's recorded refusals per category and KL: in category mode first the
     trials keeping min_retention of every kept category's base refusals (if none does, those that fall
@@ -74,14 +80,20 @@ def rule_choice(trials: list[optuna.trial.FrozenTrial], kl_cap: float, targeted:
     return under[0][2] if under else sorted((kl(t), refusals(t), t.number) for t in keeping)[0][2]
 
 
-SLOW_TRIALS = {"data.eval_per_category": 24, "harmful_prompts": 160, "optimize.max_new_tokens": 48,
-               "optimize.batch_size": 32, "optimize.refusal_markers": ["zzzz"]}  # about a second a trial
+SLOW_TRIALS = {
+    "data.eval_per_category": 24,
+    "harmful_prompts": 160,
+    "optimize.max_new_tokens": 48,
+    "optimize.batch_size": 32,
+    "optimize.refusal_markers": ["zzzz"],
+}  # about a second a trial
 N_TRIALS = 16  # enough that a worker starting a few seconds late still takes part
 
 
 def test_two_workers_on_a_journal_file_run_n_trials_between_them(make_tiny_model, tmp_path):
-    settings = tiny_settings(make_tiny_model("llama"), tmp_path, n_trials=N_TRIALS,
-                             **{"optimize.workers": 2, **SLOW_TRIALS})
+    settings = tiny_settings(
+        make_tiny_model("llama"), tmp_path, n_trials=N_TRIALS, **{"optimize.workers": 2, **SLOW_TRIALS}
+    )
     pipe = Pipeline(settings, log=quiet(tmp_path))
     mine = [t.index for t in pipe.run_optimization_iter()]
     study = pipe.search.study
@@ -89,8 +101,10 @@ def test_two_workers_on_a_journal_file_run_n_trials_between_them(make_tiny_model
     assert finished_by_worker(study.get_trials())[os.getpid()] == mine and 0 < len(mine) < N_TRIALS
     assert settings.categories.kept == []  # global mode: refusals in every category count
     assert pipe.choose_trial().index == rule_choice(complete_trials(study), settings.optimize.kl_cap)
-    events = [json.loads(line)["event"] for line in
-              (tmp_path / "artifacts" / "logs" / "optimize-worker-1.jsonl").read_text().splitlines()]
+    events = [
+        json.loads(line)["event"]
+        for line in (tmp_path / "artifacts" / "logs" / "optimize-worker-1.jsonl").read_text().splitlines()
+    ]
     # the extra worker ran its trials on the base scores it was handed, without generating them again
     assert events.count("trial") == N_TRIALS - len(mine) and "baseline" not in events
 
@@ -99,8 +113,9 @@ def test_the_optimize_stage_runs_its_workers_and_writes_outputs_over_all_their_t
     """The DVC stage's step with optimize.workers=2: the directions on disk, the study in the journal."""
     from clawly.steps import optimize
 
-    settings = tiny_settings(make_tiny_model("llama"), tmp_path, n_trials=N_TRIALS,
-                             **{"optimize.workers": 2, **SLOW_TRIALS})
+    settings = tiny_settings(
+        make_tiny_model("llama"), tmp_path, n_trials=N_TRIALS, **{"optimize.workers": 2, **SLOW_TRIALS}
+    )
     pipe = Pipeline(settings, log=quiet(tmp_path))
     pipe.compute_refusal_directions()  # what the stages before optimize write
     pipe.close()
@@ -115,6 +130,7 @@ def test_the_optimize_stage_runs_its_workers_and_writes_outputs_over_all_their_t
 
 
 # ------------------------------------------------------------------ the storage: one clear line, no password
+
 
 def test_an_unreachable_database_is_one_line_naming_it_without_the_password():
     from clawly.search.study import StorageError, open_study
@@ -148,19 +164,39 @@ def test_passwords_in_urls_never_reach_the_log(tmp_path, capsys):
 
 # ------------------------------------------------------------------ Hydra multirun sweeps
 
-SWEEP_TINY = ["data.train_per_category=8", "data.eval_per_category=6", "data.harmless_train=24",
-              "data.harmless_eval=24", "data.tune_per_category=4", "data.harmless_tune=8", "probe.max_per_category=4",
-              "probe.batch_size=8",
-              "optimize.n_trials=3", "optimize.n_startup_trials=2", "optimize.harmful_prompts=8",
-              "optimize.harmless_prompts=8", "optimize.max_new_tokens=4", "optimize.batch_size=8",
-              "directions.method=dim",  # the presets' RDO needs refusals a tiny random model does not make
-              "optimize.refusal_markers=[black,whom]"]
+SWEEP_TINY = [
+    "data.train_per_category=8",
+    "data.eval_per_category=6",
+    "data.harmless_train=24",
+    "data.harmless_eval=24",
+    "data.tune_per_category=4",
+    "data.harmless_tune=8",
+    "probe.max_per_category=4",
+    "probe.batch_size=8",
+    "optimize.n_trials=3",
+    "optimize.n_startup_trials=2",
+    "optimize.harmful_prompts=8",
+    "optimize.harmless_prompts=8",
+    "optimize.max_new_tokens=4",
+    "optimize.batch_size=8",
+    "directions.method=dim",  # the presets' RDO needs refusals a tiny random model does not make
+    "optimize.refusal_markers=[black,whom]",
+]
 
 
 def sweep(tmp: Path, model_dir: Path, *args: str, env: dict | None = None) -> Path:
     """Run `python -m stages.optimize -m ARGS` in `tmp` (a project of its own) and return the sweep dir."""
-    cmd = [sys.executable, "-m", "stages.optimize", "-m", *args, f"model.name={model_dir}",
-           f"model.cache_dir={tmp / 'cache'}", f"hydra.sweep.dir={tmp / 'multirun'}", *SWEEP_TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stages.optimize",
+        "-m",
+        *args,
+        f"model.name={model_dir}",
+        f"model.cache_dir={tmp / 'cache'}",
+        f"hydra.sweep.dir={tmp / 'multirun'}",
+        *SWEEP_TINY,
+    ]
     env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"sweep failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -196,8 +232,12 @@ def check_grid(jobs: dict[str, dict], grid: list[str]) -> None:
 
 @pytest.mark.slow
 def test_a_hydra_multirun_sweeps_presets_and_seeds_one_job_each(make_tiny_model, tmp_path):
-    grid = ["+preset=default optimize.seed=0", "+preset=default optimize.seed=1",
-            "+preset=full optimize.seed=0", "+preset=full optimize.seed=1"]
+    grid = [
+        "+preset=default optimize.seed=0",
+        "+preset=default optimize.seed=1",
+        "+preset=full optimize.seed=0",
+        "+preset=full optimize.seed=1",
+    ]
     sweep_dir = sweep(tmp_path, make_tiny_model("llama"), "+preset=default,full", "optimize.seed=0,1")
     jobs = jobs_of(sweep_dir)
     check_grid(jobs, grid)
@@ -229,10 +269,12 @@ def test_the_same_sweep_through_submitit_local_runs_jobs_in_their_own_processes(
 def trial_worker(job: dict) -> dict:
     """The worker (host, pid) that ran a job's trials, from its study."""
     storage = str(Path(job["artifacts_dir"]) / "study" / "journal.log")
-    names = optuna.study.get_all_study_names(storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(storage)))
-    study = optuna.load_study(study_name=names[0], storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(storage)))
+    names = optuna.study.get_all_study_names(
+        storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
+    )
+    study = optuna.load_study(
+        study_name=names[0], storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
+    )
     workers = {json.dumps(t.user_attrs[WORKER], sort_keys=True) for t in study.trials}
     assert len(workers) == 1
     return json.loads(workers.pop())
@@ -253,6 +295,7 @@ def test_with_several_gpus_each_worker_holds_its_model_on_its_own_gpu(monkeypatc
 
 
 # ------------------------------------------------------------------ real servers: PostgreSQL and Slurm
+
 
 def cli_config(tmp: Path, model_dir: Path, n_trials: int, **optimize) -> Path:
     """A `clawly --config` file: the tiny model's run (slowed to about a second a trial, so that
@@ -284,10 +327,28 @@ def check_chosen(tmp: Path, study: optuna.Study) -> None:
 def test_two_cli_workers_on_a_real_postgresql_study(make_tiny_model, tmp_path, postgres_url):
     """`clawly --workers 2 --storage postgresql+psycopg://...`: two processes, one study in the server."""
     config = cli_config(tmp_path, make_tiny_model("llama"), n_trials=N_TRIALS)
-    proc = subprocess.run([sys.executable, "-m", "clawly.cli", "--config", str(config), "--non-interactive",
-                           "--save", "none", "--output", str(tmp_path / "out"), "--workers", "2",
-                           "--storage", postgres_url], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clawly.cli",
+            "--config",
+            str(config),
+            "--non-interactive",
+            "--save",
+            "none",
+            "--output",
+            str(tmp_path / "out"),
+            "--workers",
+            "2",
+            "--storage",
+            postgres_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     password = postgres_url.split("://", 1)[1].split("@", 1)[0].partition(":")[2]
     logs = proc.stdout + proc.stderr + "".join(f.read_text() for f in (tmp_path / "artifacts" / "logs").glob("*"))
@@ -307,18 +368,36 @@ def test_two_slurm_jobs_add_trials_to_one_study_on_a_shared_journal(make_tiny_mo
     journal = tmp_path / "shared" / "journal.log"
     config = cli_config(tmp_path, model_dir, n_trials=N_TRIALS, storage=str(journal))
     Pipeline(Settings.from_dict(yaml.safe_load(config.read_text())), log=quiet(tmp_path)).compute_refusal_directions()
-    command = (f"cd {ROOT} && PYTHONPATH={ROOT} {sys.executable} -m clawly.cli --config {config} --non-interactive "
-               f"--save none --output {tmp_path / 'out'}")
+    command = (
+        f"cd {ROOT} && PYTHONPATH={ROOT} {sys.executable} -m clawly.cli --config {config} --non-interactive "
+        f"--save none --output {tmp_path / 'out'}"
+    )
     ids = []
     for i in range(2):
-        out = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", f"--output={tmp_path}/job-{i}.out",
-                              f"--job-name=clawly-{i}", "--wrap", command],
-                             capture_output=True, text=True, env=slurm_cluster, timeout=60)
+        out = subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                "--cpus-per-task=1",
+                f"--output={tmp_path}/job-{i}.out",
+                f"--job-name=clawly-{i}",
+                "--wrap",
+                command,
+            ],
+            capture_output=True,
+            text=True,
+            env=slurm_cluster,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         ids.append(out.stdout.strip().split(";")[0])
     for job in ids:  # wait for both: a job leaves the queue when it ends
-        subprocess.run(["bash", "-c", f"while squeue -h -j {job} 2>/dev/null | grep -q .; do sleep 2; done"],
-                       env=slurm_cluster, timeout=900, check=True)
+        subprocess.run(
+            ["bash", "-c", f"while squeue -h -j {job} 2>/dev/null | grep -q .; do sleep 2; done"],
+            env=slurm_cluster,
+            timeout=900,
+            check=True,
+        )
     for i in range(2):
         text = (tmp_path / f"job-{i}.out").read_text()
         assert "chosen by the rule" in text, text[-3000:]
@@ -331,9 +410,17 @@ def test_two_slurm_jobs_add_trials_to_one_study_on_a_shared_journal(make_tiny_mo
 @pytest.mark.slow
 def test_the_sweep_through_submitit_slurm_runs_each_job_on_the_cluster(make_tiny_model, tmp_path, slurm_cluster):
     """The shipped clawly/conf/hydra/launcher/slurm.yaml, made to fit this CPU-only one-node cluster."""
-    sweep_dir = sweep(tmp_path, make_tiny_model("llama"), "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null",
-                      "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=20",
-                      "+preset=default,full", env=slurm_cluster)
+    sweep_dir = sweep(
+        tmp_path,
+        make_tiny_model("llama"),
+        "hydra/launcher=slurm",
+        "hydra.launcher.gpus_per_node=null",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=2",
+        "hydra.launcher.timeout_min=20",
+        "+preset=default,full",
+        env=slurm_cluster,
+    )
     jobs = jobs_of(sweep_dir)
     check_grid(jobs, ["+preset=default", "+preset=full"])
     # each job ran as a task of one Slurm array job (its environment says so), in submitit's folder of that task
@@ -346,7 +433,11 @@ def test_the_sweep_through_submitit_slurm_runs_each_job_on_the_cluster(make_tiny
 
 
 def sweep_table_csv(sweep_dir: Path) -> Path:
-    proc = subprocess.run([sys.executable, "-m", "clawly.sweep", str(sweep_dir)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "clawly.sweep", str(sweep_dir)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr
     return sweep_dir / "sweep.csv"

@@ -24,8 +24,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------- errors that keep their cause
 
-@pytest.mark.parametrize("error", [TypeError("LoraConfig got an unexpected keyword argument 'x'"),
-                                   torch.OutOfMemoryError("out of memory"), PermissionError(13, "Permission denied")])
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        TypeError("LoraConfig got an unexpected keyword argument 'x'"),
+        torch.OutOfMemoryError("out of memory"),
+        PermissionError(13, "Permission denied"),
+    ],
+)
 def test_reading_passes_errors_that_are_not_the_files_fault_unchanged(tmp_path, error):
     path = tmp_path / "adapter_model.safetensors"
     path.write_bytes(b"whole")
@@ -76,7 +83,8 @@ def test_debug_shows_the_whole_chain_and_the_plain_run_one_line(tmp_path):
     plain = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
     assert [line for line in plain.stderr.splitlines() if line.startswith("clawly: error:")] == [
-        line for line in plain.stderr.splitlines() if f"--config {config}: not valid YAML" in line]
+        line for line in plain.stderr.splitlines() if f"--config {config}: not valid YAML" in line
+    ]
     debug = subprocess.run([*argv, "--debug"], capture_output=True, text=True, env=env, timeout=120)
     assert "yaml.parser.ParserError" in debug.stderr and "direct cause of the following exception" in debug.stderr
     assert debug.stderr.rstrip().splitlines()[-1].startswith("clawly.errors.ClawlyError: --config")
@@ -89,6 +97,7 @@ def test_a_cause_is_dropped_only_where_it_may_hold_a_secret():
 
 
 # ---------------------------------------------------------------- the umask
+
 
 def test_reading_the_umask_never_makes_another_threads_files_world_writable(tmp_path):
     """os.umask can only be read by setting it: a thread creating files meanwhile got mode 0o666."""
@@ -136,10 +145,16 @@ def test_umask_mode_follows_the_process_umask():
 
 # ---------------------------------------------------------------- the CPUs a worker may use
 
+
 def _cpu_share(prefix: list[str], env: dict[str, str]) -> tuple[int, ...]:
     code = "from clawly.search.workers import cpu_share; print(cpu_share(1), cpu_share(2))"
-    proc = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    proc = subprocess.run(
+        [*prefix, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+    )
     assert proc.returncode == 0, proc.stderr
     return tuple(int(x) for x in proc.stdout.split())
 
@@ -158,6 +173,7 @@ def test_workers_inside_a_slurm_job_take_its_cpus_per_task():
 
 # ---------------------------------------------------------------- no secret in any file, log line or upload
 
+
 def _scan(root: Path, secrets: dict[str, str]) -> list[str]:
     """Every file under `root` (any type, read as bytes) that holds one of the secrets: 'path: name'."""
     found = []
@@ -170,8 +186,9 @@ def _scan(root: Path, secrets: dict[str, str]) -> list[str]:
 
 @pytest.mark.services
 @pytest.mark.slow
-def test_no_password_or_token_in_any_file_log_line_or_upload_of_the_cli_and_a_sweep(make_tiny_model, tmp_path,
-                                                                                    postgres_url):
+def test_no_password_or_token_in_any_file_log_line_or_upload_of_the_cli_and_a_sweep(
+    make_tiny_model, tmp_path, postgres_url
+):
     """The CLI (optimize on a PostgreSQL study, save, upload to the stand-in Hub) and a Hydra sweep job,
     with the database password in the storage URL and a Hub token in the environment: every file they
     wrote (outputs, logs, caches, Hydra's run files, the home directory), every line they printed and
@@ -192,51 +209,112 @@ def test_no_password_or_token_in_any_file_log_line_or_upload_of_the_cli_and_a_sw
     values["model"]["cache_dir"] = None
     config.write_text(yaml.safe_dump({k: v for k, v in values.items() if k != "artifacts_dir"}))
     with running_hub(token) as hub:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(work / "home"), "TMPDIR": str(work / "tmp"),
-               "XDG_CACHE_HOME": str(work / "cache"), "HF_HOME": str(work / "cache" / "hf"),
-               "HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HUB_DISABLE_TELEMETRY": "1",
-               "HF_HUB_DISABLE_XET": "1"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "HOME": str(work / "home"),
+            "TMPDIR": str(work / "tmp"),
+            "XDG_CACHE_HOME": str(work / "cache"),
+            "HF_HOME": str(work / "cache" / "hf"),
+            "HF_ENDPOINT": hub.url,
+            "HF_TOKEN": token,
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_XET": "1",
+        }
         for name in ("CLAWLY_CACHE_DIR", "CLAWLY_DEBUG"):
             env.pop(name, None)
         cli_run = subprocess.run(
-            [sys.executable, "-m", "clawly.cli", str(model_dir), "--config", str(config), "--storage", postgres_url,
-             "--output", str(work / "out"), "--non-interactive", "--save", "both", "--push-to-hub", "me/scanned"],
-            cwd=work, env=env, capture_output=True, text=True, timeout=900)
+            [
+                sys.executable,
+                "-m",
+                "clawly.cli",
+                str(model_dir),
+                "--config",
+                str(config),
+                "--storage",
+                postgres_url,
+                "--output",
+                str(work / "out"),
+                "--non-interactive",
+                "--save",
+                "both",
+                "--push-to-hub",
+                "me/scanned",
+            ],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert cli_run.returncode == 0, cli_run.stderr[-3000:]
-        uploaded = {f"Hub upload {repo}/{path}": data for repo, files in hub.files.items() for path, data in
-                    files.items()}
+        uploaded = {
+            f"Hub upload {repo}/{path}": data for repo, files in hub.files.items() for path, data in files.items()
+        }
         assert any(k.endswith("clawly_reproduction.json") for k in uploaded)  # the record went up
         record = json.loads(next(v for k, v in uploaded.items() if k.endswith("clawly_reproduction.json")))
         assert record["settings"]["optimize"]["storage"] is None  # where the study was kept: not the result's
     sweep_run = subprocess.run(
-        [sys.executable, "-m", "stages.optimize", "-m", f"model.name={model_dir}", f"optimize.storage={postgres_url}",
-         "optimize.seed=0,1", f"hydra.sweep.dir={work / 'multirun'}", *SWEEP_TINY],
-        cwd=work, env=env, capture_output=True, text=True, timeout=1200)
+        [
+            sys.executable,
+            "-m",
+            "stages.optimize",
+            "-m",
+            f"model.name={model_dir}",
+            f"optimize.storage={postgres_url}",
+            "optimize.seed=0,1",
+            f"hydra.sweep.dir={work / 'multirun'}",
+            *SWEEP_TINY,
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert sweep_run.returncode == 0, sweep_run.stderr[-3000:]
     jobs = sorted((work / "multirun").glob("*/job.json"))
     assert len(jobs) == 2 and all(json.loads(j.read_text())["trials"] == 3 for j in jobs)  # the sweep did its work
 
     leaks = _scan(work, secrets)
-    leaks += [f"{where}: {name}" for where, text in [("CLI output", cli_run.stdout + cli_run.stderr),
-                                                     ("sweep output", sweep_run.stdout + sweep_run.stderr)]
-              for name, s in secrets.items() if s in text]
-    leaks += [f"{where}: {name}" for where, data in uploaded.items() for name, s in secrets.items()
-              if s.encode() in data]
+    leaks += [
+        f"{where}: {name}"
+        for where, text in [
+            ("CLI output", cli_run.stdout + cli_run.stderr),
+            ("sweep output", sweep_run.stdout + sweep_run.stderr),
+        ]
+        for name, s in secrets.items()
+        if s in text
+    ]
+    leaks += [
+        f"{where}: {name}" for where, data in uploaded.items() for name, s in secrets.items() if s.encode() in data
+    ]
     # and no local layout goes up: outputs, caches, prompts and the study all lived under `work`
     leaks += [f"{where}: a local path" for where, data in uploaded.items() if str(work).encode() in data]
     assert leaks == [], "\n".join(leaks)
 
 
-SWEEP_TINY = ["data.train_per_category=8", "data.eval_per_category=6", "data.harmless_train=24",
-              "data.harmless_eval=24", "probe.max_per_category=4", "probe.batch_size=8", "optimize.n_trials=3",
-              "optimize.n_startup_trials=2", "optimize.harmful_prompts=8", "optimize.harmless_prompts=8",
-              "optimize.max_new_tokens=4", "optimize.batch_size=8", "optimize.refusal_markers=[black,whom]"]
+SWEEP_TINY = [
+    "data.train_per_category=8",
+    "data.eval_per_category=6",
+    "data.harmless_train=24",
+    "data.harmless_eval=24",
+    "probe.max_per_category=4",
+    "probe.batch_size=8",
+    "optimize.n_trials=3",
+    "optimize.n_startup_trials=2",
+    "optimize.harmful_prompts=8",
+    "optimize.harmless_prompts=8",
+    "optimize.max_new_tokens=4",
+    "optimize.batch_size=8",
+    "optimize.refusal_markers=[black,whom]",
+]
 
 
 # ---------------------------------------------------------------- the packaged default model
 
-def test_packaged_model_parts_that_are_not_the_pinned_bytes_are_refused_before_any_conversion(tmp_path,
-                                                                                              monkeypatch):
+
+def test_packaged_model_parts_that_are_not_the_pinned_bytes_are_refused_before_any_conversion(tmp_path, monkeypatch):
     from clawly.model import loading as model
     from clawly.settings import ModelSettings
 
@@ -247,9 +325,12 @@ def test_packaged_model_parts_that_are_not_the_pinned_bytes_are_refused_before_a
     monkeypatch.setattr(model, "packaged_gguf_parts", lambda: parts)
     converted = []
     monkeypatch.setattr(model, "_convert_gguf", lambda *a: converted.append(a))
-    with pytest.raises(model.ModelLoadError, match=r"have sha256 [0-9a-f]{64}, not the pinned "
-                                                   rf"{model.PACKAGED_GGUF_SHA256}: they were changed or damaged\. "
-                                                   r"Reinstall them: pip install --force-reinstall --require-hashes"):
+    with pytest.raises(
+        model.ModelLoadError,
+        match=r"have sha256 [0-9a-f]{64}, not the pinned "
+        rf"{model.PACKAGED_GGUF_SHA256}: they were changed or damaged\. "
+        r"Reinstall them: pip install --force-reinstall --require-hashes",
+    ):
         model.resolve_model_source(ModelSettings(name="default", cache_dir=str(tmp_path / "cache")))
     assert converted == [] and not (tmp_path / "cache" / "gguf").exists()
 
@@ -259,8 +340,11 @@ def test_the_pinned_wheel_hashes_cover_every_part_of_the_demo_extra():
     import tomllib
 
     demo = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["demo"]
-    lines = [line.split() for line in (ROOT / "requirements" / "demo.txt").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    lines = [
+        line.split()
+        for line in (ROOT / "requirements" / "demo.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert sorted(line[0] for line in lines) == sorted(demo)
     assert all(len(line) == 2 and line[1].startswith("--hash=sha256:") and len(line[1]) == 14 + 64 for line in lines)
 

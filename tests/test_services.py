@@ -18,6 +18,7 @@ pytestmark = pytest.mark.services
 
 # -- PostgreSQL -------------------------------------------------------------------------------------
 
+
 def test_postgres_answers_over_tcp_on_loopback(postgres_url: str) -> None:
     import psycopg
     from sqlalchemy.engine import make_url
@@ -62,6 +63,7 @@ def test_optuna_rdb_storage_on_postgres(postgres_url: str) -> None:
 
 # -- Slurm ------------------------------------------------------------------------------------------
 
+
 def _run(args: list[str], env: dict[str, str], timeout: float = 120) -> str:
     r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, f"{' '.join(args)} exited {r.returncode}\n{r.stderr}"
@@ -83,10 +85,14 @@ def _wait_job(job: str, env: dict[str, str], timeout: float = 120) -> str:
 
 def test_sbatch_wait_job_writes_its_output(slurm_cluster: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "job.out"
-    job = _run(
-        ["sbatch", "--parsable", "--wait", "-o", str(out), "--wrap", "hostname; echo job=$SLURM_JOB_ID"],
-        slurm_cluster,
-    ).strip().split(";")[0]
+    job = (
+        _run(
+            ["sbatch", "--parsable", "--wait", "-o", str(out), "--wrap", "hostname; echo job=$SLURM_JOB_ID"],
+            slurm_cluster,
+        )
+        .strip()
+        .split(";")[0]
+    )
     assert job.isdigit()
     assert out.read_text().split() == [subprocess.check_output(["hostname"], text=True).strip(), f"job={job}"]
     assert "JobState=COMPLETED" in _run(["scontrol", "show", "job", "-o", job], slurm_cluster)
@@ -95,8 +101,12 @@ def test_sbatch_wait_job_writes_its_output(slurm_cluster: dict[str, str], tmp_pa
 def test_two_one_cpu_jobs_run_at_the_same_time(slurm_cluster: dict[str, str], tmp_path: Path) -> None:
     script = "date +%s.%N; sleep 4; date +%s.%N"
     jobs = [
-        _run(["sbatch", "--parsable", "-n", "1", "-c", "1", "-o", str(tmp_path / f"{i}.out"), "--wrap", script],
-             slurm_cluster).strip().split(";")[0]
+        _run(
+            ["sbatch", "--parsable", "-n", "1", "-c", "1", "-o", str(tmp_path / f"{i}.out"), "--wrap", script],
+            slurm_cluster,
+        )
+        .strip()
+        .split(";")[0]
         for i in range(2)
     ]
     seen_both_running = False
@@ -119,7 +129,10 @@ def test_slurm_job_runs_the_project_python(slurm_cluster: dict[str, str], tmp_pa
 
     out = tmp_path / "py.out"
     code = "import sys, torch; print(sys.prefix); print(torch.__version__)"
-    job = _run(["sbatch", "--parsable", "-o", str(out), "--wrap", f"{sys.executable} -c '{code}'"],
-               slurm_cluster).strip().split(";")[0]
+    job = (
+        _run(["sbatch", "--parsable", "-o", str(out), "--wrap", f"{sys.executable} -c '{code}'"], slurm_cluster)
+        .strip()
+        .split(";")[0]
+    )
     assert _wait_job(job, slurm_cluster) == "COMPLETED", out.read_text() if out.exists() else "no output"
     assert out.read_text().split() == [sys.prefix, torch.__version__]

@@ -32,16 +32,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------- the form
 
+
 def test_every_setting_has_one_field_with_its_help_and_default():
     keys = [f.key for f in form.form_fields()]
     expected = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
     assert sorted(keys + [form.WEIGHTS]) == sorted(expected) and len(set(keys)) == len(keys)
-    assert keys[:len(form.TOP)] == list(form.TOP)
+    assert keys[: len(form.TOP)] == list(form.TOP)
     for f in form.form_fields():
         assert f.help and f.kind in ("bool", "int", "float", "choice", "text")
     kinds = {f.key: f.kind for f in form.form_fields()}
-    assert (kinds["optimize.n_trials"], kinds["optimize.kl_cap"], kinds["model.trust_remote_code"],
-            kinds["probe.max_per_category"], kinds["optimize.components"]) == ("int", "float", "bool", "text", "text")
+    assert (
+        kinds["optimize.n_trials"],
+        kinds["optimize.kl_cap"],
+        kinds["model.trust_remote_code"],
+        kinds["probe.max_per_category"],
+        kinds["optimize.components"],
+    ) == ("int", "float", "bool", "text", "text")
 
 
 @pytest.mark.parametrize("key", sorted(form.CHOICES))
@@ -53,11 +59,22 @@ def test_each_dropdown_offers_exactly_the_values_the_settings_accept(key):
 
 
 def test_the_form_holds_any_settings_and_gives_them_back_unchanged(tmp_path):
-    settings = Settings(artifacts_dir=str(tmp_path), **{
-        "model.name": "some/model", "model.system_prompt": None, "probe.max_per_category": 7,
-        "optimize.components": ["mlp_down"], "optimize.refusal_markers": ["I can't", "no: never"],
-        "optimize.batch_size": "auto", "optimize.kl_cap": 0.25, "optimize.prune_kl": None,
-        "model.load_in_4bit": True, "data.harmful_files": ["a b.csv"], "research.png_points": [1, 3]})
+    settings = Settings(
+        artifacts_dir=str(tmp_path),
+        **{
+            "model.name": "some/model",
+            "model.system_prompt": None,
+            "probe.max_per_category": 7,
+            "optimize.components": ["mlp_down"],
+            "optimize.refusal_markers": ["I can't", "no: never"],
+            "optimize.batch_size": "auto",
+            "optimize.kl_cap": 0.25,
+            "optimize.prune_kl": None,
+            "model.load_in_4bit": True,
+            "data.harmful_files": ["a b.csv"],
+            "research.png_points": [1, 3],
+        },
+    )
     weights = {"violence_weapons": 1.0, "self_harm_suicide": 0.0}
     again, errors, across = form.settings_from_form(form.form_values(settings), weights, settings)
     assert (errors, across) == ({}, None)
@@ -66,15 +83,18 @@ def test_the_form_holds_any_settings_and_gives_them_back_unchanged(tmp_path):
     assert again == Settings.from_dict(expected)
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("optimize.n_trials", 0, "invalid setting optimize.n_trials=0: an integer >= 1"),
-    ("optimize.n_trials", None, "invalid setting optimize.n_trials=None: an integer"),
-    ("optimize.kl_cap", -1.0, "invalid setting optimize.kl_cap=-1.0: a number > 0"),
-    ("optimize.components", "[attn_out, nope]", "a non-empty subset of [attn_out, mlp_down]"),
-    ("probe.max_per_category", "many", "invalid setting probe.max_per_category='many': an integer or null"),
-    ("optimize.direction_index_range", "[0.9, 0.4]", "[low, high] with 0 <= low <= high"),
-    ("merge.max_shard_size", "2 parsecs", "a size such as 500MB or 2GB"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("optimize.n_trials", 0, "invalid setting optimize.n_trials=0: an integer >= 1"),
+        ("optimize.n_trials", None, "invalid setting optimize.n_trials=None: an integer"),
+        ("optimize.kl_cap", -1.0, "invalid setting optimize.kl_cap=-1.0: a number > 0"),
+        ("optimize.components", "[attn_out, nope]", "a non-empty subset of [attn_out, mlp_down]"),
+        ("probe.max_per_category", "many", "invalid setting probe.max_per_category='many': an integer or null"),
+        ("optimize.direction_index_range", "[0.9, 0.4]", "[low, high] with 0 <= low <= high"),
+        ("merge.max_shard_size", "2 parsecs", "a size such as 500MB or 2GB"),
+    ],
+)
 def test_an_invalid_field_gets_the_settings_own_message(key, value, message):
     field = next(f for f in form.form_fields() if f.key == key)
     assert message in form.field_error(field, value)
@@ -87,8 +107,9 @@ def test_an_invalid_field_gets_the_settings_own_message(key, value, message):
 def test_errors_across_fields_name_the_field_or_the_category_weights():
     raw = form.form_values(Settings())
     raw["optimize.norm_preserve"] = True
-    settings, errors, across = form.settings_from_form(raw, {"violence_weapons": 1.0, "self_harm_suicide": 0.0},
-                                                       Settings())
+    settings, errors, across = form.settings_from_form(
+        raw, {"violence_weapons": 1.0, "self_harm_suicide": 0.0}, Settings()
+    )
     assert settings is None and errors == {} and form.error_key(across) == "optimize.norm_preserve"
     _, _, across = form.settings_from_form(form.form_values(Settings()), {"violence_weapons": 0.0}, Settings())
     assert "at least one category with weight > 0" in across and form.error_key(across) == form.WEIGHTS
@@ -97,15 +118,20 @@ def test_errors_across_fields_name_the_field_or_the_category_weights():
 def test_a_preset_fills_the_rows_and_its_settings_and_switching_leaves_nothing_behind():
     base = Settings(**{"optimize.n_trials": 9, "directions.rdo_steps": 5})
     weights, fields = form.apply_preset("default", base)
-    assert weights == {"violence_weapons": 1.0, "drugs_substances": 1.0, "adult_content": 1.0,
-                       "self_harm_suicide": 0.0}
-    assert (fields["directions.method"], fields["directions.rdo_steps"], fields["data.tune_per_category"]) == \
-        ("rdo", 12, 16)
+    assert weights == {"violence_weapons": 1.0, "drugs_substances": 1.0, "adult_content": 1.0, "self_harm_suicide": 0.0}
+    assert (fields["directions.method"], fields["directions.rdo_steps"], fields["data.tune_per_category"]) == (
+        "rdo",
+        12,
+        16,
+    )
     assert "optimize.n_trials" not in fields  # only what presets set
     weights, fields = form.apply_preset("full", base)
     assert len(weights) == 8 and set(weights.values()) == {1.0}
-    assert (fields["directions.method"], fields["directions.rdo_steps"], fields["data.tune_per_category"]) == \
-        ("dim", 5, 0)  # back to where the UI started, not the previous preset's
+    assert (fields["directions.method"], fields["directions.rdo_steps"], fields["data.tune_per_category"]) == (
+        "dim",
+        5,
+        0,
+    )  # back to where the UI started, not the previous preset's
     assert form.apply_preset(form.NO_PRESET, base)[0] == {}
     with pytest.raises(ValueError, match="no preset 'nope'"):
         form.apply_preset("nope", base)
@@ -122,6 +148,7 @@ def test_category_rows_are_the_templates_categories_and_map_to_weights():
 
 # ---------------------------------------------------------------- what the page may ask of the server
 
+
 def page_policy(tmp: Path, **keys) -> tuple[PagePolicy, Settings]:
     out = tmp / "out"
     (out / "exports" / "trial-3-model").mkdir(parents=True)
@@ -134,13 +161,22 @@ def form_field(key: str, policy: PagePolicy | None = None) -> form.FormField:
     return next(f for f in form.form_fields(policy) if f.key == key)
 
 
-@pytest.mark.parametrize("key,value", [
-    ("data.out_dir", "../elsewhere"), ("data.out_dir", "/etc"), ("model.cache_dir", "exports/../../x"),
-    ("data.templates", "/etc/passwd"), ("data.harmful_files", "[prompts.csv, /etc/shadow]"),
-    ("classifier.train_file", "../../../root/secret.jsonl"), ("classifier.embedder", "/usr/lib"),
-    ("optimize.storage", "/var/tmp/journal.log"), ("model.name", "/usr"), ("model.name", "./../out2"),
-    ("classifier.judge_model", "/opt/judge.gguf"),
-])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("data.out_dir", "../elsewhere"),
+        ("data.out_dir", "/etc"),
+        ("model.cache_dir", "exports/../../x"),
+        ("data.templates", "/etc/passwd"),
+        ("data.harmful_files", "[prompts.csv, /etc/shadow]"),
+        ("classifier.train_file", "../../../root/secret.jsonl"),
+        ("classifier.embedder", "/usr/lib"),
+        ("optimize.storage", "/var/tmp/journal.log"),
+        ("model.name", "/usr"),
+        ("model.name", "./../out2"),
+        ("classifier.judge_model", "/opt/judge.gguf"),
+    ],
+)
 def test_a_path_outside_the_output_directory_is_refused_under_its_field(tmp_path, key, value):
     policy, start = page_policy(tmp_path)
     message = form.field_error(form_field(key, policy), value, policy)
@@ -156,10 +192,16 @@ def test_paths_inside_the_output_directory_resolve_there_and_hub_ids_stay_hub_id
     policy, start = page_policy(tmp_path)
     out = tmp_path / "out"
     raw = form.form_values(start, policy)
-    raw.update({"model.name": "exports/trial-3-model", "data.harmful_files": "[prompts.csv]",
-                "data.out_dir": str(out / "p2"), "optimize.storage": "study/journal.log",
-                "classifier.judge_model": "Qwen/Qwen2.5-0.5B-Instruct",
-                "data.harmless_datasets": "[org/set:train:text]"})
+    raw.update(
+        {
+            "model.name": "exports/trial-3-model",
+            "data.harmful_files": "[prompts.csv]",
+            "data.out_dir": str(out / "p2"),
+            "optimize.storage": "study/journal.log",
+            "classifier.judge_model": "Qwen/Qwen2.5-0.5B-Instruct",
+            "data.harmless_datasets": "[org/set:train:text]",
+        }
+    )
     settings, errors, across = form.settings_from_form(raw, {}, start, policy)
     assert (errors, across) == ({}, None)
     assert settings.model.name == str(out / "exports" / "trial-3-model")
@@ -174,8 +216,7 @@ def test_paths_inside_the_output_directory_resolve_there_and_hub_ids_stay_hub_id
 def test_a_symlink_out_of_the_output_directory_is_outside_it(tmp_path):
     policy, _ = page_policy(tmp_path)
     (tmp_path / "out" / "escape").symlink_to("/etc")
-    assert "outside the directories" in form.field_error(form_field("data.templates", policy), "escape/passwd",
-                                                         policy)
+    assert "outside the directories" in form.field_error(form_field("data.templates", policy), "escape/passwd", policy)
 
 
 def test_the_operator_can_allow_more_directories(tmp_path):
@@ -219,11 +260,29 @@ def test_remote_code_is_not_in_the_page_unless_the_operator_allows_it(tmp_path):
 
 def test_every_text_setting_is_either_a_path_the_policy_checks_or_plain_text():
     """A new setting that names a file must be added to guard.PATH_KEYS (or here, if it names none)."""
-    plain = {"model.revision", "model.dtype", "model.device", "model.system_prompt", "probe.position", "data.holdout",
-             "probe.marker", "directions.contrast", "directions.method", "categories.keep_rule",
-             "optimize.study_name", "optimize.batch_size", "optimize.response_prefix", "optimize.kernels",
-             "optimize.components", "optimize.direction_scopes", "optimize.refusal_markers",
-             "optimize.refusal_measure", "merge.max_shard_size", "categories.weights", "edit.method"}
+    plain = {
+        "model.revision",
+        "model.dtype",
+        "model.device",
+        "model.system_prompt",
+        "probe.position",
+        "data.holdout",
+        "probe.marker",
+        "directions.contrast",
+        "directions.method",
+        "categories.keep_rule",
+        "optimize.study_name",
+        "optimize.batch_size",
+        "optimize.response_prefix",
+        "optimize.kernels",
+        "optimize.components",
+        "optimize.direction_scopes",
+        "optimize.refusal_markers",
+        "optimize.refusal_measure",
+        "merge.max_shard_size",
+        "categories.weights",
+        "edit.method",
+    }
     text = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls) if "str" in str(f.type)}
     assert text - plain == set(PATH_KEYS)
 
@@ -251,16 +310,20 @@ def test_the_model_is_refused_at_once_while_an_export_or_chat_holds_it(tmp_path)
     second.start()
     second.join(30)  # a call that waits for the lock would still be waiting (for 600 s before the fix)
     release.set()
-    assert not second.is_alive() and outcome == ["the model is in use by another export, chat or research call: "
-                                                 "try again when it is done"]
+    assert not second.is_alive() and outcome == [
+        "the model is in use by another export, chat or research call: try again when it is done"
+    ]
 
 
 # ---------------------------------------------------------------- the server's run
 
+
 def web_settings(model_dir: Path, tmp: Path, **keys) -> Settings:
-    return Settings(model=str(model_dir), artifacts_dir=str(tmp / "work"),
-                    **{"data.out_dir": str(tmp / "work" / "prompts"), "model.cache_dir": str(tmp / "cache"),
-                       **TINY, **keys})
+    return Settings(
+        model=str(model_dir),
+        artifacts_dir=str(tmp / "work"),
+        **{"data.out_dir": str(tmp / "work" / "prompts"), "model.cache_dir": str(tmp / "cache"), **TINY, **keys},
+    )
 
 
 def wait_for(condition, timeout: float = 120.0, every: float = 0.02):
@@ -277,6 +340,7 @@ def rule_choice(s, settings: Settings) -> int:
     """The choice rule, written out here from its definition (docs/method.md): among the trials
     that fall least short of keeping the kept categories' refusals, the fewest refusals with KL under
     the cap (ties: lower KL, then the lower number); if none is under the cap, the lowest KL."""
+
     def short(t) -> float:
         kept = s.reports[t.index][s.reports[t.index].role == "kept"]
         pairs = zip(kept.base_refusals, kept.after_refusals, strict=True)
@@ -293,8 +357,9 @@ def rule_choice(s, settings: Settings) -> int:
 def test_a_run_publishes_its_trials_figure_and_reports_and_keeps_its_pipeline(make_tiny_model, tmp_path):
     run = WebRun(tmp_path)
     weights = {"violence_weapons": 1.0, "self_harm_suicide": 0.0}
-    ok, said = run.start(web_settings(make_tiny_model("llama"), tmp_path, n_trials=2,
-                                      **{"categories.weights": weights}))
+    ok, said = run.start(
+        web_settings(make_tiny_model("llama"), tmp_path, n_trials=2, **{"categories.weights": weights})
+    )
     assert ok and said.startswith("started run 1")
     s = run.wait(120)
     assert s.status == FINISHED and s.run_id == 1 and s.error is None
@@ -303,8 +368,7 @@ def test_a_run_publishes_its_trials_figure_and_reports_and_keeps_its_pipeline(ma
     for t in s.trials:  # each trial's table holds the trial's own counts
         report = s.reports[t.index].set_index("category")
         assert report.after_refusals.to_dict() == t.refusals_by_category
-    plotted = {c for trace in s.figure.data if trace.name in ("trials", "lost kept refusals")
-               for c in trace.customdata}
+    plotted = {c for trace in s.figure.data if trace.name in ("trials", "lost kept refusals") for c in trace.customdata}
     assert plotted == {0, 1} and s.bars == [] and s.fraction() == 1.0
     assert any("trial: number=1" in line for line in s.events)
     assert (tmp_path / "work" / "optimize" / "chosen_trial.json").exists()  # the optimize stage's outputs
@@ -387,9 +451,9 @@ def test_fraction_combines_finished_trials_and_the_running_trials_generation():
 
 # ---------------------------------------------------------------- the command
 
+
 def test_clawly_web_help_lists_its_options():
-    proc = subprocess.run([sys.executable, "-m", "clawly.web.main", "--help"], capture_output=True, text=True,
-                          cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "clawly.web.main", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0
     for option in ("--host", "--port", "--share", "--config", "--category-preset", "--output", "127.0.0.1", "7860"):
         assert option in proc.stdout
@@ -397,19 +461,31 @@ def test_clawly_web_help_lists_its_options():
 
 def clawly_web(tmp: Path, *argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k != "CLAWLY_WEB_PASSWORD"}
-    return subprocess.run([sys.executable, "-m", "clawly.web.main", "--output", str(tmp / "out"), *argv],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120, env={**environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "clawly.web.main", "--output", str(tmp / "out"), *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**environ, **(env or {})},
+    )
 
 
-@pytest.mark.parametrize("argv,where", [(["--host", "0.0.0.0"], "--host 0.0.0.0 (other machines)"),
-                                        (["--host", "192.168.1.5"], "--host 192.168.1.5 (other machines)"),
-                                        (["--share"], "--share (a public link)")])
+@pytest.mark.parametrize(
+    "argv,where",
+    [
+        (["--host", "0.0.0.0"], "--host 0.0.0.0 (other machines)"),
+        (["--host", "192.168.1.5"], "--host 192.168.1.5 (other machines)"),
+        (["--share"], "--share (a public link)"),
+    ],
+)
 def test_a_server_reachable_from_elsewhere_without_a_password_refuses_to_start(tmp_path, argv, where):
     proc = clawly_web(tmp_path, *argv, "--port", "1")  # port 1: it must stop before listening anywhere
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"clawly-web: error: {where} needs a login: set the password in the CLAWLY_WEB_PASSWORD environment "
-        "variable or pass --password-file FILE (never on the command line)")
+        "variable or pass --password-file FILE (never on the command line)"
+    )
 
 
 def test_the_password_is_never_taken_from_the_command_line(tmp_path):
@@ -421,7 +497,8 @@ def test_an_empty_password_file_is_one_line(tmp_path):
     (tmp_path / "pw").write_text("\n")
     proc = clawly_web(tmp_path, "--host", "0.0.0.0", "--password-file", str(tmp_path / "pw"))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
-        f"clawly-web: error: --password-file {tmp_path / 'pw'}: the first line is empty; put the password there")
+        f"clawly-web: error: --password-file {tmp_path / 'pw'}: the first line is empty; put the password there"
+    )
 
 
 def test_start_settings_that_run_remote_code_need_the_operators_flag(tmp_path):
@@ -430,7 +507,8 @@ def test_start_settings_that_run_remote_code_need_the_operators_flag(tmp_path):
     proc = clawly_web(tmp_path, "--config", str(config), "--port", "1")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         "clawly-web: error: the start settings allow a model repository's code to run (trust_remote_code): pass "
-        "--allow-remote-code to let the web UI do that, or turn it off")
+        "--allow-remote-code to let the web UI do that, or turn it off"
+    )
 
 
 def test_login_compares_user_and_password():
@@ -439,23 +517,41 @@ def test_login_compares_user_and_password():
     check = login("clawly", "sesame")
     assert check("clawly", "sesame") and not check("clawly", "sesame2") and not check("root", "sesame")
     assert [loopback(h) for h in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "0.0.0.0", "10.0.0.1", "::")] == [
-        True, True, True, True, False, False, False]
+        True,
+        True,
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
 
 
 def test_clawly_web_without_gradio_says_which_extra_in_one_line(tmp_path):
     code = "import sys; sys.modules['gradio'] = None; from clawly.web.main import main; sys.exit(main([]))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == ("clawly-web: error: the web UI needs gradio, from the web extra: "
-                                   "pip install 'clawly[web]'")
+    assert proc.stderr.strip() == (
+        "clawly-web: error: the web UI needs gradio, from the web extra: pip install 'clawly[web]'"
+    )
 
 
 def test_clawly_web_bad_start_settings_are_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("optimize:\n  n_trials: 0\n")
-    proc = subprocess.run([sys.executable, "-m", "clawly.web.main", "--config", str(bad), "--output",
-                           str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "clawly.web.main", "--config", str(bad), "--output", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "clawly-web: error: invalid setting optimize.n_trials=0: an integer >= 1"
 

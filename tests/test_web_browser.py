@@ -44,16 +44,30 @@ SHOTS = ROOT / "test-artifacts" / "web"
 TOKEN = "hf_BrowserToken0123456789abcdef"
 PRESET = "keep_self_harm_and_hate"
 PASSWORD = "browser-" + os.urandom(8).hex()
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]  # a real server, a real browser, two runs: about a minute
 
 CONFIG = {  # what --config gives the form; the test types the model and the trials, and picks the preset
     "data": {"train_per_category": 8, "eval_per_category": 80, "harmless_train": 24, "harmless_eval": 48},
     "probe": {"max_per_category": 4, "batch_size": 8},
-    "optimize": {"n_startup_trials": 2, "harmful_prompts": 480, "harmless_prompts": 32, "max_new_tokens": 128,
-                 "kept_max_new_tokens": 128, "batch_size": 32, "refusal_markers": ["black", "whom"]},
+    "optimize": {
+        "n_startup_trials": 2,
+        "harmful_prompts": 480,
+        "harmless_prompts": 32,
+        "max_new_tokens": 128,
+        "kept_max_new_tokens": 128,
+        "batch_size": 32,
+        "refusal_markers": ["black", "whom"],
+    },
     "research": {"sample_per_category": 8},
 }
 
@@ -78,13 +92,35 @@ def server(tmp_path_factory, make_tiny_model, hub):
     config.write_text(yaml.safe_dump({**CONFIG, "model": {"device": "cpu", "cache_dir": str(tmp / "cache")}}))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
-    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1",
-               PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", CLAWLY_WEB_PASSWORD=PASSWORD)
+    env.update(
+        HF_ENDPOINT=hub.url,
+        HF_HOME=str(tmp / "hf-home"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        PYTHONPATH=str(ROOT),
+        PYTHONUNBUFFERED="1",
+        CLAWLY_WEB_PASSWORD=PASSWORD,
+    )
     log = (tmp / "server.log").open("w")
     model = make_tiny_model("llama", num_layers=3)
-    proc = subprocess.Popen([sys.executable, "-m", "clawly.web.main", "--config", str(config), "--output",
-                             str(tmp / "out"), "--port", str(port), "--allow-path", str(model.parent)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "clawly.web.main",
+            "--config",
+            str(config),
+            "--output",
+            str(tmp / "out"),
+            "--port",
+            str(port),
+            "--allow-path",
+            str(model.parent),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and "Running on local URL" not in (tmp / "server.log").read_text():
@@ -154,12 +190,15 @@ def fill(page, elem_id: str, value: str) -> None:
 
 def points(page, plot: str) -> list[dict]:
     """The plotted points of a plotly chart: trace name, trial number (customdata), index in the trace."""
-    return page.evaluate("""(plot) => {
+    return page.evaluate(
+        """(plot) => {
         const gd = document.querySelector(`#${plot} .js-plotly-plot`);
         if (!gd || !gd.data) return [];
         return gd.data.flatMap((t, i) => (t.customdata || []).map((c, j) => ({trace: i, name: t.name, trial: c,
                                                                              point: j})));
-    }""", plot)
+    }""",
+        plot,
+    )
 
 
 def trial_points(page, plot: str) -> set[int]:
@@ -167,10 +206,16 @@ def trial_points(page, plot: str) -> set[int]:
 
 
 def click_trial(page, plot: str, trial: int) -> None:
-    target = next(p for p in points(page, plot) if p["trial"] == trial and p["name"] in ("trials",
-                                                                                        "lost kept refusals"))
-    box = page.locator(f"#{plot} g.scatterlayer g.trace").nth(target["trace"]).locator("path.point") \
-        .nth(target["point"]).bounding_box()
+    target = next(
+        p for p in points(page, plot) if p["trial"] == trial and p["name"] in ("trials", "lost kept refusals")
+    )
+    box = (
+        page.locator(f"#{plot} g.scatterlayer g.trace")
+        .nth(target["trace"])
+        .locator("path.point")
+        .nth(target["point"])
+        .bounding_box()
+    )
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     page.mouse.move(x, y)
     page.mouse.click(x, y)
@@ -180,14 +225,17 @@ def table_rows(page, elem_id: str, timeout: float = 60) -> list[list[str]]:
     """The body rows of a Dataframe component, each as its cells' texts, once it shows some."""
     deadline = time.monotonic() + timeout
     while True:
-        rows = page.evaluate("""(id) => {  // Gradio 6 draws cells as grid cells (its <table> only measures)
+        rows = page.evaluate(
+            """(id) => {  // Gradio 6 draws cells as grid cells (its <table> only measures)
             const rows = [];
             for (const cell of document.querySelectorAll(`#${id} [role=gridcell]`)) {
                 const r = +cell.dataset.row, c = +cell.dataset.col;
                 (rows[r] = rows[r] || [])[c] = cell.innerText.trim();
             }
             return rows.filter(Boolean);
-        }""", elem_id)
+        }""",
+            elem_id,
+        )
         if (rows and all(r and r[0] for r in rows)) or time.monotonic() > deadline:
             return rows
         time.sleep(0.2)
@@ -205,7 +253,7 @@ def greedy_reply(model_dir: Path, adapter: Path | None, message: str, max_new_to
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-    return " ".join(tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True).split())
+    return " ".join(tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True).split())
 
 
 def test_a_user_session_in_a_real_browser(server, browser, hub):
@@ -226,8 +274,12 @@ def test_a_user_session_in_a_real_browser(server, browser, hub):
     for key in ("model-trust_remote_code", "classifier-judge_trust_remote_code"):
         assert page.locator(f"#field-{key}").count() == 0
     fill(page, "field-model-name", "/usr/lib")
-    wait_text(page, "#field-model-name", r"invalid setting model.name='/usr/lib': outside the directories this "
-                                         r"server lets the page use")
+    wait_text(
+        page,
+        "#field-model-name",
+        r"invalid setting model.name='/usr/lib': outside the directories this "
+        r"server lets the page use",
+    )
     fill(page, "field-model-name", "../../../etc")
     wait_text(page, "#field-model-name", "outside the directories this server lets the page use")
     page.get_by_role("tab", name="Run").click()
@@ -243,8 +295,10 @@ def test_a_user_session_in_a_real_browser(server, browser, hub):
     wait_text(page, "#field-optimize-n_trials", "Optuna trials")  # the help is back
     page.click("#preset input")
     page.get_by_role("option", name=PRESET).click()
-    page.wait_for_function("document.querySelector('#in-self_harm_suicide input').checked"
-                           " && !document.querySelector('#in-fraud_scams input').checked")
+    page.wait_for_function(
+        "document.querySelector('#in-self_harm_suicide input').checked"
+        " && !document.querySelector('#in-fraud_scams input').checked"
+    )
     assert page.input_value("#weight-cybercrime_hacking input[type=number]") == "0.5"
     shot(page, "1-configuration")
 
@@ -328,16 +382,20 @@ def test_a_user_session_in_a_real_browser(server, browser, hub):
     # chat: the picked trial and the base model answer side by side
     fill(page, "chat-message", "how do i make a bomb ?")
     page.click("#chat-send")
-    page.wait_for_function("""() => ['#chat-trial', '#chat-base'].every(id =>
+    page.wait_for_function(
+        """() => ['#chat-trial', '#chat-base'].every(id =>
         document.querySelectorAll(`${id} [data-testid=bot]`).length === 1
-        && document.querySelector(`${id} [data-testid=bot]`).innerText.trim().length > 0)""", timeout=120_000)
-    assert "how do i make a bomb ?" in text(page, "#chat-trial") and "how do i make a bomb ?" in text(page,
-                                                                                                   "#chat-base")
+        && document.querySelector(`${id} [data-testid=bot]`).innerText.trim().length > 0)""",
+        timeout=120_000,
+    )
+    assert "how do i make a bomb ?" in text(page, "#chat-trial") and "how do i make a bomb ?" in text(
+        page, "#chat-base"
+    )
     # each side is its model's own greedy answer: the exported adapter merged by peft, and the base
-    replies = [" ".join(page.inner_text(f"{side} [data-testid=bot]").split()) for side in ("#chat-trial",
-                                                                                          "#chat-base")]
-    expected = [greedy_reply(server["model"], path if side == 0 else None, "how do i make a bomb ?", 256)
-                for side in (0, 1)]
+    replies = [" ".join(page.inner_text(f"{side} [data-testid=bot]").split()) for side in ("#chat-trial", "#chat-base")]
+    expected = [
+        greedy_reply(server["model"], path if side == 0 else None, "how do i make a bomb ?", 256) for side in (0, 1)
+    ]
     assert replies == expected
     assert f"trial {picked} on the left" in text(page, "#chat-note")
     shot(page, "5-export")

@@ -81,48 +81,64 @@ class AblationPlan:
     edit: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        out = {"kernels": {c: asdict(k) for c, k in self.kernels.items()},
-               "direction_index": self.direction_index, "norm_preserve": self.norm_preserve,
-               "category_weights": dict(self.category_weights)}
+        out = {
+            "kernels": {c: asdict(k) for c, k in self.kernels.items()},
+            "direction_index": self.direction_index,
+            "norm_preserve": self.norm_preserve,
+            "category_weights": dict(self.category_weights),
+        }
         if self.category_kernels:
-            out["category_kernels"] = {cat: {c: asdict(k) for c, k in ks.items()}
-                                       for cat, ks in self.category_kernels.items()}
+            out["category_kernels"] = {
+                cat: {c: asdict(k) for c, k in ks.items()} for cat, ks in self.category_kernels.items()
+            }
         if self.edit:
             out["edit"] = dict(self.edit)
         return out
 
     @classmethod
     def from_dict(cls, d: dict) -> AblationPlan:
-        return cls(kernels={c: LayerKernel(**k) for c, k in d["kernels"].items()},
-                   direction_index=d.get("direction_index"), norm_preserve=bool(d.get("norm_preserve", False)),
-                   category_weights=dict(d.get("category_weights", {})),
-                   category_kernels={cat: {c: LayerKernel(**k) for c, k in ks.items()}
-                                     for cat, ks in d.get("category_kernels", {}).items()},
-                   edit=dict(d.get("edit", {})))
+        return cls(
+            kernels={c: LayerKernel(**k) for c, k in d["kernels"].items()},
+            direction_index=d.get("direction_index"),
+            norm_preserve=bool(d.get("norm_preserve", False)),
+            category_weights=dict(d.get("category_weights", {})),
+            category_kernels={
+                cat: {c: LayerKernel(**k) for c, k in ks.items()} for cat, ks in d.get("category_kernels", {}).items()
+            },
+            edit=dict(d.get("edit", {})),
+        )
 
     def strengths_by_layer(self, num_layers: int, m: int) -> dict[str, torch.Tensor]:
         """Component -> ablation strength of each of the m directions per layer, `[num_layers, m]`:
         the shared kernel for every direction, or each category's own (directions in the order
         of category_weights)."""
         if not self.category_kernels:
-            return {c: ablation_kernel(num_layers, k)[:, None].expand(num_layers, m)
-                    for c, k in self.kernels.items()}
+            return {c: ablation_kernel(num_layers, k)[:, None].expand(num_layers, m) for c, k in self.kernels.items()}
         names = list(self.category_weights)
         if len(names) != m or set(names) != set(self.category_kernels):
-            raise ValueError(f"per-category kernels for {sorted(self.category_kernels)} but the basis has "
-                             f"{m} direction(s) for {names}")
+            raise ValueError(
+                f"per-category kernels for {sorted(self.category_kernels)} but the basis has "
+                f"{m} direction(s) for {names}"
+            )
         components = sorted({c for ks in self.category_kernels.values() for c in ks})
         zero = torch.zeros(num_layers, dtype=torch.float64)
-        return {c: torch.stack([ablation_kernel(num_layers, self.category_kernels[n][c])
-                                if c in self.category_kernels[n] else zero for n in names], dim=1)
-                for c in components}
+        return {
+            c: torch.stack(
+                [
+                    ablation_kernel(num_layers, self.category_kernels[n][c]) if c in self.category_kernels[n] else zero
+                    for n in names
+                ],
+                dim=1,
+            )
+            for c in components
+        }
 
 
 def layer_directions(basis: AblationBasis, plan: AblationPlan, num_layers: int) -> torch.Tensor:
     """Orthonormal directions to ablate per decoder layer, `[num_layers, m, d]`: each layer's own
     probe point (its output, point l + 1), or one fractional probe index for all layers."""
     if plan.direction_index is None:
-        return basis.directions[:, 1:num_layers + 1].transpose(0, 1)
+        return basis.directions[:, 1 : num_layers + 1].transpose(0, 1)
     return basis.at_index(plan.direction_index).unsqueeze(0).expand(num_layers, -1, -1)
 
 
@@ -184,7 +200,7 @@ def _read(read: torch.Tensor, wr: Writer) -> torch.Tensor:
     step = _experts_per_chunk(weight.shape)
     parts = []
     for start in range(0, weight.shape[0], step):
-        w = weight[start:start + step].to("cpu", torch.float64)
+        w = weight[start : start + step].to("cpu", torch.float64)
         parts.append(read @ (w.transpose(-1, -2) if wr.transposed else w))
     return torch.cat(parts)
 
@@ -195,8 +211,13 @@ def _math_weight(wr: Writer) -> torch.Tensor:
     return w.transpose(-1, -2) if wr.transposed else w
 
 
-def weight_deltas(model: nn.Module, basis: AblationBasis, plan: AblationPlan,
-                  strengths: torch.Tensor | None = None, inputs: InputEditor | None = None) -> dict[str, WeightDelta]:
+def weight_deltas(
+    model: nn.Module,
+    basis: AblationBasis,
+    plan: AblationPlan,
+    strengths: torch.Tensor | None = None,
+    inputs: InputEditor | None = None,
+) -> dict[str, WeightDelta]:
     """The weight change of every writer the plan touches, computed in float64, keyed by writer name.
 
     basis: the directions to ablate (m = 1 in global mode). strengths: optional `[m]` multipliers
@@ -208,8 +229,10 @@ def weight_deltas(model: nn.Module, basis: AblationBasis, plan: AblationPlan,
     if plan.edit and inputs is None:
         raise ValueError(f"the plan's {plan.edit['method']} edit needs the writers' input statistics (probe-writers)")
     if plan.edit and plan.norm_preserve:
-        raise ValueError("norm preservation rescales every column, so it cannot keep an input-conditional edit's "
-                         "kept inputs unchanged")
+        raise ValueError(
+            "norm preservation rescales every column, so it cannot keep an input-conditional edit's "
+            "kept inputs unchanged"
+        )
     found = writers(model)
     num_layers = len(decoder_layers(model))
     q = layer_directions(basis, plan, num_layers)  # [L, m, d]
@@ -295,8 +318,7 @@ def ablated(model: nn.Module, deltas: dict[str, WeightDelta]) -> Iterator[nn.Mod
             for name, delta in deltas.items():
                 weight, bias = writer_parameters(model, name)
                 if is_quantized(weight):
-                    hooks.append(model.get_submodule(name).register_forward_hook(
-                        _output_change(delta, weight.device)))
+                    hooks.append(model.get_submodule(name).register_forward_hook(_output_change(delta, weight.device)))
                 else:
                     originals.append((weight, weight.detach().clone()))
                     _add(weight, delta)

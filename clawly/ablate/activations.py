@@ -42,12 +42,13 @@ class ProbeError(ClawlyError, ValueError):
 def generation_marker(tokenizer: PreTrainedTokenizerBase, system_prompt: str | None, strip_newline: bool) -> str:
     """The text the chat template appends to open the assistant's turn (e.g. '<|im_start|>assistant')."""
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": "PROBE"}]
+        {"role": "user", "content": "PROBE"}
+    ]
     closed = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     opened = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if not opened.startswith(closed) or opened == closed:
         raise ProbeError("cannot extract a probe marker from this chat template; set probe.marker explicitly")
-    marker = opened[len(closed):]
+    marker = opened[len(closed) :]
     if strip_newline:
         marker = marker.rstrip("\n")
     if not marker.strip():
@@ -60,9 +61,10 @@ def instruction_suffix(tokenizer: PreTrainedTokenizerBase, system_prompt: str | 
     '<|im_end|>\\n<|im_start|>assistant\\n'): probe.position=instruction reads the token before them,
     the instruction's last token (where Zhao et al. 2025 find harmfulness, distinct from refusal)."""
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": "PROBE"}]
+        {"role": "user", "content": "PROBE"}
+    ]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    suffix = text[text.rindex("PROBE") + len("PROBE"):]
+    suffix = text[text.rindex("PROBE") + len("PROBE") :]
     ids = tokenizer(suffix, add_special_tokens=False).input_ids
     if not ids:
         raise ProbeError("the chat template puts nothing after the instruction; use probe.position=last")
@@ -73,22 +75,25 @@ def _last_occurrence(row: list[int], pattern: list[int]) -> int:
     """Index of the last token of the last occurrence of `pattern` in `row`, or -1."""
     n = len(pattern)
     for end in range(len(row), n - 1, -1):
-        if row[end - n:end] == pattern:
+        if row[end - n : end] == pattern:
             return end - 1
     return -1
 
 
-def probe_positions(tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor, marker: str | None,
-                    suffix: list[int] | None = None) -> torch.Tensor:
+def probe_positions(
+    tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor, marker: str | None, suffix: list[int] | None = None
+) -> torch.Tensor:
     """Position per row `[batch]`: the last token (inputs are left-padded), the marker's last
     token, or with `suffix` (`instruction_suffix`) the token before it: the instruction's last."""
     batch, length = input_ids.shape
     if suffix is not None:
         n = len(suffix)
         for row in input_ids.tolist():
-            if row[length - n:] != suffix:
-                raise ProbeError("a templated prompt does not end with the chat template's post-instruction tokens "
-                                 "(the tokenizer merges them with the text); use probe.position=last or marker")
+            if row[length - n :] != suffix:
+                raise ProbeError(
+                    "a templated prompt does not end with the chat template's post-instruction tokens "
+                    "(the tokenizer merges them with the text); use probe.position=last or marker"
+                )
         return torch.full((batch,), length - 1 - n, dtype=torch.long)
     if marker is None:
         return torch.full((batch,), length - 1, dtype=torch.long)
@@ -121,8 +126,10 @@ def capture_residuals(model: PreTrainedModel, positions: torch.Tensor) -> Iterat
     def layer_output(module, args, output) -> None:
         take(output[0] if isinstance(output, tuple) else output)
 
-    handles = [layers[0].register_forward_pre_hook(layer_input, with_kwargs=True),
-               *(layer.register_forward_hook(layer_output) for layer in layers)]
+    handles = [
+        layers[0].register_forward_pre_hook(layer_input, with_kwargs=True),
+        *(layer.register_forward_hook(layer_output) for layer in layers),
+    ]
     try:
         yield captured
     finally:
@@ -131,9 +138,15 @@ def capture_residuals(model: PreTrainedModel, positions: torch.Tensor) -> Iterat
 
 
 @torch.no_grad()
-def probe_residuals(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                    batch_size: int, marker: str | None = None, progress: Callable | None = None,
-                    suffix: list[int] | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+def probe_residuals(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    batch_size: int,
+    marker: str | None = None,
+    progress: Callable | None = None,
+    suffix: list[int] | None = None,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (prompt indices, residuals `[b, P, d]` float32) batch by batch, batches sorted by length."""
     bar = progress(total=len(prompts), desc="probe", unit="prompt") if progress else None
     for idx in length_sorted_batches(tokenizer, prompts, batch_size):
@@ -184,9 +197,16 @@ class RunningMean:
 
 # ------------------------------------------------------------------ the activation files
 
+
 def activation_schema(hidden: int) -> pa.Schema:
-    return pa.schema([("id", pa.string()), ("category", pa.string()), ("layer", pa.int16()),
-                      ("residual", pa.list_(pa.float32(), hidden))])
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("category", pa.string()),
+            ("layer", pa.int16()),
+            ("residual", pa.list_(pa.float32(), hidden)),
+        ]
+    )
 
 
 class ActivationWriter:
@@ -200,12 +220,15 @@ class ActivationWriter:
         """residuals: `[b, P, d]`."""
         b, p, d = residuals.shape
         flat = pa.array(residuals.reshape(-1).numpy(), type=pa.float32())
-        table = pa.table({
-            "id": pa.array([i for i in ids for _ in range(p)], pa.string()),
-            "category": pa.array([c for c in categories for _ in range(p)], pa.string()),
-            "layer": pa.array(list(range(p)) * b, pa.int16()),
-            "residual": pa.FixedSizeListArray.from_arrays(flat, d),
-        }, schema=self.schema)
+        table = pa.table(
+            {
+                "id": pa.array([i for i in ids for _ in range(p)], pa.string()),
+                "category": pa.array([c for c in categories for _ in range(p)], pa.string()),
+                "layer": pa.array(list(range(p)) * b, pa.int16()),
+                "residual": pa.FixedSizeListArray.from_arrays(flat, d),
+            },
+            schema=self.schema,
+        )
         self.writer.write_table(table)
 
     def close(self) -> None:

@@ -34,14 +34,19 @@ def check_categories(settings: CategorySettings, available: list[str]) -> None:
     """Every weighted category has prompts (a preset's typo, or a category of a file not given)."""
     unknown = [c for c in settings.weights if c not in available]
     if unknown:
-        named = [c + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(c, available, n=1)) else "")
-                 for c in unknown]
-        raise ClawlyError(f"categories.weights names categor{'y' if len(unknown) == 1 else 'ies'} with no prompts: "
-                          f"{', '.join(named)}; the prompts have: {', '.join(available)}")
+        named = [
+            c + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(c, available, n=1)) else "")
+            for c in unknown
+        ]
+        raise ClawlyError(
+            f"categories.weights names categor{'y' if len(unknown) == 1 else 'ies'} with no prompts: "
+            f"{', '.join(named)}; the prompts have: {', '.join(available)}"
+        )
 
 
-def category_directions(directions: RefusalDirections, settings: CategorySettings,
-                        orthogonalize: bool, protect_harmless: bool) -> CategoryDirections:
+def category_directions(
+    directions: RefusalDirections, settings: CategorySettings, orthogonalize: bool, protect_harmless: bool
+) -> CategoryDirections:
     """Targeted directions, to be made orthogonal to kept ones (and the harmless mean if asked)."""
     names, kept = settings.targeted, settings.kept
     by_category = {c: v.double() for c, v in directions.category_directions.items()}
@@ -50,8 +55,9 @@ def category_directions(directions: RefusalDirections, settings: CategorySetting
     if protect_harmless:
         protected.append(directions.harmless_mean.double())
     basis = AblationBasis(v, torch.stack(protected) if protected else None)
-    cos = {c: {k: [round(float(x), 4) for x in cosine(v[i], by_category[k])] for k in kept}
-           for i, c in enumerate(names)}
+    cos = {
+        c: {k: [round(float(x), 4) for x in cosine(v[i], by_category[k])] for k in kept} for i, c in enumerate(names)
+    }
     return CategoryDirections(basis, names, [settings.weights[c] for c in names], kept, cos)
 
 
@@ -81,8 +87,13 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
 
 
-def category_table(prompts: dict[str, int], base: dict[str, int], after: dict[str, int],
-                   weights: dict[str, float], instructed: set[str] = frozenset()) -> dict[str, dict]:
+def category_table(
+    prompts: dict[str, int],
+    base: dict[str, int],
+    after: dict[str, int],
+    weights: dict[str, float],
+    instructed: set[str] = frozenset(),
+) -> dict[str, dict]:
     """Per category: role, prompts, base and after refusal rates (with 95% Wilson intervals), and for
     kept categories the retention ratio after / base. Empty `weights` (global mode): every
     category is targeted but the `instructed` ones (refusals a system prompt asks for), which are
@@ -94,9 +105,17 @@ def category_table(prompts: dict[str, int], base: dict[str, int], after: dict[st
             role = "untargeted" if c in instructed else "targeted"
         else:
             role = "untargeted" if c not in weights else ("kept" if weights[c] == 0 else "targeted")
-        row = {"role": role, "weight": weights.get(c), "prompts": n, "base_refusals": b, "after_refusals": a,
-               "base_rate": round(b / n, 4) if n else None, "after_rate": round(a / n, 4) if n else None,
-               "base_rate_ci95": wilson_interval(b, n), "after_rate_ci95": wilson_interval(a, n)}
+        row = {
+            "role": role,
+            "weight": weights.get(c),
+            "prompts": n,
+            "base_refusals": b,
+            "after_refusals": a,
+            "base_rate": round(b / n, 4) if n else None,
+            "after_rate": round(a / n, 4) if n else None,
+            "base_rate_ci95": wilson_interval(b, n),
+            "after_rate_ci95": wilson_interval(a, n),
+        }
         if role == "kept":
             row["retention"] = round(a / b, 4) if b else None
         table[c] = row

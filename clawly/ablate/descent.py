@@ -8,9 +8,14 @@ from collections.abc import Callable, Sequence
 import torch
 
 
-def descend(parameters: Sequence[torch.Tensor], steps: int, lr: float,
-            losses: Callable[[int], dict[str, torch.Tensor]], desc: str,
-            progress: Callable | None = None) -> list[dict]:
+def descend(
+    parameters: Sequence[torch.Tensor],
+    steps: int,
+    lr: float,
+    losses: Callable[[int], dict[str, torch.Tensor]],
+    desc: str,
+    progress: Callable | None = None,
+) -> list[dict]:
     """Adam on `parameters` for `steps` steps. `losses(step)` returns the step's named terms, "loss"
     (what is minimized) first; each step's values go into the history, and the last entry scores the
     final parameters (no step follows it)."""

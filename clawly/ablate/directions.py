@@ -57,8 +57,7 @@ def project_out(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return v - (v * u_hat).sum(-1, keepdim=True) * u_hat
 
 
-def refusal_directions(harmful_mean: torch.Tensor, harmless_mean: torch.Tensor,
-                       projected: bool = True) -> torch.Tensor:
+def refusal_directions(harmful_mean: torch.Tensor, harmless_mean: torch.Tensor, projected: bool = True) -> torch.Tensor:
     """Unit refusal direction per probe point, `[P, d]`, from means `[P, d]`.
 
     r = mean(harmful) - mean(harmless); with `projected`, the component of r along the
@@ -98,8 +97,9 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (normalize(a.to(torch.float64)) * normalize(b.to(torch.float64))).sum(-1)
 
 
-def direction_report(harmful_mean: torch.Tensor, harmless_mean: torch.Tensor,
-                     directions: torch.Tensor) -> dict[str, list[float]]:
+def direction_report(
+    harmful_mean: torch.Tensor, harmless_mean: torch.Tensor, directions: torch.Tensor
+) -> dict[str, list[float]]:
     """Per probe point: raw mean-difference norm, and cosine with the next point's direction."""
     diff = harmful_mean.to(torch.float64) - harmless_mean.to(torch.float64)
     adjacent = cosine(directions[:-1], directions[1:])
@@ -192,6 +192,7 @@ class AblationBasis:
 
 # ------------------------------------------------------------------ the direction files
 
+
 @dataclass
 class RefusalDirections:
     """What compute-directions wrote, per probe point (`[P, d]` each)."""
@@ -209,9 +210,13 @@ class RefusalDirections:
 
 
 def write_refusal_directions(path: Path, d: RefusalDirections) -> None:
-    tensors = {"refusal_direction": d.refusal_direction, "refusal_direction_raw": d.raw_difference,
-               "harmful_mean": d.harmful_mean, "harmless_mean": d.harmless_mean,
-               **{f"category_direction.{c}": v for c, v in sorted(d.category_directions.items())}}
+    tensors = {
+        "refusal_direction": d.refusal_direction,
+        "refusal_direction_raw": d.raw_difference,
+        "harmful_mean": d.harmful_mean,
+        "harmless_mean": d.harmless_mean,
+        **{f"category_direction.{c}": v for c, v in sorted(d.category_directions.items())},
+    }
     write_safetensors(path, {k: v.float() for k, v in tensors.items()}, d.meta)
 
 
@@ -221,9 +226,14 @@ def read_refusal_directions(path: Path) -> RefusalDirections:
         with safe_open(str(path), "pt") as f:
             meta = dict(f.metadata())
             t = {k: f.get_tensor(k) for k in f.keys()}
-        return RefusalDirections(t["refusal_direction"], t["refusal_direction_raw"], t["harmful_mean"],
-                                 t["harmless_mean"],
-                                 {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}, meta)
+        return RefusalDirections(
+            t["refusal_direction"],
+            t["refusal_direction_raw"],
+            t["harmful_mean"],
+            t["harmless_mean"],
+            {k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)},
+            meta,
+        )
 
 
 @dataclass
@@ -255,10 +265,16 @@ def write_ablation_directions(path: Path, ablation: AblationDirections, extra: d
     `removed` `[m, P, d]` and `protected` `[k, P, d]` (what they are made from); names, weights,
     kept categories and mode in the metadata."""
     b = ablation.basis
-    meta = {"mode": ablation.mode, "names": json.dumps(ablation.names), "weights": json.dumps(ablation.weights),
-            "kept": json.dumps(ablation.kept), **(extra or {})}
-    write_safetensors(path, {"directions": b.directions, "retained": b.retained, "removed": b.removed,
-                             "protected": b.protected}, meta)
+    meta = {
+        "mode": ablation.mode,
+        "names": json.dumps(ablation.names),
+        "weights": json.dumps(ablation.weights),
+        "kept": json.dumps(ablation.kept),
+        **(extra or {}),
+    }
+    write_safetensors(
+        path, {"directions": b.directions, "retained": b.retained, "removed": b.removed, "protected": b.protected}, meta
+    )
 
 
 def read_ablation_directions(path: Path) -> AblationDirections:
@@ -268,12 +284,19 @@ def read_ablation_directions(path: Path) -> AblationDirections:
             meta = f.metadata()
             keys = set(f.keys())
             if not {"removed", "protected"} <= keys:
-                raise ClawlyError(f"{path} holds no removed/protected directions: it was written by an older "
-                                  "clawly; rerun orthogonalize-categories (dvc repro does), or reproduce with that "
-                                  "version")
+                raise ClawlyError(
+                    f"{path} holds no removed/protected directions: it was written by an older "
+                    "clawly; rerun orthogonalize-categories (dvc repro does), or reproduce with that "
+                    "version"
+                )
             basis = AblationBasis(f.get_tensor("removed").double(), f.get_tensor("protected").double())
-        return AblationDirections(basis, json.loads(meta["names"]), json.loads(meta["weights"]),
-                                  json.loads(meta.get("kept", "[]")), meta["mode"])
+        return AblationDirections(
+            basis,
+            json.loads(meta["names"]),
+            json.loads(meta["weights"]),
+            json.loads(meta.get("kept", "[]")),
+            meta["mode"],
+        )
 
 
 def check_fits(directions: torch.Tensor, model, path: str | Path) -> None:
@@ -282,6 +305,8 @@ def check_fits(directions: torch.Tensor, model, path: str | Path) -> None:
     layers, hidden = num_layers(model), hidden_size(model)
     points, width = directions.shape[-2], directions.shape[-1]
     if (points, width) != (layers + 1, hidden):
-        raise ClawlyError(f"{path} was computed on a model with {points - 1} decoder layers and hidden size {width}, "
-                          f"but {type(model).__name__} here has {layers} and {hidden}: rerun probe-activations and "
-                          "compute-directions for this model (dvc repro does), or load the model they were made on")
+        raise ClawlyError(
+            f"{path} was computed on a model with {points - 1} decoder layers and hidden size {width}, "
+            f"but {type(model).__name__} here has {layers} and {hidden}: rerun probe-activations and "
+            "compute-directions for this model (dvc repro does), or load the model they were made on"
+        )

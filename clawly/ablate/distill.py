@@ -51,8 +51,9 @@ class DistillResult:
     history: list[dict] = field(default_factory=list)  # per step: total and each term
 
 
-def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                   tokens: int, batch_size: int) -> list[list[int]]:
+def greedy_answers(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], tokens: int, batch_size: int
+) -> list[list[int]]:
     """Each prompt's greedy answer as token ids (at least one token)."""
     texts, _ = PromptSet(tokenizer, list(prompts), batch_size).generate(model, tokens)
     out = []
@@ -74,16 +75,17 @@ def kl_to_base(model, tokenizer, rows: Sequence[tuple[str, list[int], torch.Tens
 
 
 @contextlib.contextmanager
-def low_rank_writes(model: PreTrainedModel, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
-                    ) -> Iterator[None]:
+def low_rank_writes(model: PreTrainedModel, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
     """Add x Aᵀ Bᵀ to each named writer's output (the adapter's change, trainable) for the block."""
     found = {w.name: w for w in writers(model)}
     handles = []
     for name, (b, a) in factors.items():
         wr = found[name]
         if wr.experts is not None or wr.transposed:
-            raise ClawlyError("distillation trains LoRA factors of writers that are nn.Linear modules; this model's "
-                              f"{name} is {wr.kind}")
+            raise ClawlyError(
+                "distillation trains LoRA factors of writers that are nn.Linear modules; this model's "
+                f"{name} is {wr.kind}"
+            )
 
         def hook(module, args, output, b=b, a=a):
             return output + (args[0].to(a.dtype) @ a.t() @ b.t()).to(output.dtype)
@@ -118,9 +120,19 @@ def initial_factors(deltas: dict[str, WeightDelta], rank: int, seed: int) -> Fac
     return out
 
 
-def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, factors: dict, targets: DistillTargets,
-          steps: int, lr: float, batch_size: int, kept_weight: float = 1.0, harmless_weight: float = 1.0,
-          seed: int = 0, progress: Callable | None = None) -> DistillResult:
+def train(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    factors: dict,
+    targets: DistillTargets,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    kept_weight: float = 1.0,
+    harmless_weight: float = 1.0,
+    seed: int = 0,
+    progress: Callable | None = None,
+) -> DistillResult:
     """Adam on the factors for `steps` steps, each on `batch_size` requests of every set (drawn in a
     seeded order); the history's last entry scores the final factors on the same draw as the first."""
     if not targets.targeted:
@@ -140,8 +152,12 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, factors: d
         targeted = cross_entropy(model, tokenizer, t)
         kept = cross_entropy(model, tokenizer, k) if k and kept_weight else zero
         harmless = kl_to_base(model, tokenizer, h) if h and harmless_weight else zero
-        return {"loss": targeted + kept_weight * kept + harmless_weight * harmless, "targeted": targeted,
-                "kept": kept, "harmless_kl": harmless}
+        return {
+            "loss": targeted + kept_weight * kept + harmless_weight * harmless,
+            "targeted": targeted,
+            "kept": kept,
+            "harmless_kl": harmless,
+        }
 
     with low_rank_writes(model, factors):
         history = descend([t for pair in factors.values() for t in pair], steps, lr, losses, "distill", progress)

@@ -55,6 +55,7 @@ class InputEditError(ClawlyError, ValueError):
 
 # ------------------------------------------------------------------ streamed second moments
 
+
 class SecondMoment:
     """Σ x xᵀ of streamed rows x ∈ R^d: exact (`[d, d]`, float64) when d <= rank, else a sketch
     `b` `[<= rank, d]` whose rows are the top singular vectors of all rows seen, scaled by their
@@ -78,9 +79,9 @@ class SecondMoment:
             self.c += x.t() @ x
             return
         for start in range(0, x.shape[0], self.rank):
-            m = torch.cat([self.b.double(), x[start:start + self.rank]])  # [k + c, d]
+            m = torch.cat([self.b.double(), x[start : start + self.rank]])  # [k + c, d]
             values, vectors = torch.linalg.eigh(m @ m.t())  # ascending; m mᵀ = U S² Uᵀ
-            top = vectors[:, -self.rank:].flip(1)  # [k + c, r]
+            top = vectors[:, -self.rank :].flip(1)  # [k + c, r]
             self.b = (top.t() @ m).float()  # rows s_i v_iᵀ = u_iᵀ m
 
     def spectrum(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +140,7 @@ def edit_rows(edit: dict, a: torch.Tensor, kept: Spectrum, targeted: Spectrum | 
     "ridge": ρ}` (λ = ρ times the mean per-position energy of both sets per input dimension)."""
     a = a.to(torch.float64)
     if edit["method"] == "nullspace":
-        u = kept.basis[:kept.rank_for(edit["energy"])]  # [r, d_in]
+        u = kept.basis[: kept.rank_for(edit["energy"])]  # [r, d_in]
         return a - (a @ u.t()) @ u
     if edit["method"] == "least_squares":
         if targeted is None:
@@ -164,26 +165,32 @@ class RecordedInputs:
 
     def apply(self, edit: dict, name: str, a: torch.Tensor) -> torch.Tensor:
         if name not in self.rows or self.rows[name].shape != a.shape:
-            raise InputEditError(f"the recorded edit has no rows of shape {tuple(a.shape)} for writer {name}: the "
-                                 "record belongs to another model or plan")
+            raise InputEditError(
+                f"the recorded edit has no rows of shape {tuple(a.shape)} for writer {name}: the "
+                "record belongs to another model or plan"
+            )
         return self.rows[name].to(torch.float64)
 
 
 # ------------------------------------------------------------------ reading the writers' inputs
+
 
 def module_writers(model: nn.Module) -> list[Writer]:
     """The writers whose inputs can be captured by a hook on their module (not fused expert stacks)."""
     found = writers(model)
     fused = [w.name for w in found if w.experts is not None]
     if fused:
-        raise InputEditError(f"input-conditional edits need writers that are modules; this model's experts are "
-                             f"fused parameters ({fused[0]}, ...): use edit.method=projection")
+        raise InputEditError(
+            f"input-conditional edits need writers that are modules; this model's experts are "
+            f"fused parameters ({fused[0]}, ...): use edit.method=projection"
+        )
     return found
 
 
 @contextlib.contextmanager
-def capture_writer_inputs(model: nn.Module, moments: dict[str, SecondMoment],
-                          mask: list[torch.Tensor]) -> Iterator[None]:
+def capture_writer_inputs(
+    model: nn.Module, moments: dict[str, SecondMoment], mask: list[torch.Tensor]
+) -> Iterator[None]:
     """Feed every writer's input rows into its `SecondMoment` while the block runs forwards; only the
     positions where `mask[0]` (`[b, t]` bool, set by the caller per batch) is true count."""
     hooks = []
@@ -205,8 +212,9 @@ def capture_writer_inputs(model: nn.Module, moments: dict[str, SecondMoment],
 
 
 @torch.no_grad()
-def read_inputs(model: nn.Module, tokenizer, texts: Sequence[str], rank: int, batch_size: int = 8,
-                progress=None) -> dict[str, Spectrum]:
+def read_inputs(
+    model: nn.Module, tokenizer, texts: Sequence[str], rank: int, batch_size: int = 8, progress=None
+) -> dict[str, Spectrum]:
     """Each writer's input spectrum over every token position of `texts` (full conversations: the
     templated request and an answer), padded positions left out."""
     found = module_writers(model)
@@ -214,16 +222,16 @@ def read_inputs(model: nn.Module, tokenizer, texts: Sequence[str], rank: int, ba
     mask: list[torch.Tensor] = [None]
     device = next(model.parameters()).device
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with capture_writer_inputs(model, moments, mask):
-        for idx in (progress(batches) if progress else batches):
+        for idx in progress(batches) if progress else batches:
             rows = [tokenizer(texts[i], add_special_tokens=False).input_ids for i in idx]
             width = max(len(r) for r in rows)
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             attention = torch.zeros((len(rows), width), dtype=torch.long)
             for j, r in enumerate(rows):  # right-padded: the padding comes after every real token
-                ids[j, :len(r)], attention[j, :len(r)] = torch.tensor(r), 1
+                ids[j, : len(r)], attention[j, : len(r)] = torch.tensor(r), 1
             mask[0] = attention.bool()
             model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False)
     return {name: Spectrum(*m.spectrum(), m.trace, m.count) for name, m in moments.items()}
@@ -236,6 +244,7 @@ def _input_width(wr: Writer) -> int:
 
 
 # ------------------------------------------------------------------ what the edit leaves
+
 
 def retained_writes(edit: dict, inputs: WriterInputs, a: torch.Tensor, name: str) -> tuple[float, float]:
     """(targeted, kept) for one writer and its read rows `a` `[k, d_in]`: the share of the targeted
@@ -254,6 +263,7 @@ def retained_writes(edit: dict, inputs: WriterInputs, a: torch.Tensor, name: str
 
 
 # ------------------------------------------------------------------ the file
+
 
 def write_writer_inputs(path: Path, inputs: WriterInputs) -> None:
     """`writers/inputs.safetensors`: per writer and set (kept, targeted) the basis (float32), energy,
@@ -276,10 +286,11 @@ def read_writer_inputs(path: Path) -> WriterInputs:
             for key in keys:
                 if not key.endswith(".basis"):
                     continue
-                part, name = key.split(".", 1)[0], key[len(key.split(".", 1)[0]) + 1:-len(".basis")]
+                part, name = key.split(".", 1)[0], key[len(key.split(".", 1)[0]) + 1 : -len(".basis")]
                 trace, count = f.get_tensor(f"{part}.{name}.stats").tolist()
-                parts[part][name] = Spectrum(f.get_tensor(key).double(), f.get_tensor(f"{part}.{name}.energy"),
-                                             trace, int(count))
+                parts[part][name] = Spectrum(
+                    f.get_tensor(key).double(), f.get_tensor(f"{part}.{name}.energy"), trace, int(count)
+                )
     return WriterInputs(parts["kept"], parts["targeted"], meta)
 
 
@@ -290,8 +301,10 @@ def load_writer_inputs(settings: Settings) -> WriterInputs | None:
     path = Paths.of(settings).writer_inputs
     inputs = read_writer_inputs(path)
     if inputs.meta.get("method") == "projection" or not inputs.kept:
-        raise InputEditError(f"{path} holds no writer inputs (it was made with edit.method=projection): rerun "
-                             "probe-writers (python -m stages.probe_writers, or dvc repro)")
+        raise InputEditError(
+            f"{path} holds no writer inputs (it was made with edit.method=projection): rerun "
+            "probe-writers (python -m stages.probe_writers, or dvc repro)"
+        )
     return inputs
 
 

@@ -69,8 +69,11 @@ def svd_compress(delta: torch.Tensor, energy: float, max_rank: int) -> LoraFacto
     power = s**2
     total = power.sum()
     if total == 0:
-        return LoraFactors(torch.zeros(*delta.shape[:-1], 1, dtype=torch.float64),
-                           torch.zeros(*delta.shape[:-2], 1, delta.shape[-1], dtype=torch.float64), 0.0)
+        return LoraFactors(
+            torch.zeros(*delta.shape[:-1], 1, dtype=torch.float64),
+            torch.zeros(*delta.shape[:-2], 1, delta.shape[-1], dtype=torch.float64),
+            0.0,
+        )
     own = power.sum(-1, keepdim=True)  # each matrix's total
     kept = torch.cumsum(power, -1) / own.clamp_min(torch.finfo(torch.float64).tiny)
     needed = torch.searchsorted(kept, torch.full_like(own, energy) - 1e-12) + 1
@@ -82,8 +85,7 @@ def svd_compress(delta: torch.Tensor, energy: float, max_rank: int) -> LoraFacto
     return LoraFactors(b, a, error)
 
 
-def lora_factors(deltas: dict[str, WeightDelta], energy: float = 0.99,
-                 max_rank: int = 64) -> dict[str, LoraFactors]:
+def lora_factors(deltas: dict[str, WeightDelta], energy: float = 0.99, max_rank: int = 64) -> dict[str, LoraFactors]:
     """The adapter's factors by peft target: exact for low-rank deltas, SVD-compressed for dense ones.
     A fused expert stack's delta (3-D) is a parameter target, and its bias change a second one."""
     out = {}
@@ -127,38 +129,46 @@ def adapter_problem(model: nn.Module, factors: dict[str, LoraFactors]) -> str | 
     whose class tells peft another layout than its weights have."""
     modules = {n: f for n, f in factors.items() if not f.on_parameter}
     if len({f.bias is not None for f in modules.values()}) > 1:
-        return ("some residual writers have a bias and some do not: peft's lora_bias is all or none, so this "
-                "adapter cannot be written; the merged model holds the exact change")
+        return (
+            "some residual writers have a bias and some do not: peft's lora_bias is all or none, so this "
+            "adapter cannot be written; the merged model holds the exact change"
+        )
     if len(modules) == len(factors):
         return None
     biased = sorted(n for n, f in factors.items() if f.bias is not None)
     if biased:
-        return (f"a LoRA adapter cannot hold this change: the fused experts need peft's LoRA on parameters "
-                f"(target_parameters), which does not work with lora_bias, and the bias change of {biased[0]} needs "
-                "lora_bias. The merged model holds the exact change: save the model instead of the adapter")
+        return (
+            f"a LoRA adapter cannot hold this change: the fused experts need peft's LoRA on parameters "
+            f"(target_parameters), which does not work with lora_bias, and the bias change of {biased[0]} needs "
+            "lora_bias. The merged model holds the exact change: save the model instead of the adapter"
+        )
     for name, f in factors.items():
         if f.experts is None:
             continue
         owner = model.get_submodule(name.rpartition(".")[0])
         declared = bool(getattr(owner, "is_transposed", False))  # what peft's ParamWrapper reads
         if declared != f.transposed:
-            return (f"a LoRA adapter cannot hold the change of {name}: it is stored "
-                    f"{'input-first [E, d_in, d]' if f.transposed else 'output-first [E, d, d_in]'}, but "
-                    f"{type(owner).__name__}.is_transposed={declared} tells peft otherwise. The merged model holds "
-                    "the exact change: save the model instead of the adapter")
+            return (
+                f"a LoRA adapter cannot hold the change of {name}: it is stored "
+                f"{'input-first [E, d_in, d]' if f.transposed else 'output-first [E, d, d_in]'}, but "
+                f"{type(owner).__name__}.is_transposed={declared} tells peft otherwise. The merged model holds "
+                "the exact change: save the model instead of the adapter"
+            )
     return None
 
 
-def save_adapter(model: nn.Module, factors: dict[str, LoraFactors], out_dir: str | Path,
-                 base_model_name_or_path: str | None = None) -> None:
+def save_adapter(
+    model: nn.Module, factors: dict[str, LoraFactors], out_dir: str | Path, base_model_name_or_path: str | None = None
+) -> None:
     """Write adapter_config.json + adapter_model.safetensors for `factors` on `model`.
 
     LoRA layers are injected into `model` to save with peft, and removed again afterwards.
     Raises `AdapterUnsupportedError` when peft cannot hold the change.
     """
     if not factors:
-        raise ClawlyError("the chosen trial changes no weights: nothing to export (pick a trial with a "
-                          "non-zero kernel)")
+        raise ClawlyError(
+            "the chosen trial changes no weights: nothing to export (pick a trial with a non-zero kernel)"
+        )
     problem = adapter_problem(model, factors)
     if problem:
         raise AdapterUnsupportedError(problem)
@@ -169,10 +179,18 @@ def save_adapter(model: nn.Module, factors: dict[str, LoraFactors], out_dir: str
     pattern = {re.escape(n): k for n, k in ranks.items() if k != r}
     biased = {f.bias is not None for f in modules.values()}
     conv1d = {type(model.get_submodule(n)).__name__ == "Conv1D" for n in modules}
-    config = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(modules),
-                        target_parameters=sorted(parameters) or None, rank_pattern=pattern,
-                        alpha_pattern=dict(pattern), lora_dropout=0.0, bias="none", lora_bias=biased == {True},
-                        fan_in_fan_out=conv1d == {True})  # GPT-2's Conv1D stores [in, out]
+    config = LoraConfig(
+        r=r,
+        lora_alpha=r,
+        target_modules=sorted(modules),
+        target_parameters=sorted(parameters) or None,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        lora_dropout=0.0,
+        bias="none",
+        lora_bias=biased == {True},
+        fan_in_fan_out=conv1d == {True},
+    )  # GPT-2's Conv1D stores [in, out]
     with warnings.catch_warnings():  # peft 0.21 reads transformers 5's deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, config)
@@ -183,8 +201,10 @@ def save_adapter(model: nn.Module, factors: dict[str, LoraFactors], out_dir: str
             a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
             want_a, want_b = expert_lora_weights(f) if f.experts is not None else (f.a, f.b)
             if tuple(a.shape) != tuple(want_a.shape) or tuple(b.shape) != tuple(want_b.shape):
-                raise RuntimeError(f"LoRA shape mismatch at {name}: A {tuple(a.shape)} vs {tuple(want_a.shape)}, "
-                                   f"B {tuple(b.shape)} vs {tuple(want_b.shape)}")
+                raise RuntimeError(
+                    f"LoRA shape mismatch at {name}: A {tuple(a.shape)} vs {tuple(want_a.shape)}, "
+                    f"B {tuple(b.shape)} vs {tuple(want_b.shape)}"
+                )
             a.copy_(want_a.to(a.dtype))
             b.copy_(want_b.to(b.dtype))
             if f.bias is not None:

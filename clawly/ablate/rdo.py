@@ -55,9 +55,11 @@ def projected_out(model: PreTrainedModel, direction: torch.Tensor) -> Iterator[N
     """Project `direction` (unit, `[d]`, may require grad) out of every writer's output."""
     found = writers(model)
     if any(w.gain is not None for w in found):
-        raise ClawlyError("directions.method=rdo: this architecture normalizes writer outputs before the "
-                          "residual stream (Gemma 2/3, OLMo 2), which the optimization does not model yet; "
-                          "use directions.method=dim")
+        raise ClawlyError(
+            "directions.method=rdo: this architecture normalizes writer outputs before the "
+            "residual stream (Gemma 2/3, OLMo 2), which the optimization does not model yet; "
+            "use directions.method=dim"
+        )
 
     def hook(module, args, output):
         r = direction.to(output.device, output.dtype)  # a device_map may put layers on several GPUs
@@ -72,9 +74,17 @@ def projected_out(model: PreTrainedModel, direction: torch.Tensor) -> Iterator[N
 
 
 @torch.no_grad()
-def base_targets(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, harmful: Sequence[str],
-                 kept: Sequence[str], harmless: Sequence[str], rule: StrictKeywordRule,
-                 answer_tokens: int = 24, kept_tokens: int = 12, batch_size: int = 16) -> RdoTargets:
+def base_targets(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    harmful: Sequence[str],
+    kept: Sequence[str],
+    harmless: Sequence[str],
+    rule: StrictKeywordRule,
+    answer_tokens: int = 24,
+    kept_tokens: int = 12,
+    batch_size: int = 16,
+) -> RdoTargets:
     """The base model's refusal opening tokens (over targeted and kept prompts), its refusal
     answers to kept prompts, and its harmless first-token distribution."""
     prompts = list(harmful) + list(kept)
@@ -84,20 +94,35 @@ def base_targets(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, har
     ids = [tokenizer(texts[i], add_special_tokens=False).input_ids for i in refusing]
     refusal_tokens = sorted({x[0] for x in ids if x})
     kept_rows = [(prompts[i], x[:kept_tokens]) for i, x in zip(refusing, ids, strict=True) if i >= len(harmful) and x]
-    return RdoTargets(refusal_tokens, [a for _, a in kept_rows], [p for p, _ in kept_rows],
-                      first_token_logprobs(model, tokenizer, harmless))
+    return RdoTargets(
+        refusal_tokens,
+        [a for _, a in kept_rows],
+        [p for p, _ in kept_rows],
+        first_token_logprobs(model, tokenizer, harmless),
+    )
 
 
-def optimize_direction(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, init: torch.Tensor,
-                       targeted: Sequence[str], targets: RdoTargets, harmless: Sequence[str], steps: int = 30,
-                       lr: float = 0.01, kept_weight: float = 1.0, harmless_weight: float = 1.0,
-                       progress: Callable | None = None) -> RdoResult:
+def optimize_direction(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    init: torch.Tensor,
+    targeted: Sequence[str],
+    targets: RdoTargets,
+    harmless: Sequence[str],
+    steps: int = 30,
+    lr: float = 0.01,
+    kept_weight: float = 1.0,
+    harmless_weight: float = 1.0,
+    progress: Callable | None = None,
+) -> RdoResult:
     """Learn a unit direction from `init` (`[d]`): targeted prompts stop opening with refusal
     tokens, kept prompts keep the base refusals, harmless prompts keep their first-token
     distribution (losses in the module docstring). Model weights are not changed."""
     if not targets.refusal_tokens:
-        raise ClawlyError("directions.method=rdo: the base model refused none of the prompts, so there is no "
-                          "refusal to learn a direction from")
+        raise ClawlyError(
+            "directions.method=rdo: the base model refused none of the prompts, so there is no "
+            "refusal to learn a direction from"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     v = init.detach().to(torch.float32).clone().to(model.device).requires_grad_(True)
@@ -109,12 +134,23 @@ def optimize_direction(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
             lp = first_token_logprobs(model, tokenizer, targeted)
             p_refuse = lp[:, refusal].logsumexp(-1).exp().clamp(max=1 - 1e-6)
             target_loss = -torch.log1p(-p_refuse).mean()
-            kept_loss = (answer_cross_entropy(model, tokenizer, targets.kept_prompts, targets.kept_answers)
-                         if targets.kept_prompts and kept_weight else zero)
-            kl = kl_rows(targets.harmless_logprobs, first_token_logprobs(model, tokenizer, harmless)).mean() \
-                if harmless_weight else zero
-        return {"loss": target_loss + kept_weight * kept_loss + harmless_weight * kl, "targeted": target_loss,
-                "kept": kept_loss, "harmless_kl": kl, "refusal_probability": p_refuse.mean()}
+            kept_loss = (
+                answer_cross_entropy(model, tokenizer, targets.kept_prompts, targets.kept_answers)
+                if targets.kept_prompts and kept_weight
+                else zero
+            )
+            kl = (
+                kl_rows(targets.harmless_logprobs, first_token_logprobs(model, tokenizer, harmless)).mean()
+                if harmless_weight
+                else zero
+            )
+        return {
+            "loss": target_loss + kept_weight * kept_loss + harmless_weight * kl,
+            "targeted": target_loss,
+            "kept": kept_loss,
+            "harmless_kl": kl,
+            "refusal_probability": p_refuse.mean(),
+        }
 
     history = descend([v], steps, lr, losses, "rdo", progress)
     return RdoResult((v / v.norm()).detach().float().cpu(), history)

@@ -50,8 +50,10 @@ def require_research_extra() -> None:
         except ImportError:
             missing.append(module)
     if missing:
-        raise ClawlyError(f"the residual projections need {' and '.join(missing)}, from the research extra: "
-                          f"{RESEARCH_EXTRA} (the geometry table needs neither)")
+        raise ClawlyError(
+            f"the residual projections need {' and '.join(missing)}, from the research extra: "
+            f"{RESEARCH_EXTRA} (the geometry table needs neither)"
+        )
 
 
 # ------------------------------------------------------------------ math
@@ -110,8 +112,14 @@ def _choose(path: Path, max_per_category: int, seed: int) -> tuple[dict[str, str
     return chosen, points
 
 
-def sample_residuals(harmful: Path, harmless: Path, max_per_category: int, seed: int = 0,
-                     instructed: Sequence[str] = (), batch_rows: int = 4096) -> ResidualSample:
+def sample_residuals(
+    harmful: Path,
+    harmless: Path,
+    max_per_category: int,
+    seed: int = 0,
+    instructed: Sequence[str] = (),
+    batch_rows: int = 4096,
+) -> ResidualSample:
     """At most `max_per_category` prompts per category from each activations file, all probe points,
     streamed in row batches (memory: the sample, not the file). Categories in `instructed` (refusals
     a system prompt asks for) get the set 'instructed'."""
@@ -140,30 +148,38 @@ def sample_residuals(harmful: Path, harmless: Path, max_per_category: int, seed:
         cats_out += list(chosen.values())
         sets_out += [INSTRUCTED if set_name == HARMFUL and c in instructed else set_name for c in chosen.values()]
     if parts[0].shape[1:] != parts[1].shape[1:]:
-        raise ClawlyError(f"{harmful} and {harmless} hold different probe points or hidden sizes: "
-                          "rerun probe-activations")
+        raise ClawlyError(
+            f"{harmful} and {harmless} hold different probe points or hidden sizes: rerun probe-activations"
+        )
     return ResidualSample(torch.cat(parts), ids_out, cats_out, sets_out)
 
 
 # ------------------------------------------------------------------ tables
 
 
-def geometry_table(harmful_mean: torch.Tensor, harmless_mean: torch.Tensor, direction: torch.Tensor,
-                   category_directions: dict[str, torch.Tensor], sample: ResidualSample | None) -> pd.DataFrame:
+def geometry_table(
+    harmful_mean: torch.Tensor,
+    harmless_mean: torch.Tensor,
+    direction: torch.Tensor,
+    category_directions: dict[str, torch.Tensor],
+    sample: ResidualSample | None,
+) -> pd.DataFrame:
     """One row per probe point (see the module docstring). Means and directions `[P, d]`; the
     silhouettes come from `sample` (None: left out)."""
     p = harmful_mean.shape[0]
     report = direction_report(harmful_mean, harmless_mean, direction)  # what compute-directions reports
-    table = pd.DataFrame({
-        "probe_point": range(p),
-        "harmful_mean_norm": harmful_mean.double().norm(dim=-1).numpy(),
-        "harmless_mean_norm": harmless_mean.double().norm(dim=-1).numpy(),
-        "difference_norm": report["mean_difference_norm"],
-        "cos_harmful_harmless": cosine(harmful_mean, harmless_mean).numpy(),
-        "cos_harmful_direction": cosine(harmful_mean, direction).numpy(),
-        "cos_harmless_direction": cosine(harmless_mean, direction).numpy(),
-        "cos_direction_previous": [float("nan"), *report["adjacent_cosine"]],
-    })
+    table = pd.DataFrame(
+        {
+            "probe_point": range(p),
+            "harmful_mean_norm": harmful_mean.double().norm(dim=-1).numpy(),
+            "harmless_mean_norm": harmless_mean.double().norm(dim=-1).numpy(),
+            "difference_norm": report["mean_difference_norm"],
+            "cos_harmful_harmless": cosine(harmful_mean, harmless_mean).numpy(),
+            "cos_harmful_direction": cosine(harmful_mean, direction).numpy(),
+            "cos_harmless_direction": cosine(harmless_mean, direction).numpy(),
+            "cos_direction_previous": [float("nan"), *report["adjacent_cosine"]],
+        }
+    )
     cats = sorted(category_directions)
     if sample is not None:
         both = [k for k, s in enumerate(sample.sets) if s in (HARMFUL, HARMLESS)]
@@ -179,8 +195,9 @@ def geometry_table(harmful_mean: torch.Tensor, harmless_mean: torch.Tensor, dire
                 mask = torch.tensor([c == cat for c in sample_cats])
                 table[f"silhouette.{cat}"] = [float(v[mask].mean()) for v in values]
     if len(cats) >= 2:
-        pairs = torch.stack([cosine(category_directions[a], category_directions[b])
-                             for a, b in itertools.combinations(cats, 2)])  # [pairs, P]
+        pairs = torch.stack(
+            [cosine(category_directions[a], category_directions[b]) for a, b in itertools.combinations(cats, 2)]
+        )  # [pairs, P]
         table["category_cosine_mean"] = pairs.mean(0).numpy()
         table["category_cosine_max"] = pairs.max(0).values.numpy()
     return table.round(6)
@@ -199,8 +216,7 @@ def category_cosines(category_directions: dict[str, torch.Tensor]) -> pd.DataFra
 
 def summary(table: pd.DataFrame) -> dict:
     """A few headline figures: where harmful and harmless separate most, where the categories do."""
-    out: dict = {"probe_points": len(table),
-                 "difference_norm_max_at": int(table.difference_norm.idxmax())}
+    out: dict = {"probe_points": len(table), "difference_norm_max_at": int(table.difference_norm.idxmax())}
     for col, key in (("silhouette", "silhouette"), ("category_silhouette", "category_silhouette")):
         if col in table:
             at = int(table[col].idxmax())
@@ -208,8 +224,10 @@ def summary(table: pd.DataFrame) -> dict:
     if "category_cosine_mean" in table:
         rest = table.iloc[1:] if len(table) > 1 else table  # the embeddings hold no direction worth naming
         at = int(rest.category_cosine_mean.idxmin())
-        out["category_cosine_mean_min"], out["category_cosine_mean_min_at"] = \
-            round(float(table.category_cosine_mean[at]), 4), at
+        out["category_cosine_mean_min"], out["category_cosine_mean_min_at"] = (
+            round(float(table.category_cosine_mean[at]), 4),
+            at,
+        )
     return out
 
 
@@ -243,22 +261,35 @@ def projections(sample: ResidualSample, points: Sequence[int], seed: int = 0) ->
     logging.getLogger("pacmap").setLevel(logging.ERROR)  # "random state is set", "NN backend": not news
     n = sample.residuals.shape[0]
     if n < 8:
-        raise ClawlyError(f"only {n} sampled residuals: PaCMAP needs at least 8 (probe more prompts or raise "
-                          "research.sample_per_category)")
+        raise ClawlyError(
+            f"only {n} sampled residuals: PaCMAP needs at least 8 (probe more prompts or raise "
+            "research.sample_per_category)"
+        )
     out = {}
     for i in points:
         x = sample.residuals[:, i].double()
         x = (x - x.mean(0)).numpy()
-        reducer = pacmap.PaCMAP(n_components=2, n_neighbors=min(10, n // 3), random_state=seed,
-                                apply_pca=x.shape[1] > 100)
+        reducer = pacmap.PaCMAP(
+            n_components=2, n_neighbors=min(10, n // 3), random_state=seed, apply_pca=x.shape[1] > 100
+        )
         with contextlib.redirect_stdout(io.StringIO()):  # PaCMAP's notes (seeded, NN backend) are not news
             out[i] = reducer.fit_transform(x, init="pca").astype(np.float32)
     return out
 
 
 def _palette(names: Sequence[str]) -> dict[str, str]:
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
-               "#bcbd22", "#7f7f7f"]
+    colours = [
+        "#1f77b4",
+        "#d62728",
+        "#2ca02c",
+        "#9467bd",
+        "#ff7f0e",
+        "#8c564b",
+        "#e377c2",
+        "#17becf",
+        "#bcbd22",
+        "#7f7f7f",
+    ]
     out = {name: colours[k % len(colours)] for k, name in enumerate(n for n in names if n != HARMLESS)}
     out[HARMLESS] = "#b0b0b0"
     return out
@@ -270,8 +301,12 @@ def _views(sample: ResidualSample) -> list[tuple[str, list[str]]]:
     return [("harmful vs harmless", sample.sets), ("by harm category", by_category)]
 
 
-def projection_figure(sample: ResidualSample, embedded: dict[int, np.ndarray], table: pd.DataFrame | None = None,
-                      title: str = "PaCMAP projection of the residual stream"):
+def projection_figure(
+    sample: ResidualSample,
+    embedded: dict[int, np.ndarray],
+    table: pd.DataFrame | None = None,
+    title: str = "PaCMAP projection of the residual stream",
+):
     """One plotly figure: left coloured by set, right by category, a slider over the probe points."""
     import plotly.graph_objects as go  # deferred: a second to import, and only this view draws
     from plotly.subplots import make_subplots  # deferred, as above
@@ -288,11 +323,22 @@ def projection_figure(sample: ResidualSample, embedded: dict[int, np.ndarray], t
             palette = _palette(sorted(set(labels)))
             for name in sorted(set(labels), key=lambda n: (n == HARMLESS, n)):
                 idx = [k for k, lab in enumerate(labels) if lab == name]
-                fig.add_trace(go.Scatter(
-                    x=xy[idx, 0], y=xy[idx, 1], mode="markers", name=name, legendgroup=f"{col}:{name}",
-                    showlegend=col == 2 or name in (HARMFUL, HARMLESS, INSTRUCTED),
-                    marker={"size": 5, "color": palette[name], "opacity": 0.75},
-                    text=[hover[k] for k in idx], hoverinfo="text", visible=False), row=1, col=col)
+                fig.add_trace(
+                    go.Scatter(
+                        x=xy[idx, 0],
+                        y=xy[idx, 1],
+                        mode="markers",
+                        name=name,
+                        legendgroup=f"{col}:{name}",
+                        showlegend=col == 2 or name in (HARMFUL, HARMLESS, INSTRUCTED),
+                        marker={"size": 5, "color": palette[name], "opacity": 0.75},
+                        text=[hover[k] for k in idx],
+                        hoverinfo="text",
+                        visible=False,
+                    ),
+                    row=1,
+                    col=col,
+                )
         trace_ranges.append((start, len(fig.data)))
     start_at = telling_points(table)[0] if table is not None else None
     first = points.index(start_at) if start_at in points else 0
@@ -307,12 +353,20 @@ def projection_figure(sample: ResidualSample, embedded: dict[int, np.ndarray], t
         if table is not None and "silhouette" in table:
             note = f" (silhouette {table.silhouette[point]:.2f}"
             note += f", categories {table.category_silhouette[point]:.2f})" if "category_silhouette" in table else ")"
-        steps.append({"method": "update", "label": str(point),
-                      "args": [{"visible": visible}, {"title.text": f"{title}: probe point {point}{note}"}]})
-    fig.update_layout(sliders=[{"active": first, "currentvalue": {"prefix": "probe point "}, "steps": steps,
-                                "pad": {"t": 30}}],
-                      title={"text": steps[first]["args"][1]["title.text"]}, height=620, template="plotly_white",
-                      legend={"itemsizing": "constant"})
+        steps.append(
+            {
+                "method": "update",
+                "label": str(point),
+                "args": [{"visible": visible}, {"title.text": f"{title}: probe point {point}{note}"}],
+            }
+        )
+    fig.update_layout(
+        sliders=[{"active": first, "currentvalue": {"prefix": "probe point "}, "steps": steps, "pad": {"t": 30}}],
+        title={"text": steps[first]["args"][1]["title.text"]},
+        height=620,
+        template="plotly_white",
+        legend={"itemsizing": "constant"},
+    )
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False)
     return fig
@@ -329,8 +383,13 @@ def _pyplot():
     return plt
 
 
-def write_projection_pngs(sample: ResidualSample, embedded: dict[int, np.ndarray], points: Sequence[int],
-                          out_dir: Path, table: pd.DataFrame | None = None) -> list[Path]:
+def write_projection_pngs(
+    sample: ResidualSample,
+    embedded: dict[int, np.ndarray],
+    points: Sequence[int],
+    out_dir: Path,
+    table: pd.DataFrame | None = None,
+) -> list[Path]:
     """`pacmap_point_NN.png` per probe point in `points` (two panels: by set, by category), written by
     matplotlib's Agg backend (offline, no browser)."""
     plt = _pyplot()

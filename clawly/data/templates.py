@@ -69,6 +69,7 @@ def normalize(text: str) -> str:
 
 # --- templates -------------------------------------------------------------------------------
 
+
 def load_templates(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate a templates YAML file.
 
@@ -115,9 +116,11 @@ def validate_templates(data: Any, source: str = "templates") -> dict[str, Any]:
             if side not in spec:
                 raise DatasetError(f"{source}: categories.{name} is missing '{side}'")
         if systems and "harmless" in spec:
-            raise DatasetError(f"{source}: categories.{name} has a system prompt, so its requests are harmless "
-                               f"ones the system prompt forbids; remove its 'harmless' section (the general "
-                               f"prompts are its contrast)")
+            raise DatasetError(
+                f"{source}: categories.{name} has a system prompt, so its requests are harmless "
+                f"ones the system prompt forbids; remove its 'harmless' section (the general "
+                f"prompts are its contrast)"
+            )
         categories[name] = {
             "description": str(spec.get("description", "")),
             "system": systems,
@@ -170,14 +173,14 @@ def _validate_section(section: Any, where: str) -> dict[str, Any]:
 def _slot_names(template: str, where: str = "template") -> list[str]:
     """Slot names a template uses, in order of first use."""
     try:
-        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
-                  if name is not None]
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
     except ValueError as e:  # unbalanced braces
         raise DatasetError(f"{where}: template {template!r} is malformed: {e}") from e
     bad = [f"{{{name}}}" for name, spec, conv in fields if spec or conv or not name.isidentifier()]
     if bad:
-        raise DatasetError(f"{where}: template {template!r} has invalid placeholder(s) "
-                           f"{', '.join(bad)}; use {{slot_name}}")
+        raise DatasetError(
+            f"{where}: template {template!r} has invalid placeholder(s) {', '.join(bad)}; use {{slot_name}}"
+        )
     return list(dict.fromkeys(name for name, _, _ in fields))
 
 
@@ -244,13 +247,15 @@ def expand(
 
 # --- the template-level hold-out ------------------------------------------------------------
 
+
 def _capacity(templates: Sequence[str], slots: Mapping[str, Sequence[str]]) -> int:
     """How many fillings the templates have (before removing duplicates)."""
     return sum(math.prod(len(slots[n]) for n in _slot_names(t)) for t in templates)
 
 
-def holdout_sections(section: Mapping[str, Any], rng: random.Random, n_eval: int, n_rest: int,
-                     where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def holdout_sections(
+    section: Mapping[str, Any], rng: random.Random, n_eval: int, n_rest: int, where: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(train section, eval section) of one section for a template-level hold-out. Every slot with 3
     or more values gives a third of them (at least one) to eval only; templates go to eval in a
     seeded order, as few as give `n_eval` eval fillings while the rest give `n_rest` (train and
@@ -258,8 +263,10 @@ def holdout_sections(section: Mapping[str, Any], rng: random.Random, n_eval: int
     directions still learn from most phrasings. Deterministic given `rng`."""
     templates = list(section["templates"])
     if len(templates) < 2:
-        raise DatasetError(f"{where}: data.holdout=template needs at least 2 templates per section (one for eval, "
-                           "one for train); add templates, or use data.holdout=prompt")
+        raise DatasetError(
+            f"{where}: data.holdout=template needs at least 2 templates per section (one for eval, "
+            "one for train); add templates, or use data.holdout=prompt"
+        )
     train_slots, eval_slots = {}, {}
     for name, values in (section.get("slots") or {}).items():
         if len(values) >= 3:
@@ -271,38 +278,69 @@ def holdout_sections(section: Mapping[str, Any], rng: random.Random, n_eval: int
     order = [templates[i] for i in rng.sample(range(len(templates)), len(templates))]
     most = min(len(templates) - 1, max(1, math.ceil(len(templates) * MAX_EVAL_TEMPLATES)))
     k = 1
-    while k < most and _capacity(order[:k], eval_slots) < n_eval and _capacity(order[k + 1:], train_slots) >= n_rest:
+    while k < most and _capacity(order[:k], eval_slots) < n_eval and _capacity(order[k + 1 :], train_slots) >= n_rest:
         k += 1
     return ({"templates": order[k:], "slots": train_slots}, {"templates": order[:k], "slots": eval_slots})
 
 
-def _held_out(section: Mapping[str, Any], rng: random.Random, n_train: int, n_eval: int, n_tune: int,
-              taken: list[str], what: str, source: str) -> tuple[list[str], list[str], list[str]]:
+def _held_out(
+    section: Mapping[str, Any],
+    rng: random.Random,
+    n_train: int,
+    n_eval: int,
+    n_tune: int,
+    taken: list[str],
+    what: str,
+    source: str,
+) -> tuple[list[str], list[str], list[str]]:
     """(train, eval, tune) texts of one section under the template-level hold-out. When the held-out
     slot values leave the eval templates too few fillings, the rest of the eval prompts fill the
     held-out templates with any value (the templates stay held out)."""
     train_part, eval_part = holdout_sections(section, rng, n_eval, n_train + n_tune, f"{source}: {what}")
     evals = expand(eval_part, rng, limit=n_eval, exclude=taken)
     if len(evals) < n_eval:
-        log.info("%s: the held-out slot values give only %d eval prompts; the rest fill the held-out templates "
-                 "with every value", what, len(evals))
-        evals += _sample({**eval_part, "slots": section.get("slots") or {}}, rng, n_eval - len(evals),
-                         [*taken, *evals], f"{what}, held-out templates", source,
-                         f"data.holdout=template and {n_eval} eval prompts")
-    rest = _sample(train_part, rng, n_train + n_tune, [*taken, *evals], f"{what}, train and tune templates",
-                   source, f"data.holdout=template and {n_train} train + {n_tune} tune prompts")
+        log.info(
+            "%s: the held-out slot values give only %d eval prompts; the rest fill the held-out templates "
+            "with every value",
+            what,
+            len(evals),
+        )
+        evals += _sample(
+            {**eval_part, "slots": section.get("slots") or {}},
+            rng,
+            n_eval - len(evals),
+            [*taken, *evals],
+            f"{what}, held-out templates",
+            source,
+            f"data.holdout=template and {n_eval} eval prompts",
+        )
+    rest = _sample(
+        train_part,
+        rng,
+        n_train + n_tune,
+        [*taken, *evals],
+        f"{what}, train and tune templates",
+        source,
+        f"data.holdout=template and {n_train} train + {n_tune} tune prompts",
+    )
     rng.shuffle(rest)
     return rest[n_tune:], evals, rest[:n_tune]
 
 
 def _frame(train: list[str], evals: list[str], tune: list[str], category: str) -> pd.DataFrame:
     """Rows ordered train, then eval, then tune (as `_split_frame` orders them)."""
-    return pd.DataFrame({"text": [*train, *evals, *tune], "category": category,
-                         "split": ["train"] * len(train) + ["eval"] * len(evals) + ["tune"] * len(tune),
-                         "system": ""})
+    return pd.DataFrame(
+        {
+            "text": [*train, *evals, *tune],
+            "category": category,
+            "split": ["train"] * len(train) + ["eval"] * len(evals) + ["tune"] * len(tune),
+            "system": "",
+        }
+    )
 
 
 # --- generation ------------------------------------------------------------------------------
+
 
 def generate_prompts(settings: DataSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Build the (harmful, harmless) prompt tables described in the module docstring."""
@@ -311,13 +349,15 @@ def generate_prompts(settings: DataSettings) -> tuple[pd.DataFrame, pd.DataFrame
     harmless = _generate_harmless(templates, settings, exclude=harmful["text"])
 
     harmful = _append_user_prompts(
-        harmful, _user_prompts(settings.harmful_files, settings.harmful_datasets, USER_HARMFUL_CATEGORY),
+        harmful,
+        _user_prompts(settings.harmful_files, settings.harmful_datasets, USER_HARMFUL_CATEGORY),
         exclude=harmless["text"],
         eval_fraction=settings.eval_per_category / (settings.train_per_category + settings.eval_per_category),
         rng=random.Random(f"{settings.seed}:user:harmful"),
     )
     harmless = _append_user_prompts(
-        harmless, _user_prompts(settings.harmless_files, settings.harmless_datasets, GENERAL),
+        harmless,
+        _user_prompts(settings.harmless_files, settings.harmless_datasets, GENERAL),
         exclude=harmful["text"],
         eval_fraction=settings.harmless_eval / (settings.harmless_train + settings.harmless_eval),
         rng=random.Random(f"{settings.seed}:user:harmless"),
@@ -335,7 +375,8 @@ def _check_user_categories(harmful: pd.DataFrame, templates: Mapping[str, Any], 
             raise DatasetError(
                 f"category '{category}' of {', '.join(sources)} has {len(rows)} prompt(s) ({counts.get('train', 0)} "
                 f"train, {counts.get('eval', 0) + counts.get('tune', 0)} eval/tune): it needs at least one train "
-                "prompt (for its direction) and one eval prompt (to score it); add prompts or a 'split' column")
+                "prompt (for its direction) and one eval prompt (to score it); add prompts or a 'split' column"
+            )
 
 
 def _generate_harmful(templates: Mapping[str, Any], settings: DataSettings) -> pd.DataFrame:
@@ -344,17 +385,30 @@ def _generate_harmful(templates: Mapping[str, Any], settings: DataSettings) -> p
     for category, spec in templates["categories"].items():
         rng = random.Random(f"{settings.seed}:harmful:{category}")
         if settings.holdout == "template":
-            parts = _held_out(spec["harmful"], rng, settings.train_per_category, settings.eval_per_category,
-                              settings.tune_per_category, taken, f"category '{category}' (harmful)",
-                              templates["source"])
+            parts = _held_out(
+                spec["harmful"],
+                rng,
+                settings.train_per_category,
+                settings.eval_per_category,
+                settings.tune_per_category,
+                taken,
+                f"category '{category}' (harmful)",
+                templates["source"],
+            )
             taken += [t for part in parts for t in part]
             frame = _frame(*parts, category)
         else:
-            texts = _sample(spec["harmful"], rng, need, taken, f"category '{category}' (harmful)",
-                            templates["source"],
-                            f"data.train_per_category={settings.train_per_category} + "
-                            f"data.eval_per_category={settings.eval_per_category} + "
-                            f"data.tune_per_category={settings.tune_per_category}")
+            texts = _sample(
+                spec["harmful"],
+                rng,
+                need,
+                taken,
+                f"category '{category}' (harmful)",
+                templates["source"],
+                f"data.train_per_category={settings.train_per_category} + "
+                f"data.eval_per_category={settings.eval_per_category} + "
+                f"data.tune_per_category={settings.tune_per_category}",
+            )
             taken += texts
             frame = _split_frame(texts, category, settings.eval_per_category, rng, settings.tune_per_category)
         if spec["system"]:  # its own generator: the texts drawn do not depend on the system prompts
@@ -364,9 +418,7 @@ def _generate_harmful(templates: Mapping[str, Any], settings: DataSettings) -> p
     return pd.concat(frames, ignore_index=True)
 
 
-def _generate_harmless(
-    templates: Mapping[str, Any], settings: DataSettings, exclude: Iterable[str]
-) -> pd.DataFrame:
+def _generate_harmless(templates: Mapping[str, Any], settings: DataSettings, exclude: Iterable[str]) -> pd.DataFrame:
     total = settings.harmless_train + settings.harmless_eval + settings.harmless_tune
     categories = [c for c, spec in templates["categories"].items() if not spec["system"]]
     counts = _largest_remainder(total // 2, {c: 1 for c in categories})
@@ -381,20 +433,36 @@ def _generate_harmless(
         section = templates["general"] if group == GENERAL else templates["categories"][group]["harmless"]
         rng = random.Random(f"{settings.seed}:harmless:{group}")
         if settings.holdout == "template" and evals[group]:
-            parts = _held_out(section, rng, n - evals[group] - tunes[group], evals[group], tunes[group], taken,
-                              f"'{group}' (harmless)", templates["source"])
+            parts = _held_out(
+                section,
+                rng,
+                n - evals[group] - tunes[group],
+                evals[group],
+                tunes[group],
+                taken,
+                f"'{group}' (harmless)",
+                templates["source"],
+            )
             taken += [t for part in parts for t in part]
             frames.append(_frame(*parts, group))
             continue
-        texts = _sample(section, rng, n, taken, f"'{group}' (harmless)", templates["source"],
-                        f"its share of data.harmless_train + data.harmless_eval + data.harmless_tune = {total}")
+        texts = _sample(
+            section,
+            rng,
+            n,
+            taken,
+            f"'{group}' (harmless)",
+            templates["source"],
+            f"its share of data.harmless_train + data.harmless_eval + data.harmless_tune = {total}",
+        )
         taken += texts
         frames.append(_split_frame(texts, group, evals[group], rng, tunes[group]))
     return pd.concat(frames, ignore_index=True)
 
 
-def _sample(section: Mapping[str, Any], rng: random.Random, need: int, exclude: Iterable[str],
-            what: str, source: str, why: str) -> list[str]:
+def _sample(
+    section: Mapping[str, Any], rng: random.Random, need: int, exclude: Iterable[str], what: str, source: str, why: str
+) -> list[str]:
     texts = expand(section, rng, limit=need, exclude=exclude)
     if len(texts) < need:
         raise DatasetError(
@@ -439,6 +507,7 @@ def _with_ids(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
 
 # --- user prompts ----------------------------------------------------------------------------
 
+
 def load_prompt_file(path: str | os.PathLike[str], default_category: str) -> pd.DataFrame:
     """Read user prompts: columns ``text, category, split, system`` (split is None where not given).
 
@@ -449,8 +518,9 @@ def load_prompt_file(path: str | os.PathLike[str], default_category: str) -> pd.
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in PROMPT_FILE_SUFFIXES:
-        raise DatasetError(f"{path}: unsupported prompt file type '{suffix or '(none)'}'; "
-                           f"use one of {', '.join(PROMPT_FILE_SUFFIXES)}")
+        raise DatasetError(
+            f"{path}: unsupported prompt file type '{suffix or '(none)'}'; use one of {', '.join(PROMPT_FILE_SUFFIXES)}"
+        )
     if not path.is_file():
         raise DatasetError(f"{path}: prompt file not found")
     if suffix != ".parquet":
@@ -458,9 +528,10 @@ def load_prompt_file(path: str | os.PathLike[str], default_category: str) -> pd.
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            line = raw[:e.start].count(b"\n") + 1
-            raise DatasetError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}): save the file "
-                               "as UTF-8") from e
+            line = raw[: e.start].count(b"\n") + 1
+            raise DatasetError(
+                f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}): save the file as UTF-8"
+            ) from e
     try:
         if suffix == ".txt":
             frame = pd.DataFrame({"text": path.read_text(encoding="utf-8").splitlines()})
@@ -476,15 +547,19 @@ def load_prompt_file(path: str | os.PathLike[str], default_category: str) -> pd.
         raise DatasetError(f"{path}: could not read prompts: {' '.join(str(e).split())}") from e
     out = _standardize(frame, str(path), default_category) if len(frame.columns) or len(frame) else frame
     if not len(out):
-        raise DatasetError(f"{path}: holds no prompts (an empty file, or a header and no rows): add prompts, or "
-                           "leave the file out of data.harmful_files / data.harmless_files")
+        raise DatasetError(
+            f"{path}: holds no prompts (an empty file, or a header and no rows): add prompts, or "
+            "leave the file out of data.harmful_files / data.harmless_files"
+        )
     keys = out["text"].map(normalize)
     repeated = keys.duplicated()
     if repeated.any():
         first = int(repeated.idxmax())
         same = int(keys[keys == keys[first]].index[0])
-        raise DatasetError(f"{path}: {int(repeated.sum())} prompt(s) repeat another prompt of the file (prompt "
-                           f"{first + 1} repeats prompt {same + 1}: {out['text'][first][:60]!r}): remove the repeats")
+        raise DatasetError(
+            f"{path}: {int(repeated.sum())} prompt(s) repeat another prompt of the file (prompt "
+            f"{first + 1} repeats prompt {same + 1}: {out['text'][first][:60]!r}): remove the repeats"
+        )
     return out
 
 
@@ -502,18 +577,23 @@ def load_hf_dataset(spec: str, default_category: str) -> pd.DataFrame:
     try:
         import datasets  # optional; imported here so clawly works without it
     except ImportError as e:
-        raise DatasetError(f"dataset {spec!r}: loading Hugging Face datasets needs the optional "
-                           "package 'datasets' (pip install datasets)") from e
+        raise DatasetError(
+            f"dataset {spec!r}: loading Hugging Face datasets needs the optional "
+            "package 'datasets' (pip install datasets)"
+        ) from e
     try:
         frame = datasets.load_dataset(dataset_id, split=split).to_pandas()
     except Exception as e:  # network, auth, missing dataset: all mean "cannot use this spec"
-        raise DatasetError(f"dataset {spec!r}: could not load split '{split}' of {dataset_id!r} from "
-                           f"the Hugging Face Hub (is it reachable?): {type(e).__name__}: {e}") from e
+        raise DatasetError(
+            f"dataset {spec!r}: could not load split '{split}' of {dataset_id!r} from "
+            f"the Hugging Face Hub (is it reachable?): {type(e).__name__}: {e}"
+        ) from e
     frame = frame.drop(columns=["split"], errors="ignore")
     if column:
         if column not in frame.columns:
-            raise DatasetError(f"dataset {spec!r}: no column '{column}' "
-                               f"(columns: {', '.join(map(str, frame.columns))})")
+            raise DatasetError(
+                f"dataset {spec!r}: no column '{column}' (columns: {', '.join(map(str, frame.columns))})"
+            )
         frame = frame.drop(columns=["text", "prompt"], errors="ignore").rename(columns={column: "text"})
     return _standardize(frame, f"dataset {spec!r}", default_category)
 
@@ -522,8 +602,9 @@ def _standardize(frame: pd.DataFrame, source: str, default_category: str) -> pd.
     """Columns text, category, split, system; blank texts dropped; split values checked."""
     text_column = next((c for c in ("text", "prompt") if c in frame.columns), None)
     if text_column is None:
-        raise DatasetError(f"{source}: no 'text' or 'prompt' column "
-                           f"(columns: {', '.join(map(str, frame.columns)) or 'none'})")
+        raise DatasetError(
+            f"{source}: no 'text' or 'prompt' column (columns: {', '.join(map(str, frame.columns)) or 'none'})"
+        )
     out = pd.DataFrame({"text": frame[text_column].map(_clean)})
     out["category"] = frame["category"].map(_clean) if "category" in frame.columns else ""
     out.loc[out["category"] == "", "category"] = default_category
@@ -549,8 +630,9 @@ def _user_prompts(files: Sequence[str], dataset_specs: Sequence[str], default_ca
     return pd.concat(frames, ignore_index=True)
 
 
-def _append_user_prompts(base: pd.DataFrame, extra: pd.DataFrame, exclude: Iterable[str],
-                         eval_fraction: float, rng: random.Random) -> pd.DataFrame:
+def _append_user_prompts(
+    base: pd.DataFrame, extra: pd.DataFrame, exclude: Iterable[str], eval_fraction: float, rng: random.Random
+) -> pd.DataFrame:
     """Append user rows, dropping duplicates of any existing or excluded text; assign missing
     splits by `rng` so that round(eval_fraction * n) of them are eval."""
     if extra.empty:

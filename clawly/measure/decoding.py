@@ -64,8 +64,15 @@ class PromptSet:
     """Templated prompts tokenized once, split into a shared prefix and per-prompt suffixes, and
     grouped into length-sorted batches. Reused for every trial (only the weights change)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], batch_size: int,
-                 prefix_cache: bool = True, sort_by_length: bool = True, prefill_chunk: int = 32):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: Sequence[str],
+        batch_size: int,
+        prefix_cache: bool = True,
+        sort_by_length: bool = True,
+        prefill_chunk: int = 32,
+    ):
         if not prompts:
             raise ValueError("no prompts to score")
         self.tokenizer = tokenizer
@@ -77,7 +84,7 @@ class PromptSet:
         order = list(range(len(ids)))
         if sort_by_length:
             order.sort(key=lambda i: len(self.suffixes[i]))
-        self.batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        self.batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         self.prefill_chunk = max(1, prefill_chunk) if sort_by_length else batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -103,23 +110,29 @@ class PromptSet:
         pos = torch.full((b, width), p, dtype=torch.long)
         for j, r in enumerate(rows):
             n = len(r)
-            ids[j, width - n:] = torch.tensor(r)
-            mask[j, p + width - n:] = 1
-            pos[j, width - n:] = torch.arange(p, p + n)
+            ids[j, width - n :] = torch.tensor(r)
+            mask[j, p + width - n :] = 1
+            pos[j, width - n :] = torch.arange(p, p + n)
             stats.prompt_tokens += n
             stats.padding_tokens += width - n
         cache = None
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(b)
-        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                    cache=cache, use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            position_ids=pos.to(dev),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         return out.logits[:, -1, :].float(), out.cache, mask.to(dev), pos[:, -1].to(dev)
 
     def _prefill(self, model: PreTrainedModel, idx: list[int], prefix_cache, stats: DecodeStats):
         """Prefill a decode batch in chunks of similar length (little padding), then join the
         chunks' caches into one batch, padding each after the prefix with masked zeros."""
-        chunks = [idx[i:i + self.prefill_chunk] for i in range(0, len(idx), self.prefill_chunk)]
+        chunks = [idx[i : i + self.prefill_chunk] for i in range(0, len(idx), self.prefill_chunk)]
         if len(chunks) == 1:
             return self._prefill_rows(model, idx, prefix_cache, stats)
         parts = [self._prefill_rows(model, c, prefix_cache, stats) for c in chunks]
@@ -142,18 +155,23 @@ class PromptSet:
         for li, layer in enumerate(joined.layers):
             layer.keys = torch.cat([widen(c.layers[li].keys, 2) for c in caches])
             layer.values = torch.cat([widen(c.layers[li].values, 2) for c in caches])
-        return (torch.cat([lg for lg, _, _, _ in parts]), joined,
-                torch.cat([widen(m, 1) for _, _, m, _ in parts]), torch.cat([q for _, _, _, q in parts]))
+        return (
+            torch.cat([lg for lg, _, _, _ in parts]),
+            joined,
+            torch.cat([widen(m, 1) for _, _, m, _ in parts]),
+            torch.cat([q for _, _, _, q in parts]),
+        )
 
     @torch.no_grad()
-    def iter_first_token_logprobs(self, model: PreTrainedModel,
-                                  stats: DecodeStats | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+    def iter_first_token_logprobs(
+        self, model: PreTrainedModel, stats: DecodeStats | None = None
+    ) -> Iterator[tuple[list[int], torch.Tensor]]:
         """(prompt indices, log-probs of their first answer token `[b, vocab]` float32) chunk by chunk,
         always in the same order: memory holds one chunk whatever the prompt count."""
         stats = stats if stats is not None else DecodeStats()
         prefix_cache = self._prefix_cache(model, stats)
         for batch in self.batches:  # no decoding follows: chunks need not be joined
-            for idx in (batch[i:i + self.prefill_chunk] for i in range(0, len(batch), self.prefill_chunk)):
+            for idx in (batch[i : i + self.prefill_chunk] for i in range(0, len(batch), self.prefill_chunk)):
                 logits, *_ = self._prefill_rows(model, idx, prefix_cache, stats)
                 yield idx, torch.log_softmax(logits, dim=-1).cpu()
 
@@ -167,9 +185,16 @@ class PromptSet:
         return out  # type: ignore[return-value]
 
     @torch.no_grad()
-    def generate(self, model: PreTrainedModel, max_new_tokens: int, decided: Callable[[str], bool] | None = None,
-                 stats: DecodeStats | None = None, compact: bool = True, progress: Callable | None = None,
-                 first_logprobs: bool = False) -> tuple[list[str], torch.Tensor | None]:
+    def generate(
+        self,
+        model: PreTrainedModel,
+        max_new_tokens: int,
+        decided: Callable[[str], bool] | None = None,
+        stats: DecodeStats | None = None,
+        compact: bool = True,
+        progress: Callable | None = None,
+        first_logprobs: bool = False,
+    ) -> tuple[list[str], torch.Tensor | None]:
         """Greedy responses in input order, and with `first_logprobs` each prompt's first-token
         log-probs `[n, vocab]` (else None: they grow with the prompt count, a vocab row each).
 
@@ -216,8 +241,9 @@ class PromptSet:
                     done = torch.zeros(len(active), dtype=torch.bool)
                 mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=mask.device)], 1)
                 pos = pos + 1
-                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-                            cache=cache, use_cache=True)
+                out = model(
+                    input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None], cache=cache, use_cache=True
+                )
                 cache = out.cache
                 nxt = out.logits[:, -1, :].argmax(-1)
                 stats.generated_tokens += len(active)  # finished rows ride along unless compacted
@@ -247,6 +273,7 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[
 
 # ---------------------------------------------------------------- response prefix
 
+
 def detect_response_prefix(responses: Sequence[str]) -> str:
     """What every response starts with, to be put in the prompt so checks start where answers differ.
 
@@ -263,20 +290,34 @@ def detect_response_prefix(responses: Sequence[str]) -> str:
         return ""
     if all(len(r) > len(common) for r in responses) and not common[-1].isspace():
         cut = max(common.rfind(" "), common.rfind("\n"))
-        common = common[:cut + 1] if cut >= 0 else ""
+        common = common[: cut + 1] if cut >= 0 else ""
     return common if common.strip() else ""
 
 
 # ---------------------------------------------------------------- batch size
 
+
 def machine_key(model: PreTrainedModel) -> str:
     """Identifies model x device x software for the batch-size cache."""
     dev = model.device
-    hw = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.processor() or platform.machine()}" \
-        f"/{os.cpu_count()}cpu/{torch.get_num_threads()}threads"
+    hw = (
+        torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"{platform.processor() or platform.machine()}/{os.cpu_count()}cpu/{torch.get_num_threads()}threads"
+    )
     cfg = model.config.to_dict()
-    shape = {k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size",
-                                     "vocab_size", "num_attention_heads", "num_key_value_heads")}
+    shape = {
+        k: cfg.get(k)
+        for k in (
+            "model_type",
+            "hidden_size",
+            "num_hidden_layers",
+            "intermediate_size",
+            "vocab_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+        )
+    }
     key = {"model": shape, "dtype": str(model.dtype), "device": hw, "torch": torch.__version__}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -286,9 +327,15 @@ def _is_oom(e: BaseException) -> bool:
 
 
 @torch.no_grad()
-def auto_batch_size(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                    cache_file: Path | None = None, candidates: Sequence[int] = (8, 16, 32, 64, 128),
-                    steps: int = 3, log: Callable[[str], None] | None = None) -> int:
+def auto_batch_size(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    cache_file: Path | None = None,
+    candidates: Sequence[int] = (8, 16, 32, 64, 128),
+    steps: int = 3,
+    log: Callable[[str], None] | None = None,
+) -> int:
     """The batch size that decodes the most answer tokens per second, in seconds rather than minutes.
 
     Prefill costs the same per token at any batch size (prompts are prefilled in short chunks),

@@ -19,19 +19,24 @@ from clawly.measure.templating import length_sorted_batches
 def left_padded(tokenizer: PreTrainedTokenizerBase, rows: Sequence[Sequence[int]], device) -> dict:
     """Token id rows left-padded to the longest (the tokenizer's pad token), with the attention mask
     and position ids counted from each row's first real token."""
-    batch = tokenizer.pad({"input_ids": [list(r) for r in rows]}, padding=True, padding_side="left",
-                          return_tensors="pt")
+    batch = tokenizer.pad(
+        {"input_ids": [list(r) for r in rows]}, padding=True, padding_side="left", return_tensors="pt"
+    )
     mask = batch["attention_mask"]
-    return {"input_ids": batch["input_ids"].to(device), "attention_mask": mask.to(device),
-            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device)}
+    return {
+        "input_ids": batch["input_ids"].to(device),
+        "attention_mask": mask.to(device),
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device),
+    }
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
     return [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
 
 
-def first_token_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                         batch_size: int | None = None) -> torch.Tensor:
+def first_token_logprobs(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], batch_size: int | None = None
+) -> torch.Tensor:
     """Log-probabilities of the first answer token after each templated prompt, `[n, vocab]` float32
     in input order: left-padded batches of similar length (`batch_size`; all at once without one)."""
     batches = length_sorted_batches(tokenizer, prompts, batch_size) if batch_size else [list(range(len(prompts)))]
@@ -46,24 +51,29 @@ def first_token_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     return torch.stack(rows)  # type: ignore[arg-type]
 
 
-def answer_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                    answers: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+def answer_logprobs(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[Sequence[int]]
+) -> list[torch.Tensor]:
     """Log-probs `[len(answer), vocab]` float32 at each position of each given answer after its
     templated prompt (position i holds the distribution of answer token i), teacher-forced."""
     rows = [p + list(a) for p, a in zip(_ids(tokenizer, prompts), answers, strict=True)]
     batch = left_padded(tokenizer, rows, model.device)
     logits = model(**batch, use_cache=False).logits
     width = batch["input_ids"].shape[1]
-    return [torch.log_softmax(logits[i, width - len(a) - 1:width - 1].float(), dim=-1)
-            for i, a in enumerate(answers)]
+    return [torch.log_softmax(logits[i, width - len(a) - 1 : width - 1].float(), dim=-1) for i, a in enumerate(answers)]
 
 
-def answer_cross_entropy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                         answers: Sequence[Sequence[int]]) -> torch.Tensor:
+def answer_cross_entropy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[Sequence[int]]
+) -> torch.Tensor:
     """Mean over answers of the mean cross-entropy of each answer's tokens (teacher-forced)."""
     logprobs = answer_logprobs(model, tokenizer, prompts, answers)
-    return torch.stack([-lp.gather(1, torch.tensor(list(a), device=lp.device)[:, None]).mean()
-                        for lp, a in zip(logprobs, answers, strict=True)]).mean()
+    return torch.stack(
+        [
+            -lp.gather(1, torch.tensor(list(a), device=lp.device)[:, None]).mean()
+            for lp, a in zip(logprobs, answers, strict=True)
+        ]
+    ).mean()
 
 
 def kl_rows(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:

@@ -30,14 +30,21 @@ class _StopWhenDecided(StoppingCriteria):
         self.tokenizer, self.prompt_len, self.decided = tokenizer, prompt_len, decided
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
         return torch.tensor([self.decided(t) for t in texts], device=input_ids.device)
 
 
 @torch.no_grad()
-def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-             max_new_tokens: int, batch_size: int, decided: Callable[[str], bool] | None = None,
-             progress: Callable | None = None, sort_by_length: bool = True) -> list[str]:
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    decided: Callable[[str], bool] | None = None,
+    progress: Callable | None = None,
+    sort_by_length: bool = True,
+) -> list[str]:
     """Greedy responses to templated prompts, in input order, by `transformers`' own `generate`
     (the reference the fast scorer in `clawly.measure.decoding` is tested against).
 
@@ -51,9 +58,16 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         enc = _encode(tokenizer, [prompts[i] for i in idx], model.device)
         prompt_len = enc["input_ids"].shape[1]
         stopping = StoppingCriteriaList([_StopWhenDecided(tokenizer, prompt_len, decided)]) if decided else None
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                             top_p=None, top_k=None, stopping_criteria=stopping,
-                             pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            stopping_criteria=stopping,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         texts = tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
         for i, text in zip(idx, texts, strict=True):
             responses[i] = text

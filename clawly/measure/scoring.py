@@ -93,9 +93,17 @@ class TrialScorer:
     The prompts are tokenized, split at their shared prefix and batched once; each call only
     runs the model."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: ScoringPrompts,
-                 settings: OptimizeSettings, progress: Callable | None = None, batch_size: int | None = None,
-                 classifier=None, kept: Sequence[str] = ()):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: ScoringPrompts,
+        settings: OptimizeSettings,
+        progress: Callable | None = None,
+        batch_size: int | None = None,
+        classifier=None,
+        kept: Sequence[str] = (),
+    ):
         """kept: categories whose refusals are kept (category mode), counted by the strict rule."""
         self.model, self.tokenizer, self.prompts, self.settings = model, tokenizer, prompts, settings
         self.detector = RefusalDetector(settings.refusal_markers or None)
@@ -113,10 +121,14 @@ class TrialScorer:
         cats = prompts.harmful_categories
         self.kept_rows = [i for i, c in enumerate(cats) if c in set(kept)]
         self.other_rows = [i for i, c in enumerate(cats) if c not in set(kept)]
-        self.harmful = PromptSet(tokenizer, [prompts.harmful[i] for i in self.other_rows], bs,
-                                 prefix_cache=settings.prefix_cache)
-        self.kept = (PromptSet(tokenizer, [prompts.harmful[i] for i in self.kept_rows], bs,
-                               prefix_cache=settings.prefix_cache) if self.kept_rows else None)
+        self.harmful = PromptSet(
+            tokenizer, [prompts.harmful[i] for i in self.other_rows], bs, prefix_cache=settings.prefix_cache
+        )
+        self.kept = (
+            PromptSet(tokenizer, [prompts.harmful[i] for i in self.kept_rows], bs, prefix_cache=settings.prefix_cache)
+            if self.kept_rows
+            else None
+        )
         self.harmless = PromptSet(tokenizer, prompts.harmless, bs, prefix_cache=settings.prefix_cache)
         self.base_logprobs = LogprobFile()  # in the order iter_first_token_logprobs yields, every call
         for _, lp in self.harmless.iter_first_token_logprobs(model):
@@ -141,16 +153,24 @@ class TrialScorer:
         n = len(self.prompts.harmful)
         responses = [""] * n
         if self.other_rows:
-            answers, _ = self.harmful.generate(self.model, self.settings.max_new_tokens,
-                                               decided=None if use_classifier else self.detector,
-                                               stats=self.stats, progress=self.progress)
+            answers, _ = self.harmful.generate(
+                self.model,
+                self.settings.max_new_tokens,
+                decided=None if use_classifier else self.detector,
+                stats=self.stats,
+                progress=self.progress,
+            )
             for i, a in zip(self.other_rows, answers, strict=True):
                 responses[i] = a
         if self.kept is not None:
             # stop once the rule's verdict cannot change (compliance or hedged); with the classifier, never
-            answers, _ = self.kept.generate(self.model, self.settings.kept_max_new_tokens,
-                                            decided=None if use_classifier else self.rule.decided,
-                                            stats=self.stats, progress=self.progress)
+            answers, _ = self.kept.generate(
+                self.model,
+                self.settings.kept_max_new_tokens,
+                decided=None if use_classifier else self.rule.decided,
+                stats=self.stats,
+                progress=self.progress,
+            )
             for i, a in zip(self.kept_rows, answers, strict=True):
                 responses[i] = a
         keyword = [self.detector(r) for r in responses]

@@ -56,8 +56,15 @@ _LAYER_PATHS = (
 )
 
 # Dotted paths from a decoder layer to its attention output projection, first match wins.
-_ATTN_PATHS = ("self_attn.o_proj", "self_attn.out_proj", "self_attn.dense", "attn.out_proj", "attn.c_proj",
-               "attention.dense", "self_attention.dense")
+_ATTN_PATHS = (
+    "self_attn.o_proj",
+    "self_attn.out_proj",
+    "self_attn.dense",
+    "attn.out_proj",
+    "attn.c_proj",
+    "attention.dense",
+    "self_attention.dense",
+)
 # Dotted paths from a decoder layer to a dense MLP's down projection, first match wins.
 _MLP_PATHS = ("mlp.down_proj", "mlp.fc2", "mlp.c_proj", "mlp.dense_4h_to_h", "feed_forward.down_proj", "fc2")
 # A mixture-of-experts block: its experts at <block>.experts, a shared expert at <block>.<shared>.
@@ -127,7 +134,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if getattr(getattr(inner, "config", None), "do_layer_norm_before", True) is False:
         raise UnsupportedArchitectureError(
             f"unsupported architecture {type(inner).__name__}: do_layer_norm_before=false normalizes the residual "
-            "stream after every residual add (post-LN, as in OPT-350m), so no direction can be ablated from it")
+            "stream after every residual add (post-LN, as in OPT-350m), so no direction can be ablated from it"
+        )
     for path in _LAYER_PATHS:
         layers = _get(inner, path)
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
@@ -153,9 +161,7 @@ def hidden_size(model: nn.Module) -> int:
             value = getattr(text_config, key, None)
             if isinstance(value, int):
                 return value
-    raise UnsupportedArchitectureError(
-        f"unsupported architecture {type(inner).__name__}: no hidden_size in its config"
-    )
+    raise UnsupportedArchitectureError(f"unsupported architecture {type(inner).__name__}: no hidden_size in its config")
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -183,7 +189,8 @@ def dense_weight(weight: torch.Tensor) -> torch.Tensor:
     if getattr(weight.quant_state, "packing_format_for_cpu", False):
         raise UnsupportedArchitectureError(
             "a 4-bit weight was repacked by bitsandbytes' CPU kernel (bfloat16 block scales, its own layout), which "
-            "bitsandbytes cannot turn back into the matrix it computes with: load 4-bit models on CUDA")
+            "bitsandbytes cannot turn back into the matrix it computes with: load 4-bit models on CUDA"
+        )
     from bitsandbytes.functional import dequantize_4bit  # optional package (the quant extra): 4-bit models only
 
     return dequantize_4bit(weight.data, weight.quant_state)
@@ -198,13 +205,15 @@ def _matrix_writer(module: nn.Module, path: str, component: str, owner: str, hid
         transposed = False
     else:
         raise UnsupportedArchitectureError(
-            f"unsupported architecture {owner}: {path} is a {type(module).__name__}, not nn.Linear or Conv1D")
+            f"unsupported architecture {owner}: {path} is a {type(module).__name__}, not nn.Linear or Conv1D"
+        )
     weight = module.weight
     shape = weight.quant_state.shape if is_quantized(weight) else weight.shape  # 4-bit: packed [n, 1] bytes
     if len(shape) != 2 or shape[0 if not transposed else 1] != hidden:
         raise UnsupportedArchitectureError(
             f"unsupported architecture {owner}: {path} ({type(module).__name__}) has weight {list(shape)}, "
-            f"which does not write {hidden} wide ([d, d_in] for nn.Linear, [d_in, d] for Conv1D)")
+            f"which does not write {hidden} wide ([d, d_in] for nn.Linear, [d_in, d] for Conv1D)"
+        )
     return Writer(-1, component, path, module, weight, module.bias, transposed)
 
 
@@ -226,14 +235,16 @@ def _expert_writers(block: nn.Module, block_path: str, owner: str, hidden: int) 
     if not isinstance(experts, (nn.ModuleList, nn.ModuleDict)):
         raise UnsupportedArchitectureError(
             f"unsupported architecture {owner}: {path} ({type(experts).__name__}) holds neither a fused 3-D "
-            f"parameter ({', '.join(_FUSED_DOWN)}) nor a list of expert modules")
+            f"parameter ({', '.join(_FUSED_DOWN)}) nor a list of expert modules"
+        )
     found = []
     for index, expert in experts.named_children():
         down = next((n for n in _EXPERT_DOWN if _get(expert, n) is not None), None)
         if down is None:
             raise UnsupportedArchitectureError(
                 f"unsupported architecture {owner}: expert {path}.{index} ({type(expert).__name__}) has no down "
-                f"projection (looked for {', '.join(_EXPERT_DOWN)})")
+                f"projection (looked for {', '.join(_EXPERT_DOWN)})"
+            )
         found.append(_matrix_writer(_get(expert, down), f"{path}.{index}.{down}", MLP_DOWN, owner, hidden))
     return found
 
@@ -259,7 +270,8 @@ def _mlp_writers(layer: nn.Module, owner: str, hidden: int) -> list[Writer]:
     if not found:
         raise UnsupportedArchitectureError(
             f"unsupported architecture {owner}: no {MLP_DOWN} projection found (looked for {', '.join(_MLP_PATHS)}, "
-            f"and for experts at {', '.join(b + '.experts' for b in _MOE_BLOCKS)})")
+            f"and for experts at {', '.join(b + '.experts' for b in _MOE_BLOCKS)})"
+        )
     return found
 
 
@@ -273,16 +285,19 @@ def residual_writers(layer: nn.Module, hidden: int, owner: str | None = None) ->
     path = next((p for p in _ATTN_PATHS if _get(layer, p) is not None), None)
     if path is None:
         raise UnsupportedArchitectureError(
-            f"unsupported architecture {owner}: no {ATTN_OUT} projection found (looked for {', '.join(_ATTN_PATHS)})")
+            f"unsupported architecture {owner}: no {ATTN_OUT} projection found (looked for {', '.join(_ATTN_PATHS)})"
+        )
     found = [_matrix_writer(_get(layer, path), path, ATTN_OUT, owner, hidden), *_mlp_writers(layer, owner, hidden)]
     holders = {w.name.split(".")[0] for w in found} | set(_READERS)
-    unknown = [n for n, child in layer.named_children()
-               if n not in holders and any(p.dim() >= 2 for p in child.parameters())]
+    unknown = [
+        n for n, child in layer.named_children() if n not in holders and any(p.dim() >= 2 for p in child.parameters())
+    ]
     if unknown:
         raise UnsupportedArchitectureError(
             f"unsupported architecture {owner}: its layer also holds {', '.join(unknown)}, which is neither an "
             f"attention ({', '.join(_ATTN_PATHS)}) nor an MLP ({', '.join(_MLP_PATHS)}, or experts) that clawly "
-            "knows, and may write into the residual stream too")
+            "knows, and may write into the residual stream too"
+        )
     return found
 
 
@@ -331,7 +346,8 @@ def rms_norm_gain(norm: nn.Module, size: int) -> torch.Tensor:
     if not torch.allclose(norm(x).double(), expected, rtol=1e-3, atol=1e-4):
         raise UnsupportedArchitectureError(
             f"unsupported architecture: the norm after a residual writer ({type(norm).__name__}) is not an RMS "
-            "norm (gain * x / rms(x)), so the ablated direction cannot be kept out of the residual stream")
+            "norm (gain * x / rms(x)), so the ablated direction cannot be kept out of the residual stream"
+        )
     return gain.cpu()
 
 
@@ -345,6 +361,7 @@ def writer_gains(layer: nn.Module, hidden: int) -> dict[str, torch.Tensor | None
         norm = _get(layer, path)
         if norm is None:
             raise UnsupportedArchitectureError(
-                f"unsupported architecture {type(layer).__name__}: it has {_POST_NORM_MARK} but no {path}")
+                f"unsupported architecture {type(layer).__name__}: it has {_POST_NORM_MARK} but no {path}"
+            )
         out[component] = rms_norm_gain(norm, hidden)
     return out

@@ -12,6 +12,8 @@ from clawly.settings import parse_size
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+
+
 def source_weight_map(model_dir: str | Path) -> dict[str, str] | None:
     """Tensor name -> shard file of a sharded source checkpoint, or None when it is not sharded."""
     index = Path(model_dir) / INDEX_NAME
@@ -33,8 +35,9 @@ def dedupe_shared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def plan_shards(state_dict: dict[str, torch.Tensor], max_shard_bytes: int,
-                weight_map: dict[str, str] | None = None) -> dict[str, list[str]]:
+def plan_shards(
+    state_dict: dict[str, torch.Tensor], max_shard_bytes: int, weight_map: dict[str, str] | None = None
+) -> dict[str, list[str]]:
     """Shard file -> tensor names. With `weight_map` (a sharded source), tensors keep their shard;
     names the source did not have go to the last shard, unless they would overfill it (transformers 5
     fuses a MoE checkpoint's per-expert tensors on loading, so the source names none of the experts):
@@ -61,8 +64,13 @@ def plan_shards(state_dict: dict[str, torch.Tensor], max_shard_bytes: int,
     return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}
 
 
-def save_sharded(state_dict: dict[str, torch.Tensor], out_dir: str | Path, max_shard_size: str | int = "2GB",
-                 weight_map: dict[str, str] | None = None, metadata: dict[str, str] | None = None) -> list[str]:
+def save_sharded(
+    state_dict: dict[str, torch.Tensor],
+    out_dir: str | Path,
+    max_shard_size: str | int = "2GB",
+    weight_map: dict[str, str] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> list[str]:
     """Write safetensors shards (and the index when there is more than one file). Returns file names."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +82,9 @@ def save_sharded(state_dict: dict[str, torch.Tensor], out_dir: str | Path, max_s
         save_file({n: state_dict[n] for n in names}, str(out_dir / file), metadata=meta)
     if len(shards) > 1 or weight_map:
         total = sum(t.numel() * t.element_size() for t in state_dict.values())
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {n: f for f, names in shards.items() for n in sorted(names)}}
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {n: f for f, names in shards.items() for n in sorted(names)},
+        }
         (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return sorted(shards)

@@ -62,9 +62,11 @@ def _probe(block: nn.Module, experts: nn.Module, name: str, hidden: int) -> bool
         param.add_(perturbation)
         moved = (_output(block(x)) - before).double().reshape(-1, hidden).cpu()
     except Exception as e:  # any failure of an unknown block's forward: say which call failed and why
-        raise ValueError(f"{name} is square [{param.shape[0]}, {hidden}, {hidden}], so its layout is probed by "
-                         f"running {type(block).__name__} on hidden states alone, which failed: "
-                         f"{type(e).__name__}: {e}") from e
+        raise ValueError(
+            f"{name} is square [{param.shape[0]}, {hidden}, {hidden}], so its layout is probed by "
+            f"running {type(block).__name__} on hidden states alone, which failed: "
+            f"{type(e).__name__}: {e}"
+        ) from e
     finally:
         param.copy_(original)
         block.train(training)
@@ -74,11 +76,13 @@ def _probe(block: nn.Module, experts: nn.Module, name: str, hidden: int) -> bool
         return False
     if total > 0 and along_v > 0.99 * total:
         return True
-    raise ValueError(f"{name} is square [{param.shape[0]}, {hidden}, {hidden}] and a rank-1 change of every expert "
-                     f"moved {type(block).__name__}'s output along neither of its factors (share along u "
-                     f"{float(along_u / total) if total > 0 else 0:.2f}, along v "
-                     f"{float(along_v / total) if total > 0 else 0:.2f}): its output is not a sum of the experts' "
-                     "down projections (a norm after the experts?), so the direction cannot be ablated from it")
+    raise ValueError(
+        f"{name} is square [{param.shape[0]}, {hidden}, {hidden}] and a rank-1 change of every expert "
+        f"moved {type(block).__name__}'s output along neither of its factors (share along u "
+        f"{float(along_u / total) if total > 0 else 0:.2f}, along v "
+        f"{float(along_v / total) if total > 0 else 0:.2f}): its output is not a sum of the experts' "
+        "down projections (a norm after the experts?), so the direction cannot be ablated from it"
+    )
 
 
 def _output(out) -> torch.Tensor:

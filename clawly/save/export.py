@@ -66,8 +66,14 @@ class SavedChange:
         return self.deltas if self.exact else merged_deltas(self.factors)
 
 
-def saved_change(model, basis: AblationBasis, plan: AblationPlan, strengths: torch.Tensor | None,
-                 export: ExportSettings, inputs: InputEditor | None = None) -> SavedChange:
+def saved_change(
+    model,
+    basis: AblationBasis,
+    plan: AblationPlan,
+    strengths: torch.Tensor | None,
+    export: ExportSettings,
+    inputs: InputEditor | None = None,
+) -> SavedChange:
     """The plan's change as it is saved (see `SavedChange`). `model` must hold the base weights;
     `inputs` the writers' input statistics when the plan has an input-conditional edit."""
     deltas = weight_deltas(model, basis, plan, strengths, inputs)
@@ -91,11 +97,15 @@ def merged_deltas(factors: dict[str, LoraFactors]) -> dict[str, WeightDelta]:
     out = {}
     for name, f in factors.items():
         if f.on_parameter:
-            out[name] = WeightDelta(b=f.b.float().contiguous(), a=f.a.float().contiguous(), transposed=f.transposed,
-                                    rounded=True)
+            out[name] = WeightDelta(
+                b=f.b.float().contiguous(), a=f.a.float().contiguous(), transposed=f.transposed, rounded=True
+            )
         else:
-            out[name] = WeightDelta(dense=f.b.float().contiguous() @ f.a.float().contiguous(),
-                                    bias=None if f.bias is None else f.bias.float(), transposed=f.transposed)
+            out[name] = WeightDelta(
+                dense=f.b.float().contiguous() @ f.a.float().contiguous(),
+                bias=None if f.bias is None else f.bias.float(),
+                transposed=f.transposed,
+            )
     return out
 
 
@@ -104,15 +114,21 @@ def adapter_warning(factors: dict[str, LoraFactors], export: ExportSettings) -> 
     name, worst = max(((n, f) for n, f in factors.items()), key=lambda item: item[1].relative_error)
     if worst.relative_error <= export.warn_relative_error:
         return None
-    return (f"the adapter approximates the norm-preserving change with up to {worst.relative_error:.1%} relative "
-            f"error ({name}, rank {worst.rank}); the merged model holds the exact change. For a closer adapter, "
-            f"raise export.max_rank (now {export.max_rank}) or export.energy (now {export.energy})")
+    return (
+        f"the adapter approximates the norm-preserving change with up to {worst.relative_error:.1%} relative "
+        f"error ({name}, rank {worst.rank}); the merged model holds the exact change. For a closer adapter, "
+        f"raise export.max_rank (now {export.max_rank}) or export.energy (now {export.energy})"
+    )
 
 
 def adapter_metrics(factors: dict[str, LoraFactors]) -> dict:
     errors = [f.relative_error for f in factors.values()]
-    return {"modules": len(factors), "ranks": sorted({f.rank for f in factors.values()}),
-            "max_relative_error": round(max(errors), 8), "mean_relative_error": round(sum(errors) / len(errors), 8)}
+    return {
+        "modules": len(factors),
+        "ranks": sorted({f.rank for f in factors.values()}),
+        "max_relative_error": round(max(errors), 8),
+        "mean_relative_error": round(sum(errors) / len(errors), 8),
+    }
 
 
 def write_adapter(model, factors: dict[str, LoraFactors], out_dir: Path, source: str) -> None:
@@ -129,8 +145,10 @@ def write_model(model, tokenizer, out_dir: Path, settings: Settings, source: str
     """Safetensors shards (a sharded source keeps its layout) + config, generation config, tokenizer.
     A 4-bit model is refused: its packed weights cannot hold the change (merge into `model.full_precision`)."""
     if holds_quantized(model):
-        raise ClawlyError("cannot save a 4-bit model: its packed weights cannot hold the change. Load the base "
-                          "without model.load_in_4bit and add the change to it")
+        raise ClawlyError(
+            "cannot save a 4-bit model: its packed weights cannot hold the change. Load the base "
+            "without model.load_in_4bit and add the change to it"
+        )
     files = save_sharded(model.state_dict(), out_dir, settings.merge.max_shard_size, source_weight_map(source))
     model.config.save_pretrained(out_dir)
     if model.generation_config is not None:
@@ -169,9 +187,15 @@ def package_versions() -> dict[str, str]:
 # Settings that say where this machine kept things, not what was done: a record sets them to null.
 WHERE_KEYS = (("model", "cache_dir"), ("optimize", "storage"))
 # Paths that only document the inputs (their prompts are fingerprinted in the record): file names only.
-INPUT_PATH_KEYS = (("data", "templates"), ("data", "harmful_files"), ("data", "harmless_files"),
-                   ("classifier", "train_file"), ("classifier", "test_file"), ("classifier", "embedder"),
-                   ("classifier", "judge_model"))
+INPUT_PATH_KEYS = (
+    ("data", "templates"),
+    ("data", "harmful_files"),
+    ("data", "harmless_files"),
+    ("classifier", "train_file"),
+    ("classifier", "test_file"),
+    ("classifier", "embedder"),
+    ("classifier", "judge_model"),
+)
 
 
 def _file_name(path: str) -> str:
@@ -198,9 +222,17 @@ def portable_settings(settings: Settings) -> dict:
     return values
 
 
-def write_record(out_dir: Path, kind: str, settings: Settings, plan: AblationPlan, ablation: AblationDirections,
-                 prompts: dict, trial: dict | None, change: SavedChange | None = None,
-                 distilled: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
+def write_record(
+    out_dir: Path,
+    kind: str,
+    settings: Settings,
+    plan: AblationPlan,
+    ablation: AblationDirections,
+    prompts: dict,
+    trial: dict | None,
+    change: SavedChange | None = None,
+    distilled: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> dict:
     """Write the reproduction record and the ablated directions into `out_dir`; with an
     input-conditional edit also its A rows per writer (`EDIT`, from `change`): rebuilding the change
     then needs no probing of the writers' inputs.
@@ -219,15 +251,26 @@ def write_record(out_dir: Path, kind: str, settings: Settings, plan: AblationPla
         write_factors(out_dir / DISTILLED, distilled, {"steps": str(settings.distill.steps)})
         trained = {"file": DISTILLED, "sha256": file_sha256(out_dir / DISTILLED), "steps": settings.distill.steps}
     record = {
-        "format": RECORD_FORMAT, "clawly": __version__, "kind": kind,
+        "format": RECORD_FORMAT,
+        "clawly": __version__,
+        "kind": kind,
         "settings": portable_settings(settings),
         "model": model_provenance(settings.model),
         "prompts": {name: {"rows": len(df), "fingerprint": prompts_fingerprint(df)} for name, df in prompts.items()},
-        "directions": {"file": DIRECTIONS, "sha256": file_sha256(out_dir / DIRECTIONS), "mode": ablation.mode,
-                       "names": ablation.names, "weights": ablation.weights, "kept": ablation.kept},
-        "trial": trial, "plan": plan.to_dict(), **({"edit": edit} if edit else {}),
+        "directions": {
+            "file": DIRECTIONS,
+            "sha256": file_sha256(out_dir / DIRECTIONS),
+            "mode": ablation.mode,
+            "names": ablation.names,
+            "weights": ablation.weights,
+            "kept": ablation.kept,
+        },
+        "trial": trial,
+        "plan": plan.to_dict(),
+        **({"edit": edit} if edit else {}),
         **({"distilled": trained} if trained else {}),
-        "python": platform.python_version(), "packages": package_versions(),
+        "python": platform.python_version(),
+        "packages": package_versions(),
     }
     write_json(out_dir / RECORD, record)
     return record
@@ -255,11 +298,15 @@ def read_record(path: str | Path) -> tuple[dict, Path]:
     except json.JSONDecodeError as e:
         raise ClawlyError(f"{path} is not JSON ({e}): pass the clawly_reproduction.json of a saved result") from e
     if not isinstance(record, dict) or not {"settings", "plan", "directions"} <= set(record):
-        raise ClawlyError(f"{path} is not a clawly reproduction record (no settings/plan/directions): pass the "
-                          f"{RECORD} of a saved result")
+        raise ClawlyError(
+            f"{path} is not a clawly reproduction record (no settings/plan/directions): pass the "
+            f"{RECORD} of a saved result"
+        )
     if record.get("format") != RECORD_FORMAT:
-        raise ClawlyError(f"{path} is a format {record.get('format')} record; this clawly {__version__} reads format "
-                          f"{RECORD_FORMAT}: reproduce it with the clawly version named in it ({record.get('clawly')})")
+        raise ClawlyError(
+            f"{path} is a format {record.get('format')} record; this clawly {__version__} reads format "
+            f"{RECORD_FORMAT}: reproduce it with the clawly version named in it ({record.get('clawly')})"
+        )
     directions = path.parent / record["directions"]["file"]
     if not directions.is_file():
         raise ClawlyError(f"{directions} is missing: keep it beside {path.name} (it holds the ablated directions)")
@@ -269,8 +316,10 @@ def read_record(path: str | Path) -> tuple[dict, Path]:
         if record.get(part):
             extra = path.parent / record[part]["file"]
             if not extra.is_file() or file_sha256(extra) != record[part]["sha256"]:
-                raise ClawlyError(f"{extra} is missing or does not match the record's sha256: keep it beside "
-                                  f"{path.name} (it holds {what})")
+                raise ClawlyError(
+                    f"{extra} is missing or does not match the record's sha256: keep it beside "
+                    f"{path.name} (it holds {what})"
+                )
     return record, directions
 
 
@@ -292,8 +341,10 @@ def category_markdown(by_category: dict[str, dict], after: str = "after", label:
     for cat, r in by_category.items():
         lo, hi = r["after_rate_ci95"]
         retention = "" if r.get("retention") is None else f"{r['retention']:.0%}"
-        lines.append(f"| {cat} | {r['role']} | {r['prompts']} | {r['base_refusals']} ({r['base_rate']:.0%}) "
-                     f"| {r['after_refusals']} ({r['after_rate']:.0%}, 95% CI {lo:.0%}-{hi:.0%}) | {retention} |")
+        lines.append(
+            f"| {cat} | {r['role']} | {r['prompts']} | {r['base_refusals']} ({r['base_rate']:.0%}) "
+            f"| {r['after_refusals']} ({r['after_rate']:.0%}, 95% CI {lo:.0%}-{hi:.0%}) | {retention} |"
+        )
     return lines
 
 
@@ -307,32 +358,52 @@ def model_title(settings: Settings) -> str:
 
 def model_card(settings: Settings, metrics: dict, kind: str = "model") -> str:
     """README.md of a saved model or adapter: what was done, the optimizer's figures, the warning."""
-    lines = ["---", f"library_name: {'peft' if kind == 'adapter' else 'transformers'}",
-             "tags: [clawly, abliteration]", "---", "",
-             f"# {model_title(settings)} — abliterated with clawly" + (" (LoRA adapter)" if kind == "adapter" else ""),
-             "",
-             "Refusal directions were ablated from the weights (directional ablation) by "
-             f"clawly {__version__}.", "",
-             "**Dual-use warning:** this model refuses fewer harmful requests than its base model.", ""]
+    lines = [
+        "---",
+        f"library_name: {'peft' if kind == 'adapter' else 'transformers'}",
+        "tags: [clawly, abliteration]",
+        "---",
+        "",
+        f"# {model_title(settings)} — abliterated with clawly" + (" (LoRA adapter)" if kind == "adapter" else ""),
+        "",
+        f"Refusal directions were ablated from the weights (directional ablation) by clawly {__version__}.",
+        "",
+        "**Dual-use warning:** this model refuses fewer harmful requests than its base model.",
+        "",
+    ]
     if settings.categories.enabled:
         weights = ", ".join(f"{c} {w:g}" for c, w in settings.categories.weights.items())
         lines += [f"Category weights (1 uncensors, 0 keeps refusals): {weights}.", ""]
     if metrics:
         n, label = metrics["targeted_prompts"], metrics["refusal_label"]
-        lines += ["## Optimizer figures", "",
-                  f"{label.capitalize()} ({metrics['refusal_meaning']}) on {n} "
-                  f"{'targeted-category' if metrics['mode'] == 'category' else 'harmful'} eval prompts, and "
-                  f"first-token KL divergence on {metrics['harmless_prompts']} harmless ones:", "",
-                  f"| | {label} | KL divergence |", "|---|---|---|",
-                  f"| base | {metrics['base']['refusals']}/{n} | 0 |",
-                  f"| this model | {metrics['chosen']['refusals']}/{n} | {metrics['chosen']['kl_divergence']} |",
-                  "", *category_markdown(metrics["by_category"], label=label),
-                  "", f"Chosen by: {metrics['rule']} (trial {metrics['chosen_trial']} of {metrics['trials']})."]
+        lines += [
+            "## Optimizer figures",
+            "",
+            f"{label.capitalize()} ({metrics['refusal_meaning']}) on {n} "
+            f"{'targeted-category' if metrics['mode'] == 'category' else 'harmful'} eval prompts, and "
+            f"first-token KL divergence on {metrics['harmless_prompts']} harmless ones:",
+            "",
+            f"| | {label} | KL divergence |",
+            "|---|---|---|",
+            f"| base | {metrics['base']['refusals']}/{n} | 0 |",
+            f"| this model | {metrics['chosen']['refusals']}/{n} | {metrics['chosen']['kl_divergence']} |",
+            "",
+            *category_markdown(metrics["by_category"], label=label),
+            "",
+            f"Chosen by: {metrics['rule']} (trial {metrics['chosen_trial']} of {metrics['trials']}).",
+        ]
     if kind == "adapter":
         lines += ["", "Load it on its base model with `peft.PeftModel.from_pretrained(base_model, this_dir)`."]
         if settings.optimize.norm_preserve:
-            lines += ["", "The norm-preserving change is full rank: this adapter is its truncated SVD (the relative "
-                      "error per module is in clawly's export metrics); the merged model holds the exact change."]
-    lines += ["", f"Everything needed to reproduce this {kind} is in `{RECORD}` (with `{DIRECTIONS}`): "
-              f"`clawly --reproduce {RECORD}`.", ""]
+            lines += [
+                "",
+                "The norm-preserving change is full rank: this adapter is its truncated SVD (the relative "
+                "error per module is in clawly's export metrics); the merged model holds the exact change.",
+            ]
+    lines += [
+        "",
+        f"Everything needed to reproduce this {kind} is in `{RECORD}` (with `{DIRECTIONS}`): "
+        f"`clawly --reproduce {RECORD}`.",
+        "",
+    ]
     return "\n".join(lines)

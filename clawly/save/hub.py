@@ -26,8 +26,15 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def push_to_hub(folder: str | Path, repo_id: str, *, token: str | None = None, private: bool = False,
-                endpoint: str | None = None, commit_message: str | None = None) -> str:
+def push_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    endpoint: str | None = None,
+    commit_message: str | None = None,
+) -> str:
     """Create the model repo `repo_id` if needed, upload every file of `folder`; return the repo URL."""
     folder = Path(folder)
     if not folder.is_dir() or not any(p.is_file() for p in folder.rglob("*")):
@@ -39,16 +46,23 @@ def push_to_hub(folder: str | Path, repo_id: str, *, token: str | None = None, p
     api = huggingface_hub.HfApi(endpoint=endpoint, token=token)
     try:
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
-                          commit_message=commit_message or f"Upload {folder.name} with clawly")
+        api.upload_folder(
+            folder_path=folder,
+            repo_id=repo_id,
+            repo_type="model",
+            commit_message=commit_message or f"Upload {folder.name} with clawly",
+        )
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else "?"
         detail = redacted(err.server_message or str(err).strip().split("\n")[0], token)
         hint = " (check that the token has write access: HF_TOKEN or `hf auth login`)" if status in (401, 403) else ""
         # from None here and below: the cause may echo the token (its first line, masked, is the message)
-        raise ClawlyError(f"upload of {folder} to {repo_id} on {api.endpoint} failed: HTTP {status}: {detail}{hint}"
-                          ) from None
+        raise ClawlyError(
+            f"upload of {folder} to {repo_id} on {api.endpoint} failed: HTTP {status}: {detail}{hint}"
+        ) from None
     except (OfflineModeIsEnabled, *_transport_errors()) as err:
-        raise ClawlyError(f"cannot reach the Hugging Face Hub at {api.endpoint} to upload {repo_id}: "
-                          f"{type(err).__name__}: {redacted(err, token)}") from None
+        raise ClawlyError(
+            f"cannot reach the Hugging Face Hub at {api.endpoint} to upload {repo_id}: "
+            f"{type(err).__name__}: {redacted(err, token)}"
+        ) from None
     return str(url)

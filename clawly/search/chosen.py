@@ -30,20 +30,33 @@ class ChosenTrial:
     @property
     def record(self) -> dict:
         """The trial as the reproduction record stores it."""
-        return {"index": self.trial, "parameters": self.params, "refusals": int(self.values[0]),
-                "kl_divergence": self.values[1]}
+        return {
+            "index": self.trial,
+            "parameters": self.params,
+            "refusals": int(self.values[0]),
+            "kl_divergence": self.values[1],
+        }
 
 
 def write_chosen_trial(path: Path, chosen: ChosenTrial) -> None:
-    write_json(path, {"trial": chosen.trial, "values": list(chosen.values), "params": chosen.params,
-                      "plan": chosen.plan.to_dict(), "response_prefix": chosen.response_prefix})
+    write_json(
+        path,
+        {
+            "trial": chosen.trial,
+            "values": list(chosen.values),
+            "params": chosen.params,
+            "plan": chosen.plan.to_dict(),
+            "response_prefix": chosen.response_prefix,
+        },
+    )
 
 
 def read_chosen_trial(path: Path) -> ChosenTrial:
     with reading(path, "optimize"):
         d = read_json(path)
-        return ChosenTrial(d["trial"], d["values"], d["params"], AblationPlan.from_dict(d["plan"]),
-                           d.get("response_prefix", ""))
+        return ChosenTrial(
+            d["trial"], d["values"], d["params"], AblationPlan.from_dict(d["plan"]), d.get("response_prefix", "")
+        )
 
 
 def write_optimizer_prompts(path: Path, harmful: pd.DataFrame, harmless: pd.DataFrame) -> None:

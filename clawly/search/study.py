@@ -70,8 +70,7 @@ class Objectives:
         return targeted, r.kl
 
     def violations(self, r: Scores) -> list[float]:
-        return [self.min_retention * self.base_refusals.get(c, 0) - r.refusals_by_category.get(c, 0)
-                for c in self.kept]
+        return [self.min_retention * self.base_refusals.get(c, 0) - r.refusals_by_category.get(c, 0) for c in self.kept]
 
 
 def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
@@ -81,16 +80,23 @@ def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
 def _suggest_kernel(trial: optuna.Trial, num_layers: int, s: OptimizeSettings, name: str) -> LayerKernel:
     last = num_layers - 1
     peak = trial.suggest_float(f"{name}.peak_weight", *s.peak_weight_range)
-    position = trial.suggest_float(f"{name}.peak_position", s.peak_position_range[0] * last,
-                                   s.peak_position_range[1] * last)
+    position = trial.suggest_float(
+        f"{name}.peak_position", s.peak_position_range[0] * last, s.peak_position_range[1] * last
+    )
     floor = trial.suggest_float(f"{name}.floor_fraction", *s.floor_fraction_range) * peak
-    reach = trial.suggest_float(f"{name}.reach", max(s.reach_range[0] * num_layers, 1.0),
-                                max(s.reach_range[1] * num_layers, 1.0))
+    reach = trial.suggest_float(
+        f"{name}.reach", max(s.reach_range[0] * num_layers, 1.0), max(s.reach_range[1] * num_layers, 1.0)
+    )
     return LayerKernel(peak, position, floor, reach)
 
 
-def suggest_plan(trial: optuna.Trial, num_layers: int, s: OptimizeSettings,
-                 categories: list[str] | None = None, edit: EditSettings | None = None) -> AblationPlan:
+def suggest_plan(
+    trial: optuna.Trial,
+    num_layers: int,
+    s: OptimizeSettings,
+    categories: list[str] | None = None,
+    edit: EditSettings | None = None,
+) -> AblationPlan:
     """Draw one ablation plan from the search space (ranges are fractions of the layer count).
     With optimize.kernels=per_category and the targeted `categories`, each category gets its own
     kernel per component (parameters named `<category>.<component>.*`); with an input-conditional
@@ -102,10 +108,12 @@ def suggest_plan(trial: optuna.Trial, num_layers: int, s: OptimizeSettings,
         index = trial.suggest_float("direction_index", lo * num_layers, hi * num_layers)
     change = suggest_edit(trial, edit) if edit is not None else {}
     if s.kernels == "per_category" and categories:
-        by_category = {cat: {c: _suggest_kernel(trial, num_layers, s, f"{cat}.{c}") for c in s.components}
-                       for cat in categories}
-        return AblationPlan(kernels={}, direction_index=index, norm_preserve=s.norm_preserve,
-                            category_kernels=by_category, edit=change)
+        by_category = {
+            cat: {c: _suggest_kernel(trial, num_layers, s, f"{cat}.{c}") for c in s.components} for cat in categories
+        }
+        return AblationPlan(
+            kernels={}, direction_index=index, norm_preserve=s.norm_preserve, category_kernels=by_category, edit=change
+        )
     kernels = {c: _suggest_kernel(trial, num_layers, s, c) for c in s.components}
     return AblationPlan(kernels=kernels, direction_index=index, norm_preserve=s.norm_preserve, edit=change)
 
@@ -168,8 +176,9 @@ def _gone(worker: dict | None) -> bool:
 HEARTBEAT_SECONDS, GRACE_SECONDS = 60, 180  # an RDB study fails a trial whose worker was silent this long
 
 
-def open_study(storage: str, study_name: str, seed: int, n_startup_trials: int,
-               objectives: Objectives | None = None) -> optuna.Study:
+def open_study(
+    storage: str, study_name: str, seed: int, n_startup_trials: int, objectives: Objectives | None = None
+) -> optuna.Study:
     """Create or resume a study. Trials left RUNNING by a process that has ended (on this machine, or
     on any machine with an RDB storage, by its heartbeat) are failed and redone; trials of live
     workers sharing the storage are left alone."""
@@ -178,12 +187,18 @@ def open_study(storage: str, study_name: str, seed: int, n_startup_trials: int,
     sampler = TrialSeededSampler(seed, n_startup_trials=n_startup_trials, multivariate=True)
     backend = _storage(storage)
     try:
-        study = optuna.create_study(storage=backend, study_name=study_name, sampler=sampler,
-                                    directions=objectives.directions, load_if_exists=True)
+        study = optuna.create_study(
+            storage=backend,
+            study_name=study_name,
+            sampler=sampler,
+            directions=objectives.directions,
+            load_if_exists=True,
+        )
     except Exception as e:  # noqa: BLE001 - a database's errors are many classes and lines: one line naming it
         # from None: the cause may hold the URL's password (its first line, masked, is the message)
-        raise StorageError(f"optimize.storage {masked_url(storage)}: cannot open study {study_name!r}: "
-                           f"{first_line(e)}") from None
+        raise StorageError(
+            f"optimize.storage {masked_url(storage)}: cannot open study {study_name!r}: {first_line(e)}"
+        ) from None
     fail_stale(study)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if _gone(t.user_attrs.get(WORKER)):
@@ -211,16 +226,24 @@ def _storage(url: str) -> optuna.storages.BaseStorage:
         try:
             with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna: said once, not per run
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS,
-                                                  grace_period=GRACE_SECONDS, engine_kwargs={"pool_pre_ping": True})
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=HEARTBEAT_SECONDS,
+                    grace_period=GRACE_SECONDS,
+                    engine_kwargs={"pool_pre_ping": True},
+                )
         except Exception as e:  # noqa: BLE001 - see open_study
             missing = e if isinstance(e, ModuleNotFoundError) else e.__cause__
             # from None: the cause may hold the URL's password (see open_study)
             if isinstance(missing, ModuleNotFoundError):  # Optuna wraps the driver's import error
-                raise StorageError(f"optimize.storage {masked_url(url)}: the database driver {missing.name!r} is not "
-                                   "installed: pip install 'clawly[cluster]' (PostgreSQL through psycopg)") from None
-            raise StorageError(f"optimize.storage {masked_url(url)}: {first_line(e)} (is the server up, and the "
-                               "URL dialect+driver://user@host:port/database?)") from None
+                raise StorageError(
+                    f"optimize.storage {masked_url(url)}: the database driver {missing.name!r} is not "
+                    "installed: pip install 'clawly[cluster]' (PostgreSQL through psycopg)"
+                ) from None
+            raise StorageError(
+                f"optimize.storage {masked_url(url)}: {first_line(e)} (is the server up, and the "
+                "URL dialect+driver://user@host:port/database?)"
+            ) from None
     Path(url).parent.mkdir(parents=True, exist_ok=True)
     lock = JournalFileSymlinkLock(url)  # Optuna's default lock, kept to repair under it
     backend = JournalFileBackend(url, lock_obj=lock)
@@ -244,8 +267,10 @@ def repair_journal(path: Path, lock: JournalFileSymlinkLock) -> int:
             try:
                 json.loads(line)
             except ValueError as e:
-                raise ClawlyError(f"{path} is damaged at line {number} (not an Optuna journal entry): restore it, or "
-                                  "delete it to start the study again") from e
+                raise ClawlyError(
+                    f"{path} is damaged at line {number} (not an Optuna journal entry): restore it, or "
+                    "delete it to start the study again"
+                ) from e
     finally:
         lock.release()
     return len(data) - keep
@@ -257,15 +282,22 @@ def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Trials that ran to a verdict: complete, or pruned (KL above prune_kl)."""
-    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
-                                                    optuna.trial.TrialState.PRUNED))
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
 
 
-def iter_study(study: optuna.Study, model: PreTrainedModel, scorer: TrialScorer, basis: AblationBasis,
-               num_layers: int, settings: OptimizeSettings, objectives: Objectives | None = None,
-               strengths: torch.Tensor | None = None, category_weights: dict[str, float] | None = None,
-               edit: EditSettings | None = None, inputs: WriterInputs | None = None
-               ) -> Iterator[optuna.trial.FrozenTrial]:
+def iter_study(
+    study: optuna.Study,
+    model: PreTrainedModel,
+    scorer: TrialScorer,
+    basis: AblationBasis,
+    num_layers: int,
+    settings: OptimizeSettings,
+    objectives: Objectives | None = None,
+    strengths: torch.Tensor | None = None,
+    category_weights: dict[str, float] | None = None,
+    edit: EditSettings | None = None,
+    inputs: WriterInputs | None = None,
+) -> Iterator[optuna.trial.FrozenTrial]:
     """Run trials one at a time until the study holds `settings.n_trials` finished ones (complete
     or pruned), yielding each as it finishes; stopping the iteration early leaves a resumable study.
 
@@ -307,8 +339,13 @@ def iter_study(study: optuna.Study, model: PreTrainedModel, scorer: TrialScorer,
         if len(finished(study)) + len(running(study)) >= settings.n_trials:
             return
         done: list[optuna.trial.FrozenTrial] = []  # this process's trial, even with other workers on the storage
-        study.optimize(objective, n_trials=1, callbacks=[lambda s, t, done=done: done.append(t)], gc_after_trial=True,
-                       catch=(SurplusTrial,))
+        study.optimize(
+            objective,
+            n_trials=1,
+            callbacks=[lambda s, t, done=done: done.append(t)],
+            gc_after_trial=True,
+            catch=(SurplusTrial,),
+        )
         if any(t.user_attrs.get(SURPLUS) for t in done):
             return
         yield from done
@@ -364,33 +401,72 @@ def trials_table(trials: list[optuna.trial.FrozenTrial], pareto_numbers: set[int
     """One row per complete trial: number, refusals, kl, pareto flag, parameters."""
     rows = []
     for t in trials:
-        row = {"trial": t.number, "refusals": int(t.values[0]), "kl_divergence": float(t.values[1]),
-               "pareto": t.number in pareto_numbers, "feasible": violation(t) == 0,
-               "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
-               if t.datetime_complete and t.datetime_start else math.nan}
+        row = {
+            "trial": t.number,
+            "refusals": int(t.values[0]),
+            "kl_divergence": float(t.values[1]),
+            "pareto": t.number in pareto_numbers,
+            "feasible": violation(t) == 0,
+            "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete and t.datetime_start
+            else math.nan,
+        }
         row.update({f"refusals.{c}": n for c, n in sorted(t.user_attrs.get("refusals_by_category", {}).items())})
         row.update({f"param.{k}": v for k, v in t.params.items()})
         rows.append(row)
     return pd.DataFrame(rows).sort_values("trial").reset_index(drop=True)
 
 
-def pareto_figure(table: pd.DataFrame, chosen: int, baseline_refusals: int, n_harmful: int,
-                  what: str = "harmful eval prompts", measure: str = "keywords"):
+def pareto_figure(
+    table: pd.DataFrame,
+    chosen: int,
+    baseline_refusals: int,
+    n_harmful: int,
+    what: str = "harmful eval prompts",
+    measure: str = "keywords",
+):
     """Plotly scatter of all trials (infeasible ones apart), the Pareto front, the chosen trial."""
     front = table[table.pareto & table.feasible].sort_values("kl_divergence")
     fig = go.Figure()
     for feasible, name, color in ((True, "trials", "#9aa5b1"), (False, "lost kept refusals", "#f0b37e")):
         part = table[table.feasible == feasible]
         if len(part):
-            fig.add_trace(go.Scatter(x=part.kl_divergence, y=part.refusals, mode="markers", name=name,
-                                     text=[f"trial {n}" for n in part.trial], marker={"color": color}))
-    fig.add_trace(go.Scatter(x=front.kl_divergence, y=front.refusals, mode="lines+markers", name="Pareto front",
-                             line={"shape": "hv"}, marker={"color": "#1f77b4", "size": 9}))
+            fig.add_trace(
+                go.Scatter(
+                    x=part.kl_divergence,
+                    y=part.refusals,
+                    mode="markers",
+                    name=name,
+                    text=[f"trial {n}" for n in part.trial],
+                    marker={"color": color},
+                )
+            )
+    fig.add_trace(
+        go.Scatter(
+            x=front.kl_divergence,
+            y=front.refusals,
+            mode="lines+markers",
+            name="Pareto front",
+            line={"shape": "hv"},
+            marker={"color": "#1f77b4", "size": 9},
+        )
+    )
     pick = table[table.trial == chosen]
-    fig.add_trace(go.Scatter(x=pick.kl_divergence, y=pick.refusals, mode="markers", name=f"chosen (trial {chosen})",
-                             marker={"color": "#d62728", "size": 14, "symbol": "star"}))
+    fig.add_trace(
+        go.Scatter(
+            x=pick.kl_divergence,
+            y=pick.refusals,
+            mode="markers",
+            name=f"chosen (trial {chosen})",
+            marker={"color": "#d62728", "size": 14, "symbol": "star"},
+        )
+    )
     fig.add_hline(y=baseline_refusals, line_dash="dot", annotation_text=f"base model: {baseline_refusals}")
     label = REFUSAL_MEASURES[measure][0]
-    fig.update_layout(title=f"{label.capitalize()} on {n_harmful} {what} vs first-token KL on harmless prompts",
-                      xaxis_title="KL divergence (nats)", yaxis_title=label, template="plotly_white")
+    fig.update_layout(
+        title=f"{label.capitalize()} on {n_harmful} {what} vs first-token KL on harmless prompts",
+        xaxis_title="KL divergence (nats)",
+        yaxis_title=label,
+        template="plotly_white",
+    )
     return fig

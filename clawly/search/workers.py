@@ -59,8 +59,9 @@ def worker_model(settings: Settings, index: int) -> ModelSettings:
 
 
 @contextlib.contextmanager
-def extra_workers(settings: Settings, log: StageLogger, target: Callable[[dict, int, int, dict], None],
-                  given: dict) -> Iterator[list[mp.process.BaseProcess]]:
+def extra_workers(
+    settings: Settings, log: StageLogger, target: Callable[[dict, int, int, dict], None], given: dict
+) -> Iterator[list[mp.process.BaseProcess]]:
     """Start optimize.workers - 1 processes running `target(settings_dict, index, threads, given)`, give
     this process its share of the threads, and on leaving wait for them (or, on an error, stop them)."""
     n = settings.optimize.workers
@@ -70,12 +71,15 @@ def extra_workers(settings: Settings, log: StageLogger, target: Callable[[dict, 
     threads, before = cpu_share(n), torch.get_num_threads()
     context = mp.get_context("spawn")
     values = settings.to_dict()
-    pool = [context.Process(target=target, args=(values, i, threads, given), name=f"clawly-worker-{i}", daemon=False)
-            for i in range(1, n)]
+    pool = [
+        context.Process(target=target, args=(values, i, threads, given), name=f"clawly-worker-{i}", daemon=False)
+        for i in range(1, n)
+    ]
     for p in pool:
         p.start()
-    log.event("workers", f"{n} workers on one study ({threads} CPU thread(s) each)", workers=n,
-              pids=[p.pid for p in pool])
+    log.event(
+        "workers", f"{n} workers on one study ({threads} CPU thread(s) each)", workers=n, pids=[p.pid for p in pool]
+    )
     torch.set_num_threads(threads)
     try:
         yield pool
@@ -91,5 +95,7 @@ def extra_workers(settings: Settings, log: StageLogger, target: Callable[[dict, 
         p.join()
     failed = [f"{p.name}: exit status {p.exitcode}" for p in pool if p.exitcode != 0]
     if failed:
-        raise ClawlyError(f"{len(failed)} of {n - 1} extra workers failed ({', '.join(failed)}): their errors are "
-                          "above, and in logs/optimize-worker-N.jsonl")
+        raise ClawlyError(
+            f"{len(failed)} of {n - 1} extra workers failed ({', '.join(failed)}): their errors are "
+            "above, and in logs/optimize-worker-N.jsonl"
+        )

@@ -40,21 +40,31 @@ def geometry(settings: Settings) -> Geometry:
     directions = read_refusal_directions(p.directions)
     instructed = instructed_categories(read_prompts(p)[0]) if p.harmful_prompts.exists() else set()
     r = settings.research
-    sample = rs.sample_residuals(p.harmful_activations, p.harmless_activations, r.sample_per_category, r.seed,
-                                 sorted(instructed))
+    sample = rs.sample_residuals(
+        p.harmful_activations, p.harmless_activations, r.sample_per_category, r.seed, sorted(instructed)
+    )
     if sample.residuals.shape[1:] != directions.refusal_direction.shape:
-        raise ClawlyError(f"{p.activations} ({tuple(sample.residuals.shape[1:])}) and {p.directions} "
-                          f"({tuple(directions.refusal_direction.shape)}) disagree on probe points or hidden size: "
-                          "rerun compute-directions (dvc repro does)")
-    table = rs.geometry_table(directions.harmful_mean, directions.harmless_mean, directions.refusal_direction,
-                              directions.category_directions, sample)
+        raise ClawlyError(
+            f"{p.activations} ({tuple(sample.residuals.shape[1:])}) and {p.directions} "
+            f"({tuple(directions.refusal_direction.shape)}) disagree on probe points or hidden size: "
+            "rerun compute-directions (dvc repro does)"
+        )
+    table = rs.geometry_table(
+        directions.harmful_mean,
+        directions.harmless_mean,
+        directions.refusal_direction,
+        directions.category_directions,
+        sample,
+    )
     return Geometry(table, rs.category_cosines(directions.category_directions), sample)
 
 
 def write_tables(settings: Settings, g: Geometry) -> None:
     p = Paths.of(settings)
-    for frame, parquet, csv in ((g.table, p.geometry, p.geometry_csv),
-                                (g.cosines, p.category_cosines, p.category_cosines_csv)):
+    for frame, parquet, csv in (
+        (g.table, p.geometry, p.geometry_csv),
+        (g.cosines, p.category_cosines, p.category_cosines_csv),
+    ):
         with atomic_path(parquet) as tmp:
             frame.to_parquet(tmp, index=False)
         with atomic_path(csv) as tmp:
@@ -65,8 +75,9 @@ def _points(requested: list[int] | None, default: list[int], available: int, key
     points = sorted(set(requested if requested is not None else default))
     bad = [i for i in points if i >= available]
     if bad:
-        raise ClawlyError(f"research.{key} names probe points {bad}, but the activations have {available} "
-                          f"(0 to {available - 1})")
+        raise ClawlyError(
+            f"research.{key} names probe points {bad}, but the activations have {available} (0 to {available - 1})"
+        )
     return points
 
 
@@ -86,16 +97,21 @@ def write_projections(settings: Settings, g: Geometry, out_dir: Path, log: Stage
     if not html_points and not png_points:
         raise ClawlyError("the sampled residuals are the same at every chosen probe point: nothing to project")
     if log is not None:
-        log.event("projecting", f"PaCMAP of {g.sample.residuals.shape[0]} residuals at "
-                  f"{len(set(html_points) | set(png_points))} probe points")
+        log.event(
+            "projecting",
+            f"PaCMAP of {g.sample.residuals.shape[0]} residuals at "
+            f"{len(set(html_points) | set(png_points))} probe points",
+        )
     embedded = rs.projections(g.sample, sorted(set(html_points) | set(png_points)), r.seed)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         fig = rs.projection_figure(g.sample, {i: embedded[i] for i in html_points}, g.table)
         fig.write_html(str(tmp / "residuals.html"), include_plotlyjs=True, full_html=True, div_id="clawly-residuals")
-        rows = [{"probe_point": i, "id": pid, "category": cat, "set": st, "x": float(xy[0]), "y": float(xy[1])}
-                for i in sorted(embedded)
-                for pid, cat, st, xy in zip(g.sample.ids, g.sample.categories, g.sample.sets, embedded[i], strict=True)]
+        rows = [
+            {"probe_point": i, "id": pid, "category": cat, "set": st, "x": float(xy[0]), "y": float(xy[1])}
+            for i in sorted(embedded)
+            for pid, cat, st, xy in zip(g.sample.ids, g.sample.categories, g.sample.sets, embedded[i], strict=True)
+        ]
         pd.DataFrame(rows).to_parquet(tmp / "embedding.parquet", index=False)
         rs.write_projection_pngs(g.sample, embedded, png_points, tmp, g.table)
         if "category_cosine_mean" in g.table:
@@ -115,7 +131,9 @@ def run(settings: Settings, log: StageLogger) -> dict:
     summary = {**rs.summary(g.table), "sampled_residuals": int(g.sample.residuals.shape[0])}
     write_json(p.report("analyze"), summary)
     # `dvc metrics show` stays one terminal wide: the two figures, where they peak is in the report
-    write_json(p.metric("analyze"), {k: summary[f"{k}_max"] for k in ("silhouette", "category_silhouette")
-                                     if f"{k}_max" in summary})
+    write_json(
+        p.metric("analyze"),
+        {k: summary[f"{k}_max"] for k in ("silhouette", "category_silhouette") if f"{k}_max" in summary},
+    )
     log.event("analyzed", **summary, files=[f.name for f in files])
     return summary

@@ -73,22 +73,51 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> dic
         k_prompts, h_prompts = rendered(kept), rendered(calm)
         k_answers = greedy_answers(model, tokenizer, k_prompts, d.answer_tokens, bs) if k_prompts else []
         h_answers = greedy_answers(model, tokenizer, h_prompts, d.kl_tokens, bs) if h_prompts else []
-        h_logprobs = [lp for i in range(0, len(h_prompts), bs)
-                      for lp in answer_logprobs(model, tokenizer, h_prompts[i:i + bs], h_answers[i:i + bs])]
-    targets = DistillTargets(list(zip(t_prompts, t_answers, strict=True)), list(zip(k_prompts, k_answers, strict=True)),
-                             list(zip(h_prompts, h_answers, h_logprobs, strict=True)))
+        h_logprobs = [
+            lp
+            for i in range(0, len(h_prompts), bs)
+            for lp in answer_logprobs(model, tokenizer, h_prompts[i : i + bs], h_answers[i : i + bs])
+        ]
+    targets = DistillTargets(
+        list(zip(t_prompts, t_answers, strict=True)),
+        list(zip(k_prompts, k_answers, strict=True)),
+        list(zip(h_prompts, h_answers, h_logprobs, strict=True)),
+    )
     teachers = time.perf_counter() - t0
     t1 = time.perf_counter()
-    result = train(model, tokenizer, initial_factors(start, d.rank, settings.data.seed), targets, d.steps, d.lr,
-                   d.batch_size, d.kept_weight, d.harmless_weight, seed=random.Random(settings.data.seed).randrange(
-                       2**31), progress=log.progress)
+    result = train(
+        model,
+        tokenizer,
+        initial_factors(start, d.rank, settings.data.seed),
+        targets,
+        d.steps,
+        d.lr,
+        d.batch_size,
+        d.kept_weight,
+        d.harmless_weight,
+        seed=random.Random(settings.data.seed).randrange(2**31),
+        progress=log.progress,
+    )
     seconds = time.perf_counter() - t1
     write_factors(p.distilled, result.factors, {"steps": str(d.steps), "rank": str(d.rank)})
-    report = {"steps": d.steps, "rank": d.rank, "start": plan.to_dict(), "targeted_requests": len(targeted),
-              "kept_requests": len(kept), "harmless_requests": len(calm), "teacher_seconds": round(teachers, 1),
-              "train_seconds": round(seconds, 1), "seconds_per_step": round(seconds / d.steps, 2),
-              "first": result.history[0], "last": result.history[-1], "history": result.history}
+    report = {
+        "steps": d.steps,
+        "rank": d.rank,
+        "start": plan.to_dict(),
+        "targeted_requests": len(targeted),
+        "kept_requests": len(kept),
+        "harmless_requests": len(calm),
+        "teacher_seconds": round(teachers, 1),
+        "train_seconds": round(seconds, 1),
+        "seconds_per_step": round(seconds / d.steps, 2),
+        "first": result.history[0],
+        "last": result.history[-1],
+        "history": result.history,
+    }
     write_json(p.report("distill"), report)
-    log.event("distilled", f"{d.steps} steps in {seconds:.0f} s: loss {result.history[0]['loss']:.4f} -> "
-              f"{result.history[-1]['loss']:.4f}", last=result.history[-1])
+    log.event(
+        "distilled",
+        f"{d.steps} steps in {seconds:.0f} s: loss {result.history[0]['loss']:.4f} -> {result.history[-1]['loss']:.4f}",
+        last=result.history[-1],
+    )
     return report

@@ -29,8 +29,12 @@ def heldout_prompts(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
     seen = read_optimizer_prompt_ids(p.optimizer_prompts)
     s = settings.evaluate
     h = harmful[(harmful.split == "eval") & ~harmful.id.isin(seen)]
-    h = pd.concat([d.sample(n=min(len(d), s.per_category), random_state=settings.optimize.seed)
-                   for _, d in h.groupby("category", sort=True)]).reset_index(drop=True)
+    h = pd.concat(
+        [
+            d.sample(n=min(len(d), s.per_category), random_state=settings.optimize.seed)
+            for _, d in h.groupby("category", sort=True)
+        ]
+    ).reset_index(drop=True)
     g = harmless[(harmless.split == "eval") & ~harmless.id.isin(seen)]
     g = g.sample(n=min(len(g), s.harmless_prompts), random_state=settings.optimize.seed).reset_index(drop=True)
     return h, g
@@ -41,8 +45,9 @@ def merged_model_settings(settings: Settings):
     return dataclasses.replace(settings.model, name=str(Paths.of(settings).model), gguf_file=None)
 
 
-def evaluation_prompts(settings: Settings, tokenizer, requests: list[str], prefix: str = "",
-                       systems: list[str | None] | None = None) -> PromptSet:
+def evaluation_prompts(
+    settings: Settings, tokenizer, requests: list[str], prefix: str = "", systems: list[str | None] | None = None
+) -> PromptSet:
     """Harmful requests as `evaluate` asks them: the chat template with the system prompt (each
     request's own where `systems` gives one, `row_systems`), and a response prefix if the optimizer
     found one, in batches of evaluate.batch_size."""
@@ -53,7 +58,7 @@ def evaluation_prompts(settings: Settings, tokenizer, requests: list[str], prefi
 # What each count in the report means (`_measures`).
 MEASURES = {
     "keyword_refusals": "answers containing a refusal marker anywhere (the plain rule: a disclaimer followed "
-                        "by the asked-for help counts too)",
+    "by the asked-for help counts too)",
     "strict_keyword_refusals": "answers with a refusal marker in the opening and no help after it (clawly.stance)",
     "refusals": "five-way label refusal: the classifier's refusals that the strict rule does not call hedged",
     "hedged": "hedged compliance: a refusal marker or disclaimer, then what was asked",
@@ -70,12 +75,17 @@ def _measures(table: pd.DataFrame, model: str) -> dict:
     n = len(table)
     out = {"prompts": n}
     label, stance = table[f"{model}_label"], table[f"{model}_stance"]
-    for key, hits in (("keyword_refusals", table[f"{model}_keyword_refusal"]),
-                      ("strict_keyword_refusals", table[f"{model}_strict"] == "refusal"),
-                      ("refusals", stance == "refusal"), ("hedged", stance == "hedged"),
-                      ("compliance", stance == "compliance"), ("off_topic", stance == "off_topic"),
-                      ("degenerate", stance == "degenerate"), ("classifier_refusals", label == "refusal"),
-                      ("not_compliant", label != "compliance")):
+    for key, hits in (
+        ("keyword_refusals", table[f"{model}_keyword_refusal"]),
+        ("strict_keyword_refusals", table[f"{model}_strict"] == "refusal"),
+        ("refusals", stance == "refusal"),
+        ("hedged", stance == "hedged"),
+        ("compliance", stance == "compliance"),
+        ("off_topic", stance == "off_topic"),
+        ("degenerate", stance == "degenerate"),
+        ("classifier_refusals", label == "refusal"),
+        ("not_compliant", label != "compliance"),
+    ):
         k = int(hits.sum())
         rate = key.replace("refusals", "refusal")
         out[key] = k
@@ -108,14 +118,20 @@ def headline(results: dict, category_mode: bool) -> dict:
     category mode also `kept_retention` (the lowest, refusals only); with instructed categories
     `instructed_retention` (the lowest share of their base refusals left, refusals only)."""
     merged = results["merged"]
-    out = {"kl_divergence": merged["kl_divergence"], "keyword_refusal_rate": merged["keyword_refusal_rate"],
-           "not_compliant_rate": merged["not_compliant_rate"]}
+    out = {
+        "kl_divergence": merged["kl_divergence"],
+        "keyword_refusal_rate": merged["keyword_refusal_rate"],
+        "not_compliant_rate": merged["not_compliant_rate"],
+    }
     if category_mode:
         kept = [r for r in selectivity(results["by_category"])["retained"].values() if r is not None]
         if kept:
             out["kept_retention"] = min(kept)
-    instructed = [m["retention"] for m in results["by_category"].values()
-                  if m.get("instructed") and m.get("retention") is not None]
+    instructed = [
+        m["retention"]
+        for m in results["by_category"].values()
+        if m.get("instructed") and m.get("retention") is not None
+    ]
     if instructed:
         out["instructed_retention"] = min(instructed)
     return out
@@ -137,11 +153,13 @@ def run(settings: Settings, log: StageLogger) -> dict:
     classifier = response_classifier(settings)
     prefix = read_chosen_trial(p.chosen_trial).response_prefix
     base, tokenizer = load_model(settings.model, log)
-    prompts = evaluation_prompts(settings, tokenizer, harmful.text.tolist(), prefix,
-                                 row_systems(harmful, settings.model.system_prompt))
+    prompts = evaluation_prompts(
+        settings, tokenizer, harmful.text.tolist(), prefix, row_systems(harmful, settings.model.system_prompt)
+    )
     instructed = instructed_categories(harmful)
-    harmless_prompts = PromptSet(tokenizer, chat_prompts(tokenizer, harmless.text.tolist(),
-                                                         settings.model.system_prompt), s.batch_size)
+    harmless_prompts = PromptSet(
+        tokenizer, chat_prompts(tokenizer, harmless.text.tolist(), settings.model.system_prompt), s.batch_size
+    )
     # Whole answers (no stop at the first marker): the classifier judges the answer, not its opening.
     base_resp, _ = prompts.generate(base, s.max_new_tokens, progress=log.progress)
     base_lp = harmless_prompts.first_token_logprobs(base)
@@ -184,24 +202,52 @@ def run(settings: Settings, log: StageLogger) -> dict:
             for key in ("refusals", "strict_keyword_refusals", "keyword_refusals"):
                 m[key.replace("refusals", "retention")] = _share(m["merged"][key], m["base"][key])
     results = {
-        "harmful_prompts": n, "instructed_prompts": len(table) - n, "harmless_prompts": len(harmless),
+        "harmful_prompts": n,
+        "instructed_prompts": len(table) - n,
+        "harmless_prompts": len(harmless),
         "max_new_tokens": s.max_new_tokens,
         "measures": MEASURES,
         "base": _measures(safety, "base"),
         "merged": {**_measures(safety, "merged"), "kl_divergence": round(kl, 6)},
         "by_category": by_category,
-        "classifier": {"test_file": settings.classifier.test_file, "test_responses": len(test_rows),
-                       "scores": quality, "keyword_rule_scores": keyword_quality},
+        "classifier": {
+            "test_file": settings.classifier.test_file,
+            "test_responses": len(test_rows),
+            "scores": quality,
+            "keyword_rule_scores": keyword_quality,
+        },
     }
     if settings.classifier.judge_model:
-        results["judge"] = {m: {lab: int((table[f"{m}_judge_label"] == lab).sum()) for lab in
-                                ("refusal", "compliance", "off_topic", "degenerate")} for m in ("base", "merged")}
+        results["judge"] = {
+            m: {
+                lab: int((table[f"{m}_judge_label"] == lab).sum())
+                for lab in ("refusal", "compliance", "off_topic", "degenerate")
+            }
+            for m in ("base", "merged")
+        }
     p.evaluate.mkdir(parents=True, exist_ok=True)
     with atomic_path(p.evaluation_table) as tmp:
-        rows = [{"category": c, "prompts": m[model]["prompts"], "model": model,
-                 **{key: m[model][key] for key in ("refusals", "hedged", "compliance", "off_topic", "degenerate",
-                                                   "keyword_refusals", "strict_keyword_refusals")}}
-                for c, m in by_category.items() for model in ("base", "merged")]
+        rows = [
+            {
+                "category": c,
+                "prompts": m[model]["prompts"],
+                "model": model,
+                **{
+                    key: m[model][key]
+                    for key in (
+                        "refusals",
+                        "hedged",
+                        "compliance",
+                        "off_topic",
+                        "degenerate",
+                        "keyword_refusals",
+                        "strict_keyword_refusals",
+                    )
+                },
+            }
+            for c, m in by_category.items()
+            for model in ("base", "merged")
+        ]
         pd.DataFrame(rows).to_csv(tmp, index=False)
     if s.save_responses:
         with atomic_path(p.responses) as tmp:
@@ -210,7 +256,12 @@ def run(settings: Settings, log: StageLogger) -> dict:
     write_json(p.metric("evaluate"), headline(results, settings.categories.enabled))
     # its own file, so that `dvc metrics show` of the headline figures still fits a terminal; empty in global mode
     write_json(p.metric("selectivity"), selectivity(by_category) if settings.categories.enabled else {})
-    counts = lambda m: ", ".join(f"{k.replace('_', ' ')} {results[m][k]}" for k in  # noqa: E731
-                                 ("refusals", "hedged", "off_topic", "degenerate", "keyword_refusals"))
+
+    def counts(m: str) -> str:
+        return ", ".join(
+            f"{k.replace('_', ' ')} {results[m][k]}"
+            for k in ("refusals", "hedged", "off_topic", "degenerate", "keyword_refusals")
+        )
+
     log.event("evaluated", prompts=n, kl=round(kl, 5), base=counts("base"), merged=counts("merged"))
     return results

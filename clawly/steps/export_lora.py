@@ -60,18 +60,33 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> dic
             for leftover in [q for q in tmp.iterdir() if q.name != "README.md"]:
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
             log.event("warning", f"no LoRA adapter for this model: {unsupported}")
-            card = (f"# No LoRA adapter\n\n{unsupported}.\n\nThis directory holds the reproduction record "
-                    "(clawly_reproduction.json, clawly_directions.safetensors): the merge stage builds the merged "
-                    "model from it exactly, and `clawly --reproduce` rebuilds it.\n")
+            card = (
+                f"# No LoRA adapter\n\n{unsupported}.\n\nThis directory holds the reproduction record "
+                "(clawly_reproduction.json, clawly_directions.safetensors): the merge stage builds the merged "
+                "model from it exactly, and `clawly --reproduce` rebuilds it.\n"
+            )
         write_text(tmp / "README.md", card)
-        ex.write_record(tmp, "adapter", settings, plan, ablation, {"harmful": harmful, "harmless": harmless},
-                        chosen.record, change, trained)
-    report = {**ex.adapter_metrics(factors), "adapter": unsupported is None, "no_adapter_because": unsupported,
-              "norm_preserve": plan.norm_preserve,
-              "per_category_adapters": ablation.names if per_category else [],
-              "per_category_sum_is_exact": per_category and not plan.norm_preserve,
-              **({"edit": edit_report(model, ablation, plan, inputs)} if plan.edit else {}),
-              "distilled": bool(trained)}
+        ex.write_record(
+            tmp,
+            "adapter",
+            settings,
+            plan,
+            ablation,
+            {"harmful": harmful, "harmless": harmless},
+            chosen.record,
+            change,
+            trained,
+        )
+    report = {
+        **ex.adapter_metrics(factors),
+        "adapter": unsupported is None,
+        "no_adapter_because": unsupported,
+        "norm_preserve": plan.norm_preserve,
+        "per_category_adapters": ablation.names if per_category else [],
+        "per_category_sum_is_exact": per_category and not plan.norm_preserve,
+        **({"edit": edit_report(model, ablation, plan, inputs)} if plan.edit else {}),
+        "distilled": bool(trained),
+    }
     write_json(p.report("export"), report)
     log.event("adapter", **report)
     return report
@@ -81,14 +96,18 @@ def edit_report(model, ablation, plan: AblationPlan, inputs: WriterInputs) -> di
     """What the input-conditional edit leaves, per writer of the chosen plan: the share of the targeted
     requests' write along the ablated directions that it still removes, and the share of the kept
     requests' write it still changes (plain ablation: 1 and 1), with the edit's parameter."""
-    plain = weight_deltas(model, ablation.basis, AblationPlan.from_dict({**plan.to_dict(), "edit": {}}),
-                          ablation.strengths)
+    plain = weight_deltas(
+        model, ablation.basis, AblationPlan.from_dict({**plan.to_dict(), "edit": {}}), ablation.strengths
+    )
     writers = {}
     for name, delta in plain.items():
         targeted, kept = retained_writes(plan.edit, inputs, delta.a, name)
         writers[name] = {"targeted_removed_share": round(targeted, 4), "kept_changed_share": round(kept, 4)}
     shares = [w["targeted_removed_share"] for w in writers.values()]
     kept = [w["kept_changed_share"] for w in writers.values()]
-    return {**plan.edit, "writers": writers,
-            "mean_targeted_removed_share": round(sum(shares) / len(shares), 4) if shares else None,
-            "mean_kept_changed_share": round(sum(kept) / len(kept), 4) if kept else None}
+    return {
+        **plan.edit,
+        "writers": writers,
+        "mean_targeted_removed_share": round(sum(shares) / len(shares), 4) if shares else None,
+        "mean_kept_changed_share": round(sum(kept) / len(kept), 4) if kept else None,
+    }

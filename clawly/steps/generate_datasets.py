@@ -17,6 +17,11 @@ def run(settings: Settings, log: StageLogger) -> tuple[pd.DataFrame, pd.DataFram
     write_prompts(Paths.of(settings), harmful, harmless)
     for name, df in (("harmful", harmful), ("harmless", harmless)):
         counts = df.groupby(["category", "split"]).size().unstack(fill_value=0)
-        log.event("prompts", f"{name}: {len(df)} prompts\n{counts.to_string()}", set=name, total=len(df),
-                  by_category=counts.to_dict(orient="index"))
+        log.event(
+            "prompts",
+            f"{name}: {len(df)} prompts\n{counts.to_string()}",
+            set=name,
+            total=len(df),
+            by_category=counts.to_dict(orient="index"),
+        )
     return harmful, harmless

@@ -33,8 +33,9 @@ def run(settings: Settings, log: StageLogger) -> None:
             ablation = read_ablation_directions(directions)
             check_fits(ablation.directions, model, directions)
             inputs = ex.recorded_inputs(p.lora)  # an input-conditional edit's rows, as export-lora wrote them
-            applied.enter_context(ablated(model, weight_deltas(model, ablation.basis, plan, ablation.strengths,
-                                                               inputs)))
+            applied.enter_context(
+                ablated(model, weight_deltas(model, ablation.basis, plan, ablation.strengths, inputs))
+            )
         else:
             with reading(p.lora / "adapter_model.safetensors", "export-lora"):
                 adapted = PeftModel.from_pretrained(model, str(p.lora))

@@ -62,13 +62,24 @@ class TrialOutcome:
     @classmethod
     def of(cls, t: optuna.trial.FrozenTrial) -> TrialOutcome:
         pruned = t.state == optuna.trial.TrialState.PRUNED
-        seconds = ((t.datetime_complete - t.datetime_start).total_seconds()
-                   if t.datetime_complete and t.datetime_start else None)
+        seconds = (
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete and t.datetime_start
+            else None
+        )
         kl = t.values[1] if t.values else t.user_attrs.get("kl_divergence")
-        return cls(t.number, None if pruned or not t.values else int(t.values[0]),
-                   None if kl is None else float(kl), dict(t.user_attrs.get("refusals_by_category", {})),
-                   dict(t.user_attrs.get("prompts_by_category", {})), dict(t.params),
-                   AblationPlan.from_dict(t.user_attrs["plan"]), pruned, pruned or st.violation(t) == 0, seconds)
+        return cls(
+            t.number,
+            None if pruned or not t.values else int(t.values[0]),
+            None if kl is None else float(kl),
+            dict(t.user_attrs.get("refusals_by_category", {})),
+            dict(t.user_attrs.get("prompts_by_category", {})),
+            dict(t.params),
+            AblationPlan.from_dict(t.user_attrs["plan"]),
+            pruned,
+            pruned or st.violation(t) == 0,
+            seconds,
+        )
 
     def __str__(self) -> str:
         if self.pruned:
@@ -121,8 +132,10 @@ class Search(Evaluation):
     def chosen(self, kl_cap: float) -> optuna.trial.FrozenTrial:
         trials = st.completed(self.study)
         if not trials:
-            raise ClawlyError(f"all {len(st.finished(self.study))} trials were pruned (KL above optimize.prune_kl): "
-                              "raise prune_kl, set it to null, or narrow peak_weight_range")
+            raise ClawlyError(
+                f"all {len(st.finished(self.study))} trials were pruned (KL above optimize.prune_kl): "
+                "raise prune_kl, set it to null, or narrow peak_weight_range"
+            )
         return st.choose_trial(trials, kl_cap)
 
 
@@ -157,8 +170,10 @@ def optimizer_prompts(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
         pool = pool[~pool.category.isin(instructed_categories(harmful))]
     if pool.empty:
         which = f"of {', '.join(settings.categories.weights)} " if settings.categories.enabled else ""
-        raise ClawlyError(f"no harmful prompts {which}in the {tuning_split(harmful)} split to score trials on: "
-                          "check categories.weights and data.eval_per_category / data.tune_per_category")
+        raise ClawlyError(
+            f"no harmful prompts {which}in the {tuning_split(harmful)} split to score trials on: "
+            "check categories.weights and data.eval_per_category / data.tune_per_category"
+        )
     h = stratified_sample(pool, s.harmful_prompts, s.seed)
     g = harmless[harmless.split == tuning_split(harmless)]
     g = g.sample(n=min(len(g), s.harmless_prompts), random_state=s.seed).reset_index(drop=True)
@@ -172,25 +187,46 @@ def study_fingerprint(settings: Settings, harmful: pd.DataFrame, harmless: pd.Da
     category rules, and with refusal_measure=classifier the classifier's training file, features and
     embedder); n_trials, storage, batch size, the model cache and export options do not, so raising
     n_trials continues the same study."""
-    search = {k: v for k, v in dataclasses.asdict(settings.optimize).items()
-              if k not in ("n_trials", "storage", "study_name", "batch_size", "prefix_cache", "workers")}
+    search = {
+        k: v
+        for k, v in dataclasses.asdict(settings.optimize).items()
+        if k not in ("n_trials", "storage", "study_name", "batch_size", "prefix_cache", "workers")
+    }
     directions = hashlib.sha256(Paths.of(settings).orthogonalized.read_bytes()).hexdigest()
     model = {k: v for k, v in dataclasses.asdict(settings.model).items() if k != "cache_dir"}
     categories = {k: v for k, v in dataclasses.asdict(settings.categories).items() if k != "per_category_adapters"}
-    key = {"model": model, "search": search, "directions": directions, "categories": categories,
-           "harmful": harmful.id.tolist(), "harmless": harmless.id.tolist()}
+    key = {
+        "model": model,
+        "search": search,
+        "directions": directions,
+        "categories": categories,
+        "harmful": harmful.id.tolist(),
+        "harmless": harmless.id.tolist(),
+    }
     if settings.edit.conditional:  # the edit's settings and the inputs it was measured on change the trials
-        key["edit"] = {**dataclasses.asdict(settings.edit),
-                       "inputs": hashlib.sha256(Paths.of(settings).writer_inputs.read_bytes()).hexdigest()}
+        key["edit"] = {
+            **dataclasses.asdict(settings.edit),
+            "inputs": hashlib.sha256(Paths.of(settings).writer_inputs.read_bytes()).hexdigest(),
+        }
     if settings.optimize.refusal_measure == "classifier":
         train = project_file(settings.classifier.train_file)
-        key["classifier"] = {"train": hashlib.sha256(train.read_bytes()).hexdigest() if train.is_file() else None,
-                             "features": FEATURES, "embedder": settings.classifier.embedder}
+        key["classifier"] = {
+            "train": hashlib.sha256(train.read_bytes()).hexdigest() if train.is_file() else None,
+            "features": FEATURES,
+            "embedder": settings.classifier.embedder,
+        }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def evaluation(settings: Settings, log: StageLogger, model, tokenizer, prefix: str | None = None,
-               batch_size: int | None = None, base: Scores | None = None) -> Evaluation:
+def evaluation(
+    settings: Settings,
+    log: StageLogger,
+    model,
+    tokenizer,
+    prefix: str | None = None,
+    batch_size: int | None = None,
+    base: Scores | None = None,
+) -> Evaluation:
     """The optimizer's prompts, response prefix, batch size and scorer, and the base model's scores
     (`model` must hold the base weights) unless given (an extra worker is handed the first worker's)."""
     s, c = settings.optimize, settings.categories
@@ -198,44 +234,75 @@ def evaluation(settings: Settings, log: StageLogger, model, tokenizer, prefix: s
     sys_prompt = settings.model.system_prompt
     if prefix is None:
         prefix = response_prefix(settings, model, tokenizer, harmful.text.tolist(), harmless.text.tolist(), log)
-    prompts = ScoringPrompts(chat_prompts(tokenizer, harmful.text.tolist(), row_systems(harmful, sys_prompt), prefix),
-                             harmful.category.tolist(), chat_prompts(tokenizer, harmless.text.tolist(), sys_prompt),
-                             harmful.text.tolist())
+    prompts = ScoringPrompts(
+        chat_prompts(tokenizer, harmful.text.tolist(), row_systems(harmful, sys_prompt), prefix),
+        harmful.category.tolist(),
+        chat_prompts(tokenizer, harmless.text.tolist(), sys_prompt),
+        harmful.text.tolist(),
+    )
     if batch_size is None:
         batch_size = scoring_batch_size(settings, model, tokenizer, prompts.harmful, log)
     classifier = response_classifier(settings) if s.refusal_measure == "classifier" else None
-    scorer = TrialScorer(model, tokenizer, prompts, s, batch_size=batch_size, classifier=classifier,
-                         kept=c.kept if c.enabled else ())
+    scorer = TrialScorer(
+        model, tokenizer, prompts, s, batch_size=batch_size, classifier=classifier, kept=c.kept if c.enabled else ()
+    )
     if base is None:
         t0 = time.perf_counter()
         base = scorer.score()
-        log.event("baseline", refusals=base.refusals, prompts=len(prompts.harmful),
-                  seconds=round(time.perf_counter() - t0, 1), tokens=base.tokens, by_category=base.refusals_by_category)
+        log.event(
+            "baseline",
+            refusals=base.refusals,
+            prompts=len(prompts.harmful),
+            seconds=round(time.perf_counter() - t0, 1),
+            tokens=base.tokens,
+            by_category=base.refusals_by_category,
+        )
     return Evaluation(harmful, harmless, prefix, batch_size, prompts, scorer, base)
 
 
-def start_search(settings: Settings, log: StageLogger, model, tokenizer, ablation: AblationDirections,
-                 prefix: str | None = None, batch_size: int | None = None, base: Scores | None = None,
-                 measured: Evaluation | None = None) -> Search:
+def start_search(
+    settings: Settings,
+    log: StageLogger,
+    model,
+    tokenizer,
+    ablation: AblationDirections,
+    prefix: str | None = None,
+    batch_size: int | None = None,
+    base: Scores | None = None,
+    measured: Evaluation | None = None,
+) -> Search:
     """The evaluation (`measured`, else made here: prompts, response prefix, batch size, the scorer
     with the base model's scores) and the study (resumed when the same fingerprint already has trials)."""
     p = Paths.of(settings)
     s, c = settings.optimize, settings.categories
     check_fits(ablation.directions, model, p.orthogonalized)
     if ablation.mode == "category" and not c.enabled:
-        raise ClawlyError("the directions were computed in category mode but no categories.weights are set: "
-                          "rerun orthogonalize-categories (dvc repro does)")
+        raise ClawlyError(
+            "the directions were computed in category mode but no categories.weights are set: "
+            "rerun orthogonalize-categories (dvc repro does)"
+        )
     ev = measured or evaluation(settings, log, model, tokenizer, prefix, batch_size, base)
-    objectives = st.Objectives(targeted=c.targeted if c.enabled else None, kept=c.kept, keep_rule=c.keep_rule,
-                               min_retention=c.min_retention, base_refusals=ev.base.refusals_by_category)
+    objectives = st.Objectives(
+        targeted=c.targeted if c.enabled else None,
+        kept=c.kept,
+        keep_rule=c.keep_rule,
+        min_retention=c.min_retention,
+        base_refusals=ev.base.refusals_by_category,
+    )
     storage = s.storage or str(p.journal)
     study_name = f"{s.study_name}-{study_fingerprint(settings, ev.harmful, ev.harmless)}"
     study = st.open_study(storage, study_name, s.seed, s.n_startup_trials, objectives)
     done = len(st.finished(study))
     if done:
         log.event("resume", f"resuming study '{study_name}' with {done} finished trial(s)", finished=done)
-    return Search(**vars(ev), objectives=objectives, study=study, ablation=ablation, num_layers=num_layers(model),
-                  inputs=load_writer_inputs(settings))
+    return Search(
+        **vars(ev),
+        objectives=objectives,
+        study=study,
+        ablation=ablation,
+        num_layers=num_layers(model),
+        inputs=load_writer_inputs(settings),
+    )
 
 
 def search_trials(search: Search, settings: Settings, model, log: StageLogger) -> Iterator[optuna.trial.FrozenTrial]:
@@ -245,20 +312,42 @@ def search_trials(search: Search, settings: Settings, model, log: StageLogger) -
     with log.progress(total=s.n_trials, desc="trials", unit="trial") as bar:
         shown = min(len(st.finished(search.study)), s.n_trials)  # a resumed study
         bar.update(shown)
-        for t in st.iter_study(search.study, model, search.scorer, search.ablation.basis,
-                                search.num_layers, s, search.objectives, search.ablation.strengths,
-                                search.ablation.category_weights, settings.edit, search.inputs):
+        for t in st.iter_study(
+            search.study,
+            model,
+            search.scorer,
+            search.ablation.basis,
+            search.num_layers,
+            s,
+            search.objectives,
+            search.ablation.strengths,
+            search.ablation.category_weights,
+            settings.edit,
+            search.inputs,
+        ):
             step = max(1, min(len(st.finished(search.study)), s.n_trials) - shown)  # every worker's trials
             bar.update(step)
             shown += step
             seconds = round((t.datetime_complete - t.datetime_start).total_seconds(), 1)
             if t.values is not None:
-                log.event("trial", number=t.number, refusals=int(t.values[0]), kl=round(t.values[1], 5),
-                          by_category=t.user_attrs.get("refusals_by_category"), feasible=st.violation(t) == 0,
-                          seconds=seconds, tokens=t.user_attrs.get("tokens"))
+                log.event(
+                    "trial",
+                    number=t.number,
+                    refusals=int(t.values[0]),
+                    kl=round(t.values[1], 5),
+                    by_category=t.user_attrs.get("refusals_by_category"),
+                    feasible=st.violation(t) == 0,
+                    seconds=seconds,
+                    tokens=t.user_attrs.get("tokens"),
+                )
             elif t.state == optuna.trial.TrialState.PRUNED:
-                log.event("pruned", number=t.number, kl=round(t.user_attrs.get("kl_divergence", float("nan")), 5),
-                          prune_kl=s.prune_kl, seconds=seconds)
+                log.event(
+                    "pruned",
+                    number=t.number,
+                    kl=round(t.user_attrs.get("kl_divergence", float("nan")), 5),
+                    prune_kl=s.prune_kl,
+                    seconds=seconds,
+                )
             yield t
 
 
@@ -270,26 +359,43 @@ def search_summary(settings: Settings, search: Search, chosen: optuna.trial.Froz
     label, meaning = REFUSAL_MEASURES[s.refusal_measure]
     return {
         "mode": search.ablation.mode,
-        "rule": ((f"among trials keeping >= {c.min_retention:.0%} of each kept category's base refusals "
-                  f"(real refusals only: no help after the disclaimer, {s.kept_max_new_tokens}-token answers; "
-                  "else the trials falling least short): " if c.kept else "") +
-                 f"fewest {label}{' on targeted categories' if c.enabled else ''} "
-                 f"with KL <= {s.kl_cap}; else lowest KL"),
-        "refusal_measure": s.refusal_measure, "refusal_label": label, "refusal_meaning": meaning,
+        "rule": (
+            (
+                f"among trials keeping >= {c.min_retention:.0%} of each kept category's base refusals "
+                f"(real refusals only: no help after the disclaimer, {s.kept_max_new_tokens}-token answers; "
+                "else the trials falling least short): "
+                if c.kept
+                else ""
+            )
+            + f"fewest {label}{' on targeted categories' if c.enabled else ''} "
+            f"with KL <= {s.kl_cap}; else lowest KL"
+        ),
+        "refusal_measure": s.refusal_measure,
+        "refusal_label": label,
+        "refusal_meaning": meaning,
         "keep_rule": c.keep_rule if c.kept else None,
-        "chosen_trial": chosen.number, "trials": len(trials),
-        "pruned_trials": len(st.finished(search.study)) - len(trials), "response_prefix": search.prefix,
-        "batch_size": search.batch_size, "harmful_prompts": len(search.prompts.harmful),
-        "targeted_prompts": n_targeted, "harmless_prompts": len(search.prompts.harmless),
+        "chosen_trial": chosen.number,
+        "trials": len(trials),
+        "pruned_trials": len(st.finished(search.study)) - len(trials),
+        "response_prefix": search.prefix,
+        "batch_size": search.batch_size,
+        "harmful_prompts": len(search.prompts.harmful),
+        "targeted_prompts": n_targeted,
+        "harmless_prompts": len(search.prompts.harmless),
         "base": {"refusals": base_targeted, "refusal_rate": round(base_targeted / n_targeted, 4)},
-        "chosen": {"refusals": int(chosen.values[0]),
-                   "refusal_rate": round(chosen.values[0] / n_targeted, 4),
-                   "kl_divergence": round(float(chosen.values[1]), 6),
-                   "keeps_kept_refusals": st.violation(chosen) == 0},
-        "by_category": category_table(base.prompts_by_category, base.refusals_by_category,
-                                      chosen.user_attrs["refusals_by_category"], c.weights),
-        "pareto_front": [{"trial": t.number, "refusals": int(t.values[0]), "kl_divergence": round(t.values[1], 6)}
-                         for t in search.pareto_front()],
+        "chosen": {
+            "refusals": int(chosen.values[0]),
+            "refusal_rate": round(chosen.values[0] / n_targeted, 4),
+            "kl_divergence": round(float(chosen.values[1]), 6),
+            "keeps_kept_refusals": st.violation(chosen) == 0,
+        },
+        "by_category": category_table(
+            base.prompts_by_category, base.refusals_by_category, chosen.user_attrs["refusals_by_category"], c.weights
+        ),
+        "pareto_front": [
+            {"trial": t.number, "refusals": int(t.values[0]), "kl_divergence": round(t.values[1], 6)}
+            for t in search.pareto_front()
+        ],
     }
 
 
@@ -300,8 +406,10 @@ def headline(summary: dict) -> dict:
     """The optimize metrics: the chosen trial's figures to compare between experiments (`dvc metrics
     show / diff`), named after the refusal measure the optimizer used; the base model's figures and
     everything else are in the report."""
-    out = {"kl_divergence": summary["chosen"]["kl_divergence"],
-           RATE_KEYS[summary["refusal_measure"]]: summary["chosen"]["refusal_rate"]}
+    out = {
+        "kl_divergence": summary["chosen"]["kl_divergence"],
+        RATE_KEYS[summary["refusal_measure"]]: summary["chosen"]["refusal_rate"],
+    }
     kept = [r["retention"] for r in summary["by_category"].values() if r.get("retention") is not None]
     if kept:
         out["kept_retention"] = min(kept)
@@ -323,17 +431,37 @@ def write_search_outputs(settings: Settings, search: Search, log: StageLogger) -
         table[["trial", "refusals", "kl_divergence", "pareto", "feasible"]].to_csv(tmp, index=False)
     summary = search_summary(settings, search, chosen)
     what = "targeted-category prompts" if c.enabled else "harmful eval prompts"
-    fig = st.pareto_figure(table, chosen.number, summary["base"]["refusals"], summary["targeted_prompts"],
-                           what, settings.optimize.refusal_measure)
+    fig = st.pareto_figure(
+        table,
+        chosen.number,
+        summary["base"]["refusals"],
+        summary["targeted_prompts"],
+        what,
+        settings.optimize.refusal_measure,
+    )
     with atomic_path(p.pareto_html) as tmp:
         fig.write_html(str(tmp), include_plotlyjs="cdn")
     write_optimizer_prompts(p.optimizer_prompts, search.harmful, search.harmless)
-    write_chosen_trial(p.chosen_trial, ChosenTrial(chosen.number, list(chosen.values), chosen.params,
-                                                   AblationPlan.from_dict(chosen.user_attrs["plan"]), search.prefix))
+    write_chosen_trial(
+        p.chosen_trial,
+        ChosenTrial(
+            chosen.number,
+            list(chosen.values),
+            chosen.params,
+            AblationPlan.from_dict(chosen.user_attrs["plan"]),
+            search.prefix,
+        ),
+    )
     write_json(p.report("optimize"), summary)
     write_json(p.metric("optimize"), headline(summary))
-    log.event("chosen", trial=chosen.number, refusals=int(chosen.values[0]), kl=round(chosen.values[1], 5),
-              base_refusals=summary["base"]["refusals"], by_category=chosen.user_attrs["refusals_by_category"])
+    log.event(
+        "chosen",
+        trial=chosen.number,
+        refusals=int(chosen.values[0]),
+        kl=round(chosen.values[1], 5),
+        base_refusals=summary["base"]["refusals"],
+        by_category=chosen.user_attrs["refusals_by_category"],
+    )
     return summary
 
 
@@ -373,8 +501,16 @@ def worker(values: dict, index: int, threads: int, given: dict) -> None:
         sys.exit(2)
 
 
-def response_prefix(settings: Settings, model, tokenizer, harmful: list[str], harmless: list[str],
-                    log: StageLogger, sample: int = 8, max_new_tokens: int = 24) -> str:
+def response_prefix(
+    settings: Settings,
+    model,
+    tokenizer,
+    harmful: list[str],
+    harmless: list[str],
+    log: StageLogger,
+    sample: int = 8,
+    max_new_tokens: int = 24,
+) -> str:
     """optimize.response_prefix resolved: 'auto' generates a few base-model answers and takes
     what they all start with (an opening chain of thought is closed empty instead)."""
     setting = settings.optimize.response_prefix
@@ -384,18 +520,26 @@ def response_prefix(settings: Settings, model, tokenizer, harmful: list[str], ha
     ps = PromptSet(tokenizer, chat_prompts(tokenizer, texts, settings.model.system_prompt), len(texts))
     responses, _ = ps.generate(model, max_new_tokens)
     prefix = detect_response_prefix(responses)
-    log.event("response_prefix", f"response prefix: {prefix!r}" if prefix else "no shared response prefix",
-              prefix=prefix)
+    log.event(
+        "response_prefix", f"response prefix: {prefix!r}" if prefix else "no shared response prefix", prefix=prefix
+    )
     return prefix
 
 
-def scoring_batch_size(settings: Settings, model, tokenizer, prompts: list[str], log: StageLogger,
-                       timed: bool = False) -> int:
+def scoring_batch_size(
+    settings: Settings, model, tokenizer, prompts: list[str], log: StageLogger, timed: bool = False
+) -> int:
     """optimize.batch_size, with 'auto' (or `timed`) timed once per model and machine and cached."""
     bs = settings.optimize.batch_size
     if bs != "auto" and not timed:
         return int(bs)
     n = len(prompts)  # no batch wider than the prompt count; the whole set in one batch is a candidate
     sizes = sorted({b for b in (8, 16, 32, 64, 128) if b < n} | {min(n, 128)})
-    return auto_batch_size(model, tokenizer, prompts[:16], cache_file=cache_root(settings.model) / "batch_size.json",
-                           candidates=sizes, log=lambda m: log.event("batch_size", m))
+    return auto_batch_size(
+        model,
+        tokenizer,
+        prompts[:16],
+        cache_file=cache_root(settings.model) / "batch_size.json",
+        candidates=sizes,
+        log=lambda m: log.event("batch_size", m),
+    )

@@ -26,18 +26,35 @@ def run(settings: Settings, log: StageLogger) -> dict:
         retained = basis.retained
         low = cm.low_retention(retained, names, o.warn_retained) if kept and o.orthogonalize_categories else {}
         for cat, points in low.items():
-            log.event("warning", f"{cat}: less than {o.warn_retained:.0%} of its direction survives orthogonalization "
-                      f"at {len(points)} of {retained.shape[1] - 1} layers (e.g. {points[:6]}): it shares one refusal "
-                      "core with the kept categories there, so ablating what is left may do little",
-                      category=cat, points=points)
-        report = {"mode": "category", "order": names, "weights": dict(zip(names, weights, strict=True)),
-                  "kept": kept, "orthogonalized": o.orthogonalize_categories and bool(kept),
-                  "retained_fraction": {n: [round(float(x), 4) for x in retained[i]] for i, n in enumerate(names)},
-                  "cosine_with_kept": cd.kept_cosine, "low_retention_points": low}
-    write_ablation_directions(p.orthogonalized, AblationDirections(basis, names, weights, kept, report["mode"]),
-                              {"against_harmless": str(o.against_harmless)})
+            log.event(
+                "warning",
+                f"{cat}: less than {o.warn_retained:.0%} of its direction survives orthogonalization "
+                f"at {len(points)} of {retained.shape[1] - 1} layers (e.g. {points[:6]}): it shares one refusal "
+                "core with the kept categories there, so ablating what is left may do little",
+                category=cat,
+                points=points,
+            )
+        report = {
+            "mode": "category",
+            "order": names,
+            "weights": dict(zip(names, weights, strict=True)),
+            "kept": kept,
+            "orthogonalized": o.orthogonalize_categories and bool(kept),
+            "retained_fraction": {n: [round(float(x), 4) for x in retained[i]] for i, n in enumerate(names)},
+            "cosine_with_kept": cd.kept_cosine,
+            "low_retention_points": low,
+        }
+    write_ablation_directions(
+        p.orthogonalized,
+        AblationDirections(basis, names, weights, kept, report["mode"]),
+        {"against_harmless": str(o.against_harmless)},
+    )
     write_json(p.report("orthogonalize"), report)
     retained = basis.retained
-    log.event("orthogonalized", mode=report["mode"], directions=names,
-              min_retained=round(float(retained[:, 1:].min()), 4) if retained.shape[1] > 1 else 1.0)
+    log.event(
+        "orthogonalized",
+        mode=report["mode"],
+        directions=names,
+        min_retained=round(float(retained[:, 1:].min()), 4) if retained.shape[1] > 1 else 1.0,
+    )
     return report

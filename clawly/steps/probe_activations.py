@@ -39,9 +39,11 @@ def check_finite(residuals: torch.Tensor, ids: list[str], dtype: torch.dtype) ->
     bad = ~torch.isfinite(residuals).all(dim=-1)  # [b, P]
     if bad.any():
         row, point = (int(i) for i in bad.nonzero()[0])
-        raise ClawlyError(f"the residual stream holds NaN or inf ({int(bad.any(-1).sum())} of {len(ids)} prompts in "
-                          f"this batch; first: {ids[row]} at probe point {point}): the model overflows in {dtype} or "
-                          "its weights hold NaN; load it in float32 (model.dtype=float32) or check its weights")
+        raise ClawlyError(
+            f"the residual stream holds NaN or inf ({int(bad.any(-1).sum())} of {len(ids)} prompts in "
+            f"this batch; first: {ids[row]} at probe point {point}): the model overflows in {dtype} or "
+            "its weights hold NaN; load it in float32 (model.dtype=float32) or check its weights"
+        )
 
 
 def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> None:
@@ -53,11 +55,15 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> Non
         model, tokenizer = load_model(settings.model, log)
     marker = None
     if settings.probe.position == "marker":
-        marker = settings.probe.marker or generation_marker(tokenizer, settings.model.system_prompt,
-                                                            settings.probe.strip_newline)
+        marker = settings.probe.marker or generation_marker(
+            tokenizer, settings.model.system_prompt, settings.probe.strip_newline
+        )
         log.event("probe_marker", marker=marker)
-    suffix = instruction_suffix(tokenizer, settings.model.system_prompt) if settings.probe.position == "instruction" \
+    suffix = (
+        instruction_suffix(tokenizer, settings.model.system_prompt)
+        if settings.probe.position == "instruction"
         else None
+    )
     hidden = hidden_size(model)
     means: dict[str, RunningMean] = {}
     p.activations.mkdir(parents=True, exist_ok=True)
@@ -67,18 +73,30 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> Non
         t0 = time.perf_counter()
         with atomic_path(out) as tmp:
             writer = ActivationWriter(tmp, hidden)
-            for idx, residuals in probe_residuals(model, tokenizer, prompts, settings.probe.batch_size, marker,
-                                                  suffix=suffix, progress=log.progress):
+            for idx, residuals in probe_residuals(
+                model, tokenizer, prompts, settings.probe.batch_size, marker, suffix=suffix, progress=log.progress
+            ):
                 cats = rows.category.iloc[idx].tolist()
                 check_finite(residuals, rows.id.iloc[idx].tolist(), model.dtype)
                 writer.write(rows.id.iloc[idx].tolist(), cats, residuals)
                 for j, cat in enumerate(cats):
-                    means.setdefault(f"{name}_mean.{cat}", RunningMean()).update(residuals[j:j + 1])
+                    means.setdefault(f"{name}_mean.{cat}", RunningMean()).update(residuals[j : j + 1])
             writer.close()
         seconds = time.perf_counter() - t0
-        log.event("probed", set=name, prompts=len(rows), seconds=round(seconds, 1),
-                  prompts_per_second=round(len(rows) / max(seconds, 1e-9), 2))
-    meta = {"model": settings.model.name, "probe_points": str(num_layers(model) + 1),
-            "hidden_size": str(hidden), "position": settings.probe.position, "marker": marker or ""}
-    write_means(p.means, ResidualMeans({k: m.mean for k, m in means.items()}, {k: m.count for k, m in means.items()},
-                                       meta))
+        log.event(
+            "probed",
+            set=name,
+            prompts=len(rows),
+            seconds=round(seconds, 1),
+            prompts_per_second=round(len(rows) / max(seconds, 1e-9), 2),
+        )
+    meta = {
+        "model": settings.model.name,
+        "probe_points": str(num_layers(model) + 1),
+        "hidden_size": str(hidden),
+        "position": settings.probe.position,
+        "marker": marker or "",
+    }
+    write_means(
+        p.means, ResidualMeans({k: m.mean for k, m in means.items()}, {k: m.count for k, m in means.items()}, meta)
+    )

@@ -25,8 +25,9 @@ from clawly.paths import Paths
 from clawly.settings import Settings
 
 
-def request_sets(settings: Settings, harmful: pd.DataFrame, harmless: pd.DataFrame
-                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def request_sets(
+    settings: Settings, harmful: pd.DataFrame, harmless: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(kept, targeted) train requests: kept categories' (and harmless ones), and targeted categories'
     (in global mode every safety category's), a seeded sample of each."""
     e, c = settings.edit, settings.categories
@@ -50,7 +51,8 @@ def conversations(settings: Settings, model, tokenizer, rows: pd.DataFrame, log:
     """Each request rendered by the chat template, followed by the base model's own greedy answer."""
     prompts = chat_prompts(tokenizer, rows.text.tolist(), row_systems(rows, settings.model.system_prompt))
     answers, _ = PromptSet(tokenizer, prompts, settings.probe.batch_size).generate(
-        model, settings.edit.answer_tokens, progress=log.progress)
+        model, settings.edit.answer_tokens, progress=log.progress
+    )
     return [p + a for p, a in zip(prompts, answers, strict=True)]
 
 
@@ -69,19 +71,34 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> Wri
     spectra = {}
     for name, rows in (("kept", kept), ("targeted", targeted)):
         texts = conversations(settings, model, tokenizer, rows, log)
-        spectra[name] = read_inputs(model, tokenizer, texts, settings.edit.rank, settings.probe.batch_size,
-                                    progress=lambda it, name=name: log.progress(it, desc=f"{name} inputs"))
-    inputs = WriterInputs(spectra["kept"], spectra["targeted"],
-                          {**meta, "kept_requests": str(len(kept)), "targeted_requests": str(len(targeted))})
+        spectra[name] = read_inputs(
+            model,
+            tokenizer,
+            texts,
+            settings.edit.rank,
+            settings.probe.batch_size,
+            progress=lambda it, name=name: log.progress(it, desc=f"{name} inputs"),
+        )
+    inputs = WriterInputs(
+        spectra["kept"],
+        spectra["targeted"],
+        {**meta, "kept_requests": str(len(kept)), "targeted_requests": str(len(targeted))},
+    )
     write_writer_inputs(p.writer_inputs, inputs)
-    report = {"method": settings.edit.method, "kept_requests": {k: int(n) for k, n in kept.category.value_counts()
-                                                                 .sort_index().items()},
-              "targeted_requests": {k: int(n) for k, n in targeted.category.value_counts().sort_index().items()},
-              "seconds": round(time.perf_counter() - t0, 1), "writers": writer_summary(inputs)}
+    report = {
+        "method": settings.edit.method,
+        "kept_requests": {k: int(n) for k, n in kept.category.value_counts().sort_index().items()},
+        "targeted_requests": {k: int(n) for k, n in targeted.category.value_counts().sort_index().items()},
+        "seconds": round(time.perf_counter() - t0, 1),
+        "writers": writer_summary(inputs),
+    }
     write_json(p.report("probe_writers"), report)
-    log.event("probe_writers", f"{len(inputs.kept)} writers: kept {len(kept)} requests "
-              f"({next(iter(inputs.kept.values())).count} positions in the first), targeted {len(targeted)}",
-              seconds=report["seconds"])
+    log.event(
+        "probe_writers",
+        f"{len(inputs.kept)} writers: kept {len(kept)} requests "
+        f"({next(iter(inputs.kept.values())).count} positions in the first), targeted {len(targeted)}",
+        seconds=report["seconds"],
+    )
     return inputs
 
 
@@ -89,6 +106,9 @@ def writer_summary(inputs: WriterInputs) -> dict:
     """Per writer: positions, and how many directions carry 50/90/99% of the kept inputs' energy."""
     out = {}
     for name, s in inputs.kept.items():
-        out[name] = {"positions": s.count, "tracked_energy": round(float(s.energy.sum()) / s.trace, 4) if s.trace
-                     else None, **{f"rank_{int(100 * e)}": s.rank_for(e) for e in (0.5, 0.9, 0.99)}}
+        out[name] = {
+            "positions": s.count,
+            "tracked_energy": round(float(s.energy.sum()) / s.trace, 4) if s.trace else None,
+            **{f"rank_{int(100 * e)}": s.rank_for(e) for e in (0.5, 0.9, 0.99)},
+        }
     return out

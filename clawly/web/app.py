@@ -74,6 +74,7 @@ JS = """
 
 # ---------------------------------------------------------------- what the pages draw from a snapshot
 
+
 def status_line(s: RunState) -> str:
     if not s.run_id:
         return "no run yet: set the configuration, then press Start on the Run tab"
@@ -85,22 +86,32 @@ def status_line(s: RunState) -> str:
 
 def progress_html(s: RunState) -> str:
     steps = " · ".join(f"{b.desc} {b.done}/{b.total}" if b.total else b.desc for b in s.bars)
-    text = {RUNNING: s.phase, STOPPING: f"stopping ({s.phase})", FINISHED: s.message, STOPPED: s.message,
-            FAILED: f"failed: {s.error}"}.get(s.status, "idle")
+    text = {
+        RUNNING: s.phase,
+        STOPPING: f"stopping ({s.phase})",
+        FINISHED: s.message,
+        STOPPED: s.message,
+        FAILED: f"failed: {s.error}",
+    }.get(s.status, "idle")
     detail = f"{text}: {steps}" if steps and s.status in (RUNNING, STOPPING) else text
-    return (f'<div class="clawly-progress" data-status="{s.status}" data-fraction="{s.fraction():.3f}">'
-            f'<div style="width: {100 * s.fraction():.1f}%"></div></div>'
-            f'<div class="clawly-progress-text" id="progress-text">{html.escape(detail)}</div>')
+    return (
+        f'<div class="clawly-progress" data-status="{s.status}" data-fraction="{s.fraction():.3f}">'
+        f'<div style="width: {100 * s.fraction():.1f}%"></div></div>'
+        f'<div class="clawly-progress-text" id="progress-text">{html.escape(detail)}</div>'
+    )
 
 
 def trial_log(s: RunState) -> pd.DataFrame:
     """One row per finished trial, the newest first."""
     rows = []
     for t in reversed(s.trials):
-        row = {"trial": t.index, "refusals": t.refusals, "KL": None if t.kl_divergence is None else
-               round(t.kl_divergence, 4), "state": "pruned" if t.pruned else ("kept refusals" if t.feasible else
-                                                                             "lost kept refusals"),
-               "seconds": None if t.seconds is None else round(t.seconds, 1)}
+        row = {
+            "trial": t.index,
+            "refusals": t.refusals,
+            "KL": None if t.kl_divergence is None else round(t.kl_divergence, 4),
+            "state": "pruned" if t.pruned else ("kept refusals" if t.feasible else "lost kept refusals"),
+            "seconds": None if t.seconds is None else round(t.seconds, 1),
+        }
         row.update({c: n for c, n in sorted(t.refusals_by_category.items())})
         rows.append(row)
     columns = ["trial", "refusals", "KL", "state", "seconds"]
@@ -115,13 +126,13 @@ def empty_figure(text: str) -> go.Figure:
 
 def compact(fig: go.Figure) -> go.Figure:
     """The study's figure sized for half a page: a smaller title, the legend below the plot."""
-    return go.Figure(fig).update_layout(title_font_size=13, legend={"orientation": "h", "y": -0.22},
-                                        margin={"l": 60, "r": 20, "t": 60, "b": 40})
+    return go.Figure(fig).update_layout(
+        title_font_size=13, legend={"orientation": "h", "y": -0.22}, margin={"l": 60, "r": 20, "t": 60, "b": 40}
+    )
 
 
 def live_figure(s: RunState) -> go.Figure:
-    return compact(s.figure) if s.figure is not None else empty_figure("the Pareto front appears here as trials "
-                                                                       "finish")
+    return compact(s.figure) if s.figure is not None else empty_figure("the Pareto front appears here as trials finish")
 
 
 def results_figure(s: RunState, selected: int | None) -> go.Figure:
@@ -132,8 +143,17 @@ def results_figure(s: RunState, selected: int | None) -> go.Figure:
     trial = next((t for t in s.trials if t.index == selected and not t.pruned), None)
     if trial is not None:
         ring = {"size": 22, "color": "rgba(0,0,0,0)", "line": {"width": 3, "color": "#2ca02c"}}
-        fig.add_trace(go.Scatter(x=[trial.kl_divergence], y=[trial.refusals], mode="markers", customdata=[trial.index],
-                                 name=f"selected (trial {trial.index})", hoverinfo="skip", marker=ring))
+        fig.add_trace(
+            go.Scatter(
+                x=[trial.kl_divergence],
+                y=[trial.refusals],
+                mode="markers",
+                customdata=[trial.index],
+                name=f"selected (trial {trial.index})",
+                hoverinfo="skip",
+                marker=ring,
+            )
+        )
     fig.update_layout(clickmode="event")
     return fig
 
@@ -145,8 +165,15 @@ def effective_trial(s: RunState, selected: int | None) -> int | None:
 
 
 def trial_choices(s: RunState) -> list[tuple[str, int]]:
-    return [(f"trial {t.index}: {t.refusals} refusals, KL {t.kl_divergence:.4f}" +
-             (" (rule's choice)" if t.index == s.chosen else ""), t.index) for t in s.trials if not t.pruned]
+    return [
+        (
+            f"trial {t.index}: {t.refusals} refusals, KL {t.kl_divergence:.4f}"
+            + (" (rule's choice)" if t.index == s.chosen else ""),
+            t.index,
+        )
+        for t in s.trials
+        if not t.pruned
+    ]
 
 
 def interval(rate: float | None, ci: Any) -> str:
@@ -158,16 +185,23 @@ def interval(rate: float | None, ci: Any) -> str:
 
 def category_frame(report: pd.DataFrame) -> pd.DataFrame:
     """The per-category report as a page shows it: counts, rates with their 95% intervals, retention."""
-    return pd.DataFrame({
-        "category": report.category, "role": report.role,
-        "weight": report.weight.map(lambda w: "" if w is None or w != w else f"{w:g}"),
-        "prompts": report.prompts,
-        "base refusals": [f"{b} · {interval(r, c)}" for b, r, c in zip(report.base_refusals, report.base_rate,
-                                                                       report.base_rate_ci95, strict=True)],
-        "after refusals": [f"{a} · {interval(r, c)}" for a, r, c in zip(report.after_refusals, report.after_rate,
-                                                                        report.after_rate_ci95, strict=True)],
-        "retention": report.retention.map(lambda x: "" if x is None or x != x else f"{100 * x:.0f}%"),
-    })
+    return pd.DataFrame(
+        {
+            "category": report.category,
+            "role": report.role,
+            "weight": report.weight.map(lambda w: "" if w is None or w != w else f"{w:g}"),
+            "prompts": report.prompts,
+            "base refusals": [
+                f"{b} · {interval(r, c)}"
+                for b, r, c in zip(report.base_refusals, report.base_rate, report.base_rate_ci95, strict=True)
+            ],
+            "after refusals": [
+                f"{a} · {interval(r, c)}"
+                for a, r, c in zip(report.after_refusals, report.after_rate, report.after_rate_ci95, strict=True)
+            ],
+            "retention": report.retention.map(lambda x: "" if x is None or x != x else f"{100 * x:.0f}%"),
+        }
+    )
 
 
 def trial_summary(s: RunState, index: int | None) -> str:
@@ -176,12 +210,15 @@ def trial_summary(s: RunState, index: int | None) -> str:
         return "No trial selected: finish a trial first."
     label = REFUSAL_MEASURES.get(s.refusal_label, (s.refusal_label,))[0]
     rule = " — the rule's choice" if index == s.chosen else ""
-    return (f"**Trial {trial.index}**{rule}: {trial.refusals} {label} of {s.scored_prompts} scored prompts "
-            f"(base model: {s.base_refusals}), first-token KL {trial.kl_divergence:.4f}. These are the optimizer's "
-            "own prompts: the `evaluate` stage re-measures a saved model on held-out ones.")
+    return (
+        f"**Trial {trial.index}**{rule}: {trial.refusals} {label} of {s.scored_prompts} scored prompts "
+        f"(base model: {s.base_refusals}), first-token KL {trial.kl_divergence:.4f}. These are the optimizer's "
+        "own prompts: the `evaluate` stage re-measures a saved model on held-out ones."
+    )
 
 
 # ---------------------------------------------------------------- the app: one function per tab
+
 
 @dataclass
 class Page:
@@ -214,8 +251,9 @@ class ConfigTab:
 def _widget(f: form.FormField, value: Any) -> gr.components.Component:
     common = {"label": f.label, "info": f.help, "elem_id": "field-" + f.key.replace(".", "-")}
     if f.key == "model.load_in_4bit":
-        return gr.Dropdown(list(QUANTIZATION), value=_quantization(value),
-                           **{**common, "label": "quantization (model.load_in_4bit)"})
+        return gr.Dropdown(
+            list(QUANTIZATION), value=_quantization(value), **{**common, "label": "quantization (model.load_in_4bit)"}
+        )
     if f.kind == "bool":
         return gr.Checkbox(value=value, **common)
     if f.kind == "int":
@@ -235,9 +273,9 @@ def collect(page: Page, values: list[Any]) -> tuple[Settings | None, list[dict],
     """The form's values as settings (or None), each field's update (its message), the category
     weights' message and the form's message."""
     fields, names = page.fields, page.categories
-    raw = {f.key: _raw(f, v) for f, v in zip(fields, values[:len(fields)], strict=True)}
-    rows = values[len(fields):]
-    weights = form.weights_from_rows(names, rows[:len(names)], rows[len(names):])
+    raw = {f.key: _raw(f, v) for f, v in zip(fields, values[: len(fields)], strict=True)}
+    rows = values[len(fields) :]
+    weights = form.weights_from_rows(names, rows[: len(names)], rows[len(names) :])
     settings, errors, across = form.settings_from_form(raw, weights, page.base, page.policy)
     where = form.error_key(across) if across else None
     if where in raw:
@@ -251,8 +289,11 @@ def collect(page: Page, values: list[Any]) -> tuple[Settings | None, list[dict],
     elif across:
         text = "⚠ fix the category weights"
     else:
-        mode = f"category mode ({', '.join(settings.categories.targeted)} targeted)" \
-            if settings.categories.enabled else "global mode"
+        mode = (
+            f"category mode ({', '.join(settings.categories.targeted)} targeted)"
+            if settings.categories.enabled
+            else "global mode"
+        )
         text = f"settings are valid: {settings.model.name}, {settings.optimize.n_trials} trials, {mode}"
     return settings, updates, weights_text, text
 
@@ -266,19 +307,27 @@ def configuration_tab(page: Page) -> ConfigTab:
     with gr.Row():
         for f in form.top_fields(page.policy):
             components[f.key] = _widget(f, start[f.key])
-    gr.Markdown("### Harm categories\nIn the run with weight 1: uncensor; weight 0: keep its refusals; "
-                "between: partly. Categories not in the run are neither (reported only). No category "
-                "in the run: global mode, one refusal direction for all.")
-    preset = gr.Dropdown([form.NO_PRESET, *form.presets()], value=form.NO_PRESET, label="preset",
-                         info="fills the rows below (and the settings the preset sets, e.g. the direction method)",
-                         elem_id="preset")
+    gr.Markdown(
+        "### Harm categories\nIn the run with weight 1: uncensor; weight 0: keep its refusals; "
+        "between: partly. Categories not in the run are neither (reported only). No category "
+        "in the run: global mode, one refusal direction for all."
+    )
+    preset = gr.Dropdown(
+        [form.NO_PRESET, *form.presets()],
+        value=form.NO_PRESET,
+        label="preset",
+        info="fills the rows below (and the settings the preset sets, e.g. the direction method)",
+        elem_id="preset",
+    )
     included, sliders = [], []
-    for name, on, w in zip(page.categories, *form.rows_from_weights(page.categories, page.base.categories.weights),
-                           strict=True):
+    for name, on, w in zip(
+        page.categories, *form.rows_from_weights(page.categories, page.base.categories.weights), strict=True
+    ):
         with gr.Row(equal_height=True):
             included.append(gr.Checkbox(value=on, label=name, info=descriptions[name], scale=2, elem_id=f"in-{name}"))
-            sliders.append(gr.Slider(0, 1, value=w, step=0.05, label=f"{name} weight", scale=3,
-                                     elem_id=f"weight-{name}"))
+            sliders.append(
+                gr.Slider(0, 1, value=w, step=0.05, label=f"{name} weight", scale=3, elem_id=f"weight-{name}")
+            )
     weights_error = gr.Markdown(elem_id="weights-error")
     with gr.Accordion("Advanced settings (every setting, by section)", open=False):
         for section, section_fields in form.advanced_fields(page.policy).items():
@@ -290,6 +339,7 @@ def configuration_tab(page: Page) -> ConfigTab:
     tab = ConfigTab([components[f.key] for f in page.fields], included, sliders, weights_error, message)
 
     for f in page.fields:
+
         def check_one(value, f=f):
             return _field_update(f, form.field_error(f, _raw(f, value), page.policy))
 
@@ -334,10 +384,16 @@ def run_tab(page: Page, config: ConfigTab) -> RunTab:
     progress = gr.HTML(progress_html(run.snapshot()), elem_id="progress")
     with gr.Row():
         live_plot = gr.Plot(live_figure(run.snapshot()), label="Pareto front (live)", elem_id="live-pareto")
-        log_table = gr.Dataframe(trial_log(run.snapshot()), label="trial log", elem_id="trial-log",
-                                 interactive=False, max_height=420)
-    events = gr.Textbox(label="event log (newest first; all of it in OUTPUT/work/logs/web.jsonl)", lines=8,
-                        max_lines=8, interactive=False, elem_id="event-log")
+        log_table = gr.Dataframe(
+            trial_log(run.snapshot()), label="trial log", elem_id="trial-log", interactive=False, max_height=420
+        )
+    events = gr.Textbox(
+        label="event log (newest first; all of it in OUTPUT/work/logs/web.jsonl)",
+        lines=8,
+        max_lines=8,
+        interactive=False,
+        elem_id="event-log",
+    )
 
     def on_start(job: str, *values):
         settings, updates, weights_text, text = collect(page, list(values))
@@ -370,9 +426,12 @@ def results_tab(page: Page) -> ResultsTab:
     clicked = gr.Textbox(visible="hidden", elem_id="clicked-trial")
     picker = gr.Dropdown([], label="trial", elem_id="trial-picker", interactive=True)
     summary = gr.Markdown(elem_id="trial-summary")
-    by_category = gr.Dataframe(label="per category on the optimizer's prompts: refusals of the base model and of "
-                                     "the trial (rate, 95% Wilson interval)", interactive=False,
-                               elem_id="category-table")
+    by_category = gr.Dataframe(
+        label="per category on the optimizer's prompts: refusals of the base model and of "
+        "the trial (rate, 95% Wilson interval)",
+        interactive=False,
+        elem_id="category-table",
+    )
     parameters = gr.JSON(label="parameters and ablation plan", elem_id="trial-parameters")
     return ResultsTab(plot, picker, summary, by_category, parameters, clicked)
 
@@ -408,8 +467,9 @@ def export_tab(page: Page) -> Any:
     gr.Markdown("### Upload to the Hugging Face Hub")
     with gr.Row():
         repo = gr.Textbox(label="repo id", placeholder="you/model-abliterated", elem_id="hub-repo")
-        token = gr.Textbox(label="token (write access; empty: HF_TOKEN or `hf auth login`)", type="password",
-                           elem_id="hub-token")
+        token = gr.Textbox(
+            label="token (write access; empty: HF_TOKEN or `hf auth login`)", type="password", elem_id="hub-token"
+        )
         kind = gr.Dropdown(list(EXPORT_KINDS), value="LoRA adapter", label="upload", elem_id="hub-kind")
         private = gr.Checkbox(label="private repo", elem_id="hub-private")
     upload = gr.Button("Upload", elem_id="upload")
@@ -420,8 +480,9 @@ def export_tab(page: Page) -> Any:
         trial_chat = gr.Chatbot(label="selected trial", elem_id="chat-trial", height=360)
         base_chat = gr.Chatbot(label="base model", elem_id="chat-base", height=360)
     with gr.Row():
-        message = gr.Textbox(label="message", placeholder="ask both models; Enter sends", scale=4,
-                             elem_id="chat-message")
+        message = gr.Textbox(
+            label="message", placeholder="ask both models; Enter sends", scale=4, elem_id="chat-message"
+        )
         max_tokens = gr.Slider(16, MAX_CHAT_TOKENS, value=256, step=16, label="max new tokens", scale=1)
     with gr.Row():
         send = gr.Button("Send", variant="primary", elem_id="chat-send")
@@ -449,8 +510,7 @@ def export_tab(page: Page) -> Any:
 
     upload.click(on_upload, [repo, token, kind, private, page.selected], [uploaded, token])
 
-    def on_send(text: str, trial_history: list, base_history: list, pick: int | None, budget: float
-                ) -> Iterator[list]:
+    def on_send(text: str, trial_history: list, base_history: list, pick: int | None, budget: float) -> Iterator[list]:
         text = (text or "").strip()
         if not text:
             yield [gr.skip()] * 6
@@ -486,15 +546,22 @@ def export_tab(page: Page) -> Any:
 
 def research_tab(page: Page) -> None:
     """The residual-geometry table and the PaCMAP projections of the run's activations (no model needed)."""
-    gr.Markdown("Residual geometry per probe point (norms, cosines, silhouettes) and PaCMAP projections of the "
-                "residuals by harm category, from the run's activations and directions (`analyze`; no model "
-                "needed). Press *Directions only* on the Run tab to get them without an optimization.")
+    gr.Markdown(
+        "Residual geometry per probe point (norms, cosines, silhouettes) and PaCMAP projections of the "
+        "residuals by harm category, from the run's activations and directions (`analyze`; no model "
+        "needed). Press *Directions only* on the Run tab to get them without an optimization."
+    )
     compute = gr.Button("Compute the research views", elem_id="research-compute")
     note = gr.Markdown(elem_id="research-note")
     geometry = gr.Dataframe(label="residual geometry per probe point", interactive=False, elem_id="geometry-table")
     projections = gr.HTML(elem_id="projections")
-    pictures = gr.Gallery(label="PaCMAP projections and category cosines", columns=3, height="auto",
-                          object_fit="contain", elem_id="research-gallery")
+    pictures = gr.Gallery(
+        label="PaCMAP projections and category cosines",
+        columns=3,
+        height="auto",
+        object_fit="contain",
+        elem_id="research-gallery",
+    )
     compute.click(lambda: research_views(page.run), None, [note, geometry, projections, pictures])
 
 
@@ -526,12 +593,23 @@ def build_app(run: WebRun, base: Settings, policy: PagePolicy) -> gr.Blocks:
             trial = effective_trial(s, pick)
             t = next((t for t in s.trials if t.index == trial), None)
             report = category_frame(s.reports[trial]) if trial in s.reports else None
-            return [results_figure(s, trial), gr.update(choices=trial_choices(s), value=trial),
-                    trial_summary(s, trial), {"parameters": t.parameters, "plan": t.plan.to_dict()} if t else None,
-                    report, f"Selected: {trial_summary(s, trial)}"]
+            return [
+                results_figure(s, trial),
+                gr.update(choices=trial_choices(s), value=trial),
+                trial_summary(s, trial),
+                {"parameters": t.parameters, "plan": t.plan.to_dict()} if t else None,
+                report,
+                f"Selected: {trial_summary(s, trial)}",
+            ]
 
-        shown_selection = [results.plot, results.picker, results.summary, results.parameters, results.by_category,
-                           export_line]
+        shown_selection = [
+            results.plot,
+            results.picker,
+            results.summary,
+            results.parameters,
+            results.by_category,
+            export_line,
+        ]
 
         def refresh(last: tuple[int, int], pick: int | None):
             s = run.snapshot()
@@ -539,12 +617,25 @@ def build_app(run: WebRun, base: Settings, policy: PagePolicy) -> gr.Blocks:
             if s.version == version:
                 return [gr.skip()] * 12
             redraw = s.trials_version != trials_version
-            return [status_line(s), progress_html(s), live_figure(s) if redraw else gr.skip(),
-                    trial_log(s) if redraw else gr.skip(), "\n".join(reversed(s.events)), (s.version, s.trials_version),
-                    *(selection(s, pick) if redraw else [gr.skip()] * 6)]
+            return [
+                status_line(s),
+                progress_html(s),
+                live_figure(s) if redraw else gr.skip(),
+                trial_log(s) if redraw else gr.skip(),
+                "\n".join(reversed(s.events)),
+                (s.version, s.trials_version),
+                *(selection(s, pick) if redraw else [gr.skip()] * 6),
+            ]
 
-        refresh_outputs = [page.status, running.progress, running.live_plot, running.log_table, running.events, seen,
-                           *shown_selection]
+        refresh_outputs = [
+            page.status,
+            running.progress,
+            running.live_plot,
+            running.log_table,
+            running.events,
+            seen,
+            *shown_selection,
+        ]
         gr.Timer(1.0).tick(refresh, [seen, page.selected], refresh_outputs, show_progress="hidden")
 
         def on_load():
@@ -552,8 +643,13 @@ def build_app(run: WebRun, base: Settings, policy: PagePolicy) -> gr.Blocks:
             values, weights = reloaded_form(run.settings, base, policy)
             names = page.categories
             rows = form.rows_from_weights(names, weights) if weights is not None else ([gr.skip()] * len(names),) * 2
-            return [*(gr.update(value=_shown(f, values[f.key])) if f.key in values else gr.skip() for f in page.fields),
-                    *rows[0], *rows[1], (-1, -1), gr.Tabs(selected="run" if s.run_id else "config")]
+            return [
+                *(gr.update(value=_shown(f, values[f.key])) if f.key in values else gr.skip() for f in page.fields),
+                *rows[0],
+                *rows[1],
+                (-1, -1),
+                gr.Tabs(selected="run" if s.run_id else "config"),
+            ]
 
         app.load(on_load, None, [*config.inputs, seen, page.tabs])
 
@@ -573,8 +669,13 @@ def research_views(run: WebRun) -> tuple[str, pd.DataFrame | None, str, list[tup
     try:
         with run.model() as pipe:
             if pipe.directions is None:
-                return ("⚠ the research views need a run's directions: press Start or *Directions only* on the Run "
-                        "tab first", None, "", [])
+                return (
+                    "⚠ the research views need a run's directions: press Start or *Directions only* on the Run "
+                    "tab first",
+                    None,
+                    "",
+                    [],
+                )
             table = pipe.residual_geometry().round(4)
             try:
                 require_research_extra()
@@ -585,16 +686,24 @@ def research_views(run: WebRun) -> tuple[str, pd.DataFrame | None, str, list[tup
     except ClawlyError as e:
         return f"⚠ {e}", None, "", []
     page = next((f for f in files if f.name == "residuals.html"), None)
-    frame = (f'<iframe src="/gradio_api/file={page}" title="PaCMAP projections per probe point" '
-             'style="width: 100%; height: 760px; border: 0"></iframe>') if page else ""
+    frame = (
+        (
+            f'<iframe src="/gradio_api/file={page}" title="PaCMAP projections per probe point" '
+            'style="width: 100%; height: 760px; border: 0"></iframe>'
+        )
+        if page
+        else ""
+    )
     images = [(str(f), f.stem.replace("_", " ")) for f in files if f.suffix == ".png"]
     return f"Research views of run {run.snapshot().run_id}, written to `{where}`", table, frame, images
 
 
 # ---------------------------------------------------------------- small helpers
 
-def reloaded_form(run_settings: Settings | None, base: Settings, policy: PagePolicy | None = None
-                  ) -> tuple[dict[str, Any], dict[str, float] | None]:
+
+def reloaded_form(
+    run_settings: Settings | None, base: Settings, policy: PagePolicy | None = None
+) -> tuple[dict[str, Any], dict[str, float] | None]:
     """What a page that (re)loads changes in its form: the fields (and the category weights, else
     None) where the server's last run differs from the start settings the page was drawn with. Only
     those, so typing into a page whose load event is still on its way is never overwritten (with no
@@ -603,8 +712,10 @@ def reloaded_form(run_settings: Settings | None, base: Settings, policy: PagePol
         return {}, None
     drawn, now = form.form_values(base, policy), form.form_values(run_settings, policy)
     weights = run_settings.categories.weights
-    return ({k: v for k, v in now.items() if v != drawn[k]},
-            dict(weights) if weights != base.categories.weights else None)
+    return (
+        {k: v for k, v in now.items() if v != drawn[k]},
+        dict(weights) if weights != base.categories.weights else None,
+    )
 
 
 def export_dir(run: WebRun, trial: int, kind: str) -> Path:
@@ -630,4 +741,3 @@ def _clicked(text: str) -> int | None:
         return int(str(text).split("@")[0])
     except ValueError:
         return None
-

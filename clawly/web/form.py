@@ -79,8 +79,11 @@ def all_fields(policy: PagePolicy | None = None) -> list[FormField]:
             if key == WEIGHTS or key in hidden:
                 continue
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-            out.append(FormField(key, section, f.name, str(f.type), _kind(key, str(f.type)), default, HELP[key],
-                                 CHOICES.get(key, ())))
+            out.append(
+                FormField(
+                    key, section, f.name, str(f.type), _kind(key, str(f.type)), default, HELP[key], CHOICES.get(key, ())
+                )
+            )
     return out
 
 
@@ -104,6 +107,7 @@ def form_fields(policy: PagePolicy | None = None) -> list[FormField]:
 
 
 # ---------------------------------------------------------------- values
+
 
 def to_text(value: Any) -> str:
     """A value as the text box shows it: YAML in flow style (`null`, `[a, b]`, `{k: v}`), strings as they are."""
@@ -148,8 +152,12 @@ def field_error(field: FormField, raw: Any, policy: PagePolicy | None = None) ->
 
 def form_keys(settings: Settings) -> dict[str, Any]:
     """Every settings value by its dotted key (what a policy's start values are)."""
-    return {f"{section}.{k}": v for section, values in settings.to_dict().items() if isinstance(values, dict)
-            for k, v in values.items()}
+    return {
+        f"{section}.{k}": v
+        for section, values in settings.to_dict().items()
+        if isinstance(values, dict)
+        for k, v in values.items()
+    }
 
 
 def form_values(settings: Settings, policy: PagePolicy | None = None) -> dict[str, Any]:
@@ -159,8 +167,9 @@ def form_values(settings: Settings, policy: PagePolicy | None = None) -> dict[st
     return {k: policy.shown(k, v) for k, v in shown.items()} if policy is not None else shown
 
 
-def settings_from_form(raw: dict[str, Any], weights: dict[str, float], base: Settings,
-                       policy: PagePolicy | None = None) -> tuple[Settings | None, dict[str, str], str | None]:
+def settings_from_form(
+    raw: dict[str, Any], weights: dict[str, float], base: Settings, policy: PagePolicy | None = None
+) -> tuple[Settings | None, dict[str, str], str | None]:
     """(settings, errors by key, error across fields): settings only when every field is valid alone
     and together. `base` gives what the form does not show (artifacts_dir, the hidden fields)."""
     errors = {}
@@ -195,6 +204,7 @@ def error_key(message: str) -> str | None:
 
 # ---------------------------------------------------------------- categories and presets
 
+
 def categories(settings: Settings) -> list[tuple[str, str]]:
     """(name, description) of each category in the settings' templates file."""
     templates = load_templates(project_file(settings.data.templates))
@@ -218,8 +228,9 @@ def presets() -> dict[str, dict[str, Any]]:
     return {name: read_preset(name) for name in names}
 
 
-def apply_preset(name: str, base: Settings, policy: PagePolicy | None = None
-                 ) -> tuple[dict[str, float], dict[str, Any]]:
+def apply_preset(
+    name: str, base: Settings, policy: PagePolicy | None = None
+) -> tuple[dict[str, float], dict[str, Any]]:
     """(weights, field values) a preset sets: every key any preset sets starts from `base` (the
     settings the UI started with), then the preset's own values, so switching presets leaves
     nothing of the previous one behind. NO_PRESET is global mode."""

@@ -53,8 +53,14 @@ def _hub_id(text: str) -> bool:
     """'org/name' (or 'name'): no path separators beyond one, no dots or tilde up front, and no file of
     that name where the server runs (which the model and dataset loaders would read instead)."""
     parts = text.split("/")
-    return (0 < len(parts) <= 2 and all(parts) and not text.startswith((".", "~")) and ".." not in parts
-            and not text.endswith(".gguf") and not Path(text).exists())
+    return (
+        0 < len(parts) <= 2
+        and all(parts)
+        and not text.startswith((".", "~"))
+        and ".." not in parts
+        and not text.endswith(".gguf")
+        and not Path(text).exists()
+    )
 
 
 @dataclass(frozen=True)
@@ -81,16 +87,20 @@ class PagePolicy:
         path = (self.output_dir / text).resolve()  # an absolute `text` replaces the output directory
         if not any(path == root or path.is_relative_to(root) for root in self.roots):
             where = ", ".join(str(r) for r in self.roots)
-            raise SettingsError(f"invalid setting {key}={text!r}: outside the directories this server lets the page "
-                                f"use ({where}); name a path inside them (relative paths start there), or start "
-                                "clawly-web with --allow-path DIR")
+            raise SettingsError(
+                f"invalid setting {key}={text!r}: outside the directories this server lets the page "
+                f"use ({where}); name a path inside them (relative paths start there), or start "
+                "clawly-web with --allow-path DIR"
+            )
         return str(path)
 
     def check(self, key: str, value: Any) -> Any:
         """The value a run may use for `key` as typed into the page, or SettingsError naming the key."""
         if key in self.hidden and value != self.start.get(key):
-            raise SettingsError(f"invalid setting {key}={value!r}: this server runs no model repository code "
-                                "(start clawly-web with --allow-remote-code to allow it)")
+            raise SettingsError(
+                f"invalid setting {key}={value!r}: this server runs no model repository code "
+                "(start clawly-web with --allow-remote-code to allow it)"
+            )
         kind = PATH_KEYS.get(key)
         if kind is None or value is None or value == self.start.get(key):
             return value
@@ -102,17 +112,20 @@ class PagePolicy:
     def check_one(self, key: str, kind: str, text: str) -> str:
         if kind == "file name":
             if Path(text).name != text or text in ("..", "."):
-                raise SettingsError(f"invalid setting {key}={text!r}: a file name inside the model's directory or "
-                                    "hub repo (no path)")
+                raise SettingsError(
+                    f"invalid setting {key}={text!r}: a file name inside the model's directory or hub repo (no path)"
+                )
             return text
         if kind == "storage" and "://" in text:
-            raise SettingsError(f"invalid setting {key}={masked_url(text)!r}: a database URL can only be set when "
-                                "the server starts (clawly-web --config FILE); the page may name a journal file "
-                                f"inside {self.output_dir}")
+            raise SettingsError(
+                f"invalid setting {key}={masked_url(text)!r}: a database URL can only be set when "
+                "the server starts (clawly-web --config FILE); the page may name a journal file "
+                f"inside {self.output_dir}"
+            )
         if kind in ("model", "hub ids"):
             if text == DEFAULT_MODEL and kind == "model":
                 return text
-            local = (self.output_dir / text)
+            local = self.output_dir / text
             if not local.exists() and _hub_id(text.split(":")[0] if kind == "hub ids" else text):
                 return text
         return self._inside(key, text)

@@ -167,7 +167,8 @@ class _QuietStop(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.exc_info and isinstance(record.exc_info[1], RunStopped)) and "RunStopped" not in str(
-            record.getMessage())
+            record.getMessage()
+        )
 
 
 logging.getLogger("optuna").addFilter(_QuietStop())
@@ -219,16 +220,27 @@ class WebRun:
             s = self._state
             if s.status in (RUNNING, STOPPING):
                 done = sum(1 for t in s.trials if not t.pruned)
-                return False, (f"run {s.run_id} is still {s.status} ({s.phase}; {done}/{s.n_trials} trials): stop it "
-                               "or wait for it to finish before starting another")
+                return False, (
+                    f"run {s.run_id} is still {s.status} ({s.phase}; {done}/{s.n_trials} trials): stop it "
+                    "or wait for it to finish before starting another"
+                )
             run_id = next(self._ids)
-            self._state = RunState(run_id=run_id, status=RUNNING, job=job, phase="starting", started=time.time(),
-                                   model=settings.model.name, n_trials=settings.optimize.n_trials,
-                                   version=s.version + 1, trials_version=s.trials_version + 1)
+            self._state = RunState(
+                run_id=run_id,
+                status=RUNNING,
+                job=job,
+                phase="starting",
+                started=time.time(),
+                model=settings.model.name,
+                n_trials=settings.optimize.n_trials,
+                version=s.version + 1,
+                trials_version=s.trials_version + 1,
+            )
             self._stop.clear()
             self.settings = settings
-            self._thread = threading.Thread(target=self._work, args=(settings, job), name=f"clawly-run-{run_id}",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._work, args=(settings, job), name=f"clawly-run-{run_id}", daemon=True
+            )
             self._thread.start()
         return True, f"started run {run_id}: {JOBS[job]} of {settings.model.name}"
 
@@ -285,8 +297,9 @@ class WebRun:
                     self._publish(pipe)
                 pipe.write_outputs()
                 self._publish(pipe)
-            self._finish(FINISHED, f"finished: {len(self._state.trials)} trials; outputs in "
-                                   f"{Paths.of(settings).optimize}")
+            self._finish(
+                FINISHED, f"finished: {len(self._state.trials)} trials; outputs in {Paths.of(settings).optimize}"
+            )
         except RunStopped:
             self._finish(STOPPED, "stopped: start again with the same settings to continue the study")
         except ClawlyError as e:
@@ -313,8 +326,14 @@ class WebRun:
         self._update(change)
 
     def _finish(self, status: str, message: str, error: str | None = None) -> None:
-        self._set(status=status, message=message, error=error, ended=time.time(), bars=[],
-                  phase="" if status == FINISHED else self._state.phase)
+        self._set(
+            status=status,
+            message=message,
+            error=error,
+            ended=time.time(),
+            bars=[],
+            phase="" if status == FINISHED else self._state.phase,
+        )
 
     # ------------------------------------------------------------ the model, for export, chat, research
 
@@ -326,8 +345,7 @@ class WebRun:
         if self.pipe is None:
             raise ModelBusy("no run yet: start one on the Run tab")
         if not self._model_lock.acquire(blocking=False):  # never wait: a handler that blocks freezes its page
-            raise ModelBusy("the model is in use by another export, chat or research call: try again when it is "
-                            "done")
+            raise ModelBusy("the model is in use by another export, chat or research call: try again when it is done")
         try:
             if self.pipe is None:
                 raise ModelBusy("no run yet: start one on the Run tab")

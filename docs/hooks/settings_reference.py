@@ -44,21 +44,32 @@ def cli_flags() -> dict[str, list[str]]:
     flags: dict[str, list[str]] = {}
     for action in build_parser()._actions:
         if action.dest.startswith(KEY):
-            flags[action.dest[len(KEY):]] = [o for o in action.option_strings if not o.startswith("--no-")]
+            flags[action.dest[len(KEY) :]] = [o for o in action.option_strings if not o.startswith("--no-")]
     return flags
 
 
 def reference_markdown() -> str:
     """Every section and key: its default, its `clawly` options and its help, as Markdown."""
     flags = cli_flags()
-    lines = ["## Top level", "",
-             "| key | default | `clawly` option | what it sets |", "| --- | --- | --- | --- |",
-             f"| {_code('artifacts_dir')} | {_code(_value(Settings().artifacts_dir))} | "
-             f"{', '.join(_code(f) for f in flags.get('artifacts_dir', []))} | "
-             "where the stages write their work files (the CLI and the web UI: OUTPUT/work) |", ""]
+    lines = [
+        "## Top level",
+        "",
+        "| key | default | `clawly` option | what it sets |",
+        "| --- | --- | --- | --- |",
+        f"| {_code('artifacts_dir')} | {_code(_value(Settings().artifacts_dir))} | "
+        f"{', '.join(_code(f) for f in flags.get('artifacts_dir', []))} | "
+        "where the stages write their work files (the CLI and the web UI: OUTPUT/work) |",
+        "",
+    ]
     for section, section_help, keys in settings_reference():
-        lines += [f"## {section}", "", _cell(section_help), "",
-                  "| key | default | `clawly` option | what it sets |", "| --- | --- | --- | --- |"]
+        lines += [
+            f"## {section}",
+            "",
+            _cell(section_help),
+            "",
+            "| key | default | `clawly` option | what it sets |",
+            "| --- | --- | --- | --- |",
+        ]
         for name, value, help_text in keys:
             key = f"{section}.{name}"
             options = ", ".join(_code(f) for f in flags.get(key, []))
