@@ -18,7 +18,7 @@ A multinomial logistic regression over these features is trained on the project'
 responses (``clawly/measure/responses/train.jsonl``) and judged on a separate set
 (``clawly/measure/responses/test.jsonl``); the weights are cached per training file and embedder. How it
 does on real answers of the default model, against hand labels, is measured by
-``bench/classifier_real_check.py`` (README, "How far to trust the numbers"). An optional local
+``bench/classifier_real_check.py`` (docs/measurement.md, "How far each measure is trusted"). An optional local
 judge model (``LocalJudge``: any causal LM directory, e.g. a guard model) can be used instead by
 those who have one.
 """
