@@ -124,8 +124,9 @@ def reference_scores(pipe, plan) -> tuple[int, float]:
         answers = generate(model, tok, prompts.harmful, s.max_new_tokens, batch_size=1)
         after = first_token_logprobs(model, tok, prompts.harmless, batch_size=1)
     kl = torch.nn.functional.kl_div(after.double(), base.double(), reduction="batchmean", log_target=True)
-    # float32 logits batched differently differ by ~1e-7: a KL near zero can only match that closely
-    return sum(map(RefusalDetector(s.refusal_markers), answers)), pytest.approx(float(kl), rel=2e-3, abs=1e-7)
+    # float32 logits batched differently differ by ~1e-6, which moves a KL near zero by up to ~1.2e-7
+    # (seen under load, with other thread timings): a KL near zero can only match that closely
+    return sum(map(RefusalDetector(s.refusal_markers), answers)), pytest.approx(float(kl), rel=2e-3, abs=3e-7)
 
 
 def test_pareto_front_is_the_non_dominated_trials(done_pipeline):

@@ -29,7 +29,7 @@ from clawly.data.templates import (
 )
 from clawly.settings import DataSettings
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "data" / "templates.yaml"
+TEMPLATES = Path(__file__).resolve().parents[1] / "clawly" / "data" / "templates.yaml"
 REQUIRED = {"violence_weapons", "drugs_substances", "adult_content", "self_harm_suicide"}
 
 
