@@ -21,7 +21,11 @@ from bench.common import dump  # noqa: E402
 
 
 def load(split: str) -> list[dict]:
-    return [json.loads(x) for x in (ROOT / "data" / "responses" / f"{split}.jsonl").read_text().splitlines() if x]
+    return [
+        json.loads(x)
+        for x in (ROOT / "clawly" / "measure" / "responses" / f"{split}.jsonl").read_text().splitlines()
+        if x
+    ]
 
 
 def confusion(rows: list[dict], rule) -> dict:

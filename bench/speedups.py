@@ -96,7 +96,9 @@ def main() -> None:
         from clawly.measure.classify import build_classifier
         from clawly.model.loading import cache_root
 
-        clf = build_classifier(ROOT / "data" / "responses" / "train.jsonl", cache_dir=cache_root() / "classifier")
+        clf = build_classifier(
+            ROOT / "clawly" / "measure" / "responses" / "train.jsonl", cache_dir=cache_root() / "classifier"
+        )
         hp = PromptSet(tok, harmful, bs)
         gp = PromptSet(tok, harmless, bs)
 

@@ -152,11 +152,11 @@ def _stages() -> set[str]:
 
 
 def _preset_exists(name: str) -> bool:
-    return any((ROOT / conf / "preset" / f"{name}.yaml").is_file() for conf in ("clawly/conf", "conf"))
+    return any((ROOT / conf / "preset" / f"{name}.yaml").is_file() for conf in ("clawly/conf",))
 
 
 def _group_exists(group: str, option: str) -> bool:
-    return any((ROOT / conf / group / f"{option}.yaml").is_file() for conf in ("clawly/conf", "conf"))
+    return any((ROOT / conf / group / f"{option}.yaml").is_file() for conf in ("clawly/conf",))
 
 
 def test_every_dvc_command_of_the_quick_start_names_real_stages_and_settings():
