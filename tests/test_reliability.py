@@ -113,8 +113,10 @@ def _trials(journal: Path) -> dict[int, tuple]:
 
 
 def _frozen(journal: Path) -> list[optuna.trial.FrozenTrial]:
+    """The journal's trials; none while the process has created the file but not yet the study in it."""
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    return optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage).get_trials()
+    names = optuna.get_all_study_names(storage)
+    return optuna.load_study(study_name=names[0], storage=storage).get_trials() if names else []
 
 
 def _worker_pid(trial: optuna.trial.FrozenTrial) -> int | None:
