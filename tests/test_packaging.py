@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from test_api import TINY, tiny_settings
+from test_api import tiny_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = [
@@ -104,7 +104,7 @@ def test_the_installed_wheel_runs_the_commands_and_a_one_trial_run_outside_the_c
     ], proc.stderr
 
     # one trial on a tiny model, from a directory without templates or labelled responses
-    values = tiny_settings(make_tiny_model("llama"), tmp_path, **{**TINY, "n_trials": 1, "n_startup_trials": 1})
+    values = tiny_settings(make_tiny_model("llama"), tmp_path, n_trials=1, n_startup_trials=1)
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(values.to_dict()))
     assert not (tmp_path / "clawly").exists()
