@@ -47,7 +47,7 @@ def site(tmp_path_factory) -> Path:
 
 def test_the_site_builds_in_strict_mode(site):
     assert (site / "index.html").is_file()
-    assert (site / "contributing" / "architecture" / "index.html").is_file()
+    assert (site / "architecture" / "index.html").is_file()
 
 
 def _shown(value) -> str:

@@ -95,7 +95,7 @@ def test_clawly_has_no_import_cycles():
 
 
 # Who may import whom: a module imports its own package and the layers below, never a layer above
-# or a sibling of its own layer (docs/contributing/architecture.md draws it). The top-level modules that are not
+# or a sibling of its own layer (docs/architecture.md draws it). The top-level modules that are not
 # doors are the core.
 LAYERS = [
     (
