@@ -356,6 +356,7 @@ class OptimizeSettings:
     study_name: str = _f("clawly")
     workers: int = _f(1)
     harmful_prompts: int = _f(48)
+    harmful_choice: str = _f("sample")
     harmless_prompts: int = _f(48)
     max_new_tokens: int = _f(16)
     kept_max_new_tokens: int = _f(48)
@@ -388,6 +389,12 @@ class OptimizeSettings:
             "optimize.refusal_markers",
             self.refusal_markers,
             "null (the built-in markers) or a list of markers",
+        )
+        _check(
+            self.harmful_choice in {"sample", "base_refusals"},
+            "optimize.harmful_choice",
+            self.harmful_choice,
+            "'sample' or 'base_refusals'",
         )
         _check(self.n_trials >= 1, "optimize.n_trials", self.n_trials, "an integer >= 1")
         _check(self.workers >= 1, "optimize.workers", self.workers, "an integer >= 1")

@@ -92,8 +92,13 @@ HELP = {
     "optimize.workers": "Processes on this machine that add trials to the study at once, each with its own copy of the model and "
     "an equal share of the CPU threads (or GPUs); together they run n_trials, no more. Jobs on other machines "
     "join the same study through a shared optimize.storage.",
-    "optimize.harmful_prompts": "Harmful eval-split prompts per trial (stratified over categories).",
-    "optimize.harmless_prompts": "Harmless eval-split prompts per trial, for the KL divergence.",
+    "optimize.harmful_prompts": "Harmful prompts per trial (stratified over categories), from the tune split (the "
+    "eval split when there is none).",
+    "optimize.harmful_choice": "Which harmful prompts: 'sample' (a stratified sample of the split) or 'base_refusals' "
+    "(the base model first answers every train and tune request of the scored categories, and trials are scored on "
+    "harmful_prompts of those it refuses, spread over categories: only they can lose a targeted refusal or keep a "
+    "kept one; eval requests are never used).",
+    "optimize.harmless_prompts": "Harmless prompts per trial (tune split, else eval), for the KL divergence.",
     "optimize.max_new_tokens": "Tokens generated per response at most (generation stops once a refusal marker appears).",
     "optimize.kept_max_new_tokens": "Tokens per answer to a kept category's prompts (category mode). They count as kept refusals only when "
     "the strict rule calls them refusals (a marker in the opening, no help after it), so they run long enough "

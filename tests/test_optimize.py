@@ -520,3 +520,79 @@ def test_per_category_kernels_are_searched_one_set_per_targeted_category():
         assert not shared.category_kernels and "attn_out.peak_weight" in t.params
     with pytest.raises(ValueError, match="optimize.kernels"):
         OptimizeSettings(kernels="each")
+
+
+def _choice_settings(tmp_path, tiny_model_dir, **optimize):
+    from clawly.data.prompts import write_prompts
+    from clawly.data.templates import generate_prompts
+    from clawly.paths import Paths
+    from clawly.settings import Settings
+
+    s = Settings(
+        artifacts_dir=str(tmp_path / "artifacts"),
+        **{
+            "model.name": str(tiny_model_dir),
+            "data.out_dir": str(tmp_path / "prompts"),
+            "data.train_per_category": 4,
+            "data.tune_per_category": 4,
+            "data.harmless_tune": 8,
+            "optimize.harmless_prompts": 4,
+            "optimize.max_new_tokens": 6,
+            "optimize.batch_size": 8,
+            "optimize.response_prefix": None,
+            **{f"optimize.{k}": v for k, v in optimize.items()},
+        },
+    )
+    write_prompts(Paths.of(s), *generate_prompts(s.data))
+    return s
+
+
+def test_base_refusals_choice_scores_trials_on_requests_the_base_model_refuses(tiny_model, tiny_model_dir, tmp_path):
+    """optimize.harmful_choice=base_refusals: every train and tune request (never an eval one) is
+    answered by the base model, and trials are scored on a stratified sample of those it refuses (by
+    the optimizer's own measure), so the base refuses every prompt scored. An extra worker handed
+    the chosen ids scores the same prompts without answering the candidates again."""
+    from collections import Counter
+
+    from clawly.log import get_logger
+    from clawly.measure.scoring import ScoringPrompts, TrialScorer
+    from clawly.measure.templating import chat_prompts
+    from clawly.steps.optimize import evaluation, optimizer_prompts, stratified_sample
+
+    model, tok = tiny_model
+    log = get_logger("t", quiet=True)
+    s = _choice_settings(tmp_path, tiny_model_dir, harmful_prompts=6, harmful_choice="base_refusals")
+    candidates, _ = optimizer_prompts(s)
+    assert set(candidates.split) == {"train", "tune"} and len(candidates) == 64  # 8 categories x (4 + 4)
+    texts = chat_prompts(tok, candidates.text.tolist(), s.model.system_prompt)
+    answers = TrialScorer(model, tok, ScoringPrompts(texts, candidates.category.tolist(), texts[:4]), s.optimize)
+    responses = answers.score().responses
+    # a word some base answers contain and others do not becomes the refusal marker
+    words = Counter(w for r in responses for w in set(r.split()))
+    marker = next(w for w, n in words.most_common() if 16 <= n <= 48)
+    refused = {i for i, r in zip(candidates.id, responses, strict=True) if marker in r.split()}
+
+    s.optimize.refusal_markers = [f" {marker} "]
+    ev = evaluation(s, log, model, tok)
+    expected = stratified_sample(candidates[candidates.id.isin(refused)], 6, s.optimize.seed)
+    assert ev.harmful.id.tolist() == expected.id.tolist()
+    assert ev.base.refusals == len(ev.harmful) == 6 and all(ev.base.flags)
+
+    handed = evaluation(s, log, model, tok, ev.prefix, ev.batch_size, ev.base, ev.harmful.id.tolist())
+    assert handed.harmful.id.tolist() == ev.harmful.id.tolist() and handed.base is ev.base
+    assert handed.prompts.harmful == ev.prompts.harmful
+
+    s.optimize.harmful_choice = "sample"
+    sampled = evaluation(s, log, model, tok)
+    assert set(sampled.harmful.split) == {"tune"} and not set(sampled.harmful.id) <= refused
+
+
+def test_base_refusals_choice_says_what_to_change_when_the_base_refuses_nothing(tiny_model, tiny_model_dir, tmp_path):
+    from clawly.errors import ClawlyError
+    from clawly.log import get_logger
+    from clawly.steps.optimize import evaluation
+
+    model, tok = tiny_model
+    s = _choice_settings(tmp_path, tiny_model_dir, harmful_choice="base_refusals", refusal_markers=["zzzzqqq"])
+    with pytest.raises(ClawlyError, match="refuses none of the 64 train and tune requests"):
+        evaluation(s, get_logger("t", quiet=True), model, tok)

@@ -53,6 +53,7 @@ class Scores:
     keyword_refusals: int = 0
     labels: list[str] = field(repr=False, default_factory=list)  # classifier labels (refusal_measure=classifier)
     stances: list[str] = field(repr=False, default_factory=list)  # strict-rule labels ('' for non-kept prompts)
+    flags: list[bool] = field(repr=False, default_factory=list)  # per prompt: counted as a refusal
 
 
 class LogprobFile:
@@ -118,6 +119,7 @@ class TrialScorer:
         bs = batch_size if batch_size is not None else settings.batch_size
         if not isinstance(bs, int):
             raise ValueError(f"batch size {bs!r}: resolve 'auto' with clawly.measure.decoding.auto_batch_size first")
+        self.batch_size = bs
         cats = prompts.harmful_categories
         self.kept_rows = [i for i, c in enumerate(cats) if c in set(kept)]
         self.other_rows = [i for i, c in enumerate(cats) if c not in set(kept)]
@@ -193,7 +195,9 @@ class TrialScorer:
         for flag, cat in zip(flags, self.prompts.harmful_categories, strict=True):
             by_cat[cat] = by_cat.get(cat, 0) + int(flag)
             n_cat[cat] = n_cat.get(cat, 0) + 1
-        return Scores(sum(flags), kl, by_cat, n_cat, responses, self.stats.total, sum(keyword), labels, stances)
+        return Scores(
+            sum(flags), kl, by_cat, n_cat, responses, self.stats.total, sum(keyword), labels, stances, list(flags)
+        )
 
     def score(self) -> Scores:
         """Score the model as it is now (call inside `ablated(...)` for a trial)."""

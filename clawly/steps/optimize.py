@@ -160,24 +160,49 @@ def optimizer_prompts(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Prompts the optimizer scores trials on (deterministic by optimize.seed): from the tune split
     where the prompt tables have one (data.tune_per_category, data.harmless_tune), else from the
     eval split (evaluate then skips them). In category mode only the preset's categories
-    (targeted and kept) are scored; in global mode every category but the instructed ones."""
+    (targeted and kept) are scored; in global mode every category but the instructed ones.
+
+    With optimize.harmful_choice=base_refusals the harmful table is every train and tune request of
+    the scored categories (none is an eval request: evaluate's figures stay held out): `evaluation`
+    keeps those the base model refuses."""
     harmful, harmless = read_prompts(Paths.of(settings))
     s = settings.optimize
-    pool = harmful[harmful.split == tuning_split(harmful)]
+    split = tuning_split(harmful)
     if settings.categories.enabled:
-        pool = pool[pool.category.isin(list(settings.categories.weights))]
+        scored = harmful[harmful.category.isin(list(settings.categories.weights))]
     else:
-        pool = pool[~pool.category.isin(instructed_categories(harmful))]
+        scored = harmful[~harmful.category.isin(instructed_categories(harmful))]
+    choose_refused = s.harmful_choice == "base_refusals"
+    pool = scored[scored.split != "eval"] if choose_refused else scored[scored.split == split]
     if pool.empty:
         which = f"of {', '.join(settings.categories.weights)} " if settings.categories.enabled else ""
+        where = "outside the eval split" if choose_refused else f"in the {split} split"
         raise ClawlyError(
-            f"no harmful prompts {which}in the {tuning_split(harmful)} split to score trials on: "
+            f"no harmful prompts {which}{where} to score trials on: "
             "check categories.weights and data.eval_per_category / data.tune_per_category"
         )
-    h = stratified_sample(pool, s.harmful_prompts, s.seed)
+    if choose_refused:
+        h = pool.sort_values("id").reset_index(drop=True)
+    else:
+        h = stratified_sample(pool, s.harmful_prompts, s.seed)
     g = harmless[harmless.split == tuning_split(harmless)]
     g = g.sample(n=min(len(g), s.harmless_prompts), random_state=s.seed).reset_index(drop=True)
     return h, g
+
+
+def refused_sample(pool: pd.DataFrame, base: Scores, n: int, seed: int) -> pd.DataFrame:
+    """`n` of the pool's requests that the base model's `base` scores count as refusals (the
+    optimizer's measure: keywords, or the strict rule on kept categories), spread evenly over
+    categories. A category the base never refuses drops out: it has nothing to remove or keep."""
+    if len(base.flags) != len(pool):
+        raise ValueError(f"{len(base.flags)} base verdicts for {len(pool)} prompts")
+    refused = pool[pd.Series(base.flags, index=pool.index)]
+    if refused.empty:
+        raise ClawlyError(
+            f"the base model refuses none of the {len(pool)} train and tune requests, so there is no refusal to "
+            "score: check the model and optimize.refusal_markers, or set optimize.harmful_choice=sample"
+        )
+    return stratified_sample(refused, n, seed)
 
 
 def study_fingerprint(settings: Settings, harmful: pd.DataFrame, harmless: pd.DataFrame) -> str:
@@ -226,38 +251,73 @@ def evaluation(
     prefix: str | None = None,
     batch_size: int | None = None,
     base: Scores | None = None,
+    harmful_ids: list[str] | None = None,
 ) -> Evaluation:
     """The optimizer's prompts, response prefix, batch size and scorer, and the base model's scores
-    (`model` must hold the base weights) unless given (an extra worker is handed the first worker's)."""
+    (`model` must hold the base weights) unless given (an extra worker is handed the first worker's,
+    with the ids of the harmful prompts chosen: `harmful_ids`)."""
     s, c = settings.optimize, settings.categories
     harmful, harmless = optimizer_prompts(settings)
+    if harmful_ids is not None:
+        harmful = harmful.set_index("id").loc[harmful_ids].reset_index()
     sys_prompt = settings.model.system_prompt
     if prefix is None:
         prefix = response_prefix(settings, model, tokenizer, harmful.text.tolist(), harmless.text.tolist(), log)
-    prompts = ScoringPrompts(
-        chat_prompts(tokenizer, harmful.text.tolist(), row_systems(harmful, sys_prompt), prefix),
-        harmful.category.tolist(),
-        chat_prompts(tokenizer, harmless.text.tolist(), sys_prompt),
-        harmful.text.tolist(),
-    )
-    if batch_size is None:
-        batch_size = scoring_batch_size(settings, model, tokenizer, prompts.harmful, log)
+    harmless_texts = chat_prompts(tokenizer, harmless.text.tolist(), sys_prompt)
     classifier = response_classifier(settings) if s.refusal_measure == "classifier" else None
-    scorer = TrialScorer(
-        model, tokenizer, prompts, s, batch_size=batch_size, classifier=classifier, kept=c.kept if c.enabled else ()
-    )
-    if base is None:
+
+    def scorer_for(h: pd.DataFrame, batch_size: int | None) -> TrialScorer:
+        prompts = ScoringPrompts(
+            chat_prompts(tokenizer, h.text.tolist(), row_systems(h, sys_prompt), prefix),
+            h.category.tolist(),
+            harmless_texts,
+            h.text.tolist(),
+        )
+        if batch_size is None:
+            batch_size = scoring_batch_size(settings, model, tokenizer, prompts.harmful, log)
+        return TrialScorer(
+            model, tokenizer, prompts, s, batch_size=batch_size, classifier=classifier, kept=c.kept if c.enabled else ()
+        )
+
+    def base_scores(scorer: TrialScorer) -> Scores:
         t0 = time.perf_counter()
-        base = scorer.score()
+        scores = scorer.score()
         log.event(
             "baseline",
-            refusals=base.refusals,
-            prompts=len(prompts.harmful),
+            refusals=scores.refusals,
+            prompts=len(scorer.prompts.harmful),
             seconds=round(time.perf_counter() - t0, 1),
-            tokens=base.tokens,
-            by_category=base.refusals_by_category,
+            tokens=scores.tokens,
+            by_category=scores.refusals_by_category,
         )
-    return Evaluation(harmful, harmless, prefix, batch_size, prompts, scorer, base)
+        return scores
+
+    scorer = scorer_for(harmful, batch_size)
+    if s.harmful_choice == "base_refusals" and harmful_ids is None:
+        pool = base_scores(scorer)
+        chosen = refused_sample(harmful, pool, s.harmful_prompts, s.seed)
+        log.event(
+            "harmful_choice",
+            f"scoring trials on {len(chosen)} of the {pool.refusals} train and tune requests (of {len(harmful)}) "
+            "that the base model refuses",
+            candidates=len(harmful),
+            refused=pool.refusals_by_category,
+            chosen=chosen.category.value_counts().sort_index().to_dict(),
+        )
+        harmful, base = chosen, None
+        scorer = scorer_for(harmful, scorer.batch_size)
+    if base is None:
+        base = base_scores(scorer)
+    for cat in c.kept if c.enabled else ():
+        n = base.refusals_by_category.get(cat, 0)
+        if n < 5:
+            log.event(
+                "warning",
+                f"kept category {cat}: the base model refuses {n} of the requests trials are scored on, too few "
+                "for the kept constraint to tell trials apart: raise data.tune_per_category or set "
+                "optimize.harmful_choice=base_refusals",
+            )
+    return Evaluation(harmful, harmless, prefix, scorer.batch_size, scorer.prompts, scorer, base)
 
 
 def start_search(
@@ -270,6 +330,7 @@ def start_search(
     batch_size: int | None = None,
     base: Scores | None = None,
     measured: Evaluation | None = None,
+    harmful_ids: list[str] | None = None,
 ) -> Search:
     """The evaluation (`measured`, else made here: prompts, response prefix, batch size, the scorer
     with the base model's scores) and the study (resumed when the same fingerprint already has trials)."""
@@ -281,7 +342,7 @@ def start_search(
             "the directions were computed in category mode but no categories.weights are set: "
             "rerun orthogonalize-categories (dvc repro does)"
         )
-    ev = measured or evaluation(settings, log, model, tokenizer, prefix, batch_size, base)
+    ev = measured or evaluation(settings, log, model, tokenizer, prefix, batch_size, base, harmful_ids)
     objectives = st.Objectives(
         targeted=c.targeted if c.enabled else None,
         kept=c.kept,
@@ -380,6 +441,7 @@ def search_summary(settings: Settings, search: Search, chosen: optuna.trial.Froz
         "response_prefix": search.prefix,
         "batch_size": search.batch_size,
         "harmful_prompts": len(search.prompts.harmful),
+        "harmful_choice": s.harmful_choice,  # base_refusals: the base model refuses every harmful prompt scored
         "targeted_prompts": n_targeted,
         "harmless_prompts": len(search.prompts.harmless),
         "base": {"refusals": base_targeted, "refusal_rate": round(base_targeted / n_targeted, 4)},
@@ -480,8 +542,14 @@ def run(settings: Settings, log: StageLogger, model=None, tokenizer=None) -> dic
 
 def handed(search: Search) -> dict:
     """What an extra worker takes from this one instead of measuring it again: the response prefix,
-    the batch size and the base model's scores (its refusals: a trial's worth of generation)."""
-    return {"prefix": search.prefix, "batch_size": search.batch_size, "base": search.base}
+    the batch size, the base model's scores (its refusals: a trial's worth of generation) and the
+    harmful prompts they were measured on (with optimize.harmful_choice=base_refusals, chosen by them)."""
+    return {
+        "prefix": search.prefix,
+        "batch_size": search.batch_size,
+        "base": search.base,
+        "harmful_ids": search.harmful.id.tolist(),
+    }
 
 
 def worker(values: dict, index: int, threads: int, given: dict) -> None:

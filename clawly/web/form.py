@@ -41,6 +41,7 @@ CHOICES = {  # keys whose values are a fixed set (a test checks each against the
     "categories.keep_rule": ("constraint", "objective"),
     "edit.method": ("projection", "nullspace", "least_squares"),
     "optimize.kernels": ("shared", "per_category"),
+    "optimize.harmful_choice": ("sample", "base_refusals"),
     "optimize.refusal_measure": tuple(REFUSAL_MEASURES),
 }
 NO_PRESET = "(none: global mode)"
