@@ -37,6 +37,12 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--batch-size", default="auto")
     ap.add_argument("--prune-kl", type=float, default=None)
+    ap.add_argument(
+        "--harmful-choice",
+        default="sample",
+        choices=("sample", "base_refusals"),
+        help="optimize.harmful_choice: score trials on a sample, or on requests the base model refuses",
+    )
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     t0 = time.time()
@@ -62,6 +68,7 @@ def main() -> None:
         max_new_tokens=a.max_new_tokens,
         batch_size=bs,
         prune_kl=a.prune_kl,
+        harmful_choice=a.harmful_choice,
         storage=str(a.workspace / "artifacts" / "study" / f"journal-{a.out.stem}.log"),
     )
     log = get_logger("bench", a.workspace / "logs")
@@ -79,9 +86,9 @@ def main() -> None:
     timing["optimize_seconds"] = round(time.time() - t, 1)
     from clawly.search.study import _storage
 
-    fingerprint = optimize.study_fingerprint(settings, *optimize.optimizer_prompts(settings))
-    name = f"{settings.optimize.study_name}-{fingerprint}"
-    study = optuna.load_study(study_name=name, storage=_storage(settings.optimize.storage))
+    storage = _storage(settings.optimize.storage)
+    (name,) = optuna.get_all_study_names(storage)  # a journal of its own per run (--out's stem)
+    study = optuna.load_study(study_name=name, storage=storage)
     trials = [
         {
             "trial": t.number,

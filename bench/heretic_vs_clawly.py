@@ -145,6 +145,8 @@ def clawly(a, name: str = "clawly", prune_kl: float | None = None) -> None:
         str(a.clawly_batch_size),
         "--out",
         str(a.out / f"{name}.json"),
+        "--harmful-choice",
+        a.clawly_harmful_choice,
     ]
     if prune_kl is not None:
         cmd += ["--prune-kl", str(prune_kl)]
@@ -243,6 +245,7 @@ def main() -> None:
     ap.add_argument("--heretic-batch-size", type=int, default=64)
     ap.add_argument("--clawly-batch-size", default="auto")
     ap.add_argument("--clawly-max-new-tokens", type=int, default=24)
+    ap.add_argument("--clawly-harmful-choice", default="sample", choices=("sample", "base_refusals"))
     ap.add_argument("--kl-cap", type=float, default=0.5)
     ap.add_argument("--steps", default=",".join(STEPS))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "heretic-vs-clawly")
