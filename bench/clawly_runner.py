@@ -84,11 +84,16 @@ def main() -> None:
     t = time.time()
     metrics = optimize.run(settings, log, model, tok)
     timing["optimize_seconds"] = round(time.time() - t, 1)
+    import pandas as pd
+
+    from clawly.paths import Paths
     from clawly.search.study import _storage
 
-    storage = _storage(settings.optimize.storage)
-    (name,) = optuna.get_all_study_names(storage)  # a journal of its own per run (--out's stem)
-    study = optuna.load_study(study_name=name, storage=storage)
+    used = pd.read_parquet(Paths.of(settings).optimizer_prompts)  # the prompts scored, in the order scored
+    harmful, harmless = (used[used.set == k].reset_index(drop=True) for k in ("harmful", "harmless"))
+    fingerprint = optimize.study_fingerprint(settings, harmful, harmless)
+    name = f"{settings.optimize.study_name}-{fingerprint}"
+    study = optuna.load_study(study_name=name, storage=_storage(settings.optimize.storage))
     trials = [
         {
             "trial": t.number,

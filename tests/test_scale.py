@@ -129,6 +129,54 @@ def test_the_optimize_stage_runs_its_workers_and_writes_outputs_over_all_their_t
     assert len(pd.read_parquet(tmp_path / "artifacts" / "optimize" / "trials.parquet")) == len(complete_trials(study))
 
 
+def some_answers_word(settings: Settings, model, tokenizer) -> str:
+    """A word that some, not most, of the base model's answers to the optimizer's candidates contain
+    (as a refusal marker it makes some of them refusals)."""
+    from collections import Counter
+
+    from clawly.measure.decoding import PromptSet
+    from clawly.measure.templating import chat_prompts
+    from clawly.steps.optimize import optimizer_prompts
+
+    harmful, _ = optimizer_prompts(settings)
+    texts = chat_prompts(tokenizer, harmful.text.tolist(), settings.model.system_prompt)
+    answers, _ = PromptSet(tokenizer, texts, 32).generate(model, settings.optimize.max_new_tokens)
+    words = Counter(w for a in answers for w in set(a.split()))
+    return next(f" {w} " for w, n in words.most_common() if n <= len(answers) // 2)
+
+
+def test_workers_score_the_base_refusals_the_first_worker_chose(make_tiny_model, tmp_path):
+    """With optimize.harmful_choice=base_refusals the extra worker is handed the chosen prompts: both
+    add trials to one study (a worker that chose again from the candidates would open another), and
+    the prompts file the stage writes names that study (bench/clawly_runner.py finds it so)."""
+    from clawly.paths import Paths
+    from clawly.steps import optimize
+
+    settings = tiny_settings(
+        make_tiny_model("llama"),
+        tmp_path,
+        n_trials=N_TRIALS,
+        **{"optimize.workers": 2, **SLOW_TRIALS, "harmful_prompts": 24, "optimize.harmful_choice": "base_refusals"},
+    )
+    pipe = Pipeline(settings, log=quiet(tmp_path))
+    pipe.compute_refusal_directions()
+    settings.optimize.refusal_markers = [some_answers_word(settings, *pipe.load_model())]
+    pipe.close()
+    summary = optimize.run(settings, quiet(tmp_path))
+    journal = str(tmp_path / "artifacts" / "study" / "journal.log")
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(journal))
+    study = load_only_study(storage)
+    check_one_study(study, N_TRIALS, workers=2)
+    used = pd.read_parquet(Paths.of(settings).optimizer_prompts)
+    harmful, harmless = (used[used.set == k].reset_index(drop=True) for k in ("harmful", "harmless"))
+    assert study.study_name == f"clawly-{optimize.study_fingerprint(settings, harmful, harmless)}"
+    assert summary["harmful_choice"] == "base_refusals" and summary["base"]["refusals"] == len(harmful) <= 24
+    # the extra worker answered nothing of its own before its trials: no candidates, no baseline
+    log = (tmp_path / "artifacts" / "logs" / "optimize-worker-1.jsonl").read_text().splitlines()
+    events = [json.loads(x)["event"] for x in log]
+    assert not {"harmful_choice", "baseline"} & set(events)
+
+
 # ------------------------------------------------------------------ the storage: one clear line, no password
 
 
