@@ -101,6 +101,7 @@ def main() -> None:
             "refusals": int(t.values[0]) if t.values else None,
             "kl_divergence": t.user_attrs.get("kl_divergence", t.values[1] if t.values else None),
             "tokens": t.user_attrs.get("tokens"),
+            "phase_seconds": t.user_attrs.get("phase_seconds"),
             "seconds": (t.datetime_complete - t.datetime_start).total_seconds(),
         }
         for t in study.get_trials(deepcopy=False)

@@ -224,6 +224,11 @@ def report(a) -> dict:
             "chosen_trial": r["chosen_trial"],
             "pareto_front": [{"refusals": p[0], "kl_divergence": round(p[1], 4)} for p in fronts[name]],
         }
+        phases = [t["phase_seconds"] for t in r["trials"] if t.get("phase_seconds")]
+        if phases:  # clawly's trials: where the time goes (median seconds of each phase)
+            summary["tools"][name]["median_phase_seconds"] = {
+                k: round(statistics.median(p.get(k, 0.0) for p in phases), 2) for k in phases[0]
+            }
     if len(fronts) == 2:
         h, c = summary["tools"]["heretic"], summary["tools"]["clawly"]
         summary["speed_ratio"] = round(c["median_seconds_per_trial"] / h["median_seconds_per_trial"], 3)

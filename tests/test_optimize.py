@@ -150,6 +150,18 @@ def test_trials_over_prune_kl_are_pruned_before_generation_and_count_as_run(tiny
         assert t.user_attrs["kl_divergence"] > 1e-12 and "plan" in t.user_attrs
 
 
+def test_each_trial_records_the_seconds_of_its_phases_within_its_wall_time(tiny_model, tmp_path):
+    """Where a trial's time goes: the edit, the KL pass, the answers, restoring the weights; a pruned
+    trial stops after the KL pass. The phases are consecutive, so they sum to no more than the trial's
+    own start-to-end time."""
+    for prune_kl, phases in ((None, ["edit", "kl", "answers", "restore"]), (1e-12, ["edit", "kl"])):
+        study, *_ = _study_on_tiny_model(tiny_model, tmp_path / str(prune_kl), prune_kl=prune_kl)
+        for t in study.get_trials():
+            laps = t.user_attrs["phase_seconds"]
+            assert list(laps) == phases and all(v >= 0 for v in laps.values())
+            assert sum(laps.values()) <= (t.datetime_complete - t.datetime_start).total_seconds() + 2e-3
+
+
 def test_each_trial_scores_what_transformers_measures_on_its_weights(tiny_model, tmp_path):
     """A trial's values are recomputed independently: its plan applied, refusals counted on answers
     from `transformers.generate`, KL from plain forward passes and torch's kl_div."""

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import socket
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -315,13 +316,21 @@ def iter_study(
         plan.category_weights = dict(category_weights or {})
         trial.set_user_attr("plan", plan.to_dict())
         scorer.stats = DecodeStats()
-        with ablated(model, weight_deltas(model, basis, plan, strengths, inputs)):
+        clock = PhaseClock()
+        deltas = weight_deltas(model, basis, plan, strengths, inputs)
+        clock.lap("edit")
+        with ablated(model, deltas):
             kl = scorer.kl()
+            clock.lap("kl")
             trial.set_user_attr("kl_divergence", kl)
             if settings.prune_kl is not None and kl > settings.prune_kl:
                 trial.set_user_attr("tokens", scorer.stats.total)
+                trial.set_user_attr("phase_seconds", clock.laps)
                 raise optuna.TrialPruned(f"KL {kl:.3f} > prune_kl {settings.prune_kl}")
             result = scorer.refusals(kl)
+            clock.lap("answers")
+        clock.lap("restore")
+        trial.set_user_attr("phase_seconds", clock.laps)
         trial.set_user_attr("tokens", result.tokens)
         trial.set_user_attr("keyword_refusals", result.keyword_refusals)
         trial.set_user_attr("refusals_by_category", result.refusals_by_category)
@@ -349,6 +358,21 @@ def iter_study(
         if any(t.user_attrs.get(SURPLUS) for t in done):
             return
         yield from done
+
+
+class PhaseClock:
+    """Wall seconds of a trial's phases, each from the end of the one before: `laps` maps a phase
+    (edit: the weight change computed; kl: harmless first-token distributions; answers: the
+    harmful answers generated and counted; restore: the weights put back) to its seconds."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.laps[phase] = round(now - self.t, 3)
+        self.t = now
 
 
 SURPLUS = "surplus"  # user attr of a trial a worker asked for when n_trials were already finished or running
