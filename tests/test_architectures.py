@@ -168,6 +168,36 @@ def test_the_writers_of_every_layer_are_found_with_their_layout(arch):
         assert stack.bias is model.model.layers[0].mlp.experts.down_proj_bias and stack.bias.shape == (4, 32)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_writer_inputs_are_read_on_every_architecture_with_module_writers(arch):
+    """probe-writers' forward (one logits position, right padding) runs on each architecture, and
+    every writer module sees every real position; fused expert stacks get the one clear error."""
+    from clawly.ablate.edits import InputEditError, read_inputs
+
+    model = tiny(arch)
+    fused = any(w.experts is not None for w in writers(model))
+    texts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
+
+    class Words:  # token ids as text: the tiny models have no tokenizer
+        pad_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return type("Enc", (), {"input_ids": [int(t) for t in text.split()]})()
+
+    if fused:
+        with pytest.raises(InputEditError, match="edit.method=projection"):
+            read_inputs(model, Words(), [" ".join(map(str, t)) for t in texts], rank=64)
+        return
+    spectra = read_inputs(model, Words(), [" ".join(map(str, t)) for t in texts], rank=64, batch_size=2)
+    assert set(spectra) == {w.name for w in writers(model)}
+    dense = {n: sp for n, sp in spectra.items() if ".experts." not in n}
+    assert all(sp.count == 10 and sp.trace > 0 for sp in dense.values())
+    routed = {n: sp for n, sp in spectra.items() if ".experts." in n}  # each expert its routed tokens
+    for layer in range(num_layers(model)) if routed else ():
+        seen = sum(sp.count for n, sp in routed.items() if f".{layer}.mlp." in n)
+        assert seen == 10 * model.config.num_experts_per_tok
+
+
 class SquareExperts(nn.Module):
     """Fused experts with a square down projection `[E, d, d]`, stored output-first or input-first,
     and no `is_transposed` flag saying which."""

@@ -124,6 +124,36 @@ def conversation(tokenizer, text: str) -> str:
     return chat_prompts(tokenizer, [text], "You help.")[0] + " sure"
 
 
+def test_reading_writer_inputs_computes_vocabulary_logits_for_no_more_than_one_position_a_row(make_tiny_model):
+    """probe-writers reads every position's writer inputs, but the LM head's logits are of no use to it:
+    `[b, t, vocab]` float32 was the largest tensor of the stage on the default model (16 x 120 positions
+    x 151,936 = 1.2 GB). The inputs read are the same either way."""
+    model, tokenizer = load_model(ModelSettings(name=str(make_tiny_model("llama")), device="cpu"))
+    texts = [conversation(tokenizer, t) for t in ("how do i bake bread ?", "write a poem about the sea", "hi")]
+    shapes = []
+    head = model.get_output_embeddings().register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
+    try:
+        spectra = read_inputs(model, tokenizer, texts, rank=512, batch_size=2)
+    finally:
+        head.remove()
+    assert shapes and all(s[0] * s[1] <= 2 for s in shapes), shapes  # one position per row of a batch of 2
+    lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+    for name, sp in spectra.items():
+        assert sp.count == sum(lengths), name  # every real position of every conversation, no padding
+    # the same second moments as a plain forward per conversation, without the hook's batching
+    one = read_inputs(model, tokenizer, texts[:1], rank=512, batch_size=1)
+    ids = tokenizer(texts[0], return_tensors="pt", add_special_tokens=False).input_ids
+    w = next(iter(writers(model)))
+    seen = []
+    h = w.module.register_forward_pre_hook(lambda m, a: seen.append(a[0][0].double()))
+    with torch.no_grad():
+        model(ids)
+    h.remove()
+    exact = seen[0].t() @ seen[0]
+    sp = one[w.name]
+    assert torch.allclose((sp.basis.t() * sp.energy) @ sp.basis, exact, atol=1e-8)
+
+
 def test_with_an_exact_kept_span_the_whole_forward_on_kept_inputs_is_unchanged(make_tiny_model):
     """Every writer's output on kept inputs is unchanged, so the residual stream and the logits on the
     kept conversation are too (to float precision), while another request's change."""

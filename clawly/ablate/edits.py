@@ -199,8 +199,13 @@ def capture_writer_inputs(
             continue
 
         def hook(module, args, wr=wr):
-            x = args[0]
-            rows = x[mask[0].to(x.device)] if mask[0] is not None else x.reshape(-1, x.shape[-1])
+            x, m = args[0], mask[0]
+            if m is None or (x.shape[:-1] != m.shape and bool(m.all())):
+                rows = x.reshape(-1, x.shape[-1])  # every position, or an expert's routed tokens of an unpadded batch
+            elif x.shape[:-1] == m.shape:
+                rows = x[m.to(x.device)]
+            else:
+                raise InputEditError(f"{wr.name} reads routed tokens of a padded batch: read one conversation a batch")
             moments[wr.name].update(rows.float())
 
         hooks.append(wr.module.register_forward_pre_hook(hook))
@@ -218,6 +223,8 @@ def read_inputs(
     """Each writer's input spectrum over every token position of `texts` (full conversations: the
     templated request and an answer), padded positions left out."""
     found = module_writers(model)
+    if any(".experts." in w.name for w in found):  # expert modules see routed tokens: no padding to leave out
+        batch_size = 1
     moments = {w.name: SecondMoment(_input_width(w), rank) for w in found}
     mask: list[torch.Tensor] = [None]
     device = next(model.parameters()).device
@@ -233,7 +240,8 @@ def read_inputs(
             for j, r in enumerate(rows):  # right-padded: the padding comes after every real token
                 ids[j, : len(r)], attention[j, : len(r)] = torch.tensor(r), 1
             mask[0] = attention.bool()
-            model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False)
+            # the writers' inputs are all that is read: the LM head computes one position, not `[b, t, vocab]`
+            model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False, logits_to_keep=1)
     return {name: Spectrum(*m.spectrum(), m.trace, m.count) for name, m in moments.items()}
 
 
