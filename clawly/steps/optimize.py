@@ -266,7 +266,7 @@ def evaluation(
     harmless_texts = chat_prompts(tokenizer, harmless.text.tolist(), sys_prompt)
     classifier = response_classifier(settings) if s.refusal_measure == "classifier" else None
 
-    def scorer_for(h: pd.DataFrame, batch_size: int | None) -> TrialScorer:
+    def scorer_for(h: pd.DataFrame, batch_size: int | None, progress=None) -> TrialScorer:
         prompts = ScoringPrompts(
             chat_prompts(tokenizer, h.text.tolist(), row_systems(h, sys_prompt), prefix),
             h.category.tolist(),
@@ -275,8 +275,9 @@ def evaluation(
         )
         if batch_size is None:
             batch_size = scoring_batch_size(settings, model, tokenizer, prompts.harmful, log)
+        kept = c.kept if c.enabled else ()
         return TrialScorer(
-            model, tokenizer, prompts, s, batch_size=batch_size, classifier=classifier, kept=c.kept if c.enabled else ()
+            model, tokenizer, prompts, s, progress=progress, batch_size=batch_size, classifier=classifier, kept=kept
         )
 
     def base_scores(scorer: TrialScorer) -> Scores:
@@ -292,8 +293,9 @@ def evaluation(
         )
         return scores
 
-    scorer = scorer_for(harmful, batch_size)
-    if s.harmful_choice == "base_refusals" and harmful_ids is None:
+    choosing = s.harmful_choice == "base_refusals" and harmful_ids is None
+    scorer = scorer_for(harmful, batch_size, log.progress if choosing else None)  # candidates: minutes, a bar
+    if choosing:
         pool = base_scores(scorer)
         chosen = refused_sample(harmful, pool, s.harmful_prompts, s.seed)
         log.event(
