@@ -78,6 +78,7 @@ SAMPLES = {
     "optimize.components": ("mlp_down", ["mlp_down"]),
     "optimize.direction_scopes": ("global", ["global"]),
     "optimize.refusal_measure": ("classifier", "classifier"),
+    "optimize.harmful_choice": ("base_refusals", "base_refusals"),
     "optimize.refusal_markers": ("I cannot,I won't", ["I cannot", "I won't"]),
     "merge.max_shard_size": ("500MB", "500MB"),
     "directions.winsorize_quantile": ("0.01", 0.01),
