@@ -279,6 +279,7 @@ def test_every_text_setting_is_either_a_path_the_policy_checks_or_plain_text():
         "optimize.direction_scopes",
         "optimize.refusal_markers",
         "optimize.refusal_measure",
+        "optimize.harmful_choice",
         "merge.max_shard_size",
         "categories.weights",
         "edit.method",
