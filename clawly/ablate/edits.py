@@ -200,10 +200,10 @@ def capture_writer_inputs(
 
         def hook(module, args, wr=wr):
             x, m = args[0], mask[0]
-            if m is None or (x.shape[:-1] != m.shape and bool(m.all())):
+            if m is not None and x.shape[:-1] == m.shape:
+                rows = x[m.to(x.device)]  # the real positions of a padded batch
+            elif m is None or bool(m.all()):
                 rows = x.reshape(-1, x.shape[-1])  # every position, or an expert's routed tokens of an unpadded batch
-            elif x.shape[:-1] == m.shape:
-                rows = x[m.to(x.device)]
             else:
                 raise InputEditError(f"{wr.name} reads routed tokens of a padded batch: read one conversation a batch")
             moments[wr.name].update(rows.float())
