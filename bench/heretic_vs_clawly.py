@@ -2,7 +2,7 @@
 
     python bench/heretic_vs_clawly.py --heretic-python /path/to/heretic-venv/bin/python
 
-Steps (--steps, default all): prepare (clawly's generated prompt sets exported as text files),
+Steps (--steps, default all): prepare (the fixed prompt tables, generated once and committed, exported as text files),
 heretic, clawly, rescore (each tool's chosen trial on held-out prompts, one scorer for both),
 report (per-trial median seconds, total time, peak memory, Pareto fronts, held-out figures).
 Figures go to --out (committed); models, studies and answers to --work (not committed).
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,22 @@ from bench.clawly_runner import settings_for  # noqa: E402
 from bench.common import dump, machine, package_version, write_lines  # noqa: E402
 
 STEPS = ("prepare", "heretic", "clawly", "rescore", "report")
+
+
+def fixed_prompt_tables(tables: Path, paths, generate, regenerate: bool = False) -> bool:
+    """The benchmark's fixed prompt set: the committed harmful and harmless tables in `tables` are
+    copied into the workspace (`paths`), so runs of different code score the same prompts even when
+    the templates changed. Without them, or with `regenerate`, `generate()` writes new tables into
+    the workspace and they are kept in `tables`. True when the tables are new."""
+    pairs = {tables / "harmful.parquet": paths.harmful_prompts, tables / "harmless.parquet": paths.harmless_prompts}
+    new = regenerate or not all(fixed.is_file() for fixed in pairs)
+    if new:
+        generate()
+    for fixed, used in pairs.items():
+        src, dst = (used, fixed) if new else (fixed, used)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    return new
 
 
 def prepare(a) -> None:
@@ -41,8 +58,15 @@ def prepare(a) -> None:
 
     ws = a.work / "clawly"
     s = settings_for(ws, seed=a.seed)
-    generate_datasets.run(s, get_logger("bench-prepare", quiet=True))
-    harmful, harmless = read_prompts(Paths.of(s))
+    paths = Paths.of(s)
+    tables = a.out / "prompts" / "tables"
+    if fixed_prompt_tables(
+        tables, paths, lambda: generate_datasets.run(s, get_logger("bench-prepare", quiet=True)), a.regenerate_prompts
+    ):
+        print(f"new prompt tables in {tables} (from the templates of this code): commit them")
+    else:
+        print(f"prompt tables from {tables} (--regenerate-prompts makes new ones)")
+    harmful, harmless = read_prompts(paths)
     train_h = capped(harmful[harmful.split == "train"], s.probe.max_per_category)
     train_g = capped(harmless[harmless.split == "train"], s.probe.max_per_category)
     train_g = train_g[train_g.category.map(contrast_filter(s.directions.contrast))]
@@ -89,8 +113,6 @@ def model_dir(a) -> str:
 def heretic(a) -> None:
     work = a.work / "heretic"
     if work.exists():
-        import shutil
-
         shutil.rmtree(work)
     wall = _run(
         [
@@ -252,6 +274,12 @@ def main() -> None:
     ap.add_argument("--clawly-max-new-tokens", type=int, default=24)
     ap.add_argument("--clawly-harmful-choice", default="sample", choices=("sample", "base_refusals"))
     ap.add_argument("--kl-cap", type=float, default=0.5)
+    ap.add_argument(
+        "--regenerate-prompts",
+        action="store_true",
+        help="write new prompt tables from the templates (default: reuse the committed ones, so runs of "
+        "different code score the same prompts)",
+    )
     ap.add_argument("--steps", default=",".join(STEPS))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "heretic-vs-clawly")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
