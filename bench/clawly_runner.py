@@ -14,11 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import dump, machine, peak_rss_mib  # noqa: E402
 
 
-def settings_for(workspace: Path, **optimize) -> Settings:  # noqa: F821
+def settings_for(workspace: Path, model: str = "default", **optimize) -> Settings:  # noqa: F821
     from clawly.settings import Settings
 
     return Settings.from_dict(
         {
+            "model": {"name": model},
             "artifacts_dir": str(workspace / "artifacts"),
             "data": {"out_dir": str(workspace / "prompts")},
             "probe": {"max_per_category": 50, "batch_size": 16},
@@ -28,9 +29,35 @@ def settings_for(workspace: Path, **optimize) -> Settings:  # noqa: F821
     )
 
 
+def save_candidates(settings, log, model, tok, study, trials: list[dict], out: Path) -> dict[int, str]:
+    """Each time-to-quality candidate saved as the Pipeline API saves a trial (merged weights), from the
+    directions and prompt tables this run wrote (nothing is probed or generated again)."""
+    from bench.time_to_quality import candidates
+    from clawly.ablate.ablation import AblationPlan
+    from clawly.ablate.directions import read_ablation_directions
+    from clawly.ablate.edits import load_writer_inputs
+    from clawly.api import Pipeline
+    from clawly.data.prompts import read_prompts
+    from clawly.paths import Paths
+
+    p = Paths.of(settings)
+    pipe = Pipeline(settings, log)
+    pipe.model, pipe.tokenizer = model, tok
+    pipe.harmful, pipe.harmless = read_prompts(p)
+    pipe.directions, pipe.inputs = read_ablation_directions(p.orthogonalized), load_writer_inputs(settings)
+    plans = {t.number: t.user_attrs["plan"] for t in study.get_trials(deepcopy=False) if "plan" in t.user_attrs}
+    saved = {}
+    for t in candidates(trials):
+        pipe.restore_trial(AblationPlan.from_dict(plans[t["trial"]]))
+        saved[t["trial"]] = str(pipe.save_model(out / f"trial-{t['trial']}"))
+    pipe._restore_base()
+    return saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workspace", type=Path, required=True)
+    ap.add_argument("--model", default="default", help="the model (the benchmark's: the packaged default)")
     ap.add_argument("--n-trials", type=int, required=True)
     ap.add_argument("--n-startup-trials", type=int, required=True)
     ap.add_argument("--seed", type=int, default=0)
@@ -44,6 +71,11 @@ def main() -> None:
         help="optimize.harmful_choice: score trials on a sample, or on requests the base model refuses",
     )
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument(
+        "--save-candidates",
+        type=Path,
+        help="save every time-to-quality candidate (bench/time_to_quality.py) as a merged model in DIR/trial-N",
+    )
     a = ap.parse_args()
     t0 = time.time()
     import optuna
@@ -62,6 +94,7 @@ def main() -> None:
     bs = int(a.batch_size) if a.batch_size.isdigit() else a.batch_size
     settings = settings_for(
         a.workspace,
+        a.model,
         n_trials=a.n_trials,
         n_startup_trials=a.n_startup_trials,
         seed=a.seed,
@@ -103,15 +136,22 @@ def main() -> None:
             "tokens": t.user_attrs.get("tokens"),
             "phase_seconds": t.user_attrs.get("phase_seconds"),
             "seconds": (t.datetime_complete - t.datetime_start).total_seconds(),
+            "end": t.datetime_complete.timestamp(),
         }
         for t in study.get_trials(deepcopy=False)
         if t.datetime_complete
     ]
     t = time.time()
     export_lora.run(settings, log, model, tok)
+    timing["export_and_merge_seconds"] = round(time.time() - t, 1)
+    if a.save_candidates:  # after the clock of the run: what a user would save, for the held-out re-score
+        t = time.time()
+        saved = save_candidates(settings, log, model, tok, study, trials, a.save_candidates)
+        timing["save_candidates_seconds"] = round(time.time() - t, 1)
+    t = time.time()
     del model
     merge.run(settings, log)
-    timing["export_and_merge_seconds"] = round(time.time() - t, 1)
+    timing["export_and_merge_seconds"] += round(time.time() - t, 1)
     timing["setup_seconds"] = round(timing["load_seconds"] + timing["probe_and_directions_seconds"], 1)
     timing["total_seconds"] = round(time.time() - t0, 1)
     from importlib.metadata import version
@@ -131,6 +171,8 @@ def main() -> None:
             "response_prefix": metrics["response_prefix"],
             "pruned_trials": metrics["pruned_trials"],
             "saved_model": str(Path(settings.artifacts_dir) / "model"),
+            "saved_candidates": saved if a.save_candidates else None,
+            "started": t0,
             "timing": timing,
             "peak_rss_mib": peak_rss_mib(),
             "machine": machine(),

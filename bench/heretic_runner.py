@@ -36,6 +36,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--response-prefix", default=None, help="'' skips Heretic's prefix detection")
     ap.add_argument("--kl-cap", type=float, default=0.5)
     ap.add_argument("--save-dir", required=True)
+    ap.add_argument(
+        "--save-candidates",
+        help="also save every time-to-quality candidate (bench/time_to_quality.py) in DIR/trial-N, through "
+        "Heretic's own menus (the candidates are read from its study journal: they need not be on its final front)",
+    )
     return ap.parse_args()
 
 
@@ -45,6 +50,36 @@ def choose(trials: list, kl_cap: float):
     if under:
         return min(under, key=lambda t: (t.user_attrs["refusals"], t.user_attrs["kl_divergence"]))
     return min(trials, key=lambda t: t.user_attrs["kl_divergence"])
+
+
+def journal_study(ckpt: str):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    path = glob.glob(os.path.join(ckpt, "*.jsonl"))[0]
+    return optuna.load_study(
+        study_name="heretic", storage=JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+    )
+
+
+def candidate_trials(ckpt: str) -> list:
+    """Heretic's trials that were on its own front when they completed (bench/time_to_quality.py)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from time_to_quality import candidates
+
+    frozen = {t.user_attrs.get("index"): t for t in journal_study(ckpt).get_trials(deepcopy=False)}
+    rows = [
+        {
+            "trial": i,
+            "state": t.state.name,
+            "refusals": t.user_attrs.get("refusals"),
+            "kl_divergence": t.user_attrs.get("kl_divergence"),
+            "end": t.datetime_complete.timestamp() if t.datetime_complete else None,
+        }
+        for i, t in frozen.items()
+    ]
+    return [frozen[r["trial"]] for r in candidates(rows)]
 
 
 def main() -> None:
@@ -96,7 +131,8 @@ def main() -> None:
     import heretic.main as hm
 
     t_imported = time.time()
-    state: dict = {"picked": None, "saved": False, "menu": None, "save": [None, None]}
+    state: dict = {"picked": None, "saved": False, "menu": None, "save": [None, None], "queue": None, "dir": None}
+    state["candidates"] = {}
 
     def select(message, choices):
         values = [getattr(c, "value", c) for c in choices]
@@ -104,18 +140,27 @@ def main() -> None:
             state["menu"] = state["menu"] or time.time()
             if state["picked"] is None:
                 state["picked"] = choose([v for v in values if not isinstance(v, str)], a.kl_cap)
+                state["dir"], state["saved"] = os.path.abspath(a.save_dir), False
+                state["queue"] = candidate_trials(ckpt) if a.save_candidates else []
                 return state["picked"]
+            if state["queue"]:  # the next candidate, restored and saved by Heretic's own code
+                t = state["queue"].pop(0)
+                index = t.user_attrs["index"]
+                state["dir"], state["saved"] = os.path.join(os.path.abspath(a.save_candidates), f"trial-{index}"), False
+                state["candidates"][index] = state["dir"]
+                return t
             return ""  # exit
         if message.startswith("What do you want to do with the decensored model?"):
             if not state["saved"]:
-                state["saved"], state["save"][0] = True, time.time()
+                state["saved"] = True
+                state["save"][0] = state["save"][0] or time.time()
                 return "Save the model to a local folder"
-            state["save"][1] = time.time()
+            state["save"][1] = state["save"][1] or time.time()  # the chosen trial's save
             return ""
         raise RuntimeError(f"unexpected Heretic question: {message!r}")
 
     hm.prompt_select = select
-    hm.prompt_path = lambda message: os.path.abspath(a.save_dir)
+    hm.prompt_path = lambda message: state["dir"]
     hm.prompt_text = lambda *args, **kw: ""
     error = None
     try:
@@ -124,14 +169,7 @@ def main() -> None:
         error = f"{type(e).__name__}: {e}"
     t_end = time.time()
 
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-
-    path = glob.glob(os.path.join(ckpt, "*.jsonl"))[0]
-    study = optuna.load_study(
-        study_name="heretic", storage=JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
-    )
+    study = journal_study(ckpt)
     trials = []
     for t in study.get_trials(deepcopy=False):
         ua = t.user_attrs
@@ -147,6 +185,7 @@ def main() -> None:
                 if t.datetime_complete and t.datetime_start
                 else None,
                 "start": t.datetime_start.timestamp() if t.datetime_start else None,
+                "end": t.datetime_complete.timestamp() if t.datetime_complete else None,
             }
         )
     starts = [t["start"] for t in trials if t["start"]]
@@ -162,7 +201,9 @@ def main() -> None:
         "settings_used": json.loads(study.user_attrs.get("settings", "{}")),
         "trials": trials,
         "chosen_trial": state["picked"].user_attrs["index"] if state["picked"] else None,
-        "saved_model": os.path.abspath(a.save_dir) if state["saved"] else None,
+        "saved_model": os.path.abspath(a.save_dir) if state["save"][0] else None,
+        "saved_candidates": state["candidates"] if a.save_candidates else None,
+        "started": t0,
         "timing": {
             "import_seconds": round(t_imported - t0, 1),
             "setup_seconds": round(min(starts) - t_imported, 1) if starts else None,

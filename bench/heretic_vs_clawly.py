@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -24,6 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.clawly_runner import settings_for  # noqa: E402
 from bench.common import dump, machine, package_version, write_lines  # noqa: E402
+from bench.time_to_quality import quality_threshold, time_to_quality  # noqa: E402
+
+QUALITY_KL = 0.1  # time to quality: the first-token KL a good model stays within
 
 STEPS = ("prepare", "heretic", "clawly", "rescore", "report")
 
@@ -110,43 +114,70 @@ def model_dir(a) -> str:
     return json.loads((a.work / "prepared.json").read_text())["model_dir"]
 
 
+def heretic_runs(a) -> dict[str, int]:
+    """Heretic's runs by name: `heretic-own` at the batch size its own probe picks on this machine
+    (probed once with batch size 0, then cached in --out), and `heretic-N` for each fixed N."""
+    runs = {}
+    for b in a.heretic_batch_sizes.split(","):
+        if b == "own":
+            cache = a.out / "heretic_batch_size.json"
+            runs["heretic-own"] = json.loads(cache.read_text())["batch_size"] if cache.is_file() else 0
+        else:
+            runs[f"heretic-{int(b)}"] = int(b)
+    return runs
+
+
+def chosen_batch_size(log: Path) -> int | None:
+    """The batch size Heretic's own probe chose, from its log ("Chosen batch size: N")."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text(errors="replace"))  # a terminal's colours
+    found = re.findall(r"Chosen batch size:\W*(\d+)", text)
+    return int(found[-1]) if found else None
+
+
 def heretic(a) -> None:
-    work = a.work / "heretic"
-    if work.exists():
-        shutil.rmtree(work)
-    wall = _run(
-        [
-            a.heretic_python,
-            str(ROOT / "bench" / "heretic_runner.py"),
-            "--model",
-            model_dir(a),
-            "--workdir",
-            str(work),
-            "--prompts",
-            str(a.out / "prompts"),
-            "--n-trials",
-            str(a.trials),
-            "--n-startup-trials",
-            str(a.startup),
-            "--seed",
-            str(a.seed),
-            "--batch-size",
-            str(a.heretic_batch_size),
-            "--max-response-length",
-            "100",
-            "--response-prefix",
-            "",
-            "--kl-cap",
-            str(a.kl_cap),
-            "--save-dir",
-            str(work / "model"),
-        ],
-        a.work / "heretic.log",
-    )
-    r = json.loads((work / "results.json").read_text())
-    r["wall_seconds"] = round(wall, 1)
-    dump(a.out / "heretic.json", r)
-    dump(a.out / "heretic_markers.json", {"markers": r["settings_used"].get("refusal_markers")})
+    for name, batch in heretic_runs(a).items():
+        work = a.work / name
+        if work.exists():
+            shutil.rmtree(work)
+        log = a.work / f"{name}.log"
+        wall = _run(
+            [
+                a.heretic_python,
+                str(ROOT / "bench" / "heretic_runner.py"),
+                "--model",
+                model_dir(a),
+                "--workdir",
+                str(work),
+                "--prompts",
+                str(a.out / "prompts"),
+                "--n-trials",
+                str(a.trials),
+                "--n-startup-trials",
+                str(a.startup),
+                "--seed",
+                str(a.seed),
+                "--batch-size",
+                str(batch),
+                "--max-response-length",
+                "100",
+                "--response-prefix",
+                "",
+                "--kl-cap",
+                str(a.kl_cap),
+                "--save-dir",
+                str(work / "model"),
+                "--save-candidates",
+                str(work / "candidates"),
+            ],
+            log,
+        )
+        r = json.loads((work / "results.json").read_text())
+        r["wall_seconds"] = round(wall, 1)
+        r["batch_size"] = batch or chosen_batch_size(log)
+        if batch == 0:  # Heretic probed: keep what it chose (and what the probe cost, in setup_seconds)
+            dump(a.out / "heretic_batch_size.json", {"batch_size": r["batch_size"], "probed_in": name})
+        dump(a.out / f"{name}.json", r)
+        dump(a.out / "heretic_markers.json", {"markers": r["settings_used"].get("refusal_markers")})
 
 
 def clawly(a, name: str = "clawly", prune_kl: float | None = None) -> None:
@@ -169,6 +200,8 @@ def clawly(a, name: str = "clawly", prune_kl: float | None = None) -> None:
         str(a.out / f"{name}.json"),
         "--harmful-choice",
         a.clawly_harmful_choice,
+        "--save-candidates",
+        str(a.work / name / "candidates"),
     ]
     if prune_kl is not None:
         cmd += ["--prune-kl", str(prune_kl)]
@@ -178,11 +211,28 @@ def clawly(a, name: str = "clawly", prune_kl: float | None = None) -> None:
     dump(a.out / f"{name}.json", r)
 
 
+def tool_results(a) -> dict[str, dict]:
+    """Each tool's run of this benchmark (its runner's results.json), by name."""
+    names = [*heretic_runs(a), "clawly"]
+    return {n: json.loads((a.out / f"{n}.json").read_text()) for n in names if (a.out / f"{n}.json").exists()}
+
+
+def models_to_rescore(tools: dict[str, dict]) -> dict[str, str]:
+    """'TOOL:N' -> the saved model of trial N: every time-to-quality candidate of every tool, and its
+    chosen trial where that is not one (saved as its `saved_model`)."""
+    out = {}
+    for name, r in tools.items():
+        for trial, path in sorted((r.get("saved_candidates") or {}).items(), key=lambda kv: int(kv[0])):
+            out[f"{name}:{int(trial)}"] = path
+        if r.get("saved_model") and f"{name}:{r['chosen_trial']}" not in out:
+            out[f"{name}:{r['chosen_trial']}"] = r["saved_model"]
+    return out
+
+
 def rescore(a) -> None:
     markers = a.work / "heretic_markers.json"
     markers.write_text(json.dumps(json.loads((a.out / "heretic_markers.json").read_text())["markers"]))
-    h = json.loads((a.out / "heretic.json").read_text())["saved_model"]
-    c = json.loads((a.out / "clawly.json").read_text())["saved_model"]
+    models = models_to_rescore(tool_results(a))
     _run(
         [
             sys.executable,
@@ -190,8 +240,7 @@ def rescore(a) -> None:
             "--base",
             "default",
             "--models",
-            f"heretic={h}",
-            f"clawly={c}",
+            *(f"{k}={v}" for k, v in models.items()),
             "--prompts",
             str(a.out / "prompts"),
             "--heretic-markers",
@@ -216,11 +265,7 @@ def dominated(front: list[tuple[int, float]], by: list[tuple[int, float]]) -> in
 
 
 def report(a) -> dict:
-    tools = {
-        n: json.loads((a.out / f"{n}.json").read_text())
-        for n in ("heretic", "clawly")
-        if (a.out / f"{n}.json").exists()
-    }
+    tools = tool_results(a)
     held = json.loads((a.out / "heldout.json").read_text()) if (a.out / "heldout.json").exists() else None
     summary: dict = {
         "machine": machine(),
@@ -230,6 +275,14 @@ def report(a) -> dict:
         "heretic_version": package_version(a.heretic_python, "heretic-llm"),
         "tools": {},
     }
+    if held:
+        base = held["models"]["base"]
+        bar = {"refusals": quality_threshold(base["refusals"]), "kl_divergence": QUALITY_KL}
+        summary["quality"] = {
+            **bar,
+            "rule": f"held-out five-way refusals <= a third of the base model's ({base['refusals']} of "
+            f"{held['harmful_prompts']}) at first-token KL <= {QUALITY_KL}",
+        }
     fronts = {}
     for name, r in tools.items():
         done = [t for t in r["trials"] if t["state"] == "COMPLETE"]
@@ -240,6 +293,7 @@ def report(a) -> dict:
             "mean_seconds_per_trial": round(statistics.fmean(secs), 1),
             "trials": len(secs),
             "pruned": sum(t["state"] == "PRUNED" for t in r["trials"]),
+            "batch_size": r.get("batch_size"),
             "total_seconds": r.get("wall_seconds"),
             "setup_seconds": r["timing"].get("setup_seconds"),
             "peak_rss_mib": r["peak_rss_mib"],
@@ -251,15 +305,28 @@ def report(a) -> dict:
             summary["tools"][name]["median_phase_seconds"] = {
                 k: round(statistics.median(p.get(k, 0.0) for p in phases), 2) for k in phases[0]
             }
-    if len(fronts) == 2:
-        h, c = summary["tools"]["heretic"], summary["tools"]["clawly"]
-        summary["speed_ratio"] = round(c["median_seconds_per_trial"] / h["median_seconds_per_trial"], 3)
-        summary["heretic_front_points_dominated_by_clawly"] = dominated(fronts["heretic"], fronts["clawly"])
-        summary["clawly_front_points_dominated_by_heretic"] = dominated(fronts["clawly"], fronts["heretic"])
+        if held and r.get("started"):
+            rescored = {int(k.split(":", 1)[1]): m for k, m in held["models"].items() if k.split(":", 1)[0] == name}
+            summary["tools"][name]["chosen_heldout"] = rescored.get(r["chosen_trial"])
+            summary["tools"][name]["time_to_quality"] = time_to_quality(
+                r["trials"], rescored, r["started"], bar["refusals"], bar["kl_divergence"]
+            )
+            summary["tools"][name]["candidates_rescored"] = len(rescored)
+    clawly = summary["tools"].get("clawly")
+    for name in heretic_runs(a):
+        if clawly and name in summary["tools"]:
+            h = summary["tools"][name]
+            summary.setdefault("speed_ratio", {})[name] = round(
+                clawly["median_seconds_per_trial"] / h["median_seconds_per_trial"], 3
+            )
+            summary.setdefault("front_points_dominated", {})[name] = {
+                f"{name} by clawly": dominated(fronts[name], fronts["clawly"]),
+                f"clawly by {name}": dominated(fronts["clawly"], fronts[name]),
+            }
     if held:
         summary["heldout"] = held
     dump(a.out / "summary.json", summary)
-    print(json.dumps({k: v for k, v in summary.items() if k != "machine"}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("machine", "heldout")}, indent=2))
     return summary
 
 
@@ -269,7 +336,11 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--startup", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--heretic-batch-size", type=int, default=64)
+    ap.add_argument(
+        "--heretic-batch-sizes",
+        default="own,128",
+        help="Heretic's runs: 'own' (the batch size its probe picks, cached after the first run) and/or numbers",
+    )
     ap.add_argument("--clawly-batch-size", default="auto")
     ap.add_argument("--clawly-max-new-tokens", type=int, default=24)
     ap.add_argument("--clawly-harmful-choice", default="sample", choices=("sample", "base_refusals"))

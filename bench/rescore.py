@@ -1,7 +1,9 @@
 """Re-score saved models on held-out prompts neither optimizer saw, with one scorer for all:
-greedy answers of up to --max-new-tokens tokens, keyword refusals by clawly's markers and by
-Heretic's markers (a response is final once both lists have fired), and first-token KL on
-held-out harmless prompts against the base model."""
+greedy answers of --max-new-tokens tokens, labelled by the five-way measure (refusal, hedged,
+compliance, off-topic, degenerate: `clawly.measure.stance`), with keyword refusals by clawly's
+markers and by Heretic's markers beside it, and first-token KL on held-out harmless prompts against
+the base model. Answers are decoded to the full budget: a refusal followed by the help is labelled
+by what follows, not cut at the marker."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import dump, read_lines  # noqa: E402
+
+FIVE = ("refusal", "hedged", "compliance", "off_topic", "degenerate")
 
 
 def main() -> None:
@@ -34,12 +38,13 @@ def main() -> None:
 
     import pandas as pd
 
+    from clawly.measure.classify import response_classifier
     from clawly.measure.decoding import PromptSet
     from clawly.measure.logprobs import kl_divergence
-    from clawly.measure.stance import RefusalDetector
+    from clawly.measure.stance import RefusalDetector, StrictKeywordRule, combine
     from clawly.measure.templating import chat_prompts
     from clawly.model.loading import load_model
-    from clawly.settings import ModelSettings
+    from clawly.settings import ModelSettings, Settings
 
     harmful = pd.read_csv(a.prompts / "harmful_heldout.csv")
     harmless = read_lines(a.prompts / "harmless_heldout.txt")
@@ -52,8 +57,11 @@ def main() -> None:
     def score(model, tok):
         hp = PromptSet(tok, chat_prompts(tok, harmful.text.tolist(), "You are a helpful assistant."), a.batch_size)
         gp = PromptSet(tok, chat_prompts(tok, harmless, "You are a helpful assistant."), a.batch_size)
-        responses, _ = hp.generate(model, a.max_new_tokens, decided=lambda t: clawly_rule(t) and heretic_rule(t))
+        responses, _ = hp.generate(model, a.max_new_tokens)
         return responses, gp.first_token_logprobs(model)
+
+    classifier = response_classifier(Settings())
+    requests = harmful.text.tolist()
 
     base, tok = load_model(ModelSettings(name=a.base, device="cpu", dtype="float32"))
     base_resp, base_lp = score(base, tok)
@@ -69,9 +77,13 @@ def main() -> None:
             resp, lp = score(model, tok)
             del model
         rows[f"{name}_response"] = resp
+        rows[f"{name}_label"] = combine(classifier(requests, resp).labels, StrictKeywordRule(clawly_rule).labels(resp))
         rows[f"{name}_refusal_clawly_markers"] = [clawly_rule(r) for r in resp]
         rows[f"{name}_refusal_heretic_markers"] = [heretic_verdict(r) for r in resp]
+        labels = rows[f"{name}_label"].value_counts()
         results[name] = {
+            "refusals": int(labels.get("refusal", 0)),
+            "labels": {k: int(labels.get(k, 0)) for k in FIVE},
             "refusals_clawly_markers": int(sum(rows[f"{name}_refusal_clawly_markers"])),
             "refusals_heretic_markers": int(sum(rows[f"{name}_refusal_heretic_markers"])),
             "kl_divergence": round(kl_divergence(base_lp, lp), 6),
@@ -85,6 +97,7 @@ def main() -> None:
             "harmful_prompts": len(harmful),
             "harmless_prompts": len(harmless),
             "max_new_tokens": a.max_new_tokens,
+            "refusals": "five-way (clawly.measure.stance); keyword counts beside it",
             "models": results,
         },
     )

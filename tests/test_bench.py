@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import pandas as pd
+from pathlib import Path
 
-from bench.heretic_vs_clawly import fixed_prompt_tables
+import pandas as pd
+import pytest
+import torch
+
+from bench.heretic_vs_clawly import chosen_batch_size, fixed_prompt_tables, models_to_rescore
+from bench.time_to_quality import candidates, completed, quality_threshold, time_to_quality
 from clawly.log import get_logger
 from clawly.paths import Paths
 from clawly.settings import Settings
@@ -37,3 +42,109 @@ def test_the_side_by_side_benchmark_scores_its_committed_prompts_whatever_the_te
     renewed = pd.read_parquet(tables / "harmful.parquet")
     assert set(renewed.text) != set(kept.text)  # seed 2's own prompts, now the committed ones
     pd.testing.assert_frame_equal(renewed, pd.read_parquet(fresh.harmful_prompts))
+
+
+def trial(n: int, refusals: int, kl: float, end: float, state: str = "COMPLETE") -> dict:
+    return {"trial": n, "refusals": refusals, "kl_divergence": kl, "end": end, "state": state}
+
+
+def test_candidates_are_the_trials_on_the_tools_own_front_when_they_completed():
+    trials = [
+        trial(0, 20, 0.05, end=10),  # the first: on the front
+        trial(1, 10, 0.30, end=30),  # fewer refusals: on the front
+        trial(2, 25, 0.10, end=20),  # dominated by trial 0, which completed before it
+        trial(3, 5, 0.02, end=40),  # dominates both, but they were candidates when they completed
+        trial(4, 5, 0.02, end=50),  # the same point again: nothing new to pick
+        trial(5, 1, 0.01, end=None, state="RUNNING"),  # not complete
+        trial(6, 1, 0.01, end=5, state="PRUNED"),
+    ]
+    assert [t["trial"] for t in completed(trials)] == [0, 2, 1, 3, 4]
+    assert [t["trial"] for t in candidates(trials)] == [0, 1, 3]
+
+
+def test_time_to_quality_is_the_first_candidate_that_is_good_held_out():
+    trials = [trial(0, 20, 0.05, end=110), trial(1, 10, 0.30, end=130), trial(2, 8, 0.2, end=150)]
+    rescored = {
+        0: {"refusals": 30, "kl_divergence": 0.04},  # too many refusals held out
+        1: {"refusals": 9, "kl_divergence": 0.15},  # too much KL held out
+        2: {"refusals": 10, "kl_divergence": 0.08},
+    }
+    assert time_to_quality(trials, rescored, started=100, max_refusals=10, max_kl=0.1) == {
+        "trial": 2,
+        "seconds": 50,
+        "refusals": 10,
+        "kl_divergence": 0.08,
+    }
+    assert time_to_quality(trials, rescored, started=100, max_refusals=9, max_kl=0.1) is None
+    assert time_to_quality(trials, {**rescored, 1: {"refusals": 9, "kl_divergence": 0.1}}, 100, 10, 0.1)["trial"] == 1
+    with pytest.raises(KeyError, match="candidate trial 1 was not re-scored"):
+        time_to_quality(trials, {0: rescored[0]}, started=100, max_refusals=10, max_kl=0.1)
+    assert quality_threshold(31) == 10
+
+
+def test_every_candidate_and_each_chosen_trial_is_rescored_once(tmp_path):
+    tools = {
+        "heretic-own": {
+            "saved_candidates": {"3": "/h/trial-3", "1": "/h/trial-1"},
+            "chosen_trial": 3,
+            "saved_model": "/h/model",
+        },
+        "clawly": {"saved_candidates": {"0": "/c/trial-0"}, "chosen_trial": 5, "saved_model": "/c/model"},
+    }
+    assert models_to_rescore(tools) == {
+        "heretic-own:1": "/h/trial-1",
+        "heretic-own:3": "/h/trial-3",  # the chosen trial is a candidate: scored once, as the candidate
+        "clawly:0": "/c/trial-0",
+        "clawly:5": "/c/model",  # the chosen trial was no candidate (an equal point came first)
+    }
+
+
+def test_heretics_own_batch_size_is_read_from_its_log(tmp_path):
+    log = tmp_path / "heretic.log"
+    log.write_text(
+        "* Trying batch size 64... Ok (12 tokens/s)\n* Trying batch size 128... Ok\n* Chosen batch size: 128\n"
+    )
+    assert chosen_batch_size(log) == 128
+    log.write_text("* Chosen batch size: \x1b[1m32\x1b[0m\n")  # rich's bold, where a terminal keeps it
+    assert chosen_batch_size(log) == 32
+    log.write_text("no probe\n")
+    assert chosen_batch_size(log) is None
+
+
+@pytest.mark.slow
+def test_the_clawly_runner_saves_each_candidate_as_the_pipeline_merges_it(tmp_path, tiny_model_dir, monkeypatch):
+    """The runner's candidates are the trials on its front when they completed; each is saved as a
+    merged model, and the chosen one equals the model the export-lora and merge stages wrote."""
+    import json
+    import sys
+
+    from safetensors.torch import load_file
+
+    from bench import clawly_runner
+    from bench.clawly_runner import settings_for
+
+    ws = tmp_path / "ws"
+    generate_datasets.run(settings_for(ws, str(tiny_model_dir)), get_logger("bench-test", quiet=True))
+    out = tmp_path / "clawly.json"
+    argv = ["clawly_runner", "--workspace", str(ws), "--model", str(tiny_model_dir), "--n-trials", "4"]
+    argv += ["--n-startup-trials", "4", "--max-new-tokens", "4", "--batch-size", "16", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--save-candidates", str(tmp_path / "candidates")])
+    clawly_runner.main()
+    r = json.loads(out.read_text())
+    assert all(t["end"] >= r["started"] for t in r["trials"])
+    expected = [t["trial"] for t in candidates(r["trials"])]
+    assert sorted(int(k) for k in r["saved_candidates"]) == sorted(expected) and expected
+
+    def weights(d) -> dict:
+        return {k: v for f in sorted(Path(d).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    merged = weights(r["saved_model"])
+    chosen = r["saved_candidates"].get(str(r["chosen_trial"]))
+    assert chosen is not None  # the chosen trial is on the final front, so it was a candidate
+    saved = weights(chosen)
+    assert saved.keys() == merged.keys()
+    for k in merged:
+        torch.testing.assert_close(saved[k], merged[k], rtol=0, atol=1e-5)
+    base = weights(tiny_model_dir)
+    for trial, path in r["saved_candidates"].items():
+        assert any(not torch.equal(weights(path)[k], base[k]) for k in base), f"trial {trial} saved the base model"
