@@ -172,6 +172,7 @@ def measure(run: Path, name: str) -> dict:
         "directions": settings.directions.method,
         "chosen_trial": chosen.trial,
         "plan": chosen.plan.to_dict(),
+        "distill": distill_settings(settings),
         "kl_divergence": round(kl, 4),
         "harmless_prompts": len(g),
         "harmless_quality": harmless_quality,
@@ -179,6 +180,22 @@ def measure(run: Path, name: str) -> dict:
         "seconds": round(time.perf_counter() - t0, 1),
         "by_category": rows,
     }
+
+
+def distill_settings(settings: Settings) -> dict | None:
+    """What the run distilled (None: the chosen trial's change was exported as it is)."""
+    d = settings.distill
+    if not d.steps:
+        return None
+    keys = ("steps", "rank", "lr", "targeted_prompts", "kept_prompts", "harmless_prompts", "kl_tokens")
+    return {k: getattr(d, k) for k in keys}
+
+
+def edit_cell(r: dict) -> str:
+    cell = f"{r['edit']} ({r['directions']})"
+    if r.get("distill"):
+        cell += f", distilled ({r['distill']['steps']} steps)"
+    return cell
 
 
 def table(results: dict) -> str:
@@ -236,7 +253,7 @@ def holdout_table(results: dict) -> str:
             )
         hq = r["harmless_quality"]
         lines.append(
-            f"| {name} | {r['edit']} ({r['directions']}) | {r['kl_divergence']:.3f} | "
+            f"| {name} | {edit_cell(r)} | {r['kl_divergence']:.3f} | "
             f"{hq['compliance']['base']} → {hq['compliance']['after']} of {hq['prompts']} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines) + "\n"
