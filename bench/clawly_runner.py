@@ -50,7 +50,7 @@ def save_candidates(settings, log, model, tok, study, trials: list[dict], out: P
     for t in candidates(trials):
         pipe.restore_trial(AblationPlan.from_dict(plans[t["trial"]]))
         saved[t["trial"]] = str(pipe.save_model(out / f"trial-{t['trial']}"))
-    pipe._restore_base()
+    pipe.close()  # the base weights back in the model the caller still holds
     return saved
 
 

@@ -63,23 +63,31 @@ def journal_study(ckpt: str):
     )
 
 
+def trial_row(t) -> dict:
+    """One trial of Heretic's journal as the benchmark reports it (its own index, counts and times)."""
+    ua = t.user_attrs
+    return {
+        "trial": ua.get("index"),
+        "state": t.state.name,
+        "refusals": ua.get("refusals"),
+        "kl_divergence": ua.get("kl_divergence"),
+        "prompts": ua.get("n_bad_prompts"),
+        "base_refusals": ua.get("base_refusals"),
+        "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
+        if t.datetime_complete and t.datetime_start
+        else None,
+        "start": t.datetime_start.timestamp() if t.datetime_start else None,
+        "end": t.datetime_complete.timestamp() if t.datetime_complete else None,
+    }
+
+
 def candidate_trials(ckpt: str) -> list:
     """Heretic's trials that were on its own front when they completed (bench/time_to_quality.py)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from time_to_quality import candidates
 
     frozen = {t.user_attrs.get("index"): t for t in journal_study(ckpt).get_trials(deepcopy=False)}
-    rows = [
-        {
-            "trial": i,
-            "state": t.state.name,
-            "refusals": t.user_attrs.get("refusals"),
-            "kl_divergence": t.user_attrs.get("kl_divergence"),
-            "end": t.datetime_complete.timestamp() if t.datetime_complete else None,
-        }
-        for i, t in frozen.items()
-    ]
-    return [frozen[r["trial"]] for r in candidates(rows)]
+    return [frozen[r["trial"]] for r in candidates([trial_row(t) for t in frozen.values()])]
 
 
 def main() -> None:
@@ -132,7 +140,7 @@ def main() -> None:
 
     t_imported = time.time()
     state: dict = {"picked": None, "saved": False, "menu": None, "save": [None, None], "queue": None, "dir": None}
-    state["candidates"] = {}
+    state["candidates"] = {}  # Heretic's trial index -> the directory it was saved in
 
     def select(message, choices):
         values = [getattr(c, "value", c) for c in choices]
@@ -170,24 +178,7 @@ def main() -> None:
     t_end = time.time()
 
     study = journal_study(ckpt)
-    trials = []
-    for t in study.get_trials(deepcopy=False):
-        ua = t.user_attrs
-        trials.append(
-            {
-                "trial": ua.get("index"),
-                "state": t.state.name,
-                "refusals": ua.get("refusals"),
-                "kl_divergence": ua.get("kl_divergence"),
-                "prompts": ua.get("n_bad_prompts"),
-                "base_refusals": ua.get("base_refusals"),
-                "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
-                if t.datetime_complete and t.datetime_start
-                else None,
-                "start": t.datetime_start.timestamp() if t.datetime_start else None,
-                "end": t.datetime_complete.timestamp() if t.datetime_complete else None,
-            }
-        )
+    trials = [trial_row(t) for t in study.get_trials(deepcopy=False)]
     starts = [t["start"] for t in trials if t["start"]]
     import importlib.metadata as md
 

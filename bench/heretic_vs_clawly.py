@@ -110,6 +110,11 @@ def _run(cmd: list[str], log: Path) -> float:
     return time.time() - t0
 
 
+def study_args(a) -> list[str]:
+    """What every tool's runner is given alike: trials, random start-up trials, seed."""
+    return ["--n-trials", str(a.trials), "--n-startup-trials", str(a.startup), "--seed", str(a.seed)]
+
+
 def model_dir(a) -> str:
     return json.loads((a.work / "prepared.json").read_text())["model_dir"]
 
@@ -150,12 +155,7 @@ def heretic(a) -> None:
                 str(work),
                 "--prompts",
                 str(a.out / "prompts"),
-                "--n-trials",
-                str(a.trials),
-                "--n-startup-trials",
-                str(a.startup),
-                "--seed",
-                str(a.seed),
+                *study_args(a),
                 "--batch-size",
                 str(batch),
                 "--max-response-length",
@@ -186,12 +186,7 @@ def clawly(a, name: str = "clawly", prune_kl: float | None = None) -> None:
         str(ROOT / "bench" / "clawly_runner.py"),
         "--workspace",
         str(a.work / "clawly"),
-        "--n-trials",
-        str(a.trials),
-        "--n-startup-trials",
-        str(a.startup),
-        "--seed",
-        str(a.seed),
+        *study_args(a),
         "--max-new-tokens",
         str(a.clawly_max_new_tokens),
         "--batch-size",
