@@ -13,6 +13,10 @@ Fixtures:
 - `postgres_url`, `slurm_cluster`: a real PostgreSQL server and Slurm cluster on 127.0.0.1
   (tests/services.py; a test that asks for one fails when it cannot be started).
 
+Parallel: `pytest` runs on pytest-xdist's workers (`-n auto --dist loadgroup`, pyproject.toml), each
+with its share of torch's CPU threads; the tests that use the services share one worker (group
+`services`), so the servers start once. `-n 0` runs in one process.
+
 Markers: a test that uses `postgres_url` or `slurm_cluster` is marked `services` and `slow`, and one
 marked `browser` is marked `slow`, at collection: the quick loop (`pytest -m "not slow"`) needs no
 root, no servers and no browser; plain `pytest` (CI) runs them all.
@@ -20,6 +24,7 @@ root, no servers and no browser; plain `pytest` (CI) runs them all.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -291,8 +296,6 @@ def write_tiny_gguf(path: Path, num_layers: int = 2, hidden: int = 32):
 def _hypothesis_profiles() -> None:
     """Property tests draw the same examples on every run (CI stays deterministic); set
     HYPOTHESIS_PROFILE=explore to draw new ones."""
-    import os
-
     from hypothesis import settings
 
     settings.register_profile("repeatable", derandomize=True, database=None)
@@ -307,6 +310,9 @@ SERVICE_FIXTURES = ("postgres_url", "slurm_cluster")  # tests/services.py: root,
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # pytest-xdist: each worker gets its share of the CPU threads, not all of them
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
     config.addinivalue_line(
         "markers", "slow: needs the real packaged model, long runs, the services or a browser (deselect: -m 'not slow')"
     )
@@ -325,6 +331,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         services = set(SERVICE_FIXTURES) & set(getattr(item, "fixturenames", ()))
         if services:
             item.add_marker(pytest.mark.services)
+            item.add_marker(pytest.mark.xdist_group("services"))  # one worker starts the servers, once
         if services or item.get_closest_marker("browser") is not None:
             item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
