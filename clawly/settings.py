@@ -357,6 +357,7 @@ class OptimizeSettings:
     workers: int = _f(1)
     harmful_prompts: int = _f(48)
     harmful_choice: str = _f("sample")
+    harmful_pool: int | None = _f(None)
     harmless_prompts: int = _f(48)
     max_new_tokens: int = _f(16)
     kept_max_new_tokens: int = _f(48)
@@ -395,6 +396,12 @@ class OptimizeSettings:
             "optimize.harmful_choice",
             self.harmful_choice,
             "'sample' or 'base_refusals'",
+        )
+        _check(
+            self.harmful_pool is None or self.harmful_pool >= 1,
+            "optimize.harmful_pool",
+            self.harmful_pool,
+            "null (every train and tune request) or an integer >= 1",
         )
         _check(self.n_trials >= 1, "optimize.n_trials", self.n_trials, "an integer >= 1")
         _check(self.workers >= 1, "optimize.workers", self.workers, "an integer >= 1")

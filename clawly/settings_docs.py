@@ -98,6 +98,9 @@ HELP = {
     "(the base model first answers every train and tune request of the scored categories, and trials are scored on "
     "harmful_prompts of those it refuses, spread over categories: only they can lose a targeted refusal or keep a "
     "kept one; eval requests are never used).",
+    "optimize.harmful_pool": "With harmful_choice=base_refusals: how many train and tune requests (stratified over "
+    "categories) the base model answers to find its refusals among; null answers all of them. The base model answers "
+    "them once, before the first trial, at the cost of a trial's worth of harmful prompts per harmful_prompts of pool.",
     "optimize.harmless_prompts": "Harmless prompts per trial (tune split, else eval), for the KL divergence.",
     "optimize.max_new_tokens": "Tokens generated per response at most (generation stops once a refusal marker appears).",
     "optimize.kept_max_new_tokens": "Tokens per answer to a kept category's prompts (category mode). They count as kept refusals only when "

@@ -608,3 +608,26 @@ def test_base_refusals_choice_says_what_to_change_when_the_base_refuses_nothing(
     s = _choice_settings(tmp_path, tiny_model_dir, harmful_choice="base_refusals", refusal_markers=["zzzzqqq"])
     with pytest.raises(ClawlyError, match="refuses none of the 64 train and tune requests"):
         evaluation(s, get_logger("t", quiet=True), model, tok)
+
+
+def test_harmful_pool_caps_the_requests_the_base_model_answers_to_find_its_refusals(tmp_path, tiny_model_dir):
+    """optimize.harmful_pool: the base model answers a stratified sample of that many train and tune
+    requests instead of all of them (its refusals are found among those); the sample is a subset of the
+    full pool, spread evenly over categories, and never holds an eval request."""
+    from clawly.settings import OptimizeSettings
+    from clawly.steps.optimize import optimizer_prompts
+
+    full, _ = optimizer_prompts(_choice_settings(tmp_path, tiny_model_dir, harmful_choice="base_refusals"))
+    capped, _ = optimizer_prompts(
+        _choice_settings(tmp_path, tiny_model_dir, harmful_choice="base_refusals", harmful_pool=16)
+    )
+    assert len(full) == 64 and len(capped) == 16
+    assert set(capped.id) < set(full.id) and set(capped.split) <= {"train", "tune"}
+    assert set(capped.category.value_counts()) == {2}  # 8 categories, 2 each
+    assert capped.id.is_monotonic_increasing
+    big, _ = optimizer_prompts(
+        _choice_settings(tmp_path, tiny_model_dir, harmful_choice="base_refusals", harmful_pool=999)
+    )
+    assert big.id.tolist() == full.id.tolist()
+    with pytest.raises(ValueError, match="optimize.harmful_pool"):
+        OptimizeSettings(harmful_pool=0)

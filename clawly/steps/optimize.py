@@ -163,8 +163,8 @@ def optimizer_prompts(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
     (targeted and kept) are scored; in global mode every category but the instructed ones.
 
     With optimize.harmful_choice=base_refusals the harmful table is every train and tune request of
-    the scored categories (none is an eval request: evaluate's figures stay held out): `evaluation`
-    keeps those the base model refuses."""
+    the scored categories (none is an eval request: evaluate's figures stay held out), or a stratified
+    sample of optimize.harmful_pool of them: `evaluation` keeps those the base model refuses."""
     harmful, harmless = read_prompts(Paths.of(settings))
     s = settings.optimize
     split = tuning_split(harmful)
@@ -183,6 +183,8 @@ def optimizer_prompts(settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
         )
     if choose_refused:
         h = pool.sort_values("id").reset_index(drop=True)
+        if s.harmful_pool is not None and s.harmful_pool < len(h):
+            h = stratified_sample(h, s.harmful_pool, s.seed).sort_values("id").reset_index(drop=True)
     else:
         h = stratified_sample(pool, s.harmful_prompts, s.seed)
     g = harmless[harmless.split == tuning_split(harmless)]
