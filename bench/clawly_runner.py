@@ -70,6 +70,13 @@ def main() -> None:
         choices=("sample", "base_refusals"),
         help="optimize.harmful_choice: score trials on a sample, or on requests the base model refuses",
     )
+    ap.add_argument(
+        "--optimize",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other optimize setting (a YAML value), e.g. harmful_pool=136; repeat for more",
+    )
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument(
         "--save-candidates",
@@ -79,6 +86,7 @@ def main() -> None:
     a = ap.parse_args()
     t0 = time.time()
     import optuna
+    import yaml
 
     from clawly.log import get_logger
     from clawly.model.loading import load_model
@@ -92,6 +100,7 @@ def main() -> None:
     )
 
     bs = int(a.batch_size) if a.batch_size.isdigit() else a.batch_size
+    extra = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in a.optimize)}
     settings = settings_for(
         a.workspace,
         a.model,
@@ -103,6 +112,7 @@ def main() -> None:
         prune_kl=a.prune_kl,
         harmful_choice=a.harmful_choice,
         storage=str(a.workspace / "artifacts" / "study" / f"journal-{a.out.stem}.log"),
+        **extra,
     )
     log = get_logger("bench", a.workspace / "logs")
     timing = {}

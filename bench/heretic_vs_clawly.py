@@ -3,8 +3,9 @@
     python bench/heretic_vs_clawly.py --heretic-python /path/to/heretic-venv/bin/python
 
 Steps (--steps, default all): prepare (the fixed prompt tables, generated once and committed, exported as text files),
-heretic, clawly, rescore (each tool's chosen trial on held-out prompts, one scorer for both),
-report (per-trial median seconds, total time, peak memory, Pareto fronts, held-out figures).
+heretic, clawly, temaq (temaq-abliterated, from its own venv: --temaq), rescore (every tool's candidates and chosen
+model on held-out prompts, one scorer for all), report (per-trial median seconds, time to quality, total time, peak
+memory, Pareto fronts, held-out figures).
 Figures go to --out (committed); models, studies and answers to --work (not committed).
 """
 
@@ -25,11 +26,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench.clawly_runner import settings_for  # noqa: E402
 from bench.common import dump, machine, package_version, write_lines  # noqa: E402
-from bench.time_to_quality import quality_threshold, time_to_quality  # noqa: E402
+from bench.time_to_quality import final_model_quality, quality_threshold, time_to_quality  # noqa: E402
 
 QUALITY_KL = 0.1  # time to quality: the first-token KL a good model stays within
 
-STEPS = ("prepare", "heretic", "clawly", "rescore", "report")
+STEPS = ("prepare", "heretic", "clawly", "temaq", "rescore", "report")
 
 
 def fixed_prompt_tables(tables: Path, paths, generate, regenerate: bool = False) -> bool:
@@ -180,12 +181,34 @@ def heretic(a) -> None:
         dump(a.out / "heretic_markers.json", {"markers": r["settings_used"].get("refusal_markers")})
 
 
-def clawly(a, name: str = "clawly", prune_kl: float | None = None) -> None:
+def clawly_variants(a) -> dict[str, list[str]]:
+    """clawly's runs by name: `clawly` (the settings below) and each --clawly-variant NAME:KEY=VALUE,...
+    (optimize settings on top of those)."""
+    runs = {"clawly": []}
+    for v in a.clawly_variant:
+        name, _, sets = v.partition(":")
+        if not name.startswith("clawly-") or not sets:
+            raise SystemExit(f"--clawly-variant {v!r}: expected clawly-NAME:KEY=VALUE[,KEY=VALUE...]")
+        runs[name] = sets.split(",")
+    return runs
+
+
+def clawly(a) -> None:
+    for name, sets in clawly_variants(a).items():
+        ws = a.work / name
+        if name != "clawly":  # the same prompt tables as the first run, its own artifacts
+            if ws.exists():
+                shutil.rmtree(ws)
+            shutil.copytree(a.work / "clawly" / "prompts", ws / "prompts")
+        clawly_run(a, name, ws, sets)
+
+
+def clawly_run(a, name: str, ws: Path, sets: list[str]) -> None:
     cmd = [
         sys.executable,
         str(ROOT / "bench" / "clawly_runner.py"),
         "--workspace",
-        str(a.work / "clawly"),
+        str(ws),
         *study_args(a),
         "--max-new-tokens",
         str(a.clawly_max_new_tokens),
@@ -198,17 +221,44 @@ def clawly(a, name: str = "clawly", prune_kl: float | None = None) -> None:
         "--save-candidates",
         str(a.work / name / "candidates"),
     ]
-    if prune_kl is not None:
-        cmd += ["--prune-kl", str(prune_kl)]
+    for kv in sets:
+        cmd += ["--optimize", kv]
     wall = _run(cmd, a.work / f"{name}.log")
     r = json.loads((a.out / f"{name}.json").read_text())
     r["wall_seconds"] = round(wall, 1)
     dump(a.out / f"{name}.json", r)
 
 
+def temaq(a) -> None:
+    work = a.work / "temaq"
+    if work.exists():
+        shutil.rmtree(work)
+    _run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "temaq_runner.py"),
+            "--temaq",
+            a.temaq,
+            "--model",
+            model_dir(a),
+            "--workdir",
+            str(work),
+            "--prompts",
+            str(a.out / "prompts"),
+            "--trials",
+            str(a.trials),
+            "--seed",
+            str(a.seed),
+            "--out",
+            str(a.out / "temaq.json"),
+        ],
+        a.work / "temaq.log",
+    )
+
+
 def tool_results(a) -> dict[str, dict]:
     """Each tool's run of this benchmark (its runner's results.json), by name."""
-    names = [*heretic_runs(a), "clawly"]
+    names = [*heretic_runs(a), *clawly_variants(a), "temaq"]
     return {n: json.loads((a.out / f"{n}.json").read_text()) for n in names if (a.out / f"{n}.json").exists()}
 
 
@@ -227,7 +277,9 @@ def models_to_rescore(tools: dict[str, dict]) -> dict[str, str]:
 def rescore(a) -> None:
     markers = a.work / "heretic_markers.json"
     markers.write_text(json.dumps(json.loads((a.out / "heretic_markers.json").read_text())["markers"]))
-    models = models_to_rescore(tool_results(a))
+    tools = tool_results(a)
+    models = models_to_rescore(tools)
+    chosen = [f"{n}:{r['chosen_trial']}" for n, r in tools.items()]
     _run(
         [
             sys.executable,
@@ -240,6 +292,10 @@ def rescore(a) -> None:
             str(a.out / "prompts"),
             "--heretic-markers",
             str(markers),
+            "--until-good",
+            *chosen,
+            "--max-kl",
+            str(QUALITY_KL),
             "--out",
             str(a.out / "heldout.json"),
             "--responses",
@@ -290,7 +346,7 @@ def report(a) -> dict:
             "pruned": sum(t["state"] == "PRUNED" for t in r["trials"]),
             "batch_size": r.get("batch_size"),
             "total_seconds": r.get("wall_seconds"),
-            "setup_seconds": r["timing"].get("setup_seconds"),
+            "setup_seconds": r.get("timing", {}).get("setup_seconds"),
             "peak_rss_mib": r["peak_rss_mib"],
             "chosen_trial": r["chosen_trial"],
             "pareto_front": [{"refusals": p[0], "kl_divergence": round(p[1], 4)} for p in fronts[name]],
@@ -303,17 +359,23 @@ def report(a) -> dict:
         if held and r.get("started"):
             rescored = {int(k.split(":", 1)[1]): m for k, m in held["models"].items() if k.split(":", 1)[0] == name}
             summary["tools"][name]["chosen_heldout"] = rescored.get(r["chosen_trial"])
-            summary["tools"][name]["time_to_quality"] = time_to_quality(
-                r["trials"], rescored, r["started"], bar["refusals"], bar["kl_divergence"]
+            summary["tools"][name]["time_to_quality"] = (
+                final_model_quality(
+                    rescored.get(r["chosen_trial"]), r["wall_seconds"], bar["refusals"], bar["kl_divergence"]
+                )
+                if r.get("final_model_only")
+                else time_to_quality(r["trials"], rescored, r["started"], bar["refusals"], bar["kl_divergence"])
             )
             summary["tools"][name]["candidates_rescored"] = len(rescored)
-    clawly = summary["tools"].get("clawly")
     for name in heretic_runs(a):
-        if clawly and name in summary["tools"]:
-            h = summary["tools"][name]
-            summary.setdefault("speed_ratio", {})[name] = round(
-                clawly["median_seconds_per_trial"] / h["median_seconds_per_trial"], 3
-            )
+        for c in clawly_variants(a):  # "clawly / heretic-own": clawly's median trial over Heretic's
+            if c in summary["tools"] and name in summary["tools"]:
+                summary.setdefault("speed_ratio", {})[f"{c} / {name}"] = round(
+                    summary["tools"][c]["median_seconds_per_trial"]
+                    / summary["tools"][name]["median_seconds_per_trial"],
+                    3,
+                )
+        if "clawly" in fronts and name in fronts:
             summary.setdefault("front_points_dominated", {})[name] = {
                 f"{name} by clawly": dominated(fronts[name], fronts["clawly"]),
                 f"clawly by {name}": dominated(fronts["clawly"], fronts[name]),
@@ -328,6 +390,7 @@ def report(a) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--heretic-python", default="heretic-venv/bin/python")
+    ap.add_argument("--temaq", default="temaq-venv/bin/temaq-abliterated", help="temaq-abliterated in its own venv")
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--startup", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -339,6 +402,13 @@ def main() -> None:
     ap.add_argument("--clawly-batch-size", default="auto")
     ap.add_argument("--clawly-max-new-tokens", type=int, default=24)
     ap.add_argument("--clawly-harmful-choice", default="sample", choices=("sample", "base_refusals"))
+    ap.add_argument(
+        "--clawly-variant",
+        action="append",
+        default=[],
+        metavar="clawly-NAME:KEY=VALUE,...",
+        help="another clawly run in the same benchmark, with these optimize settings on top (repeatable)",
+    )
     ap.add_argument("--kl-cap", type=float, default=0.5)
     ap.add_argument(
         "--regenerate-prompts",
@@ -356,7 +426,14 @@ def main() -> None:
             raise SystemExit(f"unknown step {step!r}; steps: {', '.join(STEPS)}")
         print(f"== {step}", flush=True)
         t0 = time.time()
-        {"prepare": prepare, "heretic": heretic, "clawly": clawly, "rescore": rescore, "report": report}[step](a)
+        {
+            "prepare": prepare,
+            "heretic": heretic,
+            "clawly": clawly,
+            "temaq": temaq,
+            "rescore": rescore,
+            "report": report,
+        }[step](a)
         print(f"== {step} done in {time.time() - t0:.0f} s", flush=True)
 
 

@@ -61,3 +61,16 @@ def time_to_quality(
                 "kl_divergence": r["kl_divergence"],
             }
     return None
+
+
+def final_model_quality(rescored: dict | None, wall_seconds: float, max_refusals: int, max_kl: float) -> dict | None:
+    """Time to quality of a tool that writes one model, at its end (temaq-abliterated): its wall time
+    when that model's re-score meets the bar; None when it does not, or when it wrote no model."""
+    if rescored is None or rescored["refusals"] > max_refusals or rescored["kl_divergence"] > max_kl:
+        return None
+    return {
+        "trial": "final",
+        "seconds": round(wall_seconds, 1),
+        "refusals": rescored["refusals"],
+        "kl_divergence": rescored["kl_divergence"],
+    }

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from bench.heretic_vs_clawly import chosen_batch_size, fixed_prompt_tables, models_to_rescore
-from bench.time_to_quality import candidates, completed, quality_threshold, time_to_quality
+from bench.rescore import UntilGood
+from bench.temaq_runner import checkpoint_history
+from bench.time_to_quality import candidates, completed, final_model_quality, quality_threshold, time_to_quality
 from clawly.log import get_logger
 from clawly.paths import Paths
 from clawly.settings import Settings
@@ -80,6 +82,41 @@ def test_time_to_quality_is_the_first_candidate_that_is_good_held_out():
     with pytest.raises(KeyError, match="candidate trial 1 was not re-scored"):
         time_to_quality(trials, {0: rescored[0]}, started=100, max_refusals=10, max_kl=0.1)
     assert quality_threshold(31) == 10
+
+
+def test_a_tool_that_writes_one_model_at_its_end_reaches_quality_at_its_wall_time_or_not_at_all(tmp_path):
+    good, bad = {"refusals": 10, "kl_divergence": 0.08}, {"refusals": 11, "kl_divergence": 0.08}
+    assert final_model_quality(good, 1234.56, max_refusals=10, max_kl=0.1) == {
+        "trial": "final",
+        "seconds": 1234.6,
+        "refusals": 10,
+        "kl_divergence": 0.08,
+    }
+    assert final_model_quality(bad, 1234.56, max_refusals=10, max_kl=0.1) is None
+    assert final_model_quality({**good, "kl_divergence": 0.11}, 1234.56, max_refusals=10, max_kl=0.1) is None
+    assert final_model_quality(None, 1234.56, max_refusals=10, max_kl=0.1) is None  # it wrote no model
+    # temaq's checkpoint (cache/runs/<key>.json, rewritten after every trial) is found among its other JSON files
+    (tmp_path / "cache" / "runs").mkdir(parents=True)
+    (tmp_path / "cache" / "runs" / "key.json").write_text('{"attempt": 2, "history": [{"attempt": 1}, {"attempt": 2}]}')
+    (tmp_path / "other.json").write_text('{"history": []}')
+    assert [h["attempt"] for h in checkpoint_history(tmp_path)] == [1, 2]
+
+
+def test_rescoring_stops_at_each_tools_first_good_candidate_but_keeps_its_chosen_trial():
+    until = UntilGood(keep=["clawly:7", "heretic-own:5"], max_kl=0.1)
+    scores = {"base": (31, 0.0), "clawly:0": (20, 0.02), "clawly:2": (10, 0.08), "heretic-own:1": (10, 0.2)}
+    scores |= {"clawly:3": (5, 0.05), "clawly:7": (4, 0.09), "heretic-own:4": (9, 0.1), "heretic-own:5": (3, 0.3)}
+    scored = []
+    for name, (refusals, kl) in scores.items():
+        if until.wanted(name):
+            scored.append(name)
+            until.scored(name, refusals, kl)
+    # the bar is 31 // 3 = 10 refusals at KL <= 0.1: clawly:2 and heretic-own:4 are the first good ones
+    assert until.skipped == ["clawly:3"]
+    assert scored == ["base", "clawly:0", "clawly:2", "heretic-own:1", "clawly:7", "heretic-own:4", "heretic-own:5"]
+    trials = [trial(0, 20, 0.02, end=1), trial(2, 12, 0.05, end=2), trial(3, 5, 0.06, end=3)]  # all candidates
+    rescored = {n: {"refusals": scores[f"clawly:{n}"][0], "kl_divergence": scores[f"clawly:{n}"][1]} for n in (0, 2)}
+    assert time_to_quality(trials, rescored, started=0, max_refusals=10, max_kl=0.1)["trial"] == 2
 
 
 def test_every_candidate_and_each_chosen_trial_is_rescored_once(tmp_path):
