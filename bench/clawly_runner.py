@@ -110,9 +110,11 @@ def main() -> None:
         max_new_tokens=a.max_new_tokens,
         batch_size=bs,
         prune_kl=a.prune_kl,
-        harmful_choice=a.harmful_choice,
-        storage=str(a.workspace / "artifacts" / "study" / f"journal-{a.out.stem}.log"),
-        **extra,
+        **{
+            "harmful_choice": a.harmful_choice,
+            "storage": str(a.workspace / "artifacts" / "study" / f"journal-{a.out.stem}.log"),
+            **extra,  # --optimize KEY=VALUE wins
+        },
     )
     log = get_logger("bench", a.workspace / "logs")
     timing = {}
