@@ -334,9 +334,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group("services"))  # one worker starts the servers, once
         if services or item.get_closest_marker("browser") is not None:
             item.add_marker(pytest.mark.slow)
-    # the slow tests first (a stable sort): on xdist's workers they then overlap with each other and with
-    # the quick ones, instead of one of them running alone at the end
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
