@@ -12,6 +12,7 @@ Figures go to --out (committed); models, studies and answers to --work (not comm
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import shutil
@@ -274,11 +275,21 @@ def models_to_rescore(tools: dict[str, dict]) -> dict[str, str]:
     return out
 
 
+def interleaved(models: dict[str, str]) -> dict[str, str]:
+    """'TOOL:N' keys taken in turn from each tool (each tool's own order kept): a re-score stopped
+    early has moved every tool's time to quality along, not finished one tool."""
+    by_tool: dict[str, list[str]] = {}
+    for key in models:
+        by_tool.setdefault(key.split(":", 1)[0], []).append(key)
+    order = [k for row in itertools.zip_longest(*by_tool.values()) for k in row if k is not None]
+    return {k: models[k] for k in order}
+
+
 def rescore(a) -> None:
     markers = a.work / "heretic_markers.json"
     markers.write_text(json.dumps(json.loads((a.out / "heretic_markers.json").read_text())["markers"]))
     tools = tool_results(a)
-    models = models_to_rescore(tools)
+    models = interleaved(models_to_rescore(tools))
     chosen = [f"{n}:{r['chosen_trial']}" for n, r in tools.items()]
     _run(
         [
@@ -313,6 +324,14 @@ def pareto(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
 
 def dominated(front: list[tuple[int, float]], by: list[tuple[int, float]]) -> int:
     return sum(any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in by) for p in front)
+
+
+def reached(trials, rescored, started, max_refusals, max_kl) -> dict | None:
+    """time_to_quality, or, when the re-score stopped before a candidate it needs, what is known."""
+    try:
+        return time_to_quality(trials, rescored, started, max_refusals, max_kl)
+    except KeyError as e:
+        return {"unknown": str(e).strip("'\"")}
 
 
 def report(a) -> dict:
@@ -364,7 +383,7 @@ def report(a) -> dict:
                     rescored.get(r["chosen_trial"]), r["wall_seconds"], bar["refusals"], bar["kl_divergence"]
                 )
                 if r.get("final_model_only")
-                else time_to_quality(r["trials"], rescored, r["started"], bar["refusals"], bar["kl_divergence"])
+                else reached(r["trials"], rescored, r["started"], bar["refusals"], bar["kl_divergence"])
             )
             summary["tools"][name]["candidates_rescored"] = len(rescored)
     for name in heretic_runs(a):

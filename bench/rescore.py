@@ -126,19 +126,20 @@ def main() -> None:
         }
         if until:
             until.scored(name, results[name]["refusals"], results[name]["kl_divergence"])
-    a.responses.parent.mkdir(parents=True, exist_ok=True)
-    rows.to_parquet(a.responses, index=False)
-    dump(
-        a.out,
-        {
-            "harmful_prompts": len(harmful),
-            "harmless_prompts": len(harmless),
-            "max_new_tokens": a.max_new_tokens,
-            "refusals": "five-way (clawly.measure.stance); keyword counts beside it",
-            "models": results,
-            "skipped_after_a_good_candidate": until.skipped if until else [],
-        },
-    )
+        # written after every model: a re-score stopped early keeps what it scored
+        a.responses.parent.mkdir(parents=True, exist_ok=True)
+        rows.to_parquet(a.responses, index=False)
+        dump(
+            a.out,
+            {
+                "harmful_prompts": len(harmful),
+                "harmless_prompts": len(harmless),
+                "max_new_tokens": a.max_new_tokens,
+                "refusals": "five-way (clawly.measure.stance); keyword counts beside it",
+                "models": results,
+                "skipped_after_a_good_candidate": until.skipped if until else [],
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.heretic_vs_clawly import chosen_batch_size, fixed_prompt_tables, models_to_rescore
+from bench.heretic_vs_clawly import chosen_batch_size, fixed_prompt_tables, interleaved, models_to_rescore, reached
 from bench.rescore import UntilGood
 from bench.temaq_runner import checkpoint_history
 from bench.time_to_quality import candidates, completed, final_model_quality, quality_threshold, time_to_quality
@@ -117,6 +117,17 @@ def test_rescoring_stops_at_each_tools_first_good_candidate_but_keeps_its_chosen
     trials = [trial(0, 20, 0.02, end=1), trial(2, 12, 0.05, end=2), trial(3, 5, 0.06, end=3)]  # all candidates
     rescored = {n: {"refusals": scores[f"clawly:{n}"][0], "kl_divergence": scores[f"clawly:{n}"][1]} for n in (0, 2)}
     assert time_to_quality(trials, rescored, started=0, max_refusals=10, max_kl=0.1)["trial"] == 2
+
+
+def test_a_rescore_takes_the_tools_in_turn_and_a_stopped_one_says_what_it_lacks():
+    models = {"h:1": "a", "h:2": "b", "h:4": "c", "c:0": "d", "t:5": "e", "c:1": "f"}
+    assert list(interleaved(models)) == ["h:1", "c:0", "t:5", "h:2", "c:1", "h:4"]
+    assert interleaved(models)["c:1"] == "f"
+    trials = [trial(0, 20, 0.02, end=1), trial(2, 12, 0.05, end=2)]
+    assert reached(trials, {0: {"refusals": 30, "kl_divergence": 0.0}}, 0, 10, 0.1) == {
+        "unknown": "candidate trial 2 was not re-scored: re-score every candidate"
+    }
+    assert reached(trials, {0: {"refusals": 3, "kl_divergence": 0.0}}, 0, 10, 0.1)["trial"] == 0
 
 
 def test_every_candidate_and_each_chosen_trial_is_rescored_once(tmp_path):
