@@ -121,6 +121,14 @@ def model_dir(a) -> str:
     return json.loads((a.work / "prepared.json").read_text())["model_dir"]
 
 
+def fresh_workdir_args(a, work: Path) -> list[str]:
+    """What each external tool's runner is told alike: the model, its workdir (emptied first: a
+    leftover checkpoint would resume an earlier run) and the prompt files."""
+    if work.exists():
+        shutil.rmtree(work)
+    return ["--model", model_dir(a), "--workdir", str(work), "--prompts", str(a.out / "prompts")]
+
+
 def heretic_runs(a) -> dict[str, int]:
     """Heretic's runs by name: `heretic-own` at the batch size its own probe picks on this machine
     (probed once with batch size 0, then cached in --out), and `heretic-N` for each fixed N."""
@@ -144,19 +152,12 @@ def chosen_batch_size(log: Path) -> int | None:
 def heretic(a) -> None:
     for name, batch in heretic_runs(a).items():
         work = a.work / name
-        if work.exists():
-            shutil.rmtree(work)
         log = a.work / f"{name}.log"
         wall = _run(
             [
                 a.heretic_python,
                 str(ROOT / "bench" / "heretic_runner.py"),
-                "--model",
-                model_dir(a),
-                "--workdir",
-                str(work),
-                "--prompts",
-                str(a.out / "prompts"),
+                *fresh_workdir_args(a, work),
                 *study_args(a),
                 "--batch-size",
                 str(batch),
@@ -231,21 +232,13 @@ def clawly_run(a, name: str, ws: Path, sets: list[str]) -> None:
 
 
 def temaq(a) -> None:
-    work = a.work / "temaq"
-    if work.exists():
-        shutil.rmtree(work)
     _run(
         [
             sys.executable,
             str(ROOT / "bench" / "temaq_runner.py"),
             "--temaq",
             a.temaq,
-            "--model",
-            model_dir(a),
-            "--workdir",
-            str(work),
-            "--prompts",
-            str(a.out / "prompts"),
+            *fresh_workdir_args(a, a.work / "temaq"),
             "--trials",
             str(a.trials),
             "--seed",
