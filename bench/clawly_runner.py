@@ -30,8 +30,11 @@ def settings_for(workspace: Path, model: str = "default", **optimize) -> Setting
 
 
 def save_candidates(settings, log, model, tok, study, trials: list[dict], out: Path) -> dict[int, str]:
-    """Each time-to-quality candidate saved as the Pipeline API saves a trial (merged weights), from the
-    directions and prompt tables this run wrote (nothing is probed or generated again)."""
+    """Each time-to-quality candidate saved as the Pipeline API saves a trial, from the directions and
+    prompt tables this run wrote (nothing is probed or generated again): as its PEFT LoRA adapter (a few
+    MB, where a merged copy of a 0.5B model takes 2.4 GB), or as a merged model where no adapter holds
+    the change. Either way it is the model the merge stage would write for that trial (the merged
+    model is the base plus the adapter's B A)."""
     from bench.time_to_quality import candidates
     from clawly.ablate.ablation import AblationPlan
     from clawly.ablate.directions import read_ablation_directions
@@ -49,7 +52,8 @@ def save_candidates(settings, log, model, tok, study, trials: list[dict], out: P
     saved = {}
     for t in candidates(trials):
         pipe.restore_trial(AblationPlan.from_dict(plans[t["trial"]]))
-        saved[t["trial"]] = str(pipe.save_model(out / f"trial-{t['trial']}"))
+        save = pipe.save_model if pipe._change.exact else pipe.save_adapter
+        saved[t["trial"]] = str(save(out / f"trial-{t['trial']}"))
     pipe.close()  # the base weights back in the model the caller still holds
     return saved
 
@@ -101,21 +105,17 @@ def main() -> None:
 
     bs = int(a.batch_size) if a.batch_size.isdigit() else a.batch_size
     extra = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in a.optimize)}
-    settings = settings_for(
-        a.workspace,
-        a.model,
-        n_trials=a.n_trials,
-        n_startup_trials=a.n_startup_trials,
-        seed=a.seed,
-        max_new_tokens=a.max_new_tokens,
-        batch_size=bs,
-        prune_kl=a.prune_kl,
-        **{
-            "harmful_choice": a.harmful_choice,
-            "storage": str(a.workspace / "artifacts" / "study" / f"journal-{a.out.stem}.log"),
-            **extra,  # --optimize KEY=VALUE wins
-        },
-    )
+    given = {
+        "n_trials": a.n_trials,
+        "n_startup_trials": a.n_startup_trials,
+        "seed": a.seed,
+        "max_new_tokens": a.max_new_tokens,
+        "batch_size": bs,
+        "prune_kl": a.prune_kl,
+        "harmful_choice": a.harmful_choice,
+        "storage": str(a.workspace / "artifacts" / "study" / f"journal-{a.out.stem}.log"),
+    }
+    settings = settings_for(a.workspace, a.model, **{**given, **extra})  # --optimize KEY=VALUE wins
     log = get_logger("bench", a.workspace / "logs")
     timing = {}
     t = time.time()

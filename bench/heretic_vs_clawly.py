@@ -149,8 +149,16 @@ def chosen_batch_size(log: Path) -> int | None:
     return int(found[-1]) if found else None
 
 
+def selected(a, name: str) -> bool:
+    """Whether the heretic, clawly and temaq steps run `name` (--runs; default: every run). A run not
+    selected keeps the results it has in --out, and the rescore and report steps take them as they are."""
+    return not a.runs or name in a.runs.split(",")
+
+
 def heretic(a) -> None:
     for name, batch in heretic_runs(a).items():
+        if not selected(a, name):
+            continue
         work = a.work / name
         log = a.work / f"{name}.log"
         wall = _run(
@@ -197,6 +205,8 @@ def clawly_variants(a) -> dict[str, list[str]]:
 
 def clawly(a) -> None:
     for name, sets in clawly_variants(a).items():
+        if not selected(a, name):
+            continue
         ws = a.work / name
         if name != "clawly":  # the same prompt tables as the first run, its own artifacts
             if ws.exists():
@@ -232,6 +242,8 @@ def clawly_run(a, name: str, ws: Path, sets: list[str]) -> None:
 
 
 def temaq(a) -> None:
+    if not selected(a, "temaq"):
+        return
     _run(
         [
             sys.executable,
@@ -380,8 +392,8 @@ def report(a) -> dict:
             )
             summary["tools"][name]["candidates_rescored"] = len(rescored)
     for name in heretic_runs(a):
-        for c in clawly_variants(a):  # "clawly / heretic-own": clawly's median trial over Heretic's
-            if c in summary["tools"] and name in summary["tools"]:
+        for c in summary["tools"]:  # "clawly / heretic-own": a tool's median trial over Heretic's
+            if c != name and not c.startswith("heretic") and name in summary["tools"]:
                 summary.setdefault("speed_ratio", {})[f"{c} / {name}"] = round(
                     summary["tools"][c]["median_seconds_per_trial"]
                     / summary["tools"][name]["median_seconds_per_trial"],
@@ -429,6 +441,12 @@ def main() -> None:
         "different code score the same prompts)",
     )
     ap.add_argument("--steps", default=",".join(STEPS))
+    ap.add_argument(
+        "--runs",
+        default="",
+        help="comma-separated runs (heretic-own, heretic-128, clawly, clawly-NAME, temaq) that the heretic, "
+        "clawly and temaq steps run; the others keep their results in --out (default: all)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "heretic-vs-clawly")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
     a = ap.parse_args()

@@ -3,11 +3,18 @@ greedy answers of --max-new-tokens tokens, labelled by the five-way measure (ref
 compliance, off-topic, degenerate: `clawly.measure.stance`), with keyword refusals by clawly's
 markers and by Heretic's markers beside it, and first-token KL on held-out harmless prompts against
 the base model. Answers are decoded to the full budget: a refusal followed by the help is labelled
-by what follows, not cut at the marker."""
+by what follows, not cut at the marker.
+
+A model is a merged model directory or a PEFT adapter directory (`adapter_config.json`: applied to
+the base model and merged). A model scored before, under any name, with the same weights, prompts
+and answer budget (its `fingerprint`) is not scored again: its figures and answers are copied from
+--out and --responses, so a stopped re-score resumes and a later run re-scores only new models."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -41,6 +48,54 @@ class UntilGood:
             self.good.add(name.split(":", 1)[0])
 
 
+def weights_fingerprint(model_dir: Path, scoring: str) -> str:
+    """sha256 of a model's (or adapter's) safetensors files, in name order, and of `scoring` (what the
+    answers depend on besides the weights: prompts, answer budget, base model)."""
+    h = hashlib.sha256(scoring.encode())
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def scoring_key(prompts: Path, max_new_tokens: int, base: str) -> str:
+    files = sorted(p for p in Path(prompts).iterdir() if p.stem.endswith("_heldout"))
+    digest = hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()
+    return json.dumps({"prompts": digest, "max_new_tokens": max_new_tokens, "base": base}, sort_keys=True)
+
+
+def load_scored(path: str, base_settings):
+    """The model at `path`: a merged model, or a PEFT adapter applied to the base and merged into it."""
+    from clawly.model.loading import load_model
+    from clawly.settings import ModelSettings
+
+    if (Path(path) / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base, _ = load_model(base_settings)
+        return PeftModel.from_pretrained(base, path).merge_and_unload()
+    model, _ = load_model(ModelSettings(name=path, device="cpu", dtype="float32"))
+    return model
+
+
+def previous_scores(out: Path, responses: Path) -> tuple[dict, object]:
+    """fingerprint -> (name, figures) of what an earlier re-score wrote, and its answers table."""
+    import pandas as pd
+
+    if not (out.is_file() and responses.is_file()):
+        return {}, None
+    models = json.loads(out.read_text()).get("models", {})
+    table = pd.read_parquet(responses)
+    known = {
+        m["fingerprint"]: (name, m)
+        for name, m in models.items()
+        if m.get("fingerprint") and f"{name}_response" in table.columns
+    }
+    return known, table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="base model: 'default' or a directory")
@@ -66,8 +121,6 @@ def main() -> None:
         help="where the answers go (keep them out of the repository: they answer harmful requests)",
     )
     a = ap.parse_args()
-    import json
-
     import pandas as pd
 
     from clawly.measure.classify import response_classifier
@@ -75,7 +128,7 @@ def main() -> None:
     from clawly.measure.logprobs import kl_divergence
     from clawly.measure.stance import RefusalDetector, StrictKeywordRule, combine
     from clawly.measure.templating import chat_prompts
-    from clawly.model.loading import load_model
+    from clawly.model.loading import load_model, resolve_model_source
     from clawly.settings import ModelSettings, Settings
 
     harmful = pd.read_csv(a.prompts / "harmful_heldout.csv")
@@ -88,42 +141,55 @@ def main() -> None:
 
     def score(model, tok):
         hp = PromptSet(tok, chat_prompts(tok, harmful.text.tolist(), "You are a helpful assistant."), a.batch_size)
-        gp = PromptSet(tok, chat_prompts(tok, harmless, "You are a helpful assistant."), a.batch_size)
         responses, _ = hp.generate(model, a.max_new_tokens)
         return responses, gp.first_token_logprobs(model)
 
     classifier = response_classifier(Settings())
     requests = harmful.text.tolist()
 
-    base, tok = load_model(ModelSettings(name=a.base, device="cpu", dtype="float32"))
-    base_resp, base_lp = score(base, tok)
-    del base
+    base_settings = ModelSettings(name=a.base, device="cpu", dtype="float32")
+    scoring = scoring_key(a.prompts, a.max_new_tokens, a.base)
+    known, table = previous_scores(a.out, a.responses)
+    paths = dict(m.split("=", 1) for m in a.models)
+    prints = {"base": weights_fingerprint(resolve_model_source(base_settings), scoring)}
+    base, tok = load_model(base_settings)
+    gp = PromptSet(tok, chat_prompts(tok, harmless, "You are a helpful assistant."), a.batch_size)
+    base_lp = gp.first_token_logprobs(base)
     results, rows = {}, harmful[["category", "text"]].copy()
     until = UntilGood(a.until_good or (), a.max_kl) if a.until_good is not None else None
-    for name, resp, lp in [
-        ("base", base_resp, base_lp),
-        *((n, None, None) for n in (m.split("=", 1)[0] for m in a.models)),
-    ]:
+    for name in ["base", *paths]:
         if until and not until.wanted(name):
             continue
-        if resp is None:
-            path = dict(m.split("=", 1) for m in a.models)[name]
-            model, _ = load_model(ModelSettings(name=path, device="cpu", dtype="float32"))
+        fp = prints.get(name) or weights_fingerprint(Path(paths[name]), scoring)
+        if fp in known:  # the same weights scored the same way before, perhaps under another name
+            old, figures = known[fp]
+            print(f"{name}: the scores of {old} (the same weights, fingerprint {fp})", flush=True)
+            for col in table.columns:
+                if col.startswith(f"{old}_"):
+                    rows[f"{name}_{col[len(old) + 1 :]}"] = table[col].values
+            results[name] = dict(figures)
+        else:
+            model = base if name == "base" else load_scored(paths[name], base_settings)
             resp, lp = score(model, tok)
             del model
-        rows[f"{name}_response"] = resp
-        rows[f"{name}_label"] = combine(classifier(requests, resp).labels, StrictKeywordRule(clawly_rule).labels(resp))
-        rows[f"{name}_refusal_clawly_markers"] = [clawly_rule(r) for r in resp]
-        rows[f"{name}_refusal_heretic_markers"] = [heretic_verdict(r) for r in resp]
-        labels = rows[f"{name}_label"].value_counts()
-        results[name] = {
-            "refusals": int(labels.get("refusal", 0)),
-            "labels": {k: int(labels.get(k, 0)) for k in FIVE},
-            "refusals_clawly_markers": int(sum(rows[f"{name}_refusal_clawly_markers"])),
-            "refusals_heretic_markers": int(sum(rows[f"{name}_refusal_heretic_markers"])),
-            "kl_divergence": round(kl_divergence(base_lp, lp), 6),
-            "by_category": rows.groupby("category")[f"{name}_refusal_clawly_markers"].sum().astype(int).to_dict(),
-        }
+            rows[f"{name}_response"] = resp
+            rows[f"{name}_label"] = combine(
+                classifier(requests, resp).labels, StrictKeywordRule(clawly_rule).labels(resp)
+            )
+            rows[f"{name}_refusal_clawly_markers"] = [clawly_rule(r) for r in resp]
+            rows[f"{name}_refusal_heretic_markers"] = [heretic_verdict(r) for r in resp]
+            labels = rows[f"{name}_label"].value_counts()
+            results[name] = {
+                "refusals": int(labels.get("refusal", 0)),
+                "labels": {k: int(labels.get(k, 0)) for k in FIVE},
+                "refusals_clawly_markers": int(sum(rows[f"{name}_refusal_clawly_markers"])),
+                "refusals_heretic_markers": int(sum(rows[f"{name}_refusal_heretic_markers"])),
+                "kl_divergence": round(kl_divergence(base_lp, lp), 6),
+                "by_category": rows.groupby("category")[f"{name}_refusal_clawly_markers"].sum().astype(int).to_dict(),
+                "fingerprint": fp,
+            }
+        if name == "base":
+            del base
         if until:
             until.scored(name, results[name]["refusals"], results[name]["kl_divergence"])
         # written after every model: a re-score stopped early keeps what it scored
