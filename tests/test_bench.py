@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from bench.answer_budget import budget_agreement
 from bench.heretic_vs_clawly import chosen_batch_size, fixed_prompt_tables, interleaved, models_to_rescore, reached
 from bench.rescore import UntilGood, load_scored
 from bench.temaq_runner import checkpoint_history
@@ -147,6 +148,32 @@ def test_every_candidate_and_each_chosen_trial_is_rescored_once(tmp_path):
     }
 
 
+def test_runs_limits_which_tools_rerun_and_leaves_the_others_results(tmp_path, monkeypatch):
+    """--runs reruns only the named runs; the others' results in --out are left as they are."""
+    import argparse
+
+    from bench import heretic_vs_clawly as hvc
+
+    ran = []
+    monkeypatch.setattr(hvc, "clawly_run", lambda a, name, ws, sets: ran.append((name, sets)))
+    monkeypatch.setattr(hvc, "_run", lambda cmd, log: ran.append((Path(log).stem, cmd)) or 1.0)
+    (tmp_path / "work" / "clawly" / "prompts").mkdir(parents=True)
+    a = argparse.Namespace(
+        clawly_variant=["clawly-fast:max_new_tokens=8,n_trials=24", "clawly-refused:harmful_prompts=34"],
+        runs="clawly-fast",
+        work=tmp_path / "work",
+        out=tmp_path / "out",
+        heretic_batch_sizes="128",
+    )
+    hvc.clawly(a)
+    hvc.heretic(a)
+    hvc.temaq(a)
+    assert ran == [("clawly-fast", ["max_new_tokens=8", "n_trials=24"])]
+    a.runs = ""  # default: every run
+    hvc.clawly(a)
+    assert [name for name, _ in ran[1:]] == ["clawly", "clawly-fast", "clawly-refused"]
+
+
 def test_heretics_own_batch_size_is_read_from_its_log(tmp_path):
     log = tmp_path / "heretic.log"
     log.write_text(
@@ -247,3 +274,19 @@ def test_a_rescore_scores_the_same_weights_once_whatever_their_name(tmp_path, ma
     assert answers["twin:3_response"].tolist() == answers["tool:0_response"].tolist()
     with pytest.raises(AssertionError, match="scored again"):
         _rescore(monkeypatch, tmp_path, base, {"tool:0": make_tiny_model("llama", num_layers=4)})
+
+
+def test_an_answer_budget_is_judged_by_the_verdict_on_its_first_tokens_against_the_full_answers_label():
+    responses = {"m": ["Sure, here is how. I cannot stress enough", "I cannot help", "Here you go"]}
+    labels = {"m": ["compliance", "refusal", "refusal"]}
+
+    def first_words(text: str, n: int) -> str:
+        return " ".join(text.split()[:n])
+
+    def verdict(text: str) -> bool:
+        return "cannot" in text
+
+    short = budget_agreement(responses, labels, verdict, first_words, 2)
+    assert (short["agreement"], short["missed"], short["added"]) == (round(2 / 3, 4), 1, 0)
+    full = budget_agreement(responses, labels, verdict, first_words, 100)
+    assert (full["missed"], full["added"], full["by_model"]["m"]) == (1, 1, {"keyword": 2, "five_way": 2})
