@@ -339,6 +339,12 @@ def reached(trials, rescored, started, max_refusals, max_kl) -> dict | None:
         return {"unknown": str(e).strip("'\"")}
 
 
+def first_trial_at(trials: list[dict], started: float | None) -> float | None:
+    """Seconds from the tool's start to the start of its first trial (its set-up as a user waits for it)."""
+    starts = [t["end"] - t["seconds"] for t in trials if t.get("end") is not None and t.get("seconds") is not None]
+    return round(min(starts) - started, 1) if starts and started is not None else None
+
+
 def report(a) -> dict:
     tools = tool_results(a)
     held = json.loads((a.out / "heldout.json").read_text()) if (a.out / "heldout.json").exists() else None
@@ -371,6 +377,7 @@ def report(a) -> dict:
             "batch_size": r.get("batch_size"),
             "total_seconds": r.get("wall_seconds"),
             "setup_seconds": r.get("timing", {}).get("setup_seconds"),
+            "first_trial_at_seconds": first_trial_at(r["trials"], r.get("started")),
             "peak_rss_mib": r["peak_rss_mib"],
             "chosen_trial": r["chosen_trial"],
             "pareto_front": [{"refusals": p[0], "kl_divergence": round(p[1], 4)} for p in fronts[name]],

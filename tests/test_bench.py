@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from bench.answer_budget import budget_agreement
-from bench.heretic_vs_clawly import chosen_batch_size, fixed_prompt_tables, interleaved, models_to_rescore, reached
+from bench.heretic_vs_clawly import (
+    chosen_batch_size,
+    first_trial_at,
+    fixed_prompt_tables,
+    interleaved,
+    models_to_rescore,
+    reached,
+)
 from bench.rescore import UntilGood, load_scored
 from bench.temaq_runner import checkpoint_history
 from bench.time_to_quality import candidates, completed, final_model_quality, quality_threshold, time_to_quality
@@ -290,3 +297,9 @@ def test_an_answer_budget_is_judged_by_the_verdict_on_its_first_tokens_against_t
     assert (short["agreement"], short["missed"], short["added"]) == (round(2 / 3, 4), 1, 0)
     full = budget_agreement(responses, labels, verdict, first_words, 100)
     assert (full["missed"], full["added"], full["by_model"]["m"]) == (1, 1, {"keyword": 2, "five_way": 2})
+
+
+def test_the_first_trial_starts_when_the_earliest_trial_began_not_when_one_ended():
+    trials = [{"end": 130.0, "seconds": 20.0}, {"end": 105.0, "seconds": 5.0}, {"end": None, "seconds": None}]
+    assert first_trial_at(trials, started=40.0) == 60.0
+    assert first_trial_at([], started=40.0) is None and first_trial_at(trials, None) is None
