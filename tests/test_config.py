@@ -17,12 +17,17 @@ def test_committed_params_yaml_equals_composition_of_conf():
 
 
 @pytest.mark.parametrize(
-    "overrides", [[], ["optimize=full"], ["model=hub"], ["optimize.n_trials=5", "probe.position=marker"]]
+    "overrides",
+    [[], ["optimize=full"], ["optimize=fast"], ["model=hub"], ["optimize.n_trials=5", "probe.position=marker"]],
 )
 def test_every_config_composes_into_valid_settings(overrides):
     settings = Settings.from_dict(yaml.safe_load(composed_params(overrides)))
     if "optimize=full" in overrides:
         assert settings.optimize.n_trials == 200 and settings.optimize.kl_cap == 0.5  # inherits demo
+    if "optimize=fast" in overrides:  # the benchmark's quickest settings, on top of the demo's
+        o = settings.optimize
+        assert (o.harmful_choice, o.harmful_prompts, o.harmful_pool, o.max_new_tokens) == ("base_refusals", 34, 136, 8)
+        assert o.n_trials == 24 and o.harmless_prompts == 100
     if "optimize.n_trials=5" in overrides:
         assert settings.optimize.n_trials == 5 and settings.probe.position == "marker"
     if "model=hub" in overrides:
