@@ -150,8 +150,8 @@ def chosen_batch_size(log: Path) -> int | None:
 
 
 def selected(a, name: str) -> bool:
-    """Whether the heretic, clawly and temaq steps run `name` (--runs; default: every run). A run not
-    selected keeps the results it has in --out, and the rescore and report steps take them as they are."""
+    """Whether the heretic, clawly, temaq and rescore steps take the run `name` (--runs; default: every
+    run). A run not selected keeps the results it has in --out, and the report takes them as they are."""
     return not a.runs or name in a.runs.split(",")
 
 
@@ -293,7 +293,7 @@ def interleaved(models: dict[str, str]) -> dict[str, str]:
 def rescore(a) -> None:
     markers = a.work / "heretic_markers.json"
     markers.write_text(json.dumps(json.loads((a.out / "heretic_markers.json").read_text())["markers"]))
-    tools = tool_results(a)
+    tools = {n: r for n, r in tool_results(a).items() if selected(a, n)}
     models = interleaved(models_to_rescore(tools))
     chosen = [f"{n}:{r['chosen_trial']}" for n, r in tools.items()]
     _run(
@@ -452,7 +452,7 @@ def main() -> None:
         "--runs",
         default="",
         help="comma-separated runs (heretic-own, heretic-128, clawly, clawly-NAME, temaq) that the heretic, "
-        "clawly and temaq steps run; the others keep their results in --out (default: all)",
+        "clawly, temaq and rescore steps take; the others keep their results in --out (default: all)",
     )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "heretic-vs-clawly")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work")

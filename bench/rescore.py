@@ -8,7 +8,9 @@ by what follows, not cut at the marker.
 A model is a merged model directory or a PEFT adapter directory (`adapter_config.json`: applied to
 the base model and merged). A model scored before, under any name, with the same weights, prompts
 and answer budget (its `fingerprint`) is not scored again: its figures and answers are copied from
---out and --responses, so a stopped re-score resumes and a later run re-scores only new models."""
+--out and --responses, so a stopped re-score resumes and a later run re-scores only new models.
+Models in --out that this run does not name stay there when they were scored the same way (the
+`scoring` digest of prompts, budget and base model)."""
 
 from __future__ import annotations
 
@@ -156,6 +158,12 @@ def main() -> None:
     gp = PromptSet(tok, chat_prompts(tok, harmless, "You are a helpful assistant."), a.batch_size)
     base_lp = gp.first_token_logprobs(base)
     results, rows = {}, harmful[["category", "text"]].copy()
+    digest = hashlib.sha256(scoring.encode()).hexdigest()[:16]
+    earlier = json.loads(a.out.read_text()) if a.out.is_file() else {}
+    if table is not None and earlier.get("scoring") == digest and table.text.tolist() == rows.text.tolist():
+        # scored the same way: models scored before and not named now stay in the output
+        results = dict(earlier["models"])
+        rows = table.copy()
     until = UntilGood(a.until_good or (), a.max_kl) if a.until_good is not None else None
     for name in ["base", *paths]:
         if until and not until.wanted(name):
@@ -200,6 +208,7 @@ def main() -> None:
             {
                 "harmful_prompts": len(harmful),
                 "harmless_prompts": len(harmless),
+                "scoring": digest,
                 "max_new_tokens": a.max_new_tokens,
                 "refusals": "five-way (clawly.measure.stance); keyword counts beside it",
                 "models": results,

@@ -156,8 +156,9 @@ def test_every_candidate_and_each_chosen_trial_is_rescored_once(tmp_path):
 
 
 def test_runs_limits_which_tools_rerun_and_leaves_the_others_results(tmp_path, monkeypatch):
-    """--runs reruns only the named runs; the others' results in --out are left as they are."""
+    """--runs reruns and re-scores only the named runs; the others' results in --out are left as they are."""
     import argparse
+    import json
 
     from bench import heretic_vs_clawly as hvc
 
@@ -176,6 +177,15 @@ def test_runs_limits_which_tools_rerun_and_leaves_the_others_results(tmp_path, m
     hvc.heretic(a)
     hvc.temaq(a)
     assert ran == [("clawly-fast", ["max_new_tokens=8", "n_trials=24"])]
+    a.out.mkdir()
+    (a.out / "heretic_markers.json").write_text('{"markers": ["sorry"]}')
+    for name in ("heretic-128", "clawly-fast", "clawly-refused"):
+        result = {"saved_candidates": {"1": f"/{name}/trial-1"}, "chosen_trial": 1, "saved_model": "/m"}
+        (a.out / f"{name}.json").write_text(json.dumps(result))
+    hvc.rescore(a)
+    scored = ran[-1][1][ran[-1][1].index("--models") + 1 : ran[-1][1].index("--prompts")]
+    assert scored == ["clawly-fast:1=/clawly-fast/trial-1"]
+    del ran[1:]
     a.runs = ""  # default: every run
     hvc.clawly(a)
     assert [name for name, _ in ran[1:]] == ["clawly", "clawly-fast", "clawly-refused"]
@@ -279,6 +289,8 @@ def test_a_rescore_scores_the_same_weights_once_whatever_their_name(tmp_path, ma
     assert again["twin:3"] == again["tool:0"] == first["tool:0"] and again["base"] == first["base"]
     answers = pd.read_parquet(tmp_path / "answers.parquet")
     assert answers["twin:3_response"].tolist() == answers["tool:0_response"].tolist()
+    kept = _rescore(monkeypatch, tmp_path, base, {"twin:3": copy})  # tool:0 not named: it stays
+    assert kept["tool:0"] == first["tool:0"] and "tool:0_response" in pd.read_parquet(tmp_path / "answers.parquet")
     with pytest.raises(AssertionError, match="scored again"):
         _rescore(monkeypatch, tmp_path, base, {"tool:0": make_tiny_model("llama", num_layers=4)})
 
