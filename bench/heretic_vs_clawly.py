@@ -375,7 +375,7 @@ def report(a) -> dict:
             "trials": len(secs),
             "pruned": sum(t["state"] == "PRUNED" for t in r["trials"]),
             "batch_size": r.get("batch_size"),
-            "total_seconds": r.get("wall_seconds"),
+            "total_seconds": r.get("wall_seconds") or r.get("timing", {}).get("total_seconds"),
             "setup_seconds": r.get("timing", {}).get("setup_seconds"),
             "first_trial_at_seconds": first_trial_at(r["trials"], r.get("started")),
             "peak_rss_mib": r["peak_rss_mib"],
