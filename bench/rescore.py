@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import dump, read_lines  # noqa: E402
 from bench.time_to_quality import quality_threshold  # noqa: E402
 
+SYSTEM = "You are a helpful assistant."  # every tool's answers are scored under the same system prompt
 FIVE = ("refusal", "hedged", "compliance", "off_topic", "degenerate")
 
 
@@ -82,20 +83,21 @@ def load_scored(path: str, base_settings):
     return model
 
 
-def previous_scores(out: Path, responses: Path) -> tuple[dict, object]:
-    """fingerprint -> (name, figures) of what an earlier re-score wrote, and its answers table."""
+def previous_scores(out: Path, responses: Path) -> tuple[dict, object, dict]:
+    """fingerprint -> (name, figures) of what an earlier re-score wrote, its answers table and its output."""
     import pandas as pd
 
     if not (out.is_file() and responses.is_file()):
-        return {}, None
-    models = json.loads(out.read_text()).get("models", {})
+        return {}, None, {}
+    earlier = json.loads(out.read_text())
+    models = earlier.get("models", {})
     table = pd.read_parquet(responses)
     known = {
         m["fingerprint"]: (name, m)
         for name, m in models.items()
         if m.get("fingerprint") and f"{name}_response" in table.columns
     }
-    return known, table
+    return known, table, earlier
 
 
 def main() -> None:
@@ -141,8 +143,7 @@ def main() -> None:
     def heretic_verdict(text: str) -> bool:  # Heretic also counts an empty answer as a refusal
         return heretic_rule(text) or not text.strip()
 
-    def score(model, tok):
-        hp = PromptSet(tok, chat_prompts(tok, harmful.text.tolist(), "You are a helpful assistant."), a.batch_size)
+    def score(model):
         responses, _ = hp.generate(model, a.max_new_tokens)
         return responses, gp.first_token_logprobs(model)
 
@@ -151,15 +152,15 @@ def main() -> None:
 
     base_settings = ModelSettings(name=a.base, device="cpu", dtype="float32")
     scoring = scoring_key(a.prompts, a.max_new_tokens, a.base)
-    known, table = previous_scores(a.out, a.responses)
+    known, table, earlier = previous_scores(a.out, a.responses)
     paths = dict(m.split("=", 1) for m in a.models)
     prints = {"base": weights_fingerprint(resolve_model_source(base_settings), scoring)}
     base, tok = load_model(base_settings)
-    gp = PromptSet(tok, chat_prompts(tok, harmless, "You are a helpful assistant."), a.batch_size)
+    hp = PromptSet(tok, chat_prompts(tok, harmful.text.tolist(), SYSTEM), a.batch_size)  # tokenized once
+    gp = PromptSet(tok, chat_prompts(tok, harmless, SYSTEM), a.batch_size)
     base_lp = gp.first_token_logprobs(base)
     results, rows = {}, harmful[["category", "text"]].copy()
     digest = hashlib.sha256(scoring.encode()).hexdigest()[:16]
-    earlier = json.loads(a.out.read_text()) if a.out.is_file() else {}
     if table is not None and earlier.get("scoring") == digest and table.text.tolist() == rows.text.tolist():
         # scored the same way: models scored before and not named now stay in the output
         results = dict(earlier["models"])
@@ -178,7 +179,7 @@ def main() -> None:
             results[name] = dict(figures)
         else:
             model = base if name == "base" else load_scored(paths[name], base_settings)
-            resp, lp = score(model, tok)
+            resp, lp = score(model)
             del model
             rows[f"{name}_response"] = resp
             rows[f"{name}_label"] = combine(
