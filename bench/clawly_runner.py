@@ -14,11 +14,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import dump, machine, peak_rss_mib  # noqa: E402
 
 
-def settings_for(workspace: Path, model: str = "default", **optimize) -> Settings:  # noqa: F821
+def settings_for(workspace: Path, model: str = "default", sections: dict | None = None, **optimize) -> Settings:  # noqa: F821
+    """The benchmark's settings: `optimize` on top of its optimize defaults, `sections` other settings
+    by section ({"edit": {"method": "least_squares"}})."""
     from clawly.settings import Settings
 
+    sections = sections or {}
     return Settings.from_dict(
         {
+            **sections,
             "model": {"name": model},
             "artifacts_dir": str(workspace / "artifacts"),
             "data": {"out_dir": str(workspace / "prompts")},
@@ -27,6 +31,22 @@ def settings_for(workspace: Path, model: str = "default", **optimize) -> Setting
             "evaluate": {"per_category": 13},
         }
     )
+
+
+def sections_of(sets: list[str]) -> dict[str, dict]:
+    """SECTION.KEY=VALUE strings (YAML values) as {section: {key: value}}."""
+    import yaml
+
+    out: dict[str, dict] = {}
+    for s in sets:
+        key, sep, value = s.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise SystemExit(f"--set {s!r}: expected SECTION.KEY=VALUE, e.g. edit.method=least_squares")
+        if section in ("model", "data", "probe", "optimize", "artifacts_dir"):
+            raise SystemExit(f"--set {s!r}: the benchmark fixes {section} settings (optimize ones: --optimize)")
+        out.setdefault(section, {})[name] = yaml.safe_load(value)
+    return out
 
 
 def save_candidates(settings, log, model, tok, study, trials: list[dict], out: Path) -> dict[int, str]:
@@ -81,6 +101,14 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="any other optimize setting (a YAML value), e.g. harmful_pool=136; repeat for more",
     )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a setting of another section, e.g. edit.method=least_squares (its probe-writers stage then "
+        "runs in the setup); repeat for more",
+    )
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument(
         "--save-candidates",
@@ -101,6 +129,7 @@ def main() -> None:
         optimize,
         orthogonalize_categories,
         probe_activations,
+        probe_writers,
     )
 
     bs = int(a.batch_size) if a.batch_size.isdigit() else a.batch_size
@@ -115,7 +144,8 @@ def main() -> None:
         "harmful_choice": a.harmful_choice,
         "storage": str(a.workspace / "artifacts" / "study" / f"journal-{a.out.stem}.log"),
     }
-    settings = settings_for(a.workspace, a.model, **{**given, **extra})  # --optimize KEY=VALUE wins
+    sections = sections_of(a.set)
+    settings = settings_for(a.workspace, a.model, sections, **{**given, **extra})  # --optimize KEY=VALUE wins
     log = get_logger("bench", a.workspace / "logs")
     timing = {}
     t = time.time()
@@ -125,6 +155,7 @@ def main() -> None:
     probe_activations.run(settings, log, model, tok)
     compute_directions.run(settings, log)
     orthogonalize_categories.run(settings, log)
+    probe_writers.run(settings, log, model, tok)  # what input-conditional edits read (nothing otherwise)
     timing["probe_and_directions_seconds"] = round(time.time() - t, 1)
     t = time.time()
     metrics = optimize.run(settings, log, model, tok)
@@ -147,6 +178,7 @@ def main() -> None:
             "kl_divergence": t.user_attrs.get("kl_divergence", t.values[1] if t.values else None),
             "tokens": t.user_attrs.get("tokens"),
             "phase_seconds": t.user_attrs.get("phase_seconds"),
+            "params": t.params,
             "seconds": (t.datetime_complete - t.datetime_start).total_seconds(),
             "end": t.datetime_complete.timestamp(),
         }

@@ -193,7 +193,7 @@ def heretic(a) -> None:
 
 def clawly_variants(a) -> dict[str, list[str]]:
     """clawly's runs by name: `clawly` (the settings below) and each --clawly-variant NAME:KEY=VALUE,...
-    (optimize settings on top of those)."""
+    (optimize settings on top of those; a dotted KEY is another section's, e.g. edit.method=least_squares)."""
     runs = {"clawly": []}
     for v in a.clawly_variant:
         name, _, sets = v.partition(":")
@@ -233,8 +233,8 @@ def clawly_run(a, name: str, ws: Path, sets: list[str]) -> None:
         "--save-candidates",
         str(a.work / name / "candidates"),
     ]
-    for kv in sets:
-        cmd += ["--optimize", kv]
+    for kv in sets:  # edit.method=... is another section's setting, the rest optimize ones
+        cmd += ["--set" if "." in kv.partition("=")[0] else "--optimize", kv]
     wall = _run(cmd, a.work / f"{name}.log")
     r = json.loads((a.out / f"{name}.json").read_text())
     r["wall_seconds"] = round(wall, 1)
@@ -438,7 +438,8 @@ def main() -> None:
         action="append",
         default=[],
         metavar="clawly-NAME:KEY=VALUE,...",
-        help="another clawly run in the same benchmark, with these optimize settings on top (repeatable)",
+        help="another clawly run in the same benchmark, with these optimize settings on top (a dotted KEY "
+        "sets another section, e.g. edit.method=least_squares; repeatable)",
     )
     ap.add_argument("--kl-cap", type=float, default=0.5)
     ap.add_argument(

@@ -204,9 +204,15 @@ def test_heretics_own_batch_size_is_read_from_its_log(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_clawly_runner_saves_each_candidate_as_the_pipeline_merges_it(tmp_path, tiny_model_dir, monkeypatch):
-    """The runner's candidates are the trials on its front when they completed; each is saved as a
-    merged model, and the chosen one equals the model the export-lora and merge stages wrote."""
+@pytest.mark.parametrize(
+    "sets",
+    [[], ["edit.method=least_squares", "edit.harmless_prompts=8", "edit.targeted_prompts=2", "edit.answer_tokens=4"]],
+    ids=["projection", "least_squares"],
+)
+def test_the_clawly_runner_saves_each_candidate_as_the_pipeline_merges_it(tmp_path, tiny_model_dir, monkeypatch, sets):
+    """The runner's candidates are the trials on its front when they completed; each is saved as an
+    adapter, and the chosen one equals the model the export-lora and merge stages wrote; with an
+    input-conditional edit too (its writer inputs probed in the runner's setup)."""
     import json
     import sys
 
@@ -220,9 +226,14 @@ def test_the_clawly_runner_saves_each_candidate_as_the_pipeline_merges_it(tmp_pa
     out = tmp_path / "clawly.json"
     argv = ["clawly_runner", "--workspace", str(ws), "--model", str(tiny_model_dir), "--n-trials", "4"]
     argv += ["--n-startup-trials", "4", "--max-new-tokens", "4", "--batch-size", "16", "--out", str(out)]
+    argv += [x for kv in sets for x in ("--set", kv)]
     monkeypatch.setattr(sys, "argv", [*argv, "--save-candidates", str(tmp_path / "candidates")])
     clawly_runner.main()
     r = json.loads(out.read_text())
+    if sets:
+        assert r["settings"]["edit"]["method"] == "least_squares"
+        assert all("ridge" in t["params"] for t in r["trials"])  # every trial drew the edit's parameter
+        assert load_file(Paths(ws / "artifacts", ws / "prompts").writer_inputs), "no writer inputs probed"
     assert all(t["end"] >= r["started"] for t in r["trials"])
     expected = [t["trial"] for t in candidates(r["trials"])]
     assert sorted(int(k) for k in r["saved_candidates"]) == sorted(expected) and expected
@@ -231,7 +242,7 @@ def test_the_clawly_runner_saves_each_candidate_as_the_pipeline_merges_it(tmp_pa
         if (Path(d) / "adapter_config.json").is_file():  # an adapter, as the re-score applies it to the base
             model = load_scored(d, ModelSettings(name=str(tiny_model_dir)))
             return {k: v.detach() for k, v in model.state_dict().items()}
-        files = [f for f in sorted(Path(d).glob("*.safetensors")) if f.name != "clawly_directions.safetensors"]
+        files = [f for f in sorted(Path(d).glob("*.safetensors")) if not f.name.startswith("clawly_")]  # records
         return {k: v for f in files for k, v in load_file(f).items()}
 
     assert all((Path(p) / "adapter_config.json").is_file() for p in r["saved_candidates"].values())
@@ -315,3 +326,14 @@ def test_the_first_trial_starts_when_the_earliest_trial_began_not_when_one_ended
     trials = [{"end": 130.0, "seconds": 20.0}, {"end": 105.0, "seconds": 5.0}, {"end": None, "seconds": None}]
     assert first_trial_at(trials, started=40.0) == 60.0
     assert first_trial_at([], started=40.0) is None and first_trial_at(trials, None) is None
+
+
+def test_the_clawly_runner_reads_other_sections_settings_and_refuses_the_fixed_ones():
+    from bench.clawly_runner import sections_of
+
+    assert sections_of(["edit.method=least_squares", "edit.ridge_range=[0.01, 0.1]"]) == {
+        "edit": {"method": "least_squares", "ridge_range": [0.01, 0.1]}
+    }
+    for bad in ("method=least_squares", "edit.method", "optimize.n_trials=3", "probe.batch_size=4"):
+        with pytest.raises(SystemExit, match="--set"):
+            sections_of([bad])
