@@ -291,3 +291,20 @@ def test_distillation_lowers_its_loss_and_the_trained_adapter_is_what_peft_merge
     assert all(torch.equal(staged[k], saved[k]) for k in saved)
     assert json.loads((tmp_path / "artifacts" / "reports" / "export.json").read_text())["distilled"] is True
     pipe.close()
+
+
+def test_the_least_squares_factors_kept_across_trials_give_every_ridge_its_own_dense_solution():
+    """A writer's least-squares factors are built once and reused for every trial's ridge: each ridge's
+    rows equal the dense A C_t (C_t + C_k + λI)⁻¹, in whichever order the ridges come."""
+    torch.manual_seed(4)
+    d_in = 12
+    targeted, kept = torch.randn(40, d_in, dtype=torch.float64), torch.randn(25, d_in, dtype=torch.float64) * 3
+    st, sk = spectrum(targeted), spectrum(kept)
+    inputs = WriterInputs({"w": sk}, {"w": st}, {})
+    ct, ck = targeted.t() @ targeted / 40, kept.t() @ kept / 25
+    a = torch.randn(2, d_in, dtype=torch.float64)
+    for ridge in (0.3, 0.001, 0.05, 0.3):
+        lam = ridge * (ct.trace() + ck.trace()) / d_in
+        dense = a @ ct @ torch.linalg.inv(ct + ck + lam * torch.eye(d_in, dtype=torch.float64))
+        torch.testing.assert_close(inputs.apply({"method": "least_squares", "ridge": ridge}, "w", a), dense)
+    assert list(inputs._solvers) == ["w"]  # built once
