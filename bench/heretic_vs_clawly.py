@@ -345,6 +345,15 @@ def first_trial_at(trials: list[dict], started: float | None) -> float | None:
     return round(min(starts) - started, 1) if starts and started is not None else None
 
 
+def heretic_version(a) -> str | None:
+    """The Heretic version its runs recorded (a report of finished runs needs no Heretic venv), else
+    the one installed in --heretic-python."""
+    for f in sorted(a.out.glob("heretic-*.json")):
+        if f.name != "heretic_batch_size.json" and (v := json.loads(f.read_text()).get("version")):
+            return v
+    return package_version(a.heretic_python, "heretic-llm") if Path(a.heretic_python).exists() else None
+
+
 def report(a) -> dict:
     tools = tool_results(a)
     held = json.loads((a.out / "heldout.json").read_text()) if (a.out / "heldout.json").exists() else None
@@ -353,7 +362,7 @@ def report(a) -> dict:
         "trials": a.trials,
         "startup_trials": a.startup,
         "seed": a.seed,
-        "heretic_version": package_version(a.heretic_python, "heretic-llm"),
+        "heretic_version": heretic_version(a),
         "tools": {},
     }
     if held:

@@ -337,3 +337,17 @@ def test_the_clawly_runner_reads_other_sections_settings_and_refuses_the_fixed_o
     for bad in ("method=least_squares", "edit.method", "optimize.n_trials=3", "probe.batch_size=4"):
         with pytest.raises(SystemExit, match="--set"):
             sections_of([bad])
+
+
+def test_the_report_reads_heretics_version_from_its_runs_so_it_needs_no_heretic_venv(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from bench.heretic_vs_clawly import heretic_version
+
+    (tmp_path / "heretic_batch_size.json").write_text(json.dumps({"batch_size": 128}))
+    (tmp_path / "heretic-128.json").write_text(json.dumps({"tool": "heretic", "version": "1.4.0"}))
+    a = SimpleNamespace(out=tmp_path, heretic_python=str(tmp_path / "no-venv" / "bin" / "python"))
+    assert heretic_version(a) == "1.4.0"
+    (tmp_path / "heretic-128.json").unlink()
+    assert heretic_version(a) is None
