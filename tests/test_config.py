@@ -18,7 +18,14 @@ def test_committed_params_yaml_equals_composition_of_conf():
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["optimize=full"], ["optimize=fast"], ["model=hub"], ["optimize.n_trials=5", "probe.position=marker"]],
+    [
+        [],
+        ["optimize=full"],
+        ["optimize=fast"],
+        ["optimize=fast", "+preset=least_squares"],
+        ["model=hub"],
+        ["optimize.n_trials=5", "probe.position=marker"],
+    ],
 )
 def test_every_config_composes_into_valid_settings(overrides):
     settings = Settings.from_dict(yaml.safe_load(composed_params(overrides)))
@@ -28,6 +35,10 @@ def test_every_config_composes_into_valid_settings(overrides):
         o = settings.optimize
         assert (o.harmful_choice, o.harmful_prompts, o.harmful_pool, o.max_new_tokens) == ("base_refusals", 34, 136, 8)
         assert o.n_trials == 24 and o.harmless_prompts == 100
+    if "+preset=least_squares" in overrides:  # the benchmark's clawly-lsq: the edit keeps harmless writes
+        e = settings.edit
+        assert (e.method, e.harmless_prompts, e.targeted_prompts) == ("least_squares", 64, 8)
+        assert settings.categories.weights == {} and settings.edit.conditional  # global mode, inputs probed
     if "optimize.n_trials=5" in overrides:
         assert settings.optimize.n_trials == 5 and settings.probe.position == "marker"
     if "model=hub" in overrides:
