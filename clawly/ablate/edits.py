@@ -36,7 +36,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -135,11 +134,12 @@ class WriterInputs:
         """A `[k, d_in]` (read @ W) with the edit's operator applied on the input side."""
         if name not in self.kept:
             raise InputEditError(f"no input statistics for writer {name}: rerun probe-writers on this model")
+        solver = None
         if edit.get("method") == "least_squares" and name in self.targeted:
             if name not in self._solvers:
                 self._solvers[name] = LeastSquares.of(self.kept[name], self.targeted[name])
-            return self._solvers[name].rows(a, edit["ridge"])
-        return edit_rows(edit, a, self.kept[name], self.targeted.get(name))
+            solver = self._solvers[name]
+        return edit_rows(edit, a, self.kept[name], self.targeted.get(name), solver)
 
 
 @dataclass
@@ -158,8 +158,7 @@ class LeastSquares:
     def of(cls, kept: Spectrum, targeted: Spectrum) -> LeastSquares:
         zt, zk = targeted.factor(), kept.factor()
         z = torch.cat([zt, zk], dim=1)
-        # numpy's eigh: torch's float64 eigh on CPU takes seconds for what LAPACK via numpy does in 0.2 s
-        sigma, v = (torch.from_numpy(x) for x in np.linalg.eigh((z.t() @ z).numpy()))
+        sigma, v = torch.linalg.eigh(z.t() @ z)
         energy = (targeted.trace / max(targeted.count, 1) + kept.trace / max(kept.count, 1)) / z.shape[0]
         return cls(zt, z @ v, sigma.clamp_min(0.0), energy)
 
@@ -169,9 +168,12 @@ class LeastSquares:
         return (y0 - ((y0 @ self.zv) / (lam + self.sigma)) @ self.zv.t()) / lam
 
 
-def edit_rows(edit: dict, a: torch.Tensor, kept: Spectrum, targeted: Spectrum | None) -> torch.Tensor:
+def edit_rows(
+    edit: dict, a: torch.Tensor, kept: Spectrum, targeted: Spectrum | None, solver: LeastSquares | None = None
+) -> torch.Tensor:
     """A R for the edit `{"method": "nullspace", "energy": e}` or `{"method": "least_squares",
-    "ridge": ρ}` (λ = ρ times the mean per-position energy of both sets per input dimension)."""
+    "ridge": ρ}` (λ = ρ times the mean per-position energy of both sets per input dimension);
+    `solver`: the least-squares factors of these spectra when built before (else built here)."""
     a = a.to(torch.float64)
     if edit["method"] == "nullspace":
         u = kept.basis[: kept.rank_for(edit["energy"])]  # [r, d_in]
@@ -179,7 +181,7 @@ def edit_rows(edit: dict, a: torch.Tensor, kept: Spectrum, targeted: Spectrum | 
     if edit["method"] == "least_squares":
         if targeted is None:
             raise InputEditError("edit.method=least_squares needs the targeted requests' inputs: rerun probe-writers")
-        return LeastSquares.of(kept, targeted).rows(a, edit["ridge"])
+        return (solver or LeastSquares.of(kept, targeted)).rows(a, edit["ridge"])
     raise InputEditError(f"unknown edit method {edit['method']!r}; one of {', '.join(METHODS[1:])}")
 
 
