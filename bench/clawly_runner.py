@@ -16,21 +16,20 @@ from bench.common import dump, machine, peak_rss_mib  # noqa: E402
 
 def settings_for(workspace: Path, model: str = "default", sections: dict | None = None, **optimize) -> Settings:  # noqa: F821
     """The benchmark's settings: `optimize` on top of its optimize defaults, `sections` other settings
-    by section ({"edit": {"method": "least_squares"}})."""
+    by section ({"edit": {"method": "least_squares"}}), none of the sections the benchmark fixes."""
     from clawly.settings import Settings
 
-    sections = sections or {}
-    return Settings.from_dict(
-        {
-            **sections,
-            "model": {"name": model},
-            "artifacts_dir": str(workspace / "artifacts"),
-            "data": {"out_dir": str(workspace / "prompts")},
-            "probe": {"max_per_category": 50, "batch_size": 16},
-            "optimize": {"harmful_prompts": 100, "harmless_prompts": 100, "kl_cap": 0.5, **optimize},
-            "evaluate": {"per_category": 13},
-        }
-    )
+    fixed = {
+        "model": {"name": model},
+        "artifacts_dir": str(workspace / "artifacts"),
+        "data": {"out_dir": str(workspace / "prompts")},
+        "probe": {"max_per_category": 50, "batch_size": 16},
+        "optimize": {"harmful_prompts": 100, "harmless_prompts": 100, "kl_cap": 0.5, **optimize},
+        "evaluate": {"per_category": 13},
+    }
+    if clash := sorted(set(sections or {}) & set(fixed)):
+        raise SystemExit(f"--set {', '.join(clash)}.*: the benchmark fixes these sections (optimize ones: --optimize)")
+    return Settings.from_dict({**(sections or {}), **fixed})
 
 
 def sections_of(sets: list[str]) -> dict[str, dict]:
@@ -43,8 +42,6 @@ def sections_of(sets: list[str]) -> dict[str, dict]:
         section, dot, name = key.partition(".")
         if not sep or not dot or not name:
             raise SystemExit(f"--set {s!r}: expected SECTION.KEY=VALUE, e.g. edit.method=least_squares")
-        if section in ("model", "data", "probe", "optimize", "artifacts_dir"):
-            raise SystemExit(f"--set {s!r}: the benchmark fixes {section} settings (optimize ones: --optimize)")
         out.setdefault(section, {})[name] = yaml.safe_load(value)
     return out
 

@@ -328,15 +328,20 @@ def test_the_first_trial_starts_when_the_earliest_trial_began_not_when_one_ended
     assert first_trial_at([], started=40.0) is None and first_trial_at(trials, None) is None
 
 
-def test_the_clawly_runner_reads_other_sections_settings_and_refuses_the_fixed_ones():
-    from bench.clawly_runner import sections_of
+def test_the_clawly_runner_reads_other_sections_settings_and_refuses_the_fixed_ones(tmp_path):
+    from bench.clawly_runner import sections_of, settings_for
 
     assert sections_of(["edit.method=least_squares", "edit.ridge_range=[0.01, 0.1]"]) == {
         "edit": {"method": "least_squares", "ridge_range": [0.01, 0.1]}
     }
-    for bad in ("method=least_squares", "edit.method", "optimize.n_trials=3", "probe.batch_size=4"):
+    edit = settings_for(tmp_path, sections=sections_of(["edit.method=least_squares", "edit.harmless_prompts=8"])).edit
+    assert (edit.method, edit.harmless_prompts) == ("least_squares", 8)
+    for bad in ("method=least_squares", "edit.method"):
         with pytest.raises(SystemExit, match="--set"):
             sections_of([bad])
+    for fixed in ("optimize.n_trials=3", "probe.batch_size=4", "evaluate.max_new_tokens=8"):  # not dropped silently
+        with pytest.raises(SystemExit, match="--set"):
+            settings_for(tmp_path, sections=sections_of([fixed]))
 
 
 def test_the_report_reads_heretics_version_from_its_runs_so_it_needs_no_heretic_venv(tmp_path):
