@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import dump, read_lines  # noqa: E402
 from bench.time_to_quality import quality_threshold  # noqa: E402
 
-SYSTEM = "You are a helpful assistant."  # every tool's answers are scored under the same system prompt
 FIVE = ("refusal", "hedged", "compliance", "off_topic", "degenerate")
 
 
@@ -156,8 +155,9 @@ def main() -> None:
     paths = dict(m.split("=", 1) for m in a.models)
     prints = {"base": weights_fingerprint(resolve_model_source(base_settings), scoring)}
     base, tok = load_model(base_settings)
-    hp = PromptSet(tok, chat_prompts(tok, harmful.text.tolist(), SYSTEM), a.batch_size)  # tokenized once
-    gp = PromptSet(tok, chat_prompts(tok, harmless, SYSTEM), a.batch_size)
+    system = base_settings.system_prompt  # clawly's default, the one every tool ran under
+    hp = PromptSet(tok, chat_prompts(tok, harmful.text.tolist(), system), a.batch_size)  # tokenized once
+    gp = PromptSet(tok, chat_prompts(tok, harmless, system), a.batch_size)
     base_lp = gp.first_token_logprobs(base)
     results, rows = {}, harmful[["category", "text"]].copy()
     digest = hashlib.sha256(scoring.encode()).hexdigest()[:16]
